@@ -1,0 +1,35 @@
+/* json.h - the little JSON *output* uplinkd needs (status, errors).
+ * Parsing JSON is never hand-written here; output is a string builder. */
+#ifndef UPLINKD_JSON_H
+#define UPLINKD_JSON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* A growable output buffer. After any allocation failure `failed` is set and
+ * further appends do nothing, so callers check once at the end. */
+struct json_buf {
+    char *data; /* NUL-terminated, owned */
+    size_t len;
+    size_t cap;
+    bool failed;
+};
+
+/** json_buf_init() / json_buf_deinit() - empty buffer / free its memory. */
+void json_buf_init(struct json_buf *buf);
+void json_buf_deinit(struct json_buf *buf);
+
+/** json_append_raw() - append text as is (punctuation, numbers). */
+void json_append_raw(struct json_buf *buf, const char *text);
+
+/** json_append_fmt() - append printf-formatted text as is. */
+void json_append_fmt(struct json_buf *buf, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/**
+ * json_append_string() - append @text as a JSON string literal with quotes,
+ * escaping '"', '\\' and control characters (RFC 8259 §7). NULL gives null.
+ */
+void json_append_string(struct json_buf *buf, const char *text);
+
+#endif

@@ -1,0 +1,611 @@
+/* main.c - command line, start-up order, signals, reload, sd_notify.
+ *
+ * Start-up: parse and validate the config (fatal on error) -> bind the local
+ * listeners -> create the uplinks (they connect in the background) -> open
+ * the control socket -> READY=1. SIGHUP reloads (a bad file keeps the old
+ * config running), SIGTERM/SIGINT stop gracefully within shutdown_timeout.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <openssl/crypto.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <mosquitto.h>
+#include <systemd/sd-daemon.h>
+#include <uv.h>
+#include <yaml.h>
+
+#include "config.h"
+#include "conf.h"
+#include "ctl.h"
+#include "json.h"
+#include "local.h"
+#include "log.h"
+#include "router.h"
+#include "uplink.h"
+#include "util.h"
+
+enum daemon_state {
+    DAEMON_STARTING,
+    DAEMON_RUNNING,
+    DAEMON_STOPPING,
+};
+
+/* A conf replaced by a reload stays alive until the uplinks that were removed
+ * by that reload (and still point into it) have finished stopping. */
+struct retired_conf {
+    struct conf *conf;
+    unsigned pending_stops;
+};
+
+struct daemon {
+    uv_loop_t *loop;
+    const char *config_path;
+    int verbosity; /* number of -v */
+    enum daemon_state state;
+    struct conf *conf;
+    struct local *local;
+    struct router router;
+    struct uplink **uplinks; /* parallel to conf->uplinks */
+    size_t uplink_count;
+    struct ctl *ctl;
+    uv_signal_t sigterm, sigint, sighup;
+    uv_timer_t watchdog_timer;
+    uv_timer_t shutdown_timer;
+    unsigned pending_stops; /* shutdown: uplinks and local still closing */
+    int exit_code;
+};
+
+static struct daemon daemon_instance;
+
+static int effective_level(const struct daemon *d, int conf_level)
+{
+    int level = conf_level + d->verbosity;
+    return level > LOG_DEBUG ? LOG_DEBUG : level;
+}
+
+/* ---- status ---------------------------------------------------------------- */
+
+static void notify_status(struct daemon *d)
+{
+    char status[512];
+    size_t used = 0;
+    size_t online = 0;
+
+    for (size_t i = 0; i < d->uplink_count; i++) {
+        if (d->uplinks[i] != NULL && uplink_get_state(d->uplinks[i]) == UPLINK_ONLINE)
+            online++;
+    }
+    used += (size_t)snprintf(status, sizeof(status), "%zu/%zu uplinks online, %zu local clients",
+                             online, d->uplink_count, d->local ? local_client_count(d->local) : 0);
+    for (size_t i = 0; i < d->uplink_count && used < sizeof(status); i++)
+        if (d->uplinks[i] != NULL)
+            used += (size_t)snprintf(status + used, sizeof(status) - used, "; %s: %s",
+                                     uplink_name(d->uplinks[i]),
+                                     uplink_state_name(uplink_get_state(d->uplinks[i])));
+    sd_notifyf(0, "STATUS=%s", status);
+}
+
+static void daemon_ctl_command_cb(void *arg, const char *command, struct json_buf *out)
+{
+    struct daemon *d = arg;
+
+    if (strcmp(command, "status") != 0) {
+        json_append_raw(out, "{\"error\":");
+        json_append_string(out, "unknown command (known: status)");
+        json_append_raw(out, "}");
+        return;
+    }
+    static const char *const state_names[] = {"starting", "running", "stopping"};
+    json_append_raw(out, "{\"version\":");
+    json_append_string(out, UPLINKD_VERSION);
+    json_append_fmt(out, ",\"pid\":%ld,\"state\":\"%s\",\"config\":", (long)getpid(),
+                    state_names[d->state]);
+    json_append_string(out, d->conf->path);
+    json_append_fmt(out, ",\"local_clients\":%zu,\"uplinks\":[", local_client_count(d->local));
+    bool first = true;
+    for (size_t i = 0; i < d->uplink_count; i++) {
+        const struct conf_uplink *uc = &d->conf->uplinks[i];
+        struct uplink_stats stats;
+        if (d->uplinks[i] == NULL)
+            continue;
+        uplink_get_stats(d->uplinks[i], &stats);
+        json_append_raw(out, first ? "{\"name\":" : ",{\"name\":");
+        first = false;
+        json_append_string(out, uc->name);
+        json_append_raw(out, ",\"host\":");
+        json_append_string(out, uc->host);
+        json_append_fmt(out, ",\"port\":%u,\"state\":", (unsigned)uc->port);
+        json_append_string(out, uplink_state_name(uplink_get_state(d->uplinks[i])));
+        json_append_raw(out, ",\"last_error\":");
+        json_append_string(out, uplink_last_error(d->uplinks[i]));
+        json_append_fmt(out,
+                        ",\"queued\":%zu,\"published\":%llu,\"received\":%llu,"
+                        "\"dropped\":%llu,\"connects\":%llu}",
+                        stats.queued, (unsigned long long)stats.published,
+                        (unsigned long long)stats.received, (unsigned long long)stats.dropped,
+                        (unsigned long long)stats.connects);
+    }
+    json_append_fmt(out, "],\"router\":{\"forwarded\":%llu,\"rejected\":%llu,\"unrouted\":%llu}}",
+                    (unsigned long long)d->router.forwarded, (unsigned long long)d->router.rejected,
+                    (unsigned long long)d->router.unrouted);
+}
+
+/* ---- uplinks ---------------------------------------------------------------- */
+
+static void uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state state)
+{
+    struct daemon *d = arg;
+
+    router_uplink_state_cb(&d->router, uplink, state);
+    notify_status(d);
+}
+
+static void uplink_message_cb(void *arg, struct uplink *uplink, const char *topic,
+                              const void *payload, size_t len, int qos, bool retain)
+{
+    struct daemon *d = arg;
+    router_uplink_message_cb(&d->router, uplink, topic, payload, len, qos, retain);
+}
+
+static int uplink_create(struct daemon *d, const char *gateway_id, const struct conf_uplink *uc,
+                         struct uplink **out)
+{
+    const struct uplink_hooks hooks = {
+        .message_cb = uplink_message_cb,
+        .state_cb = uplink_state_cb,
+        .arg = d,
+    };
+    int rc = uplink_new(d->loop, uc, gateway_id, &hooks, out);
+    if (rc < 0) {
+        log_uplink(LOG_ERR, uc->name, "cannot create the uplink: %s", strerror(-rc));
+        return rc;
+    }
+    rc = uplink_start(*out);
+    if (rc < 0)
+        log_uplink(LOG_ERR, uc->name, "cannot start the uplink: %s", strerror(-rc));
+    return 0; /* a failed start retries by itself; the object exists */
+}
+
+/* ---- files ------------------------------------------------------------------ */
+
+/* mkdir -p for the directory that will hold @path (a socket). */
+static int make_parent_dirs(const char *path)
+{
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL || slash == dir)
+        return 0;
+    *slash = '\0';
+    for (char *p = dir + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+            return -errno;
+        *p = '/';
+    }
+    if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+static void prepare_socket_dirs(const struct conf *conf)
+{
+    for (size_t i = 0; i < conf->local.listen_count; i++) {
+        const struct conf_listen *l = &conf->local.listen[i];
+        if (l->kind == CONF_LISTEN_UNIX && make_parent_dirs(l->path) < 0)
+            log_warn("cannot create the directory of %s: %s", l->path, strerror(errno));
+    }
+    if (make_parent_dirs(conf->control_socket) < 0)
+        log_warn("cannot create the directory of %s: %s", conf->control_socket, strerror(errno));
+}
+
+/* ---- shutdown ---------------------------------------------------------------- */
+
+static void close_if_open(uv_handle_t *handle)
+{
+    if (handle->loop != NULL && !uv_is_closing(handle))
+        uv_close(handle, NULL);
+}
+
+static void shutdown_finish(struct daemon *d)
+{
+    if (d->pending_stops > 0)
+        return;
+    close_if_open((uv_handle_t *)&d->sigterm);
+    close_if_open((uv_handle_t *)&d->sigint);
+    close_if_open((uv_handle_t *)&d->sighup);
+    close_if_open((uv_handle_t *)&d->watchdog_timer);
+    close_if_open((uv_handle_t *)&d->shutdown_timer);
+}
+
+static void shutdown_uplink_done_cb(struct uplink *uplink, void *arg)
+{
+    struct daemon *d = arg;
+    d->pending_stops--;
+    shutdown_finish(d);
+}
+
+static void shutdown_local_done_cb(void *arg)
+{
+    struct daemon *d = arg;
+    d->pending_stops--;
+    shutdown_finish(d);
+}
+
+static void shutdown_timeout_cb(uv_timer_t *timer)
+{
+    struct daemon *d = container_of(timer, struct daemon, shutdown_timer);
+    log_err("shutdown did not finish in time (%u pending); exiting anyway", d->pending_stops);
+    d->exit_code = 1;
+    uv_stop(d->loop);
+}
+
+static void daemon_stop(struct daemon *d, const char *why)
+{
+    if (d->state == DAEMON_STOPPING)
+        return;
+    d->state = DAEMON_STOPPING;
+    log_notice("stopping (%s)", why);
+    sd_notify(0, "STOPPING=1\nSTATUS=stopping");
+
+    local_stop_accepting(d->local);
+    ctl_close(d->ctl);
+    d->ctl = NULL;
+    /* The uplinks get shutdown_timeout to drain their in-flight publishes;
+     * the backstop timer only fires if a close callback never comes. */
+    uv_timer_init(d->loop, &d->shutdown_timer);
+    uv_timer_start(&d->shutdown_timer, shutdown_timeout_cb, d->conf->shutdown_timeout_ms + 3000, 0);
+    uv_unref((uv_handle_t *)&d->shutdown_timer);
+
+    d->pending_stops = 1;
+    for (size_t i = 0; i < d->uplink_count; i++)
+        d->pending_stops += d->uplinks[i] != NULL;
+    local_close(d->local, shutdown_local_done_cb, d);
+    for (size_t i = 0; i < d->uplink_count; i++) {
+        if (d->uplinks[i] != NULL)
+            uplink_stop(d->uplinks[i], d->conf->shutdown_timeout_ms, shutdown_uplink_done_cb, d);
+    }
+}
+
+/* ---- reload ------------------------------------------------------------------ */
+
+static void retired_uplink_done_cb(struct uplink *uplink, void *arg)
+{
+    struct retired_conf *retired = arg;
+
+    uplink_free(uplink);
+    if (--retired->pending_stops == 0) {
+        conf_free(retired->conf);
+        free(retired);
+    }
+}
+
+static void daemon_reload(struct daemon *d)
+{
+    struct conf *next = NULL;
+    char *errors = NULL;
+
+    log_notice("reloading %s", d->config_path);
+    sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading %s",
+               (unsigned long long)util_now_ms() * 1000ULL, d->config_path);
+    int rc = conf_load(d->config_path, &next, &errors);
+    if (rc < 0) {
+        log_err("reload failed; still running with the previous configuration. The errors:\n%s",
+                errors ? errors : strerror(-rc));
+        free(errors);
+        sd_notify(0, "READY=1");
+        notify_status(d);
+        return;
+    }
+
+    struct uplink **uplinks = calloc(next->uplink_count ? next->uplink_count : 1, sizeof(*uplinks));
+    struct uplink **fresh = calloc(next->uplink_count ? next->uplink_count : 1, sizeof(*fresh));
+    struct retired_conf *retired = calloc(1, sizeof(*retired));
+    size_t fresh_count = 0;
+    if (uplinks == NULL || fresh == NULL || retired == NULL) {
+        log_err("reload failed: out of memory; still running with the previous configuration");
+        free(uplinks);
+        free(fresh);
+        free(retired);
+        conf_free(next);
+        sd_notify(0, "READY=1");
+        return;
+    }
+
+    /* Local listeners first: if a new listener cannot be bound, the old ones
+     * stay and the rest of the reload still applies. */
+    if (local_reconfigure(d->local, next) < 0)
+        log_err("reload: the local listeners could not all be changed; see the lines above");
+
+    for (size_t i = 0; i < next->uplink_count; i++) {
+        const struct conf_uplink *uc = &next->uplinks[i];
+        for (size_t j = 0; j < d->uplink_count; j++) {
+            if (d->uplinks[j] != NULL && strcmp(uplink_name(d->uplinks[j]), uc->name) == 0) {
+                uplinks[i] = d->uplinks[j];
+                d->uplinks[j] = NULL;
+                break;
+            }
+        }
+        if (uplinks[i] != NULL) {
+            const struct conf_uplink *old = conf_uplink_find(d->conf, uc->name);
+            bool prefix_changed = strcmp(old->generic.topic_prefix, uc->generic.topic_prefix) != 0;
+            if (uplink_reconfigure(uplinks[i], uc) < 0)
+                log_uplink(LOG_ERR, uc->name, "could not apply the new settings");
+            if (prefix_changed) {
+                router_unsubscribe_device_topics(&d->router, uplinks[i], old->generic.topic_prefix);
+                fresh[fresh_count++] = uplinks[i];
+            }
+            continue;
+        }
+        log_uplink(LOG_NOTICE, uc->name, "added by reload");
+        if (uplink_create(d, next->gateway_id, uc, &uplinks[i]) < 0)
+            continue;
+        fresh[fresh_count++] = uplinks[i];
+    }
+
+    retired->conf = d->conf;
+    for (size_t j = 0; j < d->uplink_count; j++) {
+        if (d->uplinks[j] == NULL)
+            continue;
+        log_uplink(LOG_NOTICE, uplink_name(d->uplinks[j]), "removed by reload; stopping");
+        retired->pending_stops++;
+        uplink_stop(d->uplinks[j], d->conf->shutdown_timeout_ms, retired_uplink_done_cb, retired);
+    }
+
+    /* uplink_new() fails only when memory runs out or libmosquitto refuses
+     * an option the validator accepted: the daemon cannot run the new
+     * configuration, so it stops with a failure and systemd restarts it
+     * (Restart=on-failure) rather than running half of it. */
+    size_t missing = 0;
+    for (size_t i = 0; i < next->uplink_count; i++)
+        missing += uplinks[i] == NULL;
+
+    free(d->uplinks);
+    d->uplinks = uplinks;
+    d->uplink_count = next->uplink_count;
+    struct conf *old_conf = d->conf;
+    d->conf = next;
+    router_set_uplinks(&d->router, next, uplinks, d->uplink_count, fresh, fresh_count);
+    free(fresh);
+    log_set_level(effective_level(d, next->log_level));
+
+    if (strcmp(old_conf->control_socket, next->control_socket) != 0) {
+        ctl_close(d->ctl);
+        d->ctl = NULL;
+        prepare_socket_dirs(next);
+        ctl_new(d->loop, next->control_socket, daemon_ctl_command_cb, d, &d->ctl);
+    }
+    if (retired->pending_stops == 0) {
+        conf_free(old_conf);
+        free(retired);
+    }
+    if (missing > 0) {
+        log_err("reload: %zu uplink(s) could not be created; stopping", missing);
+        d->exit_code = 1;
+        daemon_stop(d, "reload could not create every uplink");
+        return;
+    }
+    log_notice("reload done: %zu uplink(s)", d->uplink_count);
+    sd_notify(0, "READY=1");
+    notify_status(d);
+}
+
+/* ---- signals and watchdog ------------------------------------------------------ */
+
+static void signal_cb(uv_signal_t *handle, int signum)
+{
+    struct daemon *d = handle->data;
+
+    if (signum == SIGHUP) {
+        if (d->state == DAEMON_RUNNING)
+            daemon_reload(d);
+        return;
+    }
+    daemon_stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static void watchdog_cb(uv_timer_t *timer)
+{
+    sd_notify(0, "WATCHDOG=1");
+}
+
+static void watchdog_start(struct daemon *d)
+{
+    uint64_t usec = 0;
+
+    uv_timer_init(d->loop, &d->watchdog_timer);
+    if (sd_watchdog_enabled(0, &usec) <= 0 || usec == 0)
+        return;
+    uint64_t interval_ms = usec / 2000;
+    if (interval_ms == 0)
+        interval_ms = 1;
+    log_info("systemd watchdog: pinging every %llu ms", (unsigned long long)interval_ms);
+    uv_timer_start(&d->watchdog_timer, watchdog_cb, interval_ms, interval_ms);
+}
+
+/* ---- start-up ------------------------------------------------------------------ */
+
+static void print_version(void)
+{
+    int major, minor, revision;
+
+    mosquitto_lib_version(&major, &minor, &revision);
+    printf("uplinkd %s\n", UPLINKD_VERSION);
+    printf("  libuv        %s\n", uv_version_string());
+    printf("  libmosquitto %d.%d.%d\n", major, minor, revision);
+    printf("  OpenSSL      %s\n", OpenSSL_version(OPENSSL_VERSION));
+    printf("  libyaml      %s\n", yaml_get_version_string());
+    printf("  libsystemd   %s (build)\n", UPLINKD_LIBSYSTEMD_VERSION);
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out, "Usage: uplinkd [-c FILE] [-v...] [--check-config] [--version]\n"
+                 "Forward local MQTT (loopback TCP, Unix socket) to cloud brokers over TLS.\n\n"
+                 "  -c, --config FILE   configuration file (default " UPLINKD_DEFAULT_CONFIG ")\n"
+                 "  -t, --check-config  validate the configuration, print the result, exit 0 or 1\n"
+                 "  -v, --verbose       more log output (repeatable)\n"
+                 "  -V, --version       print the version and library versions\n"
+                 "  -h, --help          this text\n\n"
+                 "Signals: SIGHUP reloads the configuration, SIGTERM stops gracefully.\n"
+                 "See uplinkd(8) and uplinkd.yaml(5).\n");
+}
+
+static int daemon_start(struct daemon *d)
+{
+    const struct local_hooks local_hooks = {
+        .publish_cb = router_local_publish_cb,
+        .subscribe_cb = router_local_subscribe_cb,
+        .unsubscribe_cb = router_local_unsubscribe_cb,
+        .arg = &d->router,
+    };
+    int rc;
+
+    prepare_socket_dirs(d->conf);
+    rc = local_new(d->loop, d->conf, &local_hooks, &d->local);
+    if (rc < 0) {
+        log_err("cannot create the local server: %s", strerror(-rc));
+        return rc;
+    }
+    router_init(&d->router, d->conf, d->local);
+    rc = local_start(d->local);
+    if (rc < 0)
+        return rc; /* local_start logged which listener and why */
+
+    d->uplinks = calloc(d->conf->uplink_count ? d->conf->uplink_count : 1, sizeof(*d->uplinks));
+    if (d->uplinks == NULL)
+        return -ENOMEM;
+    for (size_t i = 0; i < d->conf->uplink_count; i++) {
+        rc = uplink_create(d, d->conf->gateway_id, &d->conf->uplinks[i],
+                           &d->uplinks[d->uplink_count]);
+        if (rc < 0)
+            return rc;
+        d->uplink_count++;
+    }
+    router_set_uplinks(&d->router, d->conf, d->uplinks, d->uplink_count, d->uplinks,
+                       d->uplink_count);
+
+    rc = ctl_new(d->loop, d->conf->control_socket, daemon_ctl_command_cb, d, &d->ctl);
+    if (rc < 0)
+        return rc;
+    return 0;
+}
+
+static void walk_close_cb(uv_handle_t *handle, void *arg)
+{
+    if (!uv_is_closing(handle))
+        uv_close(handle, NULL);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"config", required_argument, NULL, 'c'}, {"check-config", no_argument, NULL, 't'},
+        {"verbose", no_argument, NULL, 'v'},      {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+    };
+    struct daemon *d = &daemon_instance;
+    bool check_only = false;
+    int opt;
+
+    d->config_path = UPLINKD_DEFAULT_CONFIG;
+    while ((opt = getopt_long(argc, argv, "c:tvVh", options, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            d->config_path = optarg;
+            break;
+        case 't':
+            check_only = true;
+            break;
+        case 'v':
+            d->verbosity++;
+            break;
+        case 'V':
+            print_version();
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "uplinkd: unexpected argument \"%s\"\n", argv[optind]);
+        usage(stderr);
+        return 1;
+    }
+
+    log_init(effective_level(d, LOG_INFO));
+    char *errors = NULL;
+    int rc = conf_load(d->config_path, &d->conf, &errors);
+    if (rc < 0) {
+        fprintf(stderr, "%s%s", errors ? errors : strerror(-rc),
+                errors && errors[0] && errors[strlen(errors) - 1] == '\n' ? "" : "\n");
+        fprintf(stderr, "uplinkd: configuration %s is not valid\n", d->config_path);
+        free(errors);
+        return 1;
+    }
+    if (check_only) {
+        printf("configuration OK: %s (%zu uplink(s), %zu listener(s))\n", d->config_path,
+               d->conf->uplink_count, d->conf->local.listen_count);
+        conf_free(d->conf);
+        return 0;
+    }
+    log_set_level(effective_level(d, d->conf->log_level));
+    log_notice("uplinkd %s starting with %s", UPLINKD_VERSION, d->config_path);
+
+    signal(SIGPIPE, SIG_IGN); /* a vanished peer is an error return, not a signal */
+    mosquitto_lib_init();
+    d->loop = uv_default_loop();
+    d->state = DAEMON_STARTING;
+
+    uv_signal_init(d->loop, &d->sigterm);
+    uv_signal_init(d->loop, &d->sigint);
+    uv_signal_init(d->loop, &d->sighup);
+    d->sigterm.data = d->sigint.data = d->sighup.data = d;
+    uv_signal_start(&d->sigterm, signal_cb, SIGTERM);
+    uv_signal_start(&d->sigint, signal_cb, SIGINT);
+    uv_signal_start(&d->sighup, signal_cb, SIGHUP);
+
+    rc = daemon_start(d);
+    if (rc < 0) {
+        log_err("start-up failed; exiting");
+        d->exit_code = 1;
+        sd_notifyf(0, "STATUS=start-up failed: %s\nERRNO=%d", strerror(-rc), -rc);
+        uv_walk(d->loop, walk_close_cb, NULL);
+        uv_run(d->loop, UV_RUN_DEFAULT);
+        goto out;
+    }
+    watchdog_start(d);
+    d->state = DAEMON_RUNNING;
+    sd_notify(0, "READY=1");
+    notify_status(d);
+    log_notice("ready: %zu listener(s), %zu uplink(s)", d->conf->local.listen_count,
+               d->uplink_count);
+
+    uv_run(d->loop, UV_RUN_DEFAULT);
+    if (d->exit_code == 0)
+        log_notice("stopped");
+
+out:
+    for (size_t i = 0; i < d->uplink_count; i++)
+        uplink_free(d->uplinks[i]);
+    free(d->uplinks);
+    local_free(d->local);
+    router_deinit(&d->router);
+    uv_loop_close(d->loop);
+    conf_free(d->conf);
+    mosquitto_lib_cleanup();
+    return d->exit_code;
+}
