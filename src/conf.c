@@ -1,1 +1,2237 @@
-/* placeholder: being written */
+/* conf.c - YAML configuration -> validated, immutable struct conf.
+ *
+ * The file is parsed with libyaml's document API (yaml_parser_load), which
+ * keeps a start mark on every node, so each complaint can name
+ * FILE:LINE:COLUMN. Validation does not stop at the first problem: every
+ * section is checked and all errors are returned together, so an operator
+ * fixes a file in one round instead of one error per restart.
+ *
+ * Shape of the code: one function per YAML section. walk_mapping() checks a
+ * mapping's keys against the section's table (unknown keys, duplicates) and
+ * hands back the value nodes by key index; the section function then
+ * converts each value with a typed helper (get_*) that reports what is
+ * wrong with the value in words. Cross-references (default port from
+ * tls.enabled, routes naming uplinks, defaults derived from gateway.id) are
+ * resolved after the sections that they depend on.
+ */
+#include "conf.h"
+
+#include "log.h"
+#include "util.h"
+
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <yaml.h>
+
+#define CONF_MAX_FILE_SIZE    (1024 * 1024)
+#define CONF_MAX_ERRORS       50    /* lines kept; the rest are counted */
+#define CONF_KEY_MAX          256   /* longest key path shown in a message */
+#define CONF_QUOTE_MAX        160   /* buffer for a quoted value in a message */
+#define CONF_MESSAGE_MAX      1024  /* one error line */
+#define CONF_MQTT_STRING_MAX  65535 /* MQTT 3.1.1 §1.5.3: UTF-8 string length is 16 bits */
+#define CONF_TOPIC_PREFIX_MAX 1024
+#define CONF_UPLINK_NAME_MAX  64
+#define CONF_GATEWAY_ID_MAX   128
+#define CONF_DNS_NAME_MAX     253 /* RFC 1035 §2.3.4, without the trailing dot */
+#define CONF_DNS_LABEL_MAX    63
+
+#define DEFAULT_TCP_LISTEN        "tcp://127.0.0.1:1883"
+#define DEFAULT_UNIX_LISTEN       "unix://" UPLINKD_DEFAULT_RUN_DIR "/local.sock"
+#define DEFAULT_CONTROL_SOCKET    UPLINKD_DEFAULT_RUN_DIR "/control.sock"
+#define DEFAULT_STATE_DIR         UPLINKD_DEFAULT_STATE_DIR
+#define DEFAULT_SOCKET_MODE       0660
+#define DEFAULT_MAX_PACKET_SIZE   (256 * 1024)
+#define DEFAULT_MAX_CLIENTS       1024
+#define DEFAULT_LOCAL_PREFIX      "dev"
+#define DEFAULT_SHUTDOWN_MS       5000
+#define DEFAULT_PROFILE           "generic"
+#define DEFAULT_KEEPALIVE_S       60
+#define DEFAULT_RECONNECT_BASE_MS 1000
+#define DEFAULT_RECONNECT_CAP_MS  120000
+#define DEFAULT_MAX_QUEUED        10000
+#define DEFAULT_PORT_TLS          8883
+#define DEFAULT_PORT_PLAIN        1883
+
+#define DURATION_EXAMPLES                                                                          \
+    "e.g. \"250ms\", \"5s\", \"10m\", \"1h\", \"1h30m\" or a number of seconds"
+#define SIZE_EXAMPLES "e.g. \"512\", \"64KiB\", \"256MiB\", \"1GiB\" or \"10MB\""
+
+struct loader {
+    const char *path; /* as given by the caller: used in every message */
+    char *dir;        /* absolute directory of the file: base for relative paths */
+    yaml_document_t *doc;
+    struct conf *conf;
+
+    char *errors; /* '\n'-separated lines */
+    size_t errors_len;
+    size_t errors_cap;
+    unsigned error_count;
+    bool oom;
+
+    yaml_mark_t *uplink_name_marks; /* where each uplink's name was written */
+};
+
+/* ------------------------------------------------------------------------ */
+/* Messages                                                                  */
+
+static void errors_append(struct loader *ld, const char *line)
+{
+    size_t len = strlen(line);
+    size_t need = ld->errors_len + len + 2;
+
+    if (ld->oom)
+        return;
+    if (need > ld->errors_cap) {
+        size_t cap = ld->errors_cap ? ld->errors_cap : 512;
+        char *grown;
+
+        while (cap < need)
+            cap *= 2;
+        grown = realloc(ld->errors, cap);
+        if (grown == NULL) {
+            ld->oom = true;
+            return;
+        }
+        ld->errors = grown;
+        ld->errors_cap = cap;
+    }
+    if (ld->errors_len > 0)
+        ld->errors[ld->errors_len++] = '\n';
+    memcpy(ld->errors + ld->errors_len, line, len + 1);
+    ld->errors_len += len;
+}
+
+/* Report one problem as "FILE:LINE:COLUMN: KEY: message". libyaml marks are
+ * 0-based; editors and compilers count from 1. */
+__attribute__((format(printf, 4, 5))) static void report(struct loader *ld, yaml_mark_t mark,
+                                                         const char *key, const char *fmt, ...)
+{
+    char message[CONF_MESSAGE_MAX];
+    char line[CONF_MESSAGE_MAX + CONF_KEY_MAX + 256];
+    va_list ap;
+
+    ld->error_count++;
+    if (ld->error_count > CONF_MAX_ERRORS)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof(message), fmt, ap);
+    va_end(ap);
+    snprintf(line, sizeof(line), "%s:%zu:%zu: %s%s%s", ld->path, mark.line + 1, mark.column + 1,
+             key ? key : "", key ? ": " : "", message);
+    errors_append(ld, line);
+}
+
+/* Quote a value for a message: "text", with control characters and quotes
+ * escaped (a config value must never inject lines into the log) and long
+ * values shortened. */
+static const char *quote(const char *text, char *buf, size_t size)
+{
+    size_t out = 0;
+    const size_t keep = size - 8; /* room for '"', an escape, "...", '"', NUL */
+
+    buf[out++] = '"';
+    for (const unsigned char *p = (const unsigned char *)text; *p != '\0'; p++) {
+        if (out >= keep) {
+            memcpy(buf + out, "...", 3);
+            out += 3;
+            break;
+        }
+        if (*p == '"' || *p == '\\') {
+            buf[out++] = '\\';
+            buf[out++] = (char)*p;
+        } else if (*p < 0x20 || *p == 0x7f) {
+            out += (size_t)snprintf(buf + out, size - out, "\\x%02x", *p);
+        } else {
+            buf[out++] = (char)*p;
+        }
+    }
+    buf[out++] = '"';
+    buf[out] = '\0';
+    return buf;
+}
+
+/* Key paths are for messages only: a very long one is cut, never an error. */
+__attribute__((format(printf, 3, 4))) static void key_format(char *buf, size_t size,
+                                                             const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+}
+
+static void key_join(char *buf, size_t size, const char *parent, const char *child)
+{
+    if (parent == NULL || parent[0] == '\0')
+        key_format(buf, size, "%s", child);
+    else
+        key_format(buf, size, "%s.%s", parent, child);
+}
+
+static const char *node_kind_name(const yaml_node_t *node)
+{
+    switch (node->type) {
+    case YAML_SCALAR_NODE:
+        return "a scalar";
+    case YAML_SEQUENCE_NODE:
+        return "a sequence";
+    case YAML_MAPPING_NODE:
+        return "a mapping";
+    default:
+        return "nothing";
+    }
+}
+
+/* Optimal string alignment distance (Levenshtein plus adjacent
+ * transposition), so "hots" is one edit from "host". Returns a large value
+ * for strings too long to bother with. */
+static unsigned edit_distance(const char *a, const char *b)
+{
+    enum { MAX = 64 };
+    unsigned d[MAX + 1][MAX + 1];
+    size_t la = strlen(a);
+    size_t lb = strlen(b);
+
+    if (la > MAX || lb > MAX)
+        return 1000;
+    for (size_t i = 0; i <= la; i++)
+        d[i][0] = (unsigned)i;
+    for (size_t j = 0; j <= lb; j++)
+        d[0][j] = (unsigned)j;
+    for (size_t i = 1; i <= la; i++) {
+        for (size_t j = 1; j <= lb; j++) {
+            unsigned cost = a[i - 1] == b[j - 1] ? 0 : 1;
+            unsigned best = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < best)
+                best = d[i][j - 1] + 1;
+            if (d[i - 1][j - 1] + cost < best)
+                best = d[i - 1][j - 1] + cost;
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] &&
+                d[i - 2][j - 2] + 1 < best)
+                best = d[i - 2][j - 2] + 1;
+            d[i][j] = best;
+        }
+    }
+    return d[la][lb];
+}
+
+/* The closest candidate within two edits, or NULL. A one-letter key is too
+ * short for a suggestion to mean anything. */
+static const char *closest(const char *word, const char *const *candidates, size_t count)
+{
+    const char *best = NULL;
+    unsigned best_distance = 3;
+
+    if (strlen(word) < 2)
+        return NULL;
+    for (size_t i = 0; i < count; i++) {
+        unsigned distance = edit_distance(word, candidates[i]);
+        if (distance < best_distance) {
+            best_distance = distance;
+            best = candidates[i];
+        }
+    }
+    return best;
+}
+
+static void join_names(char *buf, size_t size, const char *const *names, size_t count)
+{
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < count && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, "%s%s", i ? ", " : "", names[i]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Nodes                                                                     */
+
+static yaml_node_t *node_at(struct loader *ld, int index)
+{
+    return yaml_document_get_node(ld->doc, index);
+}
+
+static const char *node_text(const yaml_node_t *node)
+{
+    return (const char *)node->data.scalar.value;
+}
+
+/* YAML null: an empty plain value ("key:"), "~" or "null". A null value means
+ * "not set" everywhere, so "socket_group:" keeps the default. */
+static bool node_is_null(const yaml_node_t *node)
+{
+    const char *text;
+
+    if (node == NULL)
+        return true;
+    if (node->type != YAML_SCALAR_NODE || node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+        return false;
+    text = node_text(node);
+    return text[0] == '\0' || strcmp(text, "~") == 0 || strcmp(text, "null") == 0 ||
+           strcmp(text, "Null") == 0 || strcmp(text, "NULL") == 0;
+}
+
+static bool node_present(const yaml_node_t *node)
+{
+    return !node_is_null(node);
+}
+
+static size_t sequence_length(const yaml_node_t *node)
+{
+    return (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+}
+
+static yaml_node_t *sequence_item(struct loader *ld, const yaml_node_t *node, size_t i)
+{
+    return node_at(ld, node->data.sequence.items.start[i]);
+}
+
+static bool expect_kind(struct loader *ld, const yaml_node_t *node, const char *key,
+                        yaml_node_type_t kind, const char *expected)
+{
+    char quoted[CONF_QUOTE_MAX];
+
+    if (node->type == kind)
+        return true;
+    if (node->type == YAML_SCALAR_NODE)
+        report(ld, node->start_mark, key, "expected %s, found a scalar (%s)", expected,
+               quote(node_text(node), quoted, sizeof(quoted)));
+    else
+        report(ld, node->start_mark, key, "expected %s, found %s", expected, node_kind_name(node));
+    return false;
+}
+
+/* Look a key up in a section's table; report it when unknown. Returns its
+ * index or key_count. */
+static size_t lookup_key(struct loader *ld, const yaml_node_t *key, const char *path,
+                         const char *const *keys, size_t key_count)
+{
+    const char *name = node_text(key);
+    char key_path[CONF_KEY_MAX];
+    char quoted[CONF_QUOTE_MAX];
+    const char *suggestion;
+    char known[512];
+
+    for (size_t i = 0; i < key_count; i++) {
+        if (strcmp(name, keys[i]) == 0)
+            return i;
+    }
+    /* The key is the user's text: quote it when it could break the line. */
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '\\') {
+            name = quote(name, quoted, sizeof(quoted));
+            break;
+        }
+    }
+    key_join(key_path, sizeof(key_path), path, name);
+    suggestion = closest(name, keys, key_count);
+    if (suggestion != NULL) {
+        report(ld, key->start_mark, key_path, "unknown key (did you mean \"%s\"?)", suggestion);
+    } else {
+        join_names(known, sizeof(known), keys, key_count);
+        report(ld, key->start_mark, key_path, "unknown key (expected one of: %s)", known);
+    }
+    return key_count;
+}
+
+static bool is_merge_key(const yaml_node_t *key)
+{
+    return key->type == YAML_SCALAR_NODE && key->data.scalar.style == YAML_PLAIN_SCALAR_STYLE &&
+           strcmp(node_text(key), "<<") == 0;
+}
+
+/* YAML merge key ("<<: *defaults", yaml.org/type/merge.html): the merged
+ * mapping's keys apply where the mapping itself does not set them; in a
+ * list of mappings the earlier ones win. @depth bounds nested merges, which
+ * also stops an anchor that merges itself. */
+static void merge_mapping(struct loader *ld, const yaml_node_t *merged, const char *path,
+                          const char *const *keys, size_t key_count, yaml_node_t **values,
+                          yaml_mark_t *key_marks, int depth)
+{
+    char key_path[CONF_KEY_MAX];
+
+    key_join(key_path, sizeof(key_path), path, "<<");
+    if (depth > 8) {
+        report(ld, merged->start_mark, key_path, "merge keys nested too deeply");
+        return;
+    }
+    if (merged->type == YAML_SEQUENCE_NODE) {
+        for (size_t i = 0; i < sequence_length(merged); i++) {
+            yaml_node_t *item = sequence_item(ld, merged, i);
+            if (expect_kind(ld, item, key_path, YAML_MAPPING_NODE, "a mapping to merge"))
+                merge_mapping(ld, item, path, keys, key_count, values, key_marks, depth + 1);
+        }
+        return;
+    }
+    if (!expect_kind(ld, merged, key_path, YAML_MAPPING_NODE,
+                     "a mapping or a list of mappings to merge"))
+        return;
+    /* Own keys first, then the mapping's own merges underneath them. */
+    for (yaml_node_pair_t *pair = merged->data.mapping.pairs.start;
+         pair < merged->data.mapping.pairs.top; pair++) {
+        yaml_node_t *key = node_at(ld, pair->key);
+        size_t i;
+
+        if (key->type != YAML_SCALAR_NODE || is_merge_key(key))
+            continue;
+        i = lookup_key(ld, key, path, keys, key_count);
+        if (i < key_count && values[i] == NULL) {
+            values[i] = node_at(ld, pair->value);
+            key_marks[i] = key->start_mark;
+        }
+    }
+    for (yaml_node_pair_t *pair = merged->data.mapping.pairs.start;
+         pair < merged->data.mapping.pairs.top; pair++) {
+        if (is_merge_key(node_at(ld, pair->key)))
+            merge_mapping(ld, node_at(ld, pair->value), path, keys, key_count, values, key_marks,
+                          depth + 1);
+    }
+}
+
+/* Check the keys of a mapping against @keys: each must be a scalar, known,
+ * and appear once. values[i] receives the value node of keys[i] (NULL when
+ * absent), key_marks[i] where its key was written. Returns false when @map
+ * is not a mapping (reported). */
+static bool walk_mapping(struct loader *ld, yaml_node_t *map, const char *path,
+                         const char *const *keys, size_t key_count, yaml_node_t **values,
+                         yaml_mark_t *key_marks)
+{
+    for (size_t i = 0; i < key_count; i++)
+        values[i] = NULL;
+    if (!expect_kind(ld, map, path[0] ? path : "(top level)", YAML_MAPPING_NODE, "a mapping"))
+        return false;
+
+    for (yaml_node_pair_t *pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
+         pair++) {
+        yaml_node_t *key = node_at(ld, pair->key);
+        char key_path[CONF_KEY_MAX];
+        size_t i;
+
+        if (key->type != YAML_SCALAR_NODE) {
+            report(ld, key->start_mark, path[0] ? path : NULL,
+                   "a key must be a plain word, found %s", node_kind_name(key));
+            continue;
+        }
+        if (is_merge_key(key))
+            continue; /* below, once the explicit keys are known */
+        i = lookup_key(ld, key, path, keys, key_count);
+        if (i == key_count)
+            continue;
+        if (values[i] != NULL) {
+            key_join(key_path, sizeof(key_path), path, keys[i]);
+            report(ld, key->start_mark, key_path,
+                   "duplicate key (first set at line %zu, column %zu; keep only one)",
+                   key_marks[i].line + 1, key_marks[i].column + 1);
+            continue;
+        }
+        values[i] = node_at(ld, pair->value);
+        key_marks[i] = key->start_mark;
+    }
+    for (yaml_node_pair_t *pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
+         pair++) {
+        if (is_merge_key(node_at(ld, pair->key)))
+            merge_mapping(ld, node_at(ld, pair->value), path, keys, key_count, values, key_marks,
+                          0);
+    }
+    return true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Typed values                                                              */
+
+static void set_string(struct loader *ld, char **dst, const char *text)
+{
+    char *copy = strdup(text);
+
+    if (copy == NULL) {
+        ld->oom = true;
+        return;
+    }
+    free(*dst);
+    *dst = copy;
+}
+
+/* The text of a scalar, or NULL after reporting why there is none. */
+static const char *scalar_text(struct loader *ld, const yaml_node_t *node, const char *key,
+                               const char *expected)
+{
+    const char *text;
+
+    if (!expect_kind(ld, node, key, YAML_SCALAR_NODE, expected))
+        return NULL;
+    text = node_text(node);
+    if (strlen(text) != node->data.scalar.length) {
+        report(ld, node->start_mark, key, "contains a NUL character (expected %s)", expected);
+        return NULL;
+    }
+    return text;
+}
+
+/* Plain text without control characters (they would corrupt logs and
+ * protocol strings). */
+static int get_text(struct loader *ld, const yaml_node_t *node, const char *key,
+                    const char *expected, size_t max_len, char **dst)
+{
+    char quoted[CONF_QUOTE_MAX];
+    const char *text = scalar_text(ld, node, key, "a string");
+
+    if (text == NULL)
+        return -EINVAL;
+    if (text[0] == '\0') {
+        report(ld, node->start_mark, key, "is empty (expected %s)", expected);
+        return -EINVAL;
+    }
+    if (strlen(text) > max_len) {
+        report(ld, node->start_mark, key, "%s is longer than %zu bytes (expected %s)",
+               quote(text, quoted, sizeof(quoted)), max_len, expected);
+        return -EINVAL;
+    }
+    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            report(ld, node->start_mark, key, "%s contains a control character (expected %s)",
+                   quote(text, quoted, sizeof(quoted)), expected);
+            return -EINVAL;
+        }
+    }
+    set_string(ld, dst, text);
+    return 0;
+}
+
+static int get_uint(struct loader *ld, const yaml_node_t *node, const char *key, const char *noun,
+                    uint64_t min, uint64_t max, uint64_t *out)
+{
+    char quoted[CONF_QUOTE_MAX];
+    const char *text = scalar_text(ld, node, key, "an integer");
+    uint64_t value = 0;
+    const char *p;
+
+    if (text == NULL)
+        return -EINVAL;
+    p = text;
+    if (*p == '\0')
+        goto bad;
+    for (; *p; p++) {
+        if (*p < '0' || *p > '9')
+            goto bad;
+        if (value > (UINT64_MAX - (uint64_t)(*p - '0')) / 10)
+            goto bad;
+        value = value * 10 + (uint64_t)(*p - '0');
+    }
+    if (value < min || value > max)
+        goto bad;
+    *out = value;
+    return 0;
+bad:
+    report(ld, node->start_mark, key, "%s is not %s (expected an integer %llu-%llu)",
+           quote(text, quoted, sizeof(quoted)), noun, (unsigned long long)min,
+           (unsigned long long)max);
+    return -EINVAL;
+}
+
+/* YAML 1.1 spellings too, because operators write "yes" and "off". */
+static int get_bool(struct loader *ld, const yaml_node_t *node, const char *key, bool *out)
+{
+    static const char *const yes[] = {"true", "True", "TRUE", "yes", "Yes",
+                                      "YES",  "on",   "On",   "ON"};
+    static const char *const no[] = {"false", "False", "FALSE", "no", "No",
+                                     "NO",    "off",   "Off",   "OFF"};
+    char quoted[CONF_QUOTE_MAX];
+    const char *text = scalar_text(ld, node, key, "true or false");
+
+    if (text == NULL)
+        return -EINVAL;
+    for (size_t i = 0; i < ARRAY_SIZE(yes); i++) {
+        if (strcmp(text, yes[i]) == 0) {
+            *out = true;
+            return 0;
+        }
+        if (strcmp(text, no[i]) == 0) {
+            *out = false;
+            return 0;
+        }
+    }
+    report(ld, node->start_mark, key, "%s is not a boolean (expected true or false)",
+           quote(text, quoted, sizeof(quoted)));
+    return -EINVAL;
+}
+
+static void format_ms(char *buf, size_t size, uint64_t ms)
+{
+    if (ms % 3600000 == 0 && ms > 0)
+        snprintf(buf, size, "%lluh", (unsigned long long)(ms / 3600000));
+    else if (ms % 60000 == 0 && ms > 0)
+        snprintf(buf, size, "%llum", (unsigned long long)(ms / 60000));
+    else if (ms % 1000 == 0)
+        snprintf(buf, size, "%llus", (unsigned long long)(ms / 1000));
+    else
+        snprintf(buf, size, "%llums", (unsigned long long)ms);
+}
+
+static int get_duration_ms(struct loader *ld, const yaml_node_t *node, const char *key,
+                           uint64_t min_ms, uint64_t max_ms, uint64_t *out)
+{
+    char quoted[CONF_QUOTE_MAX];
+    char low[32], high[32];
+    const char *text = scalar_text(ld, node, key, "a duration");
+    uint64_t value;
+    int rc;
+
+    if (text == NULL)
+        return -EINVAL;
+    format_ms(low, sizeof(low), min_ms);
+    format_ms(high, sizeof(high), max_ms);
+    rc = util_parse_duration_ms(text, &value);
+    if (rc == -EINVAL) {
+        report(ld, node->start_mark, key, "%s is not a duration (expected " DURATION_EXAMPLES ")",
+               quote(text, quoted, sizeof(quoted)));
+        return -EINVAL;
+    }
+    /* -ERANGE gets the range message too. */
+    if (rc < 0 || value < min_ms || value > max_ms) {
+        report(ld, node->start_mark, key, "%s is out of range (expected %s to %s)",
+               quote(text, quoted, sizeof(quoted)), low, high);
+        return -EINVAL;
+    }
+    *out = value;
+    return 0;
+}
+
+static int get_size(struct loader *ld, const yaml_node_t *node, const char *key, uint64_t min,
+                    uint64_t max, uint64_t *out)
+{
+    char quoted[CONF_QUOTE_MAX];
+    const char *text = scalar_text(ld, node, key, "a size");
+    uint64_t value;
+    int rc;
+
+    if (text == NULL)
+        return -EINVAL;
+    rc = util_parse_size(text, &value);
+    if (rc == -EINVAL) {
+        report(ld, node->start_mark, key, "%s is not a size (expected " SIZE_EXAMPLES ")",
+               quote(text, quoted, sizeof(quoted)));
+        return -EINVAL;
+    }
+    if (rc < 0 || value < min || value > max) {
+        report(ld, node->start_mark, key, "%s is out of range (expected %llu to %llu bytes)",
+               quote(text, quoted, sizeof(quoted)), (unsigned long long)min,
+               (unsigned long long)max);
+        return -EINVAL;
+    }
+    *out = value;
+    return 0;
+}
+
+/* A file mode the way chmod(1) writes it: octal digits with a leading 0
+ * ("0660", also "0o660"). YAML 1.1 reads a plain 0660 as the octal integer
+ * 432 and YAML 1.2 as decimal 660; reading the text ourselves gives the
+ * chmod meaning either way. A number without the leading 0 is refused rather
+ * than guessed: "660" and "432" would each be right under one reading. */
+static int get_mode(struct loader *ld, const yaml_node_t *node, const char *key, unsigned *out)
+{
+    char quoted[CONF_QUOTE_MAX];
+    const char *text = scalar_text(ld, node, key, "an octal file mode");
+    const char *digits;
+    unsigned value = 0;
+
+    if (text == NULL)
+        return -EINVAL;
+    if (strncmp(text, "0o", 2) == 0)
+        digits = text + 2;
+    else if (text[0] == '0')
+        digits = text;
+    else
+        goto bad;
+    if (*digits == '\0' || strlen(digits) > 5)
+        goto bad;
+    for (const char *p = digits; *p; p++) {
+        if (*p < '0' || *p > '7')
+            goto bad;
+        value = value * 8 + (unsigned)(*p - '0');
+    }
+    if (value > 0777)
+        goto bad;
+    *out = value;
+    return 0;
+bad:
+    report(ld, node->start_mark, key,
+           "%s is not a file mode (expected octal permission bits with a leading 0, "
+           "e.g. \"0660\", at most 0777)",
+           quote(text, quoted, sizeof(quoted)));
+    return -EINVAL;
+}
+
+static int get_absolute_path(struct loader *ld, const yaml_node_t *node, const char *key,
+                             const char *what, size_t max_len, char **dst)
+{
+    char quoted[CONF_QUOTE_MAX];
+    char expected[128];
+    const char *text;
+
+    snprintf(expected, sizeof(expected), "an absolute path to %s", what);
+    text = scalar_text(ld, node, key, expected);
+    if (text == NULL)
+        return -EINVAL;
+    if (text[0] != '/') {
+        report(ld, node->start_mark, key, "%s is not an absolute path (expected %s)",
+               quote(text, quoted, sizeof(quoted)), expected);
+        return -EINVAL;
+    }
+    if (strlen(text) > max_len) {
+        report(ld, node->start_mark, key, "%s is longer than %zu bytes (expected %s)",
+               quote(text, quoted, sizeof(quoted)), max_len, expected);
+        return -EINVAL;
+    }
+    set_string(ld, dst, text);
+    return 0;
+}
+
+/* Relative paths are taken relative to the configuration file's directory,
+ * not the working directory: under systemd that is "/", which is never what
+ * "certs/ca.pem" meant. */
+static int resolve_path(struct loader *ld, const char *text, char **out)
+{
+    size_t len;
+
+    if (text[0] == '/' || ld->dir == NULL) {
+        *out = strdup(text);
+    } else {
+        len = strlen(ld->dir) + 1 + strlen(text) + 1;
+        *out = malloc(len);
+        if (*out != NULL)
+            snprintf(*out, len, "%s/%s", ld->dir, text);
+    }
+    if (*out == NULL) {
+        ld->oom = true;
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+/* Open and close: checks what access(2) cannot (effective ids, ACLs,
+ * that it is not a directory). */
+static int check_readable(const char *path)
+{
+    struct stat st;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    int rc = 0;
+
+    if (fd < 0)
+        return -errno;
+    if (fstat(fd, &st) < 0)
+        rc = -errno;
+    else if (S_ISDIR(st.st_mode))
+        rc = -EISDIR;
+    close(fd);
+    return rc;
+}
+
+/* A path to a file that must be readable now, relative to the config's
+ * directory when not absolute. */
+static int get_readable_file(struct loader *ld, const yaml_node_t *node, const char *key,
+                             const char *what, char **dst)
+{
+    char quoted[CONF_QUOTE_MAX];
+    char *path = NULL;
+    const char *text = scalar_text(ld, node, key, what);
+    int rc;
+
+    if (text == NULL)
+        return -EINVAL;
+    if (text[0] == '\0') {
+        report(ld, node->start_mark, key, "is empty (expected %s)", what);
+        return -EINVAL;
+    }
+    rc = resolve_path(ld, text, &path);
+    if (rc < 0)
+        return rc;
+    rc = check_readable(path);
+    if (rc < 0) {
+        report(ld, node->start_mark, key, "cannot read %s: %s (expected %s)",
+               quote(path, quoted, sizeof(quoted)), strerror(-rc), what);
+        free(path);
+        return -EINVAL;
+    }
+    free(*dst);
+    *dst = path;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Syntax checks of names, hosts, topics                                     */
+
+static bool is_alnum(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+/* Returns the first character of @text not in [A-Za-z0-9] or @extra, or
+ * NULL when all are allowed. */
+static const char *first_bad_char(const char *text, const char *extra)
+{
+    for (const char *p = text; *p; p++) {
+        if (!is_alnum(*p) && strchr(extra, *p) == NULL)
+            return p;
+    }
+    return NULL;
+}
+
+static void describe_char(char *buf, size_t size, char c)
+{
+    if (c == ' ')
+        snprintf(buf, size, "a space");
+    else if ((unsigned char)c < 0x20 || c == 0x7f)
+        snprintf(buf, size, "control character 0x%02x", (unsigned char)c);
+    else if ((unsigned char)c >= 0x80)
+        snprintf(buf, size, "a non-ASCII character");
+    else
+        snprintf(buf, size, "'%c'", c);
+}
+
+/* Check an uplink host: a DNS name (RFC 1123 §2.1 labels), an IPv4 literal,
+ * or an IPv6 literal (bare or in brackets). On success *host is the name to
+ * connect to (brackets removed). @why receives the problem otherwise. */
+static int check_host(const char *text, char *why, size_t why_size, char **host)
+{
+    struct in6_addr addr6;
+    struct in_addr addr4;
+    char what[48];
+    size_t len = strlen(text);
+    size_t label_len = 0;
+    bool all_numeric = true;
+    char inner[INET6_ADDRSTRLEN + 1];
+
+    *host = NULL;
+    if (len == 0) {
+        snprintf(why, why_size, "is empty");
+        return -EINVAL;
+    }
+    if (strstr(text, "://") != NULL) {
+        snprintf(
+            why, why_size,
+            "is a URL; write only the host name, the port goes in \"port\" and TLS in \"tls\"");
+        return -EINVAL;
+    }
+    if (text[0] == '[' && text[len - 1] == ']') {
+        if (len - 2 >= sizeof(inner))
+            goto bad_ipv6;
+        memcpy(inner, text + 1, len - 2);
+        inner[len - 2] = '\0';
+        if (inet_pton(AF_INET6, inner, &addr6) != 1)
+            goto bad_ipv6;
+        *host = strdup(inner);
+        return *host ? 0 : -ENOMEM;
+    }
+    if (strchr(text, ':') != NULL) {
+        if (inet_pton(AF_INET6, text, &addr6) == 1) {
+            *host = strdup(text);
+            return *host ? 0 : -ENOMEM;
+        }
+        if (strchr(text, ':') == strrchr(text, ':')) {
+            snprintf(why, why_size, "contains a port; put the port in \"port\" instead");
+            return -EINVAL;
+        }
+        goto bad_ipv6;
+    }
+    for (const char *p = text; *p; p++) {
+        if (*p == ' ' || *p == '\t') {
+            snprintf(why, why_size, "contains a space");
+            return -EINVAL;
+        }
+        if (!(*p >= '0' && *p <= '9') && *p != '.')
+            all_numeric = false;
+    }
+    if (all_numeric) {
+        if (inet_pton(AF_INET, text, &addr4) != 1) {
+            snprintf(why, why_size, "is not a valid IPv4 address");
+            return -EINVAL;
+        }
+        *host = strdup(text);
+        return *host ? 0 : -ENOMEM;
+    }
+    /* A trailing dot (fully qualified) is allowed and not counted. */
+    if (text[len - 1] == '.')
+        len--;
+    if (len > CONF_DNS_NAME_MAX) {
+        snprintf(why, why_size, "is longer than %d characters", CONF_DNS_NAME_MAX);
+        return -EINVAL;
+    }
+    for (size_t i = 0; i <= len; i++) {
+        char c = i < len ? text[i] : '.';
+        if (c == '.') {
+            if (label_len == 0) {
+                snprintf(why, why_size, "has an empty label (two dots, or a leading dot)");
+                return -EINVAL;
+            }
+            if (text[i - 1] == '-') {
+                snprintf(why, why_size, "has a label that ends with '-'");
+                return -EINVAL;
+            }
+            label_len = 0;
+            continue;
+        }
+        if (!is_alnum(c) && c != '-') {
+            describe_char(what, sizeof(what), c);
+            snprintf(why, why_size, "contains %s at position %zu%s", what, i + 1,
+                     (unsigned char)c >= 0x80
+                         ? " (write an internationalized name in its ASCII xn-- form)"
+                         : "");
+            return -EINVAL;
+        }
+        if (c == '-' && label_len == 0) {
+            snprintf(why, why_size, "has a label that starts with '-'");
+            return -EINVAL;
+        }
+        if (++label_len > CONF_DNS_LABEL_MAX) {
+            snprintf(why, why_size, "has a label longer than %d characters", CONF_DNS_LABEL_MAX);
+            return -EINVAL;
+        }
+    }
+    /* Stored without the trailing dot: SNI carries the name without it
+     * (RFC 6066 §3) and certificate names never have one. */
+    *host = strndup(text, len);
+    return *host ? 0 : -ENOMEM;
+
+bad_ipv6:
+    snprintf(why, why_size, "is not a valid IPv6 address");
+    return -EINVAL;
+}
+
+/* A topic prefix: local apps and clouds see "<prefix>/<child>/...", so no
+ * wildcards (MQTT 3.1.1 §4.7.1: '+' and '#' are not allowed in topic
+ * names), no trailing '/' (it would make an empty level), and no control
+ * characters. */
+static int get_topic_prefix(struct loader *ld, const yaml_node_t *node, const char *key, bool local,
+                            char **dst)
+{
+    static const char expected[] =
+        "a topic prefix without '+', '#' or a trailing '/', e.g. \"dev\"";
+    char quoted[CONF_QUOTE_MAX];
+    char *value = NULL;
+    size_t len;
+
+    if (get_text(ld, node, key, expected, CONF_TOPIC_PREFIX_MAX, &value) < 0)
+        return -EINVAL;
+    if (value == NULL)
+        return -ENOMEM;
+    len = strlen(value);
+    if (strpbrk(value, "+#") != NULL || value[len - 1] == '/') {
+        report(ld, node->start_mark, key, "%s is not a valid topic prefix (expected %s)",
+               quote(value, quoted, sizeof(quoted)), expected);
+        free(value);
+        return -EINVAL;
+    }
+    /* MQTT 3.1.1 §4.7.2: topics starting with '$' are not matched by '#'
+     * or '+' subscriptions, so local apps could not subscribe broadly. */
+    if (local && value[0] == '$') {
+        report(ld, node->start_mark, key,
+               "%s starts with '$' (local topics starting with '$' are not matched by "
+               "wildcard subscriptions; choose another prefix)",
+               quote(value, quoted, sizeof(quoted)));
+        free(value);
+        return -EINVAL;
+    }
+    free(*dst);
+    *dst = value;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Listen URLs                                                               */
+
+static int parse_tcp_listen(const char *rest, char *why, size_t why_size, struct conf_listen *out)
+{
+    struct in6_addr addr6;
+    struct in_addr addr4;
+    char host[INET6_ADDRSTRLEN + 1];
+    const char *port_text;
+    size_t host_len;
+    unsigned long port = 0;
+
+    if (rest[0] == '[') {
+        const char *close = strchr(rest, ']');
+        if (close == NULL) {
+            snprintf(why, why_size, "has '[' without ']' around the IPv6 address");
+            return -EINVAL;
+        }
+        host_len = (size_t)(close - rest - 1);
+        if (host_len >= sizeof(host)) {
+            snprintf(why, why_size, "has an invalid IPv6 address");
+            return -EINVAL;
+        }
+        memcpy(host, rest + 1, host_len);
+        host[host_len] = '\0';
+        if (inet_pton(AF_INET6, host, &addr6) != 1) {
+            snprintf(why, why_size, "has an invalid IPv6 address");
+            return -EINVAL;
+        }
+        if (close[1] != ':') {
+            snprintf(why, why_size, "has no port (expected e.g. tcp://[::1]:1883)");
+            return -EINVAL;
+        }
+        port_text = close + 2;
+    } else {
+        const char *colon = strrchr(rest, ':');
+        if (colon == NULL) {
+            snprintf(why, why_size, "has no port (expected e.g. tcp://127.0.0.1:1883)");
+            return -EINVAL;
+        }
+        if (memchr(rest, ':', (size_t)(colon - rest)) != NULL) {
+            snprintf(why, why_size,
+                     "has an IPv6 address without brackets (expected e.g. tcp://[::1]:1883)");
+            return -EINVAL;
+        }
+        host_len = (size_t)(colon - rest);
+        if (host_len == 0 || host_len >= sizeof(host)) {
+            snprintf(why, why_size,
+                     "has no valid host (expected an IP address or localhost, e.g. "
+                     "tcp://127.0.0.1:1883)");
+            return -EINVAL;
+        }
+        memcpy(host, rest, host_len);
+        host[host_len] = '\0';
+        /* Binding needs an address, not a name to resolve; "localhost" is
+         * the one name allowed, and means the IPv4 loopback. */
+        if (strcmp(host, "localhost") == 0)
+            snprintf(host, sizeof(host), "127.0.0.1");
+        else if (inet_pton(AF_INET, host, &addr4) != 1) {
+            char quoted[CONF_QUOTE_MAX];
+            snprintf(why, why_size,
+                     "has host %s, which is not an IP address (expected an IPv4 address, "
+                     "[IPv6] or localhost)",
+                     quote(host, quoted, sizeof(quoted)));
+            return -EINVAL;
+        }
+        port_text = colon + 1;
+    }
+    if (*port_text == '\0') {
+        snprintf(why, why_size, "has no port (expected e.g. tcp://127.0.0.1:1883)");
+        return -EINVAL;
+    }
+    for (const char *p = port_text; *p; p++) {
+        if (*p < '0' || *p > '9' || port > 65535) {
+            snprintf(why, why_size, "has an invalid port (expected an integer 1-65535)");
+            return -EINVAL;
+        }
+        port = port * 10 + (unsigned long)(*p - '0');
+    }
+    if (port < 1 || port > 65535) {
+        snprintf(why, why_size, "has an invalid port (expected an integer 1-65535)");
+        return -EINVAL;
+    }
+    out->kind = CONF_LISTEN_TCP;
+    out->port = (uint16_t)port;
+    out->host = strdup(host);
+    return out->host ? 0 : -ENOMEM;
+}
+
+/* Parse one local.listen URL into @out (which must be zeroed). Returns 0,
+ * -EINVAL with the problem in @why, or -ENOMEM. */
+static int parse_listen_url(const char *url, char *why, size_t why_size, struct conf_listen *out)
+{
+    struct sockaddr_un sun;
+    int rc;
+
+    out->url = strdup(url);
+    if (out->url == NULL)
+        return -ENOMEM;
+    if (strncmp(url, "tcp://", 6) == 0) {
+        rc = parse_tcp_listen(url + 6, why, why_size, out);
+        return rc;
+    }
+    if (strncmp(url, "unix://", 7) == 0) {
+        const char *path = url + 7;
+        if (path[0] != '/') {
+            snprintf(why, why_size,
+                     "has a relative socket path (expected an absolute path after unix://, "
+                     "e.g. unix:///run/uplinkd/local.sock)");
+            return -EINVAL;
+        }
+        if (strlen(path) >= sizeof(sun.sun_path)) {
+            snprintf(why, why_size,
+                     "has a socket path longer than %zu bytes (the limit of "
+                     "sockaddr_un)",
+                     sizeof(sun.sun_path) - 1);
+            return -EINVAL;
+        }
+        out->kind = CONF_LISTEN_UNIX;
+        out->path = strdup(path);
+        return out->path ? 0 : -ENOMEM;
+    }
+    snprintf(why, why_size, "has an unknown scheme (expected tcp://HOST:PORT or unix:///PATH)");
+    return -EINVAL;
+}
+
+static void listen_free(struct conf_listen *listen)
+{
+    free(listen->url);
+    free(listen->host);
+    free(listen->path);
+}
+
+static void parse_listen(struct loader *ld, yaml_node_t *node, const char *key)
+{
+    struct conf_local *local = &ld->conf->local;
+    size_t count;
+
+    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE,
+                     "a sequence of URLs, e.g. [\"tcp://127.0.0.1:1883\"]"))
+        return;
+    count = sequence_length(node);
+    if (count == 0) {
+        report(ld, node->start_mark, key, "is empty (expected at least one tcp:// or unix:// URL)");
+        return;
+    }
+    local->listen = calloc(count, sizeof(*local->listen));
+    if (local->listen == NULL) {
+        ld->oom = true;
+        return;
+    }
+    local->listen_count = count;
+    for (size_t i = 0; i < count; i++) {
+        yaml_node_t *item = sequence_item(ld, node, i);
+        char item_key[CONF_KEY_MAX];
+        char quoted[CONF_QUOTE_MAX];
+        char why[256];
+        const char *url;
+        int rc;
+
+        key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
+        url = scalar_text(ld, item, item_key, "a tcp:// or unix:// URL");
+        if (url == NULL)
+            continue;
+        rc = parse_listen_url(url, why, sizeof(why), &local->listen[i]);
+        if (rc == -ENOMEM) {
+            ld->oom = true;
+            return;
+        }
+        if (rc < 0) {
+            report(ld, item->start_mark, item_key, "%s %s", quote(url, quoted, sizeof(quoted)),
+                   why);
+            continue;
+        }
+        for (size_t j = 0; j < i; j++) {
+            if (local->listen[j].url != NULL && strcmp(local->listen[j].url, url) == 0) {
+                report(ld, item->start_mark, item_key,
+                       "%s is listed twice (also %s[%zu]; keep only one)",
+                       quote(url, quoted, sizeof(quoted)), key, j);
+                break;
+            }
+        }
+    }
+}
+
+static void default_listen(struct loader *ld)
+{
+    static const char *const urls[] = {DEFAULT_TCP_LISTEN, DEFAULT_UNIX_LISTEN};
+    struct conf_local *local = &ld->conf->local;
+    char why[256];
+
+    local->listen = calloc(ARRAY_SIZE(urls), sizeof(*local->listen));
+    if (local->listen == NULL) {
+        ld->oom = true;
+        return;
+    }
+    local->listen_count = ARRAY_SIZE(urls);
+    for (size_t i = 0; i < ARRAY_SIZE(urls); i++) {
+        /* The defaults are valid by construction; only allocation can fail. */
+        if (parse_listen_url(urls[i], why, sizeof(why), &local->listen[i]) < 0)
+            ld->oom = true;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sections                                                                  */
+
+enum { GATEWAY_ID, GATEWAY_STATE_DIR, GATEWAY_KEYS };
+static const char *const gateway_keys[GATEWAY_KEYS] = {
+    [GATEWAY_ID] = "id",
+    [GATEWAY_STATE_DIR] = "state_dir",
+};
+
+/* gateway.id becomes the default MQTT client id and topic prefix, so it is
+ * limited to characters that are safe in both (MQTT 3.1.1 §3.1.3.1 only
+ * promises [0-9a-zA-Z] in client ids; brokers accept these in practice). */
+static void parse_gateway(struct loader *ld, yaml_node_t *node, yaml_mark_t parent_mark)
+{
+    static const char id_expected[] = "1-128 characters from A-Z a-z 0-9 - _ . ~, starting with a "
+                                      "letter or digit, e.g. \"gw-0001\"";
+    yaml_node_t *values[GATEWAY_KEYS] = {NULL};
+    yaml_mark_t marks[GATEWAY_KEYS];
+    struct conf *conf = ld->conf;
+    char quoted[CONF_QUOTE_MAX];
+
+    if (node_present(node) &&
+        !walk_mapping(ld, node, "gateway", gateway_keys, GATEWAY_KEYS, values, marks))
+        return;
+    if (!node_present(values[GATEWAY_ID])) {
+        yaml_mark_t mark = values[GATEWAY_ID]   ? values[GATEWAY_ID]->start_mark
+                           : node_present(node) ? node->start_mark
+                                                : parent_mark;
+        report(ld, mark, "gateway.id", "missing (required: %s)", id_expected);
+    } else if (get_text(ld, values[GATEWAY_ID], "gateway.id", id_expected, CONF_GATEWAY_ID_MAX,
+                        &conf->gateway_id) == 0 &&
+               conf->gateway_id != NULL) {
+        const char *bad = first_bad_char(conf->gateway_id, "-_.~");
+        if (bad != NULL || !is_alnum(conf->gateway_id[0])) {
+            char what[48];
+            describe_char(what, sizeof(what), bad ? *bad : conf->gateway_id[0]);
+            report(ld, values[GATEWAY_ID]->start_mark, "gateway.id", "%s contains %s (expected %s)",
+                   quote(conf->gateway_id, quoted, sizeof(quoted)), what, id_expected);
+            free(conf->gateway_id);
+            conf->gateway_id = NULL;
+        }
+    }
+    if (node_present(values[GATEWAY_STATE_DIR]))
+        get_absolute_path(ld, values[GATEWAY_STATE_DIR], "gateway.state_dir", "the state directory",
+                          PATH_MAX, &conf->state_dir);
+}
+
+enum {
+    LOCAL_LISTEN,
+    LOCAL_SOCKET_MODE,
+    LOCAL_SOCKET_GROUP,
+    LOCAL_MAX_PACKET_SIZE,
+    LOCAL_MAX_CLIENTS,
+    LOCAL_TOPIC_PREFIX,
+    LOCAL_KEYS
+};
+static const char *const local_keys[LOCAL_KEYS] = {
+    [LOCAL_LISTEN] = "listen",
+    [LOCAL_SOCKET_MODE] = "socket_mode",
+    [LOCAL_SOCKET_GROUP] = "socket_group",
+    [LOCAL_MAX_PACKET_SIZE] = "max_packet_size",
+    [LOCAL_MAX_CLIENTS] = "max_clients",
+    [LOCAL_TOPIC_PREFIX] = "topic_prefix",
+};
+
+static void parse_local(struct loader *ld, yaml_node_t *node)
+{
+    yaml_node_t *values[LOCAL_KEYS] = {NULL};
+    yaml_mark_t marks[LOCAL_KEYS];
+    struct conf_local *local = &ld->conf->local;
+    uint64_t number;
+
+    if (node_present(node) &&
+        !walk_mapping(ld, node, "local", local_keys, LOCAL_KEYS, values, marks))
+        return;
+    if (node_present(values[LOCAL_LISTEN]))
+        parse_listen(ld, values[LOCAL_LISTEN], "local.listen");
+    if (node_present(values[LOCAL_SOCKET_MODE]))
+        get_mode(ld, values[LOCAL_SOCKET_MODE], "local.socket_mode", &local->socket_mode);
+    if (node_present(values[LOCAL_SOCKET_GROUP])) {
+        static const char expected[] = "a group name, e.g. \"uplinkd\"";
+        yaml_node_t *group = values[LOCAL_SOCKET_GROUP];
+        if (get_text(ld, group, "local.socket_group", expected, 256, &local->socket_group) == 0 &&
+            local->socket_group != NULL && strpbrk(local->socket_group, " :/,") != NULL) {
+            char quoted[CONF_QUOTE_MAX];
+            report(ld, group->start_mark, "local.socket_group",
+                   "%s is not a group name (expected %s)",
+                   quote(local->socket_group, quoted, sizeof(quoted)), expected);
+        }
+    }
+    /* MQTT 3.1.1 §2.2.3: remaining length is at most 268,435,455 bytes,
+     * plus up to 5 bytes of fixed header. Below 64 bytes hardly a real
+     * CONNECT (client id, will, credentials) fits. */
+    if (node_present(values[LOCAL_MAX_PACKET_SIZE]) &&
+        get_size(ld, values[LOCAL_MAX_PACKET_SIZE], "local.max_packet_size", 64, 268435455 + 5,
+                 &number) == 0)
+        local->max_packet_size = (size_t)number;
+    if (node_present(values[LOCAL_MAX_CLIENTS]) &&
+        get_uint(ld, values[LOCAL_MAX_CLIENTS], "local.max_clients", "a client count", 1, 1000000,
+                 &number) == 0)
+        local->max_clients = (unsigned)number;
+    if (node_present(values[LOCAL_TOPIC_PREFIX]))
+        get_topic_prefix(ld, values[LOCAL_TOPIC_PREFIX], "local.topic_prefix", true,
+                         &local->topic_prefix);
+}
+
+enum { CONTROL_SOCKET, CONTROL_KEYS };
+static const char *const control_keys[CONTROL_KEYS] = {[CONTROL_SOCKET] = "socket"};
+
+static void parse_control(struct loader *ld, yaml_node_t *node)
+{
+    yaml_node_t *values[CONTROL_KEYS] = {NULL};
+    yaml_mark_t marks[CONTROL_KEYS];
+    struct sockaddr_un sun;
+
+    if (!walk_mapping(ld, node, "control", control_keys, CONTROL_KEYS, values, marks))
+        return;
+    if (node_present(values[CONTROL_SOCKET]))
+        get_absolute_path(ld, values[CONTROL_SOCKET], "control.socket", "the control socket",
+                          sizeof(sun.sun_path) - 1, &ld->conf->control_socket);
+}
+
+enum { LOG_LEVEL, LOG_KEYS };
+static const char *const log_keys[LOG_KEYS] = {[LOG_LEVEL] = "level"};
+
+static void parse_log(struct loader *ld, yaml_node_t *node)
+{
+    static const char expected[] = "error, warning, notice, info or debug";
+    yaml_node_t *values[LOG_KEYS] = {NULL};
+    yaml_mark_t marks[LOG_KEYS];
+    char quoted[CONF_QUOTE_MAX];
+    const char *text;
+    int level;
+
+    if (!walk_mapping(ld, node, "log", log_keys, LOG_KEYS, values, marks))
+        return;
+    if (!node_present(values[LOG_LEVEL]))
+        return;
+    text = scalar_text(ld, values[LOG_LEVEL], "log.level", expected);
+    if (text == NULL)
+        return;
+    level = log_level_parse(text);
+    if (level < 0) {
+        report(ld, values[LOG_LEVEL]->start_mark, "log.level",
+               "%s is not a log level (expected %s)", quote(text, quoted, sizeof(quoted)),
+               expected);
+        return;
+    }
+    ld->conf->log_level = level;
+}
+
+enum { TLS_ENABLED, TLS_CA, TLS_CERT, TLS_KEY, TLS_KEYS };
+static const char *const tls_keys[TLS_KEYS] = {
+    [TLS_ENABLED] = "enabled",
+    [TLS_CA] = "ca",
+    [TLS_CERT] = "cert",
+    [TLS_KEY] = "key",
+};
+
+static void parse_tls(struct loader *ld, yaml_node_t *node, const char *path, struct conf_tls *tls)
+{
+    yaml_node_t *values[TLS_KEYS] = {NULL};
+    yaml_mark_t marks[TLS_KEYS];
+    char key[CONF_KEY_MAX];
+    char other[CONF_KEY_MAX];
+
+    if (!walk_mapping(ld, node, path, tls_keys, TLS_KEYS, values, marks))
+        return;
+    if (node_present(values[TLS_ENABLED])) {
+        key_join(key, sizeof(key), path, "enabled");
+        get_bool(ld, values[TLS_ENABLED], key, &tls->enabled);
+    }
+    if (!tls->enabled) {
+        /* A certificate that is silently not used is worse than an error. */
+        for (int i = TLS_CA; i < TLS_KEYS; i++) {
+            if (!node_present(values[i]))
+                continue;
+            key_join(key, sizeof(key), path, tls_keys[i]);
+            report(ld, values[i]->start_mark, key,
+                   "has no effect because %s.enabled is false (remove it, or set %s.enabled: "
+                   "true)",
+                   path, path);
+        }
+        return;
+    }
+    if (node_present(values[TLS_CA])) {
+        const char *text;
+        key_join(key, sizeof(key), path, "ca");
+        text = scalar_text(ld, values[TLS_CA], key, "\"system\" or a path to a CA PEM file");
+        if (text != NULL && strcmp(text, "system") == 0) {
+            tls->ca_system = true;
+        } else if (text != NULL &&
+                   get_readable_file(ld, values[TLS_CA], key,
+                                     "\"system\" or a readable CA certificate PEM file",
+                                     &tls->ca_file) == 0) {
+            tls->ca_system = false;
+        }
+    }
+    if (node_present(values[TLS_CERT])) {
+        key_join(key, sizeof(key), path, "cert");
+        get_readable_file(ld, values[TLS_CERT], key, "a readable client certificate PEM file",
+                          &tls->cert);
+    }
+    if (node_present(values[TLS_KEY])) {
+        key_join(key, sizeof(key), path, "key");
+        get_readable_file(ld, values[TLS_KEY], key, "a readable private key PEM file", &tls->key);
+    }
+    /* Either one alone cannot authenticate: the key proves possession of
+     * the certificate's public key (RFC 8446 §4.4.3 CertificateVerify). */
+    if (node_present(values[TLS_CERT]) != node_present(values[TLS_KEY])) {
+        int have = node_present(values[TLS_CERT]) ? TLS_CERT : TLS_KEY;
+        int lack = have == TLS_CERT ? TLS_KEY : TLS_CERT;
+        key_join(key, sizeof(key), path, tls_keys[have]);
+        key_join(other, sizeof(other), path, tls_keys[lack]);
+        report(ld, values[have]->start_mark, key,
+               "is set without %s (a client certificate needs "
+               "both cert and key; add %s or remove %s)",
+               other, other, key);
+    }
+}
+
+enum { AUTH_TYPE, AUTH_USERNAME, AUTH_PASSWORD, AUTH_PASSWORD_FILE, AUTH_KEYS };
+static const char *const auth_keys[AUTH_KEYS] = {
+    [AUTH_TYPE] = "type",
+    [AUTH_USERNAME] = "username",
+    [AUTH_PASSWORD] = "password",
+    [AUTH_PASSWORD_FILE] = "password_file",
+};
+
+/* Read a password file: the whole content, minus one trailing newline
+ * (echo and editors add one; a password never ends with it). */
+static void read_password_file(struct loader *ld, const yaml_node_t *node, const char *key,
+                               char **password)
+{
+    static const char what[] = "a readable file that holds the password";
+    char quoted[CONF_QUOTE_MAX];
+    char *path = NULL;
+    char *content = NULL;
+    size_t len = 0;
+    const char *text = scalar_text(ld, node, key, what);
+    int rc;
+
+    if (text == NULL)
+        return;
+    if (text[0] == '\0') {
+        report(ld, node->start_mark, key, "is empty (expected %s)", what);
+        return;
+    }
+    if (resolve_path(ld, text, &path) < 0)
+        return;
+    rc = util_read_file(path, CONF_MQTT_STRING_MAX + 2, &content, &len);
+    if (rc == -ENOMEM) {
+        ld->oom = true;
+        goto out;
+    }
+    if (rc < 0) {
+        report(ld, node->start_mark, key, "cannot read %s: %s (expected %s)",
+               quote(path, quoted, sizeof(quoted)), rc == -EFBIG ? "file too large" : strerror(-rc),
+               what);
+        goto out;
+    }
+    if (len > 0 && content[len - 1] == '\n')
+        content[--len] = '\0';
+    if (len > 0 && content[len - 1] == '\r')
+        content[--len] = '\0';
+    if (len == 0 || strlen(content) != len || len > CONF_MQTT_STRING_MAX) {
+        report(ld, node->start_mark, key, "%s %s (expected %s)",
+               quote(path, quoted, sizeof(quoted)),
+               len == 0                 ? "is empty"
+               : strlen(content) != len ? "contains a NUL byte"
+                                        : "is longer than 65535 bytes",
+               what);
+        goto out;
+    }
+    *password = content;
+    content = NULL;
+out:
+    if (content != NULL) {
+        explicit_bzero(content, len);
+        free(content);
+    }
+    free(path);
+}
+
+static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path,
+                       struct conf_auth *auth)
+{
+    yaml_node_t *values[AUTH_KEYS] = {NULL};
+    yaml_mark_t marks[AUTH_KEYS];
+    char key[CONF_KEY_MAX];
+    char quoted[CONF_QUOTE_MAX];
+
+    if (!walk_mapping(ld, node, path, auth_keys, AUTH_KEYS, values, marks))
+        return;
+    if (node_present(values[AUTH_TYPE])) {
+        const char *text;
+        key_join(key, sizeof(key), path, "type");
+        text = scalar_text(ld, values[AUTH_TYPE], key, "none or basic");
+        if (text != NULL && strcmp(text, "none") == 0) {
+            auth->type = CONF_AUTH_NONE;
+        } else if (text != NULL && strcmp(text, "basic") == 0) {
+            auth->type = CONF_AUTH_BASIC;
+        } else if (text != NULL) {
+            report(ld, values[AUTH_TYPE]->start_mark, key,
+                   "%s is not an auth type (expected none or basic)",
+                   quote(text, quoted, sizeof(quoted)));
+            return; /* the checks below would only add noise */
+        } else {
+            return;
+        }
+    }
+    if (auth->type == CONF_AUTH_NONE) {
+        for (int i = AUTH_USERNAME; i < AUTH_KEYS; i++) {
+            if (!node_present(values[i]))
+                continue;
+            key_join(key, sizeof(key), path, auth_keys[i]);
+            report(ld, values[i]->start_mark, key,
+                   "is set but %s.type is none (add \"type: basic\" or remove it)", path);
+        }
+        return;
+    }
+
+    key_join(key, sizeof(key), path, "username");
+    if (!node_present(values[AUTH_USERNAME]))
+        report(ld, values[AUTH_USERNAME] ? values[AUTH_USERNAME]->start_mark : node->start_mark,
+               key, "missing (required with type basic: the MQTT user name)");
+    else
+        get_text(ld, values[AUTH_USERNAME], key, "the MQTT user name", CONF_MQTT_STRING_MAX,
+                 &auth->username);
+
+    if (node_present(values[AUTH_PASSWORD]) && node_present(values[AUTH_PASSWORD_FILE])) {
+        key_join(key, sizeof(key), path, "password_file");
+        report(ld, values[AUTH_PASSWORD_FILE]->start_mark, key,
+               "is set together with %s.password (line %zu, column %zu); use only one", path,
+               values[AUTH_PASSWORD]->start_mark.line + 1,
+               values[AUTH_PASSWORD]->start_mark.column + 1);
+        return;
+    }
+    if (node_present(values[AUTH_PASSWORD])) {
+        /* An MQTT password is binary data (§3.1.3.5), so only its length is
+         * checked; an empty one is an explicit choice, keep it. */
+        const char *text;
+        key_join(key, sizeof(key), path, "password");
+        text = scalar_text(ld, values[AUTH_PASSWORD], key, "the MQTT password");
+        if (text != NULL && strlen(text) > CONF_MQTT_STRING_MAX)
+            report(ld, values[AUTH_PASSWORD]->start_mark, key,
+                   "is longer than 65535 bytes (MQTT 3.1.1 §3.1.3.5)");
+        else if (text != NULL)
+            set_string(ld, &auth->password, text);
+    }
+    if (node_present(values[AUTH_PASSWORD_FILE])) {
+        key_join(key, sizeof(key), path, "password_file");
+        read_password_file(ld, values[AUTH_PASSWORD_FILE], key, &auth->password);
+    }
+}
+
+enum { RECONNECT_BASE, RECONNECT_CAP, RECONNECT_KEYS };
+static const char *const reconnect_keys[RECONNECT_KEYS] = {
+    [RECONNECT_BASE] = "base",
+    [RECONNECT_CAP] = "cap",
+};
+
+static void parse_reconnect(struct loader *ld, yaml_node_t *node, const char *path,
+                            struct conf_uplink *uplink)
+{
+    yaml_node_t *values[RECONNECT_KEYS] = {NULL};
+    yaml_mark_t marks[RECONNECT_KEYS];
+    char key[CONF_KEY_MAX];
+    uint64_t ms;
+    bool cap_ok = true;
+
+    if (!walk_mapping(ld, node, path, reconnect_keys, RECONNECT_KEYS, values, marks))
+        return;
+    if (node_present(values[RECONNECT_BASE])) {
+        key_join(key, sizeof(key), path, "base");
+        if (get_duration_ms(ld, values[RECONNECT_BASE], key, 100, 3600 * 1000, &ms) == 0)
+            uplink->reconnect_base_ms = (unsigned)ms;
+    }
+    if (node_present(values[RECONNECT_CAP])) {
+        key_join(key, sizeof(key), path, "cap");
+        if (get_duration_ms(ld, values[RECONNECT_CAP], key, 100, 24 * 3600 * 1000, &ms) == 0)
+            uplink->reconnect_cap_ms = (unsigned)ms;
+        else
+            cap_ok = false;
+    }
+    if (cap_ok && uplink->reconnect_cap_ms < uplink->reconnect_base_ms) {
+        char base[32], cap[32];
+        yaml_node_t *at = values[RECONNECT_CAP] ? values[RECONNECT_CAP] : values[RECONNECT_BASE];
+        format_ms(base, sizeof(base), uplink->reconnect_base_ms);
+        format_ms(cap, sizeof(cap), uplink->reconnect_cap_ms);
+        key_join(key, sizeof(key), path, values[RECONNECT_CAP] ? "cap" : "base");
+        report(ld, at->start_mark, key, "cap (%s) is shorter than base (%s) (expected cap >= base)",
+               cap, base);
+    }
+}
+
+enum { GENERIC_TOPIC_PREFIX, GENERIC_KEYS };
+static const char *const generic_keys[GENERIC_KEYS] = {[GENERIC_TOPIC_PREFIX] = "topic_prefix"};
+
+enum {
+    UPLINK_NAME,
+    UPLINK_PROFILE,
+    UPLINK_HOST,
+    UPLINK_PORT,
+    UPLINK_CLIENT_ID,
+    UPLINK_KEEPALIVE,
+    UPLINK_CLEAN_SESSION,
+    UPLINK_TLS,
+    UPLINK_AUTH,
+    UPLINK_RECONNECT,
+    UPLINK_MAX_QUEUED,
+    UPLINK_GENERIC,
+    UPLINK_KEYS
+};
+static const char *const uplink_keys[UPLINK_KEYS] = {
+    [UPLINK_NAME] = "name",
+    [UPLINK_PROFILE] = "profile",
+    [UPLINK_HOST] = "host",
+    [UPLINK_PORT] = "port",
+    [UPLINK_CLIENT_ID] = "client_id",
+    [UPLINK_KEEPALIVE] = "keepalive",
+    [UPLINK_CLEAN_SESSION] = "clean_session",
+    [UPLINK_TLS] = "tls",
+    [UPLINK_AUTH] = "auth",
+    [UPLINK_RECONNECT] = "reconnect",
+    [UPLINK_MAX_QUEUED] = "max_queued",
+    [UPLINK_GENERIC] = "generic",
+};
+
+static const char *const known_profiles[] = {"generic"};
+
+static void parse_uplink_name(struct loader *ld, yaml_node_t *node, yaml_node_t *map,
+                              const char *path, size_t index)
+{
+    static const char expected[] = "1-64 characters from A-Z a-z 0-9 _ -, e.g. \"cloud\"";
+    struct conf_uplink *uplink = &ld->conf->uplinks[index];
+    char key[CONF_KEY_MAX];
+    char quoted[CONF_QUOTE_MAX];
+    const char *bad;
+
+    key_join(key, sizeof(key), path, "name");
+    if (!node_present(node)) {
+        report(ld, node ? node->start_mark : map->start_mark, key, "missing (required: %s)",
+               expected);
+        return;
+    }
+    if (get_text(ld, node, key, expected, CONF_UPLINK_NAME_MAX, &uplink->name) < 0 ||
+        uplink->name == NULL)
+        return;
+    bad = first_bad_char(uplink->name, "_-");
+    if (bad != NULL) {
+        char what[48];
+        describe_char(what, sizeof(what), *bad);
+        report(ld, node->start_mark, key, "%s contains %s (expected %s)",
+               quote(uplink->name, quoted, sizeof(quoted)), what, expected);
+        free(uplink->name);
+        uplink->name = NULL;
+        return;
+    }
+    for (size_t j = 0; j < index; j++) {
+        const struct conf_uplink *other = &ld->conf->uplinks[j];
+        if (other->name != NULL && strcmp(other->name, uplink->name) == 0) {
+            report(ld, node->start_mark, key,
+                   "%s is already the name of uplinks[%zu] at %s:%zu:%zu (names must be unique)",
+                   quote(uplink->name, quoted, sizeof(quoted)), j, ld->path,
+                   ld->uplink_name_marks[j].line + 1, ld->uplink_name_marks[j].column + 1);
+            break;
+        }
+    }
+    ld->uplink_name_marks[index] = node->start_mark;
+}
+
+static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
+{
+    yaml_node_t *values[UPLINK_KEYS] = {NULL};
+    yaml_mark_t marks[UPLINK_KEYS];
+    struct conf_uplink *uplink = &ld->conf->uplinks[index];
+    char path[CONF_KEY_MAX];
+    char key[CONF_KEY_MAX];
+    char quoted[CONF_QUOTE_MAX];
+    uint64_t number;
+
+    key_format(path, sizeof(path), "uplinks[%zu]", index);
+    uplink->keepalive_s = DEFAULT_KEEPALIVE_S;
+    uplink->clean_session = true;
+    uplink->tls.enabled = true;
+    uplink->tls.ca_system = true;
+    uplink->auth.type = CONF_AUTH_NONE;
+    uplink->reconnect_base_ms = DEFAULT_RECONNECT_BASE_MS;
+    uplink->reconnect_cap_ms = DEFAULT_RECONNECT_CAP_MS;
+    uplink->max_queued_messages = DEFAULT_MAX_QUEUED;
+
+    if (!walk_mapping(ld, node, path, uplink_keys, UPLINK_KEYS, values, marks))
+        return;
+
+    parse_uplink_name(ld, values[UPLINK_NAME], node, path, index);
+
+    key_join(key, sizeof(key), path, "profile");
+    if (node_present(values[UPLINK_PROFILE])) {
+        const char *text = scalar_text(ld, values[UPLINK_PROFILE], key, "a profile name");
+        size_t i;
+        for (i = 0; text != NULL && i < ARRAY_SIZE(known_profiles); i++) {
+            if (strcmp(text, known_profiles[i]) == 0)
+                break;
+        }
+        if (text != NULL && i == ARRAY_SIZE(known_profiles)) {
+            char known[128];
+            join_names(known, sizeof(known), known_profiles, ARRAY_SIZE(known_profiles));
+            report(ld, values[UPLINK_PROFILE]->start_mark, key,
+                   "%s is not a known profile (expected one of: %s)",
+                   quote(text, quoted, sizeof(quoted)), known);
+        } else if (text != NULL) {
+            set_string(ld, &uplink->profile, text);
+        }
+    } else {
+        set_string(ld, &uplink->profile, DEFAULT_PROFILE);
+    }
+
+    key_join(key, sizeof(key), path, "host");
+    if (!node_present(values[UPLINK_HOST])) {
+        report(ld, values[UPLINK_HOST] ? values[UPLINK_HOST]->start_mark : node->start_mark, key,
+               "missing (required: the broker's DNS name or IP address, e.g. "
+               "\"broker.example.com\")");
+    } else {
+        const char *text = scalar_text(ld, values[UPLINK_HOST], key, "a DNS name or IP address");
+        char why[160];
+        int rc = text ? check_host(text, why, sizeof(why), &uplink->host) : 0;
+        if (rc == -ENOMEM)
+            ld->oom = true;
+        else if (rc < 0)
+            report(ld, values[UPLINK_HOST]->start_mark, key,
+                   "%s %s (expected a DNS name, an IPv4 address or an IPv6 address)",
+                   quote(text, quoted, sizeof(quoted)), why);
+    }
+
+    /* tls before port: the default port depends on tls.enabled. */
+    if (node_present(values[UPLINK_TLS])) {
+        key_join(key, sizeof(key), path, "tls");
+        parse_tls(ld, values[UPLINK_TLS], key, &uplink->tls);
+    }
+    uplink->port = uplink->tls.enabled ? DEFAULT_PORT_TLS : DEFAULT_PORT_PLAIN;
+    if (node_present(values[UPLINK_PORT])) {
+        key_join(key, sizeof(key), path, "port");
+        if (get_uint(ld, values[UPLINK_PORT], key, "a port", 1, 65535, &number) == 0)
+            uplink->port = (uint16_t)number;
+    }
+
+    if (node_present(values[UPLINK_CLIENT_ID])) {
+        key_join(key, sizeof(key), path, "client_id");
+        get_text(ld, values[UPLINK_CLIENT_ID], key, "an MQTT client id", CONF_MQTT_STRING_MAX,
+                 &uplink->client_id);
+    }
+
+    /* MQTT 3.1.1 §3.1.2.10: keep alive is a 16-bit number of seconds, 0
+     * turns it off; libmosquitto refuses 1-4 s. */
+    if (node_present(values[UPLINK_KEEPALIVE])) {
+        key_join(key, sizeof(key), path, "keepalive");
+        if (get_duration_ms(ld, values[UPLINK_KEEPALIVE], key, 0, 65535 * 1000ULL, &number) == 0) {
+            if (number % 1000 != 0 || (number > 0 && number < 5000))
+                report(ld, values[UPLINK_KEEPALIVE]->start_mark, key,
+                       "%s is not a valid keep alive (expected 0 to turn it off, or whole "
+                       "seconds from 5s to 65535s)",
+                       quote(node_text(values[UPLINK_KEEPALIVE]), quoted, sizeof(quoted)));
+            else
+                uplink->keepalive_s = (unsigned)(number / 1000);
+        }
+    }
+
+    if (node_present(values[UPLINK_CLEAN_SESSION])) {
+        key_join(key, sizeof(key), path, "clean_session");
+        get_bool(ld, values[UPLINK_CLEAN_SESSION], key, &uplink->clean_session);
+    }
+
+    if (node_present(values[UPLINK_AUTH])) {
+        key_join(key, sizeof(key), path, "auth");
+        parse_auth(ld, values[UPLINK_AUTH], key, &uplink->auth);
+    }
+
+    if (node_present(values[UPLINK_RECONNECT])) {
+        key_join(key, sizeof(key), path, "reconnect");
+        parse_reconnect(ld, values[UPLINK_RECONNECT], key, uplink);
+    }
+
+    if (node_present(values[UPLINK_MAX_QUEUED])) {
+        key_join(key, sizeof(key), path, "max_queued");
+        if (get_uint(ld, values[UPLINK_MAX_QUEUED], key, "a message count", 1, 10000000, &number) ==
+            0)
+            uplink->max_queued_messages = (size_t)number;
+    }
+
+    if (node_present(values[UPLINK_GENERIC])) {
+        yaml_node_t *generic[GENERIC_KEYS] = {NULL};
+        yaml_mark_t generic_marks[GENERIC_KEYS];
+        char generic_path[CONF_KEY_MAX];
+
+        key_join(generic_path, sizeof(generic_path), path, "generic");
+        if (walk_mapping(ld, values[UPLINK_GENERIC], generic_path, generic_keys, GENERIC_KEYS,
+                         generic, generic_marks) &&
+            node_present(generic[GENERIC_TOPIC_PREFIX])) {
+            key_join(key, sizeof(key), generic_path, "topic_prefix");
+            get_topic_prefix(ld, generic[GENERIC_TOPIC_PREFIX], key, false,
+                             &uplink->generic.topic_prefix);
+        }
+    }
+}
+
+static void parse_uplinks(struct loader *ld, yaml_node_t *node)
+{
+    struct conf *conf = ld->conf;
+    size_t count;
+
+    if (!expect_kind(ld, node, "uplinks", YAML_SEQUENCE_NODE,
+                     "a sequence of uplinks (each item starts with \"- name: ...\")"))
+        return;
+    count = sequence_length(node);
+    if (count == 0)
+        return;
+    conf->uplinks = calloc(count, sizeof(*conf->uplinks));
+    ld->uplink_name_marks = calloc(count, sizeof(*ld->uplink_name_marks));
+    if (conf->uplinks == NULL || ld->uplink_name_marks == NULL) {
+        ld->oom = true;
+        return;
+    }
+    conf->uplink_count = count;
+    for (size_t i = 0; i < count; i++)
+        parse_uplink(ld, sequence_item(ld, node, i), i);
+}
+
+enum { ROUTE_CHILDREN, ROUTE_UPLINKS, ROUTE_KEYS };
+static const char *const route_keys[ROUTE_KEYS] = {
+    [ROUTE_CHILDREN] = "children",
+    [ROUTE_UPLINKS] = "uplinks",
+};
+
+static void parse_route_uplinks(struct loader *ld, yaml_node_t *node, const char *key,
+                                struct conf_route *route)
+{
+    struct conf *conf = ld->conf;
+    size_t count;
+
+    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE, "a sequence of uplink names, e.g. [cloud]"))
+        return;
+    count = sequence_length(node);
+    if (count == 0) {
+        report(ld, node->start_mark, key, "is empty (expected at least one uplink name)");
+        return;
+    }
+    route->uplinks = calloc(count, sizeof(*route->uplinks));
+    if (route->uplinks == NULL) {
+        ld->oom = true;
+        return;
+    }
+    for (size_t i = 0; i < count; i++) {
+        yaml_node_t *item = sequence_item(ld, node, i);
+        char item_key[CONF_KEY_MAX];
+        char quoted[CONF_QUOTE_MAX];
+        const char *name;
+        size_t found;
+
+        key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
+        name = scalar_text(ld, item, item_key, "an uplink name");
+        if (name == NULL)
+            continue;
+        for (found = 0; found < conf->uplink_count; found++) {
+            if (conf->uplinks[found].name != NULL && strcmp(conf->uplinks[found].name, name) == 0)
+                break;
+        }
+        if (found == conf->uplink_count) {
+            const char **names = calloc(conf->uplink_count + 1, sizeof(*names));
+            size_t named = 0;
+            const char *suggestion;
+            char known[512];
+
+            if (names == NULL) {
+                ld->oom = true;
+                return;
+            }
+            for (size_t j = 0; j < conf->uplink_count; j++) {
+                if (conf->uplinks[j].name != NULL)
+                    names[named++] = conf->uplinks[j].name;
+            }
+            suggestion = closest(name, names, named);
+            join_names(known, sizeof(known), names, named);
+            if (suggestion != NULL)
+                report(ld, item->start_mark, item_key,
+                       "%s is not the name of an uplink (did you mean \"%s\"?)",
+                       quote(name, quoted, sizeof(quoted)), suggestion);
+            else if (named > 0)
+                report(ld, item->start_mark, item_key,
+                       "%s is not the name of an uplink (expected one of: %s)",
+                       quote(name, quoted, sizeof(quoted)), known);
+            else
+                report(ld, item->start_mark, item_key,
+                       "%s is not the name of an uplink (no uplinks are configured)",
+                       quote(name, quoted, sizeof(quoted)));
+            free(names);
+            continue;
+        }
+        for (size_t j = 0; j < route->uplink_count; j++) {
+            if (route->uplinks[j] == found) {
+                report(ld, item->start_mark, item_key, "%s is listed twice in this route",
+                       quote(name, quoted, sizeof(quoted)));
+                found = SIZE_MAX;
+                break;
+            }
+        }
+        if (found != SIZE_MAX)
+            route->uplinks[route->uplink_count++] = found;
+    }
+}
+
+static void parse_routes(struct loader *ld, yaml_node_t *node)
+{
+    struct conf *conf = ld->conf;
+    size_t count;
+
+    if (!expect_kind(ld, node, "routes", YAML_SEQUENCE_NODE,
+                     "a sequence of routes (each item \"- children: GLOB\" with \"uplinks: "
+                     "[NAME]\")"))
+        return;
+    count = sequence_length(node);
+    if (count == 0)
+        return;
+    conf->routes = calloc(count, sizeof(*conf->routes));
+    if (conf->routes == NULL) {
+        ld->oom = true;
+        return;
+    }
+    conf->route_count = count;
+    for (size_t i = 0; i < count; i++) {
+        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *values[ROUTE_KEYS];
+        yaml_mark_t marks[ROUTE_KEYS];
+        char path[CONF_KEY_MAX];
+        char key[CONF_KEY_MAX];
+
+        key_format(path, sizeof(path), "routes[%zu]", i);
+        if (!walk_mapping(ld, item, path, route_keys, ROUTE_KEYS, values, marks))
+            continue;
+        key_join(key, sizeof(key), path, "children");
+        if (!node_present(values[ROUTE_CHILDREN]))
+            report(ld,
+                   values[ROUTE_CHILDREN] ? values[ROUTE_CHILDREN]->start_mark : item->start_mark,
+                   key, "missing (required: a glob of child ids, e.g. \"*\" or \"modbus-*\")");
+        else
+            get_text(ld, values[ROUTE_CHILDREN], key,
+                     "a glob of child ids, e.g. \"*\" or \"modbus-*\"", 1024,
+                     &conf->routes[i].children);
+        key_join(key, sizeof(key), path, "uplinks");
+        if (!node_present(values[ROUTE_UPLINKS]))
+            report(ld, values[ROUTE_UPLINKS] ? values[ROUTE_UPLINKS]->start_mark : item->start_mark,
+                   key, "missing (required: the names of the uplinks, e.g. [cloud])");
+        else
+            parse_route_uplinks(ld, values[ROUTE_UPLINKS], key, &conf->routes[i]);
+    }
+}
+
+enum {
+    ROOT_GATEWAY,
+    ROOT_LOCAL,
+    ROOT_CONTROL,
+    ROOT_LOG,
+    ROOT_SHUTDOWN_TIMEOUT,
+    ROOT_UPLINKS,
+    ROOT_ROUTES,
+    ROOT_KEYS
+};
+static const char *const root_keys[ROOT_KEYS] = {
+    [ROOT_GATEWAY] = "gateway",
+    [ROOT_LOCAL] = "local",
+    [ROOT_CONTROL] = "control",
+    [ROOT_LOG] = "log",
+    [ROOT_SHUTDOWN_TIMEOUT] = "shutdown_timeout",
+    [ROOT_UPLINKS] = "uplinks",
+    [ROOT_ROUTES] = "routes",
+};
+
+static void apply_defaults(struct loader *ld)
+{
+    struct conf *conf = ld->conf;
+
+    if (conf->state_dir == NULL)
+        set_string(ld, &conf->state_dir, DEFAULT_STATE_DIR);
+    if (conf->control_socket == NULL)
+        set_string(ld, &conf->control_socket, DEFAULT_CONTROL_SOCKET);
+    if (conf->local.topic_prefix == NULL)
+        set_string(ld, &conf->local.topic_prefix, DEFAULT_LOCAL_PREFIX);
+    if (conf->local.listen == NULL && conf->local.listen_count == 0)
+        default_listen(ld);
+    if (conf->gateway_id == NULL)
+        return; /* already reported; nothing to derive from */
+    for (size_t i = 0; i < conf->uplink_count; i++) {
+        struct conf_uplink *uplink = &conf->uplinks[i];
+        if (uplink->client_id == NULL)
+            set_string(ld, &uplink->client_id, conf->gateway_id);
+        if (uplink->generic.topic_prefix == NULL)
+            set_string(ld, &uplink->generic.topic_prefix, conf->gateway_id);
+    }
+}
+
+static void parse_root(struct loader *ld, yaml_node_t *root)
+{
+    yaml_node_t *values[ROOT_KEYS];
+    yaml_mark_t marks[ROOT_KEYS];
+    struct conf *conf = ld->conf;
+    uint64_t ms;
+
+    if (!walk_mapping(ld, root, "", root_keys, ROOT_KEYS, values, marks))
+        return;
+    parse_gateway(ld, values[ROOT_GATEWAY], root->start_mark);
+    parse_local(ld, values[ROOT_LOCAL]);
+    if (node_present(values[ROOT_CONTROL]))
+        parse_control(ld, values[ROOT_CONTROL]);
+    if (node_present(values[ROOT_LOG]))
+        parse_log(ld, values[ROOT_LOG]);
+    if (node_present(values[ROOT_SHUTDOWN_TIMEOUT]) &&
+        get_duration_ms(ld, values[ROOT_SHUTDOWN_TIMEOUT], "shutdown_timeout", 0, 3600 * 1000,
+                        &ms) == 0)
+        conf->shutdown_timeout_ms = (unsigned)ms;
+    if (node_present(values[ROOT_UPLINKS]))
+        parse_uplinks(ld, values[ROOT_UPLINKS]);
+    /* After uplinks: routes refer to uplinks by name. */
+    if (node_present(values[ROOT_ROUTES]))
+        parse_routes(ld, values[ROOT_ROUTES]);
+    apply_defaults(ld);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Entry points                                                              */
+
+/* libyaml reports reader errors (bad UTF-8, control characters) by byte
+ * offset only; turn that into line:column. */
+static yaml_mark_t mark_from_offset(const char *text, size_t len, size_t offset)
+{
+    yaml_mark_t mark = {0};
+
+    for (size_t i = 0; i < offset && i < len; i++) {
+        if (text[i] == '\n') {
+            mark.line++;
+            mark.column = 0;
+        } else {
+            mark.column++;
+        }
+    }
+    mark.index = offset;
+    return mark;
+}
+
+static void report_syntax_error(struct loader *ld, const yaml_parser_t *parser, const char *text,
+                                size_t len)
+{
+    yaml_mark_t mark = parser->problem_mark;
+    const char *problem = parser->problem ? parser->problem : "unknown error";
+
+    if (parser->error == YAML_MEMORY_ERROR) {
+        ld->oom = true;
+        return;
+    }
+    if (parser->error == YAML_READER_ERROR) {
+        mark = mark_from_offset(text, len, parser->problem_offset);
+        report(ld, mark, NULL, "YAML syntax error: %s (the file must be UTF-8 text)", problem);
+    } else if (parser->context != NULL) {
+        report(ld, mark, NULL, "YAML syntax error: %s (%s at line %zu, column %zu)", problem,
+               parser->context, parser->context_mark.line + 1, parser->context_mark.column + 1);
+    } else {
+        report(ld, mark, NULL, "YAML syntax error: %s", problem);
+    }
+}
+
+/* The directory of @path as an absolute path, for resolving relative paths
+ * in the file. NULL when it cannot be determined (then paths are used as
+ * written). */
+static char *config_dir(const char *path)
+{
+    char *absolute = realpath(path, NULL);
+    char *slash;
+
+    if (absolute == NULL)
+        return NULL;
+    slash = strrchr(absolute, '/');
+    if (slash == absolute)
+        slash[1] = '\0';
+    else if (slash != NULL)
+        *slash = '\0';
+    return absolute;
+}
+
+int conf_load(const char *path, struct conf **out, char **errors)
+{
+    struct loader ld = {.path = path};
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    yaml_document_t extra;
+    yaml_node_t *root;
+    struct conf *conf = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    int rc;
+
+    *out = NULL;
+    *errors = NULL;
+
+    rc = util_read_file(path, CONF_MAX_FILE_SIZE, &text, &len);
+    if (rc < 0) {
+        char line[PATH_MAX + 128];
+        if (rc == -ENOMEM)
+            return -ENOMEM;
+        snprintf(line, sizeof(line), "cannot read %s: %s", path,
+                 rc == -EFBIG ? "file is larger than 1 MiB" : strerror(-rc));
+        *errors = strdup(line);
+        return *errors ? rc : -ENOMEM;
+    }
+    ld.dir = config_dir(path);
+
+    conf = calloc(1, sizeof(*conf));
+    if (conf == NULL) {
+        rc = -ENOMEM;
+        goto err_after_read;
+    }
+    conf->path = strdup(path);
+    if (conf->path == NULL) {
+        rc = -ENOMEM;
+        goto err_after_conf;
+    }
+    conf->log_level = LOG_INFO;
+    conf->shutdown_timeout_ms = DEFAULT_SHUTDOWN_MS;
+    conf->local.socket_mode = DEFAULT_SOCKET_MODE;
+    conf->local.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
+    conf->local.max_clients = DEFAULT_MAX_CLIENTS;
+    ld.conf = conf;
+
+    if (!yaml_parser_initialize(&parser)) {
+        rc = -ENOMEM;
+        goto err_after_conf;
+    }
+    yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
+    if (!yaml_parser_load(&parser, &doc)) {
+        report_syntax_error(&ld, &parser, text, len);
+        goto finish_after_parser;
+    }
+    ld.doc = &doc;
+    root = yaml_document_get_root_node(&doc);
+    if (root == NULL) {
+        yaml_mark_t start = {0};
+        report(&ld, start, NULL,
+               "the file is empty (expected a mapping with at least \"gateway: { id: NAME }\")");
+        goto finish_after_doc;
+    }
+    parse_root(&ld, root);
+
+    /* A second document ("---") would be silently ignored; say so. */
+    if (!yaml_parser_load(&parser, &extra)) {
+        report_syntax_error(&ld, &parser, text, len);
+    } else {
+        yaml_node_t *extra_root = yaml_document_get_root_node(&extra);
+        if (extra_root != NULL)
+            report(&ld, extra.start_mark, NULL,
+                   "a second YAML document starts here (expected a single document; remove "
+                   "the \"---\" line and what follows, or merge it into the first)");
+        yaml_document_delete(&extra);
+    }
+
+finish_after_doc:
+    yaml_document_delete(&doc);
+finish_after_parser:
+    yaml_parser_delete(&parser);
+    ld.doc = NULL;
+    if (ld.oom) {
+        rc = -ENOMEM;
+        goto err_after_conf;
+    }
+    if (ld.error_count > 0) {
+        if (ld.error_count > CONF_MAX_ERRORS) {
+            char more[64];
+            snprintf(more, sizeof(more), "... and %u more errors",
+                     ld.error_count - CONF_MAX_ERRORS);
+            errors_append(&ld, more);
+        }
+        if (ld.oom) {
+            rc = -ENOMEM;
+            goto err_after_conf;
+        }
+        *errors = ld.errors;
+        ld.errors = NULL;
+        rc = -EINVAL;
+        goto err_after_conf;
+    }
+    free(ld.uplink_name_marks);
+    free(ld.dir);
+    free(text);
+    *out = conf;
+    return 0;
+
+err_after_conf:
+    conf_free(conf);
+err_after_read:
+    free(ld.errors);
+    free(ld.uplink_name_marks);
+    free(ld.dir);
+    free(text);
+    return rc;
+}
+
+static void free_secret(char *secret)
+{
+    if (secret != NULL) {
+        explicit_bzero(secret, strlen(secret));
+        free(secret);
+    }
+}
+
+void conf_free(struct conf *conf)
+{
+    if (conf == NULL)
+        return;
+    for (size_t i = 0; i < conf->uplink_count; i++) {
+        struct conf_uplink *uplink = &conf->uplinks[i];
+        free(uplink->name);
+        free(uplink->profile);
+        free(uplink->host);
+        free(uplink->client_id);
+        free(uplink->tls.ca_file);
+        free(uplink->tls.cert);
+        free(uplink->tls.key);
+        free(uplink->auth.username);
+        free_secret(uplink->auth.password);
+        free(uplink->generic.topic_prefix);
+    }
+    free(conf->uplinks);
+    for (size_t i = 0; i < conf->route_count; i++) {
+        free(conf->routes[i].children);
+        free(conf->routes[i].uplinks);
+    }
+    free(conf->routes);
+    for (size_t i = 0; i < conf->local.listen_count; i++)
+        listen_free(&conf->local.listen[i]);
+    free(conf->local.listen);
+    free(conf->local.socket_group);
+    free(conf->local.topic_prefix);
+    free(conf->control_socket);
+    free(conf->state_dir);
+    free(conf->gateway_id);
+    free(conf->path);
+    free(conf);
+}
+
+const struct conf_uplink *conf_uplink_find(const struct conf *conf, const char *name)
+{
+    if (conf == NULL || name == NULL)
+        return NULL;
+    for (size_t i = 0; i < conf->uplink_count; i++) {
+        if (conf->uplinks[i].name != NULL && strcmp(conf->uplinks[i].name, name) == 0)
+            return &conf->uplinks[i];
+    }
+    return NULL;
+}
+
+static bool str_equal(const char *a, const char *b)
+{
+    if (a == NULL || b == NULL)
+        return a == b;
+    return strcmp(a, b) == 0;
+}
+
+/* Only what goes into the connection: the broker address, TLS, CONNECT
+ * fields. reconnect.*, max_queued and generic.* are read by the uplink and
+ * the router while running and change without a reconnect. File paths are
+ * compared, not file contents: a renewed certificate under the same path is
+ * picked up on the next reconnect, not forced by reload. The password is
+ * compared by value, so a rotated password_file does force a reconnect. */
+bool conf_uplink_equal(const struct conf_uplink *a, const struct conf_uplink *b)
+{
+    if (a == NULL || b == NULL)
+        return a == b;
+    return str_equal(a->name, b->name) && str_equal(a->profile, b->profile) &&
+           str_equal(a->host, b->host) && a->port == b->port &&
+           str_equal(a->client_id, b->client_id) && a->keepalive_s == b->keepalive_s &&
+           a->clean_session == b->clean_session && a->tls.enabled == b->tls.enabled &&
+           a->tls.ca_system == b->tls.ca_system && str_equal(a->tls.ca_file, b->tls.ca_file) &&
+           str_equal(a->tls.cert, b->tls.cert) && str_equal(a->tls.key, b->tls.key) &&
+           a->auth.type == b->auth.type && str_equal(a->auth.username, b->auth.username) &&
+           str_equal(a->auth.password, b->auth.password);
+}
