@@ -1,1 +1,1665 @@
-/* placeholder: being written */
+/* uplink.c - one session to a cloud MQTT broker (libmosquitto driven by libuv).
+ *
+ * Shape of a session
+ * ------------------
+ * Every connection attempt gets its own struct uplink_conn with a fresh
+ * struct mosquitto. The attempt starts on the libuv threadpool
+ * (conn_work_cb): mosquitto_new(), options, TLS files, then
+ * mosquitto_connect_async(), which resolves the host (getaddrinfo may stall
+ * for many seconds), starts a non-blocking TCP connect, creates the SSL
+ * object (SNI = the host we pass, i.e. conf->host) and queues CONNECT. While
+ * that work runs the loop thread never touches conn->mosq; the state
+ * RESOLVING says so. conn_after_work_cb() then puts a uv_poll on
+ * mosquitto_socket(), a new one for every attempt because the fd changes.
+ *
+ * With an external loop libmosquitto 2.0.11 needs help in three places
+ * (lib/loop.c, lib/net_mosq.c, lib/packet_mosq.c):
+ *  - the non-blocking connect: mosquitto_connect_async() returns success while
+ *    the TCP connect is still in progress, and a refused connect later shows
+ *    up in SSL_connect() as SSL_ERROR_SYSCALL, which net__socket_connect_tls()
+ *    treats as "try again". So we poll for WRITABLE first and read SO_ERROR
+ *    ourselves (conn->tcp_pending).
+ *  - the TLS handshake: it continues only inside mosquitto_loop_read() (when
+ *    mosq->want_connect is set); mosquitto_loop_write() does nothing while the
+ *    handshake runs. mosquitto_want_write() can stay true from an earlier
+ *    SSL_ERROR_WANT_WRITE, so during the handshake we ask OpenSSL directly
+ *    (SSL_want_write() on mosquitto_ssl_get()) which direction to wait for,
+ *    and call mosquitto_loop_read() on either event. A handshake that fails
+ *    with SSL_ERROR_SYSCALL (peer closed) leaves SSL_want() == SSL_NOTHING;
+ *    we detect that, or we would spin on a readable EOF.
+ *  - writes: packets queued from inside a libmosquitto callback are not
+ *    written at once, so after every event we try mosquitto_loop_write() when
+ *    mosquitto_want_write() says so, and poll for WRITABLE only when that
+ *    write hit EAGAIN (plain TCP) or OpenSSL wants to write.
+ * A uv_timer calls mosquitto_loop_misc() once a second for keepalive pings.
+ *
+ * Message queue and reconnects
+ * ----------------------------
+ * uplink_publish() copies the message into our own FIFO. When ONLINE we hand
+ * messages to mosquitto_publish() in order, at most UPLINK_MAX_INFLIGHT
+ * unacknowledged QoS>=1 messages at a time (the same number is libmosquitto's
+ * send quota, so libmosquitto never holds back a message we count as sent).
+ * A QoS>=1 message leaves our queue only on on_publish() (PUBACK/PUBCOMP) for
+ * its mid; a QoS 0 message leaves once libmosquitto has taken it.
+ *
+ * Choice on re-sending: libmosquitto keeps its own outgoing QoS>=1 state in
+ * the mosq object across mosquitto_reconnect*() and re-sends it after CONNACK
+ * (message__retry_check() in lib/messages_mosq.c), whatever clean_session
+ * says. Because we destroy the mosq object after every connection, that state
+ * dies with it and our queue is the only copy: after a reconnect we re-publish
+ * every unacknowledged message ourselves, in the original order, with new
+ * packet ids. Nothing is sent twice by both of us, nothing is lost when
+ * libmosquitto drops its state, and a changed configuration or a rotated
+ * password simply means the next mosq object is built differently. The cost:
+ * a re-sent message does not carry DUP=1 (MQTT 3.1.1 §3.3.1.1 only asks for
+ * DUP within one session's retransmission) and QoS 2 is at-least-once across
+ * reconnects. Both are within "at least once", which is what we promise.
+ */
+#include "uplink.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <mosquitto.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+
+#include "conf.h"
+#include "log.h"
+#include "util.h"
+
+/* Unacknowledged QoS>=1 publishes per connection (and libmosquitto's send quota). */
+#define UPLINK_MAX_INFLIGHT 100
+/* mosquitto_loop_misc() period: keepalive granularity is one second anyway. */
+#define UPLINK_TICK_MS 1000
+/* TCP connect + TLS handshake + CONNACK must finish within this. */
+#define UPLINK_CONNECT_TIMEOUT_MS 30000
+/* A session that lasted this long (or saw a PUBACK) resets the backoff. */
+#define UPLINK_STABLE_MS 10000
+/* Floor for reconnect.base so a zero in the config cannot make a busy loop. */
+#define UPLINK_MIN_BACKOFF_MS     100
+#define UPLINK_DEFAULT_MAX_QUEUED 10000
+#define UPLINK_ERROR_MAX          512
+#define UPLINK_CAPTURE_MAX        1024
+
+struct uplink_msg {
+    struct uplink_msg *prev;
+    struct uplink_msg *next;
+    char *topic;
+    void *payload;
+    size_t len;
+    int qos;
+    bool retain;
+    bool inflight; /* handed to the current connection, waiting for its ack */
+    int mid;
+};
+
+struct uplink_sub {
+    struct uplink_sub *next;
+    char *filter;
+    int qos;
+    int mid; /* of the last SUBSCRIBE sent, to match the SUBACK */
+};
+
+/* One connection attempt: lives from RESOLVING until its poll handle closed. */
+struct uplink_conn {
+    struct uplink *uplink;
+    uv_work_t work;
+    uv_poll_t poll;
+    bool work_pending; /* the threadpool owns mosq until after_work */
+    bool poll_init;
+    int poll_events;
+    struct mosquitto *mosq;
+
+    /* Copies for the worker thread: the conf may be swapped meanwhile. */
+    char *host;
+    int port;
+    int keepalive;
+    char *client_id;
+    bool clean_session;
+    bool tls;
+    bool ca_system;
+    char *ca_file;
+    char *cert;
+    char *key;
+    char *username; /* NULL unless auth.type is basic */
+    char *password;
+
+    /* Results of the worker. */
+    int connect_rc;
+    int connect_errno;
+
+    /* What libmosquitto logged at error/warning level (OpenSSL errors among
+     * them); written by the worker, later by the loop thread, never both. */
+    char captured[UPLINK_CAPTURE_MAX];
+    size_t captured_len;
+
+    bool tcp_pending;          /* non-blocking connect not yet confirmed by SO_ERROR */
+    bool tls_done;             /* handshake finished (logged once) */
+    unsigned handshake_events; /* guard against a handshake that never progresses */
+    bool connack_seen;
+    int connack_rc;
+    bool online;
+    uint64_t online_since; /* uv_now() */
+    bool acked;            /* at least one PUBACK in this session */
+    int disconnect_rc;     /* from on_disconnect, -1 = none */
+
+    bool failed;
+    char error[UPLINK_ERROR_MAX];
+};
+
+struct uplink {
+    uv_loop_t *loop;
+    const struct conf_uplink *conf;
+    char *name;
+    char *gateway_id;
+    struct uplink_hooks hooks;
+    enum uplink_state state;
+    pthread_t loop_thread;
+
+    uv_timer_t tick;  /* mosquitto_loop_misc() */
+    uv_timer_t timer; /* per state: connect timeout, backoff, stop deadline */
+    bool handles_init;
+    bool handles_closing;
+    unsigned closing; /* close callbacks still to come */
+
+    struct uplink_conn *conn;
+    bool in_io;      /* inside a libmosquitto call that may run callbacks */
+    bool in_service; /* uplink_service() is running */
+    bool service_again;
+
+    bool reconnect_requested;
+    bool stop_deadline_passed;
+    void (*done_cb)(struct uplink *uplink, void *arg);
+    void *done_arg;
+
+    uint64_t backoff_ms; /* previous sleep, for decorrelated jitter */
+    uint64_t rng;
+
+    struct uplink_msg *head;
+    struct uplink_msg *tail;
+    struct uplink_msg *next_send; /* first message not yet handed to libmosquitto */
+    size_t queued;
+    size_t inflight;
+    struct uplink_sub *subs;
+
+    char last_error[UPLINK_ERROR_MAX];
+    struct uplink_stats stats;
+};
+
+static void uplink_service(struct uplink *uplink);
+
+/* --- state machine ------------------------------------------------------ */
+
+static const char *const state_names[] = {
+    [UPLINK_IDLE] = "IDLE",
+    [UPLINK_RESOLVING] = "RESOLVING",
+    [UPLINK_CONNECTING] = "CONNECTING",
+    [UPLINK_ONLINE] = "ONLINE",
+    [UPLINK_BACKOFF] = "BACKOFF",
+    [UPLINK_STOPPING] = "STOPPING",
+    [UPLINK_STOPPED] = "STOPPED",
+};
+
+/* allowed[from] is a bit set of the states reachable from it. */
+#define S(x) (1u << (x))
+static const unsigned state_allowed[] = {
+    [UPLINK_IDLE] = S(UPLINK_RESOLVING) | S(UPLINK_STOPPING),
+    [UPLINK_RESOLVING] = S(UPLINK_CONNECTING) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
+    [UPLINK_CONNECTING] = S(UPLINK_ONLINE) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
+    [UPLINK_ONLINE] = S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
+    [UPLINK_BACKOFF] = S(UPLINK_RESOLVING) | S(UPLINK_STOPPING),
+    [UPLINK_STOPPING] = S(UPLINK_STOPPED),
+    [UPLINK_STOPPED] = 0,
+};
+#undef S
+
+const char *uplink_state_name(enum uplink_state state)
+{
+    if ((unsigned)state >= ARRAY_SIZE(state_names) || !state_names[state])
+        return "UNKNOWN";
+    return state_names[state];
+}
+
+/* Move to @to, logging the reason; an illegal move is a bug and is refused. */
+static int uplink_set_state(struct uplink *uplink, enum uplink_state to, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int uplink_set_state(struct uplink *uplink, enum uplink_state to, const char *fmt, ...)
+{
+    char reason[UPLINK_ERROR_MAX];
+    enum uplink_state from = uplink->state;
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(reason, sizeof(reason), fmt, ap);
+    va_end(ap);
+
+    if ((unsigned)from >= ARRAY_SIZE(state_allowed) || !(state_allowed[from] & (1u << to))) {
+        log_err("uplink %s: BUG: illegal state transition %s -> %s (%s) refused", uplink->name,
+                uplink_state_name(from), uplink_state_name(to), reason);
+        return -EINVAL;
+    }
+    uplink->state = to;
+    log_uplink(LOG_NOTICE, uplink->name, "state %s -> %s (%s)", uplink_state_name(from),
+               uplink_state_name(to), reason);
+    if (uplink->hooks.state_cb)
+        uplink->hooks.state_cb(uplink->hooks.arg, uplink, to);
+    return 0;
+}
+
+/* --- small helpers ------------------------------------------------------ */
+
+static uint64_t uplink_random(struct uplink *uplink)
+{
+    /* xorshift64*: jitter only needs to differ between gateways, not be secret. */
+    uint64_t x = uplink->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    uplink->rng = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+static uint64_t uplink_random_between(struct uplink *uplink, uint64_t lo, uint64_t hi)
+{
+    if (hi <= lo)
+        return lo;
+    return lo + uplink_random(uplink) % (hi - lo + 1);
+}
+
+static void uplink_set_error(struct uplink *uplink, const char *text)
+{
+    snprintf(uplink->last_error, sizeof(uplink->last_error), "%s", text);
+}
+
+static bool conn_on_loop_thread(const struct uplink_conn *conn)
+{
+    return pthread_equal(pthread_self(), conn->uplink->loop_thread);
+}
+
+/* Record the first failure of a connection; uplink_service() acts on it. */
+static void conn_fail(struct uplink_conn *conn, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void conn_fail(struct uplink_conn *conn, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (conn->failed)
+        return;
+    conn->failed = true;
+    va_start(ap, fmt);
+    vsnprintf(conn->error, sizeof(conn->error), fmt, ap);
+    va_end(ap);
+}
+
+static void uplink_remove_msg(struct uplink *uplink, struct uplink_msg *msg)
+{
+    if (uplink->next_send == msg)
+        uplink->next_send = msg->next;
+    if (msg->prev)
+        msg->prev->next = msg->next;
+    else
+        uplink->head = msg->next;
+    if (msg->next)
+        msg->next->prev = msg->prev;
+    else
+        uplink->tail = msg->prev;
+    uplink->queued--;
+    free(msg->topic);
+    free(msg->payload);
+    free(msg);
+}
+
+/* --- libmosquitto callbacks (loop thread, except the log callback) ------- */
+
+static void conn_log_cb(struct mosquitto *mosq, void *obj, int level, const char *text)
+{
+    struct uplink_conn *conn = obj;
+    size_t len;
+
+    if (level & (MOSQ_LOG_ERR | MOSQ_LOG_WARNING)) {
+        /* Keep the text for the one-line explanation (OpenSSL errors arrive
+         * here as "OpenSSL Error[0]: error:...:certificate verify failed"). */
+        len = strlen(text);
+        if (conn->captured_len + len + 2 < sizeof(conn->captured)) {
+            if (conn->captured_len)
+                conn->captured[conn->captured_len++] = '\n';
+            memcpy(conn->captured + conn->captured_len, text, len + 1);
+            conn->captured_len += len;
+        }
+    }
+    /* log.c is not promised to be thread-safe: from the worker we only keep
+     * the text; the failure it explains is logged from the loop thread. */
+    if (conn_on_loop_thread(conn))
+        log_uplink(LOG_DEBUG, conn->uplink->name, "libmosquitto: %s", text);
+}
+
+static void conn_connect_cb(struct mosquitto *mosq, void *obj, int rc)
+{
+    struct uplink_conn *conn = obj;
+
+    conn->connack_seen = true;
+    conn->connack_rc = rc;
+}
+
+static void conn_disconnect_cb(struct mosquitto *mosq, void *obj, int rc)
+{
+    struct uplink_conn *conn = obj;
+
+    conn->disconnect_rc = rc;
+}
+
+static void conn_publish_cb(struct mosquitto *mosq, void *obj, int mid)
+{
+    struct uplink_conn *conn = obj;
+    struct uplink *uplink = conn->uplink;
+    struct uplink_msg *msg;
+
+    /* QoS 0 messages also end up here when written; they left the queue when
+     * libmosquitto took them, so only in-flight QoS>=1 messages match. In
+     * theory a QoS 0 mid could equal the mid of a QoS 1 message still waiting
+     * after 65535 other publishes; with a window of 100 that does not occur. */
+    for (msg = uplink->head; msg && msg != uplink->next_send; msg = msg->next) {
+        if (msg->inflight && msg->mid == mid)
+            break;
+    }
+    if (!msg || msg == uplink->next_send)
+        return;
+    uplink->inflight--;
+    uplink->stats.published++;
+    conn->acked = true;
+    uplink_remove_msg(uplink, msg);
+}
+
+static void conn_message_cb(struct mosquitto *mosq, void *obj, const struct mosquitto_message *m)
+{
+    struct uplink_conn *conn = obj;
+    struct uplink *uplink = conn->uplink;
+
+    uplink->stats.received++;
+    if (uplink->hooks.message_cb)
+        uplink->hooks.message_cb(uplink->hooks.arg, uplink, m->topic, m->payload,
+                                 (size_t)m->payloadlen, m->qos, m->retain);
+}
+
+static void conn_subscribe_cb(struct mosquitto *mosq, void *obj, int mid, int count,
+                              const int *granted)
+{
+    struct uplink_conn *conn = obj;
+    struct uplink *uplink = conn->uplink;
+    struct uplink_sub *sub;
+    char text[UPLINK_ERROR_MAX];
+
+    for (sub = uplink->subs; sub; sub = sub->next) {
+        if (sub->mid == mid)
+            break;
+    }
+    if (!sub || count < 1)
+        return;
+    /* MQTT 3.1.1 §3.9.3: return code 0x80 means the subscription failed. */
+    if (granted[0] == 0x80) {
+        snprintf(text, sizeof(text),
+                 "broker %s:%d refused the subscription to \"%s\" (SUBACK 0x80: not authorized "
+                 "or not a valid filter for this broker)",
+                 conn->host, conn->port, sub->filter);
+        log_uplink(LOG_ERR, uplink->name, "%s", text);
+        uplink_set_error(uplink, text);
+    } else {
+        log_uplink(LOG_INFO, uplink->name, "subscribed to \"%s\" (granted QoS %d)", sub->filter,
+                   granted[0]);
+    }
+}
+
+/* --- the threadpool part of a connection attempt ------------------------- */
+
+static void conn_free(struct uplink_conn *conn)
+{
+    if (!conn)
+        return;
+    free(conn->host);
+    free(conn->client_id);
+    free(conn->ca_file);
+    free(conn->cert);
+    free(conn->key);
+    free(conn->username);
+    if (conn->password) {
+        explicit_bzero(conn->password, strlen(conn->password));
+        free(conn->password);
+    }
+    free(conn);
+}
+
+static struct uplink_conn *conn_new(struct uplink *uplink)
+{
+    const struct conf_uplink *conf = uplink->conf;
+    struct uplink_conn *conn;
+
+    conn = calloc(1, sizeof(*conn));
+    if (!conn)
+        return NULL;
+    conn->uplink = uplink;
+    conn->port = conf->port;
+    conn->keepalive = (int)conf->keepalive_s;
+    conn->clean_session = conf->clean_session;
+    conn->tls = conf->tls.enabled;
+    conn->ca_system = conf->tls.ca_system || !conf->tls.ca_file;
+    conn->disconnect_rc = -1;
+    conn->host = strdup(conf->host);
+    conn->client_id = strdup(conf->client_id ? conf->client_id : uplink->gateway_id);
+    if (!conn->host || !conn->client_id)
+        goto err;
+    if (conn->tls) {
+        if (conf->tls.ca_file && !(conn->ca_file = strdup(conf->tls.ca_file)))
+            goto err;
+        if (conf->tls.cert && !(conn->cert = strdup(conf->tls.cert)))
+            goto err;
+        if (conf->tls.key && !(conn->key = strdup(conf->tls.key)))
+            goto err;
+    }
+    if (conf->auth.type == CONF_AUTH_BASIC) {
+        if (!(conn->username = strdup(conf->auth.username ? conf->auth.username : "")))
+            goto err;
+        if (conf->auth.password && !(conn->password = strdup(conf->auth.password)))
+            goto err;
+    }
+    return conn;
+
+err:
+    conn_free(conn);
+    return NULL;
+}
+
+/* Runs on the threadpool: everything that may block (file access for the TLS
+ * files, DNS, the connect() call). Touches only @conn. */
+static int conn_setup(struct uplink_conn *conn)
+{
+    struct mosquitto *mosq;
+    const char *ca_file = NULL, *ca_path = NULL;
+    int rc;
+
+    mosq = mosquitto_new(conn->client_id, conn->clean_session, conn);
+    if (!mosq) {
+        conn_fail(conn, "cannot create the MQTT client: %s", strerror(errno));
+        return -ENOMEM;
+    }
+    conn->mosq = mosq;
+    mosquitto_log_callback_set(mosq, conn_log_cb);
+    mosquitto_connect_callback_set(mosq, conn_connect_cb);
+    mosquitto_disconnect_callback_set(mosq, conn_disconnect_cb);
+    mosquitto_publish_callback_set(mosq, conn_publish_cb);
+    mosquitto_message_callback_set(mosq, conn_message_cb);
+    mosquitto_subscribe_callback_set(mosq, conn_subscribe_cb);
+    /* Our window and libmosquitto's send quota are the same number. */
+    mosquitto_int_option(mosq, MOSQ_OPT_SEND_MAXIMUM, UPLINK_MAX_INFLIGHT);
+    /* MQTT packets are small and latency matters more than segment count. */
+    mosquitto_int_option(mosq, MOSQ_OPT_TCP_NODELAY, 1);
+
+    if (conn->username) {
+        rc = mosquitto_username_pw_set(mosq, conn->username, conn->password);
+        if (rc) {
+            conn_fail(conn, "libmosquitto refused auth.username: %s", mosquitto_strerror(rc));
+            return -EINVAL;
+        }
+    }
+
+    if (conn->tls) {
+        /* mosquitto_tls_set() only says MOSQ_ERR_INVAL for an unreadable file;
+         * check first so the user learns which file and why. */
+        if (conn->ca_file && !conn->ca_system && access(conn->ca_file, R_OK) != 0) {
+            conn_fail(conn, "cannot read tls.ca=%s: %s", conn->ca_file, strerror(errno));
+            return -EINVAL;
+        }
+        if (conn->cert && access(conn->cert, R_OK) != 0) {
+            conn_fail(conn, "cannot read tls.cert=%s: %s", conn->cert, strerror(errno));
+            return -EINVAL;
+        }
+        if (conn->key && access(conn->key, R_OK) != 0) {
+            conn_fail(conn, "cannot read tls.key=%s: %s", conn->key, strerror(errno));
+            return -EINVAL;
+        }
+        if (conn->ca_system) {
+            /* 2.0.11 has MOSQ_OPT_TLS_USE_OS_CERTS (SSL_CTX_set_default_verify_paths,
+             * which also honours SSL_CERT_FILE/SSL_CERT_DIR). A client
+             * certificate can only be given through mosquitto_tls_set(), which
+             * insists on a CA file or directory: pass OpenSSL's own directory. */
+            mosquitto_int_option(mosq, MOSQ_OPT_TLS_USE_OS_CERTS, 1);
+            ca_path = X509_get_default_cert_dir();
+        } else {
+            ca_file = conn->ca_file;
+        }
+        if (ca_file || conn->cert) {
+            rc = mosquitto_tls_set(mosq, ca_file, ca_path, conn->cert, conn->key, NULL);
+            if (rc) {
+                conn_fail(conn,
+                          "libmosquitto refused the TLS files (tls.ca, tls.cert, tls.key): %s",
+                          mosquitto_strerror(rc));
+                return -EINVAL;
+            }
+        }
+        /* Verify the peer, TLS 1.2 at least (1.3 stays allowed). */
+        rc = mosquitto_tls_opts_set(mosq, SSL_VERIFY_PEER, "tlsv1.2", NULL);
+        if (!rc)
+            rc = mosquitto_tls_insecure_set(mosq, false); /* host name verification on */
+        if (rc) {
+            conn_fail(conn, "libmosquitto refused the TLS options: %s", mosquitto_strerror(rc));
+            return -EINVAL;
+        }
+    }
+
+    /* Resolves conf->host, connects non-blocking, creates the SSL object with
+     * SNI set to this same host (lib/net_mosq.c net__socket_connect_step3)
+     * and queues CONNECT. */
+    errno = 0;
+    conn->connect_rc = mosquitto_connect_async(mosq, conn->host, conn->port, conn->keepalive);
+    conn->connect_errno = errno;
+    return conn->connect_rc == MOSQ_ERR_SUCCESS ? 0 : -EIO;
+}
+
+static void conn_work_cb(uv_work_t *req)
+{
+    struct uplink_conn *conn = container_of(req, struct uplink_conn, work);
+
+    conn_setup(conn);
+}
+
+/* --- explaining failures ------------------------------------------------- */
+
+static const char *connack_text(int rc)
+{
+    /* MQTT 3.1.1 §3.2.2.3 */
+    switch (rc) {
+    case 1:
+        return "unacceptable protocol version (the broker does not speak MQTT 3.1.1)";
+    case 2:
+        return "identifier rejected (check client_id)";
+    case 3:
+        return "server unavailable (the broker is up but the MQTT service is not; try later)";
+    case 4:
+        return "bad user name or password - check auth.username/password";
+    case 5:
+        return "not authorized (the broker does not let these credentials or this client "
+               "certificate connect; check auth and tls.cert)";
+    default:
+        return "unknown return code";
+    }
+}
+
+static const char *errno_hint(int err)
+{
+    switch (err) {
+    case ECONNREFUSED:
+        return " (nothing listens there: check host and port, and that the broker runs)";
+    case ENETUNREACH:
+    case EHOSTUNREACH:
+        return " (no route: check the network connection)";
+    case ETIMEDOUT:
+        return " (no answer: a firewall may drop the packets)";
+    default:
+        return "";
+    }
+}
+
+/* The reason part of the last "OpenSSL Error[n]: error:XXXX:lib:func:reason". */
+static void captured_openssl_reason(const struct uplink_conn *conn, char *out, size_t size)
+{
+    const char *line = NULL, *p = conn->captured, *end, *colon;
+
+    out[0] = '\0';
+    while ((p = strstr(p, "OpenSSL Error[")) != NULL) {
+        line = p;
+        p++;
+    }
+    if (!line)
+        return;
+    end = strchr(line, '\n');
+    if (!end)
+        end = line + strlen(line);
+    colon = NULL;
+    for (p = line; p < end; p++) {
+        if (*p == ':')
+            colon = p;
+    }
+    if (!colon || colon + 1 >= end)
+        return;
+    snprintf(out, size, "%.*s", (int)(end - colon - 1), colon + 1);
+}
+
+/* One line for a TLS failure: what failed, with which host, and the fix. */
+static void conn_explain_tls(struct uplink_conn *conn)
+{
+    char reason[160], ca[300];
+    const char *hint = "";
+    SSL *ssl = conn->mosq ? mosquitto_ssl_get(conn->mosq) : NULL;
+    long verify = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+
+    if (conn->ca_system)
+        snprintf(ca, sizeof(ca), "the system CA store (tls.ca: system)");
+    else
+        snprintf(ca, sizeof(ca), "tls.ca=%s", conn->ca_file);
+
+    if (strstr(conn->captured, "host name verification failed")) {
+        conn_fail(conn,
+                  "TLS handshake with %s:%d failed: host name verification failed (the server "
+                  "certificate is not issued for \"%s\"; check host, or the certificate's "
+                  "subjectAltName)",
+                  conn->host, conn->port, conn->host);
+    } else if (strstr(conn->captured, "certificate verify failed") || verify != X509_V_OK) {
+        switch (verify) {
+        case X509_V_ERR_CERT_HAS_EXPIRED:
+        case X509_V_ERR_CERT_NOT_YET_VALID:
+            conn_fail(conn,
+                      "TLS handshake with %s:%d failed: certificate verify failed: %s (check the "
+                      "system clock and the server certificate's validity)",
+                      conn->host, conn->port, X509_verify_cert_error_string(verify));
+            break;
+        default:
+            conn_fail(conn,
+                      "TLS handshake with %s:%d failed: certificate verify failed%s%s (the server "
+                      "certificate is not signed by a CA in %s; check tls.ca or the host name)",
+                      conn->host, conn->port, verify != X509_V_OK ? ": " : "",
+                      verify != X509_V_OK ? X509_verify_cert_error_string(verify) : "", ca);
+            break;
+        }
+    } else if (strstr(conn->captured, "Unable to load CA certificates")) {
+        conn_fail(conn, "cannot load CA certificates from %s (not PEM certificates?)", ca);
+    } else if (strstr(conn->captured, "Unable to load client certificate")) {
+        conn_fail(conn, "cannot load the client certificate tls.cert=%s (not a PEM chain?)",
+                  conn->cert);
+    } else if (strstr(conn->captured, "Unable to load client key")) {
+        conn_fail(conn, "cannot load the private key tls.key=%s (not PEM, or encrypted?)",
+                  conn->key);
+    } else if (strstr(conn->captured, "certificate/key are inconsistent")) {
+        conn_fail(conn, "tls.cert=%s and tls.key=%s do not belong together", conn->cert, conn->key);
+    } else {
+        captured_openssl_reason(conn, reason, sizeof(reason));
+        if (strstr(reason, "wrong version number") || strstr(reason, "packet length too long"))
+            hint = " (the server does not speak TLS on this port; check port and tls.enabled)";
+        else if (strstr(reason, "unexpected eof"))
+            hint = " (the server hung up during the handshake: not a TLS port, or it requires SNI "
+                   "or a client certificate)";
+        else if (strstr(reason, "alert certificate required") ||
+                 strstr(reason, "alert bad certificate") || strstr(reason, "alert unknown ca") ||
+                 strstr(reason, "alert handshake failure"))
+            hint = " (the server rejected or requires a client certificate; check tls.cert and "
+                   "tls.key)";
+        conn_fail(conn, "TLS handshake with %s:%d failed: %s%s", conn->host, conn->port,
+                  reason[0] ? reason : "no details from OpenSSL", hint);
+    }
+}
+
+/* An established connection ended (EOF, reset, or a TLS read error without
+ * details, which libmosquitto turns into EPROTO). */
+static void conn_explain_closed(struct uplink_conn *conn, int err)
+{
+    char why[128] = "";
+
+    if (err && err != EPROTO)
+        snprintf(why, sizeof(why), " (%s)", strerror(err));
+    if (conn->online)
+        conn_fail(conn, "connection to %s:%d lost: closed by the server%s", conn->host, conn->port,
+                  why);
+    else
+        conn_fail(conn,
+                  "%s:%d closed the connection before CONNACK%s (wrong port, a TLS port without "
+                  "tls.enabled, or the broker rejected client_id, credentials or the client "
+                  "certificate: check tls.cert/tls.key)",
+                  conn->host, conn->port, why);
+}
+
+/* A libmosquitto call returned @rc or closed the socket: say why in words. */
+static void conn_explain_rc(struct uplink_conn *conn, int rc, int err)
+{
+    if (conn->failed)
+        return;
+    if (rc == MOSQ_ERR_SUCCESS && conn->disconnect_rc > 0)
+        rc = conn->disconnect_rc;
+
+    if (conn->connack_seen && conn->connack_rc != 0) {
+        conn_fail(conn, "broker %s:%d refused the connection: CONNACK %d %s", conn->host,
+                  conn->port, conn->connack_rc, connack_text(conn->connack_rc));
+    } else if (rc == MOSQ_ERR_TLS || (strstr(conn->captured, "OpenSSL Error") && !conn->online)) {
+        conn_explain_tls(conn);
+    } else if (rc == MOSQ_ERR_KEEPALIVE) {
+        if (conn->online)
+            conn_fail(conn, "connection to %s:%d lost: no answer to PINGREQ within keepalive %d s",
+                      conn->host, conn->port, conn->keepalive);
+        else
+            conn_fail(conn, "no CONNACK from %s:%d within keepalive %d s", conn->host, conn->port,
+                      conn->keepalive);
+    } else if (rc == MOSQ_ERR_CONN_LOST || rc == MOSQ_ERR_SUCCESS || rc == MOSQ_ERR_NO_CONN) {
+        conn_explain_closed(conn, 0);
+    } else if (rc == MOSQ_ERR_ERRNO) {
+        if (err == EPROTO && strstr(conn->captured, "OpenSSL Error"))
+            conn_explain_tls(conn);
+        else
+            conn_explain_closed(conn, err);
+    } else if (rc == MOSQ_ERR_PROTOCOL || rc == MOSQ_ERR_MALFORMED_PACKET) {
+        conn_fail(conn, "protocol error from %s:%d (%s); is this an MQTT 3.1.1 broker?", conn->host,
+                  conn->port, mosquitto_strerror(rc));
+    } else {
+        conn_fail(conn, "connection to %s:%d failed: %s", conn->host, conn->port,
+                  mosquitto_strerror(rc));
+    }
+}
+
+/* After any libmosquitto call on a live connection. */
+static void conn_check(struct uplink_conn *conn, int rc, int err)
+{
+    if (rc == MOSQ_ERR_SUCCESS && mosquitto_socket(conn->mosq) != -1)
+        return;
+    conn_explain_rc(conn, rc, err);
+}
+
+/* --- I/O ----------------------------------------------------------------- */
+
+static void conn_poll_cb(uv_poll_t *handle, int status, int events);
+
+static void conn_update_poll(struct uplink_conn *conn)
+{
+    SSL *ssl;
+    int events;
+
+    if (!conn->poll_init || conn->failed || mosquitto_socket(conn->mosq) == -1)
+        return;
+    ssl = mosquitto_ssl_get(conn->mosq);
+    if (conn->tcp_pending) {
+        events = UV_WRITABLE; /* connect() completion (or its error) */
+    } else if (ssl && !SSL_is_init_finished(ssl)) {
+        /* UV_DISCONNECT (EPOLLRDHUP): a peer that hangs up mid-handshake
+         * must end the attempt, not make a readable/writable storm. */
+        events = (SSL_want_write(ssl) ? UV_WRITABLE : UV_READABLE) | UV_DISCONNECT;
+    } else {
+        events = UV_READABLE;
+        /* want_write can be stale after the handshake (it is only cleared by
+         * SSL_write), so with TLS ask OpenSSL whether a write is blocked. */
+        if (mosquitto_want_write(conn->mosq) && (!ssl || SSL_want_write(ssl)))
+            events |= UV_WRITABLE;
+    }
+    if (events != conn->poll_events) {
+        int rc = uv_poll_start(&conn->poll, events, conn_poll_cb);
+        if (rc < 0) {
+            conn_fail(conn, "cannot watch the socket to %s:%d: %s", conn->host, conn->port,
+                      uv_strerror(rc));
+            return;
+        }
+        conn->poll_events = events;
+    }
+}
+
+/* Continue the TLS handshake; returns true when it is finished. */
+static bool conn_handshake(struct uplink_conn *conn, SSL *ssl, int events)
+{
+    struct uplink *uplink = conn->uplink;
+    int rc, err;
+
+    uplink->in_io = true;
+    errno = 0;
+    rc = mosquitto_loop_read(conn->mosq, 1); /* runs SSL_connect() while want_connect */
+    err = errno;
+    uplink->in_io = false;
+    if (rc != MOSQ_ERR_SUCCESS || mosquitto_socket(conn->mosq) == -1) {
+        conn_explain_tls(conn);
+        return false;
+    }
+    if (SSL_is_init_finished(ssl)) {
+        conn->tls_done = true;
+        log_uplink(LOG_INFO, uplink->name, "TLS %s with %s:%d established (%s)",
+                   SSL_get_version(ssl), conn->host, conn->port, SSL_get_cipher_name(ssl));
+        return true;
+    }
+    if (SSL_want(ssl) == SSL_NOTHING || (events & UV_DISCONNECT) ||
+        ++conn->handshake_events > 1000) {
+        /* SSL_ERROR_SYSCALL, which libmosquitto reports as success, or the
+         * peer hung up and OpenSSL has nothing more to read. */
+        if (strstr(conn->captured, "OpenSSL Error"))
+            conn_explain_tls(conn);
+        else
+            conn_fail(conn,
+                      "TLS handshake with %s:%d failed: the server closed the connection%s%s "
+                      "(some servers require SNI, a client certificate or a TLS version we do "
+                      "not offer)",
+                      conn->host, conn->port, err ? ": " : "", err ? strerror(err) : "");
+    }
+    return false;
+}
+
+/* The socket reported @err (SO_ERROR). */
+static void conn_socket_error(struct uplink_conn *conn, int err)
+{
+    SSL *ssl = mosquitto_ssl_get(conn->mosq);
+
+    if (err == ECONNRESET || err == EPIPE) {
+        /* Connected, then reset: the server hung up on what we sent. */
+        if (conn->tls && (!ssl || !SSL_is_init_finished(ssl)))
+            conn_fail(conn,
+                      "TLS handshake with %s:%d failed: the server reset the connection (not a "
+                      "TLS port, or it requires SNI or a client certificate)",
+                      conn->host, conn->port);
+        else
+            conn_explain_closed(conn, err);
+    } else if (conn->tcp_pending) {
+        conn_fail(conn, "connection to %s:%d failed: %s%s", conn->host, conn->port, strerror(err),
+                  errno_hint(err));
+    } else {
+        conn_explain_closed(conn, err);
+    }
+}
+
+static void conn_poll_cb(uv_poll_t *handle, int status, int events)
+{
+    struct uplink_conn *conn = container_of(handle, struct uplink_conn, poll);
+    struct uplink *uplink = conn->uplink;
+    SSL *ssl;
+    int rc, err = 0;
+    socklen_t len = sizeof(err);
+    struct sockaddr_storage peer;
+    socklen_t peer_len = sizeof(peer);
+
+    if (conn->failed || uplink->conn != conn)
+        goto out;
+    if (status < 0) {
+        /* libuv reports EPOLLERR as UV_EBADF and stops the handle; the
+         * socket knows the real reason (ECONNREFUSED, ECONNRESET, ...). */
+        if (getsockopt(mosquitto_socket(conn->mosq), SOL_SOCKET, SO_ERROR, &err, &len) < 0 || !err)
+            conn_fail(conn, "connection to %s:%d failed: %s", conn->host, conn->port,
+                      uv_strerror(status));
+        else
+            conn_socket_error(conn, err);
+        goto out;
+    }
+    if (conn->tcp_pending) {
+        if (getsockopt(mosquitto_socket(conn->mosq), SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+        if (err) {
+            conn_socket_error(conn, err);
+            goto out;
+        }
+        /* On loopback the RST can arrive before the worker's first
+         * SSL_connect(), whose failed write then consumes SO_ERROR (and
+         * libmosquitto ignores that SSL_ERROR_SYSCALL). getpeername() still
+         * tells a failed connect from a good one; errno from the worker is
+         * the best account of why. */
+        if (getpeername(mosquitto_socket(conn->mosq), (struct sockaddr *)&peer, &peer_len) < 0) {
+            err = conn->connect_errno ? conn->connect_errno : errno;
+            conn_socket_error(conn, err);
+            goto out;
+        }
+        conn->tcp_pending = false;
+        log_uplink(LOG_DEBUG, uplink->name, "TCP connection to %s:%d established", conn->host,
+                   conn->port);
+    }
+    ssl = mosquitto_ssl_get(conn->mosq);
+    if (ssl && !SSL_is_init_finished(ssl)) {
+        conn_handshake(conn, ssl, events);
+        goto out; /* uplink_service() writes CONNECT once the handshake is done */
+    }
+    if (events & UV_READABLE) {
+        uplink->in_io = true;
+        errno = 0;
+        rc = mosquitto_loop_read(conn->mosq, 1);
+        err = errno;
+        uplink->in_io = false;
+        conn_check(conn, rc, err);
+    }
+    /* UV_WRITABLE: uplink_service() writes whenever libmosquitto wants to. */
+out:
+    uplink_service(uplink);
+}
+
+static void conn_tick_cb(uv_timer_t *timer)
+{
+    struct uplink *uplink = container_of(timer, struct uplink, tick);
+    struct uplink_conn *conn = uplink->conn;
+    int rc, err;
+
+    if (!conn || conn->work_pending || conn->failed || !conn->mosq)
+        return;
+    uplink->in_io = true;
+    errno = 0;
+    rc = mosquitto_loop_misc(conn->mosq); /* PINGREQ, or keepalive expiry */
+    err = errno;
+    uplink->in_io = false;
+    conn_check(conn, rc, err);
+    uplink_service(uplink);
+}
+
+/* --- connection life cycle ----------------------------------------------- */
+
+static void conn_close_cb(uv_handle_t *handle)
+{
+    struct uplink_conn *conn = container_of((uv_poll_t *)handle, struct uplink_conn, poll);
+    struct uplink *uplink = conn->uplink;
+
+    conn_free(conn);
+    uplink->closing--;
+    uplink_service(uplink);
+}
+
+/* Forget the current connection. In-flight messages go back to waiting and
+ * are re-sent, in order, on the next connection (see the top comment). */
+static void uplink_drop_conn(struct uplink *uplink)
+{
+    struct uplink_conn *conn = uplink->conn;
+    struct uplink_msg *msg;
+
+    if (!conn)
+        return;
+    uplink->conn = NULL;
+    if (uplink->handles_init)
+        uv_timer_stop(&uplink->tick);
+    for (msg = uplink->head; msg; msg = msg->next)
+        msg->inflight = false;
+    uplink->next_send = uplink->head;
+    uplink->inflight = 0;
+
+    if (conn->poll_init) {
+        /* Stop watching before mosquitto_destroy() closes the fd, so the fd
+         * number is not removed from epoll after someone else reused it. */
+        uv_close((uv_handle_t *)&conn->poll, conn_close_cb);
+        uplink->closing++;
+    }
+    if (conn->mosq) {
+        mosquitto_destroy(conn->mosq);
+        conn->mosq = NULL;
+    }
+    if (!conn->poll_init)
+        conn_free(conn);
+}
+
+static void uplink_timer_cb(uv_timer_t *timer);
+static void conn_after_work_cb(uv_work_t *req, int status);
+
+/* BACKOFF/IDLE -> RESOLVING: start a connection attempt on the threadpool. */
+static void uplink_connect(struct uplink *uplink, const char *reason)
+{
+    struct uplink_conn *conn;
+    int rc;
+
+    conn = conn_new(uplink);
+    if (!conn) {
+        log_uplink(LOG_ERR, uplink->name, "out of memory starting a connection attempt");
+        uv_timer_start(&uplink->timer, uplink_timer_cb, UPLINK_CONNECT_TIMEOUT_MS, 0);
+        return;
+    }
+    if (uplink_set_state(uplink, UPLINK_RESOLVING, "%s; resolving %s", reason, conn->host) < 0) {
+        conn_free(conn);
+        return;
+    }
+    uv_timer_stop(&uplink->timer);
+    uplink->conn = conn;
+    conn->work_pending = true;
+    rc = uv_queue_work(uplink->loop, &conn->work, conn_work_cb, conn_after_work_cb);
+    if (rc < 0) {
+        conn->work_pending = false;
+        conn_fail(conn, "cannot start the connection attempt: %s", uv_strerror(rc));
+        uplink_service(uplink);
+    }
+}
+
+/* Go to BACKOFF and arm the retry. @delay_ms < 0: decorrelated jitter,
+ * sleep = min(cap, random_between(base, previous_sleep * 3)). */
+static void uplink_backoff(struct uplink *uplink, int64_t delay_ms, const char *reason)
+{
+    const struct conf_uplink *conf = uplink->conf;
+    uint64_t base = conf->reconnect_base_ms > UPLINK_MIN_BACKOFF_MS ? conf->reconnect_base_ms
+                                                                    : UPLINK_MIN_BACKOFF_MS;
+    uint64_t cap = conf->reconnect_cap_ms > base ? conf->reconnect_cap_ms : base;
+    uint64_t sleep_ms;
+
+    if (delay_ms >= 0) {
+        sleep_ms = (uint64_t)delay_ms;
+    } else {
+        if (uplink->backoff_ms < base)
+            uplink->backoff_ms = base;
+        sleep_ms = uplink_random_between(uplink, base, uplink->backoff_ms * 3);
+        if (sleep_ms > cap)
+            sleep_ms = cap;
+        uplink->backoff_ms = sleep_ms;
+    }
+    if (uplink_set_state(uplink, UPLINK_BACKOFF, "%s; next attempt in %.1f s", reason,
+                         (double)sleep_ms / 1000.0) < 0)
+        return;
+    uv_timer_start(&uplink->timer, uplink_timer_cb, sleep_ms, 0);
+}
+
+static void conn_after_work_cb(uv_work_t *req, int status)
+{
+    struct uplink_conn *conn = container_of(req, struct uplink_conn, work);
+    struct uplink *uplink = conn->uplink;
+    int rc, err;
+
+    conn->work_pending = false;
+    if (status == UV_ECANCELED) {
+        conn_fail(conn, "connection attempt cancelled");
+        uplink_service(uplink);
+        return;
+    }
+    if (uplink->state != UPLINK_RESOLVING || uplink->reconnect_requested || conn->failed) {
+        /* Stopping, reconfigured, or set-up failed: uplink_service() decides. */
+        uplink_service(uplink);
+        return;
+    }
+    if (conn->connect_rc != MOSQ_ERR_SUCCESS) {
+        err = conn->connect_errno;
+        if (conn->connect_rc == MOSQ_ERR_EAI)
+            conn_fail(conn, "cannot resolve host \"%s\": %s (check host and DNS)", conn->host,
+                      gai_strerror(err));
+        else
+            conn_explain_rc(conn, conn->connect_rc, err);
+        uplink_service(uplink);
+        return;
+    }
+
+    rc = uv_poll_init_socket(uplink->loop, &conn->poll, mosquitto_socket(conn->mosq));
+    if (rc < 0) {
+        conn_fail(conn, "cannot watch the socket to %s:%d: %s", conn->host, conn->port,
+                  uv_strerror(rc));
+        uplink_service(uplink);
+        return;
+    }
+    conn->poll_init = true;
+    conn->tcp_pending = true;
+    if (uplink_set_state(uplink, UPLINK_CONNECTING, "%s resolved, connecting to port %d%s",
+                         conn->host, conn->port, conn->tls ? " with TLS" : "") < 0)
+        return;
+    uv_timer_start(&uplink->timer, uplink_timer_cb, UPLINK_CONNECT_TIMEOUT_MS, 0);
+    uv_timer_start(&uplink->tick, conn_tick_cb, UPLINK_TICK_MS, UPLINK_TICK_MS);
+    uplink_service(uplink);
+}
+
+static void uplink_timer_cb(uv_timer_t *timer)
+{
+    struct uplink *uplink = container_of(timer, struct uplink, timer);
+    struct uplink_conn *conn = uplink->conn;
+    SSL *ssl;
+
+    switch (uplink->state) {
+    case UPLINK_BACKOFF:
+        uplink_connect(uplink, "backoff elapsed");
+        break;
+    case UPLINK_CONNECTING:
+        if (!conn)
+            break;
+        ssl = conn->mosq ? mosquitto_ssl_get(conn->mosq) : NULL;
+        if (conn->tcp_pending)
+            conn_fail(conn,
+                      "TCP connect to %s:%d timed out after %d s (wrong host, or a firewall "
+                      "drops the packets)",
+                      conn->host, conn->port, UPLINK_CONNECT_TIMEOUT_MS / 1000);
+        else if (ssl && !SSL_is_init_finished(ssl))
+            conn_fail(conn, "TLS handshake with %s:%d timed out after %d s", conn->host, conn->port,
+                      UPLINK_CONNECT_TIMEOUT_MS / 1000);
+        else
+            conn_fail(conn, "no CONNACK from %s:%d within %d s", conn->host, conn->port,
+                      UPLINK_CONNECT_TIMEOUT_MS / 1000);
+        break;
+    case UPLINK_STOPPING:
+        uplink->stop_deadline_passed = true;
+        if (uplink->queued)
+            log_uplink(LOG_WARNING, uplink->name,
+                       "stop: %zu message(s) not acknowledged by the broker within the shutdown "
+                       "timeout; they are dropped",
+                       uplink->queued);
+        break;
+    default:
+        break;
+    }
+    uplink_service(uplink);
+}
+
+/* --- sending --------------------------------------------------------------- */
+
+/* Hand waiting messages to libmosquitto, in order, within the window. */
+static void conn_flush(struct uplink_conn *conn)
+{
+    struct uplink *uplink = conn->uplink;
+    struct uplink_msg *msg;
+    int rc, mid = 0, err;
+
+    while ((msg = uplink->next_send) != NULL && uplink->inflight < UPLINK_MAX_INFLIGHT &&
+           !conn->failed) {
+        uplink->in_io = true;
+        errno = 0;
+        rc = mosquitto_publish(conn->mosq, &mid, msg->topic, (int)msg->len, msg->payload, msg->qos,
+                               msg->retain);
+        err = errno;
+        uplink->in_io = false;
+        switch (rc) {
+        case MOSQ_ERR_SUCCESS:
+            if (msg->qos == 0) {
+                uplink->stats.published++;
+                uplink_remove_msg(uplink, msg);
+            } else {
+                msg->inflight = true;
+                msg->mid = mid;
+                uplink->inflight++;
+                uplink->next_send = msg->next;
+            }
+            break;
+        case MOSQ_ERR_NOMEM:
+            return; /* try again on the next event */
+        case MOSQ_ERR_INVAL:
+        case MOSQ_ERR_PAYLOAD_SIZE:
+        case MOSQ_ERR_MALFORMED_UTF8:
+        case MOSQ_ERR_OVERSIZE_PACKET:
+        case MOSQ_ERR_QOS_NOT_SUPPORTED:
+            /* Cannot ever be sent: drop it rather than block the queue. */
+            log_uplink(LOG_ERR, uplink->name, "dropping message for \"%s\" (%zu bytes): %s",
+                       msg->topic, msg->len, mosquitto_strerror(rc));
+            uplink->stats.dropped++;
+            uplink_remove_msg(uplink, msg);
+            break;
+        default:
+            /* A write error: the message stays waiting for the next
+             * connection (for QoS>=1 libmosquitto's copy dies with the mosq). */
+            conn_check(conn, rc, err);
+            if (!conn->failed)
+                conn_fail(conn, "sending to %s:%d failed: %s", conn->host, conn->port,
+                          mosquitto_strerror(rc));
+            return;
+        }
+    }
+}
+
+static void conn_subscribe_all(struct uplink_conn *conn)
+{
+    struct uplink_sub *sub;
+    int rc;
+
+    for (sub = conn->uplink->subs; sub; sub = sub->next) {
+        rc = mosquitto_subscribe(conn->mosq, &sub->mid, sub->filter, sub->qos);
+        if (rc)
+            log_uplink(LOG_ERR, conn->uplink->name, "cannot subscribe to \"%s\": %s", sub->filter,
+                       mosquitto_strerror(rc));
+    }
+}
+
+/* Write what libmosquitto has queued, if the socket takes it. */
+static void conn_write(struct uplink_conn *conn)
+{
+    int rc, err;
+
+    if (conn->failed || conn->tcp_pending || !conn->mosq || !mosquitto_want_write(conn->mosq))
+        return;
+    conn->uplink->in_io = true;
+    errno = 0;
+    rc = mosquitto_loop_write(conn->mosq, 1);
+    err = errno;
+    conn->uplink->in_io = false;
+    conn_check(conn, rc, err);
+}
+
+/* --- the state machine's driver -------------------------------------------- */
+
+static void uplink_handle_close_cb(uv_handle_t *handle)
+{
+    struct uplink *uplink = handle->data;
+    void (*done_cb)(struct uplink *, void *);
+
+    if (--uplink->closing > 0)
+        return;
+    if (uplink_set_state(uplink, UPLINK_STOPPED, "all handles closed") < 0)
+        return;
+    done_cb = uplink->done_cb;
+    if (done_cb)
+        done_cb(uplink, uplink->done_arg); /* may free the uplink: touch nothing after */
+}
+
+/* Tear the connection down after a failure and decide what comes next. */
+static void uplink_conn_failed(struct uplink *uplink)
+{
+    struct uplink_conn *conn = uplink->conn;
+    bool stable = conn->online &&
+                  (conn->acked || uv_now(uplink->loop) - conn->online_since >= UPLINK_STABLE_MS);
+    bool was_online = conn->online;
+
+    if (uplink->state == UPLINK_STOPPING) {
+        log_uplink(LOG_NOTICE, uplink->name, "%s", conn->error);
+        uplink_drop_conn(uplink);
+        return;
+    }
+    log_uplink(LOG_ERR, uplink->name, "%s", conn->error);
+    uplink_set_error(uplink, conn->error);
+    uplink_drop_conn(uplink);
+    if (stable)
+        uplink->backoff_ms = 0; /* the session worked: start the jitter from base again */
+    uplink_backoff(uplink, -1, was_online ? "connection lost" : "connection attempt failed");
+}
+
+static bool uplink_step(struct uplink *uplink)
+{
+    struct uplink_conn *conn = uplink->conn;
+
+    if (conn && conn->work_pending)
+        return false; /* the threadpool owns conn->mosq; after_work comes back here */
+
+    if (conn && conn->failed) {
+        uplink_conn_failed(uplink);
+        return true;
+    }
+
+    switch (uplink->state) {
+    case UPLINK_RESOLVING:
+        if (conn && uplink->reconnect_requested) {
+            uplink->reconnect_requested = false;
+            uplink_drop_conn(uplink);
+            uplink_backoff(uplink, 0, "configuration changed");
+            return true;
+        }
+        break;
+    case UPLINK_CONNECTING:
+    case UPLINK_ONLINE:
+        if (!conn)
+            break;
+        if (uplink->reconnect_requested) {
+            uplink->reconnect_requested = false;
+            if (conn->online)
+                mosquitto_disconnect(conn->mosq); /* sends DISCONNECT if the socket takes it */
+            uplink_drop_conn(uplink);
+            uplink_backoff(uplink, 0, "configuration changed");
+            return true;
+        }
+        if (uplink->state == UPLINK_CONNECTING && conn->connack_seen && conn->connack_rc == 0 &&
+            !conn->online) {
+            conn->online = true;
+            conn->online_since = uv_now(uplink->loop);
+            conn->captured_len = 0;
+            conn->captured[0] = '\0';
+            uplink->stats.connects++;
+            uv_timer_stop(&uplink->timer);
+            if (uplink_set_state(uplink, UPLINK_ONLINE, "CONNACK accepted by %s:%d", conn->host,
+                                 conn->port) < 0)
+                return false;
+            conn_subscribe_all(conn);
+            return true;
+        }
+        if (uplink->state == UPLINK_ONLINE)
+            conn_flush(conn);
+        conn_write(conn);
+        if (conn->failed)
+            return true;
+        conn_update_poll(conn);
+        break;
+    case UPLINK_STOPPING:
+        if (conn) {
+            if (conn->online && uplink->queued > 0 && !uplink->stop_deadline_passed) {
+                /* The queue lives in memory only: use the grace period to
+                 * send what is queued and collect the acks. */
+                conn_flush(conn);
+                conn_write(conn);
+                if (conn->failed)
+                    return true;
+                conn_update_poll(conn);
+                break;
+            }
+            if (conn->online) {
+                /* MQTT 3.1.1 §3.14: DISCONNECT tells the broker not to send the will. */
+                mosquitto_disconnect(conn->mosq);
+            }
+            uplink_drop_conn(uplink);
+            return true;
+        }
+        if (uplink->closing == 0 && !uplink->handles_closing) {
+            uplink->handles_closing = true;
+            uv_timer_stop(&uplink->tick);
+            uv_timer_stop(&uplink->timer);
+            uplink->closing += 2;
+            uv_close((uv_handle_t *)&uplink->tick, uplink_handle_close_cb);
+            uv_close((uv_handle_t *)&uplink->timer, uplink_handle_close_cb);
+        }
+        break;
+    default:
+        break;
+    }
+    return false;
+}
+
+/* Act on whatever the last event changed. Never runs inside a libmosquitto
+ * callback (in_io) and never nests: API calls from hooks just ask again. */
+static void uplink_service(struct uplink *uplink)
+{
+    unsigned rounds = 0;
+
+    if (uplink->in_io)
+        return;
+    if (uplink->in_service) {
+        uplink->service_again = true;
+        return;
+    }
+    uplink->in_service = true;
+    do {
+        uplink->service_again = false;
+        /* Bounded: each step makes progress (a transition or a drop); the
+         * limit only guards against a bug turning into a hang. */
+        while (uplink_step(uplink) && ++rounds < 64)
+            ;
+    } while (uplink->service_again && ++rounds < 64);
+    uplink->in_service = false;
+}
+
+static int uplink_handles_init(struct uplink *uplink)
+{
+    int rc;
+
+    if (uplink->handles_init)
+        return 0;
+    rc = uv_timer_init(uplink->loop, &uplink->tick);
+    if (rc < 0)
+        return rc;
+    rc = uv_timer_init(uplink->loop, &uplink->timer);
+    if (rc < 0) {
+        /* The tick timer was never started: closing it costs one loop turn. */
+        uplink->tick.data = NULL;
+        uv_close((uv_handle_t *)&uplink->tick, NULL);
+        return rc;
+    }
+    uplink->tick.data = uplink;
+    uplink->timer.data = uplink;
+    uplink->handles_init = true;
+    return 0;
+}
+
+/* --- public API ------------------------------------------------------------ */
+
+int uplink_new(uv_loop_t *loop, const struct conf_uplink *conf, const char *gateway_id,
+               const struct uplink_hooks *hooks, struct uplink **out)
+{
+    struct uplink *uplink;
+    const char *name = conf && conf->name ? conf->name : "?";
+
+    *out = NULL;
+    if (!conf || !conf->name || !conf->host || !conf->host[0]) {
+        log_err("uplink %s: host is required", name);
+        return -EINVAL;
+    }
+    if (conf->port == 0) {
+        log_uplink(LOG_ERR, name, "port 0 is not valid");
+        return -EINVAL;
+    }
+    /* libmosquitto: keepalive is 0 (off) or 5..65535 s (lib/connect.c). */
+    if (conf->keepalive_s != 0 && (conf->keepalive_s < 5 || conf->keepalive_s > 65535)) {
+        log_uplink(LOG_ERR, name, "keepalive %u s is not valid (0, or 5 to 65535 s)",
+                   conf->keepalive_s);
+        return -EINVAL;
+    }
+    if (!conf->client_id && (!gateway_id || !gateway_id[0])) {
+        log_uplink(LOG_ERR, name, "no client_id and no gateway.id to use instead");
+        return -EINVAL;
+    }
+    if (conf->tls.enabled && (!conf->tls.cert != !conf->tls.key)) {
+        log_uplink(LOG_ERR, name, "tls.cert and tls.key must be given together");
+        return -EINVAL;
+    }
+    if (conf->tls.enabled && !conf->tls.ca_system && !conf->tls.ca_file) {
+        log_uplink(LOG_ERR, name, "tls.ca is neither \"system\" nor a file");
+        return -EINVAL;
+    }
+
+    uplink = calloc(1, sizeof(*uplink));
+    if (!uplink)
+        return -ENOMEM;
+    uplink->name = strdup(conf->name);
+    uplink->gateway_id = strdup(gateway_id ? gateway_id : "");
+    if (!uplink->name || !uplink->gateway_id) {
+        free(uplink->name);
+        free(uplink->gateway_id);
+        free(uplink);
+        return -ENOMEM;
+    }
+    uplink->loop = loop;
+    uplink->conf = conf;
+    uplink->loop_thread = pthread_self();
+    uplink->state = UPLINK_IDLE;
+    if (hooks)
+        uplink->hooks = *hooks;
+    if (getrandom(&uplink->rng, sizeof(uplink->rng), GRND_NONBLOCK) != sizeof(uplink->rng))
+        uplink->rng = uv_hrtime() ^ (uint64_t)(uintptr_t)uplink;
+    if (uplink->rng == 0)
+        uplink->rng = 0x9E3779B97F4A7C15ULL;
+    *out = uplink;
+    return 0;
+}
+
+int uplink_start(struct uplink *uplink)
+{
+    int rc;
+
+    if (uplink->state != UPLINK_IDLE)
+        return -EALREADY;
+    rc = uplink_handles_init(uplink);
+    if (rc < 0)
+        return rc;
+    uplink_connect(uplink, "start");
+    return 0;
+}
+
+int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                   int qos, bool retain)
+{
+    struct uplink_msg *msg;
+    size_t max = uplink->conf->max_queued_messages ? uplink->conf->max_queued_messages
+                                                   : UPLINK_DEFAULT_MAX_QUEUED;
+
+    if (uplink->state == UPLINK_STOPPING || uplink->state == UPLINK_STOPPED)
+        return -ESHUTDOWN;
+    if (qos < 0 || qos > 2 || !topic || strlen(topic) > 65535)
+        return -EINVAL;
+    /* MQTT 3.1.1 §4.7: no wildcards in a topic name; §1.5.3: valid UTF-8. */
+    if (mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS ||
+        mosquitto_validate_utf8(topic, (int)strlen(topic)) != MOSQ_ERR_SUCCESS)
+        return -EINVAL;
+    /* MQTT 3.1.1 §2.2.3: remaining length (topic, packet id, payload) < 256 MiB. */
+    if (len > 268435455 - 4 - strlen(topic))
+        return -EMSGSIZE;
+    if (uplink->queued >= max) {
+        uplink->stats.dropped++;
+        return -ENOBUFS;
+    }
+
+    msg = calloc(1, sizeof(*msg));
+    if (!msg)
+        return -ENOMEM;
+    msg->topic = strdup(topic);
+    msg->payload = malloc(len ? len : 1);
+    if (!msg->topic || !msg->payload) {
+        free(msg->topic);
+        free(msg->payload);
+        free(msg);
+        return -ENOMEM;
+    }
+    if (len)
+        memcpy(msg->payload, payload, len);
+    msg->len = len;
+    msg->qos = qos;
+    msg->retain = retain;
+    msg->prev = uplink->tail;
+    if (uplink->tail)
+        uplink->tail->next = msg;
+    else
+        uplink->head = msg;
+    uplink->tail = msg;
+    if (!uplink->next_send)
+        uplink->next_send = msg;
+    uplink->queued++;
+
+    if (uplink->state == UPLINK_ONLINE)
+        uplink_service(uplink);
+    return 0;
+}
+
+int uplink_subscribe(struct uplink *uplink, const char *filter, int qos)
+{
+    struct uplink_sub *sub;
+    int rc;
+
+    if (!filter || qos < 0 || qos > 2)
+        return -EINVAL;
+    /* MQTT 3.1.1 §4.7.1: '#' last and alone in its level, '+' alone in its level. */
+    if (mosquitto_sub_topic_check(filter) != MOSQ_ERR_SUCCESS ||
+        mosquitto_validate_utf8(filter, (int)strlen(filter)) != MOSQ_ERR_SUCCESS)
+        return -EINVAL;
+    for (sub = uplink->subs; sub; sub = sub->next) {
+        if (strcmp(sub->filter, filter) == 0)
+            break;
+    }
+    if (!sub) {
+        sub = calloc(1, sizeof(*sub));
+        if (!sub)
+            return -ENOMEM;
+        sub->filter = strdup(filter);
+        if (!sub->filter) {
+            free(sub);
+            return -ENOMEM;
+        }
+        sub->next = uplink->subs;
+        uplink->subs = sub;
+    }
+    sub->qos = qos;
+    if (uplink->state == UPLINK_ONLINE && uplink->conn && !uplink->conn->failed) {
+        rc = mosquitto_subscribe(uplink->conn->mosq, &sub->mid, sub->filter, sub->qos);
+        if (rc)
+            log_uplink(LOG_ERR, uplink->name, "cannot subscribe to \"%s\": %s", filter,
+                       mosquitto_strerror(rc));
+        uplink_service(uplink);
+    }
+    return 0;
+}
+
+int uplink_unsubscribe(struct uplink *uplink, const char *filter)
+{
+    struct uplink_sub **link, *sub;
+
+    for (link = &uplink->subs; (sub = *link) != NULL; link = &sub->next) {
+        if (strcmp(sub->filter, filter) == 0)
+            break;
+    }
+    if (!sub)
+        return -ENOENT;
+    *link = sub->next;
+    if (uplink->state == UPLINK_ONLINE && uplink->conn && !uplink->conn->failed) {
+        mosquitto_unsubscribe(uplink->conn->mosq, NULL, sub->filter);
+        uplink_service(uplink);
+    }
+    free(sub->filter);
+    free(sub);
+    return 0;
+}
+
+int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf)
+{
+    bool same = conf_uplink_equal(uplink->conf, conf);
+
+    uplink->conf = conf;
+    if (same)
+        return 0;
+    switch (uplink->state) {
+    case UPLINK_BACKOFF:
+        log_uplink(LOG_NOTICE, uplink->name, "configuration changed; reconnecting now");
+        uplink->backoff_ms = 0;
+        uv_timer_start(&uplink->timer, uplink_timer_cb, 0, 0);
+        break;
+    case UPLINK_RESOLVING:
+    case UPLINK_CONNECTING:
+    case UPLINK_ONLINE:
+        log_uplink(LOG_NOTICE, uplink->name,
+                   "configuration changed; reconnecting with the new settings");
+        uplink->reconnect_requested = true;
+        uplink->backoff_ms = 0;
+        uplink_service(uplink);
+        break;
+    default:
+        break; /* IDLE: used at start; STOPPING/STOPPED: irrelevant */
+    }
+    return 0;
+}
+
+void uplink_stop(struct uplink *uplink, unsigned timeout_ms,
+                 void (*done_cb)(struct uplink *uplink, void *arg), void *arg)
+{
+    struct uplink_conn *conn = uplink->conn;
+
+    if (uplink->state == UPLINK_STOPPING || uplink->state == UPLINK_STOPPED) {
+        log_uplink(LOG_WARNING, uplink->name, "uplink_stop() called twice; ignored");
+        return;
+    }
+    if (uplink_handles_init(uplink) < 0) {
+        log_err("uplink %s: cannot initialise timers to stop", uplink->name);
+        return;
+    }
+    uplink->done_cb = done_cb;
+    uplink->done_arg = arg;
+    uv_timer_stop(&uplink->timer);
+    if (uplink_set_state(uplink, UPLINK_STOPPING, "stop requested%s",
+                         uplink->state == UPLINK_ONLINE && uplink->queued
+                             ? ", sending the queue and waiting for acknowledgements"
+                             : "") < 0)
+        return;
+    if (conn && conn->work_pending)
+        uv_cancel((uv_req_t *)&conn->work); /* fails harmlessly once the work started */
+    if (uplink->queued && timeout_ms)
+        uv_timer_start(&uplink->timer, uplink_timer_cb, timeout_ms, 0);
+    else
+        uplink->stop_deadline_passed = true;
+    uplink_service(uplink);
+}
+
+void uplink_free(struct uplink *uplink)
+{
+    struct uplink_msg *msg, *next_msg;
+    struct uplink_sub *sub, *next_sub;
+
+    if (!uplink)
+        return;
+    if (uplink->handles_init && uplink->state != UPLINK_STOPPED) {
+        log_err("uplink %s: BUG: uplink_free() in state %s before uplink_stop() finished; "
+                "leaking it",
+                uplink->name, uplink_state_name(uplink->state));
+        return;
+    }
+    for (msg = uplink->head; msg; msg = next_msg) {
+        next_msg = msg->next;
+        free(msg->topic);
+        free(msg->payload);
+        free(msg);
+    }
+    for (sub = uplink->subs; sub; sub = next_sub) {
+        next_sub = sub->next;
+        free(sub->filter);
+        free(sub);
+    }
+    free(uplink->name);
+    free(uplink->gateway_id);
+    free(uplink);
+}
+
+const char *uplink_name(const struct uplink *uplink)
+{
+    return uplink->name;
+}
+
+enum uplink_state uplink_get_state(const struct uplink *uplink)
+{
+    return uplink->state;
+}
+
+const char *uplink_last_error(const struct uplink *uplink)
+{
+    return uplink->last_error;
+}
+
+void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
+{
+    *out = uplink->stats;
+    out->queued = uplink->queued;
+}
