@@ -16,6 +16,7 @@
  */
 #include "conf.h"
 
+#include "access.h"
 #include "log.h"
 #include "util.h"
 
@@ -53,6 +54,9 @@
 #define DEFAULT_SOCKET_MODE       0660
 #define DEFAULT_MAX_PACKET_SIZE   (256 * 1024)
 #define DEFAULT_MAX_CLIENTS       1024
+#define DEFAULT_LOCAL_MAX_INFLIGHT 100
+#define DEFAULT_LOCAL_MAX_QUEUED  1000
+#define DEFAULT_LOCAL_MAX_QUEUED_BYTES (64 * 1024 * 1024)
 #define DEFAULT_LOCAL_PREFIX      "dev"
 #define DEFAULT_SHUTDOWN_MS       5000
 #define DEFAULT_PROFILE           "generic"
@@ -1199,6 +1203,152 @@ static void parse_gateway(struct loader *ld, yaml_node_t *node, yaml_mark_t pare
                           PATH_MAX, &conf->state_dir);
 }
 
+/* local.acl: a sequence of rules (struct conf_acl_rule; evaluation in access.c). */
+enum { ACL_UID, ACL_GID, ACL_USER, ACL_CHILDREN, ACL_PUBLISH, ACL_SUBSCRIBE, ACL_KEYS };
+static const char *const acl_keys[ACL_KEYS] = {
+    [ACL_UID] = "uid",
+    [ACL_GID] = "gid",
+    [ACL_USER] = "user",
+    [ACL_CHILDREN] = "children",
+    [ACL_PUBLISH] = "publish",
+    [ACL_SUBSCRIBE] = "subscribe",
+};
+
+/* A sequence of strings, each checked by @check (NULL: plain text). */
+static void get_string_list(struct loader *ld, const yaml_node_t *node, const char *key,
+                            const char *expected, int (*check)(const char *, const char **),
+                            char ***out, size_t *count)
+{
+    size_t n;
+
+    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE, expected))
+        return;
+    n = sequence_length(node);
+    if (n == 0)
+        return;
+    *out = calloc(n, sizeof(**out));
+    if (*out == NULL) {
+        ld->oom = true;
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = sequence_item(ld, node, i);
+        char item_key[CONF_KEY_MAX];
+        char quoted[CONF_QUOTE_MAX];
+        const char *reason;
+        char *text = NULL;
+
+        key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
+        if (get_text(ld, item, item_key, expected, CONF_MQTT_STRING_MAX, &text) < 0 || text == NULL)
+            continue;
+        if (check != NULL && check(text, &reason) < 0) {
+            report(ld, item->start_mark, item_key, "%s: %s (expected %s)",
+                   quote(text, quoted, sizeof(quoted)), reason, expected);
+            free(text);
+            continue;
+        }
+        (*out)[(*count)++] = text;
+    }
+}
+
+static void parse_acl(struct loader *ld, yaml_node_t *node)
+{
+    static const char rule_expected[] =
+        "a sequence of rules, e.g. [{uid: 1001, publish: [\"dev/modbus-*/#\"]}]";
+    struct conf_local *local = &ld->conf->local;
+    size_t count;
+
+    if (!expect_kind(ld, node, "local.acl", YAML_SEQUENCE_NODE, rule_expected))
+        return;
+    count = sequence_length(node);
+    if (count == 0)
+        return; /* same as no acl: everything allowed (documented) */
+    local->acl = calloc(count, sizeof(*local->acl));
+    if (local->acl == NULL) {
+        ld->oom = true;
+        return;
+    }
+    local->acl_count = count;
+    for (size_t i = 0; i < count; i++) {
+        static const char pattern_expected[] =
+            "topic patterns, e.g. [\"dev/modbus-*/#\", \"dev/%c/commands/#\"]";
+        struct conf_acl_rule *rule = &local->acl[i];
+        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *values[ACL_KEYS];
+        yaml_mark_t marks[ACL_KEYS];
+        char path[CONF_KEY_MAX];
+        char key[CONF_KEY_MAX];
+        uint64_t number;
+
+        key_format(path, sizeof(path), "local.acl[%zu]", i);
+        if (!walk_mapping(ld, item, path, acl_keys, ACL_KEYS, values, marks))
+            continue;
+        key_join(key, sizeof(key), path, "uid");
+        if (node_present(values[ACL_UID]) && get_uint(ld, values[ACL_UID], key, "a numeric user id",
+                                                      0, UINT32_MAX - 1, &number) == 0) {
+            rule->has_uid = true;
+            rule->uid = (uint32_t)number;
+        }
+        key_join(key, sizeof(key), path, "gid");
+        if (node_present(values[ACL_GID]) &&
+            get_uint(ld, values[ACL_GID], key, "a numeric group id", 0, UINT32_MAX - 1, &number) ==
+                0) {
+            rule->has_gid = true;
+            rule->gid = (uint32_t)number;
+        }
+        key_join(key, sizeof(key), path, "user");
+        if (node_present(values[ACL_USER]))
+            get_text(ld, values[ACL_USER], key, "a username from local.password_file", 256,
+                     &rule->user);
+        key_join(key, sizeof(key), path, "children");
+        if (node_present(values[ACL_CHILDREN]))
+            get_string_list(ld, values[ACL_CHILDREN], key,
+                            "globs of child ids, e.g. [\"modbus-*\"]", access_child_glob_check,
+                            &rule->children, &rule->children_count);
+        key_join(key, sizeof(key), path, "publish");
+        if (node_present(values[ACL_PUBLISH]))
+            get_string_list(ld, values[ACL_PUBLISH], key, pattern_expected, access_pattern_check,
+                            &rule->publish, &rule->publish_count);
+        key_join(key, sizeof(key), path, "subscribe");
+        if (node_present(values[ACL_SUBSCRIBE]))
+            get_string_list(ld, values[ACL_SUBSCRIBE], key, pattern_expected, access_pattern_check,
+                            &rule->subscribe, &rule->subscribe_count);
+        /* "%c" with no child list would mean any child: allowed, but a
+         * children list without "%c" anywhere is certainly a mistake. */
+        if (rule->children_count > 0) {
+            bool used = false;
+            for (size_t k = 0; k < rule->publish_count; k++)
+                used = used || strstr(rule->publish[k], "%c") != NULL;
+            for (size_t k = 0; k < rule->subscribe_count; k++)
+                used = used || strstr(rule->subscribe[k], "%c") != NULL;
+            key_join(key, sizeof(key), path, "children");
+            if (!used)
+                report(ld, values[ACL_CHILDREN]->start_mark, key,
+                       "has no effect: no publish or subscribe pattern of this rule uses \"%%c\" "
+                       "(expected e.g. publish: [\"dev/%%c/#\"])");
+        }
+    }
+}
+
+/* local.password_file: read and checked now, so a plain-text password or a
+ * typo is an error of --check-config and of reload, not of the first login. */
+static void parse_password_file(struct loader *ld, yaml_node_t *node)
+{
+    static const char expected[] = "a password file written by \"uplinkctl passwd\"";
+    struct conf_local *local = &ld->conf->local;
+    char why[512];
+    int rc;
+
+    if (get_readable_file(ld, node, "local.password_file", expected, &local->password_file) < 0 ||
+        local->password_file == NULL)
+        return;
+    rc = access_passwords_load(local->password_file, &local->passwords, why, sizeof(why));
+    if (rc == -ENOMEM)
+        ld->oom = true;
+    else if (rc < 0)
+        report(ld, node->start_mark, "local.password_file", "%s: %s", local->password_file, why);
+}
+
 enum {
     LOCAL_LISTEN,
     LOCAL_SOCKET_MODE,
@@ -1206,6 +1356,11 @@ enum {
     LOCAL_MAX_PACKET_SIZE,
     LOCAL_MAX_CLIENTS,
     LOCAL_TOPIC_PREFIX,
+    LOCAL_MAX_INFLIGHT,
+    LOCAL_MAX_QUEUED,
+    LOCAL_MAX_QUEUED_BYTES,
+    LOCAL_PASSWORD_FILE,
+    LOCAL_ACL,
     LOCAL_KEYS
 };
 static const char *const local_keys[LOCAL_KEYS] = {
@@ -1215,6 +1370,11 @@ static const char *const local_keys[LOCAL_KEYS] = {
     [LOCAL_MAX_PACKET_SIZE] = "max_packet_size",
     [LOCAL_MAX_CLIENTS] = "max_clients",
     [LOCAL_TOPIC_PREFIX] = "topic_prefix",
+    [LOCAL_MAX_INFLIGHT] = "max_inflight",
+    [LOCAL_MAX_QUEUED] = "max_queued",
+    [LOCAL_MAX_QUEUED_BYTES] = "max_queued_bytes",
+    [LOCAL_PASSWORD_FILE] = "password_file",
+    [LOCAL_ACL] = "acl",
 };
 
 static void parse_local(struct loader *ld, yaml_node_t *node)
@@ -1256,6 +1416,23 @@ static void parse_local(struct loader *ld, yaml_node_t *node)
     if (node_present(values[LOCAL_TOPIC_PREFIX]))
         get_topic_prefix(ld, values[LOCAL_TOPIC_PREFIX], "local.topic_prefix", true,
                          &local->topic_prefix);
+    /* MQTT 3.1.1 packet ids are 16 bits (§2.3.1): at most 65535 in flight. */
+    if (node_present(values[LOCAL_MAX_INFLIGHT]) &&
+        get_uint(ld, values[LOCAL_MAX_INFLIGHT], "local.max_inflight", "a message count", 1, 65535,
+                 &number) == 0)
+        local->max_inflight = (unsigned)number;
+    if (node_present(values[LOCAL_MAX_QUEUED]) &&
+        get_uint(ld, values[LOCAL_MAX_QUEUED], "local.max_queued", "a message count", 1, 10000000,
+                 &number) == 0)
+        local->max_queued = (unsigned)number;
+    if (node_present(values[LOCAL_MAX_QUEUED_BYTES]) &&
+        get_size(ld, values[LOCAL_MAX_QUEUED_BYTES], "local.max_queued_bytes", 1024,
+                 (uint64_t)SIZE_MAX / 2, &number) == 0)
+        local->max_queued_bytes = (size_t)number;
+    if (node_present(values[LOCAL_PASSWORD_FILE]))
+        parse_password_file(ld, values[LOCAL_PASSWORD_FILE]);
+    if (node_present(values[LOCAL_ACL]))
+        parse_acl(ld, values[LOCAL_ACL]);
 }
 
 enum { CONTROL_SOCKET, CONTROL_KEYS };
@@ -2081,6 +2258,9 @@ int conf_load(const char *path, struct conf **out, char **errors)
     conf->local.socket_mode = DEFAULT_SOCKET_MODE;
     conf->local.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
     conf->local.max_clients = DEFAULT_MAX_CLIENTS;
+    conf->local.max_inflight = DEFAULT_LOCAL_MAX_INFLIGHT;
+    conf->local.max_queued = DEFAULT_LOCAL_MAX_QUEUED;
+    conf->local.max_queued_bytes = DEFAULT_LOCAL_MAX_QUEUED_BYTES;
     ld.conf = conf;
 
     if (!yaml_parser_initialize(&parser)) {
@@ -2163,6 +2343,13 @@ static void free_secret(char *secret)
     }
 }
 
+static void free_strings(char **strings, size_t count)
+{
+    for (size_t i = 0; i < count; i++)
+        free(strings[i]);
+    free(strings);
+}
+
 void conf_free(struct conf *conf)
 {
     if (conf == NULL)
@@ -2191,6 +2378,16 @@ void conf_free(struct conf *conf)
     free(conf->local.listen);
     free(conf->local.socket_group);
     free(conf->local.topic_prefix);
+    free(conf->local.password_file);
+    access_passwords_free(conf->local.passwords);
+    for (size_t i = 0; i < conf->local.acl_count; i++) {
+        struct conf_acl_rule *rule = &conf->local.acl[i];
+        free(rule->user);
+        free_strings(rule->children, rule->children_count);
+        free_strings(rule->publish, rule->publish_count);
+        free_strings(rule->subscribe, rule->subscribe_count);
+    }
+    free(conf->local.acl);
     free(conf->control_socket);
     free(conf->state_dir);
     free(conf->gateway_id);

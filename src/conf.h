@@ -25,6 +25,23 @@ struct conf_listen {
     char *path; /* UNIX only: socket path */
 };
 
+/* One local.acl rule (see access.h for how rules are evaluated). */
+struct conf_acl_rule {
+    bool has_uid;       /* uid: the rule selects Unix-socket peers with this uid */
+    uint32_t uid;
+    bool has_gid;       /* gid: ... whose primary or supplementary group is this gid */
+    uint32_t gid;
+    char *user;         /* user: ... clients authenticated with this username */
+    char **children;    /* children: globs of child ids that "%c" may stand for */
+    size_t children_count;
+    char **publish;     /* publish: patterns of topics the client may publish to */
+    size_t publish_count;
+    char **subscribe;   /* subscribe: patterns of filters the client may subscribe to */
+    size_t subscribe_count;
+};
+
+struct access_passwords;
+
 struct conf_local {
     struct conf_listen *listen; /* default: tcp://127.0.0.1:1883, unix:///run/uplinkd/local.sock */
     size_t listen_count;
@@ -33,6 +50,16 @@ struct conf_local {
     size_t max_packet_size;    /* local.max_packet_size, default 256 KiB */
     unsigned max_clients;      /* local.max_clients, default 1024 */
     char *topic_prefix;        /* local.topic_prefix, default "dev" */
+    unsigned max_inflight;     /* local.max_inflight: QoS>0 messages sent to one client and
+                                  not yet acknowledged, default 100 */
+    unsigned max_queued;       /* local.max_queued: QoS>0 messages queued for one client
+                                  (offline persistent session or window full), default 1000 */
+    size_t max_queued_bytes;   /* local.max_queued_bytes: payload+topic bytes queued for all
+                                  clients together, default 64 MiB */
+    char *password_file;       /* local.password_file: TCP clients must log in; NULL = no */
+    struct access_passwords *passwords; /* its parsed contents (access.h), NULL without */
+    struct conf_acl_rule *acl; /* local.acl; none = every local client may do everything */
+    size_t acl_count;
 };
 
 enum conf_auth_type {

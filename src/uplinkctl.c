@@ -15,6 +15,8 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "uplinkctl_keys.h"
+#include "uplinkctl_passwd.h"
 #include "uplinkd/ctl.h"
 
 static void usage(FILE *out)
@@ -22,7 +24,10 @@ static void usage(FILE *out)
     fprintf(out, "Usage: uplinkctl [-s SOCKET] [COMMAND]\n"
                  "Ask a running uplinkd over its control socket.\n\n"
                  "Commands:\n"
-                 "  status     state of every uplink, queue depths, counters (JSON; default)\n\n"
+                 "  status     state of every uplink, queue depths, counters (JSON; default)\n"
+                 "  jwt        sign a JWT offline and print it (uplinkctl jwt --help)\n"
+                 "  keygen     write a new key pair, print its public key and kid\n"
+                 "  passwd     add or change a user of local.password_file (passwd FILE USER)\n\n"
                  "Options:\n"
                  "  -s, --socket PATH  control socket (default " UPLINKD_CTL_DEFAULT_SOCKET ")\n"
                  "  -h, --help         this text\n"
@@ -65,7 +70,8 @@ int main(int argc, char **argv)
     const char *socket_path = UPLINKD_CTL_DEFAULT_SOCKET;
     int opt;
 
-    while ((opt = getopt_long(argc, argv, "s:hV", options, NULL)) != -1) {
+    /* "+": options after the command belong to the command. */
+    while ((opt = getopt_long(argc, argv, "+s:hV", options, NULL)) != -1) {
         switch (opt) {
         case 's':
             socket_path = optarg;
@@ -82,8 +88,15 @@ int main(int argc, char **argv)
         }
     }
     const char *command = optind < argc ? argv[optind] : "status";
+    /* Offline commands: no daemon needed. */
+    if (strcmp(command, "jwt") == 0)
+        return uplinkctl_jwt_main(argc - optind, argv + optind);
+    if (strcmp(command, "keygen") == 0)
+        return uplinkctl_keygen_main(argc - optind, argv + optind);
+    if (strcmp(command, "passwd") == 0)
+        return uplinkctl_passwd_main(argc - optind, argv + optind);
     if (strcmp(command, "status") != 0) {
-        fprintf(stderr, "uplinkctl: unknown command \"%s\" (known: status)\n", command);
+        fprintf(stderr, "uplinkctl: unknown command \"%s\" (known: status, jwt, keygen, passwd)\n", command);
         return 2;
     }
 

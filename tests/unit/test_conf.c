@@ -22,6 +22,7 @@
 
 #include <cmocka.h>
 
+#include "access.h"
 #include "conf.h"
 #include "util.h"
 
@@ -88,6 +89,9 @@ static void test_full(void **state)
     assert_string_equal(local->socket_group, "uplinkd");
     assert_int_equal(local->max_packet_size, 64 * 1024);
     assert_int_equal(local->max_clients, 32);
+    assert_int_equal(local->max_inflight, 20);
+    assert_int_equal(local->max_queued, 500);
+    assert_int_equal(local->max_queued_bytes, 8 * 1024 * 1024);
     assert_string_equal(local->topic_prefix, "devices");
 
     assert_string_equal(conf->control_socket, "/run/uplinkd-test/control.sock");
@@ -163,6 +167,9 @@ static void test_minimal_defaults(void **state)
     assert_null(conf->local.socket_group);
     assert_int_equal(conf->local.max_packet_size, 256 * 1024);
     assert_int_equal(conf->local.max_clients, 1024);
+    assert_int_equal(conf->local.max_inflight, 100);
+    assert_int_equal(conf->local.max_queued, 1000);
+    assert_int_equal(conf->local.max_queued_bytes, 64 * 1024 * 1024);
     assert_string_equal(conf->local.topic_prefix, "dev");
     assert_string_equal(conf->control_socket, "/run/uplinkd/control.sock");
     assert_int_equal(conf->log_level, LOG_INFO);
@@ -405,6 +412,25 @@ static const struct bad_case bad_cases[] = {
       "bad-hosts.yaml:12:21: uplinks[8].host: \"[192.0.2.1]\" is not a valid IPv6 address",
       "bad-hosts.yaml:13:21: uplinks[9].host: \"br\xc3\xb6ker.example.com\" contains a non-ASCII "
       "character at position 3 (write an internationalized name in its ASCII xn-- form)"}},
+    {"bad-acl-pattern.yaml",
+     {"bad-acl-pattern.yaml:6:26: local.acl[0].publish[1]: \"dev/x%c/#\": \"%c\" and \"%u\" must "
+      "be a whole topic level"}},
+    {"bad-acl-children.yaml",
+     {"bad-acl-children.yaml:6:17: local.acl[0].children: has no effect: no publish or subscribe "
+      "pattern of this rule uses \"%c\""}},
+    {"bad-acl-uid.yaml",
+     {"bad-acl-uid.yaml:5:12: local.acl[0].uid: \"modbus\" is not a numeric user id",
+      "bad-acl-uid.yaml:8:7: local.acl[1].sbuscribe: unknown key (did you mean \"subscribe\"?)"}},
+    {"bad-acl-child-glob.yaml",
+     {"bad-acl-child-glob.yaml:6:18: local.acl[0].children[0]: \"modbus/*\": a child id glob "
+      "cannot contain '/', '+' or '#'"}},
+    {"bad-password-plain.yaml",
+     {"bad-password-plain.yaml:4:18: local.password_file: ",
+      "/conf/local-passwd-plain.txt: line 2: user \"alice\": the password is in plain text, which "
+      "uplinkd refuses (store a salted hash: run \"uplinkctl passwd FILE USER\" to set it)"}},
+    {"bad-local-password-missing.yaml",
+     {"bad-local-password-missing.yaml:4:18: local.password_file: cannot read \"",
+      "/conf/no-such-passwd.txt\": No such file or directory"}},
     {"bad-many.yaml",
      {"bad-many.yaml:5:10: log.level: \"loud\"", "bad-many.yaml:10:11: uplinks[0].port: \"0\"",
       "bad-many.yaml:13:17: uplinks[1].max_queued: \"lots\" is not a message count"}},
@@ -463,6 +489,49 @@ static void test_bad_files(void **state)
         assert_lines_well_formed(path, errors);
         free(errors);
     }
+}
+
+/* local.password_file and local.acl (evaluation itself: test_access.c). */
+static void test_local_access(void **state)
+{
+    struct conf *conf = load_ok("good-acl.yaml");
+    const struct conf_local *local = &conf->local;
+    const struct conf_acl_rule *rule;
+
+    assert_non_null(strstr(local->password_file, "/conf/local-passwd-good.txt"));
+    assert_non_null(local->passwords);
+    assert_non_null(access_passwords_find(local->passwords, "alice", 5));
+    assert_non_null(access_passwords_find(local->passwords, "bob", 3));
+    assert_int_equal(local->acl_count, 4);
+    rule = &local->acl[0];
+    assert_true(rule->has_uid);
+    assert_int_equal(rule->uid, 1001);
+    assert_false(rule->has_gid);
+    assert_null(rule->user);
+    assert_int_equal(rule->children_count, 1);
+    assert_string_equal(rule->children[0], "modbus-*");
+    assert_int_equal(rule->publish_count, 1);
+    assert_string_equal(rule->publish[0], "dev/%c/#");
+    assert_int_equal(rule->subscribe_count, 2);
+    assert_string_equal(rule->subscribe[1], "dev/%c/config");
+    rule = &local->acl[1];
+    assert_true(rule->has_gid);
+    assert_int_equal(rule->gid, 27);
+    assert_int_equal(rule->subscribe_count, 0);
+    rule = &local->acl[2];
+    assert_string_equal(rule->user, "alice");
+    assert_int_equal(rule->subscribe_count, 0);
+    rule = &local->acl[3];
+    assert_false(rule->has_uid || rule->has_gid || rule->user);
+    assert_string_equal(rule->publish[0], "#");
+    conf_free(conf);
+
+    /* Without the keys: no passwords, no rules (everything allowed). */
+    conf = load_ok("good-minimal.yaml");
+    assert_null(conf->local.password_file);
+    assert_null(conf->local.passwords);
+    assert_int_equal(conf->local.acl_count, 0);
+    conf_free(conf);
 }
 
 /* All mistakes in a file are reported in one run, not only the first. */
@@ -793,6 +862,7 @@ int main(void)
         cmocka_unit_test(test_reference_config),
         cmocka_unit_test(test_bad_files),
         cmocka_unit_test(test_collects_all_errors),
+        cmocka_unit_test(test_local_access),
         cmocka_unit_test(test_unreadable),
         cmocka_unit_test(test_too_large),
         cmocka_unit_test(test_password_file_crlf),

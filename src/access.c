@@ -1,0 +1,699 @@
+/* access.c - peer identity, the password file and local.acl (see access.h). */
+#include "access.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "conf.h"
+#include "topic.h"
+#include "util.h"
+
+#define PASSWD_FILE_MAX (1024 * 1024)
+#define NEW_SALT_LEN    16
+
+/* --- identity ----------------------------------------------------------------- */
+
+int access_peer_identity(int fd, struct access_identity *id)
+{
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    gid_t groups[ACCESS_GROUPS_MAX];
+
+    id->has_cred = false;
+    id->group_count = 0;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+        return -errno;
+    id->has_cred = true;
+    id->uid = cred.uid;
+    id->gid = cred.gid;
+    id->pid = cred.pid;
+#ifdef SO_PEERGROUPS
+    /* Supplementary groups as of connect(2). Without them a gid rule sees
+     * only the primary group; a peer with more than ACCESS_GROUPS_MAX groups
+     * (ERANGE) is treated the same way rather than guessed at. */
+    len = sizeof(groups);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) == 0) {
+        id->group_count = len / sizeof(gid_t);
+        memcpy(id->groups, groups, id->group_count * sizeof(gid_t));
+    }
+#else
+    (void)groups;
+#endif
+    return 0;
+}
+
+void access_identity_describe(const struct access_identity *id, char *buf, size_t size)
+{
+    if (id->has_cred && id->username)
+        snprintf(buf, size, "uid %lu gid %lu pid %ld user %s", (unsigned long)id->uid,
+                 (unsigned long)id->gid, (long)id->pid, id->username);
+    else if (id->has_cred)
+        snprintf(buf, size, "uid %lu gid %lu pid %ld", (unsigned long)id->uid,
+                 (unsigned long)id->gid, (long)id->pid);
+    else if (id->username)
+        snprintf(buf, size, "user %s", id->username);
+    else
+        snprintf(buf, size, "anonymous");
+}
+
+/* --- passwords ------------------------------------------------------------------- */
+
+/* Standard base64 (RFC 4648 §4) with padding into @out (at most @max bytes).
+ * EVP_DecodeBlock counts the padding as zero bytes, hence the correction. */
+static int b64_decode(const char *text, size_t len, uint8_t *out, size_t max, size_t *out_len)
+{
+    uint8_t
+        buf[((ACCESS_SALT_MAX > ACCESS_HASH_MAX ? ACCESS_SALT_MAX : ACCESS_HASH_MAX) + 3) / 3 * 3];
+    size_t pad = 0;
+    int n;
+
+    if (len == 0 || len % 4 != 0 || len / 4 * 3 > sizeof(buf))
+        return -EINVAL;
+    for (size_t i = 0; i < len; i++) {
+        char c = text[i];
+        bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                  c == '+' || c == '/';
+        if (c == '=' && i >= len - 2) {
+            pad++;
+            continue;
+        }
+        if (!ok || pad)
+            return -EINVAL;
+    }
+    n = EVP_DecodeBlock(buf, (const unsigned char *)text, (int)len);
+    if (n < 0 || (size_t)n < pad || (size_t)n - pad > max)
+        return -EINVAL;
+    *out_len = (size_t)n - pad;
+    memcpy(out, buf, *out_len);
+    OPENSSL_cleanse(buf, sizeof(buf));
+    return 0;
+}
+
+static int check_user(const char *user, size_t len, char *why, size_t why_size)
+{
+    if (len == 0) {
+        snprintf(why, why_size, "empty user name");
+        return -EINVAL;
+    }
+    if (len > ACCESS_USER_MAX) {
+        snprintf(why, why_size, "user name longer than %d bytes", ACCESS_USER_MAX);
+        return -EINVAL;
+    }
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)user[i];
+        if (c == ':' || c < 0x20 || c == 0x7f) {
+            snprintf(why, why_size,
+                     "user name contains %s (not allowed: ':' and control characters)",
+                     c == ':' ? "':'" : "a control character");
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+/* Parse "$pbkdf2-sha512$ITER$SALT$HASH" (@len bytes) into @e. */
+static int parse_hash_field(const char *field, size_t len, struct access_passwd_entry *e, char *why,
+                            size_t why_size)
+{
+    size_t scheme_len = strlen(ACCESS_PBKDF2_SCHEME);
+    const char *p, *end = field + len, *dollar;
+    unsigned long long iterations = 0;
+
+    if (len == 0 || field[0] != '$') {
+        snprintf(why, why_size,
+                 "the password is in plain text, which uplinkd refuses (store a salted hash: "
+                 "run \"uplinkctl passwd FILE USER\" to set it)");
+        return -EINVAL;
+    }
+    if (len < scheme_len || memcmp(field, ACCESS_PBKDF2_SCHEME, scheme_len) != 0) {
+        dollar = memchr(field + 1, '$', len - 1);
+        snprintf(why, why_size,
+                 "unsupported hash scheme \"%.*s\" (expected " ACCESS_PBKDF2_SCHEME
+                 "; mosquitto_passwd and crypt(3) hashes are not accepted: set the password "
+                 "again with \"uplinkctl passwd FILE USER\")",
+                 (int)(dollar ? (size_t)(dollar - field) + 1 : (len < 20 ? len : 20)), field);
+        return -EINVAL;
+    }
+    p = field + scheme_len;
+    if (p == end || *p < '0' || *p > '9')
+        goto bad_iterations;
+    for (; p < end && *p >= '0' && *p <= '9'; p++) {
+        iterations = iterations * 10 + (unsigned)(*p - '0');
+        if (iterations > ACCESS_PBKDF2_MAX_ITERATIONS)
+            goto bad_iterations;
+    }
+    if (p == end || *p != '$')
+        goto bad_iterations;
+    if (iterations < ACCESS_PBKDF2_MIN_ITERATIONS) {
+        snprintf(why, why_size,
+                 "%llu PBKDF2 iterations are too few (at least %u; set the password again with "
+                 "\"uplinkctl passwd FILE USER\")",
+                 iterations, ACCESS_PBKDF2_MIN_ITERATIONS);
+        return -EINVAL;
+    }
+    e->iterations = (unsigned)iterations;
+    p++;
+    dollar = memchr(p, '$', (size_t)(end - p));
+    if (!dollar ||
+        b64_decode(p, (size_t)(dollar - p), e->salt, ACCESS_SALT_MAX, &e->salt_len) < 0 ||
+        e->salt_len < ACCESS_SALT_MIN) {
+        snprintf(why, why_size, "the salt is not base64 of %d to %d bytes", ACCESS_SALT_MIN,
+                 ACCESS_SALT_MAX);
+        return -EINVAL;
+    }
+    p = dollar + 1;
+    if (b64_decode(p, (size_t)(end - p), e->hash, ACCESS_HASH_MAX, &e->hash_len) < 0 ||
+        e->hash_len < ACCESS_HASH_MIN) {
+        snprintf(why, why_size, "the hash is not base64 of %d to %d bytes", ACCESS_HASH_MIN,
+                 ACCESS_HASH_MAX);
+        return -EINVAL;
+    }
+    return 0;
+
+bad_iterations:
+    snprintf(why, why_size, "the iteration count is not a number from %u to %u",
+             ACCESS_PBKDF2_MIN_ITERATIONS, ACCESS_PBKDF2_MAX_ITERATIONS);
+    return -EINVAL;
+}
+
+int access_passwords_parse(const char *text, size_t len, struct access_passwords **out, char *why,
+                           size_t why_size)
+{
+    struct access_passwords *pw;
+    const char *line = text, *end = text + len;
+    size_t cap = 0;
+    unsigned lineno = 0;
+    char detail[256];
+    int rc;
+
+    *out = NULL;
+    pw = calloc(1, sizeof(*pw));
+    if (!pw)
+        return -ENOMEM;
+    while (line < end) {
+        const char *nl = memchr(line, '\n', (size_t)(end - line));
+        const char *stop = nl ? nl : end;
+        const char *colon;
+        struct access_passwd_entry *e;
+
+        lineno++;
+        if (stop > line && stop[-1] == '\r')
+            stop--; /* a file edited on Windows */
+        if (stop == line || line[0] == '#')
+            goto next_line;
+        colon = memchr(line, ':', (size_t)(stop - line));
+        if (!colon) {
+            snprintf(why, why_size, "line %u: expected USER:" ACCESS_PBKDF2_SCHEME "...", lineno);
+            rc = -EINVAL;
+            goto err_after_alloc;
+        }
+        if (check_user(line, (size_t)(colon - line), detail, sizeof(detail)) < 0) {
+            snprintf(why, why_size, "line %u: %s", lineno, detail);
+            rc = -EINVAL;
+            goto err_after_alloc;
+        }
+        if (access_passwords_find(pw, line, (size_t)(colon - line))) {
+            snprintf(why, why_size, "line %u: user \"%.*s\" is listed twice (keep one line)",
+                     lineno, (int)(colon - line), line);
+            rc = -EINVAL;
+            goto err_after_alloc;
+        }
+        if (pw->count == cap) {
+            size_t grown_cap = cap ? cap * 2 : 8;
+            void *grown = realloc(pw->entries, grown_cap * sizeof(*pw->entries));
+            if (!grown) {
+                rc = -ENOMEM;
+                goto err_after_alloc;
+            }
+            pw->entries = grown;
+            cap = grown_cap;
+        }
+        e = &pw->entries[pw->count];
+        memset(e, 0, sizeof(*e));
+        if (parse_hash_field(colon + 1, (size_t)(stop - colon - 1), e, detail, sizeof(detail)) <
+            0) {
+            snprintf(why, why_size, "line %u: user \"%.*s\": %s", lineno, (int)(colon - line), line,
+                     detail);
+            OPENSSL_cleanse(e, sizeof(*e));
+            rc = -EINVAL;
+            goto err_after_alloc;
+        }
+        e->user = strndup(line, (size_t)(colon - line));
+        if (!e->user) {
+            rc = -ENOMEM;
+            goto err_after_alloc;
+        }
+        pw->count++;
+    next_line:
+        line = nl ? nl + 1 : end;
+    }
+    *out = pw;
+    return 0;
+
+err_after_alloc:
+    access_passwords_free(pw);
+    return rc;
+}
+
+int access_passwords_load(const char *path, struct access_passwords **out, char *why,
+                          size_t why_size)
+{
+    char *text = NULL;
+    size_t len = 0;
+    int rc = util_read_file(path, PASSWD_FILE_MAX, &text, &len);
+
+    *out = NULL;
+    if (rc < 0) {
+        snprintf(why, why_size, "cannot read %s: %s", path,
+                 rc == -EFBIG ? "file is larger than 1 MiB" : strerror(-rc));
+        return rc;
+    }
+    rc = access_passwords_parse(text, len, out, why, why_size);
+    OPENSSL_cleanse(text, len);
+    free(text);
+    return rc;
+}
+
+void access_passwords_free(struct access_passwords *passwords)
+{
+    if (!passwords)
+        return;
+    for (size_t i = 0; i < passwords->count; i++)
+        free(passwords->entries[i].user);
+    if (passwords->entries)
+        OPENSSL_cleanse(passwords->entries, passwords->count * sizeof(*passwords->entries));
+    free(passwords->entries);
+    free(passwords);
+}
+
+const struct access_passwd_entry *access_passwords_find(const struct access_passwords *passwords,
+                                                        const char *user, size_t len)
+{
+    if (!passwords)
+        return NULL;
+    for (size_t i = 0; i < passwords->count; i++) {
+        const struct access_passwd_entry *e = &passwords->entries[i];
+        if (strlen(e->user) == len && memcmp(e->user, user, len) == 0)
+            return e;
+    }
+    return NULL;
+}
+
+bool access_passwd_verify(const struct access_passwd_entry *entry, const void *password, size_t len)
+{
+    /* Unknown users cost as much as known ones (default iteration count). */
+    static const struct access_passwd_entry dummy = {
+        .iterations = ACCESS_PBKDF2_DEFAULT_ITERATIONS,
+        .salt = "uplinkd-dummy-salt",
+        .salt_len = NEW_SALT_LEN,
+        .hash_len = ACCESS_HASH_MAX,
+    };
+    const struct access_passwd_entry *e = entry ? entry : &dummy;
+    uint8_t computed[ACCESS_HASH_MAX];
+    bool ok;
+
+    if (len > INT_MAX)
+        return false;
+    if (PKCS5_PBKDF2_HMAC(password, (int)len, e->salt, (int)e->salt_len, (int)e->iterations,
+                          EVP_sha512(), (int)e->hash_len, computed) != 1)
+        return false;
+    ok = CRYPTO_memcmp(computed, e->hash, e->hash_len) == 0 && entry != NULL;
+    OPENSSL_cleanse(computed, sizeof(computed));
+    return ok;
+}
+
+int access_passwd_line(const char *user, const void *password, size_t len, unsigned iterations,
+                       char **out, char *why, size_t why_size)
+{
+    uint8_t salt[NEW_SALT_LEN], hash[ACCESS_HASH_MAX];
+    char salt_b64[4 * ((NEW_SALT_LEN + 2) / 3) + 1], hash_b64[4 * ((ACCESS_HASH_MAX + 2) / 3) + 1];
+    size_t size;
+    int rc;
+
+    *out = NULL;
+    if (iterations == 0)
+        iterations = ACCESS_PBKDF2_DEFAULT_ITERATIONS;
+    rc = check_user(user, strlen(user), why, why_size);
+    if (rc < 0)
+        return rc;
+    if (iterations < ACCESS_PBKDF2_MIN_ITERATIONS || iterations > ACCESS_PBKDF2_MAX_ITERATIONS ||
+        len > INT_MAX) {
+        snprintf(why, why_size, "iterations must be from %u to %u", ACCESS_PBKDF2_MIN_ITERATIONS,
+                 ACCESS_PBKDF2_MAX_ITERATIONS);
+        return -EINVAL;
+    }
+    if (RAND_bytes(salt, sizeof(salt)) != 1) {
+        snprintf(why, why_size, "no random bytes for the salt (OpenSSL RAND_bytes failed)");
+        return -EIO;
+    }
+    if (PKCS5_PBKDF2_HMAC(password, (int)len, salt, sizeof(salt), (int)iterations, EVP_sha512(),
+                          sizeof(hash), hash) != 1) {
+        snprintf(why, why_size, "PBKDF2 failed (OpenSSL)");
+        return -EIO;
+    }
+    EVP_EncodeBlock((unsigned char *)salt_b64, salt, sizeof(salt));
+    EVP_EncodeBlock((unsigned char *)hash_b64, hash, sizeof(hash));
+    OPENSSL_cleanse(hash, sizeof(hash));
+    size =
+        strlen(user) + strlen(ACCESS_PBKDF2_SCHEME) + 16 + strlen(salt_b64) + strlen(hash_b64) + 4;
+    *out = malloc(size);
+    if (!*out)
+        return -ENOMEM;
+    snprintf(*out, size, "%s:" ACCESS_PBKDF2_SCHEME "%u$%s$%s", user, iterations, salt_b64,
+             hash_b64);
+    return 0;
+}
+
+/* The directory of @path ("." when it has none), malloc'd. */
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+
+    if (!slash)
+        return strdup(".");
+    if (slash == path)
+        return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+static int write_all(int fd, const char *data, size_t len)
+{
+    while (len) {
+        ssize_t n = write(fd, data, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int access_passwd_file_set(const char *path, const char *line, char *why, size_t why_size)
+{
+    const char *colon = strchr(line, ':');
+    size_t user_len = colon ? (size_t)(colon - line) : 0;
+    char *old = NULL, *dir = NULL, *tmp = NULL;
+    size_t old_len = 0, tmp_size;
+    bool replaced = false;
+    int fd = -1, dir_fd, rc;
+
+    if (!colon) {
+        snprintf(why, why_size, "not a password file line");
+        return -EINVAL;
+    }
+    rc = util_read_file(path, PASSWD_FILE_MAX, &old, &old_len);
+    if (rc == -ENOENT) {
+        old = NULL;
+        old_len = 0;
+    } else if (rc < 0) {
+        snprintf(why, why_size, "cannot read %s: %s", path, strerror(-rc));
+        return rc;
+    }
+    dir = dir_of(path);
+    tmp_size = strlen(path) + 16;
+    tmp = malloc(tmp_size);
+    if (!dir || !tmp) {
+        rc = -ENOMEM;
+        snprintf(why, why_size, "out of memory");
+        goto out;
+    }
+    snprintf(tmp, tmp_size, "%s.XXXXXX", path);
+    fd = mkostemp(tmp, O_CLOEXEC); /* mode 0600 already (mkstemp(3)) */
+    if (fd < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "cannot create a temporary file next to %s: %s", path,
+                 strerror(-rc));
+        goto out;
+    }
+    if (fchmod(fd, 0600) < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "chmod 0600 %s: %s", tmp, strerror(-rc));
+        goto err_after_tmp;
+    }
+    /* Copy every line, replacing the user's own (the first of them). */
+    for (const char *p = old, *end = old + old_len; p && p < end;) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p);
+
+        if (n > user_len && p[user_len] == ':' && memcmp(p, line, user_len) == 0 && !replaced &&
+            p[0] != '#') {
+            rc = write_all(fd, line, strlen(line));
+            replaced = true;
+        } else {
+            rc = write_all(fd, p, n);
+        }
+        if (rc == 0)
+            rc = write_all(fd, "\n", 1);
+        if (rc < 0)
+            goto err_write;
+        p = nl ? nl + 1 : end;
+    }
+    if (!replaced) {
+        rc = write_all(fd, line, strlen(line));
+        if (rc == 0)
+            rc = write_all(fd, "\n", 1);
+        if (rc < 0)
+            goto err_write;
+    }
+    if (fsync(fd) < 0) {
+        rc = -errno;
+        goto err_write;
+    }
+    if (close(fd) < 0) {
+        fd = -1;
+        rc = -errno;
+        goto err_write;
+    }
+    fd = -1;
+    if (rename(tmp, path) < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "cannot rename %s to %s: %s", tmp, path, strerror(-rc));
+        goto err_after_tmp;
+    }
+    /* The rename itself is durable only once the directory is synced. */
+    dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd >= 0) {
+        fsync(dir_fd);
+        close(dir_fd);
+    }
+    rc = 0;
+    goto out;
+
+err_write:
+    snprintf(why, why_size, "cannot write %s: %s", tmp, strerror(-rc));
+err_after_tmp:
+    if (fd >= 0)
+        close(fd);
+    unlink(tmp);
+out:
+    if (old) {
+        OPENSSL_cleanse(old, old_len);
+        free(old);
+    }
+    free(dir);
+    free(tmp);
+    return rc;
+}
+
+/* --- ACL ------------------------------------------------------------------------- */
+
+static bool level_is(const char *level, size_t len, const char *word)
+{
+    return strlen(word) == len && memcmp(level, word, len) == 0;
+}
+
+/* fnmatch(3) on a (pointer, length) level: '*', '?' and brackets; levels
+ * never contain '/', so FNM_PATHNAME does not matter. */
+static bool glob_match(const char *glob, size_t glob_len, const char *text, size_t text_len)
+{
+    char small[2][128];
+    char *g = glob_len < sizeof(small[0]) ? small[0] : malloc(glob_len + 1);
+    char *t = text_len < sizeof(small[1]) ? small[1] : malloc(text_len + 1);
+    bool match = false;
+
+    if (g && t) {
+        memcpy(g, glob, glob_len);
+        g[glob_len] = '\0';
+        memcpy(t, text, text_len);
+        t[text_len] = '\0';
+        /* A level with a NUL (not valid MQTT) never matches. */
+        match = strlen(t) == text_len && fnmatch(g, t, 0) == 0;
+    }
+    if (g != small[0])
+        free(g);
+    if (t != small[1])
+        free(t);
+    return match;
+}
+
+static bool has_glob(const char *level, size_t len)
+{
+    return memchr(level, '*', len) || memchr(level, '?', len) || memchr(level, '[', len);
+}
+
+static bool child_allowed(const struct conf_acl_rule *rule, const char *child, size_t len)
+{
+    for (size_t i = 0; i < rule->children_count; i++)
+        if (glob_match(rule->children[i], strlen(rule->children[i]), child, len))
+            return true;
+    return false;
+}
+
+/* Does pattern level @p cover topic level @t? @t_plus: @t is the '+' of a
+ * filter (covered only by what covers every level). */
+static bool level_covers(const struct conf_acl_rule *rule, const struct access_identity *id,
+                         const char *p, size_t pl, const char *t, size_t tl, bool t_plus)
+{
+    if (level_is(p, pl, "+"))
+        return true;
+    if (level_is(p, pl, "%c")) {
+        if (rule->children_count == 0)
+            return true; /* any child: like '+' */
+        return !t_plus && child_allowed(rule, t, tl);
+    }
+    if (level_is(p, pl, "%u")) {
+        /* A name with '/', '+' or '#' would not be one level: never matches. */
+        return !t_plus && id->username && !strpbrk(id->username, "/+#") &&
+               level_is(t, tl, id->username);
+    }
+    if (t_plus)
+        return false;
+    if (has_glob(p, pl))
+        return glob_match(p, pl, t, tl);
+    return pl == tl && memcmp(p, t, tl) == 0;
+}
+
+/* Level by level; see access_acl_check() for what "covers" means. */
+static bool pattern_covers(const struct conf_acl_rule *rule, const struct access_identity *id,
+                           const char *pattern, const char *topic, size_t len, bool filter)
+{
+    const char *p = pattern, *t = topic, *t_end = topic + len;
+
+    /* §4.7.2: a leading wildcard does not match a '$' topic (nor filter). */
+    if (len > 0 && topic[0] == '$' && (pattern[0] == '+' || pattern[0] == '#'))
+        return false;
+    for (;;) {
+        const char *p_slash = strchr(p, '/');
+        size_t pl = p_slash ? (size_t)(p_slash - p) : strlen(p);
+        const char *t_slash;
+        size_t tl;
+
+        if (level_is(p, pl, "#"))
+            return true; /* the rest, and (§4.7.1-2) the parent level itself */
+        if (t == NULL) {
+            /* The topic ended: only a final "#" is left to cover nothing. */
+            return false;
+        }
+        t_slash = memchr(t, '/', (size_t)(t_end - t));
+        tl = t_slash ? (size_t)(t_slash - t) : (size_t)(t_end - t);
+        if (filter && level_is(t, tl, "#"))
+            return false; /* only a pattern "#" covers a filter "#" */
+        if (!level_covers(rule, id, p, pl, t, tl, filter && level_is(t, tl, "+")))
+            return false;
+        t = t_slash ? t_slash + 1 : NULL;
+        if (!p_slash)
+            return t == NULL;
+        p = p_slash + 1;
+        if (t == NULL) {
+            /* "a/#" covers "a" (§4.7.1-2); anything else longer does not. */
+            return strcmp(p, "#") == 0;
+        }
+    }
+}
+
+bool access_rule_matches(const struct conf_acl_rule *rule, const struct access_identity *id)
+{
+    if (rule->has_uid && !(id->has_cred && id->uid == rule->uid))
+        return false;
+    if (rule->has_gid) {
+        bool found = id->has_cred && id->gid == rule->gid;
+        for (size_t i = 0; !found && id->has_cred && i < id->group_count; i++)
+            found = id->groups[i] == rule->gid;
+        if (!found)
+            return false;
+    }
+    if (rule->user && !(id->username && strcmp(id->username, rule->user) == 0))
+        return false;
+    return true;
+}
+
+int access_acl_check(const struct conf_local *local, const struct access_identity *id,
+                     enum access_action action, const char *topic, size_t len, int *rule_index)
+{
+    if (rule_index)
+        *rule_index = -1;
+    if (local->acl_count == 0)
+        return 0;
+    for (size_t i = 0; i < local->acl_count; i++) {
+        const struct conf_acl_rule *rule = &local->acl[i];
+        char *const *patterns;
+        size_t count;
+
+        if (!access_rule_matches(rule, id))
+            continue;
+        if (rule_index)
+            *rule_index = (int)i;
+        patterns = action == ACCESS_PUBLISH ? rule->publish : rule->subscribe;
+        count = action == ACCESS_PUBLISH ? rule->publish_count : rule->subscribe_count;
+        for (size_t k = 0; k < count; k++)
+            if (pattern_covers(rule, id, patterns[k], topic, len, action == ACCESS_SUBSCRIBE))
+                return 0;
+        return -EACCES;
+    }
+    return -EACCES;
+}
+
+int access_pattern_check(const char *pattern, const char **reason)
+{
+    const char *p = pattern;
+
+    if (topic_filter_check(pattern, strlen(pattern), reason) < 0)
+        return -EINVAL;
+    for (;;) {
+        const char *slash = strchr(p, '/');
+        size_t n = slash ? (size_t)(slash - p) : strlen(p);
+        const char *pct = memchr(p, '%', n);
+
+        if (pct && !level_is(p, n, "%c") && !level_is(p, n, "%u") && pct + 1 < p + n &&
+            (pct[1] == 'c' || pct[1] == 'u')) {
+            *reason = "\"%c\" and \"%u\" must be a whole topic level (e.g. \"dev/%c/#\")";
+            return -EINVAL;
+        }
+        if (!slash)
+            return 0;
+        p = slash + 1;
+    }
+}
+
+int access_child_glob_check(const char *glob, const char **reason)
+{
+    if (glob[0] == '\0') {
+        *reason = "empty glob";
+        return -EINVAL;
+    }
+    for (const unsigned char *p = (const unsigned char *)glob; *p; p++) {
+        if (*p == '/' || *p == '+' || *p == '#') {
+            *reason = "a child id glob cannot contain '/', '+' or '#'";
+            return -EINVAL;
+        }
+        if (*p < 0x20 || *p == 0x7f) {
+            *reason = "contains a control character";
+            return -EINVAL;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,324 @@
+"""Identity and access on the local side (issue 3): local.acl by uid and by
+username, local.password_file over TCP, plain-text password files refused,
+and systemd socket activation.
+
+The peer-credential rules need a client running as another uid: the tests
+run mosquitto_pub/mosquitto_sub through `setpriv --reuid=1001` and so need
+root (they are skipped otherwise). The socket activation test needs
+systemd-socket-activate (Debian package systemd).
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import types
+
+import pytest
+
+import harness as h
+
+POLLER_UID = 1001
+UPLINKCTL = h.UPLINKCTL_BIN
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="needs root and setpriv to run clients as uid 1001")
+
+
+def as_uid(uid, argv):
+    """argv run with uid/gid `uid` and no supplementary groups."""
+    return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups"] + list(argv)
+
+
+def run(argv, timeout=h.TIMEOUT, stdin_text=None):
+    return subprocess.run(argv, input=stdin_text, capture_output=True, text=True,
+                          timeout=timeout, stdin=None if stdin_text is not None
+                          else subprocess.DEVNULL)
+
+
+def open_socket_dir(hx):
+    """Let uid 1001 reach the Unix socket in the (0700) test directory."""
+    os.chmod(hx.dir, 0o711)
+
+
+def acl_config(hx, acl, **local):
+    conf = hx.config(None, port=1)  # the uplink is never reached; not needed here
+    conf["uplinks"][0]["tls"] = {"enabled": False}
+    conf["local"]["socket_mode"] = "0666"
+    conf["local"]["acl"] = acl
+    conf["local"].update(local)
+    return conf
+
+
+POLLER_RULES = [
+    {"uid": POLLER_UID, "children": ["modbus-*"], "publish": ["dev/%c/#"],
+     "subscribe": ["dev/%c/commands/#"]},
+    # Everyone else (root in these tests, TCP clients) may do everything.
+    {"publish": ["#"], "subscribe": ["#"]},
+]
+
+
+@needs_root
+def test_acl_peer_uid_publish_and_subscribe(hx):
+    open_socket_dir(hx)
+    conf = acl_config(hx, POLLER_RULES)
+    d = hx.uplinkd(conf)
+    sock = h.local_unix_path(conf)
+    observer = hx.client("127.0.0.1", h.local_tcp_port(conf))
+    observer.subscribe("dev/#")
+    observer.subscribe("uplinkd/local/errors")
+
+    # Allowed: the poller publishes as one of its children.
+    p = run(as_uid(POLLER_UID, ["mosquitto_pub", "--unix", sock, "-q", "1",
+                                "-t", "dev/modbus-1/telemetry", "-m", "21.5"]))
+    assert p.returncode == 0, p.stderr
+    observer.wait("dev/modbus-1/telemetry", "21.5")
+    d.wait_log(r"pid \d+ uid %d" % POLLER_UID)
+
+    # Denied: another child. QoS 1 is still acknowledged (MQTT-3.3.5-2), so
+    # mosquitto_pub succeeds, but nobody receives the message.
+    since = d.log_size()
+    p = run(as_uid(POLLER_UID, ["mosquitto_pub", "--unix", sock, "-q", "1",
+                                "-t", "dev/plc-1/telemetry", "-m", "forged"]))
+    assert p.returncode == 0, p.stderr
+    line = d.wait_log(r"publish to 'dev/plc-1/telemetry' denied: not allowed by local.acl\[0\] "
+                      r"\(uid %d gid %d" % (POLLER_UID, POLLER_UID), since)
+    assert "pid" in line
+    _, payload, _, _ = observer.wait("uplinkd/local/errors")
+    report = json.loads(payload)
+    assert report["action"] == "publish"
+    assert report["topic"] == "dev/plc-1/telemetry"
+    assert report["reason"] == "not allowed by local.acl[0]"
+    # Ordering: a later allowed message arrives, the denied one never did.
+    run(as_uid(POLLER_UID, ["mosquitto_pub", "--unix", sock, "-q", "1",
+                            "-t", "dev/modbus-1/telemetry", "-m", "after"]))
+    observer.wait("dev/modbus-1/telemetry", "after")
+    assert observer.received("dev/plc-1/telemetry") == []
+
+    # Subscribe: its own commands are granted, another child's get 0x80.
+    p = run(as_uid(POLLER_UID, ["mosquitto_sub", "--unix", sock, "-d", "-q", "1",
+                                "-t", "dev/modbus-1/commands/#", "-t", "dev/+/commands/#",
+                                "-C", "1", "-W", "2"]))
+    assert "Subscribed (mid: 1): 1, 128" in p.stdout, p.stdout + p.stderr
+    d.wait_log(r"subscribe to 'dev/\+/commands/#' denied", since)
+
+    # Root (rule 1) may still do everything over the same socket.
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "dev/plc-1/telemetry", "-m", "root")
+    observer.wait("dev/plc-1/telemetry", "root")
+
+
+def test_acl_closed_world_and_will(hx):
+    """A client no rule selects may do nothing; a will it may not publish
+    is refused at CONNECT with CONNACK 5."""
+    conf = acl_config(hx, [{"uid": 4242, "publish": ["#"]}])
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    c = hx.client("127.0.0.1", port)
+    with pytest.raises(h.HarnessError, match="refused"):
+        c.subscribe("dev/#")
+    c.publish("dev/x/telemetry", "dropped", qos=1)  # acknowledged, dropped
+    d.wait_log(r"publish to 'dev/x/telemetry' denied: no local.acl rule selects this client")
+
+    p = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", "a",
+                        "-m", "x", "--will-topic", "dev/x/status", "--will-payload", "gone"],
+                       capture_output=True, text=True, timeout=h.TIMEOUT,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode != 0
+    assert "not authorised" in (p.stdout + p.stderr).lower() or \
+        "not authorized" in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+    d.wait_log(r"refusing CONNECT with CONNACK 5: will topic not allowed")
+
+
+def make_passwd(hx, users):
+    path = os.path.join(hx.dir, "local.passwd")
+    for user, password in users.items():
+        p = run([UPLINKCTL, "passwd", "--iterations", "10000", path, user],
+                stdin_text=password + "\n")
+        assert p.returncode == 0, p.stderr
+    return path
+
+
+def connack(port, **kwargs):
+    """CONNACK code for a paho connection attempt to 127.0.0.1:port."""
+    c = h.MqttClient("127.0.0.1", port, **kwargs)
+    try:
+        c.connect()
+        return 0
+    except h.HarnessError as e:
+        text = str(e)
+        if text.startswith("CONNACK "):
+            return int(text.split()[1])
+        raise
+    finally:
+        c.client.loop_stop()
+        c.client.disconnect()
+
+
+def test_password_auth_tcp(hx):
+    path = make_passwd(hx, {"alice": "correct horse", "bob": "battery staple"})
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    text = open(path).read()
+    assert "correct horse" not in text
+    assert text.startswith("alice:$pbkdf2-sha512$10000$")
+    # Changing a password replaces the line, keeps the others.
+    make_passwd(hx, {"alice": "new secret"})
+    lines = open(path).read().splitlines()
+    assert [l.split(":")[0] for l in lines] == ["alice", "bob"]
+
+    conf = acl_config(hx, [{"user": "alice", "publish": ["users/%u/#"],
+                            "subscribe": ["users/%u/#"]},
+                           {"publish": ["#"], "subscribe": ["#"]}],
+                      password_file=path)
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+
+    assert connack(port, username="alice", password="new secret") == 0
+    assert connack(port, username="alice", password="correct horse") == 4
+    assert connack(port, username="mallory", password="x") == 4
+    assert connack(port) == 5
+    d.wait_log(r"refusing CONNECT with CONNACK 4: wrong username or password")
+    d.wait_log(r"refusing CONNECT with CONNACK 5: no username and password, which this TCP "
+               r"listener requires")
+
+    # %u: alice may use her own subtree only.
+    alice = hx.client("127.0.0.1", port, username="alice", password="new secret")
+    alice.subscribe("users/alice/#")
+    with pytest.raises(h.HarnessError, match="refused"):
+        alice.subscribe("users/bob/#")
+    bob = hx.client("127.0.0.1", port, username="bob", password="battery staple")
+    bob.subscribe("users/#")
+    alice.publish("users/alice/x", "mine")
+    alice.publish("users/bob/x", "not mine")
+    bob.wait("users/alice/x", "mine")
+    d.wait_log(r"publish to 'users/bob/x' denied: not allowed by local.acl\[0\] \(user alice\)")
+    assert bob.received("users/bob/x") == []
+
+    # The Unix socket needs no password: its peers are known by uid.
+    h.mosquitto_pub("--unix", h.local_unix_path(conf), "-t", "users/bob/y", "-m", "unix", "-q", "1")
+    bob.wait("users/bob/y", "unix")
+
+
+def test_plaintext_password_file_refused(hx):
+    path = os.path.join(hx.dir, "plain.passwd")
+    with open(path, "w") as f:
+        f.write("alice:hunter2\n")
+    conf = acl_config(hx, [], password_file=path)
+    d = hx.uplinkd(conf, ready=False)
+    h.wait_for(lambda: not d.running(), what="uplinkd to exit on a plain-text password file")
+    d.expect_exit = d.proc.returncode
+    assert d.proc.returncode != 0
+    line = d.wait_log(r"local.password_file")
+    assert "line 1: user \"alice\": the password is in plain text" in line
+    assert "uplinkctl passwd" in line
+    assert "hunter2" not in d.log_text()
+
+    # uplinkctl never takes the password from the command line or a TTY-less
+    # empty stdin.
+    p = run([UPLINKCTL, "passwd", path, "bob"], stdin_text="")
+    assert p.returncode == 1 and "no password" in p.stderr
+
+
+class ActivatedDaemon(h.Daemon):
+    """uplinkd started by systemd-socket-activate, which binds `listen` and
+    launches uplinkd on the first connection, passing the sockets with
+    LISTEN_FDS / LISTEN_FDNAMES (as a .socket unit would)."""
+
+    def __init__(self, *args, listen=(), names=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.listen = list(listen)
+        self.names = list(names)
+
+    def start(self):
+        env = {k: v for k, v in os.environ.items() if k not in h._SYSTEMD_ENV}
+        env["NOTIFY_SOCKET"] = self.notify.path
+        cmd = ["systemd-socket-activate"]
+        for addr in self.listen:
+            cmd += ["-l", addr]
+        if self.names:
+            cmd.append("--fdname=" + ":".join(self.names))
+        # It hands the child only the variables named with -E.
+        for var in ("NOTIFY_SOCKET", "PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS"):
+            if var in env:
+                cmd += ["-E", var]
+        cmd += shlex.split(os.environ.get("UPLINKD_WRAPPER", ""))
+        cmd += [h.UPLINKD_BIN, "-c", self.conf_path]
+        with open(self.log_path, "ab") as log, open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=log,
+                                         env=env, cwd=self.workdir)
+        return self
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (apt-get install systemd)")
+def test_socket_activation(hx):
+    conf = acl_config(hx, [])
+    del conf["local"]["acl"]
+    sock = h.local_unix_path(conf)
+    port = h.local_tcp_port(conf)
+    extra = os.path.join(hx.dir, "extra.sock")  # passed, but in no local.listen entry
+    conf_path = hx.write_config(conf, "activated.yaml")
+    d = ActivatedDaemon(hx.dir, conf_path, notify=hx.notify, name="activated",
+                        listen=[sock, "127.0.0.1:%d" % port, extra],
+                        names=["local", "tcp", "extra"])
+    d.conf = conf
+    d.expect_exit = None
+    hx._daemons.append(d)
+    since = hx.notify.count()
+    d.start()
+    h.wait_for(lambda: h.unix_accepts(sock) if d.running() else
+               pytest.fail("systemd-socket-activate exited: " + d.log_tail()),
+               what="systemd-socket-activate to listen on %s" % sock)
+    assert hx.notify.find("READY=1", since) is None  # uplinkd is not running yet
+
+    # The first client's connection starts uplinkd and is served by it.
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "dev/a/telemetry", "-m", "first")
+    d.wait_ready(since=since)
+    d.wait_log(r"listener unix://%s: using the socket passed by systemd \(fd \d+\)" % sock)
+    d.wait_log(r"listener tcp://127.0.0.1:%d: using the socket passed by systemd" % port)
+    d.wait_log(r"socket passed by systemd as fd \d+, named extra \(unix://%s\) matches no "
+               r"local.listen entry; serving it anyway" % extra)
+    assert d.find_log(r"cannot bind|removing stale socket") is None
+
+    sub = hx.local_sub(types.SimpleNamespace(unix=sock), "dev/#")
+    h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", "dev/b/telemetry",
+                    "-m", "tcp")
+    sub.wait("dev/b/telemetry", "tcp")
+    h.mosquitto_pub("--unix", extra, "-q", "1", "-t", "dev/c/telemetry", "-m", "extra")
+    sub.wait("dev/c/telemetry", "extra")
+
+    # The socket belongs to the .socket unit: uplinkd does not remove it.
+    d.stop()
+    assert os.path.exists(sock)
+
+
+
+@needs_root
+def test_socket_mode_and_group(hx):
+    """local.socket_mode and local.socket_group decide who may connect at
+    all; a reload applies new values to the socket in place."""
+    import grp
+    open_socket_dir(hx)
+    group = grp.getgrnam("daemon")
+    conf = acl_config(hx, [])
+    del conf["local"]["acl"]
+    conf["local"]["socket_mode"] = "0660"
+    conf["local"]["socket_group"] = "daemon"
+    d = hx.uplinkd(conf)
+    sock = h.local_unix_path(conf)
+    st = os.stat(sock)
+    assert st.st_mode & 0o777 == 0o660 and st.st_gid == group.gr_gid
+    pub = ["mosquitto_pub", "--unix", sock, "-t", "dev/x/telemetry", "-m", "1"]
+    assert run(as_uid(POLLER_UID, pub)).returncode != 0  # not owner, not in group
+    # In the group: allowed.
+    p = run(["setpriv", "--reuid=%d" % POLLER_UID, "--regid=%d" % POLLER_UID,
+             "--groups=%d" % group.gr_gid] + pub)
+    assert p.returncode == 0, p.stderr
+
+    conf["local"]["socket_mode"] = "0666"
+    since = hx.notify.count()
+    hx.write_config(conf, "uplinkd.yaml")
+    d.reload()
+    d.wait_ready(since=since)
+    h.wait_for(lambda: os.stat(sock).st_mode & 0o777 == 0o666, what="mode 0666 after reload")
+    assert run(as_uid(POLLER_UID, pub)).returncode == 0
