@@ -1,11 +1,14 @@
 /* uplinkctl.c - command-line client of the uplinkd control socket.
  *
- * Usage: uplinkctl [-s SOCKET] [status]
- * Sends one command line, prints the daemon's JSON answer. Exit status: 0 on
- * an answer, 1 when the daemon answered with an error, 2 when it could not
- * be reached.
+ * Usage: uplinkctl [-s SOCKET] [--json] [COMMAND [ARGS]]
+ * Online commands (status, reconnect, rotate) send one command line and
+ * print the daemon's answer: a table for people, or the JSON with --json.
+ * Exit status: 0 on an answer, 1 when the daemon answered with an error, 2
+ * when it could not be reached. Offline commands (diagnose, jwt, keygen,
+ * passwd) live in their own files.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,22 +17,29 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "config.h"
+#include "diagnose.h"
 #include "uplinkctl_keys.h"
 #include "uplinkctl_passwd.h"
 #include "uplinkd/ctl.h"
 
 static void usage(FILE *out)
 {
-    fprintf(out, "Usage: uplinkctl [-s SOCKET] [COMMAND]\n"
+    fprintf(out, "Usage: uplinkctl [-s SOCKET] [--json] [COMMAND [ARGS]]\n"
                  "Ask a running uplinkd over its control socket.\n\n"
                  "Commands:\n"
-                 "  status     state of every uplink, queue depths, counters (JSON; default)\n"
+                 "  status     state of every uplink, queue depths, counters (default)\n"
+                 "  reconnect UPLINK  drop the uplink's session and connect again now\n"
+                 "  rotate UPLINK     sign a fresh JWT and reconnect with it now\n"
+                 "  diagnose   test an uplink's connection step by step (diagnose --help)\n"
                  "  jwt        sign a JWT offline and print it (uplinkctl jwt --help)\n"
                  "  keygen     write a new key pair, print its public key and kid\n"
                  "  passwd     add or change a user of local.password_file (passwd FILE USER)\n\n"
                  "Options:\n"
                  "  -s, --socket PATH  control socket (default " UPLINKD_CTL_DEFAULT_SOCKET ")\n"
+                 "  -j, --json         print the daemon's JSON answer as it is\n"
                  "  -h, --help         this text\n"
                  "  -V, --version      print the version\n");
 }
@@ -49,32 +59,193 @@ static int connect_socket(const char *path)
         return -1;
     }
     if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
-        fprintf(stderr,
-                "uplinkctl: cannot reach uplinkd at %s: %s\n"
-                "  (is uplinkd running? is control.socket in its config this path? use -s)\n",
-                path, strerror(errno));
+        int err = errno;
+        if (err == EACCES || err == EPERM)
+            fprintf(stderr,
+                    "uplinkctl: permission denied on %s\n"
+                    "  (the control socket is mode 0660, group uplinkd: run as root or as a "
+                    "member of group uplinkd)\n",
+                    path);
+        else
+            fprintf(stderr,
+                    "uplinkctl: cannot reach uplinkd at %s: %s\n"
+                    "  (is uplinkd running? is control.socket in its config this path? use -s)\n",
+                    path, strerror(err));
         close(fd);
         return -1;
     }
     return fd;
 }
 
+/* The request line for an online command, or -1 after printing why not.
+ * "status [--json]", "reconnect UPLINK", "rotate UPLINK". */
+static int build_request(int argc, char **argv, bool *json_output, char *out, size_t size)
+{
+    const char *command = argc > 0 ? argv[0] : "status";
+    const char *name = NULL;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0 || strcmp(argv[i], "-j") == 0)
+            *json_output = true;
+        else if (name == NULL && argv[i][0] != '-')
+            name = argv[i];
+        else {
+            fprintf(stderr, "uplinkctl %s: unexpected argument \"%s\"\n", command, argv[i]);
+            return -1;
+        }
+    }
+    if (strcmp(command, "status") == 0 && name == NULL)
+        return snprintf(out, size, "status\n");
+    if (strcmp(command, "reconnect") == 0 || strcmp(command, "rotate") == 0) {
+        if (name == NULL || strlen(name) > 64 || strpbrk(name, " \t\n") != NULL) {
+            fprintf(stderr, "uplinkctl %s: name the uplink (uplinkctl %s UPLINK)\n", command,
+                    command);
+            return -1;
+        }
+        return snprintf(out, size, "%s %s\n", command, name);
+    }
+    fprintf(stderr,
+            "uplinkctl: unknown command \"%s\" (known: status, reconnect, rotate, diagnose, jwt, "
+            "keygen, passwd)\n",
+            command);
+    return -1;
+}
+
+/* Send @request, read the whole answer into *@answer (malloc'd,
+ * NUL-terminated). Returns 0, or 2 after printing why. */
+static int ask_daemon(const char *socket_path, const char *request, size_t len, char **answer)
+{
+    int fd = connect_socket(socket_path);
+    if (fd < 0)
+        return 2;
+    if (write(fd, request, len) != (ssize_t)len) {
+        fprintf(stderr, "uplinkctl: write to %s: %s\n", socket_path, strerror(errno));
+        close(fd);
+        return 2;
+    }
+    size_t cap = 4096, used = 0;
+    char *buf = malloc(cap);
+    while (buf != NULL) {
+        ssize_t got = read(fd, buf + used, cap - used - 1);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            break;
+        used += (size_t)got;
+        if (used + 1 == cap) {
+            cap *= 2;
+            char *grown = realloc(buf, cap);
+            if (grown == NULL)
+                free(buf);
+            buf = grown;
+        }
+    }
+    close(fd);
+    if (buf == NULL) {
+        fprintf(stderr, "uplinkctl: out of memory\n");
+        return 2;
+    }
+    buf[used] = '\0';
+    if (used == 0) {
+        fprintf(stderr, "uplinkctl: uplinkd closed the connection without an answer\n");
+        free(buf);
+        return 2;
+    }
+    *answer = buf;
+    return 0;
+}
+
+static const char *json_str(json_t *object, const char *key)
+{
+    const char *value = json_string_value(json_object_get(object, key));
+    return value ? value : "";
+}
+
+static long long json_num(json_t *object, const char *key)
+{
+    return (long long)json_number_value(json_object_get(object, key));
+}
+
+static void print_status(json_t *root)
+{
+    printf("uplinkd %s (pid %lld) %s, config %s, %lld local client(s)\n", json_str(root, "version"),
+           json_num(root, "pid"), json_str(root, "state"), json_str(root, "config"),
+           json_num(root, "local_clients"));
+    json_t *uplinks = json_object_get(root, "uplinks");
+    if (json_array_size(uplinks) == 0) {
+        printf("no uplinks configured\n");
+        return;
+    }
+    printf("\n%-16s %-11s %-32s %8s %10s %10s %8s\n", "UPLINK", "STATE", "HOST", "QUEUED",
+           "PUBLISHED", "RECEIVED", "DROPPED");
+    size_t i;
+    json_t *uplink;
+    json_array_foreach(uplinks, i, uplink)
+    {
+        char host[300];
+        snprintf(host, sizeof(host), "%s:%lld", json_str(uplink, "host"), json_num(uplink, "port"));
+        json_t *spool = json_object_get(uplink, "spool");
+        long long queued = spool ? json_num(spool, "depth") : json_num(uplink, "queued");
+        printf("%-16s %-11s %-32s %8lld %10lld %10lld %8lld\n", json_str(uplink, "name"),
+               json_str(uplink, "state"), host, queued, json_num(uplink, "published"),
+               json_num(uplink, "received"), json_num(uplink, "dropped"));
+    }
+    json_array_foreach(uplinks, i, uplink)
+    {
+        const char *error = json_str(uplink, "last_error");
+        if (error[0])
+            printf("\n%s: last error: %s\n", json_str(uplink, "name"), error);
+        if (json_object_get(uplink, "token_expires_at") != NULL)
+            printf("%s: JWT clock %s, token expires at %lld, %lld rotation(s)\n",
+                   json_str(uplink, "name"), json_str(uplink, "clock"),
+                   json_num(uplink, "token_expires_at"), json_num(uplink, "token_rotations"));
+    }
+}
+
+/* The answer for people. Returns the exit status. */
+static int print_answer(const char *command, const char *answer)
+{
+    json_error_t error;
+    json_t *root = json_loads(answer, 0, &error);
+
+    if (root == NULL) {
+        fprintf(stderr, "uplinkctl: the daemon's answer is not JSON (%s): %s", error.text, answer);
+        return 2;
+    }
+    int rc = 0;
+    if (json_object_get(root, "error") != NULL) {
+        fprintf(stderr, "uplinkctl %s: %s\n", command, json_str(root, "error"));
+        rc = 1;
+    } else if (strcmp(command, "status") == 0) {
+        print_status(root);
+    } else {
+        printf("%s: %s requested\n", json_str(root, "uplink"), json_str(root, "action"));
+    }
+    json_decref(root);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option options[] = {
         {"socket", required_argument, NULL, 's'},
+        {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
     const char *socket_path = UPLINKD_CTL_DEFAULT_SOCKET;
+    bool json_output = false;
     int opt;
 
     /* "+": options after the command belong to the command. */
-    while ((opt = getopt_long(argc, argv, "+s:hV", options, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "+s:jhV", options, NULL)) != -1) {
         switch (opt) {
         case 's':
             socket_path = optarg;
+            break;
+        case 'j':
+            json_output = true;
             break;
         case 'h':
             usage(stdout);
@@ -89,59 +260,28 @@ int main(int argc, char **argv)
     }
     const char *command = optind < argc ? argv[optind] : "status";
     /* Offline commands: no daemon needed. */
+    if (strcmp(command, "diagnose") == 0)
+        return uplinkctl_diagnose_main(argc - optind, argv + optind);
     if (strcmp(command, "jwt") == 0)
         return uplinkctl_jwt_main(argc - optind, argv + optind);
     if (strcmp(command, "keygen") == 0)
         return uplinkctl_keygen_main(argc - optind, argv + optind);
     if (strcmp(command, "passwd") == 0)
         return uplinkctl_passwd_main(argc - optind, argv + optind);
-    if (strcmp(command, "status") != 0) {
-        fprintf(stderr, "uplinkctl: unknown command \"%s\" (known: status, jwt, keygen, passwd)\n", command);
-        return 2;
-    }
-
-    int fd = connect_socket(socket_path);
-    if (fd < 0)
-        return 2;
     char request[UPLINKD_CTL_MAX_REQUEST];
-    int n = snprintf(request, sizeof(request), "%s\n", command);
-    if (write(fd, request, (size_t)n) != n) {
-        fprintf(stderr, "uplinkctl: write to %s: %s\n", socket_path, strerror(errno));
-        close(fd);
+    int n = build_request(argc - optind, argv + optind, &json_output, request, sizeof(request));
+    if (n < 0)
         return 2;
-    }
 
-    size_t cap = 4096, len = 0;
-    char *answer = malloc(cap);
-    for (;;) {
-        if (answer == NULL) {
-            fprintf(stderr, "uplinkctl: out of memory\n");
-            close(fd);
-            return 2;
-        }
-        ssize_t got = read(fd, answer + len, cap - len - 1);
-        if (got < 0 && errno == EINTR)
-            continue;
-        if (got <= 0)
-            break;
-        len += (size_t)got;
-        if (len + 1 == cap) {
-            cap *= 2;
-            char *grown = realloc(answer, cap);
-            if (grown == NULL)
-                free(answer);
-            answer = grown;
-        }
-    }
-    close(fd);
-    answer[len] = '\0';
-    if (len == 0) {
-        fprintf(stderr, "uplinkctl: uplinkd closed the connection without an answer\n");
-        free(answer);
-        return 2;
-    }
-    fputs(answer, stdout);
-    int rc = strncmp(answer, "{\"error\"", 8) == 0 ? 1 : 0;
+    char *answer = NULL;
+    int rc = ask_daemon(socket_path, request, (size_t)n, &answer);
+    if (rc != 0)
+        return rc;
+    rc = strncmp(answer, "{\"error\"", 8) == 0 ? 1 : 0;
+    if (json_output)
+        fputs(answer, stdout);
+    else
+        rc = print_answer(command, answer);
     free(answer);
     return rc;
 }

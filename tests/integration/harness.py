@@ -712,9 +712,13 @@ def local_unix_path(conf):
     raise KeyError("no unix:// listener in conf")
 
 
-def uplinkctl(control_socket, *args, timeout=TIMEOUT):
-    """Run uplinkctl -s SOCKET ARGS...; returns CompletedProcess (text)."""
-    return subprocess.run([UPLINKCTL_BIN, "-s", control_socket] + list(args),
+def uplinkctl(control_socket, *args, timeout=TIMEOUT, json_output=True):
+    """Run uplinkctl -s SOCKET [--json] ARGS...; returns CompletedProcess (text).
+
+    Tests read the JSON answer by default; json_output=False gives the table
+    printed for people."""
+    options = ["-s", control_socket] + (["--json"] if json_output else [])
+    return subprocess.run([UPLINKCTL_BIN] + options + list(args),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -151,7 +151,7 @@ FILES = [
     ("/usr/lib/sysusers.d/uplinkd.conf", "root", "root", 0o644),
     ("/usr/lib/tmpfiles.d/uplinkd.conf", "root", "root", 0o644),
     ("/usr/share/man/man8/uplinkd.8.gz", "root", "root", 0o644),
-    ("/usr/share/man/man8/uplinkctl.8.gz", "root", "root", 0o644),
+    ("/usr/share/man/man1/uplinkctl.1.gz", "root", "root", 0o644),
     ("/usr/share/man/man5/uplinkd.yaml.5.gz", "root", "root", 0o644),
     ("/var/lib/uplinkd", "uplinkd", "uplinkd", 0o750),
     ("/run/uplinkd", "uplinkd", "uplinkd", 0o755),
@@ -236,7 +236,7 @@ def test_versions_agree(installed, packages):
     deb_version = run(["dpkg-query", "-W", "-f=${Version}", "uplinkd"], check=True).stdout
     got["deb"] = deb_version.rsplit("-", 1)[0]
     got["rpm"] = run(["rpm", "-qp", "--qf", "%{VERSION}", the_rpm(packages)], check=True).stdout
-    for page in ("man8/uplinkd.8.gz", "man8/uplinkctl.8.gz", "man5/uplinkd.yaml.5.gz"):
+    for page in ("man8/uplinkd.8.gz", "man1/uplinkctl.1.gz", "man5/uplinkd.yaml.5.gz"):
         text = run(["zcat", "/usr/share/man/" + page], check=True).stdout
         th = next((l for l in text.splitlines() if l.startswith(".TH ")), "")
         m = re.search(r'"uplinkd ([^"]+)"', th)

@@ -76,7 +76,7 @@ def units_dir():
         with open(os.path.join(d, "uplinkd.service"), "w") as f:
             f.write(text)
         shutil.copy(SOCKET_UNIT, d)
-        for section, page in (("8", "uplinkd.8"), ("8", "uplinkctl.8"), ("5", "uplinkd.yaml.5")):
+        for section, page in (("8", "uplinkd.8"), ("1", "uplinkctl.1"), ("5", "uplinkd.yaml.5")):
             mandir = os.path.join(d, "man", "man" + section)
             os.makedirs(mandir, exist_ok=True)
             built = os.path.join(BUILD_DIR, page)
