@@ -4,9 +4,8 @@
  * Names and filters are passed as (pointer, length) so that slices decoded by
  * mqtt_codec can be checked without copying; they need no NUL terminator.
  *
- * The subscription table is a plain list for this first cut (matching is
- * O(subscriptions) per message); a topic tree can replace it behind the same
- * functions later.
+ * The subscription table is a topic tree (see below): matching costs what
+ * the topic's levels cost, not what the number of subscriptions costs.
  */
 #ifndef UPLINKD_TOPIC_H
 #define UPLINKD_TOPIC_H
@@ -45,20 +44,31 @@ bool topic_match(const char *filter, size_t filter_len, const char *name, size_t
 
 /* --- Subscription table ---------------------------------------------------- */
 
-/* One (owner, filter) subscription. Entries of one owner are kept adjacent so
- * topic_table_match() can report each owner once. */
+/*
+ * A topic tree: one node per filter level, with the exact-level children of a
+ * node in a sorted array (binary search) and its '+' and '#' children apart.
+ * Matching a topic of L levels visits at most the nodes on the paths the
+ * topic can take (exact, '+', '#' at every level), independent of the number
+ * of subscriptions; see docs/performance.md for the numbers against the
+ * linear scan it replaced.
+ */
+
+/* One (owner, filter) subscription, kept in the node where its filter ends. */
 struct topic_sub {
     struct topic_sub *next;
-    void *owner; /* opaque, borrowed (a local client) */
+    void *owner; /* opaque, borrowed (a local session) */
     uint8_t qos;
-    size_t filter_len;
-    char filter[]; /* NUL-terminated copy */
 };
+
+struct topic_node; /* private to topic.c */
 
 /* Zero-initialised is an empty table. */
 struct topic_table {
-    struct topic_sub *head;
-    size_t count;
+    struct topic_node *head; /* root (the level before the first), NULL when empty */
+    size_t count;            /* subscriptions */
+    /* Scratch reused by topic_table_match() so a publish does not allocate. */
+    void *scratch;
+    bool matching; /* guards against re-entry from a match callback */
 };
 
 /**
@@ -80,7 +90,8 @@ int topic_table_remove(struct topic_table *table, void *owner, const char *filte
                        size_t filter_len, bool *last);
 
 /**
- * topic_table_remove_owner() - drop every subscription of @owner. @last_cb
+ * topic_table_remove_owner() - drop every subscription of @owner (a walk of
+ * the whole tree: called when a session ends, never per message). @last_cb
  * (may be NULL) is called, before the entry is freed, for each filter that
  * no other owner subscribes to any more; @filter is NUL-terminated, borrowed
  * for the call, and the callback must not touch the table.
@@ -93,10 +104,14 @@ void topic_table_remove_owner(struct topic_table *table, void *owner,
  * topic_table_match() - call @match_cb once per owner with at least one
  * subscription matching @name, with the highest QoS among that owner's
  * matching subscriptions (§3.3.5: the server delivers at the maximum QoS of
- * all overlapping matches). The callback must not modify the table (defer
- * removals until the walk has returned).
+ * all overlapping matches). A name starting with '$' is not matched by the
+ * '+' and '#' subscriptions of the first level (§4.7.2-1). The callback must
+ * not modify the table nor match again (defer removals until the walk has
+ * returned); the order of owners is unspecified. Never allocates once the
+ * scratch space has grown to the largest match so far; on allocation failure
+ * matches are delivered possibly twice to an owner rather than lost.
  */
-void topic_table_match(const struct topic_table *table, const char *name, size_t name_len,
+void topic_table_match(struct topic_table *table, const char *name, size_t name_len,
                        void (*match_cb)(void *arg, void *owner, uint8_t qos), void *arg);
 
 /** topic_table_deinit() - free every entry; the table is empty afterwards. */

@@ -279,6 +279,178 @@ static void test_table_remove_owner(void **state)
     topic_table_deinit(&t);
 }
 
+/* The tree against the linear definition (topic_match) on random filters
+ * and names over a tiny alphabet, so '+', '#', empty levels, '$' topics and
+ * overlaps all occur; with adds, removes and owner removals in between. */
+#define RAND_OWNERS 6
+#define RAND_FILTERS 40
+
+struct model_sub {
+    char filter[16];
+    int owner; /* -1 = removed */
+    uint8_t qos;
+};
+
+struct seen {
+    int qos[RAND_OWNERS]; /* -1 = not delivered */
+    int calls[RAND_OWNERS];
+    int *base;
+};
+
+static void seen_cb(void *arg, void *owner, uint8_t qos)
+{
+    struct seen *s = arg;
+    int i = (int)((int *)owner - s->base);
+
+    assert_true(i >= 0 && i < RAND_OWNERS);
+    s->calls[i]++;
+    s->qos[i] = qos;
+}
+
+static void random_level(char *out, unsigned r, bool filter)
+{
+    static const char *const levels[] = {"a", "b", "", "$x", "a"};
+    unsigned pick = r % (filter ? 7 : 5);
+
+    if (pick == 5)
+        strcpy(out, "+");
+    else if (pick == 6)
+        strcpy(out, "#");
+    else
+        strcpy(out, levels[pick]);
+}
+
+static void random_topic(char *out, bool filter)
+{
+    unsigned levels = 1 + (unsigned)rand() % 3;
+
+    out[0] = '\0';
+    for (unsigned i = 0; i < levels; i++) {
+        char level[4];
+        random_level(level, (unsigned)rand(), filter);
+        if (i > 0 && strcmp(level, "$x") == 0)
+            strcpy(level, "b");
+        if (i)
+            strcat(out, "/");
+        strcat(out, level);
+        if (strcmp(level, "#") == 0)
+            break;
+    }
+    if (out[0] == '\0' && !filter)
+        strcpy(out, "/"); /* names are non-empty; "/" is two empty levels */
+    if (out[0] == '\0')
+        strcpy(out, "+");
+}
+
+static void test_tree_against_linear(void **state)
+{
+    int owners[RAND_OWNERS];
+    struct model_sub model[RAND_FILTERS];
+    struct topic_table t = {0};
+
+    srand(12345);
+    for (int round = 0; round < 300; round++) {
+        size_t n = 0;
+
+        for (int i = 0; i < RAND_FILTERS; i++) {
+            random_topic(model[i].filter, true);
+            model[i].owner = rand() % RAND_OWNERS;
+            model[i].qos = (uint8_t)(rand() % 3);
+            /* Same (owner, filter) twice: the later QoS replaces the earlier. */
+            for (int k = 0; k < i; k++)
+                if (model[k].owner == model[i].owner &&
+                    strcmp(model[k].filter, model[i].filter) == 0)
+                    model[k].owner = -1;
+            assert_int_equal(topic_table_add(&t, &owners[model[i].owner], model[i].filter,
+                                             strlen(model[i].filter), model[i].qos, NULL),
+                             0);
+        }
+        /* Remove a few, and every subscription of one owner. */
+        for (int i = 0; i < RAND_FILTERS; i += 7) {
+            if (model[i].owner < 0)
+                continue;
+            assert_int_equal(topic_table_remove(&t, &owners[model[i].owner], model[i].filter,
+                                                strlen(model[i].filter), NULL),
+                             0);
+            model[i].owner = -1;
+        }
+        topic_table_remove_owner(&t, &owners[round % RAND_OWNERS], NULL, NULL);
+        for (int i = 0; i < RAND_FILTERS; i++) {
+            if (model[i].owner == round % RAND_OWNERS)
+                model[i].owner = -1;
+            if (model[i].owner >= 0)
+                n++;
+        }
+        assert_int_equal(t.count, n);
+
+        for (int probe = 0; probe < 30; probe++) {
+            char name[16];
+            struct seen seen = {.base = owners};
+            int want[RAND_OWNERS];
+
+            random_topic(name, false);
+            for (int o = 0; o < RAND_OWNERS; o++)
+                want[o] = seen.qos[o] = -1;
+            for (int i = 0; i < RAND_FILTERS; i++)
+                if (model[i].owner >= 0 &&
+                    topic_match(model[i].filter, strlen(model[i].filter), name, strlen(name)) &&
+                    model[i].qos > want[model[i].owner])
+                    want[model[i].owner] = model[i].qos;
+            topic_table_match(&t, name, strlen(name), seen_cb, &seen);
+            for (int o = 0; o < RAND_OWNERS; o++) {
+                if (want[o] != seen.qos[o] || seen.calls[o] > 1)
+                    fail_msg("round %d name '%s' owner %d: want QoS %d, got %d in %d calls", round,
+                             name, o, want[o], seen.qos[o], seen.calls[o]);
+            }
+        }
+        for (int o = 0; o < RAND_OWNERS; o++)
+            topic_table_remove_owner(&t, &owners[o], NULL, NULL);
+        assert_int_equal(t.count, 0);
+        assert_null(t.head); /* every node pruned */
+    }
+    topic_table_deinit(&t);
+}
+
+static void test_tree_dollar_and_parent(void **state)
+{
+    struct topic_table t = {0};
+    struct hits h = {0};
+    int a, b, c, d;
+
+    add(&t, &a, "#", 1, true);
+    add(&t, &b, "+/status", 1, true);
+    add(&t, &c, "$SYS/#", 2, true);
+    add(&t, &d, "sport/#", 0, true);
+    /* §4.7.2-1: leading wildcards do not see '$' topics; "$SYS/#" does. */
+    topic_table_match(&t, "$SYS/status", 11, record_cb, &h);
+    assert_int_equal(h.count, 1);
+    assert_true(hits_has(&h, &c, 2));
+    /* §4.7.1-2: "sport/#" matches "sport" itself. */
+    memset(&h, 0, sizeof(h));
+    topic_table_match(&t, "sport", 5, record_cb, &h);
+    assert_int_equal(h.count, 2);
+    assert_true(hits_has(&h, &a, 1));
+    assert_true(hits_has(&h, &d, 0));
+    /* A deep filter: the walk is iterative, not recursive. */
+    {
+        size_t len = 2 * 20000 - 1;
+        char *deep = malloc(len + 1);
+        for (size_t i = 0; i < len; i += 2) {
+            deep[i] = 'x';
+            if (i + 1 < len)
+                deep[i + 1] = '/';
+        }
+        deep[len] = '\0';
+        assert_int_equal(topic_table_add(&t, &b, deep, len, 1, NULL), 0);
+        memset(&h, 0, sizeof(h));
+        topic_table_match(&t, deep, len, record_cb, &h);
+        assert_int_equal(h.count, 2); /* "#" (a) and the deep filter (b) */
+        assert_int_equal(topic_table_remove(&t, &b, deep, len, NULL), 0);
+        free(deep);
+    }
+    topic_table_deinit(&t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -289,6 +461,8 @@ int main(void)
         cmocka_unit_test(test_table_first_last),
         cmocka_unit_test(test_table_match_once_per_owner),
         cmocka_unit_test(test_table_remove_owner),
+        cmocka_unit_test(test_tree_against_linear),
+        cmocka_unit_test(test_tree_dollar_and_parent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
