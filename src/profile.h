@@ -1,0 +1,307 @@
+/* profile.h - cloud dialects as small tables of callbacks.
+ *
+ * A profile says how one cloud wants to be spoken to: the client id and the
+ * credentials of a session, where a local message goes (topic, QoS, payload
+ * conversion, or a refusal in words), what comes back from the cloud and to
+ * which local topic, what has to be sent before a child's first message
+ * (Cumulocity 101, GCP attach), what to send after every CONNACK, the
+ * cloud's size limits and what its CONNACK codes mean.
+ *
+ * Adding a cloud = one profile_<name>.c file with a `const struct profile`
+ * and one line in profile.c's registry. The router (router.c) only
+ * dispatches through the table; it never asks which cloud it is talking to.
+ *
+ * Lifetime: the router creates one struct profile_instance per uplink
+ * (profile_instance_new(), the first time it meets the uplink) and frees it
+ * when the uplink goes away (profile_instance_close(), asynchronous because a
+ * profile may own libuv handles such as a bootstrap timer). The instance
+ * points to the live conf; a reload updates the pointers
+ * (profile_instance_reconfigure()) before the next callback runs.
+ *
+ * Threading: everything runs on the loop thread.
+ */
+#ifndef UPLINKD_PROFILE_H
+#define UPLINKD_PROFILE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "mapping.h"
+
+struct conf;
+struct conf_uplink;
+struct uplink;
+struct uplink_session;
+struct registry;
+
+/* Longest topic a profile builds (clouds cap far below MQTT's 65535). */
+#define PROFILE_TOPIC_MAX 1024
+/* Room for a refusal reason built at run time (profile_instance.reason). */
+#define PROFILE_REASON_MAX 256
+
+/* One message a profile produced: for the cloud (upstream, registration,
+ * on-connect) or for local subscribers (downstream). Owned by the list. */
+struct profile_msg {
+    char *topic;
+    void *payload; /* may be NULL when len is 0 */
+    size_t len;
+    int qos;
+    bool retain;
+    /* up_cb only: the session to send it on, when not the instance's own
+     * uplink (per-device sessions, profile_akenza.c); NULL (what
+     * profile_msgs_add() sets) = pi->uplink. Borrowed. */
+    struct uplink *uplink;
+};
+
+/* A growable list of messages; after a failed allocation `failed` is set and
+ * further adds do nothing, so callers check once. */
+struct profile_msgs {
+    struct profile_msg *msg;
+    size_t count;
+    size_t cap;
+    bool failed;
+};
+
+/** profile_msgs_init() / profile_msgs_deinit() - empty list / free it all. */
+void profile_msgs_init(struct profile_msgs *msgs);
+void profile_msgs_deinit(struct profile_msgs *msgs);
+
+/**
+ * profile_msgs_add() - append a copy of @topic and @payload (@len bytes).
+ * Returns 0 or -ENOMEM (then msgs->failed is set).
+ */
+int profile_msgs_add(struct profile_msgs *msgs, const char *topic, const void *payload, size_t len,
+                     int qos, bool retain);
+
+/* The cloud's size limits; 0 = none beyond MQTT's own. */
+struct profile_limits {
+    size_t max_packet;  /* whole MQTT packet, header included (Cumulocity: 16184) */
+    size_t max_payload; /* payload bytes of one publish (GCP events: 256 KiB) */
+};
+
+/* What to send before a child's first message, and how. */
+struct profile_registration {
+    /* The messages were added to @msgs by register_cb; they go out before
+     * any spooled data of this uplink (uplink_publish_control()). */
+    bool wait_ack;       /* hold spooled data until they are acknowledged */
+    bool per_connection; /* forget registrations when the connection ends and
+                            register again before the child's next message
+                            (GCP re-attach); false: the registry keeps them
+                            across reconnects and restarts (Cumulocity 101) */
+};
+
+struct profile_instance;
+
+/* The table. Every callback is optional unless marked required. Callbacks
+ * get the instance; pi->state is the profile's own per-uplink data. */
+struct profile {
+    const char *name; /* required: the uplinks[].profile value */
+
+    /* Create / free pi->state. new_cb returns 0 or a negative errno. */
+    int (*new_cb)(struct profile_instance *pi);
+    void (*free_cb)(struct profile_instance *pi);
+    /* Start closing libuv handles owned by pi->state; call
+     * profile_instance_closed(pi) once they are all closed. Without it the
+     * instance is freed at once. */
+    void (*close_cb)(struct profile_instance *pi);
+    /* A reload changed the uplink's conf (pi->uc already points to it). */
+    void (*reconfigure_cb)(struct profile_instance *pi);
+
+    /* Cloud rules for a child id beyond mapping_child_check(); NULL = fine,
+     * else a static reason. */
+    const char *(*child_check_cb)(const struct profile_instance *pi, const char *child);
+
+    /* Before each connection attempt: client id, credentials, will, clean
+     * session (uplink_hooks.session_cb). Strings are copied by the uplink
+     * before this returns; they may point into pi->state. */
+    void (*session_cb)(struct profile_instance *pi, struct uplink_session *session);
+
+    /* After CONNACK 0, before anything spooled is sent: messages to send
+     * first on every connection (Cumulocity 100/110/114/117, GCP re-attach).
+     * Added to @first; sent in order, before spooled data. */
+    void (*online_cb)(struct profile_instance *pi, struct profile_msgs *first);
+
+    /* The cloud filters to subscribe to (the uplink re-sends them after every
+     * reconnect). Added to @filters as messages whose topic is the filter and
+     * qos the requested QoS. Called when the router adopts the uplink. */
+    void (*subscriptions_cb)(struct profile_instance *pi, struct profile_msgs *filters);
+
+    /* Upstream: a local device message (m->kind MAPPING_DEV, an upstream
+     * channel) -> zero or more cloud messages added to @out. @qos/@retain as
+     * the local client published them. Returns 0, or -EINVAL with
+     * pi->reason set (or a static text in *@reason) when the message must be
+     * refused (nothing is sent then; the router reports it on
+     * uplinkd/<uplink>/errors), -ENOMEM. Required. */
+    int (*up_cb)(struct profile_instance *pi, const struct mapping_local *m, const void *payload,
+                 size_t len, int qos, bool retain, struct profile_msgs *out, const char **reason);
+
+    /* Child registration: add the messages that must precede @child's first
+     * message (nothing to add = nothing needed) and say how to send them.
+     * Called only for children the registry does not know yet (or, with
+     * per_connection, not yet in this connection). The gateway itself is
+     * never passed. Returns 0 or a negative errno (-EINVAL with *@reason:
+     * the child's data is refused). */
+    int (*register_cb)(struct profile_instance *pi, const char *child, struct profile_msgs *out,
+                       struct profile_registration *how, const char **reason);
+
+    /* A registration queued by register_cb finished: @status 0 when the
+     * cloud acknowledged every message, else the first error (-ECONNRESET:
+     * the connection ended first, -ECANCELED: stopping, -EINVAL: refused by
+     * libmosquitto). Not called while closing. Optional (GCP subscribes to
+     * an attached child's config and commands only after the attach). */
+    void (*registered_cb)(struct profile_instance *pi, const char *child, int status);
+
+    /* Downstream: a message from the cloud -> local messages added to
+     * @local (topics in the local contract: dev/<child>/operations,
+     * uplinkd/<uplink>/errors, ...). Raw cloud/<uplink>/ copies are made by
+     * the router independently. Required. */
+    void (*down_cb)(struct profile_instance *pi, const char *topic, const void *payload, size_t len,
+                    int qos, bool retain, struct profile_msgs *local);
+
+    /* Batching: may a queued record for @topic be joined with the next one
+     * for the same topic, and how (Cumulocity: lines joined by "\n" while the
+     * packet stays within limits.max_packet)? Returns the separator to put
+     * between payloads, or NULL when records must go one by one.
+     * Not used by the uplink yet (it needs a look-ahead in the spool); each
+     * profile already packs what one local message produces. */
+    const char *(*batch_separator_cb)(const struct profile_instance *pi, const char *topic);
+
+    /* CONNACK return code (MQTT 3.1.1 §3.2.2.3) in the cloud's words, or
+     * NULL for the generic text. */
+    const char *(*connack_text_cb)(const struct profile_instance *pi, int rc);
+
+    struct profile_limits limits;
+};
+
+/* One uplink's profile: created and owned by the router. */
+struct profile_instance {
+    const struct profile *profile;
+    uv_loop_t *loop;                 /* borrowed */
+    struct uplink *uplink;           /* borrowed; outlives the instance */
+    const struct conf *conf;         /* borrowed, the live conf */
+    const struct conf_uplink *uc;    /* borrowed, this uplink's section of it */
+    struct registry *registry;       /* children registered with this uplink's cloud; owned */
+    void *state;                     /* the profile's own, from new_cb */
+    char reason[PROFILE_REASON_MAX]; /* a refusal built at run time (up_cb) */
+    /* Set by the router: deliver to local subscribers (status, errors). */
+    void (*deliver)(void *arg, const char *topic, const void *payload, size_t len, int qos,
+                    bool retain);
+    void *deliver_arg;
+    bool closing;
+    void (*closed_cb)(struct profile_instance *pi); /* set by profile_instance_close() */
+};
+
+/**
+ * profile_find() - the profile registered under @name, or NULL.
+ */
+const struct profile *profile_find(const char *name);
+
+/**
+ * profile_names() - the registered profile names, NULL-terminated (static),
+ * for conf.c's "expected one of" message.
+ */
+const char *const *profile_names(void);
+
+/**
+ * profile_instance_new() - an instance of @uc->profile for @uplink.
+ * @conf, @uc, @uplink, @loop: borrowed (see struct profile_instance).
+ * Opens the child registry (<state_dir>/registry/<uplink>, see registry.h)
+ * and calls new_cb. Returns 0, -ENOENT (unknown profile: conf.c prevents
+ * it), -ENOMEM, or the registry's or new_cb's error (logged).
+ */
+int profile_instance_new(uv_loop_t *loop, const struct conf *conf, const struct conf_uplink *uc,
+                         struct uplink *uplink, struct profile_instance **out);
+
+/** profile_instance_reconfigure() - adopt a reloaded conf (same uplink name). */
+void profile_instance_reconfigure(struct profile_instance *pi, const struct conf *conf,
+                                  const struct conf_uplink *uc);
+
+/**
+ * profile_instance_close() - stop the instance; @closed_cb(pi) runs once its
+ * handles are closed (maybe from inside this call), then
+ * profile_instance_free() may be called.
+ */
+void profile_instance_close(struct profile_instance *pi,
+                            void (*closed_cb)(struct profile_instance *pi));
+
+/** profile_instance_closed() - for close_cb: every handle is closed now. */
+void profile_instance_closed(struct profile_instance *pi);
+
+/** profile_instance_free() - free after close (or never started). NULL is allowed. */
+void profile_instance_free(struct profile_instance *pi);
+
+/**
+ * profile_deliver() - hand a message to local subscribers through the
+ * router (for profiles reacting to timers, not to a callback with an
+ * output list).
+ */
+void profile_deliver(struct profile_instance *pi, const char *topic, const void *payload,
+                     size_t len, int qos, bool retain);
+
+/**
+ * profile_report_error() - publish {"uplink":..,"error":..} (and @topic when
+ * not NULL) on uplinkd/<uplink>/errors and log it as a warning. @text is
+ * borrowed.
+ */
+void profile_report_error(struct profile_instance *pi, const char *topic, const char *text);
+
+/**
+ * profile_register_child() - make sure @child is registered before its data
+ * is sent: when the registry does not know it, register_cb's messages are
+ * queued with uplink_publish_control() (they go out before the spool) and
+ * the child is recorded as pending, then done on the acknowledgement.
+ * Returns 0 (registered, queued, or nothing needed), or -EINVAL with
+ * *@reason (the child's data must be refused), -ENOMEM.
+ */
+int profile_register_child(struct profile_instance *pi, const char *child, const char **reason);
+
+/**
+ * profile_instance_online() - CONNACK 0: queue online_cb's messages first
+ * (per connection, ahead of pending registrations, holding the spool until
+ * acknowledged).
+ */
+void profile_instance_online(struct profile_instance *pi);
+
+/** profile_instance_offline() - the connection ended: forget per-connection registrations. */
+void profile_instance_offline(struct profile_instance *pi);
+
+/**
+ * profile_instance_subscribe() - bring the uplink's cloud subscriptions in
+ * line with subscriptions_cb: subscribe the new filters, unsubscribe the
+ * ones this instance made before and no longer wants (after a reload). On a
+ * closing instance: unsubscribe everything it subscribed.
+ */
+void profile_instance_subscribe(struct profile_instance *pi);
+
+/* Generic template rules (profile_generic.c), pure, for unit tests. A
+ * template is a topic whose levels may be exactly "{child}" or, as the last
+ * level, "{sub}" (one or more levels). */
+
+/**
+ * profile_template_expand() - fill @tmpl with @child and @sub (NULL: the
+ * "{sub}" level and its '/' are left out). Returns the length, -EINVAL with
+ * *@reason (a sub-topic but no {sub} in the template), -ENAMETOOLONG.
+ */
+int profile_template_expand(const char *tmpl, const char *child, const char *sub, char *buf,
+                            size_t cap, const char **reason);
+
+/** profile_template_filter() - the subscription filter: {child} -> +, {sub} -> #. */
+int profile_template_filter(const char *tmpl, char *buf, size_t cap);
+
+/**
+ * profile_template_match() - does @topic match @tmpl? On a match @child
+ * (MAPPING_CHILD_MAX + 1 bytes) receives the child id and *@sub points into
+ * @topic at the sub-topic (NULL when none). Returns 1 on a match, 0 when not,
+ * -EINVAL when it matches but the child id is invalid.
+ */
+int profile_template_match(const char *tmpl, const char *topic, char *child, const char **sub);
+
+/* The profiles (profile_<name>.c). */
+extern const struct profile profile_generic;
+extern const struct profile profile_cumulocity;
+extern const struct profile profile_gcp;    /* profile_gcp.c */
+extern const struct profile profile_akenza; /* profile_akenza.c */
+
+#endif
