@@ -17,7 +17,10 @@
 #include "conf.h"
 
 #include "access.h"
+#include "jwt.h"
+#include "keys.h"
 #include "log.h"
+#include "profile_gcp.h"
 #include "util.h"
 
 #include "config.h"
@@ -1480,13 +1483,45 @@ static void parse_log(struct loader *ld, yaml_node_t *node)
     ld->conf->log_level = level;
 }
 
-enum { TLS_ENABLED, TLS_CA, TLS_CERT, TLS_KEY, TLS_KEYS };
+enum { TLS_ENABLED, TLS_CA, TLS_CERT, TLS_KEY, TLS_MIN_VERSION, TLS_ALPN, TLS_INSECURE, TLS_KEYS };
 static const char *const tls_keys[TLS_KEYS] = {
     [TLS_ENABLED] = "enabled",
     [TLS_CA] = "ca",
     [TLS_CERT] = "cert",
     [TLS_KEY] = "key",
+    [TLS_ALPN] = "alpn",
+    [TLS_INSECURE] = "insecure",
+    [TLS_MIN_VERSION] = "min_version",
 };
+
+/* tls.alpn: a protocol name or a list of them (RFC 7301 §3.1: 1-255 bytes
+ * each). libmosquitto 2.0.11 puts exactly one name into the ClientHello
+ * (lib/net_mosq.c net__init_ssl_ctx), so a longer list is refused rather
+ * than silently cut. */
+static void parse_alpn(struct loader *ld, const yaml_node_t *node, const char *key,
+                       struct conf_tls *tls)
+{
+    static const char expected[] = "one ALPN protocol name, e.g. \"x-amzn-mqtt-ca\" or [\"mqtt\"]";
+    const yaml_node_t *item = node;
+    char item_key[CONF_KEY_MAX];
+
+    key_format(item_key, sizeof(item_key), "%s", key);
+    if (node->type == YAML_SEQUENCE_NODE) {
+        size_t n = sequence_length(node);
+        if (n == 0)
+            return; /* an empty list offers nothing, like no key */
+        if (n > 1) {
+            report(ld, node->start_mark, key,
+                   "has %zu protocols, but libmosquitto 2.0 offers only one in the TLS "
+                   "ClientHello (expected %s)",
+                   n, expected);
+            return;
+        }
+        item = sequence_item(ld, node, 0);
+        key_format(item_key, sizeof(item_key), "%s[0]", key);
+    }
+    get_text(ld, item, item_key, expected, 255, &tls->alpn);
+}
 
 static void parse_tls(struct loader *ld, yaml_node_t *node, const char *path, struct conf_tls *tls)
 {
@@ -1536,6 +1571,30 @@ static void parse_tls(struct loader *ld, yaml_node_t *node, const char *path, st
         key_join(key, sizeof(key), path, "key");
         get_readable_file(ld, values[TLS_KEY], key, "a readable private key PEM file", &tls->key);
     }
+    if (node_present(values[TLS_MIN_VERSION])) {
+        const char *text;
+        key_join(key, sizeof(key), path, "min_version");
+        text = scalar_text(ld, values[TLS_MIN_VERSION], key, "tls1.2 or tls1.3");
+        if (text != NULL && strcmp(text, "tls1.2") == 0) {
+            tls->min_version = CONF_TLS_1_2;
+        } else if (text != NULL && strcmp(text, "tls1.3") == 0) {
+            tls->min_version = CONF_TLS_1_3;
+        } else if (text != NULL) {
+            char quoted[CONF_QUOTE_MAX];
+            report(ld, values[TLS_MIN_VERSION]->start_mark, key,
+                   "%s is not a TLS version uplinkd offers (expected tls1.2 or tls1.3; older "
+                   "versions are not supported)",
+                   quote(text, quoted, sizeof(quoted)));
+        }
+    }
+    if (node_present(values[TLS_ALPN])) {
+        key_join(key, sizeof(key), path, "alpn");
+        parse_alpn(ld, values[TLS_ALPN], key, tls);
+    }
+    if (node_present(values[TLS_INSECURE])) {
+        key_join(key, sizeof(key), path, "insecure");
+        get_bool(ld, values[TLS_INSECURE], key, &tls->insecure);
+    }
     /* Either one alone cannot authenticate: the key proves possession of
      * the certificate's public key (RFC 8446 §4.4.3 CertificateVerify). */
     if (node_present(values[TLS_CERT]) != node_present(values[TLS_KEY])) {
@@ -1550,12 +1609,43 @@ static void parse_tls(struct loader *ld, yaml_node_t *node, const char *path, st
     }
 }
 
-enum { AUTH_TYPE, AUTH_USERNAME, AUTH_PASSWORD, AUTH_PASSWORD_FILE, AUTH_KEYS };
+/* The jwt keys come after AUTH_PASSWORD_FILE: AUTH_JWT_FIRST.. are the ones
+ * only type jwt uses. */
+enum {
+    AUTH_TYPE,
+    AUTH_USERNAME,
+    AUTH_PASSWORD,
+    AUTH_PASSWORD_FILE,
+    AUTH_ALG,
+    AUTH_KEY,
+    AUTH_PASSPHRASE_FILE,
+    AUTH_PKCS11_MODULE,
+    AUTH_LIFETIME,
+    AUTH_SKEW,
+    AUTH_REFRESH,
+    AUTH_AUD,
+    AUTH_KID,
+    AUTH_CLAIMS,
+    AUTH_CLOCK_CHECK,
+    AUTH_KEYS,
+    AUTH_JWT_FIRST = AUTH_ALG,
+};
 static const char *const auth_keys[AUTH_KEYS] = {
     [AUTH_TYPE] = "type",
     [AUTH_USERNAME] = "username",
     [AUTH_PASSWORD] = "password",
     [AUTH_PASSWORD_FILE] = "password_file",
+    [AUTH_ALG] = "alg",
+    [AUTH_KEY] = "key",
+    [AUTH_PASSPHRASE_FILE] = "passphrase_file",
+    [AUTH_PKCS11_MODULE] = "pkcs11_module",
+    [AUTH_LIFETIME] = "lifetime",
+    [AUTH_SKEW] = "skew",
+    [AUTH_REFRESH] = "refresh",
+    [AUTH_AUD] = "aud",
+    [AUTH_KID] = "kid",
+    [AUTH_CLAIMS] = "claims",
+    [AUTH_CLOCK_CHECK] = "clock_check",
 };
 
 /* Read a password file: the whole content, minus one trailing newline
@@ -1613,7 +1703,328 @@ out:
     free(path);
 }
 
-static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path,
+/* JWT defaults and limits (docs/configuration.md, auth). */
+#define JWT_USERNAME_DEFAULT "unused" /* GCP ignores the user name; any value works */
+#define JWT_LIFETIME_MIN_S   10       /* shorter would reconnect all the time */
+#define JWT_SKEW_MAX_S       3600
+#define JWT_REFRESH_MIN_PCT  10
+#define JWT_REFRESH_MAX_PCT  99
+#define JWT_MAX_CLAIMS       32
+
+/* The profile's cap on exp - iat. GCP IoT Core and ClearBlade refuse more
+ * than 24 h; the generic profile has no cloud rule of its own, and a token
+ * that lives longer than a day is a risk, so it gets the same cap. */
+static uint32_t jwt_profile_max_lifetime(const char *profile)
+{
+    (void)profile;
+    return JWT_GCP_MAX_LIFETIME_S;
+}
+
+/* A duration in whole seconds within [min_s, max_s]. */
+static int get_seconds(struct loader *ld, const yaml_node_t *node, const char *key, uint32_t min_s,
+                       uint32_t max_s, uint32_t *out)
+{
+    char quoted[CONF_QUOTE_MAX];
+    uint64_t ms;
+
+    if (get_duration_ms(ld, node, key, (uint64_t)min_s * 1000, (uint64_t)max_s * 1000, &ms) < 0)
+        return -EINVAL;
+    if (ms % 1000 != 0) {
+        report(ld, node->start_mark, key, "%s is not a whole number of seconds",
+               quote(node_text(node), quoted, sizeof(quoted)));
+        return -EINVAL;
+    }
+    *out = (uint32_t)(ms / 1000);
+    return 0;
+}
+
+/* auth.refresh: "80" or "80%". */
+static void get_refresh_percent(struct loader *ld, const yaml_node_t *node, const char *key,
+                                uint32_t *out)
+{
+    char quoted[CONF_QUOTE_MAX];
+    const char *text = scalar_text(ld, node, key, "a percentage");
+    unsigned value = 0;
+    const char *p;
+
+    if (text == NULL)
+        return;
+    for (p = text; *p >= '0' && *p <= '9' && value < 1000; p++)
+        value = value * 10 + (unsigned)(*p - '0');
+    if (p == text || (p[0] != '\0' && strcmp(p, "%") != 0) || value < JWT_REFRESH_MIN_PCT ||
+        value > JWT_REFRESH_MAX_PCT) {
+        report(ld, node->start_mark, key,
+               "%s is not a valid refresh point (expected a percentage of the token's "
+               "lifetime from %d to %d, e.g. 80 or \"80%%\")",
+               quote(text, quoted, sizeof(quoted)), JWT_REFRESH_MIN_PCT, JWT_REFRESH_MAX_PCT);
+        return;
+    }
+    *out = value;
+}
+
+/* auth.claims: a mapping of claim name -> string value. */
+static void parse_jwt_claims(struct loader *ld, yaml_node_t *node, const char *path,
+                             struct conf_jwt *jwt)
+{
+    static const char expected[] = "a mapping of claim names to strings, e.g. {sub: gw-0001}";
+    char key[CONF_KEY_MAX];
+    char quoted[CONF_QUOTE_MAX];
+    size_t count;
+
+    if (!expect_kind(ld, node, path, YAML_MAPPING_NODE, expected))
+        return;
+    count = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
+    if (count == 0)
+        return;
+    if (count > JWT_MAX_CLAIMS) {
+        report(ld, node->start_mark, path, "has %zu claims (expected at most %d)", count,
+               JWT_MAX_CLAIMS);
+        return;
+    }
+    jwt->claims = calloc(count, sizeof(*jwt->claims));
+    if (jwt->claims == NULL) {
+        ld->oom = true;
+        return;
+    }
+    for (yaml_node_pair_t *pair = node->data.mapping.pairs.start;
+         pair < node->data.mapping.pairs.top; pair++) {
+        yaml_node_t *name_node = node_at(ld, pair->key);
+        yaml_node_t *value_node = node_at(ld, pair->value);
+        struct conf_jwt_claim claim = {NULL, NULL};
+        bool ok = true;
+
+        if (get_text(ld, name_node, path, "a claim name", 256, &claim.name) < 0 ||
+            claim.name == NULL)
+            continue;
+        key_join(key, sizeof(key), path, claim.name);
+        /* RFC 7519 §4.1: iat, exp and aud are ours to set. */
+        if (strcmp(claim.name, "iat") == 0 || strcmp(claim.name, "exp") == 0 ||
+            strcmp(claim.name, "aud") == 0) {
+            report(ld, name_node->start_mark, key,
+                   "is set by uplinkd (iat and exp from the clock and auth.lifetime, aud from "
+                   "auth.aud); remove it");
+            ok = false;
+        }
+        for (size_t i = 0; ok && i < jwt->claim_count; i++) {
+            if (strcmp(jwt->claims[i].name, claim.name) == 0) {
+                report(ld, name_node->start_mark, key, "%s is given twice",
+                       quote(claim.name, quoted, sizeof(quoted)));
+                ok = false;
+            }
+        }
+        if (ok && (get_text(ld, value_node, key, "a string value", CONF_MQTT_STRING_MAX,
+                            &claim.value) < 0 ||
+                   claim.value == NULL))
+            ok = false;
+        if (!ok) {
+            free(claim.name);
+            free(claim.value);
+            continue;
+        }
+        jwt->claims[jwt->claim_count++] = claim;
+    }
+}
+
+/* The algorithm a key is normally used with (auth.alg left out). */
+static int jwt_alg_for_key(const EVP_PKEY *key, enum jwt_alg *out)
+{
+    switch (EVP_PKEY_get_base_id(key)) {
+    case EVP_PKEY_RSA:
+        *out = JWT_ALG_RS256;
+        return 0;
+    case EVP_PKEY_EC:
+        *out = EVP_PKEY_get_bits(key) > 256 ? JWT_ALG_ES384 : JWT_ALG_ES256;
+        return 0;
+    default:
+        return -EINVAL;
+    }
+}
+
+/* Load auth.key, fit it to auth.alg and sign a trial token, so that a bad
+ * key, passphrase, PIN, alg or claim is reported now (and by
+ * --check-config) rather than on the first connection attempt. */
+static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t *const *values,
+                         const char *path, struct conf_jwt *jwt)
+{
+    struct keys_options options = {.passphrase_file = jwt->passphrase_file,
+                                   .pkcs11_module = jwt->pkcs11_module};
+    struct jwt_claim extra[JWT_MAX_CLAIMS];
+    struct jwt_claims claims = {.aud = jwt->aud,
+                                .lifetime_s = jwt->lifetime_s,
+                                .max_lifetime_s = jwt->max_lifetime_s,
+                                .skew_s = jwt->skew_s,
+                                .extra = extra,
+                                .extra_count = jwt->claim_count};
+    struct jwt_signer *signer = NULL;
+    yaml_node_t *alg_node = values[AUTH_ALG];
+    char key[CONF_KEY_MAX];
+    char err[KEYS_ERR_SIZE];
+    char described[64];
+    char *token = NULL;
+    int rc;
+
+    key_join(key, sizeof(key), path, "key");
+    rc = keys_load_private(jwt->key, &options, &jwt->private_key, err, sizeof(err));
+    if (rc == -ENOMEM) {
+        ld->oom = true;
+        return;
+    }
+    if (rc < 0) {
+        report(ld, values[AUTH_KEY]->start_mark, key, "%s", err);
+        return;
+    }
+    if (!node_present(alg_node) && jwt_alg_for_key(jwt->private_key, &jwt->alg) < 0) {
+        report(ld, values[AUTH_KEY]->start_mark, key,
+               "is a %s key, which cannot sign a JWT (expected RSA of 2048 bits or more for "
+               "RS256/PS256, or EC P-256/P-384 for ES256/ES384)",
+               keys_describe(jwt->private_key, described, sizeof(described)));
+        return;
+    }
+    rc = jwt_signer_new(jwt->private_key, jwt->alg, jwt->kid_mode, jwt->kid, &signer, err,
+                        sizeof(err));
+    if (rc == -ENOMEM) {
+        ld->oom = true;
+        return;
+    }
+    if (rc < 0) {
+        key_join(key, sizeof(key), path, node_present(alg_node) ? "alg" : "key");
+        report(ld, (node_present(alg_node) ? alg_node : values[AUTH_KEY])->start_mark, key, "%s",
+               err);
+        return;
+    }
+    for (size_t i = 0; i < jwt->claim_count; i++)
+        extra[i] = (struct jwt_claim){jwt->claims[i].name, jwt->claims[i].value};
+    /* Any time after the build date will do: this checks the key, not the
+     * clock (the clock is checked before every real signature). */
+    rc = jwt_sign(signer, &claims, jwt_build_epoch() + 86400, &token, NULL, err, sizeof(err));
+    if (rc == -ENOMEM)
+        ld->oom = true;
+    else if (rc < 0)
+        report(ld, auth_node->start_mark, path, "cannot sign a test token: %s", err);
+    if (token != NULL) {
+        explicit_bzero(token, strlen(token));
+        free(token);
+    }
+    jwt_signer_free(signer);
+}
+
+/* The auth keys of type jwt; the username default is set by the caller. */
+static void parse_auth_jwt(struct loader *ld, yaml_node_t *node, yaml_node_t *const *values,
+                           const char *path, const char *profile, struct conf_jwt *jwt)
+{
+    char key[CONF_KEY_MAX];
+    char quoted[CONF_QUOTE_MAX];
+    unsigned errors_before = ld->error_count;
+    const char *text;
+
+    jwt->lifetime_s = JWT_DEFAULT_LIFETIME_S;
+    jwt->max_lifetime_s = jwt_profile_max_lifetime(profile);
+    jwt->skew_s = JWT_DEFAULT_SKEW_S;
+    jwt->refresh_percent = JWT_DEFAULT_REFRESH_PCT;
+    jwt->kid_mode = JWT_KID_NONE;
+    jwt->clock_check = CONF_CLOCK_SYNC;
+
+    key_join(key, sizeof(key), path, "key");
+    if (!node_present(values[AUTH_KEY])) {
+        report(ld, values[AUTH_KEY] ? values[AUTH_KEY]->start_mark : node->start_mark, key,
+               "missing (required with type jwt: a private key PEM file or a pkcs11: URI)");
+    } else {
+        text = scalar_text(ld, values[AUTH_KEY], key, "a PEM file or a pkcs11: URI");
+        if (text != NULL && keys_is_uri(text))
+            get_text(ld, values[AUTH_KEY], key, "a pkcs11: URI", 4096, &jwt->key);
+        else if (text != NULL)
+            get_readable_file(ld, values[AUTH_KEY], key, "a readable private key PEM file",
+                              &jwt->key);
+    }
+    if (node_present(values[AUTH_PASSPHRASE_FILE])) {
+        key_join(key, sizeof(key), path, "passphrase_file");
+        get_readable_file(ld, values[AUTH_PASSPHRASE_FILE], key,
+                          "a readable file whose first line is the passphrase or PIN",
+                          &jwt->passphrase_file);
+    }
+    if (node_present(values[AUTH_PKCS11_MODULE])) {
+        key_join(key, sizeof(key), path, "pkcs11_module");
+        get_readable_file(ld, values[AUTH_PKCS11_MODULE], key,
+                          "a readable PKCS#11 module (.so), e.g. "
+                          "/usr/lib/softhsm/libsofthsm2.so",
+                          &jwt->pkcs11_module);
+    }
+    if (node_present(values[AUTH_ALG])) {
+        static const char expected[] = "RS256, PS256, ES256 or ES384";
+        key_join(key, sizeof(key), path, "alg");
+        text = scalar_text(ld, values[AUTH_ALG], key, expected);
+        if (text != NULL && jwt_alg_parse(text, &jwt->alg) < 0) {
+            enum jwt_alg upper;
+            char fixed[8] = "";
+            for (size_t i = 0; i < sizeof(fixed) - 1 && text[i]; i++)
+                fixed[i] = (char)(text[i] >= 'a' && text[i] <= 'z' ? text[i] - 32 : text[i]);
+            if (strlen(text) < sizeof(fixed) && jwt_alg_parse(fixed, &upper) == 0)
+                report(ld, values[AUTH_ALG]->start_mark, key,
+                       "%s is not an algorithm name (JWS names are case-sensitive: write %s)",
+                       quote(text, quoted, sizeof(quoted)), fixed);
+            else
+                report(ld, values[AUTH_ALG]->start_mark, key,
+                       "%s is not a supported algorithm (expected %s)",
+                       quote(text, quoted, sizeof(quoted)), expected);
+        }
+    }
+    if (node_present(values[AUTH_LIFETIME])) {
+        key_join(key, sizeof(key), path, "lifetime");
+        get_seconds(ld, values[AUTH_LIFETIME], key, JWT_LIFETIME_MIN_S, jwt->max_lifetime_s,
+                    &jwt->lifetime_s);
+    }
+    if (node_present(values[AUTH_SKEW])) {
+        key_join(key, sizeof(key), path, "skew");
+        get_seconds(ld, values[AUTH_SKEW], key, 0, JWT_SKEW_MAX_S, &jwt->skew_s);
+    }
+    if (node_present(values[AUTH_REFRESH])) {
+        key_join(key, sizeof(key), path, "refresh");
+        get_refresh_percent(ld, values[AUTH_REFRESH], key, &jwt->refresh_percent);
+    }
+    key_join(key, sizeof(key), path, "aud");
+    if (node_present(values[AUTH_AUD]))
+        get_text(ld, values[AUTH_AUD], key, "the audience the cloud expects", CONF_MQTT_STRING_MAX,
+                 &jwt->aud);
+    else if (profile != NULL && strcmp(profile, "generic") == 0)
+        report(ld, values[AUTH_AUD] ? values[AUTH_AUD]->start_mark : node->start_mark, key,
+               "missing (required with type jwt and the generic profile: the audience the cloud "
+               "expects, e.g. the project id)");
+    if (node_present(values[AUTH_KID])) {
+        key_join(key, sizeof(key), path, "kid");
+        text = scalar_text(ld, values[AUTH_KID], key, "auto or a key id");
+        if (text != NULL && strcmp(text, "auto") == 0)
+            jwt->kid_mode = JWT_KID_FINGERPRINT;
+        else if (text != NULL &&
+                 get_text(ld, values[AUTH_KID], key,
+                          "\"auto\" (hex SHA-256 of the public key) or the key id to send", 1024,
+                          &jwt->kid) == 0)
+            jwt->kid_mode = JWT_KID_VALUE;
+    }
+    if (node_present(values[AUTH_CLAIMS])) {
+        key_join(key, sizeof(key), path, "claims");
+        parse_jwt_claims(ld, values[AUTH_CLAIMS], key, jwt);
+    }
+    if (node_present(values[AUTH_CLOCK_CHECK])) {
+        key_join(key, sizeof(key), path, "clock_check");
+        text = scalar_text(ld, values[AUTH_CLOCK_CHECK], key, "sync or build-date");
+        if (text != NULL && strcmp(text, "sync") == 0)
+            jwt->clock_check = CONF_CLOCK_SYNC;
+        else if (text != NULL && strcmp(text, "build-date") == 0)
+            jwt->clock_check = CONF_CLOCK_BUILD_DATE;
+        else if (text != NULL)
+            report(ld, values[AUTH_CLOCK_CHECK]->start_mark, key,
+                   "%s is not a clock check (expected sync: wait until the kernel says the "
+                   "clock is NTP-synchronised, or build-date: only refuse a clock before the "
+                   "build date)",
+                   quote(text, quoted, sizeof(quoted)));
+    }
+    /* Only a section without other errors is worth opening a key (or a
+     * token) for. */
+    if (ld->error_count == errors_before && !ld->oom)
+        jwt_load_key(ld, node, values, path, jwt);
+}
+
+static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path, const char *profile,
                        struct conf_auth *auth)
 {
     yaml_node_t *values[AUTH_KEYS] = {NULL};
@@ -1626,14 +2037,16 @@ static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path,
     if (node_present(values[AUTH_TYPE])) {
         const char *text;
         key_join(key, sizeof(key), path, "type");
-        text = scalar_text(ld, values[AUTH_TYPE], key, "none or basic");
+        text = scalar_text(ld, values[AUTH_TYPE], key, "none, basic or jwt");
         if (text != NULL && strcmp(text, "none") == 0) {
             auth->type = CONF_AUTH_NONE;
         } else if (text != NULL && strcmp(text, "basic") == 0) {
             auth->type = CONF_AUTH_BASIC;
+        } else if (text != NULL && strcmp(text, "jwt") == 0) {
+            auth->type = CONF_AUTH_JWT;
         } else if (text != NULL) {
             report(ld, values[AUTH_TYPE]->start_mark, key,
-                   "%s is not an auth type (expected none or basic)",
+                   "%s is not an auth type (expected none, basic or jwt)",
                    quote(text, quoted, sizeof(quoted)));
             return; /* the checks below would only add noise */
         } else {
@@ -1649,6 +2062,32 @@ static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path,
                    "is set but %s.type is none (add \"type: basic\" or remove it)", path);
         }
         return;
+    }
+    if (auth->type == CONF_AUTH_JWT) {
+        for (int i = AUTH_PASSWORD; i <= AUTH_PASSWORD_FILE; i++) {
+            if (!node_present(values[i]))
+                continue;
+            key_join(key, sizeof(key), path, auth_keys[i]);
+            report(ld, values[i]->start_mark, key,
+                   "is not used with type jwt: the password is a token signed with %s.key "
+                   "(remove it)",
+                   path);
+        }
+        key_join(key, sizeof(key), path, "username");
+        if (node_present(values[AUTH_USERNAME]))
+            get_text(ld, values[AUTH_USERNAME], key, "the MQTT user name", CONF_MQTT_STRING_MAX,
+                     &auth->username);
+        else
+            set_string(ld, &auth->username, JWT_USERNAME_DEFAULT);
+        parse_auth_jwt(ld, node, values, path, profile, &auth->jwt);
+        return;
+    }
+    for (int i = AUTH_JWT_FIRST; i < AUTH_KEYS; i++) {
+        if (!node_present(values[i]))
+            continue;
+        key_join(key, sizeof(key), path, auth_keys[i]);
+        report(ld, values[i]->start_mark, key,
+               "is only used with type jwt (set %s.type: jwt, or remove it)", path);
     }
 
     key_join(key, sizeof(key), path, "username");
@@ -1725,8 +2164,862 @@ static void parse_reconnect(struct loader *ld, yaml_node_t *node, const char *pa
     }
 }
 
-enum { GENERIC_TOPIC_PREFIX, GENERIC_KEYS };
-static const char *const generic_keys[GENERIC_KEYS] = {[GENERIC_TOPIC_PREFIX] = "topic_prefix"};
+/* A scalar that must be one of @choices; *@out is its index. */
+static int get_keyword(struct loader *ld, const yaml_node_t *node, const char *key,
+                       const char *const *choices, size_t count, const char *expected, int *out)
+{
+    char quoted[CONF_QUOTE_MAX];
+    const char *text = scalar_text(ld, node, key, expected);
+
+    if (text == NULL)
+        return -EINVAL;
+    for (size_t i = 0; i < count; i++) {
+        if (strcmp(text, choices[i]) == 0) {
+            *out = (int)i;
+            return 0;
+        }
+    }
+    report(ld, node->start_mark, key, "%s is not valid (expected %s)",
+           quote(text, quoted, sizeof(quoted)), expected);
+    return -EINVAL;
+}
+
+enum {
+    SPOOL_DURABILITY,
+    SPOOL_MAX_BYTES,
+    SPOOL_MAX_AGE,
+    SPOOL_OVERFLOW,
+    SPOOL_COMMIT_INTERVAL,
+    SPOOL_QOS0_OFFLINE,
+    SPOOL_KEYS
+};
+static const char *const spool_keys[SPOOL_KEYS] = {
+    [SPOOL_DURABILITY] = "durability",
+    [SPOOL_MAX_BYTES] = "max_bytes",
+    [SPOOL_MAX_AGE] = "max_age",
+    [SPOOL_OVERFLOW] = "overflow",
+    [SPOOL_COMMIT_INTERVAL] = "commit_interval",
+    [SPOOL_QOS0_OFFLINE] = "qos0_offline",
+};
+
+static void parse_spool(struct loader *ld, yaml_node_t *node, const char *path,
+                        struct conf_spool *spool)
+{
+    static const char *const durability[] = {"fsync", "none"};
+    static const char *const overflow[] = {"block", "drop-oldest"};
+    static const char *const qos0[] = {"drop", "spool"};
+    yaml_node_t *values[SPOOL_KEYS] = {NULL};
+    yaml_mark_t marks[SPOOL_KEYS];
+    char key[CONF_KEY_MAX];
+    uint64_t number;
+    int choice;
+
+    if (!walk_mapping(ld, node, path, spool_keys, SPOOL_KEYS, values, marks))
+        return;
+    if (node_present(values[SPOOL_DURABILITY])) {
+        key_join(key, sizeof(key), path, "durability");
+        if (get_keyword(ld, values[SPOOL_DURABILITY], key, durability, 2, "fsync or none",
+                        &choice) == 0)
+            spool->durability = choice ? CONF_SPOOL_NONE : CONF_SPOOL_FSYNC;
+    }
+    if (node_present(values[SPOOL_MAX_BYTES])) {
+        key_join(key, sizeof(key), path, "max_bytes");
+        /* At least 64 KiB: a segment's worth, so the bound means something. */
+        if (get_size(ld, values[SPOOL_MAX_BYTES], key, 64 * 1024, 1ULL << 50, &number) == 0)
+            spool->max_bytes = number;
+    }
+    if (node_present(values[SPOOL_MAX_AGE])) {
+        key_join(key, sizeof(key), path, "max_age");
+        if (get_duration_ms(ld, values[SPOOL_MAX_AGE], key, 1000, 3650ULL * 24 * 3600 * 1000,
+                            &number) == 0)
+            spool->max_age_ms = number;
+    }
+    if (node_present(values[SPOOL_OVERFLOW])) {
+        key_join(key, sizeof(key), path, "overflow");
+        if (get_keyword(ld, values[SPOOL_OVERFLOW], key, overflow, 2, "block or drop-oldest",
+                        &choice) == 0)
+            spool->overflow = choice ? CONF_SPOOL_DROP_OLDEST : CONF_SPOOL_BLOCK;
+    }
+    if (node_present(values[SPOOL_COMMIT_INTERVAL])) {
+        key_join(key, sizeof(key), path, "commit_interval");
+        if (get_duration_ms(ld, values[SPOOL_COMMIT_INTERVAL], key, 0, 1000, &number) == 0)
+            spool->commit_interval_ms = (unsigned)number;
+    }
+    if (node_present(values[SPOOL_QOS0_OFFLINE])) {
+        key_join(key, sizeof(key), path, "qos0_offline");
+        if (get_keyword(ld, values[SPOOL_QOS0_OFFLINE], key, qos0, 2, "drop or spool", &choice) ==
+            0)
+            spool->qos0_offline_spool = choice == 1;
+    }
+}
+
+enum { RATE_MAX_MSGS, RATE_MAX_BYTES, RATE_KEYS };
+static const char *const rate_keys[RATE_KEYS] = {
+    [RATE_MAX_MSGS] = "max_msgs_per_s",
+    [RATE_MAX_BYTES] = "max_bytes_per_s",
+};
+
+static void parse_rate(struct loader *ld, yaml_node_t *node, const char *path,
+                       struct conf_rate *rate)
+{
+    yaml_node_t *values[RATE_KEYS] = {NULL};
+    yaml_mark_t marks[RATE_KEYS];
+    char key[CONF_KEY_MAX];
+    uint64_t number;
+
+    if (!walk_mapping(ld, node, path, rate_keys, RATE_KEYS, values, marks))
+        return;
+    if (node_present(values[RATE_MAX_MSGS])) {
+        key_join(key, sizeof(key), path, "max_msgs_per_s");
+        if (get_uint(ld, values[RATE_MAX_MSGS], key, "a message rate", 1, 1000000, &number) == 0)
+            rate->max_msgs_per_s = (uint32_t)number;
+    }
+    if (node_present(values[RATE_MAX_BYTES])) {
+        key_join(key, sizeof(key), path, "max_bytes_per_s");
+        if (get_size(ld, values[RATE_MAX_BYTES], key, 1024, 1ULL << 40, &number) == 0)
+            rate->max_bytes_per_s = number;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Profiles: generic rules, cumulocity                                       */
+
+/* A cloud topic template (profile.h): levels are literals, exactly
+ * "{child}", or (last) "{sub}". Returns NULL or what is wrong. */
+static const char *template_check(const char *tmpl, bool need_child, bool allow_sub)
+{
+    bool child = false, sub = false;
+    const char *p = tmpl;
+
+    if (strpbrk(tmpl, "+#") != NULL)
+        return "contains '+' or '#' (use {child} and {sub})";
+    for (;;) {
+        const char *slash = strchr(p, '/');
+        size_t len = slash ? (size_t)(slash - p) : strlen(p);
+        if (sub)
+            return "{sub} must be the last level";
+        if (len == 7 && memcmp(p, "{child}", 7) == 0) {
+            if (child)
+                return "{child} appears twice";
+            child = true;
+        } else if (len == 5 && memcmp(p, "{sub}", 5) == 0) {
+            if (!allow_sub)
+                return "{sub} is not allowed here (config has no sub-topics)";
+            sub = true;
+        } else if (memchr(p, '{', len) != NULL || memchr(p, '}', len) != NULL) {
+            return "a level with '{' must be exactly {child} or {sub}";
+        }
+        if (!slash)
+            break;
+        p = slash + 1;
+    }
+    if (need_child && !child)
+        return "has no {child} level (needed to know which child a message is for)";
+    return NULL;
+}
+
+enum { RULE_LOCAL, RULE_CLOUD, RULE_QOS, RULE_KEYS };
+static const char *const rule_keys[RULE_KEYS] = {
+    [RULE_LOCAL] = "local", [RULE_CLOUD] = "cloud", [RULE_QOS] = "qos"};
+
+static void parse_generic_rules(struct loader *ld, yaml_node_t *node, const char *key, bool up,
+                                struct conf_generic_rule **out, size_t *count)
+{
+    const char *expected_local = up ? "telemetry or state" : "config or commands";
+    size_t n;
+
+    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE,
+                     up ? "a sequence of {local, cloud, qos} rules"
+                        : "a sequence of {cloud, local, qos} rules"))
+        return;
+    n = sequence_length(node);
+    if (n == 0)
+        return;
+    *out = calloc(n, sizeof(**out));
+    if (*out == NULL) {
+        ld->oom = true;
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *values[RULE_KEYS];
+        yaml_mark_t marks[RULE_KEYS];
+        struct conf_generic_rule *rule = &(*out)[*count];
+        char path[CONF_KEY_MAX], k[CONF_KEY_MAX], quoted[CONF_QUOTE_MAX];
+        uint64_t number;
+        bool ok = true;
+
+        key_format(path, sizeof(path), "%s[%zu]", key, i);
+        if (!walk_mapping(ld, item, path, rule_keys, RULE_KEYS, values, marks))
+            continue;
+        rule->qos = -1;
+        key_join(k, sizeof(k), path, "local");
+        if (!node_present(values[RULE_LOCAL])) {
+            report(ld, values[RULE_LOCAL] ? values[RULE_LOCAL]->start_mark : item->start_mark, k,
+                   "missing (required: %s)", expected_local);
+            ok = false;
+        } else {
+            const char *text = scalar_text(ld, values[RULE_LOCAL], k, expected_local);
+            if (text == NULL)
+                ok = false;
+            else if (up && strcmp(text, "telemetry") == 0)
+                rule->channel = MAPPING_TELEMETRY;
+            else if (up && strcmp(text, "state") == 0)
+                rule->channel = MAPPING_STATE;
+            else if (!up && strcmp(text, "config") == 0)
+                rule->channel = MAPPING_CONFIG;
+            else if (!up && strcmp(text, "commands") == 0)
+                rule->channel = MAPPING_COMMANDS;
+            else {
+                report(ld, values[RULE_LOCAL]->start_mark, k,
+                       "%s is not a channel here (expected %s)",
+                       quote(text, quoted, sizeof(quoted)), expected_local);
+                ok = false;
+            }
+        }
+        key_join(k, sizeof(k), path, "cloud");
+        if (!node_present(values[RULE_CLOUD])) {
+            report(ld, values[RULE_CLOUD] ? values[RULE_CLOUD]->start_mark : item->start_mark, k,
+                   "missing (required: a topic template such as \"gw/{child}/t/{sub}\")");
+            ok = false;
+        } else if (get_text(ld, values[RULE_CLOUD], k, "a topic template", CONF_TOPIC_PREFIX_MAX,
+                            &rule->cloud) < 0 ||
+                   rule->cloud == NULL) {
+            ok = false;
+        } else {
+            const char *why =
+                template_check(rule->cloud, !up, up || rule->channel != MAPPING_CONFIG);
+            if (why) {
+                report(ld, values[RULE_CLOUD]->start_mark, k, "%s %s",
+                       quote(rule->cloud, quoted, sizeof(quoted)), why);
+                ok = false;
+            }
+        }
+        if (node_present(values[RULE_QOS])) {
+            key_join(k, sizeof(k), path, "qos");
+            if (get_uint(ld, values[RULE_QOS], k, "a QoS", 0, 2, &number) == 0)
+                rule->qos = (int)number;
+            else
+                ok = false;
+        }
+        if (!ok) {
+            free(rule->cloud);
+            rule->cloud = NULL;
+            continue;
+        }
+        (*count)++;
+    }
+}
+
+enum { GENERIC_TOPIC_PREFIX, GENERIC_UP, GENERIC_DOWN, GENERIC_KEYS };
+static const char *const generic_keys[GENERIC_KEYS] = {
+    [GENERIC_TOPIC_PREFIX] = "topic_prefix", [GENERIC_UP] = "up", [GENERIC_DOWN] = "down"};
+
+static void parse_generic(struct loader *ld, yaml_node_t *node, const char *path,
+                          struct conf_generic *generic)
+{
+    yaml_node_t *values[GENERIC_KEYS];
+    yaml_mark_t marks[GENERIC_KEYS];
+    char key[CONF_KEY_MAX];
+
+    if (!walk_mapping(ld, node, path, generic_keys, GENERIC_KEYS, values, marks))
+        return;
+    if (node_present(values[GENERIC_TOPIC_PREFIX])) {
+        key_join(key, sizeof(key), path, "topic_prefix");
+        get_topic_prefix(ld, values[GENERIC_TOPIC_PREFIX], key, false, &generic->topic_prefix);
+    }
+    if (node_present(values[GENERIC_UP])) {
+        key_join(key, sizeof(key), path, "up");
+        parse_generic_rules(ld, values[GENERIC_UP], key, true, &generic->up, &generic->up_count);
+    }
+    if (node_present(values[GENERIC_DOWN])) {
+        key_join(key, sizeof(key), path, "down");
+        parse_generic_rules(ld, values[GENERIC_DOWN], key, false, &generic->down,
+                            &generic->down_count);
+    }
+}
+
+#define C8Y_DEFAULT_TYPE       "c8y_MQTTDevice"
+#define C8Y_DEFAULT_CHILD_TYPE "c8y_MQTTChildDevice"
+#define C8Y_DEFAULT_BOOTSTRAP  "management/devicebootstrap"
+#define C8Y_DEFAULT_WILL_TOPIC "s/us"
+#define C8Y_DEFAULT_WILL       "400,c8y_ConnectionEvent,\"Device connection was lost.\""
+
+/* A Cumulocity device id (also a child's parent): a child id of the local
+ * contract (mapping_child_check) without ':' (the client id is
+ * d:<device_id>[:<template>], Cumulocity "MQTT implementation"). */
+static void get_c8y_id(struct loader *ld, yaml_node_t *node, const char *key, char **dst)
+{
+    static const char expected[] = "a device id without ':', ',', '/', '+', '#', quotes or spaces";
+    char quoted[CONF_QUOTE_MAX];
+    char *value = NULL;
+    const char *why;
+
+    if (get_text(ld, node, key, expected, MAPPING_CHILD_MAX, &value) < 0 || value == NULL)
+        return;
+    why = strchr(value, ':') ? "contains ':' (Cumulocity's client id d:<device_id>[:<template>] "
+                               "uses it as the separator)"
+                             : mapping_child_check(value, strlen(value));
+    if (why) {
+        report(ld, node->start_mark, key, "%s: %s (expected %s)",
+               quote(value, quoted, sizeof(quoted)), why, expected);
+        free(value);
+        return;
+    }
+    free(*dst);
+    *dst = value;
+}
+
+enum { C8Y_HW_SERIAL, C8Y_HW_MODEL, C8Y_HW_REVISION, C8Y_HW_KEYS };
+static const char *const c8y_hw_keys[C8Y_HW_KEYS] = {
+    [C8Y_HW_SERIAL] = "serial", [C8Y_HW_MODEL] = "model", [C8Y_HW_REVISION] = "revision"};
+
+enum { C8Y_BS_USER, C8Y_BS_PASSWORD, C8Y_BS_PASSWORD_FILE, C8Y_BS_INTERVAL, C8Y_BS_KEYS };
+static const char *const c8y_bs_keys[C8Y_BS_KEYS] = {
+    [C8Y_BS_USER] = "user",
+    [C8Y_BS_PASSWORD] = "password",
+    [C8Y_BS_PASSWORD_FILE] = "password_file",
+    [C8Y_BS_INTERVAL] = "interval",
+};
+
+enum { C8Y_WILL_TOPIC, C8Y_WILL_MESSAGE, C8Y_WILL_KEYS };
+static const char *const c8y_will_keys[C8Y_WILL_KEYS] = {
+    [C8Y_WILL_TOPIC] = "topic", [C8Y_WILL_MESSAGE] = "message"};
+
+enum { C8Y_CHILD_MATCH, C8Y_CHILD_PARENT, C8Y_CHILD_NAME, C8Y_CHILD_TYPE, C8Y_CHILD_KEYS };
+static const char *const c8y_child_keys[C8Y_CHILD_KEYS] = {
+    [C8Y_CHILD_MATCH] = "match",
+    [C8Y_CHILD_PARENT] = "parent",
+    [C8Y_CHILD_NAME] = "name",
+    [C8Y_CHILD_TYPE] = "type",
+};
+
+enum {
+    C8Y_DEVICE_ID,
+    C8Y_TEMPLATE,
+    C8Y_TENANT,
+    C8Y_NAME,
+    C8Y_TYPE,
+    C8Y_HARDWARE,
+    C8Y_SUPPORTED_OPERATIONS,
+    C8Y_REQUIRED_INTERVAL,
+    C8Y_BOOTSTRAP,
+    C8Y_WILL,
+    C8Y_CHILDREN,
+    C8Y_TOKEN,
+    C8Y_KEYS
+};
+static const char *const c8y_keys[C8Y_KEYS] = {
+    [C8Y_DEVICE_ID] = "device_id",
+    [C8Y_TEMPLATE] = "template",
+    [C8Y_TENANT] = "tenant",
+    [C8Y_NAME] = "name",
+    [C8Y_TYPE] = "type",
+    [C8Y_HARDWARE] = "hardware",
+    [C8Y_SUPPORTED_OPERATIONS] = "supported_operations",
+    [C8Y_REQUIRED_INTERVAL] = "required_interval",
+    [C8Y_BOOTSTRAP] = "bootstrap",
+    [C8Y_WILL] = "will",
+    [C8Y_CHILDREN] = "children",
+    [C8Y_TOKEN] = "token",
+};
+
+static void parse_c8y_children(struct loader *ld, yaml_node_t *node, const char *key,
+                               struct conf_cumulocity *c8y)
+{
+    size_t n;
+
+    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE,
+                     "a sequence of {match, parent, name, type} rules"))
+        return;
+    n = sequence_length(node);
+    if (n == 0)
+        return;
+    c8y->children = calloc(n, sizeof(*c8y->children));
+    if (c8y->children == NULL) {
+        ld->oom = true;
+        return;
+    }
+    c8y->child_count = n;
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *values[C8Y_CHILD_KEYS];
+        yaml_mark_t marks[C8Y_CHILD_KEYS];
+        struct conf_c8y_child *child = &c8y->children[i];
+        char path[CONF_KEY_MAX], k[CONF_KEY_MAX];
+
+        key_format(path, sizeof(path), "%s[%zu]", key, i);
+        if (!walk_mapping(ld, item, path, c8y_child_keys, C8Y_CHILD_KEYS, values, marks))
+            continue;
+        key_join(k, sizeof(k), path, "match");
+        if (node_present(values[C8Y_CHILD_MATCH]))
+            get_text(ld, values[C8Y_CHILD_MATCH], k, "a glob of child ids, e.g. \"modbus-*\"", 256,
+                     &child->match);
+        key_join(k, sizeof(k), path, "parent");
+        if (node_present(values[C8Y_CHILD_PARENT]))
+            get_c8y_id(ld, values[C8Y_CHILD_PARENT], k, &child->parent);
+        key_join(k, sizeof(k), path, "name");
+        if (node_present(values[C8Y_CHILD_NAME]))
+            get_text(ld, values[C8Y_CHILD_NAME], k, "a device name ({child} is the child id)", 256,
+                     &child->name);
+        key_join(k, sizeof(k), path, "type");
+        if (node_present(values[C8Y_CHILD_TYPE]))
+            get_text(ld, values[C8Y_CHILD_TYPE], k, "a device type", 256, &child->type);
+        if (child->match == NULL)
+            set_string(ld, &child->match, "*");
+        if (child->name == NULL)
+            set_string(ld, &child->name, "{child}");
+        if (child->type == NULL)
+            set_string(ld, &child->type, C8Y_DEFAULT_CHILD_TYPE);
+    }
+}
+
+static void parse_c8y_bootstrap(struct loader *ld, yaml_node_t *node, const char *path,
+                                struct conf_cumulocity *c8y)
+{
+    yaml_node_t *values[C8Y_BS_KEYS];
+    yaml_mark_t marks[C8Y_BS_KEYS];
+    char k[CONF_KEY_MAX];
+    uint64_t ms;
+
+    if (!walk_mapping(ld, node, path, c8y_bs_keys, C8Y_BS_KEYS, values, marks))
+        return;
+    c8y->bootstrap = true;
+    c8y->bootstrap_interval_ms = 5000;
+    key_join(k, sizeof(k), path, "user");
+    if (node_present(values[C8Y_BS_USER]))
+        get_text(ld, values[C8Y_BS_USER], k, "the bootstrap user, e.g. management/devicebootstrap",
+                 CONF_MQTT_STRING_MAX, &c8y->bootstrap_user);
+    else
+        set_string(ld, &c8y->bootstrap_user, C8Y_DEFAULT_BOOTSTRAP);
+    if (node_present(values[C8Y_BS_PASSWORD]) && node_present(values[C8Y_BS_PASSWORD_FILE])) {
+        key_join(k, sizeof(k), path, "password_file");
+        report(ld, values[C8Y_BS_PASSWORD_FILE]->start_mark, k,
+               "give either password or password_file, not both");
+    } else if (node_present(values[C8Y_BS_PASSWORD])) {
+        key_join(k, sizeof(k), path, "password");
+        get_text(ld, values[C8Y_BS_PASSWORD], k, "the bootstrap password", CONF_MQTT_STRING_MAX,
+                 &c8y->bootstrap_password);
+    } else if (node_present(values[C8Y_BS_PASSWORD_FILE])) {
+        key_join(k, sizeof(k), path, "password_file");
+        read_password_file(ld, values[C8Y_BS_PASSWORD_FILE], k, &c8y->bootstrap_password);
+    } else {
+        key_join(k, sizeof(k), path, "password");
+        report(ld, node->start_mark, k,
+               "missing (required: the bootstrap password from Cumulocity, or password_file)");
+    }
+    if (node_present(values[C8Y_BS_INTERVAL])) {
+        key_join(k, sizeof(k), path, "interval");
+        if (get_duration_ms(ld, values[C8Y_BS_INTERVAL], k, 100, 3600 * 1000ULL, &ms) == 0)
+            c8y->bootstrap_interval_ms = (unsigned)ms;
+    }
+}
+
+static void parse_c8y_will(struct loader *ld, yaml_node_t *node, const char *path,
+                           struct conf_cumulocity *c8y)
+{
+    yaml_node_t *values[C8Y_WILL_KEYS];
+    yaml_mark_t marks[C8Y_WILL_KEYS];
+    char k[CONF_KEY_MAX];
+
+    if (node->type == YAML_SCALAR_NODE) {
+        bool on = true;
+        if (get_bool(ld, node, path, &on) == 0 && on)
+            report(ld, node->start_mark, path,
+                   "true is the default (expected false, or {topic, message})");
+        c8y->will = on;
+        return;
+    }
+    if (!walk_mapping(ld, node, path, c8y_will_keys, C8Y_WILL_KEYS, values, marks))
+        return;
+    if (node_present(values[C8Y_WILL_TOPIC])) {
+        key_join(k, sizeof(k), path, "topic");
+        get_text(ld, values[C8Y_WILL_TOPIC], k, "a topic such as s/us", CONF_TOPIC_PREFIX_MAX,
+                 &c8y->will_topic);
+    }
+    if (node_present(values[C8Y_WILL_MESSAGE])) {
+        key_join(k, sizeof(k), path, "message");
+        get_text(ld, values[C8Y_WILL_MESSAGE], k, "a SmartREST line", 16000, &c8y->will_message);
+    }
+}
+
+static void parse_cumulocity(struct loader *ld, yaml_node_t *node, const char *path,
+                             struct conf_uplink *uplink)
+{
+    struct conf_cumulocity *c8y = &uplink->cumulocity;
+    yaml_node_t *values[C8Y_KEYS] = {NULL};
+    yaml_mark_t marks[C8Y_KEYS];
+    char k[CONF_KEY_MAX], quoted[CONF_QUOTE_MAX];
+    uint64_t number;
+
+    c8y->required_interval_min = -1;
+    c8y->will = true;
+    if (node != NULL && !walk_mapping(ld, node, path, c8y_keys, C8Y_KEYS, values, marks))
+        return;
+    key_join(k, sizeof(k), path, "device_id");
+    if (node_present(values[C8Y_DEVICE_ID]))
+        get_c8y_id(ld, values[C8Y_DEVICE_ID], k, &c8y->device_id);
+    if (node_present(values[C8Y_TEMPLATE])) {
+        key_join(k, sizeof(k), path, "template");
+        if (get_text(ld, values[C8Y_TEMPLATE], k, "a SmartREST template collection id (X-ID)", 256,
+                     &c8y->template_id) == 0 &&
+            c8y->template_id && first_bad_char(c8y->template_id, "_-.") != NULL) {
+            report(ld, values[C8Y_TEMPLATE]->start_mark, k,
+                   "%s contains a character other than A-Z a-z 0-9 _ - . (it becomes part of the "
+                   "client id and of s/uc/<template>)",
+                   quote(c8y->template_id, quoted, sizeof(quoted)));
+        }
+    }
+    if (node_present(values[C8Y_TENANT])) {
+        key_join(k, sizeof(k), path, "tenant");
+        if (get_text(ld, values[C8Y_TENANT], k, "a tenant id such as t12345", 256, &c8y->tenant) ==
+                0 &&
+            c8y->tenant && strchr(c8y->tenant, '/'))
+            report(ld, values[C8Y_TENANT]->start_mark, k, "%s contains '/' (expected a tenant id)",
+                   quote(c8y->tenant, quoted, sizeof(quoted)));
+    }
+    key_join(k, sizeof(k), path, "name");
+    if (node_present(values[C8Y_NAME]))
+        get_text(ld, values[C8Y_NAME], k, "the device name shown in Cumulocity", 256, &c8y->name);
+    key_join(k, sizeof(k), path, "type");
+    if (node_present(values[C8Y_TYPE]))
+        get_text(ld, values[C8Y_TYPE], k, "a device type", 256, &c8y->type);
+    else
+        set_string(ld, &c8y->type, C8Y_DEFAULT_TYPE);
+    if (node_present(values[C8Y_HARDWARE])) {
+        yaml_node_t *hw[C8Y_HW_KEYS];
+        yaml_mark_t hw_marks[C8Y_HW_KEYS];
+        char hw_path[CONF_KEY_MAX];
+        key_join(hw_path, sizeof(hw_path), path, "hardware");
+        if (walk_mapping(ld, values[C8Y_HARDWARE], hw_path, c8y_hw_keys, C8Y_HW_KEYS, hw,
+                         hw_marks)) {
+            char **dst[C8Y_HW_KEYS] = {&c8y->hardware_serial, &c8y->hardware_model,
+                                       &c8y->hardware_revision};
+            for (size_t i = 0; i < C8Y_HW_KEYS; i++) {
+                key_join(k, sizeof(k), hw_path, c8y_hw_keys[i]);
+                if (node_present(hw[i]))
+                    get_text(ld, hw[i], k, "text", 256, dst[i]);
+                else
+                    set_string(ld, dst[i], "");
+            }
+        }
+    }
+    if (node_present(values[C8Y_SUPPORTED_OPERATIONS])) {
+        key_join(k, sizeof(k), path, "supported_operations");
+        get_string_list(ld, values[C8Y_SUPPORTED_OPERATIONS], k,
+                        "a list of operation fragments, e.g. [c8y_Restart]", NULL,
+                        &c8y->supported_operations, &c8y->supported_operation_count);
+    }
+    if (node_present(values[C8Y_REQUIRED_INTERVAL])) {
+        key_join(k, sizeof(k), path, "required_interval");
+        if (get_uint(ld, values[C8Y_REQUIRED_INTERVAL], k, "a number of minutes", 0, 525600,
+                     &number) == 0)
+            c8y->required_interval_min = (int)number;
+    }
+    if (node_present(values[C8Y_BOOTSTRAP])) {
+        key_join(k, sizeof(k), path, "bootstrap");
+        parse_c8y_bootstrap(ld, values[C8Y_BOOTSTRAP], k, c8y);
+    }
+    if (node_present(values[C8Y_WILL])) {
+        key_join(k, sizeof(k), path, "will");
+        parse_c8y_will(ld, values[C8Y_WILL], k, c8y);
+    }
+    if (c8y->will && c8y->will_topic == NULL)
+        set_string(ld, &c8y->will_topic, C8Y_DEFAULT_WILL_TOPIC);
+    if (c8y->will && c8y->will_message == NULL)
+        set_string(ld, &c8y->will_message, C8Y_DEFAULT_WILL);
+    if (node_present(values[C8Y_CHILDREN])) {
+        key_join(k, sizeof(k), path, "children");
+        parse_c8y_children(ld, values[C8Y_CHILDREN], k, c8y);
+    }
+    if (node_present(values[C8Y_TOKEN])) {
+        key_join(k, sizeof(k), path, "token");
+        get_bool(ld, values[C8Y_TOKEN], k, &c8y->token);
+    }
+}
+
+/* After the whole uplink is read: the Cumulocity rules that tie profile,
+ * auth and tls together (Cumulocity "MQTT implementation": user name
+ * <tenant>/<user>, or a client certificate whose CN is the device id). */
+static void check_cumulocity(struct loader *ld, yaml_node_t *uplink_node, const char *path,
+                             struct conf_uplink *uplink)
+{
+    struct conf_cumulocity *c8y = &uplink->cumulocity;
+    char k[CONF_KEY_MAX];
+    bool cert = uplink->tls.enabled && uplink->tls.cert != NULL;
+
+    key_join(k, sizeof(k), path, "auth");
+    if (uplink->auth.type == CONF_AUTH_JWT) {
+        report(ld, uplink_node->start_mark, k,
+               "type jwt is not used by Cumulocity (expected basic, or none with a client "
+               "certificate in tls.cert or cumulocity.bootstrap)");
+    } else if (c8y->bootstrap && uplink->auth.type != CONF_AUTH_NONE) {
+        report(ld, uplink_node->start_mark, k,
+               "cumulocity.bootstrap fetches the credentials; leave auth out (or type none)");
+    } else if (uplink->auth.type == CONF_AUTH_BASIC && c8y->tenant == NULL &&
+               (uplink->auth.username == NULL || strchr(uplink->auth.username, '/') == NULL)) {
+        report(ld, uplink_node->start_mark, k,
+               "username must be <tenant>/<user> for Cumulocity (or set cumulocity.tenant)");
+    } else if (uplink->auth.type == CONF_AUTH_NONE && !cert && !c8y->bootstrap) {
+        report(ld, uplink_node->start_mark, k,
+               "missing: Cumulocity needs auth type basic (<tenant>/<user> and password), a "
+               "client certificate (tls.cert, CN = the device id) or cumulocity.bootstrap");
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Profiles: gcp (Google Cloud IoT Core / ClearBlade IoT Core), akenza       */
+
+#define GCP_DEFAULT_ATTACH_IDLE_MS (30ULL * 60 * 1000)
+
+enum {
+    GCP_PROJECT,
+    GCP_REGION,
+    GCP_REGISTRY,
+    GCP_DEVICE,
+    GCP_GATEWAY,
+    GCP_ATTACH_IDLE,
+    GCP_CHILD_KEY,
+    GCP_KEYS
+};
+static const char *const gcp_keys[GCP_KEYS] = {
+    [GCP_PROJECT] = "project",     [GCP_REGION] = "region",   [GCP_REGISTRY] = "registry",
+    [GCP_DEVICE] = "device",       [GCP_GATEWAY] = "gateway", [GCP_ATTACH_IDLE] = "attach_idle",
+    [GCP_CHILD_KEY] = "child_key",
+};
+
+/* A GCP device id (gcp_id_check) or, for @what, a project/region/registry
+ * name: they become levels of the client id, so no '/'. */
+static void get_gcp_name(struct loader *ld, yaml_node_t *node, const char *key, bool device,
+                         const char *expected, char **dst)
+{
+    char quoted[CONF_QUOTE_MAX];
+    char *value = NULL;
+    const char *why = NULL;
+
+    if (get_text(ld, node, key, expected, device ? GCP_ID_MAX : 255, &value) < 0 || value == NULL)
+        return;
+    if (device)
+        why = gcp_id_check(value);
+    else if (first_bad_char(value, "-_.:") != NULL)
+        why = "contains a character other than A-Z a-z 0-9 - _ . : (it becomes a level of the "
+              "client id projects/<project>/locations/<region>/registries/<registry>/...)";
+    if (why) {
+        report(ld, node->start_mark, key, "%s: %s (expected %s)",
+               quote(value, quoted, sizeof(quoted)), why, expected);
+        free(value);
+        return;
+    }
+    free(*dst);
+    *dst = value;
+}
+
+/* The JWT rules both JWT clouds share: auth.type jwt is required. */
+static bool check_jwt_cloud(struct loader *ld, yaml_node_t *uplink_node, const char *path,
+                            struct conf_uplink *uplink, const char *cloud)
+{
+    char k[CONF_KEY_MAX];
+
+    key_join(k, sizeof(k), path, "auth");
+    if (uplink->auth.type != CONF_AUTH_JWT) {
+        report(ld, uplink_node->start_mark, k,
+               "%s needs type jwt (a JWT signed with the device's private key is the MQTT "
+               "password: add auth: {type: jwt, key: /etc/uplinkd/device.key})",
+               cloud);
+        return false;
+    }
+    /* GCP and akenza register RS256 and ES256 public keys only. */
+    if (uplink->auth.jwt.alg != JWT_ALG_RS256 && uplink->auth.jwt.alg != JWT_ALG_ES256) {
+        key_join(k, sizeof(k), path, "auth.alg");
+        report(ld, uplink_node->start_mark, k,
+               "%s is not accepted by %s (expected RS256 with an RSA key or ES256 with a P-256 "
+               "key)",
+               jwt_alg_name(uplink->auth.jwt.alg), cloud);
+        return false;
+    }
+    return true;
+}
+
+static void parse_gcp(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+                      const char *uplink_path, const char *path, struct conf_uplink *uplink,
+                      bool rate_set)
+{
+    struct conf_gcp *gcp = &uplink->gcp;
+    yaml_node_t *values[GCP_KEYS] = {NULL};
+    yaml_mark_t marks[GCP_KEYS];
+    char k[CONF_KEY_MAX];
+    const char *gateway_id = ld->conf->gateway_id;
+
+    gcp->attach_idle_ms = GCP_DEFAULT_ATTACH_IDLE_MS;
+    if (node == NULL) {
+        report(ld, uplink_node->start_mark, path,
+               "missing (required with profile gcp: {project, region, registry})");
+        return;
+    }
+    if (!walk_mapping(ld, node, path, gcp_keys, GCP_KEYS, values, marks))
+        return;
+    static const char *const required[] = {"the Google Cloud project id",
+                                           "the cloud region, e.g. us-central1",
+                                           "the device registry id"};
+    char **dst[] = {&gcp->project, &gcp->region, &gcp->registry};
+    for (int i = GCP_PROJECT; i <= GCP_REGISTRY; i++) {
+        key_join(k, sizeof(k), path, gcp_keys[i]);
+        if (node_present(values[i]))
+            get_gcp_name(ld, values[i], k, false, required[i], dst[i]);
+        else
+            report(ld, node->start_mark, k, "missing (required: %s)", required[i]);
+    }
+    key_join(k, sizeof(k), path, "device");
+    if (node_present(values[GCP_DEVICE])) {
+        get_gcp_name(ld, values[GCP_DEVICE], k, true, "the gateway's GCP device id", &gcp->device);
+    } else if (gateway_id != NULL) {
+        const char *why = gcp_id_check(gateway_id);
+        if (why)
+            report(ld, node->start_mark, k,
+                   "missing, and gateway.id \"%s\" is not a GCP device id: %s (set %s)", gateway_id,
+                   why, k);
+        else
+            set_string(ld, &gcp->device, gateway_id);
+    }
+    if (node_present(values[GCP_GATEWAY])) {
+        key_join(k, sizeof(k), path, "gateway");
+        get_bool(ld, values[GCP_GATEWAY], k, &gcp->gateway);
+    }
+    if (node_present(values[GCP_ATTACH_IDLE])) {
+        key_join(k, sizeof(k), path, "attach_idle");
+        get_duration_ms(ld, values[GCP_ATTACH_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
+                        &gcp->attach_idle_ms);
+    }
+    if (node_present(values[GCP_CHILD_KEY])) {
+        key_join(k, sizeof(k), path, "child_key");
+        if (get_text(ld, values[GCP_CHILD_KEY], k,
+                     "a key file pattern with %c for the child id, e.g. "
+                     "/etc/uplinkd/devices/%c.pem",
+                     4000, &gcp->child_key) == 0 &&
+            gcp->child_key != NULL && strstr(gcp->child_key, "%c") == NULL)
+            report(ld, values[GCP_CHILD_KEY]->start_mark, k,
+                   "has no %%c (expected a key file pattern with %%c for the child id, e.g. "
+                   "/etc/uplinkd/devices/%%c.pem)");
+        else if (gcp->child_key != NULL && gcp->child_key[0] != '/')
+            report(ld, values[GCP_CHILD_KEY]->start_mark, k,
+                   "must be an absolute path (expected e.g. /etc/uplinkd/devices/%%c.pem)");
+    }
+    if ((values[GCP_ATTACH_IDLE] || values[GCP_CHILD_KEY]) && !gcp->gateway) {
+        key_join(k, sizeof(k), path, values[GCP_CHILD_KEY] ? "child_key" : "attach_idle");
+        report(
+            ld,
+            (values[GCP_CHILD_KEY] ? values[GCP_CHILD_KEY] : values[GCP_ATTACH_IDLE])->start_mark,
+            k, "is only used with gateway: true");
+    }
+    if (!check_jwt_cloud(ld, uplink_node, uplink_path, uplink, "GCP IoT Core"))
+        return;
+    /* "Using JSON Web Tokens": aud is the project id. */
+    if (uplink->auth.jwt.aud == NULL && gcp->project != NULL)
+        set_string(ld, &uplink->auth.jwt.aud, gcp->project);
+    /* GCP quota: 100 incoming messages per second per connection, all
+     * attached children together; the uplink's token bucket keeps to it. */
+    if (!rate_set)
+        uplink->rate.max_msgs_per_s = GCP_MSGS_PER_S;
+}
+
+enum { AKENZA_DEVICE, AKENZA_CHILD_KEY, AKENZA_SESSION_IDLE, AKENZA_KEYS };
+static const char *const akenza_keys[AKENZA_KEYS] = {
+    [AKENZA_DEVICE] = "device",
+    [AKENZA_CHILD_KEY] = "child_key",
+    [AKENZA_SESSION_IDLE] = "session_idle",
+};
+
+#define AKENZA_DEFAULT_SESSION_IDLE_MS (10ULL * 60 * 1000)
+
+#define AKENZA_AUD_PREFIX "https://akenza.io/devices/"
+
+static void parse_akenza(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+                         const char *uplink_path, const char *path, struct conf_uplink *uplink)
+{
+    static const char expected[] = "the akenza device id (its MQTT client id)";
+    struct conf_akenza *akenza = &uplink->akenza;
+    struct conf_jwt *jwt = &uplink->auth.jwt;
+    yaml_node_t *values[AKENZA_KEYS] = {NULL};
+    yaml_mark_t marks[AKENZA_KEYS];
+    char k[CONF_KEY_MAX], quoted[CONF_QUOTE_MAX];
+
+    akenza->session_idle_ms = AKENZA_DEFAULT_SESSION_IDLE_MS;
+    if (node != NULL && !walk_mapping(ld, node, path, akenza_keys, AKENZA_KEYS, values, marks))
+        return;
+    if (node_present(values[AKENZA_CHILD_KEY])) {
+        key_join(k, sizeof(k), path, "child_key");
+        if (get_text(ld, values[AKENZA_CHILD_KEY], k,
+                     "a key file pattern with %c for the child id, e.g. "
+                     "/etc/uplinkd/devices/%c.key",
+                     4000, &akenza->child_key) == 0 &&
+            akenza->child_key != NULL &&
+            (akenza->child_key[0] != '/' || strstr(akenza->child_key, "%c") == NULL))
+            report(ld, values[AKENZA_CHILD_KEY]->start_mark, k,
+                   "%s is not an absolute path with %%c (expected e.g. "
+                   "/etc/uplinkd/devices/%%c.key)",
+                   quote(akenza->child_key, quoted, sizeof(quoted)));
+    }
+    if (node_present(values[AKENZA_SESSION_IDLE])) {
+        key_join(k, sizeof(k), path, "session_idle");
+        if (akenza->child_key == NULL)
+            report(ld, values[AKENZA_SESSION_IDLE]->start_mark, k,
+                   "is only used with child_key (per-device sessions)");
+        else
+            get_duration_ms(ld, values[AKENZA_SESSION_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
+                            &akenza->session_idle_ms);
+    }
+    key_join(k, sizeof(k), path, "device");
+    if (node_present(values[AKENZA_DEVICE])) {
+        if (get_text(ld, values[AKENZA_DEVICE], k, expected, MAPPING_CHILD_MAX, &akenza->device) ==
+                0 &&
+            akenza->device != NULL) {
+            const char *why = mapping_child_check(akenza->device, strlen(akenza->device));
+            if (why) {
+                report(ld, values[AKENZA_DEVICE]->start_mark, k, "%s: %s (expected %s)",
+                       quote(akenza->device, quoted, sizeof(quoted)), why, expected);
+                free(akenza->device);
+                akenza->device = NULL;
+            }
+        }
+    } else if (ld->conf->gateway_id != NULL) {
+        set_string(ld, &akenza->device, ld->conf->gateway_id);
+    }
+    if (!check_jwt_cloud(ld, uplink_node, uplink_path, uplink, "akenza") || akenza->device == NULL)
+        return;
+    /* akenza "MQTT device connectivity" (JWT): aud https://akenza.io/devices/
+     * <device id> (older docs: the bare id, so auth.aud may say so), sub =
+     * the device id, kid = hex SHA-256 of the public key's DER. */
+    if (jwt->aud == NULL) {
+        size_t len = strlen(AKENZA_AUD_PREFIX) + strlen(akenza->device) + 1;
+        jwt->aud = malloc(len);
+        if (jwt->aud == NULL) {
+            ld->oom = true;
+            return;
+        }
+        snprintf(jwt->aud, len, "%s%s", AKENZA_AUD_PREFIX, akenza->device);
+    }
+    if (jwt->kid_mode == JWT_KID_NONE)
+        jwt->kid_mode = JWT_KID_FINGERPRINT;
+    for (size_t i = 0; i < jwt->claim_count; i++) {
+        if (strcmp(jwt->claims[i].name, "sub") == 0)
+            return; /* the operator's own */
+    }
+    struct conf_jwt_claim *grown = realloc(jwt->claims, (jwt->claim_count + 1) * sizeof(*grown));
+    if (grown == NULL) {
+        ld->oom = true;
+        return;
+    }
+    jwt->claims = grown;
+    grown[jwt->claim_count].name = strdup("sub");
+    grown[jwt->claim_count].value = strdup(akenza->device);
+    if (grown[jwt->claim_count].name == NULL || grown[jwt->claim_count].value == NULL) {
+        free(grown[jwt->claim_count].name);
+        free(grown[jwt->claim_count].value);
+        ld->oom = true;
+        return;
+    }
+    jwt->claim_count++;
+}
 
 enum {
     UPLINK_NAME,
@@ -1741,6 +3034,11 @@ enum {
     UPLINK_RECONNECT,
     UPLINK_MAX_QUEUED,
     UPLINK_GENERIC,
+    UPLINK_SPOOL,
+    UPLINK_RATE,
+    UPLINK_CUMULOCITY,
+    UPLINK_GCP,
+    UPLINK_AKENZA,
     UPLINK_KEYS
 };
 static const char *const uplink_keys[UPLINK_KEYS] = {
@@ -1756,9 +3054,15 @@ static const char *const uplink_keys[UPLINK_KEYS] = {
     [UPLINK_RECONNECT] = "reconnect",
     [UPLINK_MAX_QUEUED] = "max_queued",
     [UPLINK_GENERIC] = "generic",
+    [UPLINK_SPOOL] = "spool",
+    [UPLINK_RATE] = "rate",
+    [UPLINK_CUMULOCITY] = "cumulocity",
+    [UPLINK_GCP] = "gcp",
+    [UPLINK_AKENZA] = "akenza",
 };
 
-static const char *const known_profiles[] = {"generic"};
+/* The registry itself is profile.c (daemon only); keep the two in step. */
+static const char *const known_profiles[] = {"generic", "cumulocity", "gcp", "akenza"};
 
 static void parse_uplink_name(struct loader *ld, yaml_node_t *node, yaml_node_t *map,
                               const char *path, size_t index)
@@ -1820,6 +3124,10 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
     uplink->reconnect_base_ms = DEFAULT_RECONNECT_BASE_MS;
     uplink->reconnect_cap_ms = DEFAULT_RECONNECT_CAP_MS;
     uplink->max_queued_messages = DEFAULT_MAX_QUEUED;
+    uplink->spool.durability = CONF_SPOOL_FSYNC;
+    uplink->spool.max_bytes = 256ULL * 1024 * 1024;
+    uplink->spool.overflow = CONF_SPOOL_BLOCK;
+    uplink->spool.commit_interval_ms = 5;
 
     if (!walk_mapping(ld, node, path, uplink_keys, UPLINK_KEYS, values, marks))
         return;
@@ -1904,7 +3212,7 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
 
     if (node_present(values[UPLINK_AUTH])) {
         key_join(key, sizeof(key), path, "auth");
-        parse_auth(ld, values[UPLINK_AUTH], key, &uplink->auth);
+        parse_auth(ld, values[UPLINK_AUTH], key, uplink->profile, &uplink->auth);
     }
 
     if (node_present(values[UPLINK_RECONNECT])) {
@@ -1919,20 +3227,52 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
             uplink->max_queued_messages = (size_t)number;
     }
 
-    if (node_present(values[UPLINK_GENERIC])) {
-        yaml_node_t *generic[GENERIC_KEYS] = {NULL};
-        yaml_mark_t generic_marks[GENERIC_KEYS];
-        char generic_path[CONF_KEY_MAX];
-
-        key_join(generic_path, sizeof(generic_path), path, "generic");
-        if (walk_mapping(ld, values[UPLINK_GENERIC], generic_path, generic_keys, GENERIC_KEYS,
-                         generic, generic_marks) &&
-            node_present(generic[GENERIC_TOPIC_PREFIX])) {
-            key_join(key, sizeof(key), generic_path, "topic_prefix");
-            get_topic_prefix(ld, generic[GENERIC_TOPIC_PREFIX], key, false,
-                             &uplink->generic.topic_prefix);
-        }
+    if (node_present(values[UPLINK_SPOOL])) {
+        key_join(key, sizeof(key), path, "spool");
+        parse_spool(ld, values[UPLINK_SPOOL], key, &uplink->spool);
     }
+    if (node_present(values[UPLINK_RATE])) {
+        key_join(key, sizeof(key), path, "rate");
+        parse_rate(ld, values[UPLINK_RATE], key, &uplink->rate);
+    }
+
+    if (node_present(values[UPLINK_GENERIC])) {
+        key_join(key, sizeof(key), path, "generic");
+        parse_generic(ld, values[UPLINK_GENERIC], key, &uplink->generic);
+    }
+
+    key_join(key, sizeof(key), path, "cumulocity");
+    if (uplink->profile != NULL && strcmp(uplink->profile, "cumulocity") == 0) {
+        parse_cumulocity(ld, node_present(values[UPLINK_CUMULOCITY]) ? values[UPLINK_CUMULOCITY]
+                                                                     : NULL,
+                         key, uplink);
+        check_cumulocity(ld, node, path, uplink);
+    } else if (node_present(values[UPLINK_CUMULOCITY])) {
+        report(ld, values[UPLINK_CUMULOCITY]->start_mark, key,
+               "is only used with profile: cumulocity");
+    }
+
+    /* gcp and akenza build the client id from their own section. */
+    bool is_gcp = uplink->profile != NULL && strcmp(uplink->profile, "gcp") == 0;
+    bool is_akenza = uplink->profile != NULL && strcmp(uplink->profile, "akenza") == 0;
+    if ((is_gcp || is_akenza) && node_present(values[UPLINK_CLIENT_ID])) {
+        key_join(key, sizeof(key), path, "client_id");
+        report(ld, values[UPLINK_CLIENT_ID]->start_mark, key,
+               "is set by profile %s (from %s.%s); remove it", uplink->profile, uplink->profile,
+               is_gcp ? "project, region, registry and device" : "device");
+    }
+    key_join(key, sizeof(key), path, "gcp");
+    if (is_gcp)
+        parse_gcp(ld, node_present(values[UPLINK_GCP]) ? values[UPLINK_GCP] : NULL, node, path, key,
+                  uplink, node_present(values[UPLINK_RATE]));
+    else if (node_present(values[UPLINK_GCP]))
+        report(ld, values[UPLINK_GCP]->start_mark, key, "is only used with profile: gcp");
+    key_join(key, sizeof(key), path, "akenza");
+    if (is_akenza)
+        parse_akenza(ld, node_present(values[UPLINK_AKENZA]) ? values[UPLINK_AKENZA] : NULL, node,
+                     path, key, uplink);
+    else if (node_present(values[UPLINK_AKENZA]))
+        report(ld, values[UPLINK_AKENZA]->start_mark, key, "is only used with profile: akenza");
 }
 
 static void parse_uplinks(struct loader *ld, yaml_node_t *node)
@@ -2126,6 +3466,16 @@ static void apply_defaults(struct loader *ld)
             set_string(ld, &uplink->client_id, conf->gateway_id);
         if (uplink->generic.topic_prefix == NULL)
             set_string(ld, &uplink->generic.topic_prefix, conf->gateway_id);
+        if (uplink->profile != NULL && strcmp(uplink->profile, "cumulocity") == 0) {
+            struct conf_cumulocity *c8y = &uplink->cumulocity;
+            if (c8y->device_id == NULL)
+                set_string(ld, &c8y->device_id, conf->gateway_id);
+            if (c8y->name == NULL && c8y->device_id != NULL)
+                set_string(ld, &c8y->name, c8y->device_id);
+            /* X.509: Cumulocity takes the device from the certificate's CN. */
+            if (uplink->tls.enabled && uplink->tls.cert != NULL && c8y->device_id != NULL)
+                set_string(ld, &uplink->cert_cn, c8y->device_id);
+        }
     }
 }
 
@@ -2365,7 +3715,54 @@ void conf_free(struct conf *conf)
         free(uplink->tls.key);
         free(uplink->auth.username);
         free_secret(uplink->auth.password);
+        free(uplink->tls.alpn);
+        free(uplink->auth.jwt.key);
+        free(uplink->auth.jwt.passphrase_file);
+        free(uplink->auth.jwt.pkcs11_module);
+        EVP_PKEY_free(uplink->auth.jwt.private_key);
+        free(uplink->auth.jwt.aud);
+        free(uplink->auth.jwt.kid);
+        for (size_t j = 0; j < uplink->auth.jwt.claim_count; j++) {
+            free(uplink->auth.jwt.claims[j].name);
+            free(uplink->auth.jwt.claims[j].value);
+        }
+        free(uplink->auth.jwt.claims);
         free(uplink->generic.topic_prefix);
+        for (size_t j = 0; j < uplink->generic.up_count; j++)
+            free(uplink->generic.up[j].cloud);
+        free(uplink->generic.up);
+        for (size_t j = 0; j < uplink->generic.down_count; j++)
+            free(uplink->generic.down[j].cloud);
+        free(uplink->generic.down);
+        struct conf_cumulocity *c8y = &uplink->cumulocity;
+        free(c8y->device_id);
+        free(c8y->template_id);
+        free(c8y->tenant);
+        free(c8y->name);
+        free(c8y->type);
+        free(c8y->hardware_serial);
+        free(c8y->hardware_model);
+        free(c8y->hardware_revision);
+        free_strings(c8y->supported_operations, c8y->supported_operation_count);
+        free(c8y->bootstrap_user);
+        free_secret(c8y->bootstrap_password);
+        free(c8y->will_topic);
+        free(c8y->will_message);
+        for (size_t j = 0; j < c8y->child_count; j++) {
+            free(c8y->children[j].match);
+            free(c8y->children[j].parent);
+            free(c8y->children[j].name);
+            free(c8y->children[j].type);
+        }
+        free(c8y->children);
+        free(uplink->gcp.project);
+        free(uplink->gcp.region);
+        free(uplink->gcp.registry);
+        free(uplink->gcp.device);
+        free(uplink->gcp.child_key);
+        free(uplink->akenza.device);
+        free(uplink->akenza.child_key);
+        free(uplink->cert_cn);
     }
     free(conf->uplinks);
     for (size_t i = 0; i < conf->route_count; i++) {
@@ -2413,6 +3810,40 @@ static bool str_equal(const char *a, const char *b)
     return strcmp(a, b) == 0;
 }
 
+/* The JWT settings, and the key itself: a key file replaced under the same
+ * path is a new identity, so reload reconnects with a token it signed.
+ * Public parts are compared (EVP_PKEY_eq), which works for token keys. */
+static bool jwt_equal(const struct conf_jwt *a, const struct conf_jwt *b)
+{
+    if (a->claim_count != b->claim_count)
+        return false;
+    for (size_t i = 0; i < a->claim_count; i++) {
+        if (!str_equal(a->claims[i].name, b->claims[i].name) ||
+            !str_equal(a->claims[i].value, b->claims[i].value))
+            return false;
+    }
+    if ((a->private_key == NULL) != (b->private_key == NULL) ||
+        (a->private_key != NULL && EVP_PKEY_eq(a->private_key, b->private_key) != 1))
+        return false;
+    return a->alg == b->alg && str_equal(a->key, b->key) &&
+           str_equal(a->passphrase_file, b->passphrase_file) &&
+           str_equal(a->pkcs11_module, b->pkcs11_module) && a->lifetime_s == b->lifetime_s &&
+           a->max_lifetime_s == b->max_lifetime_s && a->skew_s == b->skew_s &&
+           a->refresh_percent == b->refresh_percent && str_equal(a->aud, b->aud) &&
+           a->kid_mode == b->kid_mode && str_equal(a->kid, b->kid) &&
+           a->clock_check == b->clock_check;
+}
+
+/* Cumulocity settings that go into CONNECT (client id, user name, will). */
+static bool c8y_session_equal(const struct conf_cumulocity *a, const struct conf_cumulocity *b)
+{
+    return str_equal(a->device_id, b->device_id) && str_equal(a->template_id, b->template_id) &&
+           str_equal(a->tenant, b->tenant) && a->bootstrap == b->bootstrap &&
+           str_equal(a->bootstrap_user, b->bootstrap_user) &&
+           str_equal(a->bootstrap_password, b->bootstrap_password) && a->will == b->will &&
+           str_equal(a->will_topic, b->will_topic) && str_equal(a->will_message, b->will_message);
+}
+
 /* Only what goes into the connection: the broker address, TLS, CONNECT
  * fields. reconnect.*, max_queued and generic.* are read by the uplink and
  * the router while running and change without a reconnect. File paths are
@@ -2430,5 +3861,11 @@ bool conf_uplink_equal(const struct conf_uplink *a, const struct conf_uplink *b)
            a->tls.ca_system == b->tls.ca_system && str_equal(a->tls.ca_file, b->tls.ca_file) &&
            str_equal(a->tls.cert, b->tls.cert) && str_equal(a->tls.key, b->tls.key) &&
            a->auth.type == b->auth.type && str_equal(a->auth.username, b->auth.username) &&
-           str_equal(a->auth.password, b->auth.password);
+           str_equal(a->auth.password, b->auth.password) &&
+           a->tls.min_version == b->tls.min_version && str_equal(a->tls.alpn, b->tls.alpn) &&
+           a->tls.insecure == b->tls.insecure && jwt_equal(&a->auth.jwt, &b->auth.jwt) &&
+           c8y_session_equal(&a->cumulocity, &b->cumulocity) &&
+           str_equal(a->gcp.project, b->gcp.project) && str_equal(a->gcp.region, b->gcp.region) &&
+           str_equal(a->gcp.registry, b->gcp.registry) && str_equal(a->gcp.device, b->gcp.device) &&
+           a->gcp.gateway == b->gcp.gateway && str_equal(a->akenza.device, b->akenza.device);
 }

@@ -11,6 +11,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "jwt.h"     /* enum jwt_alg, enum jwt_kid_mode, EVP_PKEY */
+#include "mapping.h" /* enum mapping_channel */
+
 enum conf_listen_kind {
     CONF_LISTEN_TCP,  /* tcp://HOST:PORT, HOST an IPv4/IPv6 literal or "localhost" */
     CONF_LISTEN_UNIX, /* unix:///absolute/path */
@@ -65,6 +68,12 @@ struct conf_local {
 enum conf_auth_type {
     CONF_AUTH_NONE,
     CONF_AUTH_BASIC, /* MQTT username + password */
+    CONF_AUTH_JWT,   /* MQTT password = a JWT signed for each connection (jwt.h) */
+};
+
+enum conf_tls_version {
+    CONF_TLS_1_2, /* tls.min_version: tls1.2 (default; 1.3 stays allowed) */
+    CONF_TLS_1_3, /* tls.min_version: tls1.3 */
 };
 
 struct conf_tls {
@@ -73,18 +82,156 @@ struct conf_tls {
     char *ca_file;      /* tls.ca: /path/to/ca.pem */
     char *cert;         /* tls.cert: client certificate (chain) PEM, optional */
     char *key;          /* tls.key: private key PEM, required with cert */
+    enum conf_tls_version min_version; /* tls.min_version */
+    /* tls.alpn: the ALPN protocol offered, NULL = none (libmosquitto 2.0
+     * offers one protocol, so the list in the file holds at most one). */
+    char *alpn;
+    /* tls.insecure: no host name check (the chain is still verified);
+     * default false, warned about on every connect. */
+    bool insecure;
+};
+
+/* When the clock is good enough to sign a JWT (jwt_clock_check()). */
+enum conf_clock_check {
+    CONF_CLOCK_SYNC,       /* auth.clock_check: sync (default): after the build date and
+                              the kernel says NTP-synchronised (no STA_UNSYNC) */
+    CONF_CLOCK_BUILD_DATE, /* auth.clock_check: build-date: only after the build date */
+};
+
+/* One auth.claims entry: an extra string claim. */
+struct conf_jwt_claim {
+    char *name;
+    char *value;
+};
+
+/* auth with type jwt. The key is loaded and a trial token signed by
+ * conf_load(), so --check-config reports a bad key, passphrase, PIN or
+ * alg in words. */
+struct conf_jwt {
+    /* auth.alg; default from the key: ES256 (P-256), ES384 (P-384), RS256 (RSA) */
+    enum jwt_alg alg;
+    char *key;                     /* auth.key: PEM path (absolute) or pkcs11: URI, required */
+    char *passphrase_file;         /* auth.passphrase_file (absolute), NULL = none */
+    char *pkcs11_module;           /* auth.pkcs11_module, NULL = default (p11-kit proxy) */
+    EVP_PKEY *private_key;         /* the loaded key, owned (EVP_PKEY_free in conf_free) */
+    uint32_t lifetime_s;           /* auth.lifetime, default 60m */
+    uint32_t max_lifetime_s;       /* the profile's cap on exp - iat (generic: 24 h) */
+    uint32_t skew_s;               /* auth.skew: iat back-dated, default 60s */
+    uint32_t refresh_percent;      /* auth.refresh: new token at this % of the life, default 80 */
+    char *aud;                     /* auth.aud: required with the generic profile */
+    enum jwt_kid_mode kid_mode;    /* auth.kid: absent = none, "auto" = fingerprint, else VALUE */
+    char *kid;                     /* auth.kid's literal value (JWT_KID_VALUE) */
+    struct conf_jwt_claim *claims; /* auth.claims: extra string claims */
+    size_t claim_count;
+    enum conf_clock_check clock_check; /* auth.clock_check */
 };
 
 struct conf_auth {
-    enum conf_auth_type type; /* auth.type: none (default) | basic */
-    char *username;           /* auth.username */
+    enum conf_auth_type type; /* auth.type: none (default) | basic | jwt */
+    char *username;           /* auth.username (jwt: default "unused", as GCP ignores it) */
     char *password;           /* auth.password, or the contents of auth.password_file */
+    struct conf_jwt jwt;      /* type jwt only */
 };
 
 /* Topic mapping of the generic profile: dev/<child>/<channel>[/<sub>] ->
  * <topic_prefix>/<child>/<channel>[/<sub>]. */
+struct conf_generic_rule {
+    enum mapping_channel channel; /* local: up telemetry|state, down config|commands */
+    char *cloud; /* cloud: topic template; levels may be {child} and (last) {sub} */
+    int qos;     /* qos: 0|1|2; -1 = up: as published locally, down: 1 */
+};
+
 struct conf_generic {
     char *topic_prefix; /* generic.topic_prefix, default "<gateway.id>" */
+    struct conf_generic_rule *up; /* generic.up: when given, only these rules go up */
+    size_t up_count;
+    struct conf_generic_rule *down; /* generic.down: when given, only these are subscribed */
+    size_t down_count;
+};
+
+/* cumulocity.children[]: how a child appears in Cumulocity (first match wins). */
+struct conf_c8y_child {
+    char *match;  /* match: fnmatch(3) glob on the child id, default "*" */
+    char *parent; /* parent: the child id it hangs below (nested: 101 on s/us/<parent>);
+                     NULL = the gateway */
+    char *name;   /* name: 101 name, "{child}" replaced; default the child id */
+    char *type;   /* type: 101 type, default "c8y_MQTTChildDevice" */
+};
+
+/* uplinks[].cumulocity (profile cumulocity). */
+struct conf_cumulocity {
+    char *device_id;   /* device_id: default gateway.id; no ':' (client id d:<id>[:<template>]) */
+    char *template_id; /* template: default SmartREST 2.0 template X-ID, NULL = none */
+    char *tenant;      /* tenant: basic auth user name becomes "<tenant>/<auth.username>" */
+    char *name;        /* name: 100 name, default device_id */
+    char *type;        /* type: 100 type, default "c8y_MQTTDevice" */
+    char *hardware_serial;   /* hardware: {serial, model, revision} -> 110; NULL = no 110 */
+    char *hardware_model;
+    char *hardware_revision;
+    char **supported_operations; /* supported_operations: [...] -> 114; none = no 114 */
+    size_t supported_operation_count;
+    int required_interval_min;   /* required_interval (minutes) -> 117; -1 = no 117 */
+    bool bootstrap;              /* bootstrap: present */
+    char *bootstrap_user;        /* bootstrap.user, default "management/devicebootstrap" */
+    char *bootstrap_password;    /* bootstrap.password (or password_file), required */
+    unsigned bootstrap_interval_ms; /* bootstrap.interval: s/ucr period, default 5 s */
+    bool will;                   /* will: false turns the last will off */
+    char *will_topic;            /* will.topic, default "s/us" */
+    char *will_message;          /* will.message, default 400,c8y_ConnectionEvent,"Device
+                                    connection was lost." */
+    struct conf_c8y_child *children; /* children: [...] */
+    size_t child_count;
+    bool token; /* token: true: keep a device token (s/uat -> 71 on s/dat), refreshed at half
+                   its lifetime, retained locally on uplinkd/<uplink>/c8y/token */
+};
+
+/* uplinks[].gcp (profile gcp): Google Cloud IoT Core / ClearBlade IoT Core.
+ * The client id is projects/<project>/locations/<region>/registries/
+ * <registry>/devices/<device>. */
+struct conf_gcp {
+    char *project;           /* project: required; also the default auth.aud */
+    char *region;            /* region: required, e.g. us-central1 */
+    char *registry;          /* registry: required */
+    char *device;            /* device: this gateway's device id, default gateway.id */
+    bool gateway;            /* gateway: attach children (default false: the device alone) */
+    uint64_t attach_idle_ms; /* attach_idle: detach a child unused this long, default 30m */
+    char *child_key;         /* child_key: a child's own key file, "%c" = the child id;
+                                NULL = attach with {} (the gateway's auth) */
+};
+
+/* uplinks[].akenza (profile akenza). */
+struct conf_akenza {
+    char *device;    /* device: the akenza device id (= client id), default gateway.id */
+    char *child_key; /* child_key: per-device sessions: a child's key file, "%c" = the
+                        child id; NULL = the device alone */
+    uint64_t session_idle_ms; /* session_idle: close a child's session unused this long,
+                                 default 10m */
+};
+
+/* uplinks[].spool: the store-and-forward queue (spool.h, docs/design/spool.md). */
+enum conf_spool_durability {
+    CONF_SPOOL_FSYNC, /* durability: fsync (default): acknowledged means on disk */
+    CONF_SPOOL_NONE,  /* durability: none: in memory, lost on restart */
+};
+
+enum conf_spool_overflow {
+    CONF_SPOOL_BLOCK,       /* overflow: block (default): stop acknowledging and reading */
+    CONF_SPOOL_DROP_OLDEST, /* overflow: drop-oldest: discard the oldest, counted and logged */
+};
+
+struct conf_spool {
+    enum conf_spool_durability durability; /* spool.durability */
+    uint64_t max_bytes;                    /* spool.max_bytes, default 256 MiB */
+    uint64_t max_age_ms;                   /* spool.max_age, default 0 = none */
+    enum conf_spool_overflow overflow;     /* spool.overflow */
+    unsigned commit_interval_ms;           /* spool.commit_interval: group commit wait, 5 ms */
+    bool qos0_offline_spool;               /* spool.qos0_offline: spool | drop (default) */
+};
+
+/* uplinks[].rate: token bucket for the cloud's quotas; 0 = unlimited. */
+struct conf_rate {
+    uint32_t max_msgs_per_s;  /* rate.max_msgs_per_s */
+    uint64_t max_bytes_per_s; /* rate.max_bytes_per_s (a size: "64KiB") */
 };
 
 struct conf_uplink {
@@ -99,8 +246,15 @@ struct conf_uplink {
     struct conf_auth auth;
     unsigned reconnect_base_ms; /* uplinks[].reconnect.base: default 1 s */
     unsigned reconnect_cap_ms;  /* uplinks[].reconnect.cap: default 120 s */
-    size_t max_queued_messages; /* uplinks[].max_queued: default 10000, in-memory until the spool lands */
+    size_t max_queued_messages; /* uplinks[].max_queued: obsolete (the spool bounds the queue) */
+    struct conf_spool spool;    /* uplinks[].spool (see spool.h) */
+    struct conf_rate rate;      /* uplinks[].rate */
     struct conf_generic generic;
+    struct conf_cumulocity cumulocity; /* profile cumulocity only */
+    struct conf_gcp gcp;               /* profile gcp only */
+    struct conf_akenza akenza;         /* profile akenza only */
+    char *cert_cn; /* the CN tls.cert must carry (profile rule: Cumulocity's device_id),
+                      NULL = any; checked by tlscheck_uplink() */
 };
 
 /* Which children go to which uplinks. A child matches `children` by fnmatch(3)

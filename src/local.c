@@ -11,14 +11,28 @@
  * and at most one uv_write is in flight, so the bytes a client can hold
  * queued are exactly bounded (local_out_limit()).
  *
- * What this first cut does not do yet (documented in the report/docs):
- * persistent sessions (clean session 0 is accepted but the session is not
- * kept after the connection closes, and CONNACK says session present 0),
- * authentication and ACLs, retransmission of unacknowledged QoS>0 messages.
+ * Sessions (MQTT 3.1.1 §3.1.2.4) are struct local_session, separate from
+ * the connection: the subscription tree's owners are sessions, and every
+ * outbound QoS>0 message lives in its session (queued, then in flight until
+ * PUBACK/PUBCOMP) so a persistent session (clean session 0) keeps its
+ * subscriptions and messages while its client is away, and re-sends what was
+ * not acknowledged with DUP after a reconnect (§4.4). Inbound QoS 2 packet
+ * ids awaiting PUBREL are kept in the session too, so a PUBLISH re-sent with
+ * DUP after a reconnect is not delivered twice (§4.3.3). Sessions live in
+ * memory only; retained messages are also kept on disk (the retained store
+ * below).
+ *
+ * Queue policy (documented in docs/configuration.md): a session holds at most
+ * local.max_inflight messages in flight and local.max_queued waiting, and all
+ * sessions together at most local.max_queued_bytes. When a message does not
+ * fit, a connected client is disconnected as a slow consumer, and the oldest
+ * waiting message of that session is dropped (logged, counted) to make room;
+ * QoS 0 messages are never queued for an absent client.
  */
 #include "local.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +41,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "access.h"
+#include "activation.h"
 #include "conf.h"
+#include "json.h"
 #include "log.h"
 #include "mqtt_codec.h"
 #include "topic.h"
@@ -41,17 +58,29 @@
 #define LOCAL_FLUSH_TIMEOUT_MS 2000
 /* Output a client may have queued before it counts as a slow consumer. */
 #define LOCAL_OUT_MAX_BYTES (1024 * 1024)
-/* Outbound QoS>0 messages without PUBACK/PUBCOMP, and inbound QoS 2 ids
- * awaiting PUBREL, per client. Far below 65535 so an id is always free. */
+/* Inbound QoS 2 ids awaiting PUBREL, per session. Far below 65535. */
 #define LOCAL_INFLIGHT_MAX 10000
+/* Sessions of any kind (connected or persistent and away). */
+#define LOCAL_SESSIONS_MAX 65536
+/* Defaults when the conf leaves a limit at 0 (tests that build a conf by hand). */
+#define LOCAL_DEFAULT_MAX_INFLIGHT     100
+#define LOCAL_DEFAULT_MAX_QUEUED       1000
+#define LOCAL_DEFAULT_MAX_QUEUED_BYTES (64u * 1024 * 1024)
 /* Retained messages kept in memory (whole server). */
 #define LOCAL_RETAINED_MAX 10000
+/* The retained store: file in gateway.state_dir, how long changes are
+ * batched before one write, and the largest file loaded at start-up. */
+#define RETAINED_FILE     "retained.db"
+#define RETAINED_FLUSH_MS 200
+#define RETAINED_FILE_MAX (1024u * 1024 * 1024)
 /* Read granularity; the buffer grows to one whole packet when needed. */
 #define LOCAL_READ_CHUNK 4096
 /* Buffers above this are released when they become empty. */
 #define LOCAL_BUF_KEEP 65536
 /* Filters with this prefix are reported to the router (local.h). */
 #define LOCAL_CLOUD_PREFIX "cloud/"
+/* Refused publishes and subscriptions are reported here (local only). */
+#define LOCAL_ERRORS_TOPIC "uplinkd/local/errors"
 
 enum client_state {
     CLIENT_NEW,       /* accepted, waiting for CONNECT */
@@ -90,6 +119,14 @@ struct out_buf {
     size_t cap;
 };
 
+/* Password check of a CONNECT (see client_check_access()). */
+enum auth_state {
+    AUTH_NONE,   /* no check done (none needed, or not yet) */
+    AUTH_OK,     /* the password matched local.password_file */
+    AUTH_FAILED, /* it did not, or the user is unknown */
+};
+struct auth_check;
+
 struct local_client {
     struct local *local;
     struct local_client *prev, *next;
@@ -103,8 +140,13 @@ struct local_client {
     uv_write_t write_req;
     int open_handles;
     enum client_state state;
-    char peer[96]; /* "127.0.0.1:5555" or "pid 12 uid 1000", for logs */
-    char *id;      /* NULL until CONNECT */
+    char peer[96];                   /* "127.0.0.1:5555" or "pid 12 uid 1000", for logs */
+    char *id;                        /* NULL until CONNECT */
+    enum conf_listen_kind kind;      /* the listener it came in on */
+    struct access_identity identity; /* peer credentials; .username once logged in */
+    char *username;                  /* authenticated username (identity.username) */
+    struct auth_check *auth;         /* password check on the threadpool, or NULL */
+    enum auth_state auth_state;
     uint16_t keepalive_s;
 
     uint8_t *rbuf; /* unparsed input */
@@ -115,10 +157,13 @@ struct local_client {
     struct out_buf writing; /* owned by the active uv_write */
     bool write_active;
 
-    uint16_t next_packet_id;
-    struct idset out_unacked;  /* sent QoS 1/2, waiting for PUBACK/PUBREC */
-    struct idset out_released; /* QoS 2 after PUBREC: PUBREL sent, waiting for PUBCOMP */
-    struct idset in_qos2;      /* received QoS 2, PUBREC sent, waiting for PUBREL */
+    /* The session this connection uses (set by CONNECT). While the client is
+     * CLOSING the session no longer points back (session->client is NULL)
+     * but this pointer stays, so client_finish() can free a clean session
+     * outside any subscription walk. NULL when a new connection took the
+     * session over. */
+    struct local_session *session;
+    bool detached; /* test seam: no socket, output kept in pending */
 
     bool has_will;
     bool will_retain;
@@ -127,6 +172,23 @@ struct local_client {
     uint8_t *will_payload;
     size_t will_len;
     bool publish_will; /* decided when closing starts, acted on when freed */
+
+    /* Deferred acknowledgements (publish_async_cb), in PUBLISH order. */
+    struct local_ack *acks_head, *acks_tail;
+    unsigned acks_pending; /* not yet done */
+    bool acks_paused;      /* reading stopped: too many pending */
+};
+
+/* One deferred PUBACK/PUBREC (local.h publish_async_cb). Lives until both
+ * local_publish_done() was called and it left its client's list; a client
+ * that goes away orphans its entries (client NULL). */
+struct local_ack {
+    struct local_ack *next;
+    struct local_client *client;
+    uint16_t packet_id;
+    uint8_t qos;
+    bool done;
+    int status;
 };
 
 struct listener {
@@ -142,6 +204,49 @@ struct listener {
     char *url;
     char *path; /* Unix socket we created; unlinked on close */
     bool keep;  /* scratch for local_reconfigure() */
+    bool extra; /* passed by systemd for no local.listen entry: kept across reloads */
+};
+
+enum msg_state {
+    MSG_QUEUED,   /* waiting for the client or for room in the in-flight window */
+    MSG_SENT,     /* PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2) */
+    MSG_RELEASED, /* QoS 2: PUBREL sent, waiting for PUBCOMP */
+};
+
+/* An outbound QoS>0 message held by a session until acknowledged (§4.4). */
+struct session_msg {
+    struct session_msg *next;
+    enum msg_state state;
+    uint16_t packet_id; /* 0 while queued */
+    uint8_t qos;
+    bool retain;
+    size_t size; /* accounted in local.queued_bytes */
+    size_t topic_len;
+    size_t len;
+    uint8_t *payload; /* points into this allocation, after the topic */
+    char topic[];
+};
+
+struct msg_list {
+    struct session_msg *head, *tail;
+    size_t count;
+};
+
+/* MQTT session state (§3.1.2.4), see the top of this file. */
+struct local_session {
+    struct local *local;
+    struct local_session *prev, *next; /* in local.sessions while linked */
+    bool linked;
+    bool clean; /* clean session 1: ends with its connection */
+    char *id;
+    struct local_client *client; /* connected client, NULL while away or closing */
+    struct msg_list inflight;    /* MSG_SENT / MSG_RELEASED, in send order */
+    struct msg_list queue;       /* MSG_QUEUED, oldest first */
+    struct idset inflight_ids;   /* packet ids of inflight */
+    struct idset in_qos2;        /* received QoS 2, PUBREC sent, waiting for PUBREL */
+    uint16_t next_packet_id;
+    uint64_t dropped; /* messages dropped by the queue policy */
+    bool drop_logged; /* one log line per overflow episode */
 };
 
 struct retained {
@@ -163,10 +268,20 @@ struct local {
     size_t connected_count; /* clients in CONNECTED */
     size_t live; /* listeners + clients + the close handle, until their close callbacks */
     uv_timer_t close_handle; /* never started; closed last so done_cb runs from the loop */
-    struct topic_table subs;
+    struct topic_table subs; /* owners are struct local_session */
+    struct local_session *sessions;
+    size_t session_count;
+    size_t queued_bytes;       /* all session_msg sizes, bounded by local.max_queued_bytes */
+    uint64_t dropped_messages; /* dropped by the queue policy, all sessions */
     struct retained *retained;
     size_t retained_count;
+    /* Retained store on disk (see "retained store" below). */
+    uv_timer_t retained_timer; /* batches changes into one write */
+    bool retained_loaded;
+    bool retained_dirty;   /* changed since the last snapshot */
+    bool retained_writing; /* a snapshot is being written on the threadpool */
     uint64_t generated_ids;
+    struct activation activation; /* sockets passed by systemd, during local_start() */
     bool closing;
     void (*done_cb)(void *arg);
     void *done_arg;
@@ -180,6 +295,9 @@ static void client_close(struct local_client *client, enum close_mode mode, bool
                          const char *why);
 static void client_flush(struct local_client *client);
 static void local_check_done(struct local *local);
+static void client_acks_orphan(struct local_client *client);
+static void session_free(struct local_session *session, bool notify);
+static void retained_changed(struct local *local);
 
 /* --- small helpers ----------------------------------------------------------- */
 
@@ -291,9 +409,12 @@ static void client_finish(struct local_client *client)
                                     client->will_payload, client->will_len, client->will_qos,
                                     client->will_retain);
     }
-    /* Clean sessions only (see the top of this file): subscriptions go with
-     * the connection. */
-    topic_table_remove_owner(&local->subs, client, subs_last_cb, local);
+    client_acks_orphan(client);
+    /* §3.1.2.4: a clean session ends with its connection (freed here, not
+     * in client_close(), which may run inside a subscription walk). */
+    if (client->session && client->session->clean)
+        session_free(client->session, true);
+    client->session = NULL;
 
     if (client->prev)
         client->prev->next = client->next;
@@ -303,15 +424,13 @@ static void client_finish(struct local_client *client)
         client->next->prev = client->prev;
     local->client_count--;
 
-    idset_free(&client->out_unacked);
-    idset_free(&client->out_released);
-    idset_free(&client->in_qos2);
     free(client->rbuf);
     free(client->pending.data);
     free(client->writing.data);
     free(client->will_topic);
     free(client->will_payload);
     free(client->id);
+    free(client->username);
     free(client);
     local_live_put(local);
 }
@@ -365,6 +484,10 @@ static void client_close(struct local_client *client, enum close_mode mode, bool
         log_info(CLIENT_FMT ": connection closed before CONNECT completed: %s", CLIENT_ARGS(client),
                  why);
     client->publish_will = abnormal && client->state == CLIENT_CONNECTED;
+    /* From now on messages for the session wait in its queue (persistent)
+     * or are dropped (clean): a closing connection sends nothing more. */
+    if (client->session && client->session->client == client)
+        client->session->client = NULL;
     client_set_state(client, CLIENT_CLOSING);
     uv_read_stop(&client->conn.stream);
     uv_timer_stop(&client->timer);
@@ -425,7 +548,8 @@ static void client_flush(struct local_client *client)
     uv_buf_t buf;
     int rc;
 
-    if (client->write_active || client->pending.len == 0 || uv_is_closing(&client->conn.handle))
+    if (client->write_active || client->pending.len == 0 || uv_is_closing(&client->conn.handle) ||
+        client->detached)
         return;
     swap = client->writing;
     client->writing = client->pending;
@@ -515,43 +639,29 @@ static void client_send_connack(struct local_client *client, uint8_t code)
         client_send_bytes(client, buf, len);
 }
 
-static int client_alloc_packet_id(struct local_client *client, uint16_t *out)
+/* CONNACK 0 (§3.2.2.2: session present only when a session was resumed). */
+static void client_send_connack_accepted(struct local_client *client, bool session_present)
 {
-    if (client->out_unacked.count + client->out_released.count >= LOCAL_INFLIGHT_MAX)
-        return -ENOBUFS;
-    /* Bounded: fewer than LOCAL_INFLIGHT_MAX of 65535 ids are in use. */
-    for (unsigned tries = 0; tries < 65535; tries++) {
-        uint16_t id = ++client->next_packet_id;
-        if (id == 0)
-            id = client->next_packet_id = 1; /* §2.3.1: ids are non-zero */
-        if (!idset_has(&client->out_unacked, id) && !idset_has(&client->out_released, id)) {
-            *out = id;
-            return 0;
-        }
-    }
-    return -ENOBUFS;
+    uint8_t buf[4];
+    size_t len;
+
+    if (mqtt_encode_connack(buf, sizeof(buf), session_present, MQTT_CONNACK_ACCEPTED, &len) == 0)
+        client_send_bytes(client, buf, len);
 }
 
-static void client_send_publish(struct local_client *client, const char *topic, size_t topic_len,
-                                const void *payload, size_t len, uint8_t qos, bool retain)
+/* Encode one PUBLISH into the output; a client that cannot take it is
+ * closed by client_reserve() (slow consumer). */
+static void client_write_publish(struct local_client *client, const char *topic, size_t topic_len,
+                                 const void *payload, size_t len, uint8_t qos, bool retain,
+                                 bool dup, uint16_t packet_id)
 {
-    uint16_t packet_id = 0;
     size_t size;
     uint8_t *p;
     int rc;
 
     if (client->state != CLIENT_CONNECTED)
         return;
-    if (qos > 0) {
-        if (client_alloc_packet_id(client, &packet_id) < 0) {
-            log_warn(CLIENT_FMT ": slow consumer: %d QoS>0 messages unacknowledged; "
-                                "disconnecting",
-                     CLIENT_ARGS(client), LOCAL_INFLIGHT_MAX);
-            client_close(client, CLOSE_ABORT, true, "too many unacknowledged messages");
-            return;
-        }
-    }
-    rc = mqtt_encode_publish(NULL, 0, topic, topic_len, payload, len, qos, retain, false, packet_id,
+    rc = mqtt_encode_publish(NULL, 0, topic, topic_len, payload, len, qos, retain, dup, packet_id,
                              &size);
     if (rc != -ENOBUFS) {
         log_warn(CLIENT_FMT ": cannot encode PUBLISH to '%.*s': %s", CLIENT_ARGS(client),
@@ -561,13 +671,407 @@ static void client_send_publish(struct local_client *client, const char *topic, 
     p = client_reserve(client, size);
     if (!p)
         return;
-    if (qos > 0 && idset_add(&client->out_unacked, packet_id) < 0) {
-        client_close(client, CLOSE_ABORT, true, "out of memory");
-        return;
-    }
-    mqtt_encode_publish(p, size, topic, topic_len, payload, len, qos, retain, false, packet_id,
+    mqtt_encode_publish(p, size, topic, topic_len, payload, len, qos, retain, dup, packet_id,
                         &size);
     client_flush(client);
+}
+
+/* --- sessions (§3.1.2.4, §4.4) ------------------------------------------------- */
+
+#define SESSION_FMT     "session %s"
+#define SESSION_ARGS(s) (s)->id
+
+static unsigned local_max_inflight(const struct local *local)
+{
+    unsigned max = local->conf->local.max_inflight;
+    return max ? max : LOCAL_DEFAULT_MAX_INFLIGHT;
+}
+
+static unsigned local_max_queued(const struct local *local)
+{
+    unsigned max = local->conf->local.max_queued;
+    return max ? max : LOCAL_DEFAULT_MAX_QUEUED;
+}
+
+static size_t local_max_queued_bytes(const struct local *local)
+{
+    size_t max = local->conf->local.max_queued_bytes;
+    return max ? max : LOCAL_DEFAULT_MAX_QUEUED_BYTES;
+}
+
+static void msg_list_append(struct msg_list *list, struct session_msg *msg)
+{
+    msg->next = NULL;
+    if (list->tail)
+        list->tail->next = msg;
+    else
+        list->head = msg;
+    list->tail = msg;
+    list->count++;
+}
+
+static struct session_msg *msg_list_pop(struct msg_list *list)
+{
+    struct session_msg *msg = list->head;
+
+    if (msg) {
+        list->head = msg->next;
+        if (!list->head)
+            list->tail = NULL;
+        list->count--;
+        msg->next = NULL;
+    }
+    return msg;
+}
+
+static void msg_free(struct local *local, struct session_msg *msg)
+{
+    local->queued_bytes -= msg->size;
+    free(msg);
+}
+
+static void msg_list_free(struct local *local, struct msg_list *list)
+{
+    struct session_msg *msg;
+
+    while ((msg = msg_list_pop(list)))
+        msg_free(local, msg);
+}
+
+static bool session_online(const struct local_session *session)
+{
+    return session->client && session->client->state == CLIENT_CONNECTED;
+}
+
+/* §2.3.1: a non-zero id not used by another message in flight. */
+static int session_alloc_id(struct local_session *session, uint16_t *out)
+{
+    /* Bounded: local.max_inflight <= 65535 ids are in use, so one is free. */
+    for (unsigned tries = 0; tries < 65535; tries++) {
+        uint16_t id = ++session->next_packet_id;
+        if (id == 0)
+            id = session->next_packet_id = 1;
+        if (!idset_has(&session->inflight_ids, id)) {
+            if (idset_add(&session->inflight_ids, id) < 0)
+                return -ENOMEM;
+            *out = id;
+            return 0;
+        }
+    }
+    return -ENOBUFS;
+}
+
+/* Give @msg (not in any list) a packet id, put it in flight and send it. */
+static void session_send(struct local_session *session, struct session_msg *msg)
+{
+    if (session_alloc_id(session, &msg->packet_id) < 0) {
+        log_warn(SESSION_FMT ": no packet id free; dropping a message to '%s'",
+                 SESSION_ARGS(session), msg->topic);
+        msg_free(session->local, msg);
+        return;
+    }
+    msg->state = MSG_SENT;
+    msg_list_append(&session->inflight, msg);
+    client_write_publish(session->client, msg->topic, msg->topic_len, msg->payload, msg->len,
+                         msg->qos, msg->retain, false, msg->packet_id);
+}
+
+/* Fill the in-flight window from the queue (stops when the client closes). */
+static void session_pump(struct local_session *session)
+{
+    unsigned max = local_max_inflight(session->local);
+
+    while (session_online(session) && session->queue.head && session->inflight.count < max)
+        session_send(session, msg_list_pop(&session->queue));
+    if (!session->queue.head)
+        session->drop_logged = false;
+}
+
+static void session_drop_oldest(struct local_session *session, const char *limit)
+{
+    struct session_msg *msg = msg_list_pop(&session->queue);
+
+    if (!msg)
+        return;
+    session->dropped++;
+    session->local->dropped_messages++;
+    if (!session->drop_logged) {
+        log_warn(SESSION_FMT ": %s reached: dropping the oldest queued message (to '%s'); "
+                             "%llu dropped for this session, %llu in all",
+                 SESSION_ARGS(session), limit, msg->topic, (unsigned long long)session->dropped,
+                 (unsigned long long)session->local->dropped_messages);
+        session->drop_logged = true; /* again once the queue has drained */
+    }
+    msg_free(session->local, msg);
+}
+
+/* A message does not fit: a connected client is a slow consumer and goes
+ * (its persistent session keeps the queue), then the oldest waiting message
+ * makes room (the policy at the top of this file). */
+static void session_overflow(struct local_session *session, const char *limit)
+{
+    if (session->client) {
+        char why[160];
+        log_warn(CLIENT_FMT ": slow consumer: %s reached (%zu messages in flight, %zu queued); "
+                            "disconnecting",
+                 CLIENT_ARGS(session->client), limit, session->inflight.count,
+                 session->queue.count);
+        snprintf(why, sizeof(why), "slow consumer (%s reached)", limit);
+        client_close(session->client, CLOSE_ABORT, true, why);
+    }
+    session_drop_oldest(session, limit);
+}
+
+/* Queue a QoS>0 message for @session; sent at once when the window allows. */
+static void session_enqueue(struct local_session *session, const char *topic, size_t topic_len,
+                            const void *payload, size_t len, uint8_t qos, bool retain)
+{
+    struct local *local = session->local;
+    size_t size = sizeof(struct session_msg) + topic_len + 1 + len;
+    size_t max_bytes = local_max_queued_bytes(local);
+    bool direct = session_online(session) && !session->queue.head &&
+                  session->inflight.count < local_max_inflight(local);
+    struct session_msg *msg;
+
+    if (!direct && session->queue.count >= local_max_queued(local))
+        session_overflow(session, "local.max_queued");
+    while (local->queued_bytes + size > max_bytes && session->queue.head)
+        session_overflow(session, "local.max_queued_bytes");
+    if (!session->client && session->clean)
+        return; /* its connection is closing: nothing will ever read it */
+    if (local->queued_bytes + size > max_bytes) {
+        session->dropped++;
+        local->dropped_messages++;
+        log_warn(SESSION_FMT ": local.max_queued_bytes (%zu) reached by all sessions together: "
+                             "dropping a message to '%.*s'",
+                 SESSION_ARGS(session), max_bytes, (int)topic_len, topic);
+        return;
+    }
+    msg = malloc(size);
+    if (!msg) {
+        log_warn(SESSION_FMT ": out of memory: dropping a message to '%.*s'", SESSION_ARGS(session),
+                 (int)topic_len, topic);
+        return;
+    }
+    msg->next = NULL;
+    msg->state = MSG_QUEUED;
+    msg->packet_id = 0;
+    msg->qos = qos;
+    msg->retain = retain;
+    msg->size = size;
+    msg->topic_len = topic_len;
+    msg->len = len;
+    memcpy(msg->topic, topic, topic_len);
+    msg->topic[topic_len] = '\0';
+    msg->payload = (uint8_t *)msg->topic + topic_len + 1;
+    if (len)
+        memcpy(msg->payload, payload, len);
+    local->queued_bytes += size;
+    if (direct && session_online(session))
+        session_send(session, msg);
+    else
+        msg_list_append(&session->queue, msg);
+}
+
+/* Deliver to a session: QoS 0 only to a connected client, QoS>0 through
+ * the session's queue (kept while a persistent session is away). */
+static void session_deliver(struct local_session *session, const char *topic, size_t topic_len,
+                            const void *payload, size_t len, uint8_t qos, bool retain)
+{
+    if (qos == 0) {
+        if (session_online(session))
+            client_write_publish(session->client, topic, topic_len, payload, len, 0, retain, false,
+                                 0);
+        return;
+    }
+    session_enqueue(session, topic, topic_len, payload, len, qos, retain);
+}
+
+/* The in-flight message with @packet_id, unlinked when @unlink. */
+static struct session_msg *session_inflight(struct local_session *session, uint16_t packet_id,
+                                            bool unlink)
+{
+    struct session_msg *prev = NULL;
+
+    for (struct session_msg *msg = session->inflight.head; msg; prev = msg, msg = msg->next) {
+        if (msg->packet_id != packet_id)
+            continue;
+        if (unlink) {
+            if (prev)
+                prev->next = msg->next;
+            else
+                session->inflight.head = msg->next;
+            if (session->inflight.tail == msg)
+                session->inflight.tail = prev;
+            session->inflight.count--;
+            idset_del(&session->inflight_ids, packet_id);
+        }
+        return msg;
+    }
+    return NULL;
+}
+
+/* PUBACK, PUBREC or PUBCOMP from the client for one of our messages (§4.3). */
+static void session_ack(struct local_client *client, uint8_t type, uint16_t packet_id)
+{
+    struct local_session *session = client->session;
+    struct session_msg *msg = session_inflight(session, packet_id, false);
+    bool done = false;
+
+    switch (type) {
+    case MQTT_PUBACK:
+        done = msg && msg->qos == 1 && msg->state == MSG_SENT;
+        break;
+    case MQTT_PUBREC:
+        /* §4.3.3: PUBREC -> PUBREL, also when the PUBREC is repeated. */
+        if (msg && msg->qos == 2) {
+            msg->state = MSG_RELEASED;
+            client_send_ack(client, MQTT_PUBREL, packet_id);
+            return;
+        }
+        break;
+    case MQTT_PUBCOMP:
+        done = msg && msg->state == MSG_RELEASED;
+        break;
+    }
+    if (!done) {
+        log_debug(CLIENT_FMT ": %s for unknown packet id %u", CLIENT_ARGS(client),
+                  mqtt_packet_type_name(type), packet_id);
+        return;
+    }
+    msg_free(session->local, session_inflight(session, packet_id, true));
+    session_pump(session);
+}
+
+/* §4.4: on a resumed session re-send every unacknowledged PUBLISH with DUP
+ * and every unanswered PUBREL, with their original packet ids, in order;
+ * then continue with the queue. */
+static void session_resume(struct local_session *session)
+{
+    for (struct session_msg *msg = session->inflight.head; msg && session_online(session);
+         msg = msg->next) {
+        if (msg->state == MSG_RELEASED)
+            client_send_ack(session->client, MQTT_PUBREL, msg->packet_id);
+        else
+            client_write_publish(session->client, msg->topic, msg->topic_len, msg->payload,
+                                 msg->len, msg->qos, msg->retain, true, msg->packet_id);
+    }
+    session_pump(session);
+}
+
+static struct local_session *session_find(struct local *local, const char *id)
+{
+    for (struct local_session *s = local->sessions; s; s = s->next)
+        if (strcmp(s->id, id) == 0)
+            return s;
+    return NULL;
+}
+
+static void session_unlink(struct local_session *session)
+{
+    struct local *local = session->local;
+
+    if (!session->linked)
+        return;
+    if (session->prev)
+        session->prev->next = session->next;
+    else
+        local->sessions = session->next;
+    if (session->next)
+        session->next->prev = session->prev;
+    session->prev = session->next = NULL;
+    session->linked = false;
+    local->session_count--;
+}
+
+/* Free a session. @notify: remove its subscriptions (telling the router
+ * about the last subscriber of a cloud/ filter); false at teardown, where
+ * the whole tree goes. Never call it from inside a subscription walk. */
+static void session_free(struct local_session *session, bool notify)
+{
+    struct local *local = session->local;
+
+    session_unlink(session);
+    if (notify)
+        topic_table_remove_owner(&local->subs, session, subs_last_cb, local);
+    if (session->client)
+        session->client->session = NULL;
+    msg_list_free(local, &session->inflight);
+    msg_list_free(local, &session->queue);
+    idset_free(&session->inflight_ids);
+    idset_free(&session->in_qos2);
+    free(session->id);
+    free(session);
+}
+
+/*
+ * CONNECT accepted: give @client its session (§3.1.2.4). A clean CONNECT
+ * discards any previous session of that id; a persistent one resumes the
+ * previous persistent session (*present = true) or starts a new one. Any
+ * other connection with this id has already been closed (takeover).
+ * Returns 0, -ENOMEM or -EUSERS (too many sessions).
+ */
+static int session_attach(struct local_client *client, bool clean, bool *present)
+{
+    struct local *local = client->local;
+    struct local_session *session = session_find(local, client->id);
+
+    *present = false;
+    if (session && (clean || session->clean)) {
+        /* Discarded. Still referenced by a closing connection? Then that
+         * connection's client_finish() frees it (marked clean, unlinked). */
+        bool referenced = false;
+        for (struct local_client *c = local->clients; c && !referenced; c = c->next)
+            referenced = c != client && c->session == session;
+        session_unlink(session);
+        if (referenced) {
+            session->clean = true;
+        } else {
+            if (!session->clean)
+                log_info(SESSION_FMT ": discarding the persistent session (clean session 1, "
+                                     "§3.1.2.4)",
+                         SESSION_ARGS(session));
+            session_free(session, true);
+        }
+        session = NULL;
+    }
+    if (session) {
+        for (struct local_client *c = local->clients; c; c = c->next) {
+            if (c != client && c->session == session) {
+                /* The old connection's QoS 2 ids whose PUBREC never went out
+                 * must leave the session now, while it can still find them,
+                 * so their re-sent PUBLISH is stored again (§4.3.3). */
+                client_acks_orphan(c);
+                c->session = NULL; /* the old connection no longer owns it */
+            }
+        }
+        *present = true;
+    } else {
+        if (local->session_count >= LOCAL_SESSIONS_MAX) {
+            log_warn(CLIENT_FMT ": refusing: already %d sessions", CLIENT_ARGS(client),
+                     LOCAL_SESSIONS_MAX);
+            return -EUSERS;
+        }
+        session = calloc(1, sizeof(*session));
+        if (!session)
+            return -ENOMEM;
+        session->id = strdup(client->id);
+        if (!session->id) {
+            free(session);
+            return -ENOMEM;
+        }
+        session->local = local;
+        session->clean = clean;
+        session->next = local->sessions;
+        if (local->sessions)
+            local->sessions->prev = session;
+        local->sessions = session;
+        session->linked = true;
+        local->session_count++;
+    }
+    session->client = client;
+    client->session = session;
+    return 0;
 }
 
 /* --- retained messages and fan-out ------------------------------------------- */
@@ -596,6 +1100,7 @@ static void retained_store(struct local *local, const char *topic, size_t topic_
             free(r->payload);
             free(r);
             local->retained_count--;
+            retained_changed(local);
         }
         return;
     }
@@ -630,6 +1135,306 @@ static void retained_store(struct local *local, const char *topic, size_t topic_
     r->payload = copy;
     r->len = len;
     r->qos = qos;
+    retained_changed(local);
+}
+
+/* --- retained store ---------------------------------------------------------------
+ *
+ * Retained messages survive a daemon restart in <state_dir>/retained.db, a
+ * snapshot of the whole set (the set is bounded by LOCAL_RETAINED_MAX):
+ *
+ *   "UPLKRTN1" | count (u32) | count x record | CRC-32 of all bytes before (u32)
+ *   record: topic length (u16) | QoS (u8) | payload length (u32) | topic | payload
+ *
+ * integers big-endian. Changes are batched for RETAINED_FLUSH_MS, then the
+ * snapshot is serialised on the loop thread and written on the threadpool
+ * (never blocking the loop): temp file, fsync, rename over the old file,
+ * fsync of the directory, so a crash leaves either the old or the new file.
+ * At shutdown pending changes are written before local_close() completes.
+ * A file that fails any check is reported, renamed to retained.db.corrupt
+ * and skipped; it never stops the daemon. */
+
+struct retained_write {
+    uv_work_t req;
+    struct local *local;
+    char *path; /* <state_dir>/retained.db */
+    uint8_t *data;
+    size_t len;
+    int err;          /* errno of the failed step, 0 on success */
+    const char *step; /* which step failed, for the log */
+};
+
+static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t len)
+{
+    static uint32_t table[256];
+
+    if (!table[1]) /* built once, on the loop thread (the worker never calls this) */
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++)
+                c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            table[i] = c;
+        }
+    crc = ~crc;
+    while (len--)
+        crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+static uint8_t *put_be(uint8_t *p, uint32_t value, int bytes)
+{
+    for (int i = bytes - 1; i >= 0; i--)
+        *p++ = (uint8_t)(value >> (8 * i));
+    return p;
+}
+
+static uint32_t get_be(const uint8_t *p, int bytes)
+{
+    uint32_t value = 0;
+
+    for (int i = 0; i < bytes; i++)
+        value = value << 8 | p[i];
+    return value;
+}
+
+static char *retained_path(const struct local *local, const char *suffix)
+{
+    char *path;
+
+    if (asprintf(&path, "%s/%s%s", local->conf->state_dir, RETAINED_FILE, suffix) < 0)
+        return NULL;
+    return path;
+}
+
+/* Threadpool: write, fsync, rename, fsync the directory. */
+static void retained_write_work_cb(uv_work_t *req)
+{
+    struct retained_write *w = container_of(req, struct retained_write, req);
+    char *tmp = NULL, *dir = NULL, *slash;
+    size_t off = 0;
+    int fd;
+
+    if (asprintf(&tmp, "%s.tmp", w->path) < 0) {
+        tmp = NULL;
+        w->err = ENOMEM, w->step = "allocating";
+        goto out;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        w->err = errno, w->step = "creating the temporary file";
+        goto out;
+    }
+    while (off < w->len) {
+        ssize_t n = write(fd, w->data + off, w->len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            w->err = errno, w->step = "writing";
+            break;
+        }
+        off += (size_t)n;
+    }
+    if (!w->err && fsync(fd) < 0)
+        w->err = errno, w->step = "fsync";
+    close(fd);
+    if (!w->err && rename(tmp, w->path) < 0)
+        w->err = errno, w->step = "renaming the temporary file";
+    if (w->err) {
+        unlink(tmp);
+        goto out;
+    }
+    /* The rename is durable only once the directory is synced. */
+    dir = strdup(w->path);
+    slash = dir ? strrchr(dir, '/') : NULL;
+    if (slash) {
+        *slash = '\0';
+        fd = open(*dir ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0) {
+            if (fsync(fd) < 0)
+                w->err = errno, w->step = "fsync of the directory";
+            close(fd);
+        }
+    }
+out:
+    free(dir);
+    free(tmp);
+}
+
+static void retained_write_start(struct local *local);
+
+static void retained_write_done_cb(uv_work_t *req, int status)
+{
+    struct retained_write *w = container_of(req, struct retained_write, req);
+    struct local *local = w->local;
+
+    local->retained_writing = false;
+    if (status < 0)
+        log_warn("retained store %s: write cancelled: %s", w->path, uv_strerror(status));
+    else if (w->err)
+        log_warn("retained store %s: %s failed: %s; retained messages changed since the last "
+                 "successful write would be lost by a restart (check gateway.state_dir)",
+                 w->path, w->step, strerror(w->err));
+    else
+        log_debug("retained store %s: wrote %zu bytes", w->path, w->len);
+    free(w->path);
+    free(w->data);
+    free(w);
+    if (local->retained_dirty) {
+        if (local->closing)
+            retained_write_start(local);
+        else
+            retained_changed(local); /* changed while writing: one more batch */
+    }
+    local_live_put(local);
+}
+
+/* Serialise the current set (loop thread) and hand it to the threadpool. */
+static void retained_write_start(struct local *local)
+{
+    struct retained_write *w;
+    size_t len = 8 + 4 + 4;
+    uint8_t *p;
+    uint32_t count = 0;
+    int rc;
+
+    if (local->retained_writing || !local->retained_dirty || !local->conf->state_dir)
+        return;
+    for (const struct retained *r = local->retained; r; r = r->next)
+        len += 2 + 1 + 4 + r->topic_len + r->len;
+    w = calloc(1, sizeof(*w));
+    if (!w || !(w->data = malloc(len)) || !(w->path = retained_path(local, ""))) {
+        log_warn("retained store: out of memory; will retry");
+        if (w)
+            free(w->data);
+        free(w);
+        return; /* still dirty: the next change or shutdown retries */
+    }
+    p = w->data;
+    memcpy(p, "UPLKRTN1", 8);
+    p += 8 + 4; /* count filled in below */
+    for (const struct retained *r = local->retained; r; r = r->next, count++) {
+        p = put_be(p, (uint32_t)r->topic_len, 2);
+        *p++ = r->qos;
+        p = put_be(p, (uint32_t)r->len, 4);
+        memcpy(p, r->topic, r->topic_len);
+        p += r->topic_len;
+        memcpy(p, r->payload, r->len);
+        p += r->len;
+    }
+    put_be(w->data + 8, count, 4);
+    put_be(p, crc32_update(0, w->data, len - 4), 4);
+    w->len = len;
+    w->local = local;
+    rc = uv_queue_work(local->loop, &w->req, retained_write_work_cb, retained_write_done_cb);
+    if (rc < 0) {
+        log_warn("retained store %s: cannot queue the write: %s", w->path, uv_strerror(rc));
+        free(w->path);
+        free(w->data);
+        free(w);
+        return;
+    }
+    local->retained_dirty = false;
+    local->retained_writing = true;
+    local->live++; /* local_close() completes only after this write */
+}
+
+static void retained_timer_cb(uv_timer_t *timer)
+{
+    retained_write_start(container_of(timer, struct local, retained_timer));
+}
+
+/* The set changed: write it within RETAINED_FLUSH_MS (one write per batch). */
+static void retained_changed(struct local *local)
+{
+    local->retained_dirty = true;
+    if (!local->conf->state_dir || !local->retained_loaded || local->closing ||
+        local->retained_writing || uv_is_active((uv_handle_t *)&local->retained_timer))
+        return;
+    uv_timer_start(&local->retained_timer, retained_timer_cb, RETAINED_FLUSH_MS, 0);
+}
+
+/* Check and load the file into an empty set; -EINVAL names the problem. */
+static int retained_parse(struct local *local, const uint8_t *data, size_t len, const char **why)
+{
+    size_t off = 12;
+    uint32_t count;
+
+    if (len < 16 || memcmp(data, "UPLKRTN1", 8) != 0)
+        return *why = "not a retained store (bad header)", -EINVAL;
+    if (get_be(data + len - 4, 4) != crc32_update(0, data, len - 4))
+        return *why = "checksum mismatch (torn or damaged file)", -EINVAL;
+    count = get_be(data + 8, 4);
+    if (count > LOCAL_RETAINED_MAX)
+        return *why = "more records than the server keeps", -EINVAL;
+    for (uint32_t i = 0; i < count; i++) {
+        size_t topic_len, payload_len;
+        const char *topic;
+        uint8_t qos;
+
+        if (len - 4 - off < 7)
+            return *why = "truncated record", -EINVAL;
+        topic_len = get_be(data + off, 2);
+        qos = data[off + 2];
+        payload_len = get_be(data + off + 3, 4);
+        off += 7;
+        if (topic_len > len - 4 - off || payload_len > len - 4 - off - topic_len)
+            return *why = "record longer than the file", -EINVAL;
+        topic = (const char *)data + off;
+        if (qos > 2 || payload_len == 0 || topic_name_check(topic, topic_len, NULL) < 0)
+            return *why = "invalid record (QoS, empty payload or topic)", -EINVAL;
+        retained_store(local, topic, topic_len, data + off + topic_len, payload_len, qos);
+        off += topic_len + payload_len;
+    }
+    if (off != len - 4)
+        return *why = "trailing bytes after the last record", -EINVAL;
+    return 0;
+}
+
+/* Start-up, before the listeners bind: load <state_dir>/retained.db. A bad
+ * file is reported and moved aside; the server starts without it. */
+static void retained_load(struct local *local)
+{
+    char *path, *data = NULL;
+    const char *why = NULL;
+    size_t len = 0;
+    int rc;
+
+    if (!local->conf->state_dir)
+        return;
+    path = retained_path(local, "");
+    if (!path)
+        return;
+    rc = util_read_file(path, RETAINED_FILE_MAX, &data, &len);
+    if (rc == -ENOENT) {
+        free(path);
+        return;
+    }
+    if (rc < 0) {
+        log_err("retained store %s: cannot read: %s; starting without retained messages", path,
+                strerror(-rc));
+    } else if (retained_parse(local, (const uint8_t *)data, len, &why) < 0) {
+        char *aside = retained_path(local, ".corrupt");
+
+        log_err("retained store %s is corrupt: %s; starting without retained messages and "
+                "keeping the file as %s for inspection",
+                path, why, aside ? aside : "(out of memory)");
+        if (aside && rename(path, aside) < 0)
+            log_warn("retained store: cannot rename %s: %s", path, strerror(errno));
+        free(aside);
+        /* Drop whatever was loaded before the bad record: all or nothing. */
+        while (local->retained) {
+            struct retained *r = local->retained;
+            local->retained = r->next;
+            free(r->payload);
+            free(r);
+        }
+        local->retained_count = 0;
+    } else {
+        log_info("retained store %s: loaded %zu retained messages", path, local->retained_count);
+    }
+    local->retained_dirty = false;
+    free(data);
+    free(path);
 }
 
 struct dispatch {
@@ -643,12 +1448,12 @@ struct dispatch {
 static void dispatch_match_cb(void *arg, void *owner, uint8_t sub_qos)
 {
     const struct dispatch *d = arg;
-    struct local_client *client = owner;
+    struct local_session *session = owner;
 
     /* §3.3.5: delivered at min(granted QoS, message QoS); §3.3.1-9: RETAIN 0
      * on messages that match an established subscription. */
-    client_send_publish(client, d->topic, d->topic_len, d->payload, d->len,
-                        sub_qos < d->qos ? sub_qos : d->qos, false);
+    session_deliver(session, d->topic, d->topic_len, d->payload, d->len,
+                    sub_qos < d->qos ? sub_qos : d->qos, false);
 }
 
 /* Store (if retained) and deliver to every matching local subscriber. */
@@ -710,10 +1515,260 @@ static struct local_client *local_find_client(struct local *local, const char *i
     return NULL;
 }
 
+/* --- identity and access (access.h) -------------------------------------------- */
+
+static void client_handle_packet(struct local_client *client, const uint8_t *data, size_t len);
+static void client_process_input(struct local_client *client);
+static void client_alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
+static void client_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
+
+/* A password check on the libuv threadpool: PBKDF2 is slow on purpose and
+ * must not stall the loop. It holds a reference on the client (open_handles)
+ * so the client outlives it, and a copy of everything it reads, so a reload
+ * that frees the conf meanwhile does not matter. */
+struct auth_check {
+    uv_work_t req;
+    struct local_client *client;
+    struct access_passwd_entry entry; /* .user unused (NULL) */
+    bool known_user;
+    bool ok;
+    uint8_t *password;
+    size_t password_len;
+    uint8_t *packet; /* the CONNECT, handled again once the check is done */
+    size_t packet_len;
+};
+
+static void auth_check_free(struct auth_check *check)
+{
+    if (check->password) {
+        explicit_bzero(check->password, check->password_len);
+        free(check->password);
+    }
+    free(check->packet);
+    explicit_bzero(&check->entry, sizeof(check->entry));
+    free(check);
+}
+
+static void auth_work_cb(uv_work_t *req)
+{
+    struct auth_check *check = container_of(req, struct auth_check, req);
+
+    check->ok = access_passwd_verify(check->known_user ? &check->entry : NULL, check->password,
+                                     check->password_len);
+}
+
+static void auth_after_work_cb(uv_work_t *req, int status)
+{
+    struct auth_check *check = container_of(req, struct auth_check, req);
+    struct local_client *client = check->client;
+
+    client->auth = NULL;
+    if (--client->open_handles == 0) {
+        /* Closed while the check ran; the handles are already gone. */
+        auth_check_free(check);
+        client_finish(client);
+        return;
+    }
+    if (client->state == CLIENT_CLOSING) {
+        auth_check_free(check);
+        return;
+    }
+    client->auth_state = status == 0 && check->ok ? AUTH_OK : AUTH_FAILED;
+    /* Second pass: client_check_access() now knows the answer. */
+    client_handle_packet(client, check->packet, check->packet_len);
+    auth_check_free(check);
+    if (client->state == CLIENT_CLOSING)
+        return;
+    if (uv_read_start(&client->conn.stream, client_alloc_cb, client_read_cb) < 0) {
+        client_close(client, CLOSE_ABORT, true, "cannot read after authentication");
+        return;
+    }
+    client_process_input(client); /* packets that came right behind CONNECT */
+}
+
+static void client_refuse(struct local_client *client, uint8_t code, const char *why)
+{
+    char who[160];
+
+    access_identity_describe(&client->identity, who, sizeof(who));
+    log_warn(CLIENT_FMT ": refusing CONNECT with CONNACK %u: %s (%s)", CLIENT_ARGS(client), code,
+             why, who);
+    client_send_connack(client, code);
+    client_close(client, CLOSE_FLUSH, false, why);
+}
+
+/* Queue the password check of @c; the client stops reading until it is done
+ * (input behind the CONNECT stays in rbuf). Returns 1, or -1 after refusing. */
+static int client_start_auth_check(struct local_client *client, const struct mqtt_connect *c,
+                                   const uint8_t *packet, size_t len)
+{
+    const struct access_passwd_entry *entry = access_passwords_find(
+        client->local->conf->local.passwords, (const char *)c->username.data, c->username.len);
+    struct auth_check *check = calloc(1, sizeof(*check));
+
+    if (check) {
+        check->client = client;
+        check->known_user = entry != NULL;
+        if (entry) {
+            check->entry = *entry;
+            check->entry.user = NULL;
+        }
+        check->password_len = c->password.len;
+        check->password = malloc(c->password.len ? c->password.len : 1);
+        check->packet = malloc(len);
+        check->packet_len = len;
+    }
+    if (!check || !check->password || !check->packet) {
+        if (check)
+            auth_check_free(check);
+        client_refuse(client, MQTT_CONNACK_SERVER_UNAVAILABLE, "out of memory");
+        return -1;
+    }
+    memcpy(check->password, c->password.data, c->password.len);
+    memcpy(check->packet, packet, len);
+    if (uv_queue_work(client->local->loop, &check->req, auth_work_cb, auth_after_work_cb) < 0) {
+        auth_check_free(check);
+        client_refuse(client, MQTT_CONNACK_SERVER_UNAVAILABLE, "cannot queue the password check");
+        return -1;
+    }
+    client->auth = check;
+    client->open_handles++;
+    uv_read_stop(&client->conn.stream);
+    return 1;
+}
+
+/*
+ * Credentials and will of a CONNECT, before handle_connect() (§3.1.4: the
+ * server authenticates the client before acting on the CONNECT). With
+ * local.password_file set, TCP clients must log in: no username gives
+ * CONNACK 5, a wrong one or a wrong password CONNACK 4 (§3.2.2.3). Unix
+ * socket peers are known by their uid and need no password; credentials they
+ * do send are checked all the same, so a username is only ever one that was
+ * proven. Returns 0 to go on, 1 while a password check runs (the packet is
+ * handled again afterwards), -1 after refusing the connection.
+ */
+static int client_check_access(struct local_client *client, const struct mqtt_connect *c,
+                               const uint8_t *packet, size_t len)
+{
+    const struct conf_local *conf = &client->local->conf->local;
+    int rule;
+
+    if (client->auth_state == AUTH_FAILED) {
+        client_refuse(client, MQTT_CONNACK_BAD_CREDENTIALS, "wrong username or password");
+        return -1;
+    }
+    if (client->auth_state == AUTH_NONE && conf->passwords && c->has_username) {
+        if (!c->has_password) {
+            client_refuse(client, MQTT_CONNACK_BAD_CREDENTIALS, "username without a password");
+            return -1;
+        }
+        return client_start_auth_check(client, c, packet, len);
+    }
+    if (client->auth_state == AUTH_NONE && conf->passwords && client->kind == CONF_LISTEN_TCP) {
+        client_refuse(client, MQTT_CONNACK_NOT_AUTHORIZED,
+                      "no username and password, which this TCP listener requires "
+                      "(local.password_file is set)");
+        return -1;
+    }
+    if (client->auth_state == AUTH_OK && !client->username) {
+        client->username = slice_strdup(&c->username);
+        if (!client->username) {
+            client_refuse(client, MQTT_CONNACK_SERVER_UNAVAILABLE, "out of memory");
+            return -1;
+        }
+        client->identity.username = client->username;
+    } else if (c->has_username && !conf->passwords) {
+        log_debug(CLIENT_FMT ": ignoring the username: no local.password_file to check it against",
+                  CLIENT_ARGS(client));
+    }
+    /* The will is published on the client's behalf later: the ACL decides
+     * now, while the client can still be told (mosquitto does the same). */
+    if (c->will &&
+        access_acl_check(conf, &client->identity, ACCESS_PUBLISH, (const char *)c->will_topic.data,
+                         c->will_topic.len, &rule) < 0) {
+        client_refuse(client, MQTT_CONNACK_NOT_AUTHORIZED,
+                      rule < 0 ? "will topic not allowed: no local.acl rule selects this client"
+                               : "will topic not allowed by local.acl");
+        return -1;
+    }
+    return 0;
+}
+
+/* Log a refused PUBLISH or SUBSCRIBE and tell local subscribers of
+ * LOCAL_ERRORS_TOPIC, as JSON. */
+static void client_report_denied(struct local_client *client, const char *action, const char *topic,
+                                 size_t len, int rule)
+{
+    struct local *local = client->local;
+    struct json_buf json;
+    char who[160], reason[96], *copy;
+
+    access_identity_describe(&client->identity, who, sizeof(who));
+    if (rule < 0)
+        snprintf(reason, sizeof(reason), "no local.acl rule selects this client");
+    else
+        snprintf(reason, sizeof(reason), "not allowed by local.acl[%d]", rule);
+    log_warn(CLIENT_FMT ": %s to '%.*s' denied: %s (%s)", CLIENT_ARGS(client), action,
+             (int)(len > 200 ? 200 : len), topic, reason, who);
+    copy = strndup(topic, len);
+    json_buf_init(&json);
+    json_append_raw(&json, "{\"error\":\"access denied\",\"action\":");
+    json_append_string(&json, action);
+    json_append_raw(&json, ",\"topic\":");
+    json_append_string(&json, copy ? copy : "?");
+    json_append_raw(&json, ",\"client_id\":");
+    json_append_string(&json, client->id);
+    json_append_raw(&json, ",\"identity\":");
+    json_append_string(&json, who);
+    json_append_raw(&json, ",\"reason\":");
+    json_append_string(&json, reason);
+    json_append_raw(&json, "}");
+    if (!json.failed)
+        local_dispatch(local, LOCAL_ERRORS_TOPIC, strlen(LOCAL_ERRORS_TOPIC), json.data, json.len,
+                       0, false);
+    json_buf_deinit(&json);
+    free(copy);
+}
+
+/*
+ * §3.3.5: a server that does not authorize a PUBLISH "has no way of informing
+ * that Client. It MUST either make a positive acknowledgement, according to
+ * the normal QoS rules, or close the Network Connection" [MQTT-3.3.5-2].
+ * uplinkd acknowledges (PUBACK, or PUBREC then PUBCOMP for QoS 2) and drops
+ * the message: closing would make the client re-send it for ever.
+ */
+static bool client_publish_denied(struct local_client *client, const struct mqtt_publish *p)
+{
+    int rule;
+
+    if (access_acl_check(&client->local->conf->local, &client->identity, ACCESS_PUBLISH,
+                         (const char *)p->topic.data, p->topic.len, &rule) == 0)
+        return false;
+    client_report_denied(client, "publish", (const char *)p->topic.data, p->topic.len, rule);
+    if (p->qos == 1)
+        client_send_ack(client, MQTT_PUBACK, p->packet_id);
+    else if (p->qos == 2)
+        client_send_ack(client, MQTT_PUBREC, p->packet_id);
+    return true;
+}
+
+/* §3.9.3: a refused filter gets return code 0x80 in SUBACK. */
+static bool client_subscribe_denied(struct local_client *client, const char *filter, size_t len)
+{
+    int rule;
+
+    if (access_acl_check(&client->local->conf->local, &client->identity, ACCESS_SUBSCRIBE, filter,
+                         len, &rule) == 0)
+        return false;
+    client_report_denied(client, "subscribe", filter, len, rule);
+    return true;
+}
+
 static void handle_connect(struct local_client *client, const struct mqtt_connect *c)
 {
     struct local *local = client->local;
     struct local_client *old;
+    bool session_present = false;
 
     if (c->client_id.len == 0) {
         /* §3.1.3-7/8: an empty id is only allowed with a clean session. */
@@ -757,34 +1812,142 @@ static void handle_connect(struct local_client *client, const struct mqtt_connec
                  client->id, old->peer);
         client_close(old, CLOSE_ABORT, true, "taken over by a new connection with the same id");
     }
+    if (session_attach(client, c->clean_session, &session_present) < 0) {
+        client_send_connack(client, MQTT_CONNACK_SERVER_UNAVAILABLE);
+        client_close(client, CLOSE_FLUSH, false, "no session available");
+        return;
+    }
     client->keepalive_s = c->keepalive_s;
     client_set_state(client, CLIENT_CONNECTED);
-    client_send_connack(client, MQTT_CONNACK_ACCEPTED);
+    client_send_connack_accepted(client, session_present);
     uv_timer_stop(&client->timer);
     client_arm_keepalive(client);
-    log_info(CLIENT_FMT ": connected (keepalive %u s, clean session %d%s)", CLIENT_ARGS(client),
-             client->keepalive_s, c->clean_session,
-             c->clean_session ? "" : ", persistent sessions not supported yet: treated as clean");
+    log_info(CLIENT_FMT ": connected (keepalive %u s, clean session %d, session present %d, "
+                        "%zu messages in flight and %zu queued)",
+             CLIENT_ARGS(client), client->keepalive_s, c->clean_session, session_present,
+             client->session->inflight.count, client->session->queue.count);
+    session_resume(client->session);
+}
+
+/* --- deferred acknowledgements (local.h publish_async_cb) --------------------- */
+
+static void client_ack_append(struct local_client *client, struct local_ack *ack)
+{
+    if (client->acks_tail)
+        client->acks_tail->next = ack;
+    else
+        client->acks_head = ack;
+    client->acks_tail = ack;
+    if (!ack->done && ++client->acks_pending >= LOCAL_ACKS_PENDING_MAX && !client->acks_paused &&
+        !client->detached) {
+        /* Backpressure: the spool is slower than this client (or full with
+         * overflow: block); stop reading until half the acks are done. */
+        client->acks_paused = true;
+        uv_read_stop(&client->conn.stream);
+        log_debug(CLIENT_FMT ": %u acknowledgements pending; pausing input", CLIENT_ARGS(client),
+                  client->acks_pending);
+    } else if (!ack->done && client->acks_pending >= LOCAL_ACKS_PENDING_MAX) {
+        client->acks_paused = true;
+    }
+}
+
+/* Send the acknowledgements that are due, in order; a failed one closes. */
+static void client_acks_pump(struct local_client *client)
+{
+    struct local_ack *ack;
+
+    while ((ack = client->acks_head) != NULL && ack->done && client->state != CLIENT_CLOSING) {
+        client->acks_head = ack->next;
+        if (!client->acks_head)
+            client->acks_tail = NULL;
+        if (ack->status < 0) {
+            char why[160];
+            log_warn(CLIENT_FMT
+                     ": QoS %u message (packet id %u) could not be stored (%s); not "
+                     "acknowledging it, closing the connection so the client re-sends it",
+                     CLIENT_ARGS(client), ack->qos, ack->packet_id, strerror(-ack->status));
+            snprintf(why, sizeof(why), "a QoS %u message could not be stored: %s", ack->qos,
+                     strerror(-ack->status));
+            if (ack->qos == 2 && client->session)
+                idset_del(&client->session->in_qos2, ack->packet_id);
+            free(ack);
+            client_close(client, CLOSE_ABORT, true, why);
+            return;
+        }
+        client_send_ack(client, ack->qos == 1 ? MQTT_PUBACK : MQTT_PUBREC, ack->packet_id);
+        free(ack);
+    }
+    if (client->acks_paused && client->acks_pending <= LOCAL_ACKS_PENDING_MAX / 2 &&
+        client->state == CLIENT_CONNECTED) {
+        client->acks_paused = false;
+        if (!client->detached &&
+            uv_read_start(&client->conn.stream, client_alloc_cb, client_read_cb) < 0) {
+            client_close(client, CLOSE_ABORT, true, "cannot resume reading");
+            return;
+        }
+        client_process_input(client); /* what was read before the pause */
+    }
+}
+
+/* The client is going away: its pending entries are orphaned (freed by
+ * local_publish_done()), finished ones freed. A QoS 2 id whose PUBREC never
+ * went out is forgotten so the re-sent PUBLISH is stored again (§4.3.3). */
+static void client_acks_orphan(struct local_client *client)
+{
+    struct local_ack *ack, *next;
+
+    for (ack = client->acks_head; ack; ack = next) {
+        next = ack->next;
+        if (ack->qos == 2 && client->session)
+            idset_del(&client->session->in_qos2, ack->packet_id);
+        if (ack->done) {
+            free(ack);
+        } else {
+            ack->client = NULL;
+            ack->next = NULL;
+        }
+    }
+    client->acks_head = client->acks_tail = NULL;
+    client->acks_pending = 0;
+}
+
+void local_publish_done(struct local *local, struct local_ack *ack, int status)
+{
+    struct local_client *client = ack->client;
+
+    if (!client) {
+        free(ack);
+        return;
+    }
+    ack->done = true;
+    ack->status = status;
+    client->acks_pending--;
+    client_acks_pump(client);
 }
 
 static void handle_publish(struct local_client *client, const struct mqtt_publish *p)
 {
     struct local *local = client->local;
+    struct local_ack *ack = NULL;
     char *topic;
     int rc = 0;
 
+    if (client_publish_denied(client, p))
+        return;
     if (p->qos == 2) {
         /* §4.3.3 (method: deliver on PUBLISH, remember the id until PUBREL):
          * a re-sent PUBLISH with a remembered id is not delivered again. */
-        if (idset_has(&client->in_qos2, p->packet_id)) {
+        struct idset *in_qos2 = &client->session->in_qos2;
+
+        if (idset_has(in_qos2, p->packet_id)) {
             client_send_ack(client, MQTT_PUBREC, p->packet_id);
             return;
         }
-        if (client->in_qos2.count >= LOCAL_INFLIGHT_MAX) {
+        if (in_qos2->count >= LOCAL_INFLIGHT_MAX) {
             client_protocol_error(client, "PUBLISH", "too many QoS 2 messages awaiting PUBREL");
             return;
         }
-        if (idset_add(&client->in_qos2, p->packet_id) < 0) {
+        if (idset_add(in_qos2, p->packet_id) < 0) {
             client_close(client, CLOSE_ABORT, true, "out of memory");
             return;
         }
@@ -798,9 +1961,39 @@ static void handle_publish(struct local_client *client, const struct mqtt_publis
      * no acknowledgement and the connection is closed, so the client keeps
      * the message and re-sends it (§4.4); delivering it locally now would
      * duplicate it on that re-send. */
-    if (local->hooks.publish_cb)
+    if (local->hooks.publish_async_cb && p->qos > 0) {
+        ack = calloc(1, sizeof(*ack));
+        if (!ack) {
+            free(topic);
+            client_close(client, CLOSE_ABORT, true, "out of memory");
+            return;
+        }
+        ack->client = client;
+        ack->packet_id = p->packet_id;
+        ack->qos = p->qos;
+        rc = local->hooks.publish_async_cb(local->hooks.arg, client->id, topic, p->payload.data,
+                                           p->payload.len, p->qos, p->retain, ack);
+    } else if (local->hooks.publish_async_cb) {
+        rc = local->hooks.publish_async_cb(local->hooks.arg, client->id, topic, p->payload.data,
+                                           p->payload.len, p->qos, p->retain, NULL);
+    } else if (local->hooks.publish_cb) {
         rc = local->hooks.publish_cb(local->hooks.arg, client->id, topic, p->payload.data,
                                      p->payload.len, p->qos, p->retain);
+    }
+    if (ack && (rc == LOCAL_PUBLISH_PENDING || (rc == 0 && client->acks_head))) {
+        /* Acknowledged later, or now but behind pending ones (§4.6 order). */
+        ack->done = rc == 0;
+        client_ack_append(client, ack);
+        local_dispatch(local, topic, p->topic.len, p->payload.data, p->payload.len, p->qos,
+                       p->retain);
+        free(topic);
+        if (rc == 0)
+            client_acks_pump(client);
+        return;
+    }
+    free(ack);
+    if (rc > 0)
+        rc = 0;
     if (rc < 0 && p->qos > 0) {
         char why[160];
         log_warn(CLIENT_FMT
@@ -809,7 +2002,7 @@ static void handle_publish(struct local_client *client, const struct mqtt_publis
                  CLIENT_ARGS(client), p->qos, topic, strerror(-rc));
         snprintf(why, sizeof(why), "router refused a QoS %u message: %s", p->qos, strerror(-rc));
         if (p->qos == 2)
-            idset_del(&client->in_qos2, p->packet_id);
+            idset_del(&client->session->in_qos2, p->packet_id);
         free(topic);
         client_close(client, CLOSE_ABORT, true, why);
         return;
@@ -827,8 +2020,8 @@ static void send_retained(struct local_client *client, const char *filter, size_
     for (struct retained *r = client->local->retained; r; r = r->next)
         if (topic_match(filter, len, r->topic, r->topic_len))
             /* §3.3.1-8: RETAIN 1 for messages sent because of a new subscription. */
-            client_send_publish(client, r->topic, r->topic_len, r->payload, r->len,
-                                qos < r->qos ? qos : r->qos, true);
+            session_deliver(client->session, r->topic, r->topic_len, r->payload, r->len,
+                            qos < r->qos ? qos : r->qos, true);
 }
 
 static void handle_subscribe(struct local_client *client, const struct mqtt_subscribe *sub)
@@ -854,7 +2047,9 @@ static void handle_subscribe(struct local_client *client, const struct mqtt_subs
             log_warn(CLIENT_FMT ": refusing subscription to '%.*s': %s", CLIENT_ARGS(client),
                      (int)filter.len, f, reason);
             codes[i] = MQTT_SUBACK_FAILURE;
-        } else if (topic_table_add(&local->subs, client, f, filter.len, qos, &first) < 0) {
+        } else if (client_subscribe_denied(client, f, filter.len)) {
+            codes[i] = MQTT_SUBACK_FAILURE;
+        } else if (topic_table_add(&local->subs, client->session, f, filter.len, qos, &first) < 0) {
             log_warn(CLIENT_FMT ": refusing subscription to '%.*s': out of memory",
                      CLIENT_ARGS(client), (int)filter.len, f);
             codes[i] = MQTT_SUBACK_FAILURE;
@@ -896,7 +2091,7 @@ static void handle_unsubscribe(struct local_client *client, const struct mqtt_su
         const char *f = (const char *)filter.data;
         bool last = false;
 
-        if (topic_table_remove(&local->subs, client, f, filter.len, &last) < 0)
+        if (topic_table_remove(&local->subs, client->session, f, filter.len, &last) < 0)
             continue; /* §3.10.4-5: UNSUBACK even when nothing matched */
         log_debug(CLIENT_FMT ": unsubscribed from '%.*s'", CLIENT_ARGS(client), (int)filter.len, f);
         if (last && is_cloud_filter(f, filter.len) && local->hooks.unsubscribe_cb) {
@@ -943,40 +2138,21 @@ static void client_handle_packet(struct local_client *client, const uint8_t *dat
     case MQTT_CONNECT:
         if (client->state != CLIENT_NEW)
             client_protocol_error(client, "CONNECT", "second CONNECT (§3.1.0-2)");
-        else
+        else if (client_check_access(client, &pkt.u.connect, data, len) == 0)
             handle_connect(client, &pkt.u.connect);
         break;
     case MQTT_PUBLISH:
         handle_publish(client, &pkt.u.publish);
         break;
     case MQTT_PUBACK:
-        if (!idset_del(&client->out_unacked, pkt.u.packet_id))
-            log_debug(CLIENT_FMT ": PUBACK for unknown packet id %u", CLIENT_ARGS(client),
-                      pkt.u.packet_id);
-        break;
     case MQTT_PUBREC:
-        /* §4.3.3: QoS 2 sender, step 2: PUBREC -> PUBREL (also when repeated). */
-        if (idset_del(&client->out_unacked, pkt.u.packet_id)) {
-            if (idset_add(&client->out_released, pkt.u.packet_id) < 0) {
-                client_close(client, CLOSE_ABORT, true, "out of memory");
-                break;
-            }
-        }
-        if (idset_has(&client->out_released, pkt.u.packet_id))
-            client_send_ack(client, MQTT_PUBREL, pkt.u.packet_id);
-        else
-            log_debug(CLIENT_FMT ": PUBREC for unknown packet id %u", CLIENT_ARGS(client),
-                      pkt.u.packet_id);
-        break;
     case MQTT_PUBCOMP:
-        if (!idset_del(&client->out_released, pkt.u.packet_id))
-            log_debug(CLIENT_FMT ": PUBCOMP for unknown packet id %u", CLIENT_ARGS(client),
-                      pkt.u.packet_id);
+        session_ack(client, pkt.type, pkt.u.packet_id);
         break;
     case MQTT_PUBREL:
         /* §4.3.3: QoS 2 receiver: forget the id, answer PUBCOMP (also for an
          * id we no longer know: the sender is retrying after a lost PUBCOMP). */
-        idset_del(&client->in_qos2, pkt.u.packet_id);
+        idset_del(&client->session->in_qos2, pkt.u.packet_id);
         client_send_ack(client, MQTT_PUBCOMP, pkt.u.packet_id);
         break;
     case MQTT_SUBSCRIBE:
@@ -1013,7 +2189,8 @@ static void client_process_input(struct local_client *client)
     size_t off = 0;
 
     client->rneed = 0;
-    while (client->state != CLIENT_CLOSING && off < client->rlen) {
+    while (client->state != CLIENT_CLOSING && !client->auth && !client->acks_paused &&
+           off < client->rlen) {
         struct mqtt_fixed_header fh;
         const char *reason = "";
         size_t total;
@@ -1099,6 +2276,7 @@ static void client_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b
 static void client_describe_peer(struct local_client *client, enum conf_listen_kind kind)
 {
     snprintf(client->peer, sizeof(client->peer), "?");
+    client->kind = kind;
     if (kind == CONF_LISTEN_TCP) {
         struct sockaddr_storage ss;
         int len = sizeof(ss);
@@ -1116,15 +2294,14 @@ static void client_describe_peer(struct local_client *client, enum conf_listen_k
             snprintf(client->peer, sizeof(client->peer), "%s:%u", host, ntohs(sin->sin_port));
         }
     } else {
-        /* Unix-socket clients are named by their credentials (SO_PEERCRED). */
-        struct ucred cred;
-        socklen_t len = sizeof(cred);
+        /* Unix-socket clients are named by their credentials (SO_PEERCRED),
+         * which local.acl rules select by uid and gid. */
         uv_os_fd_t fd;
 
         if (uv_fileno(&client->conn.handle, &fd) == 0 &&
-            getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
-            snprintf(client->peer, sizeof(client->peer), "pid %ld uid %lu", (long)cred.pid,
-                     (unsigned long)cred.uid);
+            access_peer_identity(fd, &client->identity) == 0)
+            snprintf(client->peer, sizeof(client->peer), "pid %ld uid %lu",
+                     (long)client->identity.pid, (unsigned long)client->identity.uid);
         else
             snprintf(client->peer, sizeof(client->peer), "unix");
     }
@@ -1310,21 +2487,47 @@ static int listener_bind_unix(struct listener *listener, const struct conf_local
     return unix_path_permissions(conf, cl->url, cl->path);
 }
 
-/* Create, bind and listen; on failure the listener is already being closed. */
+/* Use a socket passed by systemd, already bound and listening. Its path,
+ * mode and group belong to the .socket unit (SocketMode=, SocketGroup=), so
+ * they are neither changed nor unlinked here (listener->path stays NULL). */
+static int listener_adopt(struct listener *listener, int fd)
+{
+    int rc = listener->kind == CONF_LISTEN_TCP ? uv_tcp_open(&listener->h.tcp, fd)
+                                               : uv_pipe_open(&listener->h.pipe, fd);
+
+    if (rc < 0) {
+        log_err("listener %s: cannot use the socket passed by systemd (fd %d): %s", listener->url,
+                fd, uv_strerror(rc));
+        close(fd);
+        return rc;
+    }
+    log_info("listener %s: using the socket passed by systemd (fd %d) instead of binding",
+             listener->url, fd);
+    return 0;
+}
+
+/* Create, bind (or adopt @passed_fd, or a socket from systemd with the same
+ * address) and listen; on failure the listener is already being closed.
+ * @passed_fd (-1 for none) is owned by this function. */
 static int listener_open(struct local *local, const struct conf_local *conf,
-                         const struct conf_listen *cl, struct listener **out)
+                         const struct conf_listen *cl, int passed_fd, struct listener **out)
 {
     struct listener *listener;
-    int rc;
+    int fd, rc;
 
     listener = calloc(1, sizeof(*listener));
-    if (!listener)
+    if (!listener) {
+        if (passed_fd >= 0)
+            close(passed_fd);
         return -ENOMEM;
+    }
     listener->local = local;
     listener->kind = cl->kind;
     listener->url = strdup(cl->url);
     if (!listener->url) {
         free(listener);
+        if (passed_fd >= 0)
+            close(passed_fd);
         return -ENOMEM;
     }
     if (cl->kind == CONF_LISTEN_TCP)
@@ -1334,10 +2537,15 @@ static int listener_open(struct local *local, const struct conf_local *conf,
     if (rc < 0) {
         free(listener->url);
         free(listener);
+        if (passed_fd >= 0)
+            close(passed_fd);
         return rc;
     }
     local->live++;
-    if (cl->kind == CONF_LISTEN_TCP)
+    fd = passed_fd >= 0 ? passed_fd : activation_take(&local->activation, cl);
+    if (fd >= 0)
+        rc = listener_adopt(listener, fd);
+    else if (cl->kind == CONF_LISTEN_TCP)
         rc = listener_bind_tcp(listener, cl);
     else
         rc = listener_bind_unix(listener, conf, cl);
@@ -1371,7 +2579,10 @@ int local_new(uv_loop_t *loop, const struct conf *conf, const struct local_hooks
     if (hooks)
         local->hooks = *hooks;
     uv_timer_init(loop, &local->close_handle);
-    local->live = 1; /* close_handle */
+    uv_timer_init(loop, &local->retained_timer);
+    local->close_handle.data = local;
+    local->retained_timer.data = local;
+    local->live = 2; /* close_handle, retained_timer */
     *out = local;
     return 0;
 }
@@ -1400,7 +2611,7 @@ static int local_open_listeners(struct local *local, const struct conf *conf)
             found->keep = true;
             continue;
         }
-        rc = listener_open(local, &conf->local, cl, &l);
+        rc = listener_open(local, &conf->local, cl, -1, &l);
         if (rc < 0)
             goto err_close_opened;
         l->keep = true;
@@ -1426,11 +2637,61 @@ err_close_opened:
     return rc;
 }
 
+/*
+ * Sockets systemd passed that no local.listen entry asked for are served
+ * anyway, with a warning: refusing them would leave clients that the .socket
+ * unit let connect hanging in the kernel's backlog. They keep serving across
+ * reloads (a reload cannot get them back once closed).
+ */
+static int local_adopt_unmatched(struct local *local)
+{
+    const struct activation_socket *s;
+
+    while ((s = activation_next_unmatched(&local->activation))) {
+        struct conf_listen cl = {.kind = s->kind};
+        struct listener *l;
+        char url[sizeof(s->address) + 16];
+        int rc;
+
+        snprintf(url, sizeof(url), "systemd:%s", s->address);
+        cl.url = url;
+        log_warn("socket passed by systemd as fd %d%s%s (%s) matches no local.listen entry; "
+                 "serving it anyway (add \"%s\" to local.listen to make it explicit)",
+                 s->fd, s->name[0] ? ", named " : "", s->name, s->address, s->address);
+        rc = listener_open(local, &local->conf->local, &cl, s->fd, &l);
+        if (rc < 0)
+            return rc;
+        l->extra = true;
+        l->next = local->listeners;
+        local->listeners = l;
+    }
+    return 0;
+}
+
 int local_start(struct local *local)
 {
+    char why[256];
+    int rc, passed;
+
     if (local->closing)
         return -ECANCELED;
-    return local_open_listeners(local, local->conf);
+    /* Retained messages are back before the first client can subscribe. */
+    if (!local->retained_loaded) {
+        retained_load(local);
+        local->retained_loaded = true; /* only now do changes schedule writes */
+    }
+    passed = activation_collect(&local->activation, why, sizeof(why));
+    if (why[0])
+        log_warn("%s", why);
+    if (passed < 0)
+        log_warn("ignoring the sockets passed by systemd (LISTEN_FDS): %s", strerror(-passed));
+    else if (passed > 0)
+        log_info("systemd passed %d listening socket(s) (socket activation)", passed);
+    rc = local_open_listeners(local, local->conf);
+    if (rc == 0)
+        rc = local_adopt_unmatched(local);
+    activation_release(&local->activation);
+    return rc;
 }
 
 int local_reconfigure(struct local *local, const struct conf *conf)
@@ -1441,7 +2702,7 @@ int local_reconfigure(struct local *local, const struct conf *conf)
     if (local->closing)
         return -ECANCELED;
     for (struct listener *l = local->listeners; l; l = l->next)
-        l->keep = false;
+        l->keep = l->extra;
     rc = local_open_listeners(local, conf);
     if (rc < 0)
         return rc;
@@ -1489,7 +2750,7 @@ void local_stop_accepting(struct local *local)
 
 static void local_close_handle_cb(uv_handle_t *handle)
 {
-    struct local *local = container_of(handle, struct local, close_handle);
+    struct local *local = handle->data;
 
     local_live_put(local);
 }
@@ -1513,6 +2774,11 @@ void local_close(struct local *local, void (*done_cb)(void *arg), void *arg)
     local_stop_accepting(local);
     for (struct local_client *c = local->clients; c; c = c->next)
         client_close(c, CLOSE_FLUSH, false, "server shutting down");
+    /* Pending retained changes are written before done_cb (the write holds
+     * a live reference). */
+    uv_timer_stop(&local->retained_timer);
+    uv_close((uv_handle_t *)&local->retained_timer, local_close_handle_cb);
+    retained_write_start(local);
     /* Closed last and always asynchronous, so done_cb never runs from
      * inside local_close() even with no clients or listeners. */
     uv_close((uv_handle_t *)&local->close_handle, local_close_handle_cb);
@@ -1522,6 +2788,8 @@ void local_free(struct local *local)
 {
     if (!local)
         return;
+    while (local->sessions)
+        session_free(local->sessions, false); /* the tree goes as a whole below */
     topic_table_deinit(&local->subs);
     while (local->retained) {
         struct retained *r = local->retained;
@@ -1535,4 +2803,83 @@ void local_free(struct local *local)
 size_t local_client_count(const struct local *local)
 {
     return local->connected_count;
+}
+
+/* --- test and fuzzing seam (local.h) ---------------------------------------------- */
+
+int local_test_client_new(struct local *local, struct local_client **out)
+{
+    static unsigned long serial;
+    struct local_client *client;
+
+    if (local->closing)
+        return -ECANCELED;
+    client = calloc(1, sizeof(*client));
+    if (!client)
+        return -ENOMEM;
+    client->local = local;
+    client->detached = true;
+    /* A pipe handle never opened: reading and writing go through the seam,
+     * closing goes through the usual close callbacks. */
+    uv_pipe_init(local->loop, &client->conn.pipe, 0);
+    uv_timer_init(local->loop, &client->timer);
+    client->open_handles = 2;
+    client->state = CLIENT_NEW;
+    client->next = local->clients;
+    if (local->clients)
+        local->clients->prev = client;
+    local->clients = client;
+    local->client_count++;
+    local->live++;
+    snprintf(client->peer, sizeof(client->peer), "test %lu", ++serial);
+    if (local->client_count > local->conf->local.max_clients) {
+        client_close(client, CLOSE_ABORT, false, "max_clients reached");
+        return -EUSERS;
+    }
+    uv_timer_start(&client->timer, client_keepalive_cb, LOCAL_CONNECT_TIMEOUT_MS, 0);
+    *out = client;
+    return 0;
+}
+
+void local_test_client_input(struct local_client *client, const void *data, size_t len)
+{
+    const uint8_t *p = data;
+
+    /* The same path as socket reads: client_alloc_cb sizes the buffer. */
+    while (len > 0 && client->state != CLIENT_CLOSING) {
+        uv_buf_t buf;
+        size_t n;
+
+        client_alloc_cb(&client->conn.handle, LOCAL_READ_CHUNK, &buf);
+        if (!buf.base) {
+            client_read_cb(&client->conn.stream, UV_ENOBUFS, &buf);
+            return;
+        }
+        n = buf.len < len ? buf.len : len;
+        memcpy(buf.base, p, n);
+        client_read_cb(&client->conn.stream, (ssize_t)n, &buf);
+        p += n;
+        len -= n;
+    }
+}
+
+void local_test_client_output(struct local_client *client, uint8_t **data, size_t *len)
+{
+    if (data) {
+        *data = client->pending.data;
+        *len = client->pending.len;
+        client->pending.data = NULL;
+        client->pending.cap = 0;
+    }
+    client->pending.len = 0;
+}
+
+void local_test_client_lose(struct local_client *client)
+{
+    client_close(client, CLOSE_ABORT, true, "connection lost");
+}
+
+bool local_test_client_closing(const struct local_client *client)
+{
+    return client->state == CLIENT_CLOSING;
 }

@@ -2,7 +2,9 @@
  *
  * Local apps connect over loopback TCP or a Unix socket and speak MQTT 3.1.1.
  * The server implements broker semantics among local clients (publish,
- * subscribe with + and #) and hands every inbound PUBLISH to the router
+ * subscribe with + and #, QoS 0/1/2, retained messages kept in
+ * <state_dir>/retained.db across restarts, clean and persistent sessions kept
+ * in memory) and hands every inbound PUBLISH to the router
  * through local_hooks.publish_cb. Subscriptions whose filter starts with
  * "cloud/" are also reported through subscribe_cb/unsubscribe_cb so the
  * router can subscribe upstream.
@@ -17,6 +19,12 @@
 
 struct conf;
 struct local;
+struct local_ack;
+
+/* publish_async_cb() return value: the acknowledgement is deferred. */
+#define LOCAL_PUBLISH_PENDING 1
+/* Deferred acknowledgements per client before its reading pauses. */
+#define LOCAL_ACKS_PENDING_MAX 1024
 
 /* Callbacks into the router. All pointers are borrowed for the call only. */
 struct local_hooks {
@@ -29,6 +37,19 @@ struct local_hooks {
      * after an acknowledgement. */
     int (*publish_cb)(void *arg, const char *client_id, const char *topic, const void *payload,
                       size_t len, int qos, bool retain);
+    /* Optional; when set, used instead of publish_cb for a client's PUBLISH
+     * (not for wills). Same contract, plus: for QoS 1/2 it may return
+     * LOCAL_PUBLISH_PENDING, meaning "taken, acknowledge later": the server
+     * then holds the PUBACK (QoS 1) or PUBREC (QoS 2) until
+     * local_publish_done(@ack), which the router MUST call exactly once per
+     * LOCAL_PUBLISH_PENDING, even after the client is gone. Acknowledgements
+     * still go out in the order the PUBLISHes came (MQTT 3.1.1 §4.6). While
+     * LOCAL_ACKS_PENDING_MAX acknowledgements of one client are pending, the
+     * server stops reading that client (backpressure) until half are done.
+     * @ack is opaque and owned by the server. */
+    int (*publish_async_cb)(void *arg, const char *client_id, const char *topic,
+                            const void *payload, size_t len, int qos, bool retain,
+                            struct local_ack *ack);
     /* The first local subscription to a filter appeared / the last went away. */
     void (*subscribe_cb)(void *arg, const char *filter, int qos);
     void (*unsubscribe_cb)(void *arg, const char *filter);
@@ -66,6 +87,16 @@ int local_reconfigure(struct local *local, const struct conf *conf);
 void local_deliver(struct local *local, const char *topic, const void *payload, size_t len,
                    int qos, bool retain);
 
+/**
+ * local_publish_done() - finish a publish for which publish_async_cb returned
+ * LOCAL_PUBLISH_PENDING. @status 0: the message is safe (e.g. durable in the
+ * spool): the PUBACK/PUBREC is sent (in order). A negative errno: it is not;
+ * no acknowledgement is sent and the connection is closed with a log line,
+ * so the client re-sends it (MQTT 3.1.1 §4.4). When the client is gone
+ * meanwhile, @ack is just released. @ack is invalid afterwards.
+ */
+void local_publish_done(struct local *local, struct local_ack *ack, int status);
+
 /** local_stop_accepting() - close the listeners; connected clients stay. */
 void local_stop_accepting(struct local *local);
 
@@ -82,5 +113,39 @@ void local_free(struct local *local);
 
 /** local_client_count() - connected clients (for status). */
 size_t local_client_count(const struct local *local);
+
+/* --- Test and fuzzing seam --------------------------------------------------
+ * A client without a socket, driven through the same per-client state
+ * machine as a real connection: bytes go in through local_test_client_input()
+ * (exactly as if read from the socket), and what the server would have
+ * written stays in the client's output buffer for local_test_client_output().
+ * Used by tests/unit/test_local.c and fuzz/fuzz_session.c; the daemon never
+ * calls these. The output buffer is bounded as for a real client: a test that
+ * never drains it sees the client disconnected as a slow consumer. */
+struct local_client;
+
+/**
+ * local_test_client_new() - a new socket-less client waiting for CONNECT.
+ * The server owns it; it stays valid until it is closing and the loop has
+ * run its close callbacks. Returns 0, -ENOMEM, -ECANCELED (server closing) or
+ * -EUSERS (local.max_clients reached; the client is closed at once).
+ */
+int local_test_client_new(struct local *local, struct local_client **out);
+
+/** local_test_client_input() - as if @len bytes of @data (borrowed) arrived. */
+void local_test_client_input(struct local_client *client, const void *data, size_t len);
+
+/**
+ * local_test_client_output() - take the bytes the server has sent so far:
+ * *@data (malloc'd, the caller frees; NULL when none) and *@len. With @data
+ * NULL the output is discarded.
+ */
+void local_test_client_output(struct local_client *client, uint8_t **data, size_t *len);
+
+/** local_test_client_lose() - the connection breaks (the will is published). */
+void local_test_client_lose(struct local_client *client);
+
+/** local_test_client_closing() - true once the server is closing the client. */
+bool local_test_client_closing(const struct local_client *client);
 
 #endif

@@ -28,6 +28,7 @@
 #include "local.h"
 #include "log.h"
 #include "router.h"
+#include "tlscheck.h"
 #include "uplink.h"
 #include "util.h"
 
@@ -92,14 +93,68 @@ static void notify_status(struct daemon *d)
     sd_notifyf(0, "STATUS=%s", status);
 }
 
+static void ctl_error(struct json_buf *out, const char *words)
+{
+    json_append_raw(out, "{\"error\":");
+    json_append_string(out, words);
+    json_append_raw(out, "}");
+}
+
+static struct uplink *daemon_find_uplink(struct daemon *d, const char *name)
+{
+    for (size_t i = 0; i < d->uplink_count; i++) {
+        if (d->uplinks[i] != NULL && strcmp(uplink_name(d->uplinks[i]), name) == 0)
+            return d->uplinks[i];
+    }
+    return NULL;
+}
+
+/* "reconnect NAME" and "rotate NAME": both drop the session and connect
+ * again at once; for a JWT uplink every connect signs a fresh token, so a
+ * rotation is a reconnect that says why. */
+static void ctl_reconnect(struct daemon *d, const char *verb, const char *name,
+                          struct json_buf *out)
+{
+    char words[256];
+    struct uplink *uplink = name[0] ? daemon_find_uplink(d, name) : NULL;
+
+    if (uplink == NULL) {
+        snprintf(words, sizeof(words), "no uplink named \"%s\" (see uplinkctl status)", name);
+        ctl_error(out, words);
+        return;
+    }
+    bool rotate = strcmp(verb, "rotate") == 0;
+    if (rotate && conf_uplink_find(d->conf, name)->auth.type != CONF_AUTH_JWT) {
+        snprintf(words, sizeof(words),
+                 "uplink \"%s\" does not use JWT auth; there is no token to rotate", name);
+        ctl_error(out, words);
+        return;
+    }
+    uplink_reconnect(uplink, rotate ? "token rotation requested with uplinkctl rotate"
+                                    : "reconnect requested with uplinkctl reconnect");
+    json_append_raw(out, "{\"ok\":true,\"uplink\":");
+    json_append_string(out, name);
+    json_append_raw(out, ",\"action\":");
+    json_append_string(out, verb);
+    json_append_raw(out, "}");
+}
+
 static void daemon_ctl_command_cb(void *arg, const char *command, struct json_buf *out)
 {
     struct daemon *d = arg;
+    char verb[32] = "", name[128] = "";
 
-    if (strcmp(command, "status") != 0) {
-        json_append_raw(out, "{\"error\":");
-        json_append_string(out, "unknown command (known: status)");
-        json_append_raw(out, "}");
+    /* A command line is "VERB [ARGUMENT]"; the argument is an uplink name. */
+    if (sscanf(command, "%31s %127s", verb, name) < 1) {
+        ctl_error(out, "empty command (known: status, reconnect UPLINK, rotate UPLINK)");
+        return;
+    }
+    if (strcmp(verb, "reconnect") == 0 || strcmp(verb, "rotate") == 0) {
+        ctl_reconnect(d, verb, name, out);
+        return;
+    }
+    if (strcmp(verb, "status") != 0) {
+        ctl_error(out, "unknown command (known: status, reconnect UPLINK, rotate UPLINK)");
         return;
     }
     static const char *const state_names[] = {"starting", "running", "stopping"};
@@ -127,10 +182,46 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
         json_append_string(out, uplink_last_error(d->uplinks[i]));
         json_append_fmt(out,
                         ",\"queued\":%zu,\"published\":%llu,\"received\":%llu,"
-                        "\"dropped\":%llu,\"connects\":%llu}",
+                        "\"dropped\":%llu,\"connects\":%llu",
                         stats.queued, (unsigned long long)stats.published,
                         (unsigned long long)stats.received, (unsigned long long)stats.dropped,
                         (unsigned long long)stats.connects);
+        /* The spool (docs/design/spool.md): depth, bytes, oldest age, rates,
+         * drops by reason, last fsync latency. */
+        uint64_t now_ms = (uint64_t)time(NULL) * 1000;
+        json_append_fmt(
+            out,
+            ",\"spool\":{\"durability\":\"%s\",\"depth\":%llu,\"bytes\":%llu,"
+            "\"max_bytes\":%llu,\"oldest_age_s\":%.1f,\"inflight\":%zu,"
+            "\"rate_in\":%.1f,\"rate_out\":%.1f,\"blocked\":%llu,"
+            "\"io_error\":",
+            stats.spool.durable ? "fsync" : "none", (unsigned long long)stats.spool.depth,
+            (unsigned long long)stats.spool.bytes, (unsigned long long)uc->spool.max_bytes,
+            stats.spool.oldest_ms && stats.spool.oldest_ms < now_ms
+                ? (double)(now_ms - stats.spool.oldest_ms) / 1000.0
+                : 0.0,
+            stats.inflight, stats.rate_in, stats.rate_out, (unsigned long long)stats.spool.blocked);
+        json_append_string(out, stats.spool.io_error ? strerror(-stats.spool.io_error) : "");
+        json_append_fmt(out,
+                        ",\"last_fsync_us\":%llu,\"commits\":%llu,\"dropped\":{"
+                        "\"overflow\":%llu,\"max_age\":%llu,\"corrupt\":%llu,"
+                        "\"qos0_offline\":%llu,\"refused\":%llu}}",
+                        (unsigned long long)stats.spool.last_fsync_us,
+                        (unsigned long long)stats.spool.commits,
+                        (unsigned long long)stats.spool.dropped_overflow,
+                        (unsigned long long)stats.spool.dropped_age,
+                        (unsigned long long)stats.spool.dropped_corrupt,
+                        (unsigned long long)stats.dropped_qos0, (unsigned long long)stats.dropped);
+        if (uc->auth.type == CONF_AUTH_JWT) {
+            /* Times are Unix seconds (0 = none yet); clock is the last check. */
+            json_append_fmt(out,
+                            ",\"auth\":\"jwt\",\"token_expires_at\":%lld,"
+                            "\"token_refresh_at\":%lld,\"token_rotations\":%llu,\"clock\":",
+                            (long long)stats.token_expires_at, (long long)stats.token_refresh_at,
+                            (unsigned long long)stats.rotations);
+            json_append_string(out, stats.clock ? stats.clock : "unknown");
+        }
+        json_append_raw(out, "}");
     }
     json_append_fmt(out, "],\"router\":{\"forwarded\":%llu,\"rejected\":%llu,\"unrouted\":%llu}}",
                     (unsigned long long)d->router.forwarded, (unsigned long long)d->router.rejected,
@@ -154,10 +245,32 @@ static void uplink_message_cb(void *arg, struct uplink *uplink, const char *topi
     router_uplink_message_cb(&d->router, uplink, topic, payload, len, qos, retain);
 }
 
+/* The profile hooks go to the router, which owns the profile instances. */
+static void uplink_session_cb(void *arg, struct uplink *uplink, struct uplink_session *session)
+{
+    struct daemon *d = arg;
+    router_uplink_session_cb(&d->router, uplink, session);
+}
+
+static void uplink_online_cb(void *arg, struct uplink *uplink)
+{
+    struct daemon *d = arg;
+    router_uplink_online_cb(&d->router, uplink);
+}
+
+static const char *uplink_connack_text_cb(void *arg, struct uplink *uplink, int rc)
+{
+    struct daemon *d = arg;
+    return router_uplink_connack_text_cb(&d->router, uplink, rc);
+}
+
 static int uplink_create(struct daemon *d, const char *gateway_id, const struct conf_uplink *uc,
                          struct uplink **out)
 {
     const struct uplink_hooks hooks = {
+        .session_cb = uplink_session_cb,
+        .online_cb = uplink_online_cb,
+        .connack_text_cb = uplink_connack_text_cb,
         .message_cb = uplink_message_cb,
         .state_cb = uplink_state_cb,
         .arg = d,
@@ -165,6 +278,14 @@ static int uplink_create(struct daemon *d, const char *gateway_id, const struct 
     int rc = uplink_new(d->loop, uc, gateway_id, &hooks, out);
     if (rc < 0) {
         log_uplink(LOG_ERR, uc->name, "cannot create the uplink: %s", strerror(-rc));
+        return rc;
+    }
+    /* Spool recovery runs here, before READY=1 (DESIGN.md). Without its
+     * spool the uplink cannot keep the durability promise: fatal. */
+    rc = uplink_open_spool(*out, d->conf->state_dir);
+    if (rc < 0) {
+        uplink_free(*out);
+        *out = NULL;
         return rc;
     }
     rc = uplink_start(*out);
@@ -260,6 +381,7 @@ static void daemon_stop(struct daemon *d, const char *why)
     local_stop_accepting(d->local);
     ctl_close(d->ctl);
     d->ctl = NULL;
+    router_close_profiles(&d->router); /* their timers (Cumulocity bootstrap) */
     /* The uplinks get shutdown_timeout to drain their in-flight publishes;
      * the backstop timer only fires if a close callback never comes. */
     uv_timer_init(d->loop, &d->shutdown_timer);
@@ -464,6 +586,7 @@ static int daemon_start(struct daemon *d)
 {
     const struct local_hooks local_hooks = {
         .publish_cb = router_local_publish_cb,
+        .publish_async_cb = router_local_publish_async_cb,
         .subscribe_cb = router_local_subscribe_cb,
         .unsubscribe_cb = router_local_unsubscribe_cb,
         .arg = &d->router,
@@ -554,6 +677,14 @@ int main(int argc, char **argv)
                 errors && errors[0] && errors[strlen(errors) - 1] == '\n' ? "" : "\n");
         fprintf(stderr, "uplinkd: configuration %s is not valid\n", d->config_path);
         free(errors);
+        return 1;
+    }
+    /* Certificates are checked now, not at the first handshake: an expired
+     * or mismatched one would otherwise only show as endless reconnects. */
+    if (tlscheck_conf(d->conf, time(NULL)) < 0) {
+        fprintf(stderr, "uplinkd: configuration %s: client certificate check failed (above)\n",
+                d->config_path);
+        conf_free(d->conf);
         return 1;
     }
     if (check_only) {

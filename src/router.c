@@ -12,6 +12,7 @@
 #include "local.h"
 #include "log.h"
 #include "mapping.h"
+#include "profile.h"
 #include "topic.h"
 
 /* Longest topic we build; MQTT allows 65535 but clouds cap far lower. */
@@ -33,6 +34,83 @@ void router_deinit(struct router *router)
     free(router->raw_subs);
     router->raw_subs = NULL;
     router->raw_sub_count = 0;
+    for (size_t i = 0; i < router->profile_count; i++)
+        profile_instance_free(router->profiles[i]);
+    free(router->profiles);
+    free(router->profile_uplinks);
+    router->profiles = NULL;
+    router->profile_uplinks = NULL;
+    router->profile_count = 0;
+}
+
+static void profile_deliver_cb(void *arg, const char *topic, const void *payload, size_t len,
+                               int qos, bool retain)
+{
+    struct router *router = arg;
+
+    local_deliver(router->local, topic, payload, len, qos, retain);
+}
+
+/* The profile instance of @uplink. @create: make it on first use (the
+ * uplink asks for its session before router_set_uplinks() has seen it).
+ * NULL when there is none, memory runs out or the registry cannot be read
+ * (logged). */
+static struct profile_instance *router_profile_get(struct router *router, struct uplink *uplink,
+                                                   bool create)
+{
+    struct profile_instance *pi;
+    size_t n = router->profile_count;
+
+    /* An open instance first: a closed one's uplink may have been freed and
+     * its address reused by a new uplink. */
+    for (size_t i = 0; i < n; i++) {
+        if (router->profile_uplinks[i] == uplink && !router->profiles[i]->closing)
+            return router->profiles[i];
+    }
+    if (!create) {
+        /* A removed uplink still draining, or the daemon stopping. */
+        for (size_t i = 0; i < n; i++) {
+            if (router->profile_uplinks[i] == uplink)
+                return router->profiles[i];
+        }
+        return NULL;
+    }
+    struct uplink **uplinks = realloc(router->profile_uplinks, (n + 1) * sizeof(*uplinks));
+    if (!uplinks)
+        return NULL;
+    router->profile_uplinks = uplinks;
+    struct profile_instance **profiles = realloc(router->profiles, (n + 1) * sizeof(*profiles));
+    if (!profiles)
+        return NULL;
+    router->profiles = profiles;
+    int rc = profile_instance_new(uplink_loop(uplink), router->conf, uplink_get_conf(uplink),
+                                  uplink, &pi);
+    if (rc < 0) {
+        log_uplink(LOG_ERR, uplink_name(uplink), "cannot set up the profile: %s", strerror(-rc));
+        return NULL;
+    }
+    pi->deliver = profile_deliver_cb;
+    pi->deliver_arg = router;
+    router->profile_uplinks[n] = uplink;
+    router->profiles[n] = pi;
+    router->profile_count++;
+    return pi;
+}
+
+static struct profile_instance *router_profile(struct router *router, struct uplink *uplink)
+{
+    return router_profile_get(router, uplink, false);
+}
+
+static void profile_closed_cb(struct profile_instance *pi)
+{
+    /* Freed by router_deinit(): its uplink may still call back meanwhile. */
+}
+
+void router_close_profiles(struct router *router)
+{
+    for (size_t i = 0; i < router->profile_count; i++)
+        profile_instance_close(router->profiles[i], profile_closed_cb);
 }
 
 static struct uplink *find_uplink(const struct router *router, const char *name)
@@ -44,39 +122,9 @@ static struct uplink *find_uplink(const struct router *router, const char *name)
     return NULL;
 }
 
-static const struct conf_uplink *uplink_conf(const struct router *router,
-                                             const struct uplink *uplink)
-{
-    return conf_uplink_find(router->conf, uplink_name(uplink));
-}
-
-/* The device command filters of the generic profile for @prefix. */
-static void device_filters(const char *prefix, char commands[ROUTER_TOPIC_MAX],
-                           char config[ROUTER_TOPIC_MAX])
-{
-    const char *sep = prefix[0] ? "/" : "";
-    snprintf(commands, ROUTER_TOPIC_MAX, "%s%s+/commands/#", prefix, sep);
-    snprintf(config, ROUTER_TOPIC_MAX, "%s%s+/config", prefix, sep);
-}
-
-static void subscribe_device_topics(struct router *router, struct uplink *uplink)
-{
-    const struct conf_uplink *uc = uplink_conf(router, uplink);
-    char commands[ROUTER_TOPIC_MAX], config[ROUTER_TOPIC_MAX];
-
-    device_filters(uc->generic.topic_prefix, commands, config);
-    uplink_subscribe(uplink, commands, 1);
-    uplink_subscribe(uplink, config, 1);
-}
-
 void router_unsubscribe_device_topics(struct router *router, struct uplink *uplink,
                                       const char *old_prefix)
 {
-    char commands[ROUTER_TOPIC_MAX], config[ROUTER_TOPIC_MAX];
-
-    device_filters(old_prefix, commands, config);
-    uplink_unsubscribe(uplink, commands);
-    uplink_unsubscribe(uplink, config);
 }
 
 void router_set_uplinks(struct router *router, const struct conf *conf, struct uplink **uplinks,
@@ -85,9 +133,37 @@ void router_set_uplinks(struct router *router, const struct conf *conf, struct u
     router->conf = conf;
     router->uplinks = uplinks;
     router->uplink_count = count;
+    /* Instances whose uplink is gone (reload removed it) stop now. */
+    for (size_t i = 0; i < router->profile_count; i++) {
+        bool kept = false;
+        for (size_t j = 0; j < count && !kept; j++)
+            kept = uplinks[j] == router->profile_uplinks[i];
+        if (!kept)
+            profile_instance_close(router->profiles[i], profile_closed_cb);
+    }
+    /* Every uplink: adopt the conf, then subscribe what its profile wants
+     * now (and drop what it no longer wants, after a reload). */
+    for (size_t i = 0; i < count; i++) {
+        if (uplinks[i] == NULL)
+            continue;
+        struct profile_instance *pi = router_profile_get(router, uplinks[i], true);
+        const struct conf_uplink *uc = uplink_get_conf(uplinks[i]);
+        if (pi != NULL && pi->profile != profile_find(uc->profile)) {
+            /* Reload changed the profile: a new instance (the uplink
+             * reconnects, conf_uplink_equal() compares the profile). */
+            log_uplink(LOG_NOTICE, uc->name, "profile changed from %s to %s", pi->profile->name,
+                       uc->profile);
+            profile_instance_close(pi, profile_closed_cb);
+            profile_instance_subscribe(pi); /* drops its filters */
+            pi = router_profile_get(router, uplinks[i], true);
+        }
+        if (pi == NULL)
+            continue;
+        profile_instance_reconfigure(pi, conf, uplink_get_conf(uplinks[i]));
+        profile_instance_subscribe(pi);
+    }
     for (size_t i = 0; i < new_count; i++) {
         struct uplink *uplink = new_uplinks[i];
-        subscribe_device_topics(router, uplink);
         for (size_t j = 0; j < router->raw_sub_count; j++) {
             if (strcmp(router->raw_subs[j].uplink, uplink_name(uplink)) == 0)
                 uplink_subscribe(uplink, router->raw_subs[j].cloud_filter, router->raw_subs[j].qos);
@@ -150,14 +226,47 @@ static size_t select_uplinks(const struct router *router, const char *child, str
     return n;
 }
 
-static int forward(struct router *router, struct uplink *uplink, const char *cloud_topic,
-                   const void *payload, size_t len, int qos, bool retain)
+/* One local publish waiting for its uplinks' spools (durable-before-ack):
+ * the local acknowledgement goes out when the last of them is done. */
+struct router_pending {
+    struct local *local;
+    struct local_ack *ack;
+    unsigned outstanding; /* uplink completions still to come, +1 while forwarding */
+    int status;           /* the first failure */
+};
+
+static void pending_release(struct router_pending *pending)
 {
-    int rc = uplink_publish(uplink, cloud_topic, payload, len, qos, retain);
+    if (--pending->outstanding > 0)
+        return;
+    local_publish_done(pending->local, pending->ack, pending->status);
+    free(pending);
+}
+
+static void pending_done_cb(void *arg, int status)
+{
+    struct router_pending *pending = arg;
+
+    if (status < 0 && pending->status == 0)
+        pending->status = status;
+    pending_release(pending);
+}
+
+static int forward(struct router *router, struct uplink *uplink, const char *cloud_topic,
+                   const void *payload, size_t len, int qos, bool retain,
+                   struct router_pending *pending)
+{
+    int rc = pending ? uplink_publish_async(uplink, cloud_topic, payload, len, qos, retain,
+                                            pending_done_cb, pending)
+                     : uplink_publish(uplink, cloud_topic, payload, len, qos, retain);
+    if (rc == UPLINK_PUBLISH_PENDING) {
+        pending->outstanding++;
+        return 0;
+    }
     if (rc == -ENOBUFS)
         log_uplink(LOG_WARNING, uplink_name(uplink),
-                   "queue full: message for \"%s\" refused; the local client is asked to re-send "
-                   "(raise max_queued or check why the cloud is unreachable)",
+                   "spool full: message for \"%s\" refused; the local client is asked to re-send "
+                   "(raise spool.max_bytes or check why the cloud is unreachable)",
                    cloud_topic);
     else if (rc < 0)
         log_uplink(LOG_ERR, uplink_name(uplink), "cannot queue message for \"%s\": %s", cloud_topic,
@@ -165,13 +274,73 @@ static int forward(struct router *router, struct uplink *uplink, const char *clo
     return rc;
 }
 
-int router_local_publish_cb(void *arg, const char *client_id, const char *topic,
-                            const void *payload, size_t len, int qos, bool retain)
+/* One device message for one uplink, through its profile: the cloud's child
+ * id rules, the mapping (maybe several publishes), and the child's
+ * registration before its first data. A refusal is reported and is not an
+ * error for the local client (a re-send would be refused again). */
+static int route_to_profile(struct router *router, struct uplink *uplink, const char *client_id,
+                            const char *topic, const struct mapping_local *m, const void *payload,
+                            size_t len, int qos, bool retain, struct router_pending *pending)
 {
-    struct router *router = arg;
+    struct profile_instance *pi = router_profile(router, uplink);
+    struct profile_msgs out;
+    const char *reason = NULL;
+    int rc, result = 0;
+
+    if (pi == NULL)
+        return -ENOMEM;
+    if (pi->profile->child_check_cb && (reason = pi->profile->child_check_cb(pi, m->child))) {
+        report_rejected(router, client_id, topic, reason);
+        return 0;
+    }
+    profile_msgs_init(&out);
+    pi->reason[0] = '\0';
+    rc = pi->profile->up_cb(pi, m, payload, len, qos, retain, &out, &reason);
+    if (rc == 0 && out.failed)
+        rc = -ENOMEM;
+    if (rc == -EINVAL) {
+        report_rejected(router, client_id, topic,
+                        reason          ? reason
+                        : pi->reason[0] ? pi->reason
+                                        : "refused by the profile");
+        goto out;
+    }
+    if (rc < 0) {
+        result = rc;
+        goto out;
+    }
+    if (out.count > 0) {
+        rc = profile_register_child(pi, m->child, &reason);
+        if (rc == -EINVAL) {
+            report_rejected(router, client_id, topic, reason ? reason : "registration refused");
+            goto out;
+        }
+        if (rc < 0) {
+            result = rc;
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < out.count; i++) {
+        const struct profile_msg *msg = &out.msg[i];
+        rc = forward(router, msg->uplink ? msg->uplink : uplink, msg->topic, msg->payload, msg->len,
+                     msg->qos, msg->retain, pending);
+        if (rc < 0) {
+            result = rc;
+            break;
+        }
+    }
+out:
+    profile_msgs_deinit(&out);
+    return result;
+}
+
+/* Both hooks: @pending NULL for the synchronous one. */
+static int route_publish(struct router *router, const char *client_id, const char *topic,
+                         const void *payload, size_t len, int qos, bool retain,
+                         struct router_pending *pending)
+{
     struct mapping_local m;
     const char *reason = NULL;
-    char cloud_topic[ROUTER_TOPIC_MAX];
     int result = 0;
 
     if (mapping_parse_local(router->conf->local.topic_prefix, topic, &m, &reason) < 0) {
@@ -186,7 +355,7 @@ int router_local_publish_cb(void *arg, const char *client_id, const char *topic,
             report_rejected(router, client_id, topic, "no uplink with that name is configured");
             return 0;
         }
-        result = forward(router, uplink, m.cloud_topic, payload, len, qos, retain);
+        result = forward(router, uplink, m.cloud_topic, payload, len, qos, retain, pending);
         if (result == 0)
             router->forwarded++;
         return result;
@@ -204,22 +373,49 @@ int router_local_publish_cb(void *arg, const char *client_id, const char *topic,
         return 0;
     }
     for (size_t i = 0; i < count; i++) {
-        const struct conf_uplink *uc = uplink_conf(router, targets[i]);
-        int n = mapping_generic_up(uc->generic.topic_prefix, &m, cloud_topic, sizeof(cloud_topic),
-                                   &reason);
-        if (n == -ENAMETOOLONG)
-            reason = "the cloud topic would be longer than 1024 bytes";
-        if (n < 0) {
-            report_rejected(router, client_id, topic, reason);
-            continue;
-        }
-        int rc = forward(router, targets[i], cloud_topic, payload, len, qos, retain);
+        int rc = route_to_profile(router, targets[i], client_id, topic, &m, payload, len, qos,
+                                  retain, pending);
         if (rc < 0)
             result = rc;
     }
     if (result == 0)
         router->forwarded++;
     return result;
+}
+
+int router_local_publish_cb(void *arg, const char *client_id, const char *topic,
+                            const void *payload, size_t len, int qos, bool retain)
+{
+    return route_publish(arg, client_id, topic, payload, len, qos, retain, NULL);
+}
+
+int router_local_publish_async_cb(void *arg, const char *client_id, const char *topic,
+                                  const void *payload, size_t len, int qos, bool retain,
+                                  struct local_ack *ack)
+{
+    struct router *router = arg;
+    struct router_pending *pending;
+    int rc;
+
+    if (!ack)
+        return route_publish(router, client_id, topic, payload, len, qos, retain, NULL);
+    pending = calloc(1, sizeof(*pending));
+    if (!pending)
+        return -ENOMEM;
+    pending->local = router->local;
+    pending->ack = ack;
+    pending->outstanding = 1; /* ours, until every uplink has been asked */
+    rc = route_publish(router, client_id, topic, payload, len, qos, retain, pending);
+    if (pending->outstanding == 1) {
+        free(pending); /* nothing to wait for */
+        return rc;
+    }
+    if (rc < 0 && pending->status == 0)
+        pending->status = rc;
+    /* The spool callbacks come later (from the loop), never from inside
+     * this call, so dropping our reference cannot finish it now. */
+    pending->outstanding--;
+    return LOCAL_PUBLISH_PENDING;
 }
 
 static ssize_t raw_sub_find(const struct router *router, const char *uplink, const char *filter)
@@ -293,20 +489,20 @@ void router_uplink_message_cb(void *arg, struct uplink *uplink, const char *topi
                               const void *payload, size_t len, int qos, bool retain)
 {
     struct router *router = arg;
-    const struct conf_uplink *uc = uplink_conf(router, uplink);
+    struct profile_instance *pi = router_profile(router, uplink);
     const char *name = uplink_name(uplink);
     char local_topic[ROUTER_TOPIC_MAX];
 
-    int n = mapping_generic_down(router->conf->local.topic_prefix, uc->generic.topic_prefix, topic,
-                                 local_topic, sizeof(local_topic));
-    if (n > 0) {
-        /* config is state: retained locally so an app that starts later
-         * still gets the last one (DESIGN.md local topic contract). */
-        bool keep = retain || strcmp(local_topic + n - 7, "/config") == 0;
-        local_deliver(router->local, local_topic, payload, len, qos, keep);
-    } else if (n == -EINVAL) {
-        log_uplink(LOG_WARNING, name, "cloud message on \"%s\" names an invalid child id; dropped",
-                   topic);
+    if (pi != NULL) {
+        struct profile_msgs local;
+        profile_msgs_init(&local);
+        pi->profile->down_cb(pi, topic, payload, len, qos, retain, &local);
+        if (local.failed)
+            log_uplink(LOG_ERR, name, "out of memory mapping the cloud message on \"%s\"", topic);
+        for (size_t i = 0; i < local.count; i++)
+            local_deliver(router->local, local.msg[i].topic, local.msg[i].payload, local.msg[i].len,
+                          local.msg[i].qos, local.msg[i].retain);
+        profile_msgs_deinit(&local);
     }
     for (size_t i = 0; i < router->raw_sub_count; i++) {
         const struct router_raw_sub *sub = &router->raw_subs[i];
@@ -335,4 +531,34 @@ void router_uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state 
     if (!json.failed)
         local_deliver(router->local, topic, json.data, json.len, 0, true);
     json_buf_deinit(&json);
+    if (state != UPLINK_ONLINE) {
+        struct profile_instance *pi = router_profile(router, uplink);
+        if (pi != NULL)
+            profile_instance_offline(pi);
+    }
+}
+
+void router_uplink_session_cb(void *arg, struct uplink *uplink, struct uplink_session *session)
+{
+    struct profile_instance *pi = router_profile_get(arg, uplink, true);
+
+    if (pi != NULL && !pi->closing && pi->profile->session_cb)
+        pi->profile->session_cb(pi, session);
+}
+
+void router_uplink_online_cb(void *arg, struct uplink *uplink)
+{
+    struct profile_instance *pi = router_profile(arg, uplink);
+
+    if (pi != NULL)
+        profile_instance_online(pi);
+}
+
+const char *router_uplink_connack_text_cb(void *arg, struct uplink *uplink, int rc)
+{
+    struct profile_instance *pi = router_profile(arg, uplink);
+
+    if (pi == NULL || !pi->profile->connack_text_cb)
+        return NULL;
+    return pi->profile->connack_text_cb(pi, rc);
 }

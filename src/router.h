@@ -19,6 +19,8 @@
 
 struct conf;
 struct local;
+struct local_ack;
+struct profile_instance;
 
 /* A local subscription to cloud/<uplink>/<filter>, mirrored upstream. */
 struct router_raw_sub {
@@ -37,12 +39,24 @@ struct router {
     uint64_t forwarded; /* messages handed to at least one uplink */
     uint64_t rejected;  /* refused local input (bad child id, channel, ...) */
     uint64_t unrouted;  /* device messages no route selected */
+    /* One profile instance per uplink (profile.h), made the first time the
+     * router meets the uplink; parallel arrays. Instances of uplinks removed
+     * by a reload are closed but kept until router_deinit(): their uplink
+     * may still call back while it drains. */
+    struct uplink **profile_uplinks;
+    struct profile_instance **profiles;
+    size_t profile_count;
 };
 
 /** router_init() - empty router for @conf and @local (both borrowed). */
 void router_init(struct router *router, const struct conf *conf, struct local *local);
 
-/** router_deinit() - free the raw subscription list. */
+/** router_close_profiles() - shutdown: close every profile instance's
+ * handles (freed by router_deinit()). */
+void router_close_profiles(struct router *router);
+
+/** router_deinit() - free the raw subscription list and the profile
+ * instances. Call it after every uplink was freed. */
 void router_deinit(struct router *router);
 
 /**
@@ -56,9 +70,10 @@ void router_set_uplinks(struct router *router, const struct conf *conf, struct u
                         size_t count, struct uplink **new_uplinks, size_t new_count);
 
 /**
- * router_unsubscribe_device_topics() - drop the device command subscriptions
- * made for @old_prefix (reload changed generic.topic_prefix; the new ones
- * are made by router_set_uplinks() when the uplink is passed as new).
+ * router_unsubscribe_device_topics() - kept for main.c: the subscriptions
+ * of every uplink are now brought in line with its profile by
+ * router_set_uplinks() (filters no longer wanted are dropped there), so
+ * this does nothing.
  */
 void router_unsubscribe_device_topics(struct router *router, struct uplink *uplink,
                                       const char *old_prefix);
@@ -66,6 +81,13 @@ void router_unsubscribe_device_topics(struct router *router, struct uplink *upli
 /* local_hooks callbacks; @arg is the struct router. */
 int router_local_publish_cb(void *arg, const char *client_id, const char *topic,
                             const void *payload, size_t len, int qos, bool retain);
+/* The durable-before-ack variant (local_hooks.publish_async_cb): returns
+ * LOCAL_PUBLISH_PENDING when an uplink's spool must commit first, and calls
+ * local_publish_done() once every selected uplink has its copy durable (or
+ * with the first failure). */
+int router_local_publish_async_cb(void *arg, const char *client_id, const char *topic,
+                                  const void *payload, size_t len, int qos, bool retain,
+                                  struct local_ack *ack);
 void router_local_subscribe_cb(void *arg, const char *filter, int qos);
 void router_local_unsubscribe_cb(void *arg, const char *filter);
 
@@ -73,5 +95,9 @@ void router_local_unsubscribe_cb(void *arg, const char *filter);
 void router_uplink_message_cb(void *arg, struct uplink *uplink, const char *topic,
                               const void *payload, size_t len, int qos, bool retain);
 void router_uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state state);
+/* The profile hooks (uplink_hooks.session_cb, online_cb, connack_text_cb). */
+void router_uplink_session_cb(void *arg, struct uplink *uplink, struct uplink_session *session);
+void router_uplink_online_cb(void *arg, struct uplink *uplink);
+const char *router_uplink_connack_text_cb(void *arg, struct uplink *uplink, int rc);
 
 #endif

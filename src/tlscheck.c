@@ -92,9 +92,9 @@ int tlscheck_cert_cn(const X509 *cert, const char *expected, const char *cert_na
     }
     if (strcmp(cn, expected) != 0) {
         set_msg(err, err_size,
-                "certificate %s is issued for CN \"%s\", but the client id is \"%s\"; the cloud "
-                "refuses a certificate whose CN is not the client id (CONNACK 5): set client_id "
-                "to \"%s\" or issue a certificate for \"%s\"",
+                "certificate %s is issued for CN \"%s\", but the device id is \"%s\"; the cloud "
+                "refuses a certificate whose CN is not the device id (CONNACK 5): set the device "
+                "id (cumulocity.device_id) to \"%s\" or issue a certificate for \"%s\"",
                 cert_name, cn, expected, cn, expected);
         rc = -EPERM;
     }
@@ -240,10 +240,10 @@ int tlscheck_uplink(const struct conf_uplink *uplink, time_t now)
                    uplink->tls.cert);
         return -EINVAL;
     }
-    /* No profile requires CN = client id yet (the generic one does not);
-     * a Cumulocity profile passes .expected_cn = uplink->client_id. */
-    rc = tlscheck_client_cert(uplink->tls.cert, uplink->tls.key, NULL, now, NULL, err, sizeof(err),
-                              warning, sizeof(warning));
+    /* cert_cn is the profile's rule (Cumulocity: the CN is the device id). */
+    struct tlscheck_options options = {.expected_cn = uplink->cert_cn};
+    rc = tlscheck_client_cert(uplink->tls.cert, uplink->tls.key, &options, now, NULL, err,
+                              sizeof(err), warning, sizeof(warning));
     if (rc < 0) {
         log_uplink(LOG_ERR, uplink->name, "%s", err);
         return rc;

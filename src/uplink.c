@@ -35,20 +35,25 @@
  *
  * Message queue and reconnects
  * ----------------------------
- * uplink_publish() copies the message into our own FIFO. When ONLINE we hand
- * messages to mosquitto_publish() in order, at most UPLINK_MAX_INFLIGHT
- * unacknowledged QoS>=1 messages at a time (the same number is libmosquitto's
- * send quota, so libmosquitto never holds back a message we count as sent).
- * A QoS>=1 message leaves our queue only on on_publish() (PUBACK/PUBCOMP) for
- * its mid; a QoS 0 message leaves once libmosquitto has taken it.
+ * Every QoS>=1 message goes through the uplink's spool (spool.h): durable on
+ * disk with spool.durability fsync, in memory with none. uplink_publish()
+ * appends; the local acknowledgement waits for the spool's group commit
+ * (UPLINK_PUBLISH_PENDING and the done callback). When ONLINE we take
+ * records from the spool in order (spool_next) and hand them to
+ * mosquitto_publish() at QoS 1, at most UPLINK_MAX_INFLIGHT unacknowledged at
+ * a time (the same number is libmosquitto's send quota, so libmosquitto never
+ * holds back a message we count as sent), within the rate limit. A record
+ * leaves the spool only on on_publish() (PUBACK) for its mid (spool_ack).
+ * QoS 0 messages go straight to libmosquitto while ONLINE; offline they are
+ * dropped and counted, or spooled (spool.qos0_offline) and then sent at QoS 0.
  *
  * Choice on re-sending: libmosquitto keeps its own outgoing QoS>=1 state in
  * the mosq object across mosquitto_reconnect*() and re-sends it after CONNACK
  * (message__retry_check() in lib/messages_mosq.c), whatever clean_session
  * says. Because we destroy the mosq object after every connection, that state
- * dies with it and our queue is the only copy: after a reconnect we re-publish
- * every unacknowledged message ourselves, in the original order, with new
- * packet ids. Nothing is sent twice by both of us, nothing is lost when
+ * dies with it and the spool is the only copy: after a reconnect we re-publish
+ * every unacknowledged message ourselves (spool_rewind), in the original
+ * order, with new packet ids. Nothing is sent twice by both of us, nothing is lost when
  * libmosquitto drops its state, and a changed configuration or a rotated
  * password simply means the next mosq object is built differently. The cost:
  * a re-sent message does not carry DUP=1 (MQTT 3.1.1 §3.3.1.1 only asks for
@@ -67,14 +72,19 @@
 #include <string.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <mosquitto.h>
+#include <openssl/crypto.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 
 #include "conf.h"
+#include "jwt.h"
+#include "keys.h"
 #include "log.h"
+#include "spool.h"
 #include "util.h"
 
 /* Unacknowledged QoS>=1 publishes per connection (and libmosquitto's send quota). */
@@ -87,20 +97,21 @@
 #define UPLINK_STABLE_MS 10000
 /* Floor for reconnect.base so a zero in the config cannot make a busy loop. */
 #define UPLINK_MIN_BACKOFF_MS     100
-#define UPLINK_DEFAULT_MAX_QUEUED 10000
 #define UPLINK_ERROR_MAX          512
 #define UPLINK_CAPTURE_MAX        1024
+/* JWT: how often an untrusted clock is checked again. */
+#define UPLINK_CLOCK_RECHECK_MS 5000
+/* JWT rotation: the longest wait for in-flight PUBACKs before DISCONNECT
+ * (what is still unacknowledged then is re-sent on the next connection). */
+#define UPLINK_ROTATE_DRAIN_MS 10000
+/* JWT: wall clock and monotonic clock disagreeing by more than this since
+ * a token was signed means the clock was stepped. */
+#define UPLINK_CLOCK_STEP_MS 5000
 
-struct uplink_msg {
-    struct uplink_msg *prev;
-    struct uplink_msg *next;
-    char *topic;
-    void *payload;
-    size_t len;
-    int qos;
-    bool retain;
-    bool inflight; /* handed to the current connection, waiting for its ack */
+/* A spool record handed to the current connection, waiting for its PUBACK. */
+struct uplink_inflight {
     int mid;
+    uint64_t seq;
 };
 
 struct uplink_sub {
@@ -131,8 +142,31 @@ struct uplink_conn {
     char *ca_file;
     char *cert;
     char *key;
-    char *username; /* NULL unless auth.type is basic */
-    char *password;
+    char *username;  /* NULL unless auth.type is basic or jwt */
+    char *password;  /* jwt: the token, signed by the worker (conn_sign) */
+    int tls_version; /* enum conf_tls_version */
+    char *alpn;
+    bool insecure;
+    /* From the profile (uplink_hooks.session_cb): the last will and whether
+     * this connection may send spooled data. */
+    char *will_topic;
+    void *will_payload;
+    size_t will_len;
+    int will_qos;
+    bool will_retain;
+    bool hold_spool;
+
+    /* auth.type jwt: a signer of our own (its own key reference, so a
+     * reload may free the conf while the worker signs) and copies of the
+     * claims. */
+    struct jwt_signer *signer;
+    struct jwt_claims claims;
+    char *jwt_aud;
+    struct jwt_claim *jwt_extra;
+    uint32_t refresh_percent;
+    time_t token_signed_at;        /* wall clock given to jwt_sign() */
+    uint64_t token_signed_mono_ms; /* util_now_ms() at the same moment */
+    time_t token_expires_at;       /* the token's exp; 0 = no token */
 
     /* Results of the worker. */
     int connect_rc;
@@ -166,8 +200,9 @@ struct uplink {
     enum uplink_state state;
     pthread_t loop_thread;
 
-    uv_timer_t tick;  /* mosquitto_loop_misc() */
-    uv_timer_t timer; /* per state: connect timeout, backoff, stop deadline */
+    uv_timer_t tick;   /* mosquitto_loop_misc() */
+    uv_timer_t timer;  /* per state: connect timeout, backoff, stop deadline */
+    uv_timer_t rotate; /* JWT: refresh point, then the drain deadline */
     bool handles_init;
     bool handles_closing;
     unsigned closing; /* close callbacks still to come */
@@ -183,20 +218,40 @@ struct uplink {
     void *done_arg;
 
     uint64_t backoff_ms; /* previous sleep, for decorrelated jitter */
+
+    /* JWT (see uplink_rotate_cb and uplink_clock_blocks). */
+    bool rotating;            /* ONLINE but draining: nothing new is sent */
+    uint64_t rotate_deadline; /* uv_now() when the drain gives up */
+    bool clock_bad;           /* the last clock check failed (logged once) */
+    bool clock_was_bad;       /* it failed since the last CONNACK 0 */
+    bool resigned_at_once;    /* the one immediate re-sign after a rejection is used */
     uint64_t rng;
 
-    struct uplink_msg *head;
-    struct uplink_msg *tail;
-    struct uplink_msg *next_send; /* first message not yet handed to libmosquitto */
-    size_t queued;
+    struct spool *spool; /* uplink_open_spool(), or in memory on first use */
+    bool spool_closing;
+    struct uplink_inflight inflight_tab[UPLINK_MAX_INFLIGHT];
     size_t inflight;
+    char *topic_buf; /* NUL-terminated copy of a spool record's topic */
+
+    /* rate: token buckets refilled from uv_now(); when they run dry the
+     * sender waits for the next event (a PUBACK, or the 1 s tick). */
+    double msg_tokens, byte_tokens;
+    uint64_t tokens_at;
+    /* Rates for status: counts over a window of at least a second. */
+    uint64_t in_count, out_count, in_mark, out_mark, rate_since;
+    double rate_in, rate_out;
     struct uplink_sub *subs;
+    struct uplink_control *controls; /* uplink_publish_control(), in order */
 
     char last_error[UPLINK_ERROR_MAX];
     struct uplink_stats stats;
 };
 
 static void uplink_service(struct uplink *uplink);
+static bool uplink_control_acked(struct uplink *uplink, int mid);
+static void uplink_control_reset(struct uplink *uplink, bool drop_all, int status);
+static bool uplink_durable(const struct uplink *uplink);
+static size_t uplink_unsent(const struct uplink *uplink);
 
 /* --- state machine ------------------------------------------------------ */
 
@@ -213,7 +268,8 @@ static const char *const state_names[] = {
 /* allowed[from] is a bit set of the states reachable from it. */
 #define S(x) (1u << (x))
 static const unsigned state_allowed[] = {
-    [UPLINK_IDLE] = S(UPLINK_RESOLVING) | S(UPLINK_STOPPING),
+    /* IDLE -> BACKOFF: a JWT uplink whose clock cannot be trusted yet. */
+    [UPLINK_IDLE] = S(UPLINK_RESOLVING) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
     [UPLINK_RESOLVING] = S(UPLINK_CONNECTING) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
     [UPLINK_CONNECTING] = S(UPLINK_ONLINE) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
     [UPLINK_ONLINE] = S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
@@ -303,22 +359,19 @@ static void conn_fail(struct uplink_conn *conn, const char *fmt, ...)
     va_end(ap);
 }
 
-static void uplink_remove_msg(struct uplink *uplink, struct uplink_msg *msg)
+/* Rates for status over windows of at least a second. */
+static void uplink_rates_update(struct uplink *uplink)
 {
-    if (uplink->next_send == msg)
-        uplink->next_send = msg->next;
-    if (msg->prev)
-        msg->prev->next = msg->next;
-    else
-        uplink->head = msg->next;
-    if (msg->next)
-        msg->next->prev = msg->prev;
-    else
-        uplink->tail = msg->prev;
-    uplink->queued--;
-    free(msg->topic);
-    free(msg->payload);
-    free(msg);
+    uint64_t now = uv_now(uplink->loop);
+    uint64_t elapsed = now - uplink->rate_since;
+
+    if (elapsed < 1000)
+        return;
+    uplink->rate_in = (double)(uplink->in_count - uplink->in_mark) * 1000.0 / (double)elapsed;
+    uplink->rate_out = (double)(uplink->out_count - uplink->out_mark) * 1000.0 / (double)elapsed;
+    uplink->in_mark = uplink->in_count;
+    uplink->out_mark = uplink->out_count;
+    uplink->rate_since = now;
 }
 
 /* --- libmosquitto callbacks (loop thread, except the log callback) ------- */
@@ -364,22 +417,27 @@ static void conn_publish_cb(struct mosquitto *mosq, void *obj, int mid)
 {
     struct uplink_conn *conn = obj;
     struct uplink *uplink = conn->uplink;
-    struct uplink_msg *msg;
+    size_t i;
 
-    /* QoS 0 messages also end up here when written; they left the queue when
-     * libmosquitto took them, so only in-flight QoS>=1 messages match. In
-     * theory a QoS 0 mid could equal the mid of a QoS 1 message still waiting
-     * after 65535 other publishes; with a window of 100 that does not occur. */
-    for (msg = uplink->head; msg && msg != uplink->next_send; msg = msg->next) {
-        if (msg->inflight && msg->mid == mid)
+    /* QoS 0 messages also end up here when written; they were never in the
+     * in-flight table, so only QoS 1 messages match. In theory a QoS 0 mid
+     * could equal the mid of a QoS 1 message still waiting after 65535 other
+     * publishes; with a window of 100 that does not occur. */
+    if (uplink_control_acked(uplink, mid))
+        return;
+    for (i = 0; i < uplink->inflight; i++) {
+        if (uplink->inflight_tab[i].mid == mid)
             break;
     }
-    if (!msg || msg == uplink->next_send)
+    if (i == uplink->inflight)
         return;
-    uplink->inflight--;
+    spool_ack(uplink->spool, uplink->inflight_tab[i].seq);
+    /* Order in the table does not matter: the spool keeps the order. */
+    uplink->inflight_tab[i] = uplink->inflight_tab[--uplink->inflight];
     uplink->stats.published++;
+    uplink->out_count++;
+    uplink_rates_update(uplink);
     conn->acked = true;
-    uplink_remove_msg(uplink, msg);
 }
 
 static void conn_message_cb(struct mosquitto *mosq, void *obj, const struct mosquitto_message *m)
@@ -437,7 +495,97 @@ static void conn_free(struct uplink_conn *conn)
         explicit_bzero(conn->password, strlen(conn->password));
         free(conn->password);
     }
+    free(conn->alpn);
+    free(conn->will_topic);
+    free(conn->will_payload);
+    jwt_signer_free(conn->signer);
+    free(conn->jwt_aud);
+    for (size_t i = 0; conn->jwt_extra && i < conn->claims.extra_count; i++) {
+        free((char *)conn->jwt_extra[i].name);
+        free((char *)conn->jwt_extra[i].value);
+    }
+    free(conn->jwt_extra);
     free(conn);
+}
+
+/* Loop thread: what the worker needs to sign this attempt's token. */
+static int conn_copy_jwt(struct uplink_conn *conn, const struct conf_jwt *jwt)
+{
+    char err[KEYS_ERR_SIZE];
+    int rc;
+
+    rc = jwt_signer_new(jwt->private_key, jwt->alg, jwt->kid_mode, jwt->kid, &conn->signer, err,
+                        sizeof(err));
+    if (rc < 0) {
+        /* conf_load() built the same signer, so only memory can fail here. */
+        log_uplink(LOG_ERR, conn->uplink->name, "cannot prepare the JWT signer: %s", err);
+        return rc;
+    }
+    if (jwt->aud && !(conn->jwt_aud = strdup(jwt->aud)))
+        return -ENOMEM;
+    if (jwt->claim_count) {
+        conn->jwt_extra = calloc(jwt->claim_count, sizeof(*conn->jwt_extra));
+        if (!conn->jwt_extra)
+            return -ENOMEM;
+    }
+    for (size_t i = 0; i < jwt->claim_count; i++) {
+        conn->jwt_extra[i].name = strdup(jwt->claims[i].name);
+        conn->jwt_extra[i].value = strdup(jwt->claims[i].value);
+        conn->claims.extra_count++;
+        if (!conn->jwt_extra[i].name || !conn->jwt_extra[i].value)
+            return -ENOMEM;
+    }
+    conn->claims.aud = conn->jwt_aud;
+    conn->claims.extra = conn->jwt_extra;
+    conn->claims.lifetime_s = jwt->lifetime_s;
+    conn->claims.max_lifetime_s = jwt->max_lifetime_s;
+    conn->claims.skew_s = jwt->skew_s;
+    conn->refresh_percent = jwt->refresh_percent;
+    return 0;
+}
+
+/* Loop thread: let the profile set client id, credentials, will and clean
+ * session for this attempt (uplink_hooks.session_cb). */
+static int conn_apply_session(struct uplink_conn *conn)
+{
+    struct uplink *uplink = conn->uplink;
+    struct uplink_session session;
+
+    memset(&session, 0, sizeof(session));
+    uplink->hooks.session_cb(uplink->hooks.arg, uplink, &session);
+    if (session.client_id) {
+        free(conn->client_id);
+        if (!(conn->client_id = strdup(session.client_id)))
+            return -ENOMEM;
+    }
+    if (session.clean_session)
+        conn->clean_session = true;
+    if (session.username) {
+        free(conn->username);
+        if (conn->password) {
+            explicit_bzero(conn->password, strlen(conn->password));
+            free(conn->password);
+            conn->password = NULL;
+        }
+        if (!(conn->username = strdup(session.username)))
+            return -ENOMEM;
+        if (session.password && !(conn->password = strdup(session.password)))
+            return -ENOMEM;
+    }
+    if (session.will_topic) {
+        if (!(conn->will_topic = strdup(session.will_topic)))
+            return -ENOMEM;
+        if (session.will_len) {
+            if (!(conn->will_payload = malloc(session.will_len)))
+                return -ENOMEM;
+            memcpy(conn->will_payload, session.will_payload, session.will_len);
+        }
+        conn->will_len = session.will_len;
+        conn->will_qos = session.will_qos;
+        conn->will_retain = session.will_retain;
+    }
+    conn->hold_spool = session.hold_spool;
+    return 0;
 }
 
 static struct uplink_conn *conn_new(struct uplink *uplink)
@@ -466,6 +614,10 @@ static struct uplink_conn *conn_new(struct uplink *uplink)
             goto err;
         if (conf->tls.key && !(conn->key = strdup(conf->tls.key)))
             goto err;
+        if (conf->tls.alpn && !(conn->alpn = strdup(conf->tls.alpn)))
+            goto err;
+        conn->tls_version = conf->tls.min_version;
+        conn->insecure = conf->tls.insecure;
     }
     if (conf->auth.type == CONF_AUTH_BASIC) {
         if (!(conn->username = strdup(conf->auth.username ? conf->auth.username : "")))
@@ -473,11 +625,46 @@ static struct uplink_conn *conn_new(struct uplink *uplink)
         if (conf->auth.password && !(conn->password = strdup(conf->auth.password)))
             goto err;
     }
+    if (conf->auth.type == CONF_AUTH_JWT) {
+        if (!(conn->username = strdup(conf->auth.username ? conf->auth.username : "unused")))
+            goto err;
+        if (conn_copy_jwt(conn, &conf->auth.jwt) < 0)
+            goto err;
+    }
+    if (uplink->hooks.session_cb && conn_apply_session(conn) < 0)
+        goto err;
     return conn;
 
 err:
     conn_free(conn);
     return NULL;
+}
+
+/* One signature at a time in the whole process: jwt_sign() must not run
+ * concurrently on one signer, and PKCS#11 keys of several uplinks may share
+ * one token session in the engine. Signing takes milliseconds. */
+static pthread_mutex_t uplink_sign_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Threadpool: sign this attempt's token (a slow PKCS#11 token never stalls
+ * the loop). The clock was checked on the loop thread just before. */
+static int conn_sign(struct uplink_conn *conn)
+{
+    char err[KEYS_ERR_SIZE];
+    time_t now = time(NULL);
+    time_t expires_at = 0;
+    int rc;
+
+    pthread_mutex_lock(&uplink_sign_lock);
+    rc = jwt_sign(conn->signer, &conn->claims, now, &conn->password, &expires_at, err, sizeof(err));
+    pthread_mutex_unlock(&uplink_sign_lock);
+    if (rc < 0) {
+        conn_fail(conn, "cannot sign a JWT with auth.key: %s", err);
+        return rc;
+    }
+    conn->token_signed_at = now;
+    conn->token_signed_mono_ms = util_now_ms();
+    conn->token_expires_at = expires_at;
+    return 0;
 }
 
 /* Runs on the threadpool: everything that may block (file access for the TLS
@@ -505,10 +692,23 @@ static int conn_setup(struct uplink_conn *conn)
     /* MQTT packets are small and latency matters more than segment count. */
     mosquitto_int_option(mosq, MOSQ_OPT_TCP_NODELAY, 1);
 
+    if (conn->signer && conn_sign(conn) < 0)
+        return -EINVAL;
     if (conn->username) {
         rc = mosquitto_username_pw_set(mosq, conn->username, conn->password);
         if (rc) {
             conn_fail(conn, "libmosquitto refused auth.username: %s", mosquitto_strerror(rc));
+            return -EINVAL;
+        }
+    }
+    /* MQTT 3.1.1 §3.1.2.5: the broker publishes the will when the
+     * connection is lost without a DISCONNECT. */
+    if (conn->will_topic) {
+        rc = mosquitto_will_set(mosq, conn->will_topic, (int)conn->will_len, conn->will_payload,
+                                conn->will_qos, conn->will_retain);
+        if (rc) {
+            conn_fail(conn, "libmosquitto refused the last will on \"%s\": %s", conn->will_topic,
+                      mosquitto_strerror(rc));
             return -EINVAL;
         }
     }
@@ -547,10 +747,17 @@ static int conn_setup(struct uplink_conn *conn)
                 return -EINVAL;
             }
         }
-        /* Verify the peer, TLS 1.2 at least (1.3 stays allowed). */
-        rc = mosquitto_tls_opts_set(mosq, SSL_VERIFY_PEER, "tlsv1.2", NULL);
+        /* Verify the peer, TLS 1.2 at least (1.3 stays allowed) unless
+         * tls.min_version says 1.3. tls.insecure turns off only the host
+         * name check (the chain is still verified against tls.ca). SNI is
+         * sent either way. */
+        rc = mosquitto_tls_opts_set(
+            mosq, SSL_VERIFY_PEER, conn->tls_version == CONF_TLS_1_3 ? "tlsv1.3" : "tlsv1.2", NULL);
         if (!rc)
-            rc = mosquitto_tls_insecure_set(mosq, false); /* host name verification on */
+            rc = mosquitto_tls_insecure_set(mosq, conn->insecure);
+        /* RFC 7301; AWS IoT on port 443 wants "x-amzn-mqtt-ca". */
+        if (!rc && conn->alpn)
+            rc = mosquitto_string_option(mosq, MOSQ_OPT_TLS_ALPN, conn->alpn);
         if (rc) {
             conn_fail(conn, "libmosquitto refused the TLS options: %s", mosquitto_strerror(rc));
             return -EINVAL;
@@ -571,6 +778,11 @@ static void conn_work_cb(uv_work_t *req)
     struct uplink_conn *conn = container_of(req, struct uplink_conn, work);
 
     conn_setup(conn);
+    /* OpenSSL keeps per-thread state (error queue, DRBG) for this threadpool
+     * thread; libuv's threads never exit before the process does, so release
+     * it now instead of leaving one block per worker behind (valgrind's
+     * "definitely lost"). OpenSSL re-creates it if the thread signs again. */
+    OPENSSL_thread_stop();
 }
 
 /* --- explaining failures ------------------------------------------------- */
@@ -698,15 +910,49 @@ static void conn_explain_tls(struct uplink_conn *conn)
     }
 }
 
+static const char *format_utc(time_t t, char *buf, size_t size)
+{
+    struct tm tm;
+
+    if (!gmtime_r(&t, &tm) || !strftime(buf, size, "%Y-%m-%d %H:%M:%S UTC", &tm))
+        snprintf(buf, size, "%lld", (long long)t);
+    return buf;
+}
+
+/* CONNACK 4 or 5 to a JWT: GCP, ClearBlade and akenza say nothing more, so
+ * list what the token carried and what is usually wrong. */
+static void conn_explain_jwt_refused(struct uplink_conn *conn)
+{
+    char iat[40], exp[40];
+
+    conn_fail(conn,
+              "broker %s:%d: the server refused the JWT (CONNACK %d): check alg matches the "
+              "registered key, aud, exp <= 24 h, and the clock (sent: alg %s%s%s, aud \"%s\", "
+              "iat %s, exp %s)",
+              conn->host, conn->port, conn->connack_rc, jwt_alg_name(jwt_signer_alg(conn->signer)),
+              jwt_signer_kid(conn->signer) ? ", kid " : "",
+              jwt_signer_kid(conn->signer) ? jwt_signer_kid(conn->signer) : "",
+              conn->jwt_aud ? conn->jwt_aud : "",
+              format_utc(conn->token_signed_at - (time_t)conn->claims.skew_s, iat, sizeof(iat)),
+              format_utc(conn->token_expires_at, exp, sizeof(exp)));
+}
+
 /* An established connection ended (EOF, reset, or a TLS read error without
  * details, which libmosquitto turns into EPROTO). */
 static void conn_explain_closed(struct uplink_conn *conn, int err)
 {
     char why[128] = "";
+    char exp[40];
 
     if (err && err != EPROTO)
         snprintf(why, sizeof(why), " (%s)", strerror(err));
-    if (conn->online)
+    if (conn->online && conn->token_expires_at && time(NULL) >= conn->token_expires_at)
+        conn_fail(conn,
+                  "connection to %s:%d lost: closed by the server%s after the JWT expired at %s "
+                  "(JWT clouds drop a session at exp; the token was not rotated in time)",
+                  conn->host, conn->port, why,
+                  format_utc(conn->token_expires_at, exp, sizeof(exp)));
+    else if (conn->online)
         conn_fail(conn, "connection to %s:%d lost: closed by the server%s", conn->host, conn->port,
                   why);
     else
@@ -725,9 +971,17 @@ static void conn_explain_rc(struct uplink_conn *conn, int rc, int err)
     if (rc == MOSQ_ERR_SUCCESS && conn->disconnect_rc > 0)
         rc = conn->disconnect_rc;
 
-    if (conn->connack_seen && conn->connack_rc != 0) {
+    if (conn->connack_seen && (conn->connack_rc == 4 || conn->connack_rc == 5) &&
+        conn->token_expires_at) {
+        conn_explain_jwt_refused(conn);
+    } else if (conn->connack_seen && conn->connack_rc != 0) {
+        /* The profile may know what this cloud means by the code. */
+        const char *text = conn->uplink->hooks.connack_text_cb
+                               ? conn->uplink->hooks.connack_text_cb(conn->uplink->hooks.arg,
+                                                                     conn->uplink, conn->connack_rc)
+                               : NULL;
         conn_fail(conn, "broker %s:%d refused the connection: CONNACK %d %s", conn->host,
-                  conn->port, conn->connack_rc, connack_text(conn->connack_rc));
+                  conn->port, conn->connack_rc, text ? text : connack_text(conn->connack_rc));
     } else if (rc == MOSQ_ERR_TLS || (strstr(conn->captured, "OpenSSL Error") && !conn->online)) {
         conn_explain_tls(conn);
     } else if (rc == MOSQ_ERR_KEEPALIVE) {
@@ -951,17 +1205,21 @@ static void conn_close_cb(uv_handle_t *handle)
 static void uplink_drop_conn(struct uplink *uplink)
 {
     struct uplink_conn *conn = uplink->conn;
-    struct uplink_msg *msg;
 
     if (!conn)
         return;
     uplink->conn = NULL;
-    if (uplink->handles_init)
+    if (uplink->handles_init) {
         uv_timer_stop(&uplink->tick);
-    for (msg = uplink->head; msg; msg = msg->next)
-        msg->inflight = false;
-    uplink->next_send = uplink->head;
+        uv_timer_stop(&uplink->rotate);
+    }
+    uplink->rotating = false;
+    uplink->stats.token_refresh_at = 0;
+    if (uplink->spool)
+        spool_rewind(uplink->spool);
     uplink->inflight = 0;
+    /* Before the spool's records: registrations are re-sent first. */
+    uplink_control_reset(uplink, false, -ECONNRESET);
 
     if (conn->poll_init) {
         /* Stop watching before mosquitto_destroy() closes the fd, so the fd
@@ -980,12 +1238,64 @@ static void uplink_drop_conn(struct uplink *uplink)
 static void uplink_timer_cb(uv_timer_t *timer);
 static void conn_after_work_cb(uv_work_t *req, int status);
 
+static void uplink_backoff(struct uplink *uplink, int64_t delay_ms, const char *reason);
+
+/* JWT: true when the clock cannot be trusted to sign (RFC 7519 §4.1.4/6: a
+ * token from a wrong clock is refused or expires at once). Then the uplink
+ * waits in BACKOFF and checks again every UPLINK_CLOCK_RECHECK_MS; the
+ * problem is logged once, and its end too. */
+static bool uplink_clock_blocks(struct uplink *uplink)
+{
+    const struct conf_uplink *conf = uplink->conf;
+    enum jwt_clock_state clock = JWT_CLOCK_OK;
+    char err[KEYS_ERR_SIZE];
+
+    if (conf->auth.type != CONF_AUTH_JWT) {
+        uplink->stats.clock = NULL;
+        return false;
+    }
+    if (jwt_clock_check(time(NULL), conf->auth.jwt.clock_check == CONF_CLOCK_SYNC, &clock, err,
+                        sizeof(err)) == 0) {
+        if (uplink->clock_bad)
+            log_uplink(LOG_NOTICE, uplink->name, "the clock can be trusted now; signing a JWT");
+        uplink->clock_bad = false;
+        uplink->stats.clock = jwt_clock_state_name(JWT_CLOCK_OK);
+        return false;
+    }
+    uplink->stats.clock = jwt_clock_state_name(clock);
+    if (!uplink->clock_bad) {
+        log_uplink(LOG_WARNING, uplink->name,
+                   "not signing a JWT: %s (checking again every %d s; auth.clock_check: "
+                   "build-date accepts an unsynchronised clock)",
+                   err, UPLINK_CLOCK_RECHECK_MS / 1000);
+        uplink_set_error(uplink, err);
+    } else {
+        log_uplink(LOG_DEBUG, uplink->name, "clock still %s; checking again in %d s",
+                   jwt_clock_state_name(clock), UPLINK_CLOCK_RECHECK_MS / 1000);
+    }
+    uplink->clock_bad = true;
+    uplink->clock_was_bad = true;
+    if (uplink->state == UPLINK_BACKOFF)
+        uv_timer_start(&uplink->timer, uplink_timer_cb, UPLINK_CLOCK_RECHECK_MS, 0);
+    else
+        uplink_backoff(uplink, UPLINK_CLOCK_RECHECK_MS,
+                       "waiting for a clock good enough to sign a JWT");
+    return true;
+}
+
 /* BACKOFF/IDLE -> RESOLVING: start a connection attempt on the threadpool. */
 static void uplink_connect(struct uplink *uplink, const char *reason)
 {
     struct uplink_conn *conn;
     int rc;
 
+    if (uplink_clock_blocks(uplink))
+        return;
+    if (uplink->conf->tls.enabled && uplink->conf->tls.insecure)
+        log_uplink(LOG_WARNING, uplink->name,
+                   "tls.insecure is true: the server certificate is not checked against host "
+                   "\"%s\", so anyone with a certificate from tls.ca can pose as the broker",
+                   uplink->conf->host);
     conn = conn_new(uplink);
     if (!conn) {
         log_uplink(LOG_ERR, uplink->name, "out of memory starting a connection attempt");
@@ -1070,6 +1380,15 @@ static void conn_after_work_cb(uv_work_t *req, int status)
     }
     conn->poll_init = true;
     conn->tcp_pending = true;
+    if (conn->token_expires_at) {
+        char exp[40];
+        uplink->stats.token_expires_at = conn->token_expires_at;
+        log_uplink(LOG_INFO, uplink->name, "signed a new JWT (%s%s%s), expires at %s",
+                   jwt_alg_name(jwt_signer_alg(conn->signer)),
+                   jwt_signer_kid(conn->signer) ? ", kid " : "",
+                   jwt_signer_kid(conn->signer) ? jwt_signer_kid(conn->signer) : "",
+                   format_utc(conn->token_expires_at, exp, sizeof(exp)));
+    }
     if (uplink_set_state(uplink, UPLINK_CONNECTING, "%s resolved, connecting to port %d%s",
                          conn->host, conn->port, conn->tls ? " with TLS" : "") < 0)
         return;
@@ -1106,11 +1425,14 @@ static void uplink_timer_cb(uv_timer_t *timer)
         break;
     case UPLINK_STOPPING:
         uplink->stop_deadline_passed = true;
-        if (uplink->queued)
+        if (uplink_unsent(uplink))
             log_uplink(LOG_WARNING, uplink->name,
                        "stop: %zu message(s) not acknowledged by the broker within the shutdown "
-                       "timeout; they are dropped",
-                       uplink->queued);
+                       "timeout; %s",
+                       uplink_unsent(uplink),
+                       uplink_durable(uplink) ? "they stay in the spool and are sent after the "
+                                                "next start"
+                                              : "they are dropped (spool.durability: none)");
         break;
     default:
         break;
@@ -1120,35 +1442,84 @@ static void uplink_timer_cb(uv_timer_t *timer)
 
 /* --- sending --------------------------------------------------------------- */
 
-/* Hand waiting messages to libmosquitto, in order, within the window. */
+/* Take a token for one message of @bytes (0: the size is not known yet);
+ * false when the rate limit says wait. The sender tries again on the next
+ * event: a PUBACK, a new message, or the 1 s tick. */
+static bool uplink_rate_take(struct uplink *uplink, size_t bytes)
+{
+    const struct conf_rate *rate = &uplink->conf->rate;
+    uint64_t now = uv_now(uplink->loop);
+    double elapsed = (double)(now - uplink->tokens_at) / 1000.0;
+
+    if (!rate->max_msgs_per_s && !rate->max_bytes_per_s)
+        return true;
+    uplink->tokens_at = now;
+    /* A bucket holds at most one second's worth, so a burst after a quiet
+     * spell stays within a per-second quota. */
+    if (rate->max_msgs_per_s) {
+        uplink->msg_tokens += elapsed * rate->max_msgs_per_s;
+        if (uplink->msg_tokens > rate->max_msgs_per_s)
+            uplink->msg_tokens = rate->max_msgs_per_s;
+        if (uplink->msg_tokens < 1)
+            return false;
+    }
+    if (rate->max_bytes_per_s) {
+        uplink->byte_tokens += elapsed * (double)rate->max_bytes_per_s;
+        if (uplink->byte_tokens > (double)rate->max_bytes_per_s)
+            uplink->byte_tokens = (double)rate->max_bytes_per_s;
+        /* Sent on credit: the bucket may go negative by one message, so a
+         * message larger than the bucket still goes out eventually. */
+        if (uplink->byte_tokens <= 0)
+            return false;
+    }
+    if (rate->max_msgs_per_s)
+        uplink->msg_tokens -= 1;
+    if (rate->max_bytes_per_s)
+        uplink->byte_tokens -= (double)bytes;
+    return true;
+}
+
+/* Hand spooled records to libmosquitto, in order, within the window and the
+ * rate limit. */
 static void conn_flush(struct uplink_conn *conn)
 {
     struct uplink *uplink = conn->uplink;
-    struct uplink_msg *msg;
-    int rc, mid = 0, err;
+    struct spool_record rec;
+    int rc, mid = 0, err, qos;
 
-    while ((msg = uplink->next_send) != NULL && uplink->inflight < UPLINK_MAX_INFLIGHT &&
-           !conn->failed) {
+    while (uplink->inflight < UPLINK_MAX_INFLIGHT && !conn->failed) {
+        if (!uplink_rate_take(uplink, 0))
+            break;
+        if (spool_next(uplink->spool, &rec) < 0) {
+            if (uplink->conf->rate.max_msgs_per_s)
+                uplink->msg_tokens += 1; /* nothing sent: give the token back */
+            break;
+        }
+        if (uplink->conf->rate.max_bytes_per_s)
+            uplink->byte_tokens -= (double)(rec.len + rec.topic_len);
+        memcpy(uplink->topic_buf, rec.topic, rec.topic_len);
+        uplink->topic_buf[rec.topic_len] = '\0';
+        /* Spooled QoS 1 and 2 go up at QoS 1: at least once is what holds
+         * across reconnects anyway (see the top of this file). */
+        qos = rec.qos ? 1 : 0;
         uplink->in_io = true;
         errno = 0;
-        rc = mosquitto_publish(conn->mosq, &mid, msg->topic, (int)msg->len, msg->payload, msg->qos,
-                               msg->retain);
+        rc = mosquitto_publish(conn->mosq, &mid, uplink->topic_buf, (int)rec.len, rec.payload, qos,
+                               rec.retain);
         err = errno;
         uplink->in_io = false;
         switch (rc) {
         case MOSQ_ERR_SUCCESS:
-            if (msg->qos == 0) {
+            if (qos == 0) {
                 uplink->stats.published++;
-                uplink_remove_msg(uplink, msg);
+                uplink->out_count++;
+                spool_ack(uplink->spool, rec.seq);
             } else {
-                msg->inflight = true;
-                msg->mid = mid;
+                uplink->inflight_tab[uplink->inflight].mid = mid;
+                uplink->inflight_tab[uplink->inflight].seq = rec.seq;
                 uplink->inflight++;
-                uplink->next_send = msg->next;
             }
             break;
-        case MOSQ_ERR_NOMEM:
-            return; /* try again on the next event */
         case MOSQ_ERR_INVAL:
         case MOSQ_ERR_PAYLOAD_SIZE:
         case MOSQ_ERR_MALFORMED_UTF8:
@@ -1156,13 +1527,13 @@ static void conn_flush(struct uplink_conn *conn)
         case MOSQ_ERR_QOS_NOT_SUPPORTED:
             /* Cannot ever be sent: drop it rather than block the queue. */
             log_uplink(LOG_ERR, uplink->name, "dropping message for \"%s\" (%zu bytes): %s",
-                       msg->topic, msg->len, mosquitto_strerror(rc));
+                       uplink->topic_buf, rec.len, mosquitto_strerror(rc));
             uplink->stats.dropped++;
-            uplink_remove_msg(uplink, msg);
+            spool_ack(uplink->spool, rec.seq);
             break;
         default:
-            /* A write error: the message stays waiting for the next
-             * connection (for QoS>=1 libmosquitto's copy dies with the mosq). */
+            /* Out of memory or a write error: the record stays in the spool
+             * and the next connection sends it again (spool_rewind). */
             conn_check(conn, rc, err);
             if (!conn->failed)
                 conn_fail(conn, "sending to %s:%d failed: %s", conn->host, conn->port,
@@ -1170,6 +1541,195 @@ static void conn_flush(struct uplink_conn *conn)
             return;
         }
     }
+}
+
+/* --- control messages (uplink_publish_control) ----------------------------
+ * A short in-memory list that goes out before the spool: a profile's
+ * registration and start-up messages must precede the data they are about,
+ * including data spooled before a reconnect or a restart. */
+
+struct uplink_control {
+    struct uplink_control *next;
+    char *topic;
+    void *payload;
+    size_t len;
+    int qos;
+    unsigned flags;
+    bool sent; /* handed to libmosquitto on the current connection */
+    int mid;
+    void (*done_cb)(void *arg, int status);
+    void *arg;
+};
+
+static void control_free(struct uplink_control *c)
+{
+    free(c->topic);
+    free(c->payload);
+    free(c);
+}
+
+/* Unlink-then-call: done_cb may add new control messages. */
+static void control_finish(struct uplink_control *c, int status)
+{
+    void (*done_cb)(void *, int) = c->done_cb;
+    void *arg = c->arg;
+
+    control_free(c);
+    if (done_cb)
+        done_cb(arg, status);
+}
+
+/* conn_publish_cb(): true when @mid was a control message. */
+static bool uplink_control_acked(struct uplink *uplink, int mid)
+{
+    struct uplink_control **link, *c;
+
+    for (link = &uplink->controls; (c = *link) != NULL; link = &c->next) {
+        if (c->sent && c->qos > 0 && c->mid == mid) {
+            *link = c->next;
+            control_finish(c, 0);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The connection ended: per-connection messages go, the rest is re-sent
+ * (first) on the next one. @status for the dropped ones. */
+static void uplink_control_reset(struct uplink *uplink, bool drop_all, int status)
+{
+    struct uplink_control **link = &uplink->controls, *c;
+
+    while ((c = *link) != NULL) {
+        if (drop_all || (c->flags & UPLINK_CONTROL_CONNECTION)) {
+            *link = c->next;
+            control_finish(c, status);
+            link = &uplink->controls; /* done_cb may have changed the list */
+            continue;
+        }
+        c->sent = false;
+        link = &c->next;
+    }
+}
+
+/* Send what is not sent yet, in order. Returns true while spooled data must
+ * wait: a UPLINK_CONTROL_GATE message is not acknowledged yet. */
+static bool conn_flush_control(struct uplink_conn *conn)
+{
+    struct uplink *uplink = conn->uplink;
+    struct uplink_control **link = &uplink->controls, *c;
+    bool gate = false;
+    int rc, err, mid;
+
+    while ((c = *link) != NULL && !conn->failed) {
+        if (!c->sent) {
+            mid = 0;
+            uplink->in_io = true;
+            errno = 0;
+            rc = mosquitto_publish(conn->mosq, &mid, c->topic, (int)c->len, c->payload, c->qos,
+                                   false);
+            err = errno;
+            uplink->in_io = false;
+            if (rc == MOSQ_ERR_SUCCESS) {
+                c->sent = true;
+                c->mid = mid;
+                if (c->qos == 0) {
+                    *link = c->next;
+                    control_finish(c, 0);
+                    link = &uplink->controls;
+                    continue;
+                }
+            } else if (rc == MOSQ_ERR_INVAL || rc == MOSQ_ERR_PAYLOAD_SIZE ||
+                       rc == MOSQ_ERR_MALFORMED_UTF8 || rc == MOSQ_ERR_OVERSIZE_PACKET) {
+                log_uplink(LOG_ERR, uplink->name, "dropping control message for \"%s\": %s",
+                           c->topic, mosquitto_strerror(rc));
+                *link = c->next;
+                control_finish(c, -EINVAL);
+                link = &uplink->controls;
+                continue;
+            } else {
+                conn_check(conn, rc, err);
+                if (!conn->failed)
+                    conn_fail(conn, "sending to %s:%d failed: %s", conn->host, conn->port,
+                              mosquitto_strerror(rc));
+                return true;
+            }
+        }
+        if (c->flags & UPLINK_CONTROL_GATE)
+            gate = true;
+        link = &c->next;
+    }
+    return gate;
+}
+
+int uplink_publish_control(struct uplink *uplink, const char *topic, const void *payload,
+                           size_t len, int qos, unsigned flags,
+                           void (*done_cb)(void *arg, int status), void *arg)
+{
+    struct uplink_control *c, **link;
+
+    if (!topic || qos < 0 || qos > 1 || mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS)
+        return -EINVAL;
+    if (uplink->state == UPLINK_STOPPING || uplink->state == UPLINK_STOPPED)
+        return -ESHUTDOWN;
+    if ((qos == 0 || (flags & UPLINK_CONTROL_CONNECTION)) && uplink->state != UPLINK_ONLINE)
+        return -ENOTCONN;
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->topic = strdup(topic);
+    c->payload = len ? malloc(len) : NULL;
+    if (!c->topic || (len && !c->payload)) {
+        control_free(c);
+        return -ENOMEM;
+    }
+    if (len)
+        memcpy(c->payload, payload, len);
+    c->len = len;
+    c->qos = qos;
+    c->flags = flags;
+    c->done_cb = done_cb;
+    c->arg = arg;
+    for (link = &uplink->controls; *link; link = &(*link)->next) {
+        if ((flags & UPLINK_CONTROL_FRONT) && !((*link)->flags & UPLINK_CONTROL_FRONT) &&
+            !(*link)->sent)
+            break;
+    }
+    c->next = *link;
+    *link = c;
+    uplink_service(uplink);
+    return 0;
+}
+
+void uplink_reconnect(struct uplink *uplink, const char *reason)
+{
+    switch (uplink->state) {
+    case UPLINK_BACKOFF:
+        log_uplink(LOG_NOTICE, uplink->name, "%s; connecting now", reason);
+        uplink->backoff_ms = 0;
+        uv_timer_start(&uplink->timer, uplink_timer_cb, 0, 0);
+        break;
+    case UPLINK_RESOLVING:
+    case UPLINK_CONNECTING:
+    case UPLINK_ONLINE:
+        log_uplink(LOG_NOTICE, uplink->name, "%s; reconnecting", reason);
+        uplink->reconnect_requested = true;
+        uplink->backoff_ms = 0;
+        uplink_service(uplink);
+        break;
+    default:
+        break;
+    }
+}
+
+uv_loop_t *uplink_loop(const struct uplink *uplink)
+{
+    return uplink->loop;
+}
+
+const struct conf_uplink *uplink_get_conf(const struct uplink *uplink)
+{
+    return uplink->conf;
 }
 
 static void conn_subscribe_all(struct uplink_conn *conn)
@@ -1202,9 +1762,8 @@ static void conn_write(struct uplink_conn *conn)
 
 /* --- the state machine's driver -------------------------------------------- */
 
-static void uplink_handle_close_cb(uv_handle_t *handle)
+static void uplink_closed_one(struct uplink *uplink)
 {
-    struct uplink *uplink = handle->data;
     void (*done_cb)(struct uplink *, void *);
 
     if (--uplink->closing > 0)
@@ -1214,6 +1773,40 @@ static void uplink_handle_close_cb(uv_handle_t *handle)
     done_cb = uplink->done_cb;
     if (done_cb)
         done_cb(uplink, uplink->done_arg); /* may free the uplink: touch nothing after */
+}
+
+static void uplink_handle_close_cb(uv_handle_t *handle)
+{
+    uplink_closed_one(handle->data);
+}
+
+static void uplink_spool_closed_cb(void *arg)
+{
+    uplink_closed_one(arg);
+}
+
+/* A JWT refused with CONNACK 4/5 right after a clock step, or after the
+ * clock check had failed, was most likely signed with the old time: sign
+ * again at once instead of waiting out the backoff. Once; after that the
+ * normal backoff applies until a CONNACK 0. */
+static bool uplink_jwt_resign_now(struct uplink *uplink, const struct uplink_conn *conn)
+{
+    int64_t wall_ms, mono_ms;
+    bool stepped;
+
+    if (!conn->token_expires_at || !conn->connack_seen ||
+        (conn->connack_rc != 4 && conn->connack_rc != 5) || uplink->resigned_at_once)
+        return false;
+    wall_ms = ((int64_t)time(NULL) - (int64_t)conn->token_signed_at) * 1000;
+    mono_ms = (int64_t)(util_now_ms() - conn->token_signed_mono_ms);
+    stepped = wall_ms - mono_ms > UPLINK_CLOCK_STEP_MS || mono_ms - wall_ms > UPLINK_CLOCK_STEP_MS;
+    if (!stepped && !uplink->clock_was_bad)
+        return false;
+    uplink->resigned_at_once = true;
+    log_uplink(LOG_NOTICE, uplink->name, "%s; signing a new JWT now instead of backing off (once)",
+               stepped ? "the wall clock was stepped since the token was signed"
+                       : "the clock was not trustworthy earlier");
+    return true;
 }
 
 /* Tear the connection down after a failure and decide what comes next. */
@@ -1231,10 +1824,69 @@ static void uplink_conn_failed(struct uplink *uplink)
     }
     log_uplink(LOG_ERR, uplink->name, "%s", conn->error);
     uplink_set_error(uplink, conn->error);
+    if (uplink_jwt_resign_now(uplink, conn)) {
+        uplink_drop_conn(uplink);
+        uplink_backoff(uplink, 0, "signing a new JWT at once because the clock changed");
+        return;
+    }
     uplink_drop_conn(uplink);
     if (stable)
         uplink->backoff_ms = 0; /* the session worked: start the jitter from base again */
     uplink_backoff(uplink, -1, was_online ? "connection lost" : "connection attempt failed");
+}
+
+/* The rotate timer: first at the token's refresh point (start draining),
+ * then at the drain deadline. uplink_step() disconnects once nothing is in
+ * flight or the deadline passed, and the next attempt signs a new token. */
+static void uplink_rotate_cb(uv_timer_t *timer)
+{
+    struct uplink *uplink = container_of(timer, struct uplink, rotate);
+    struct uplink_conn *conn = uplink->conn;
+    int64_t left_ms;
+    uint64_t drain_ms;
+    char exp[40];
+
+    if (uplink->state != UPLINK_ONLINE || !conn || !conn->online)
+        return;
+    if (!uplink->rotating) {
+        /* The drain must end before exp: the server may drop us there. */
+        left_ms = ((int64_t)conn->token_expires_at - (int64_t)time(NULL)) * 1000 - 1000;
+        drain_ms = left_ms <= 0                       ? 0
+                   : left_ms < UPLINK_ROTATE_DRAIN_MS ? (uint64_t)left_ms
+                                                      : UPLINK_ROTATE_DRAIN_MS;
+        uplink->rotating = true;
+        uplink->rotate_deadline = uv_now(uplink->loop) + drain_ms;
+        log_uplink(LOG_NOTICE, uplink->name,
+                   "rotating the JWT that expires at %s: waiting up to %.1f s for %zu in-flight "
+                   "publish(es), then reconnecting with a new token",
+                   format_utc(conn->token_expires_at, exp, sizeof(exp)), (double)drain_ms / 1000.0,
+                   uplink->inflight);
+        uv_timer_start(&uplink->rotate, uplink_rotate_cb, drain_ms, 0);
+    }
+    uplink_service(uplink);
+}
+
+/* On CONNACK 0 of a JWT session: arm the rotate timer for
+ * jwt_refresh_at(). The delay is measured on the monotonic clock from the
+ * moment of signing, so a wall-clock step cannot make the token outlive
+ * its exp (jwt.h). */
+static void uplink_arm_rotation(struct uplink *uplink, const struct uplink_conn *conn)
+{
+    struct jwt_refresh policy = {.percent = conn->refresh_percent};
+    time_t refresh_at;
+    int64_t delay_ms;
+
+    if (!conn->token_expires_at)
+        return;
+    refresh_at = jwt_refresh_at(conn->token_signed_at, conn->token_expires_at, &policy);
+    delay_ms = ((int64_t)refresh_at - (int64_t)conn->token_signed_at) * 1000 -
+               (int64_t)(util_now_ms() - conn->token_signed_mono_ms);
+    if (delay_ms < 0)
+        delay_ms = 0;
+    uplink->stats.token_refresh_at = refresh_at;
+    log_uplink(LOG_INFO, uplink->name, "the JWT will be replaced in %.1f s",
+               (double)delay_ms / 1000.0);
+    uv_timer_start(&uplink->rotate, uplink_rotate_cb, (uint64_t)delay_ms, 0);
 }
 
 static bool uplink_step(struct uplink *uplink)
@@ -1274,6 +1926,8 @@ static bool uplink_step(struct uplink *uplink)
             !conn->online) {
             conn->online = true;
             conn->online_since = uv_now(uplink->loop);
+            uplink->clock_was_bad = false;
+            uplink->resigned_at_once = false;
             conn->captured_len = 0;
             conn->captured[0] = '\0';
             uplink->stats.connects++;
@@ -1281,10 +1935,30 @@ static bool uplink_step(struct uplink *uplink)
             if (uplink_set_state(uplink, UPLINK_ONLINE, "CONNACK accepted by %s:%d", conn->host,
                                  conn->port) < 0)
                 return false;
+            uplink_arm_rotation(uplink, conn);
             conn_subscribe_all(conn);
+            if (uplink->hooks.online_cb)
+                uplink->hooks.online_cb(uplink->hooks.arg, uplink);
             return true;
         }
-        if (uplink->state == UPLINK_ONLINE)
+        if (uplink->state == UPLINK_ONLINE && uplink->rotating &&
+            (uplink->inflight == 0 || uv_now(uplink->loop) >= uplink->rotate_deadline)) {
+            if (uplink->inflight)
+                log_uplink(LOG_WARNING, uplink->name,
+                           "JWT rotation: %zu publish(es) still unacknowledged after %d s; they "
+                           "are re-sent on the new connection",
+                           uplink->inflight, UPLINK_ROTATE_DRAIN_MS / 1000);
+            /* MQTT 3.1.1 §3.14: a clean DISCONNECT, so no will is sent. */
+            mosquitto_disconnect(conn->mosq);
+            uplink_drop_conn(uplink);
+            uplink->stats.rotations++;
+            uplink->backoff_ms = 0;
+            uplink_backoff(uplink, 0, "rotating the JWT: reconnecting with a new token");
+            return true;
+        }
+        /* Control messages first; a gated one holds the spool back. */
+        if (uplink->state == UPLINK_ONLINE && !uplink->rotating && !conn_flush_control(conn) &&
+            !conn->hold_spool)
             conn_flush(conn);
         conn_write(conn);
         if (conn->failed)
@@ -1293,9 +1967,12 @@ static bool uplink_step(struct uplink *uplink)
         break;
     case UPLINK_STOPPING:
         if (conn) {
-            if (conn->online && uplink->queued > 0 && !uplink->stop_deadline_passed) {
-                /* The queue lives in memory only: use the grace period to
-                 * send what is queued and collect the acks. */
+            /* hold_spool (bootstrap session): nothing may go, so no wait. */
+            if (conn->online && !conn->hold_spool && uplink_unsent(uplink) > 0 &&
+                !uplink->stop_deadline_passed) {
+                /* Use the grace period to collect the acks of what is in
+                 * flight (fewer duplicates after the restart) and, with a
+                 * memory spool, to send what is queued. */
                 conn_flush(conn);
                 conn_write(conn);
                 if (conn->failed)
@@ -1311,12 +1988,21 @@ static bool uplink_step(struct uplink *uplink)
             return true;
         }
         if (uplink->closing == 0 && !uplink->handles_closing) {
+            uplink_control_reset(uplink, true, -ECANCELED);
             uplink->handles_closing = true;
             uv_timer_stop(&uplink->tick);
             uv_timer_stop(&uplink->timer);
-            uplink->closing += 2;
+            uv_timer_stop(&uplink->rotate);
+            uplink->closing += 3;
             uv_close((uv_handle_t *)&uplink->tick, uplink_handle_close_cb);
             uv_close((uv_handle_t *)&uplink->timer, uplink_handle_close_cb);
+            uv_close((uv_handle_t *)&uplink->rotate, uplink_handle_close_cb);
+            if (uplink->spool && !uplink->spool_closing) {
+                /* Commits what is pending and persists the cursor. */
+                uplink->spool_closing = true;
+                uplink->closing++;
+                spool_close(uplink->spool, uplink_spool_closed_cb, uplink);
+            }
         }
         break;
     default:
@@ -1364,8 +2050,17 @@ static int uplink_handles_init(struct uplink *uplink)
         uv_close((uv_handle_t *)&uplink->tick, NULL);
         return rc;
     }
+    rc = uv_timer_init(uplink->loop, &uplink->rotate);
+    if (rc < 0) {
+        uplink->tick.data = NULL;
+        uplink->timer.data = NULL;
+        uv_close((uv_handle_t *)&uplink->tick, NULL);
+        uv_close((uv_handle_t *)&uplink->timer, NULL);
+        return rc;
+    }
     uplink->tick.data = uplink;
     uplink->timer.data = uplink;
+    uplink->rotate.data = uplink;
     uplink->handles_init = true;
     return 0;
 }
@@ -1411,13 +2106,16 @@ int uplink_new(uv_loop_t *loop, const struct conf_uplink *conf, const char *gate
         return -ENOMEM;
     uplink->name = strdup(conf->name);
     uplink->gateway_id = strdup(gateway_id ? gateway_id : "");
-    if (!uplink->name || !uplink->gateway_id) {
+    uplink->topic_buf = malloc(65536); /* MQTT 3.1.1 §1.5.3: topics are < 64 KiB */
+    if (!uplink->name || !uplink->gateway_id || !uplink->topic_buf) {
         free(uplink->name);
         free(uplink->gateway_id);
+        free(uplink->topic_buf);
         free(uplink);
         return -ENOMEM;
     }
     uplink->loop = loop;
+    uplink->rate_since = uv_now(loop);
     uplink->conf = conf;
     uplink->loop_thread = pthread_self();
     uplink->state = UPLINK_IDLE;
@@ -1444,58 +2142,148 @@ int uplink_start(struct uplink *uplink)
     return 0;
 }
 
-int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
-                   int qos, bool retain)
+/* Spool options from the uplink's conf section. */
+static void uplink_spool_options(const struct uplink *uplink, const char *dir,
+                                 struct spool_options *opts)
 {
-    struct uplink_msg *msg;
-    size_t max = uplink->conf->max_queued_messages ? uplink->conf->max_queued_messages
-                                                   : UPLINK_DEFAULT_MAX_QUEUED;
+    const struct conf_spool *cs = &uplink->conf->spool;
+
+    memset(opts, 0, sizeof(*opts));
+    opts->dir = dir;
+    opts->name = uplink->name;
+    opts->durability = dir && cs->durability == CONF_SPOOL_FSYNC ? SPOOL_DURABLE : SPOOL_MEMORY;
+    opts->overflow = cs->overflow == CONF_SPOOL_DROP_OLDEST ? SPOOL_DROP_OLDEST : SPOOL_BLOCK;
+    opts->max_bytes = cs->max_bytes;
+    opts->max_age_ms = cs->max_age_ms;
+    opts->commit_interval_ms = cs->commit_interval_ms;
+}
+
+int uplink_open_spool(struct uplink *uplink, const char *state_dir)
+{
+    struct spool_options opts;
+    char dir[4096];
+    int rc;
+
+    if (uplink->spool)
+        return -EALREADY;
+    if (state_dir && uplink->conf->spool.durability == CONF_SPOOL_FSYNC) {
+        if (snprintf(dir, sizeof(dir), "%s/spool/%s", state_dir, uplink->name) >= (int)sizeof(dir))
+            return -ENAMETOOLONG;
+        uplink_spool_options(uplink, dir, &opts);
+    } else {
+        uplink_spool_options(uplink, NULL, &opts);
+        log_uplink(LOG_NOTICE, uplink->name,
+                   "spool.durability is none: queued messages are kept in memory only and are "
+                   "lost on restart");
+    }
+    rc = spool_open(uplink->loop, &opts, &uplink->spool);
+    if (rc < 0)
+        log_uplink(LOG_ERR, uplink->name, "cannot open the spool%s%s: %s", opts.dir ? " in " : "",
+                   opts.dir ? opts.dir : "", strerror(-rc));
+    return rc;
+}
+
+/* A memory spool for an uplink whose owner did not call uplink_open_spool(). */
+static int uplink_ensure_spool(struct uplink *uplink)
+{
+    return uplink->spool ? 0 : uplink_open_spool(uplink, NULL);
+}
+
+static bool uplink_durable(const struct uplink *uplink)
+{
+    struct spool_stats st;
+
+    if (!uplink->spool)
+        return false;
+    spool_get_stats(uplink->spool, &st);
+    return st.durable;
+}
+
+/* What a graceful stop waits for: in-flight records (durable: the rest
+ * survives in the spool), or everything (memory spool). */
+static size_t uplink_unsent(const struct uplink *uplink)
+{
+    struct spool_stats st;
+
+    if (!uplink->spool)
+        return 0;
+    spool_get_stats(uplink->spool, &st);
+    return st.durable ? uplink->inflight : (size_t)st.depth;
+}
+
+int uplink_publish_async(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                         int qos, bool retain, void (*done_cb)(void *arg, int status), void *arg)
+{
+    size_t topic_len;
+    int rc;
 
     if (uplink->state == UPLINK_STOPPING || uplink->state == UPLINK_STOPPED)
         return -ESHUTDOWN;
-    if (qos < 0 || qos > 2 || !topic || strlen(topic) > 65535)
+    if (qos < 0 || qos > 2 || !topic || (topic_len = strlen(topic)) > 65535)
         return -EINVAL;
     /* MQTT 3.1.1 §4.7: no wildcards in a topic name; §1.5.3: valid UTF-8. */
     if (mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS ||
-        mosquitto_validate_utf8(topic, (int)strlen(topic)) != MOSQ_ERR_SUCCESS)
+        mosquitto_validate_utf8(topic, (int)topic_len) != MOSQ_ERR_SUCCESS)
         return -EINVAL;
     /* MQTT 3.1.1 §2.2.3: remaining length (topic, packet id, payload) < 256 MiB. */
-    if (len > 268435455 - 4 - strlen(topic))
+    if (len > 268435455 - 4 - topic_len)
         return -EMSGSIZE;
-    if (uplink->queued >= max) {
+    rc = uplink_ensure_spool(uplink);
+    if (rc < 0)
+        return rc;
+    uplink->in_count++;
+    uplink_rates_update(uplink);
+
+    if (qos == 0) {
+        struct uplink_conn *conn = uplink->conn;
+        if (uplink->state == UPLINK_ONLINE && conn && !conn->failed && !uplink->rotating) {
+            /* Straight upstream: QoS 0 promises nothing to wait for. */
+            int mid;
+            uplink->in_io = true;
+            rc = mosquitto_publish(conn->mosq, &mid, topic, (int)len, payload, 0, retain);
+            uplink->in_io = false;
+            if (rc == MOSQ_ERR_SUCCESS) {
+                uplink->stats.published++;
+                uplink->out_count++;
+            } else {
+                uplink->stats.dropped_qos0++;
+            }
+            uplink_service(uplink);
+            return 0;
+        }
+        if (!uplink->conf->spool.qos0_offline_spool) {
+            uplink->stats.dropped_qos0++;
+            return 0;
+        }
+        rc = spool_append(uplink->spool, topic, topic_len, payload, len, 0, retain,
+                          SPOOL_APPEND_NOWAIT, NULL, NULL);
+        if (rc < 0) {
+            uplink->stats.dropped_qos0++;
+            return rc;
+        }
+        return 0;
+    }
+
+    rc = spool_append(uplink->spool, topic, topic_len, payload, len, qos, retain, 0, done_cb, arg);
+    if (rc < 0) {
         uplink->stats.dropped++;
-        return -ENOBUFS;
+        return rc;
     }
-
-    msg = calloc(1, sizeof(*msg));
-    if (!msg)
-        return -ENOMEM;
-    msg->topic = strdup(topic);
-    msg->payload = malloc(len ? len : 1);
-    if (!msg->topic || !msg->payload) {
-        free(msg->topic);
-        free(msg->payload);
-        free(msg);
-        return -ENOMEM;
-    }
-    if (len)
-        memcpy(msg->payload, payload, len);
-    msg->len = len;
-    msg->qos = qos;
-    msg->retain = retain;
-    msg->prev = uplink->tail;
-    if (uplink->tail)
-        uplink->tail->next = msg;
-    else
-        uplink->head = msg;
-    uplink->tail = msg;
-    if (!uplink->next_send)
-        uplink->next_send = msg;
-    uplink->queued++;
-
     if (uplink->state == UPLINK_ONLINE)
         uplink_service(uplink);
-    return 0;
+    return rc == SPOOL_PENDING ? UPLINK_PUBLISH_PENDING : 0;
+}
+
+static void uplink_ignore_done_cb(void *arg, int status)
+{
+}
+
+int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                   int qos, bool retain)
+{
+    int rc =
+        uplink_publish_async(uplink, topic, payload, len, qos, retain, uplink_ignore_done_cb, NULL);
+    return rc == UPLINK_PUBLISH_PENDING ? 0 : rc;
 }
 
 int uplink_subscribe(struct uplink *uplink, const char *filter, int qos)
@@ -1559,8 +2347,17 @@ int uplink_unsubscribe(struct uplink *uplink, const char *filter)
 int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf)
 {
     bool same = conf_uplink_equal(uplink->conf, conf);
+    struct spool_options opts;
 
+    if (uplink->spool && conf->spool.durability != uplink->conf->spool.durability)
+        log_uplink(LOG_WARNING, uplink->name,
+                   "spool.durability changed; it takes effect at the next start");
     uplink->conf = conf;
+    if (uplink->spool) {
+        /* Bounds, overflow and commit_interval apply at once. */
+        uplink_spool_options(uplink, NULL, &opts);
+        spool_set_limits(uplink->spool, &opts);
+    }
     if (same)
         return 0;
     switch (uplink->state) {
@@ -1601,13 +2398,13 @@ void uplink_stop(struct uplink *uplink, unsigned timeout_ms,
     uplink->done_arg = arg;
     uv_timer_stop(&uplink->timer);
     if (uplink_set_state(uplink, UPLINK_STOPPING, "stop requested%s",
-                         uplink->state == UPLINK_ONLINE && uplink->queued
-                             ? ", sending the queue and waiting for acknowledgements"
+                         uplink->state == UPLINK_ONLINE && uplink_unsent(uplink)
+                             ? ", waiting for acknowledgements"
                              : "") < 0)
         return;
     if (conn && conn->work_pending)
         uv_cancel((uv_req_t *)&conn->work); /* fails harmlessly once the work started */
-    if (uplink->queued && timeout_ms)
+    if (uplink_unsent(uplink) && timeout_ms)
         uv_timer_start(&uplink->timer, uplink_timer_cb, timeout_ms, 0);
     else
         uplink->stop_deadline_passed = true;
@@ -1616,7 +2413,6 @@ void uplink_stop(struct uplink *uplink, unsigned timeout_ms,
 
 void uplink_free(struct uplink *uplink)
 {
-    struct uplink_msg *msg, *next_msg;
     struct uplink_sub *sub, *next_sub;
 
     if (!uplink)
@@ -1627,16 +2423,17 @@ void uplink_free(struct uplink *uplink)
                 uplink->name, uplink_state_name(uplink->state));
         return;
     }
-    for (msg = uplink->head; msg; msg = next_msg) {
-        next_msg = msg->next;
-        free(msg->topic);
-        free(msg->payload);
-        free(msg);
-    }
+    spool_free(uplink->spool);
+    free(uplink->topic_buf);
     for (sub = uplink->subs; sub; sub = next_sub) {
         next_sub = sub->next;
         free(sub->filter);
         free(sub);
+    }
+    while (uplink->controls) {
+        struct uplink_control *c = uplink->controls;
+        uplink->controls = c->next;
+        control_free(c); /* no done_cb: the owner may be gone already */
     }
     free(uplink->name);
     free(uplink->gateway_id);
@@ -1660,6 +2457,15 @@ const char *uplink_last_error(const struct uplink *uplink)
 
 void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
 {
+    uint64_t now = uv_now(uplink->loop);
+
     *out = uplink->stats;
-    out->queued = uplink->queued;
+    memset(&out->spool, 0, sizeof(out->spool));
+    if (uplink->spool)
+        spool_get_stats(uplink->spool, &out->spool);
+    out->queued = (size_t)out->spool.depth;
+    out->inflight = uplink->inflight;
+    /* A rate window older than two seconds means no traffic since. */
+    out->rate_in = now - uplink->rate_since > 2000 ? 0 : uplink->rate_in;
+    out->rate_out = now - uplink->rate_since > 2000 ? 0 : uplink->rate_out;
 }

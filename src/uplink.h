@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "spool.h"
+
 struct conf_uplink;
 struct uplink;
 
@@ -38,7 +40,35 @@ enum uplink_state {
     UPLINK_STOPPED,
 };
 
+/* What a profile decides about the next connection attempt
+ * (uplink_hooks.session_cb). Zeroed before the call; strings and the will
+ * payload are borrowed for the call only (the uplink copies them). */
+struct uplink_session {
+    const char *client_id;  /* NULL: uplinks[].client_id, else gateway.id */
+    const char *username;   /* non-NULL: replaces auth.username and auth.password */
+    const char *password;   /* with username; may be NULL (no password) */
+    bool clean_session;     /* true: clean session 1 whatever the conf says */
+    const char *will_topic; /* non-NULL: the last will (MQTT 3.1.1 §3.1.2.5) */
+    const void *will_payload;
+    size_t will_len;
+    int will_qos;
+    bool will_retain;
+    bool hold_spool; /* send nothing from the spool on this connection
+                        (e.g. Cumulocity bootstrap: only control messages) */
+};
+
 struct uplink_hooks {
+    /* Optional: called before every connection attempt (on the loop
+     * thread) to fill @session; see struct uplink_session. It may call
+     * uplink_subscribe()/uplink_unsubscribe() (the uplink is not online). */
+    void (*session_cb)(void *arg, struct uplink *uplink, struct uplink_session *session);
+    /* Optional: CONNACK 0 arrived. Runs after the subscriptions were re-sent
+     * and before anything from the spool: messages it hands to
+     * uplink_publish_control() go out first. */
+    void (*online_cb)(void *arg, struct uplink *uplink);
+    /* Optional: CONNACK @rc (MQTT 3.1.1 §3.2.2.3, not 0) in the cloud's own
+     * words, or NULL for the generic text. Static strings only. */
+    const char *(*connack_text_cb)(void *arg, struct uplink *uplink, int rc);
     /* A message arrived from the cloud on one of the uplink's subscriptions. */
     void (*message_cb)(void *arg, struct uplink *uplink, const char *topic, const void *payload,
                        size_t len, int qos, bool retain);
@@ -70,20 +100,88 @@ int uplink_new(uv_loop_t *loop, const struct conf_uplink *conf, const char *gate
 int uplink_start(struct uplink *uplink);
 
 /**
- * uplink_publish() - queue a message for the cloud. While offline messages
- * wait in a bounded in-memory queue (conf max_queued) and are sent in order
- * after the next CONNACK; QoS >= 1 messages stay queued until the broker's
- * PUBACK and are re-sent after a reconnect (at least once: a message whose
- * PUBACK was lost is sent again, without DUP, on the new connection). QoS 2
- * is accepted and is at-least-once across reconnects. Copies topic and
- * payload.
- * Returns 0, -ENOBUFS when the queue is full (the caller logs and counts the
- * drop), -EINVAL (qos not 0..2, topic with wildcards, empty or not UTF-8),
- * -EMSGSIZE (larger than an MQTT packet can be), -ESHUTDOWN (stopping),
- * -ENOMEM.
+ * uplink_open_spool() - open and recover the uplink's spool in
+ * <@state_dir>/spool/<name> (spool.durability fsync), or an in-memory one
+ * (durability none, or @state_dir NULL). Call it after uplink_new() and
+ * before uplink_start(); recovery runs synchronously (before READY=1). An
+ * uplink whose owner never calls it gets a memory spool on first use.
+ * Returns 0, -EALREADY, or the spool's error (logged with the path).
+ */
+int uplink_open_spool(struct uplink *uplink, const char *state_dir);
+
+/* uplink_publish_async() return value: @done_cb will be called. */
+#define UPLINK_PUBLISH_PENDING 1
+
+/**
+ * uplink_publish_async() - hand a message to the uplink.
+ * QoS >= 1: appended to the spool; it is sent in order at QoS 1 (QoS 2 too:
+ * at least once is what holds across reconnects) and leaves the spool only
+ * on the broker's PUBACK; unacknowledged records are re-sent after a
+ * reconnect, and after a restart with a durable spool. QoS 0: straight
+ * upstream while ONLINE; otherwise dropped and counted (stats.dropped_qos0)
+ * or, with spool.qos0_offline: spool, spooled.
+ * Copies topic and payload.
+ * Returns 0 (taken; nothing to wait for: QoS 0 or a memory spool),
+ * UPLINK_PUBLISH_PENDING: @done_cb(@arg, status) follows exactly once from
+ * the loop, status 0 once the record is durable (the local client may be
+ * acknowledged now) or a negative errno (not durable: do not acknowledge;
+ * -ECANCELED when the uplink stopped first). Or a negative errno and the
+ * message was not taken: -ENOBUFS (spool full and its waiting room too),
+ * -ENOSPC/-EIO (the spool cannot write; it retries by itself), -EINVAL (qos
+ * not 0..2, topic with wildcards, empty or not UTF-8), -EMSGSIZE (larger
+ * than an MQTT packet or than a quarter of spool.max_bytes), -ESHUTDOWN
+ * (stopping), -ENOMEM.
+ */
+int uplink_publish_async(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                         int qos, bool retain, void (*done_cb)(void *arg, int status), void *arg);
+
+/**
+ * uplink_publish() - uplink_publish_async() for a caller that does not wait
+ * for durability: UPLINK_PUBLISH_PENDING is reported as 0.
  */
 int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
                    int qos, bool retain);
+
+/* uplink_publish_control() flags. */
+#define UPLINK_CONTROL_GATE 0x1 /* no spooled data goes out until this is acknowledged */
+#define UPLINK_CONTROL_CONNECTION                                                                  \
+    0x2 /* belongs to the current connection: dropped when it
+                                         ends (done_cb -ECONNRESET), never re-sent */
+#define UPLINK_CONTROL_FRONT                                                                       \
+    0x4 /* queued ahead of every control message without
+                                         this flag (start-up messages before pending
+                                         registrations) */
+
+/**
+ * uplink_publish_control() - a message that goes out before anything in the
+ * spool: registration of a child (Cumulocity 101, GCP attach), start-up
+ * messages after CONNACK, bootstrap requests. Kept in memory in order; sent
+ * when ONLINE (and not draining for a JWT rotation); a QoS 1 one that is
+ * not acknowledged when the connection ends is sent again first on the next
+ * one (unless UPLINK_CONTROL_CONNECTION). Copies topic and payload.
+ * @done_cb (may be NULL): called once from the loop with 0 when the broker
+ * acknowledged it (QoS 0: when written), -ECONNRESET (CONNECTION message,
+ * connection ended), -ECANCELED (uplink stopping) or -EINVAL (libmosquitto
+ * refused it: too large, bad UTF-8). Not called when the uplink is freed.
+ * Returns 0, -EINVAL (qos not 0/1, bad topic), -ENOTCONN (QoS 0 or
+ * CONNECTION while not ONLINE), -ESHUTDOWN (stopping) or -ENOMEM.
+ */
+int uplink_publish_control(struct uplink *uplink, const char *topic, const void *payload,
+                           size_t len, int qos, unsigned flags,
+                           void (*done_cb)(void *arg, int status), void *arg);
+
+/**
+ * uplink_reconnect() - drop the current connection (DISCONNECT when online)
+ * and connect again at once, e.g. with credentials a profile just received.
+ * @reason is logged. Ignored when stopping or idle.
+ */
+void uplink_reconnect(struct uplink *uplink, const char *reason);
+
+/** uplink_loop() - the loop the uplink runs on (for a profile's timers). */
+uv_loop_t *uplink_loop(const struct uplink *uplink);
+
+/** uplink_get_conf() - the uplink's current conf section (borrowed). */
+const struct conf_uplink *uplink_get_conf(const struct uplink *uplink);
 
 /**
  * uplink_subscribe() / uplink_unsubscribe() - add or drop a cloud-side
@@ -108,13 +206,15 @@ int uplink_unsubscribe(struct uplink *uplink, const char *filter);
 int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf);
 
 /**
- * uplink_stop() - graceful stop: when ONLINE, keep sending the queue and wait
- * up to @timeout_ms until every queued and in-flight publish is
- * acknowledged; then send DISCONNECT and close the socket. When not ONLINE
+ * uplink_stop() - graceful stop: when ONLINE, wait up to @timeout_ms for the
+ * PUBACKs of what is in flight (with a memory spool: send the whole queue and
+ * wait for it); then send DISCONNECT and close the socket. When not ONLINE
  * it does not connect again. @done_cb
  * runs from the loop when all handles are closed (also when a threadpool
- * connect was running: it is waited for); then uplink_free(), which may be
- * called from @done_cb. Messages still queued are dropped with the uplink.
+ * connect was running: it is waited for) and the spool has committed what
+ * was pending; then uplink_free(), which may be called from @done_cb.
+ * Messages still queued stay in a durable spool for the next start; with
+ * spool.durability none they are dropped with the uplink.
  * Legal in every state; a second call is ignored (logged).
  */
 void uplink_stop(struct uplink *uplink, unsigned timeout_ms,
@@ -146,9 +246,20 @@ const char *uplink_last_error(const struct uplink *uplink);
 struct uplink_stats {
     uint64_t published; /* acknowledged (QoS>=1) or written (QoS 0) upstream */
     uint64_t received;  /* messages from the cloud */
-    uint64_t dropped;   /* refused by uplink_publish() because the queue was full */
-    size_t queued;      /* waiting or in flight */
+    uint64_t dropped;   /* refused by uplink_publish() (spool full, I/O error) or unsendable */
+    uint64_t dropped_qos0; /* QoS 0 dropped while offline (spool.qos0_offline: drop) */
+    size_t queued;         /* in the spool, waiting or in flight (spool.depth) */
+    size_t inflight;       /* sent, waiting for PUBACK */
+    double rate_in;        /* messages/s handed to the uplink, over the last second or so */
+    double rate_out;       /* messages/s acknowledged (or written, QoS 0) upstream */
+    struct spool_stats spool;
     uint64_t connects;  /* successful CONNACKs */
+    /* auth.type jwt only (0 / NULL otherwise): */
+    int64_t token_expires_at; /* "exp" of the token of the current or last connection */
+    int64_t token_refresh_at; /* when the session rotates to a new token (while ONLINE) */
+    uint64_t rotations;       /* reconnects made to replace a token before it expired */
+    const char *clock;        /* jwt_clock_state_name() of the last check: "ok",
+                                 "before-build-date", "unsynchronised" (static string) */
 };
 void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out);
 

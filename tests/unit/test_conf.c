@@ -182,6 +182,32 @@ static void test_minimal_defaults(void **state)
     conf_free(conf);
 }
 
+/* uplinks[].spool and rate: defaults and every key. */
+static void test_spool_keys(void **state)
+{
+    struct conf *conf = load_ok("good-spool.yaml");
+    const struct conf_uplink *a = conf_uplink_find(conf, "a");
+    const struct conf_uplink *b = conf_uplink_find(conf, "b");
+
+    assert_int_equal(a->spool.durability, CONF_SPOOL_FSYNC);
+    assert_int_equal(a->spool.max_bytes, 256ULL * 1024 * 1024);
+    assert_int_equal(a->spool.max_age_ms, 0);
+    assert_int_equal(a->spool.overflow, CONF_SPOOL_BLOCK);
+    assert_int_equal(a->spool.commit_interval_ms, 5);
+    assert_false(a->spool.qos0_offline_spool);
+    assert_int_equal(a->rate.max_msgs_per_s, 0);
+    assert_int_equal(a->rate.max_bytes_per_s, 0);
+    assert_int_equal(b->spool.durability, CONF_SPOOL_NONE);
+    assert_int_equal(b->spool.max_bytes, 1024 * 1024);
+    assert_int_equal(b->spool.max_age_ms, 2 * 3600 * 1000);
+    assert_int_equal(b->spool.overflow, CONF_SPOOL_DROP_OLDEST);
+    assert_int_equal(b->spool.commit_interval_ms, 0);
+    assert_true(b->spool.qos0_offline_spool);
+    assert_int_equal(b->rate.max_msgs_per_s, 100);
+    assert_int_equal(b->rate.max_bytes_per_s, 64 * 1024);
+    conf_free(conf);
+}
+
 /* Every accepted spelling of a host, and what is stored. */
 static void test_hosts(void **state)
 {
@@ -286,6 +312,28 @@ struct bad_case {
 };
 
 static const struct bad_case bad_cases[] = {
+    {"bad-spool.yaml",
+     {"bad-spool.yaml:12:7: uplinks[0].spool.colour: unknown key",
+      "bad-spool.yaml:7:19: uplinks[0].spool.durability: \"sometimes\" is not valid (expected "
+      "fsync or none)",
+      "bad-spool.yaml:8:18: uplinks[0].spool.max_bytes: \"1KiB\" is out of range",
+      "bad-spool.yaml:9:17: uplinks[0].spool.overflow: \"drop-newest\" is not valid (expected "
+      "block or drop-oldest)",
+      "bad-spool.yaml:10:24: uplinks[0].spool.commit_interval: \"5s\" is out of range",
+      "bad-spool.yaml:11:21: uplinks[0].spool.qos0_offline: \"keep\" is not valid",
+      "bad-spool.yaml:14:23: uplinks[0].rate.max_msgs_per_s: \"0\""}},
+    {"bad-gcp.yaml",
+     {"bad-gcp.yaml:7:16: uplinks[0].client_id: is set by profile gcp",
+      "bad-gcp.yaml:12:16: uplinks[0].gcp.project: \"my/project\": contains a character other",
+      "bad-gcp.yaml:12:7: uplinks[0].gcp.registry: missing (required: the device registry id)",
+      "bad-gcp.yaml:14:15: uplinks[0].gcp.device: \"goog-1\": GCP device ids must not start "
+      "with \"goog\"",
+      "bad-gcp.yaml:15:20: uplinks[0].gcp.attach_idle: is only used with gateway: true",
+      "bad-gcp.yaml:20:56: uplinks[1].gcp.device: \"ab\": GCP device ids are 3 to 255",
+      "bad-gcp.yaml:16:5: uplinks[1].auth: GCP IoT Core needs type jwt",
+      "bad-gcp.yaml:25:10: uplinks[2].gcp: is only used with profile: gcp",
+      "bad-gcp.yaml:21:5: uplinks[2].auth.alg: PS256 is not accepted by akenza",
+      "bad-gcp.yaml:26:29: uplinks[2].akenza.session_idle: is only used with child_key"}},
     {"bad-port.yaml",
      {"bad-port.yaml:6:11: uplinks[0].port: \"99999\" is not a port (expected an integer "
       "1-65535)"}},
@@ -375,8 +423,8 @@ static const struct bad_case bad_cases[] = {
      {"bad-duplicate-key.yaml:7:5: uplinks[0].host: duplicate key (first set at line 5, column "
       "5"}},
     {"bad-profile.yaml",
-     {"bad-profile.yaml:5:14: uplinks[0].profile: \"cumulocity\" is not a known profile "
-      "(expected one of: generic)"}},
+     {"bad-profile.yaml:5:14: uplinks[0].profile: \"azure\" is not a known profile "
+      "(expected one of: generic, cumulocity"}},
     {"bad-uplink-name.yaml",
      {"bad-uplink-name.yaml:4:11: uplinks[0].name: \"my cloud\" contains a space (expected 1-64 "
       "characters from A-Z a-z 0-9 _ -"}},
@@ -434,6 +482,31 @@ static const struct bad_case bad_cases[] = {
     {"bad-many.yaml",
      {"bad-many.yaml:5:10: log.level: \"loud\"", "bad-many.yaml:10:11: uplinks[0].port: \"0\"",
       "bad-many.yaml:13:17: uplinks[1].max_queued: \"lots\" is not a message count"}},
+    {"bad-jwt-key.yaml",
+     {"bad-jwt-key.yaml:8:12: uplinks[0].auth.key: key file ",
+      "/conf/ca.pem holds a certificate, not a private key"}},
+    {"bad-jwt-alg.yaml",
+     {"bad-jwt-alg.yaml:8:12: uplinks[0].auth.alg: alg ES384 needs a key on curve P-384, but the "
+      "key is EC P-256",
+      "bad-jwt-alg.yaml:15:12: uplinks[1].auth.alg: \"es256\" is not an algorithm name (JWS "
+      "names are case-sensitive: write ES256)"}},
+    {"bad-jwt-keys.yaml",
+     {"bad-jwt-keys.yaml:8:17: uplinks[0].auth.password: is not used with type jwt",
+      "bad-jwt-keys.yaml:9:17: uplinks[0].auth.lifetime: \"25h\" is out of range (expected 10s "
+      "to 24h)",
+      "bad-jwt-keys.yaml:10:16: uplinks[0].auth.refresh: \"100\" is not a valid refresh point",
+      "bad-jwt-keys.yaml:11:17: uplinks[0].auth.claims.iat: is set by uplinkd",
+      "bad-jwt-keys.yaml:12:20: uplinks[0].auth.clock_check: \"ntp\" is not a clock check",
+      "bad-jwt-keys.yaml:19:12: uplinks[1].auth.aud: is only used with type jwt"}},
+    {"bad-jwt-missing.yaml",
+     {"bad-jwt-missing.yaml:7:7: uplinks[0].auth.key: missing (required with type jwt",
+      "bad-jwt-missing.yaml:7:7: uplinks[0].auth.aud: missing (required with type jwt and the "
+      "generic profile"}},
+    {"bad-tls-options.yaml",
+     {"bad-tls-options.yaml:7:20: uplinks[0].tls.min_version: \"tls1.1\" is not a TLS version",
+      "bad-tls-options.yaml:8:13: uplinks[0].tls.alpn: has 2 protocols, but libmosquitto 2.0 "
+      "offers only one",
+      "bad-tls-options.yaml:9:17: uplinks[0].tls.insecure: \"sometimes\" is not a boolean"}},
 };
 
 /* Every line must start "PATH:LINE:COLUMN: " with PATH as given to
@@ -698,6 +771,62 @@ static void test_uplink_find_and_equal(void **state)
 /* ------------------------------------------------------------------------ */
 /* util                                                                      */
 
+/* Profiles gcp and akenza: the session defaults their sections imply. */
+static void test_gcp_akenza(void **state)
+{
+    struct conf *conf = load_ok("good-gcp.yaml");
+    const struct conf_uplink *up;
+
+    (void)state;
+    up = conf_uplink_find(conf, "gcp");
+    assert_string_equal(up->gcp.project, "my-project");
+    assert_string_equal(up->gcp.region, "europe-west1");
+    assert_string_equal(up->gcp.registry, "reg-1");
+    assert_string_equal(up->gcp.device, "gw-cloud"); /* gateway.id */
+    assert_true(up->gcp.gateway);
+    assert_int_equal(up->gcp.attach_idle_ms, 10 * 60 * 1000);
+    assert_string_equal(up->gcp.child_key, "/etc/uplinkd/devices/%c.pem");
+    assert_string_equal(up->auth.jwt.aud, "my-project"); /* aud = the project id */
+    assert_string_equal(up->auth.username, "unused");
+    assert_int_equal(up->auth.jwt.max_lifetime_s, 24 * 3600);
+    assert_int_equal(up->rate.max_msgs_per_s, 100); /* GCP: 100 messages/s per connection */
+
+    up = conf_uplink_find(conf, "clearblade");
+    assert_string_equal(up->gcp.device, "dev-2");
+    assert_false(up->gcp.gateway);
+    assert_int_equal(up->gcp.attach_idle_ms, 30 * 60 * 1000);
+    assert_null(up->gcp.child_key);
+    assert_string_equal(up->auth.jwt.aud, "explicit-aud");
+    assert_int_equal(up->rate.max_msgs_per_s, 50); /* the operator's own */
+
+    up = conf_uplink_find(conf, "akenza");
+    assert_string_equal(up->akenza.device, "gw-cloud");
+    assert_string_equal(up->auth.jwt.aud, "https://akenza.io/devices/gw-cloud");
+    assert_int_equal(up->auth.jwt.kid_mode, JWT_KID_FINGERPRINT);
+    assert_int_equal(up->auth.jwt.claim_count, 1);
+    assert_string_equal(up->auth.jwt.claims[0].name, "sub");
+    assert_string_equal(up->auth.jwt.claims[0].value, "gw-cloud");
+    assert_string_equal(up->akenza.child_key, "/etc/uplinkd/devices/%c.key");
+    assert_int_equal(up->akenza.session_idle_ms, 5 * 60 * 1000);
+
+    up = conf_uplink_find(conf, "akenza-old");
+    assert_string_equal(up->akenza.device, "abc123");
+    assert_null(up->akenza.child_key);
+    assert_int_equal(up->akenza.session_idle_ms, 10 * 60 * 1000);
+    assert_string_equal(up->auth.jwt.aud, "abc123");
+    assert_int_equal(up->auth.jwt.kid_mode, JWT_KID_VALUE);
+    assert_int_equal(up->auth.jwt.claim_count, 1);
+    assert_string_equal(up->auth.jwt.claims[0].value, "someone"); /* not replaced */
+
+    /* A changed gcp setting that goes into CONNECT forces a reconnect. */
+    struct conf *again = load_ok("good-gcp.yaml");
+    assert_true(conf_uplink_equal(&conf->uplinks[0], &again->uplinks[0]));
+    again->uplinks[0].gcp.gateway = false;
+    assert_false(conf_uplink_equal(&conf->uplinks[0], &again->uplinks[0]));
+    conf_free(again);
+    conf_free(conf);
+}
+
 static void test_parse_duration(void **state)
 {
     static const struct {
@@ -852,6 +981,69 @@ static void test_small_helpers(void **state)
     assert_true(before > 0);
 }
 
+/* auth.type jwt: every key, the defaults, the loaded key, and reload's
+ * view of a changed JWT section. */
+static void test_jwt(void **state)
+{
+    struct conf *conf = load_ok("good-jwt.yaml");
+    struct conf *again = load_ok("good-jwt.yaml");
+    const struct conf_uplink *up = conf_uplink_find(conf, "gcp-like");
+    const struct conf_jwt *jwt;
+
+    assert_non_null(up);
+    assert_int_equal(up->tls.min_version, CONF_TLS_1_3);
+    assert_string_equal(up->tls.alpn, "x-amzn-mqtt-ca");
+    assert_true(up->tls.insecure);
+    assert_int_equal(up->auth.type, CONF_AUTH_JWT);
+    assert_string_equal(up->auth.username, "dev");
+    assert_null(up->auth.password);
+    jwt = &up->auth.jwt;
+    assert_int_equal(jwt->alg, JWT_ALG_PS256);
+    assert_non_null(strstr(jwt->key, "/conf/jwt-rsa.key"));
+    assert_true(jwt->key[0] == '/');
+    assert_non_null(jwt->private_key);
+    assert_int_equal(jwt->lifetime_s, 7200);
+    assert_int_equal(jwt->max_lifetime_s, 24 * 3600);
+    assert_int_equal(jwt->skew_s, 30);
+    assert_int_equal(jwt->refresh_percent, 75);
+    assert_string_equal(jwt->aud, "my-project");
+    assert_int_equal(jwt->kid_mode, JWT_KID_VALUE);
+    assert_string_equal(jwt->kid, "key-1");
+    assert_int_equal(jwt->claim_count, 2);
+    assert_string_equal(jwt->claims[0].name, "sub");
+    assert_string_equal(jwt->claims[0].value, "gw-jwt");
+    assert_string_equal(jwt->claims[1].name, "tenant");
+    assert_int_equal(jwt->clock_check, CONF_CLOCK_BUILD_DATE);
+
+    up = conf_uplink_find(conf, "defaults");
+    assert_non_null(up);
+    assert_int_equal(up->tls.min_version, CONF_TLS_1_2);
+    assert_string_equal(up->tls.alpn, "h2"); /* a plain string works too */
+    assert_false(up->tls.insecure);
+    assert_string_equal(up->auth.username, "unused"); /* like GCP: ignored by the cloud */
+    jwt = &up->auth.jwt;
+    assert_int_equal(jwt->alg, JWT_ALG_ES256); /* from the P-256 key */
+    assert_int_equal(jwt->lifetime_s, 3600);
+    assert_int_equal(jwt->skew_s, 60);
+    assert_int_equal(jwt->refresh_percent, 80);
+    assert_int_equal(jwt->kid_mode, JWT_KID_FINGERPRINT);
+    assert_null(jwt->kid);
+    assert_int_equal(jwt->claim_count, 0);
+    assert_int_equal(jwt->clock_check, CONF_CLOCK_SYNC);
+
+    /* Same file, same key: equal. A changed JWT setting or TLS option: not. */
+    assert_true(conf_uplink_equal(&conf->uplinks[0], &again->uplinks[0]));
+    again->uplinks[0].auth.jwt.lifetime_s++;
+    assert_false(conf_uplink_equal(&conf->uplinks[0], &again->uplinks[0]));
+    again->uplinks[0].auth.jwt.lifetime_s--;
+    again->uplinks[0].tls.insecure = false;
+    assert_false(conf_uplink_equal(&conf->uplinks[0], &again->uplinks[0]));
+    /* A different key under the same settings is a new identity. */
+    assert_false(conf_uplink_equal(&conf->uplinks[1], &again->uplinks[0]));
+    conf_free(again);
+    conf_free(conf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -867,10 +1059,13 @@ int main(void)
         cmocka_unit_test(test_too_large),
         cmocka_unit_test(test_password_file_crlf),
         cmocka_unit_test(test_uplink_find_and_equal),
+        cmocka_unit_test(test_jwt),
+        cmocka_unit_test(test_gcp_akenza),
         cmocka_unit_test(test_parse_duration),
         cmocka_unit_test(test_parse_size),
         cmocka_unit_test(test_read_file),
         cmocka_unit_test(test_small_helpers),
+        cmocka_unit_test(test_spool_keys),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,0 +1,1780 @@
+/* spool.c - durable store-and-forward queue (see spool.h, docs/design/spool.md).
+ *
+ * Files in the spool directory
+ * ----------------------------
+ *   %016llx.seg  segments, named by the sequence number of their first record
+ *   cursor       the acknowledged cursor, two slots written alternately
+ *
+ * A segment is a 24-byte header (magic "UPLKSPL1", first_seq, CRC-32C of
+ * those 16 bytes, 4 zero bytes) followed by records:
+ *
+ *   crc32c u32 | len u32 | seq u64 | time_ms u64 | flags u8 | 0 u8 | topic_len u16
+ *   topic (topic_len bytes) | payload (len - topic_len bytes)
+ *
+ * all little-endian; the CRC covers everything after the CRC field, so a
+ * record torn anywhere (power loss in the middle of a write) fails its check.
+ * Sequence numbers are consecutive inside a segment; recovery also refuses a
+ * record whose seq is not the expected one, which catches stale bytes from a
+ * reused block and zero-filled tails.
+ *
+ * Why a segmented log and not a database file: appends are sequential writes
+ * with one fdatasync per batch, space is reclaimed by deleting whole files
+ * (no compaction, no rewrite of live data), and recovery is a linear scan
+ * whose failure modes are easy to state (see docs/design/spool.md).
+ *
+ * Memory: the spool keeps only what is not yet written (the fill and flush
+ * buffers of the newest segment, bounded by the batch size) and the records
+ * handed out to the uplink and not yet acknowledged. Older records are read
+ * back from the segment files when they are sent; on a running system they
+ * are still in the page cache. These reads are plain pread() on the loop
+ * thread: they hit the page cache or a local disk and take microseconds;
+ * only the fdatasync, which can take tens of milliseconds, is moved to the
+ * threadpool.
+ *
+ * Group commit: appends go into the newest segment's fill buffer. A commit
+ * moves every fill buffer to its flush buffer and hands them to the
+ * threadpool, which writes them, fdatasyncs the files (and the directory
+ * when a segment was created), writes the cursor and unlinks retired
+ * segments. Only one commit runs at a time; appends made meanwhile form the
+ * next batch. A batch is started commit_interval after its first append, or
+ * at once when it is large (SPOOL_BATCH_BYTES/RECORDS) or the spool is
+ * closing.
+ */
+#include "spool.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "util.h"
+
+#define SEG_HEADER_SIZE   24
+#define REC_HEADER_SIZE   28
+#define SEG_MAGIC         "UPLKSPL1"
+#define CURSOR_MAGIC      0x52435055u /* "UPCR" */
+#define CURSOR_SLOT_SIZE  32
+#define REC_FLAG_QOS_MASK 0x03
+#define REC_FLAG_RETAIN   0x04
+/* MQTT 3.1.1 §2.2.3: no packet is larger than this; neither is a record. */
+#define REC_MAX_LEN         (268435455u)
+#define SEG_MIN_BYTES       (4u * 1024)
+#define SEG_MAX_BYTES       (16u * 1024 * 1024)
+#define SPOOL_BATCH_BYTES   (1024u * 1024)
+#define SPOOL_BATCH_RECORDS 2048u
+/* The cursor alone is not worth an fsync per acknowledgement. */
+#define SPOOL_CURSOR_DELAY_MS 200
+#define SPOOL_RETRY_MS        1000
+#define SPOOL_READ_CHUNK      (256u * 1024)
+
+struct spool_buf {
+    uint8_t *data;
+    size_t len, cap;
+};
+
+struct spool_seg {
+    struct spool_seg *prev, *next;
+    uint64_t first_seq;
+    uint64_t last_seq; /* first_seq - 1 while empty */
+    uint64_t records;
+    uint64_t first_time_ms;
+    uint64_t last_time_ms;
+    uint64_t size;          /* valid bytes: file_len + flush.len + fill.len */
+    uint64_t file_len;      /* written by finished commits */
+    struct spool_buf flush; /* owned by the running commit */
+    struct spool_buf fill;  /* appended since */
+    bool busy;              /* part of the running commit */
+    bool damaged;           /* only the valid prefix is read; never appended to */
+    int fd;                 /* write fd (worker thread while busy), -1 */
+};
+
+struct spool_pos {
+    struct spool_seg *seg;
+    uint64_t off;
+};
+
+/* A record handed out by spool_next() and not yet retired. */
+struct spool_out {
+    uint64_t seq;   /* last sequence number it stands for */
+    uint64_t count; /* records it stands for (skipped ranges count many) */
+    struct spool_pos pos;
+    bool acked;
+};
+
+struct spool_waiter {
+    void (*cb)(void *arg, int status);
+    void *arg;
+    int status;
+};
+
+struct spool_waiters {
+    struct spool_waiter *items;
+    size_t len, cap;
+};
+
+/* An append waiting for room (overflow: block). */
+struct spool_blocked {
+    struct spool_blocked *next;
+    void (*cb)(void *arg, int status);
+    void *arg;
+    int qos;
+    bool retain;
+    size_t topic_len, len;
+    uint8_t data[]; /* topic then payload */
+};
+
+struct spool_commit {
+    uv_work_t work;
+    struct spool *spool;
+    struct spool_seg **segs;
+    size_t seg_count;
+    struct spool_waiters waiters;
+    bool write_cursor;
+    uint64_t cursor_seq;
+    uint8_t cursor_slot[CURSOR_SLOT_SIZE];
+    off_t cursor_off;
+    char **unlinks;
+    size_t unlink_count;
+    int err;             /* positive errno */
+    char err_what[4400]; /* what failed, with the path */
+    uint64_t fsync_us;
+};
+
+struct spool {
+    uv_loop_t *loop;
+    char *dir;
+    char *name;
+    struct spool_options opts; /* dir/name point at the copies above */
+    uint64_t segment_bytes;
+
+    struct spool_seg *head, *tail;
+    uint64_t next_seq;
+    uint64_t acked_seq;     /* every seq <= this has left */
+    uint64_t persisted_seq; /* acked_seq as last written to the cursor file */
+    uint64_t cursor_gen;
+    int cursor_fd;
+    uint64_t bytes;
+
+    struct spool_pos read; /* next record to hand out (seg NULL: at the end) */
+    struct spool_out *outs;
+    size_t out_head, out_len, out_cap;
+
+    struct spool_waiters fill_waiters;
+    uint64_t fill_bytes;
+    uint64_t fill_since; /* uv_now() of the first append in the fill buffers */
+
+    struct spool_blocked *blocked_head, *blocked_tail;
+    uint64_t blocked_bytes;
+    uint64_t blocked_count;
+
+    struct spool_waiters deferred; /* callbacks to run from the loop */
+    uv_timer_t commit_timer;
+    uv_check_t turn_end; /* runs after the loop turn's I/O: starts a batch */
+    bool turn_end_active;
+    uv_timer_t deferred_timer;
+    unsigned handles;
+    bool timer_armed;
+    bool batch_ready;   /* inside turn_end_cb */
+    uint64_t timer_due; /* uv_now() when the commit timer fires */
+
+    struct spool_commit *commit; /* running, or NULL */
+    char **unlinks;
+    size_t unlink_count, unlink_cap;
+    uint64_t last_commit_ms;
+
+    int io_error; /* negative errno while writes fail */
+    uint64_t retry_at;
+
+    /* Read buffer over one segment file. */
+    struct spool_seg *rb_seg;
+    int rb_fd;
+    uint64_t rb_start;
+    struct spool_buf rb;
+
+    bool closing;
+    bool closed;
+    void (*done_cb)(void *arg);
+    void *done_arg;
+
+    struct spool_stats stats;
+};
+
+/* --- CRC-32C ------------------------------------------------------------- */
+
+static uint32_t crc32c_table[8][256];
+static bool crc32c_ready;
+
+static void crc32c_init(void)
+{
+    /* Castagnoli polynomial, reflected (RFC 3720 §B.4). Slicing-by-8. */
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc32c_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc32c_table[t][i] =
+                (crc32c_table[t - 1][i] >> 8) ^ crc32c_table[0][crc32c_table[t - 1][i] & 0xff];
+    crc32c_ready = true;
+}
+
+uint32_t spool_crc32c(uint32_t crc, const void *data, size_t len)
+{
+    const uint8_t *p = data;
+
+    if (!crc32c_ready)
+        crc32c_init();
+    crc = ~crc;
+    while (len >= 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                             (uint32_t)p[3] << 24);
+        crc = crc32c_table[7][lo & 0xff] ^ crc32c_table[6][(lo >> 8) & 0xff] ^
+              crc32c_table[5][(lo >> 16) & 0xff] ^ crc32c_table[4][lo >> 24] ^
+              crc32c_table[3][p[4]] ^ crc32c_table[2][p[5]] ^ crc32c_table[1][p[6]] ^
+              crc32c_table[0][p[7]];
+        p += 8;
+        len -= 8;
+    }
+    while (len--)
+        crc = (crc >> 8) ^ crc32c_table[0][(crc ^ *p++) & 0xff];
+    return ~crc;
+}
+
+/* --- little helpers -------------------------------------------------------- */
+
+static void put_le(uint8_t *p, uint64_t v, int bytes)
+{
+    for (int i = 0; i < bytes; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get_le(const uint8_t *p, int bytes)
+{
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static uint64_t realtime_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static int buf_reserve(struct spool_buf *buf, size_t more)
+{
+    size_t cap;
+    uint8_t *p;
+
+    if (buf->len + more <= buf->cap)
+        return 0;
+    cap = buf->cap ? buf->cap : 4096;
+    while (cap < buf->len + more)
+        cap *= 2;
+    p = realloc(buf->data, cap);
+    if (!p)
+        return -ENOMEM;
+    buf->data = p;
+    buf->cap = cap;
+    return 0;
+}
+
+static void buf_free(struct spool_buf *buf)
+{
+    free(buf->data);
+    buf->data = NULL;
+    buf->len = buf->cap = 0;
+}
+
+static int waiters_push(struct spool_waiters *w, void (*cb)(void *, int), void *arg, int status)
+{
+    if (w->len == w->cap) {
+        size_t cap = w->cap ? w->cap * 2 : 64;
+        struct spool_waiter *items = realloc(w->items, cap * sizeof(*items));
+        if (!items)
+            return -ENOMEM;
+        w->items = items;
+        w->cap = cap;
+    }
+    w->items[w->len++] = (struct spool_waiter){.cb = cb, .arg = arg, .status = status};
+    return 0;
+}
+
+static void seg_path(const struct spool *spool, uint64_t first_seq, char *out, size_t size)
+{
+    snprintf(out, size, "%s/%016" PRIx64 ".seg", spool->dir, first_seq);
+}
+
+static void seg_header(uint8_t out[SEG_HEADER_SIZE], uint64_t first_seq)
+{
+    memcpy(out, SEG_MAGIC, 8);
+    put_le(out + 8, first_seq, 8);
+    put_le(out + 16, spool_crc32c(0, out, 16), 4);
+    put_le(out + 20, 0, 4);
+}
+
+static bool seg_header_ok(const uint8_t *p, uint64_t *first_seq)
+{
+    if (memcmp(p, SEG_MAGIC, 8) != 0 || get_le(p + 16, 4) != spool_crc32c(0, p, 16) ||
+        get_le(p + 20, 4) != 0)
+        return false;
+    *first_seq = get_le(p + 8, 8);
+    return true;
+}
+
+/* Parsed record header; checks what can be checked without the body. */
+struct rec_header {
+    uint32_t crc;
+    uint32_t len;
+    uint64_t seq;
+    uint64_t time_ms;
+    uint8_t flags;
+    uint16_t topic_len;
+};
+
+static const char *rec_header_parse(const uint8_t *p, struct rec_header *h)
+{
+    h->crc = (uint32_t)get_le(p, 4);
+    h->len = (uint32_t)get_le(p + 4, 4);
+    h->seq = get_le(p + 8, 8);
+    h->time_ms = get_le(p + 16, 8);
+    h->flags = p[24];
+    h->topic_len = (uint16_t)get_le(p + 26, 2);
+    if (h->len > REC_MAX_LEN)
+        return "record length out of range";
+    if (h->topic_len == 0 || h->topic_len > h->len)
+        return "topic length out of range";
+    if ((h->flags & ~(REC_FLAG_QOS_MASK | REC_FLAG_RETAIN)) || (h->flags & 3) == 3 || p[25])
+        return "unknown flags";
+    return NULL;
+}
+
+static bool rec_crc_ok(const uint8_t *rec, const struct rec_header *h)
+{
+    return spool_crc32c(0, rec + 4, REC_HEADER_SIZE - 4 + h->len) == h->crc;
+}
+
+static void rec_encode(uint8_t *p, uint64_t seq, uint64_t time_ms, int qos, bool retain,
+                       const void *topic, size_t topic_len, const void *payload, size_t len)
+{
+    put_le(p + 4, topic_len + len, 4);
+    put_le(p + 8, seq, 8);
+    put_le(p + 16, time_ms, 8);
+    p[24] = (uint8_t)((qos & REC_FLAG_QOS_MASK) | (retain ? REC_FLAG_RETAIN : 0));
+    p[25] = 0;
+    put_le(p + 26, topic_len, 2);
+    memcpy(p + REC_HEADER_SIZE, topic, topic_len);
+    if (len)
+        memcpy(p + REC_HEADER_SIZE + topic_len, payload, len);
+    put_le(p, spool_crc32c(0, p + 4, REC_HEADER_SIZE - 4 + topic_len + len), 4);
+}
+
+/* --- deferred callbacks ---------------------------------------------------- */
+
+static void spool_check_closed(struct spool *spool);
+
+static void deferred_cb(uv_timer_t *timer)
+{
+    struct spool *spool = container_of(timer, struct spool, deferred_timer);
+    struct spool_waiters run = spool->deferred;
+
+    spool->deferred = (struct spool_waiters){0};
+    for (size_t i = 0; i < run.len; i++)
+        if (run.items[i].cb)
+            run.items[i].cb(run.items[i].arg, run.items[i].status);
+    free(run.items);
+    spool_check_closed(spool);
+}
+
+static void defer(struct spool *spool, void (*cb)(void *, int), void *arg, int status)
+{
+    if (!cb)
+        return;
+    if (waiters_push(&spool->deferred, cb, arg, status) < 0) {
+        /* Cannot queue: run it now rather than never (the contract breaks
+         * only under memory exhaustion). */
+        cb(arg, status);
+        return;
+    }
+    if (spool->deferred.len == 1)
+        uv_timer_start(&spool->deferred_timer, deferred_cb, 0, 0);
+}
+
+/* --- segments ---------------------------------------------------------------- */
+
+static struct spool_seg *seg_new(uint64_t first_seq)
+{
+    struct spool_seg *seg = calloc(1, sizeof(*seg));
+    if (!seg)
+        return NULL;
+    seg->first_seq = first_seq;
+    seg->last_seq = first_seq - 1;
+    seg->fd = -1;
+    return seg;
+}
+
+static void seg_free(struct spool_seg *seg)
+{
+    if (seg->fd >= 0)
+        close(seg->fd);
+    buf_free(&seg->flush);
+    buf_free(&seg->fill);
+    free(seg);
+}
+
+static void seg_link_tail(struct spool *spool, struct spool_seg *seg)
+{
+    seg->prev = spool->tail;
+    seg->next = NULL;
+    if (spool->tail)
+        spool->tail->next = seg;
+    else
+        spool->head = seg;
+    spool->tail = seg;
+}
+
+static void rb_drop(struct spool *spool)
+{
+    if (spool->rb_fd >= 0)
+        close(spool->rb_fd);
+    spool->rb_fd = -1;
+    spool->rb_seg = NULL;
+    spool->rb.len = 0;
+}
+
+static int queue_unlink(struct spool *spool, uint64_t first_seq)
+{
+    char path[4096];
+    char *copy;
+
+    if (spool->unlink_count == spool->unlink_cap) {
+        size_t cap = spool->unlink_cap ? spool->unlink_cap * 2 : 8;
+        char **items = realloc(spool->unlinks, cap * sizeof(*items));
+        if (!items)
+            return -ENOMEM;
+        spool->unlinks = items;
+        spool->unlink_cap = cap;
+    }
+    seg_path(spool, first_seq, path, sizeof(path));
+    copy = strdup(path);
+    if (!copy)
+        return -ENOMEM;
+    spool->unlinks[spool->unlink_count++] = copy;
+    return 0;
+}
+
+/* Unlink @seg from the list and free it (its file is deleted by the next
+ * commit). The reader and the out list must not point into it. */
+static void seg_retire(struct spool *spool, struct spool_seg *seg)
+{
+    if (spool->read.seg == seg) {
+        spool->read.seg = seg->next;
+        spool->read.off = SEG_HEADER_SIZE;
+    }
+    if (spool->rb_seg == seg)
+        rb_drop(spool);
+    if (seg->prev)
+        seg->prev->next = seg->next;
+    else
+        spool->head = seg->next;
+    if (seg->next)
+        seg->next->prev = seg->prev;
+    else
+        spool->tail = seg->prev;
+    spool->bytes -= seg->size;
+    spool->fill_bytes -= seg->fill.len;
+    if (spool->opts.durability == SPOOL_DURABLE && seg->size > 0 &&
+        queue_unlink(spool, seg->first_seq) < 0)
+        log_uplink(LOG_ERR, spool->name,
+                   "spool: out of memory; segment %016" PRIx64
+                   " stays on disk until the next start",
+                   seg->first_seq);
+    seg_free(seg);
+}
+
+/* Retire fully acknowledged segments at the head (never the newest, which
+ * takes the next appends). */
+static void retire_acked(struct spool *spool)
+{
+    struct spool_seg *seg;
+
+    while (spool->head && spool->head != spool->tail && !spool->head->busy &&
+           spool->head->last_seq <= spool->acked_seq)
+        seg_retire(spool, spool->head);
+    /* The newest segment too, once all of it is acknowledged and written,
+     * when it is half full or appends wait for room: otherwise a spool
+     * whose bound is one segment could never free anything. (Not always:
+     * each new segment costs a file creation and a directory fsync.) */
+    seg = spool->head;
+    if (seg && seg == spool->tail && !seg->busy && seg->last_seq <= spool->acked_seq &&
+        (spool->opts.durability == SPOOL_MEMORY || (seg->fill.len == 0 && seg->flush.len == 0)) &&
+        (seg->size >= spool->segment_bytes / 2 || spool->blocked_head))
+        seg_retire(spool, seg);
+}
+
+static uint64_t seg_unacked(const struct spool *spool, const struct spool_seg *seg)
+{
+    uint64_t from = spool->acked_seq + 1 > seg->first_seq ? spool->acked_seq + 1 : seg->first_seq;
+    return seg->last_seq >= from ? seg->last_seq - from + 1 : 0;
+}
+
+/* overflow: drop-oldest. Returns false when the head cannot go. */
+static bool drop_head(struct spool *spool, const char *why)
+{
+    struct spool_seg *seg = spool->head;
+    uint64_t lost;
+
+    if (!seg || seg == spool->tail || seg->busy)
+        return false;
+    lost = seg_unacked(spool, seg);
+    /* Handed-out records of that segment are forgotten: a late PUBACK for
+     * them is ignored by spool_ack(). */
+    while (spool->out_len && spool->outs[spool->out_head].pos.seg == seg) {
+        spool->out_head++;
+        spool->out_len--;
+    }
+    if (spool->out_len == 0)
+        spool->out_head = 0;
+    if (seg->last_seq > spool->acked_seq)
+        spool->acked_seq = seg->last_seq;
+    spool->stats.depth -= lost;
+    spool->stats.dropped_overflow += lost;
+    if (lost)
+        log_uplink(LOG_WARNING, spool->name,
+                   "spool: %s: dropped the oldest %" PRIu64 " record(s) (seq %" PRIu64 "..%" PRIu64
+                   ", overflow: drop-oldest)",
+                   why, lost, seg->last_seq - lost + 1, seg->last_seq);
+    seg_retire(spool, seg);
+    return true;
+}
+
+/* --- cursor file ------------------------------------------------------------- */
+
+static void cursor_encode(uint8_t out[CURSOR_SLOT_SIZE], uint64_t gen, uint64_t seq)
+{
+    memset(out, 0, CURSOR_SLOT_SIZE);
+    put_le(out, CURSOR_MAGIC, 4);
+    put_le(out + 8, gen, 8);
+    put_le(out + 16, seq, 8);
+    put_le(out + 24, spool_crc32c(0, out, 24), 4);
+}
+
+static bool cursor_decode(const uint8_t *p, uint64_t *gen, uint64_t *seq)
+{
+    if (get_le(p, 4) != CURSOR_MAGIC || get_le(p + 24, 4) != spool_crc32c(0, p, 24))
+        return false;
+    *gen = get_le(p + 8, 8);
+    *seq = get_le(p + 16, 8);
+    return true;
+}
+
+/* --- commit (threadpool) ---------------------------------------------------- */
+
+static int write_all(int fd, const uint8_t *p, size_t len, off_t off)
+{
+    while (len > 0) {
+        ssize_t n = pwrite(fd, p, len, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
+}
+
+static void commit_fail(struct spool_commit *c, int err, const char *what, const char *path)
+{
+    if (c->err)
+        return;
+    c->err = err;
+    snprintf(c->err_what, sizeof(c->err_what), "%s %s", what, path);
+}
+
+static void commit_work_cb(uv_work_t *req)
+{
+    struct spool_commit *c = container_of(req, struct spool_commit, work);
+    struct spool *spool = c->spool;
+    char path[4096];
+    bool new_file = false;
+    uint64_t t0;
+    int rc;
+
+    /* Retired segments first: their records are acknowledged; if we crash
+     * before the cursor below is durable, the older cursor just points
+     * before the first remaining segment. */
+    for (size_t i = 0; i < c->unlink_count; i++)
+        if (unlink(c->unlinks[i]) < 0 && errno != ENOENT)
+            commit_fail(c, errno, "cannot delete", c->unlinks[i]);
+
+    for (size_t i = 0; i < c->seg_count && !c->err; i++) {
+        struct spool_seg *seg = c->segs[i];
+        seg_path(spool, seg->first_seq, path, sizeof(path));
+        if (seg->fd < 0) {
+            seg->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+            if (seg->fd < 0) {
+                commit_fail(c, errno, "cannot create", path);
+                break;
+            }
+        }
+        if (seg->file_len == 0)
+            new_file = true;
+        rc = write_all(seg->fd, seg->flush.data, seg->flush.len, (off_t)seg->file_len);
+        if (rc < 0) {
+            commit_fail(c, -rc, "cannot write to", path);
+            /* Take back a partial write so the file ends on a whole record
+             * (recovery would cut it too, but the retry appends here). */
+            if (ftruncate(seg->fd, (off_t)seg->file_len) < 0)
+                (void)0;
+            break;
+        }
+    }
+    t0 = uv_hrtime();
+    for (size_t i = 0; i < c->seg_count && !c->err; i++) {
+        struct spool_seg *seg = c->segs[i];
+        if (fdatasync(seg->fd) < 0) {
+            seg_path(spool, seg->first_seq, path, sizeof(path));
+            commit_fail(c, errno, "cannot fsync", path);
+        }
+    }
+    if (!c->err && new_file) {
+        /* A new file's directory entry must be durable too. */
+        int dfd = open(spool->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0 || fsync(dfd) < 0)
+            commit_fail(c, errno, "cannot fsync the directory", spool->dir);
+        if (dfd >= 0)
+            close(dfd);
+    }
+    if (!c->err && c->write_cursor) {
+        snprintf(path, sizeof(path), "%s/cursor", spool->dir);
+        rc = write_all(spool->cursor_fd, c->cursor_slot, CURSOR_SLOT_SIZE, c->cursor_off);
+        if (rc < 0)
+            commit_fail(c, -rc, "cannot write", path);
+        else if (fdatasync(spool->cursor_fd) < 0)
+            commit_fail(c, errno, "cannot fsync", path);
+    }
+    c->fsync_us = (uv_hrtime() - t0) / 1000;
+}
+
+static void maybe_commit(struct spool *spool);
+static void admit_blocked(struct spool *spool);
+static void spool_check_closed(struct spool *spool);
+
+static void commit_after_cb(uv_work_t *req, int status)
+{
+    struct spool_commit *c = container_of(req, struct spool_commit, work);
+    struct spool *spool = c->spool;
+    int result = c->err ? -c->err : 0;
+
+    spool->commit = NULL;
+    spool->last_commit_ms = uv_now(spool->loop);
+    for (size_t i = 0; i < c->seg_count; i++) {
+        struct spool_seg *seg = c->segs[i];
+        seg->busy = false;
+        if (result == 0) {
+            seg->file_len += seg->flush.len;
+            seg->flush.len = 0;
+            if (seg->flush.cap > SPOOL_BATCH_BYTES * 2)
+                buf_free(&seg->flush);
+        } else {
+            /* Not written: put the bytes back in front of what was appended
+             * since, to be written by the retry. */
+            struct spool_buf merged = seg->flush;
+            if (buf_reserve(&merged, seg->fill.len) == 0) {
+                if (seg->fill.len)
+                    memcpy(merged.data + merged.len, seg->fill.data, seg->fill.len);
+                merged.len += seg->fill.len;
+                spool->fill_bytes += seg->flush.len;
+                free(seg->fill.data);
+                seg->fill = merged;
+                seg->flush = (struct spool_buf){0};
+            } else {
+                seg->flush = merged;
+                log_uplink(LOG_ERR, spool->name, "spool: out of memory keeping a failed batch");
+            }
+        }
+    }
+    for (size_t i = 0; i < c->unlink_count; i++)
+        free(c->unlinks[i]);
+    free(c->unlinks);
+    if (result == 0) {
+        spool->stats.commits++;
+        spool->stats.last_fsync_us = c->fsync_us;
+        if (c->write_cursor)
+            spool->persisted_seq = c->cursor_seq;
+        if (spool->io_error) {
+            log_uplink(LOG_NOTICE, spool->name, "spool: %s is writable again; accepting messages",
+                       spool->dir);
+            spool->io_error = 0;
+        }
+    } else {
+        if (spool->io_error == 0)
+            log_uplink(LOG_ERR, spool->name,
+                       "spool: %s: %s; local publishes are not acknowledged until it can be "
+                       "written again (retrying every %d s)",
+                       c->err_what, strerror(c->err), SPOOL_RETRY_MS / 1000);
+        spool->io_error = result;
+        spool->retry_at = uv_now(spool->loop) + SPOOL_RETRY_MS;
+        if (c->err == ENOSPC && spool->opts.overflow == SPOOL_DROP_OLDEST &&
+            drop_head(spool, "disk full")) {
+            spool->retry_at = uv_now(spool->loop); /* room was made: retry now */
+        }
+    }
+    for (size_t i = 0; i < c->waiters.len; i++)
+        if (c->waiters.items[i].cb)
+            c->waiters.items[i].cb(c->waiters.items[i].arg, result);
+    free(c->waiters.items);
+    free(c->segs);
+    free(c);
+    if (result == 0) {
+        retire_acked(spool);
+        admit_blocked(spool);
+    }
+    maybe_commit(spool);
+    spool_check_closed(spool);
+}
+
+/* The loop has handled every read that was ready: what was appended in this
+ * turn is the batch; waiting longer would only add latency for publishers
+ * that wait for their acknowledgements (their window is full). */
+static void turn_end_cb(uv_check_t *check)
+{
+    struct spool *spool = container_of(check, struct spool, turn_end);
+
+    uv_check_stop(check);
+    spool->turn_end_active = false;
+    spool->batch_ready = true;
+    maybe_commit(spool);
+    spool->batch_ready = false;
+}
+
+static void commit_timer_cb(uv_timer_t *timer)
+{
+    struct spool *spool = container_of(timer, struct spool, commit_timer);
+
+    spool->timer_armed = false;
+    maybe_commit(spool);
+}
+
+static void arm_timer(struct spool *spool, uint64_t delay)
+{
+    uint64_t due = uv_now(spool->loop) + delay;
+
+    if (spool->timer_armed && spool->timer_due <= due)
+        return;
+    spool->timer_armed = true;
+    spool->timer_due = due;
+    uv_timer_start(&spool->commit_timer, commit_timer_cb, delay, 0);
+}
+
+static void start_commit(struct spool *spool)
+{
+    struct spool_commit *c;
+    size_t n = 0;
+    int rc;
+
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        goto err_alloc;
+    for (struct spool_seg *seg = spool->head; seg; seg = seg->next)
+        n += seg->fill.len > 0;
+    c->segs = calloc(n ? n : 1, sizeof(*c->segs));
+    if (!c->segs)
+        goto err_alloc;
+    c->spool = spool;
+    for (struct spool_seg *seg = spool->head; seg; seg = seg->next) {
+        if (seg->fill.len == 0)
+            continue;
+        struct spool_buf swap = seg->flush;
+        seg->flush = seg->fill;
+        seg->fill = swap;
+        seg->fill.len = 0;
+        seg->busy = true;
+        c->segs[c->seg_count++] = seg;
+    }
+    spool->fill_bytes = 0;
+    c->waiters = spool->fill_waiters;
+    spool->fill_waiters = (struct spool_waiters){0};
+    if (spool->acked_seq != spool->persisted_seq) {
+        c->write_cursor = true;
+        c->cursor_seq = spool->acked_seq;
+        cursor_encode(c->cursor_slot, ++spool->cursor_gen, spool->acked_seq);
+        c->cursor_off = (off_t)((spool->cursor_gen & 1) * CURSOR_SLOT_SIZE);
+    }
+    c->unlinks = spool->unlinks;
+    c->unlink_count = spool->unlink_count;
+    spool->unlinks = NULL;
+    spool->unlink_count = spool->unlink_cap = 0;
+    spool->commit = c;
+    rc = uv_queue_work(spool->loop, &c->work, commit_work_cb, commit_after_cb);
+    if (rc < 0) {
+        /* Run it here rather than lose the batch: slow, but correct. */
+        log_uplink(LOG_WARNING, spool->name,
+                   "spool: cannot use the threadpool (%s); committing "
+                   "on the loop thread",
+                   uv_strerror(rc));
+        commit_work_cb(&c->work);
+        commit_after_cb(&c->work, 0);
+    }
+    return;
+
+err_alloc:
+    if (c)
+        free(c->segs);
+    free(c);
+    log_uplink(LOG_ERR, spool->name, "spool: out of memory starting a commit; retrying");
+    arm_timer(spool, SPOOL_RETRY_MS);
+}
+
+static void maybe_commit(struct spool *spool)
+{
+    uint64_t now, age;
+
+    if (spool->opts.durability != SPOOL_DURABLE || spool->commit || spool->closed)
+        return;
+    bool data = spool->fill_bytes > 0;
+    bool meta = spool->acked_seq != spool->persisted_seq || spool->unlink_count > 0;
+    if (!data && !meta)
+        return;
+    now = uv_now(spool->loop);
+    if (spool->io_error && now < spool->retry_at) {
+        arm_timer(spool, spool->retry_at - now);
+        return;
+    }
+    if (!spool->closing) {
+        if (data) {
+            age = now - spool->fill_since;
+            if (!spool->batch_ready && age < spool->opts.commit_interval_ms &&
+                spool->fill_bytes < SPOOL_BATCH_BYTES &&
+                spool->fill_waiters.len < SPOOL_BATCH_RECORDS) {
+                /* Commit at the end of this loop turn (or after
+                 * commit_interval at the latest, should the turn not end). */
+                if (!spool->turn_end_active) {
+                    spool->turn_end_active = true;
+                    uv_check_start(&spool->turn_end, turn_end_cb);
+                }
+                arm_timer(spool, spool->opts.commit_interval_ms - age);
+                return;
+            }
+        } else if (now - spool->last_commit_ms < SPOOL_CURSOR_DELAY_MS) {
+            arm_timer(spool, SPOOL_CURSOR_DELAY_MS - (now - spool->last_commit_ms));
+            return;
+        }
+    }
+    start_commit(spool);
+}
+
+/* --- appending ------------------------------------------------------------------ */
+
+static bool has_room(const struct spool *spool, uint64_t size)
+{
+    return spool->bytes + size <= spool->opts.max_bytes;
+}
+
+/* Drop whole expired segments at the head (max_age). */
+static void expire_head(struct spool *spool)
+{
+    uint64_t now;
+
+    if (!spool->opts.max_age_ms)
+        return;
+    now = realtime_ms();
+    while (spool->head && spool->head != spool->tail && !spool->head->busy &&
+           spool->head->last_time_ms + spool->opts.max_age_ms < now) {
+        struct spool_seg *seg = spool->head;
+        uint64_t lost = seg_unacked(spool, seg);
+        while (spool->out_len && spool->outs[spool->out_head].pos.seg == seg) {
+            spool->out_head++;
+            spool->out_len--;
+        }
+        if (seg->last_seq > spool->acked_seq)
+            spool->acked_seq = seg->last_seq;
+        spool->stats.depth -= lost;
+        spool->stats.dropped_age += lost;
+        if (lost)
+            log_uplink(LOG_WARNING, spool->name,
+                       "spool: dropped %" PRIu64 " record(s) older than max_age", lost);
+        seg_retire(spool, seg);
+    }
+}
+
+/* Put one encoded record at the end. The caller checked room. */
+static int append_record(struct spool *spool, const char *topic, size_t topic_len,
+                         const void *payload, size_t len, int qos, bool retain)
+{
+    struct spool_seg *seg = spool->tail;
+    size_t size = REC_HEADER_SIZE + topic_len + len;
+    uint64_t now = realtime_ms();
+
+    if (!seg || seg->damaged || (seg->records > 0 && seg->size + size > spool->segment_bytes)) {
+        seg = seg_new(spool->next_seq);
+        if (!seg || buf_reserve(&seg->fill, SEG_HEADER_SIZE + size) < 0) {
+            if (seg)
+                seg_free(seg);
+            return -ENOMEM;
+        }
+        seg_header(seg->fill.data, seg->first_seq);
+        seg->fill.len = SEG_HEADER_SIZE;
+        seg->size = SEG_HEADER_SIZE;
+        spool->bytes += SEG_HEADER_SIZE;
+        spool->fill_bytes += SEG_HEADER_SIZE;
+        seg_link_tail(spool, seg);
+        if (!spool->read.seg) {
+            spool->read.seg = seg;
+            spool->read.off = SEG_HEADER_SIZE;
+        }
+    } else if (buf_reserve(&seg->fill, size) < 0) {
+        return -ENOMEM;
+    }
+    if (spool->fill_bytes == 0)
+        spool->fill_since = uv_now(spool->loop);
+    rec_encode(seg->fill.data + seg->fill.len, spool->next_seq, now, qos, retain, topic, topic_len,
+               payload, len);
+    seg->fill.len += size;
+    seg->size += size;
+    if (seg->records == 0)
+        seg->first_time_ms = now;
+    seg->records++;
+    seg->last_seq = spool->next_seq;
+    seg->last_time_ms = now;
+    spool->next_seq++;
+    spool->bytes += size;
+    spool->fill_bytes += size;
+    spool->stats.depth++;
+    spool->stats.appended++;
+    if (!spool->read.seg) {
+        spool->read.seg = seg;
+        spool->read.off = seg->size - size;
+    }
+    return 0;
+}
+
+/* After room was made: admit blocked appends in order. */
+static void admit_blocked(struct spool *spool)
+{
+    struct spool_blocked *b;
+
+    while ((b = spool->blocked_head) != NULL && !spool->io_error) {
+        size_t size = REC_HEADER_SIZE + b->topic_len + b->len;
+        if (!has_room(spool, size))
+            break;
+        if (append_record(spool, (const char *)b->data, b->topic_len, b->data + b->topic_len,
+                          b->len, b->qos, b->retain) < 0)
+            break;
+        spool->blocked_head = b->next;
+        if (!b->next)
+            spool->blocked_tail = NULL;
+        spool->blocked_bytes -= size;
+        spool->blocked_count--;
+        if (spool->opts.durability == SPOOL_DURABLE) {
+            if (waiters_push(&spool->fill_waiters, b->cb, b->arg, 0) < 0)
+                defer(spool, b->cb, b->arg, -ENOMEM);
+        } else {
+            defer(spool, b->cb, b->arg, 0);
+        }
+        free(b);
+    }
+    spool->stats.blocked = spool->blocked_count;
+    maybe_commit(spool);
+}
+
+int spool_append(struct spool *spool, const char *topic, size_t topic_len, const void *payload,
+                 size_t len, int qos, bool retain, unsigned flags,
+                 void (*done_cb)(void *arg, int status), void *arg)
+{
+    size_t size = REC_HEADER_SIZE + topic_len + len;
+    struct spool_blocked *b;
+    int rc;
+
+    if (spool->closing)
+        return -ESHUTDOWN;
+    if (qos < 0 || qos > 2 || topic_len == 0 || topic_len > 65535)
+        return -EINVAL;
+    if (len > REC_MAX_LEN - topic_len || size > spool->opts.max_bytes / 4)
+        return -EMSGSIZE;
+    if (spool->io_error)
+        return spool->io_error;
+    if (spool->blocked_head || !has_room(spool, size)) {
+        expire_head(spool);
+        retire_acked(spool);
+    }
+    if (!spool->blocked_head && !has_room(spool, size) &&
+        spool->opts.overflow == SPOOL_DROP_OLDEST) {
+        while (!has_room(spool, size) && drop_head(spool, "spool full (max_bytes)"))
+            ;
+        /* Only the newest segment is left: accept a small overshoot. */
+    } else if (spool->blocked_head || !has_room(spool, size)) {
+        /* overflow: block. The append waits (its local client gets no
+         * acknowledgement, so it stops sending); the waiting room itself is
+         * bounded so memory stays bounded. */
+        uint64_t room = spool->opts.max_bytes / 4 > 64u * 1024 * 1024 ? 64u * 1024 * 1024
+                                                                      : spool->opts.max_bytes / 4;
+        if ((flags & SPOOL_APPEND_NOWAIT) || spool->blocked_bytes + size > room)
+            return -ENOBUFS;
+        b = malloc(sizeof(*b) + topic_len + len);
+        if (!b)
+            return -ENOMEM;
+        b->next = NULL;
+        b->cb = done_cb;
+        b->arg = arg;
+        b->qos = qos;
+        b->retain = retain;
+        b->topic_len = topic_len;
+        b->len = len;
+        memcpy(b->data, topic, topic_len);
+        if (len)
+            memcpy(b->data + topic_len, payload, len);
+        if (spool->blocked_tail)
+            spool->blocked_tail->next = b;
+        else
+            spool->blocked_head = b;
+        spool->blocked_tail = b;
+        spool->blocked_bytes += size;
+        if (spool->blocked_count++ == 0)
+            log_uplink(LOG_WARNING, spool->name,
+                       "spool full (%" PRIu64 " of max_bytes %" PRIu64 " bytes, overflow: block): "
+                       "local publishes wait and are not acknowledged until the cloud takes "
+                       "messages",
+                       spool->bytes, spool->opts.max_bytes);
+        spool->stats.blocked = spool->blocked_count;
+        return SPOOL_PENDING;
+    }
+    rc = append_record(spool, topic, topic_len, payload, len, qos, retain);
+    if (rc < 0)
+        return rc;
+    if (spool->opts.durability != SPOOL_DURABLE)
+        return 0;
+    if (waiters_push(&spool->fill_waiters, done_cb, arg, 0) < 0) {
+        /* The record is in; only its notification is lost: report it as
+         * failed so the local client re-sends (a duplicate, never a loss). */
+        defer(spool, done_cb, arg, -ENOMEM);
+        return SPOOL_PENDING;
+    }
+    maybe_commit(spool);
+    return SPOOL_PENDING;
+}
+
+/* --- reading ------------------------------------------------------------------ */
+
+/* Read up to @want bytes of @seg's file from @off into the read buffer. */
+static int rb_fill(struct spool *spool, struct spool_seg *seg, uint64_t off, size_t want)
+{
+    size_t got = 0;
+
+    if (want > seg->file_len - off)
+        want = (size_t)(seg->file_len - off);
+    spool->rb.len = 0;
+    if (buf_reserve(&spool->rb, want) < 0)
+        return -ENOMEM;
+    while (got < want) {
+        ssize_t n = pread(spool->rb_fd, spool->rb.data + got, want - got, (off_t)(off + got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            break;
+        got += (size_t)n;
+    }
+    spool->rb.len = got;
+    spool->rb_start = off;
+    return 0;
+}
+
+/* Pointer to the record at @pos and its header. Returns 0, -EAGAIN at the
+ * end of the segment, -EBADMSG for a damaged record (the reason in *why),
+ * or an I/O errno. */
+static int read_at(struct spool *spool, const struct spool_pos *pos, struct rec_header *h,
+                   const uint8_t **rec, const char **why)
+{
+    struct spool_seg *seg = pos->seg;
+    uint64_t off = pos->off;
+    const uint8_t *p;
+    size_t avail;
+    bool from_file = false;
+
+    if (off >= seg->size)
+        return -EAGAIN;
+    if (off >= seg->file_len + seg->flush.len) {
+        p = seg->fill.data + (off - seg->file_len - seg->flush.len);
+        avail = (size_t)(seg->size - off);
+    } else if (off >= seg->file_len) {
+        p = seg->flush.data + (off - seg->file_len);
+        avail = (size_t)(seg->file_len + seg->flush.len - off);
+    } else {
+        char path[4096];
+        from_file = true;
+        if (spool->rb_seg != seg) {
+            rb_drop(spool);
+            seg_path(spool, seg->first_seq, path, sizeof(path));
+            spool->rb_fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (spool->rb_fd < 0)
+                return -errno;
+            spool->rb_seg = seg;
+        }
+        if (!(off >= spool->rb_start && off + REC_HEADER_SIZE <= spool->rb_start + spool->rb.len)) {
+            int rc = rb_fill(spool, seg, off, SPOOL_READ_CHUNK);
+            if (rc < 0)
+                return rc;
+        }
+        p = spool->rb.data + (off - spool->rb_start);
+        avail = (size_t)(spool->rb_start + spool->rb.len - off);
+        if (avail >= REC_HEADER_SIZE && rec_header_parse(p, h) == NULL &&
+            avail < REC_HEADER_SIZE + (size_t)h->len) {
+            /* The record goes past the buffer: read it whole from @off. */
+            size_t want = REC_HEADER_SIZE + (size_t)h->len;
+            int rc = rb_fill(spool, seg, off, want > SPOOL_READ_CHUNK ? want : SPOOL_READ_CHUNK);
+            if (rc < 0)
+                return rc;
+            p = spool->rb.data;
+            avail = spool->rb.len;
+        }
+    }
+
+    if (avail < REC_HEADER_SIZE) {
+        *why = "short record header";
+        return -EBADMSG;
+    }
+    *why = rec_header_parse(p, h);
+    if (*why)
+        return -EBADMSG;
+    if (avail < REC_HEADER_SIZE + (size_t)h->len) {
+        *why = "short record";
+        return -EBADMSG;
+    }
+    if (from_file && !rec_crc_ok(p, h)) {
+        *why = "CRC mismatch";
+        return -EBADMSG;
+    }
+    *rec = p;
+    return 0;
+}
+
+static int out_push(struct spool *spool, uint64_t seq, uint64_t count, struct spool_pos pos,
+                    bool acked)
+{
+    if (spool->out_head + spool->out_len == spool->out_cap) {
+        if (spool->out_head > 0) {
+            memmove(spool->outs, spool->outs + spool->out_head,
+                    spool->out_len * sizeof(*spool->outs));
+            spool->out_head = 0;
+        }
+        if (spool->out_len == spool->out_cap) {
+            size_t cap = spool->out_cap ? spool->out_cap * 2 : 128;
+            struct spool_out *outs = realloc(spool->outs, cap * sizeof(*outs));
+            if (!outs)
+                return -ENOMEM;
+            spool->outs = outs;
+            spool->out_cap = cap;
+        }
+    }
+    spool->outs[spool->out_head + spool->out_len++] =
+        (struct spool_out){.seq = seq, .count = count, .pos = pos, .acked = acked};
+    return 0;
+}
+
+/* Retire the acknowledged prefix of the out list. */
+static void out_pop_acked(struct spool *spool)
+{
+    bool moved = false;
+
+    while (spool->out_len && spool->outs[spool->out_head].acked) {
+        struct spool_out *o = &spool->outs[spool->out_head];
+        if (o->seq > spool->acked_seq)
+            spool->acked_seq = o->seq;
+        spool->stats.depth -= o->count;
+        spool->stats.acked += o->count;
+        spool->out_head++;
+        spool->out_len--;
+        moved = true;
+    }
+    if (spool->out_len == 0)
+        spool->out_head = 0;
+    if (moved) {
+        /* Nothing handed out is pending: everything before the reader is acked. */
+        retire_acked(spool);
+        admit_blocked(spool);
+        maybe_commit(spool);
+    }
+}
+
+int spool_next(struct spool *spool, struct spool_record *out)
+{
+    struct rec_header h;
+    const uint8_t *rec;
+    const char *why = NULL;
+    uint64_t now = 0;
+    int rc;
+
+    for (unsigned rounds = 0; rounds < 100000; rounds++) {
+        struct spool_pos pos = spool->read;
+        if (!pos.seg)
+            return -EAGAIN;
+        rc = read_at(spool, &pos, &h, &rec, &why);
+        if (rc == -EAGAIN) {
+            if (!pos.seg->next)
+                return -EAGAIN;
+            spool->read.seg = pos.seg->next;
+            spool->read.off = SEG_HEADER_SIZE;
+            continue;
+        }
+        if (rc == -EBADMSG) {
+            /* Damage found after start-up (bit rot, someone else's write):
+             * never send it; skip the rest of the segment. */
+            uint64_t expect = pos.seg->first_seq;
+            if (spool->acked_seq + 1 > expect)
+                expect = spool->acked_seq + 1;
+            if (spool->out_len &&
+                spool->outs[spool->out_head + spool->out_len - 1].seq + 1 > expect)
+                expect = spool->outs[spool->out_head + spool->out_len - 1].seq + 1;
+            uint64_t lost = pos.seg->last_seq >= expect ? pos.seg->last_seq - expect + 1 : 0;
+            log_uplink(LOG_ERR, spool->name,
+                       "spool: segment %016" PRIx64 " is damaged at offset %" PRIu64
+                       " (%s): skipping its remaining %" PRIu64 " bytes, %" PRIu64 " record(s)",
+                       pos.seg->first_seq, pos.off, why, pos.seg->size - pos.off, lost);
+            spool->stats.dropped_corrupt += lost;
+            pos.seg->damaged = true;
+            spool->read.off = pos.seg->size;
+            if (lost && out_push(spool, pos.seg->last_seq, lost, pos, true) == 0)
+                out_pop_acked(spool);
+            continue;
+        }
+        if (rc < 0) {
+            log_uplink(LOG_ERR, spool->name, "spool: cannot read segment %016" PRIx64 ": %s",
+                       pos.seg->first_seq, strerror(-rc));
+            return -EAGAIN;
+        }
+        spool->read.off += REC_HEADER_SIZE + h.len;
+        if (spool->opts.max_age_ms) {
+            if (!now)
+                now = realtime_ms();
+            if (h.time_ms + spool->opts.max_age_ms < now) {
+                spool->stats.dropped_age++;
+                if (out_push(spool, h.seq, 1, pos, true) == 0)
+                    out_pop_acked(spool);
+                continue;
+            }
+        }
+        if (out_push(spool, h.seq, 1, pos, false) < 0) {
+            spool->read = pos;
+            return -EAGAIN;
+        }
+        out->seq = h.seq;
+        out->time_ms = h.time_ms;
+        out->qos = h.flags & REC_FLAG_QOS_MASK;
+        out->retain = (h.flags & REC_FLAG_RETAIN) != 0;
+        out->topic = (const char *)rec + REC_HEADER_SIZE;
+        out->topic_len = h.topic_len;
+        out->payload = rec + REC_HEADER_SIZE + h.topic_len;
+        out->len = h.len - h.topic_len;
+        return 0;
+    }
+    return -EAGAIN;
+}
+
+void spool_ack(struct spool *spool, uint64_t seq)
+{
+    size_t lo = 0, hi = spool->out_len;
+
+    /* The out list is sorted by seq: binary search. */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (spool->outs[spool->out_head + mid].seq < seq)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == spool->out_len || spool->outs[spool->out_head + lo].seq != seq)
+        return;
+    spool->outs[spool->out_head + lo].acked = true;
+    out_pop_acked(spool);
+}
+
+void spool_rewind(struct spool *spool)
+{
+    if (spool->out_len == 0)
+        return;
+    spool->read = spool->outs[spool->out_head].pos;
+    spool->out_len = 0;
+    spool->out_head = 0;
+}
+
+/* --- recovery ----------------------------------------------------------------- */
+
+static int mkdir_p(const char *dir)
+{
+    char path[4096];
+
+    if (snprintf(path, sizeof(path), "%s", dir) >= (int)sizeof(path))
+        return -ENAMETOOLONG;
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(path, 0755) < 0 && errno != EEXIST)
+            return -errno;
+        *p = '/';
+    }
+    if (mkdir(path, 0700) < 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int read_whole(const char *path, uint8_t **out, size_t *len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    uint8_t *data;
+    size_t got = 0;
+
+    if (fd < 0)
+        return -errno;
+    if (fstat(fd, &st) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    data = malloc(st.st_size ? (size_t)st.st_size : 1);
+    if (!data) {
+        close(fd);
+        return -ENOMEM;
+    }
+    while (got < (size_t)st.st_size) {
+        ssize_t n = read(fd, data + got, (size_t)st.st_size - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    *out = data;
+    *len = got;
+    return 0;
+}
+
+/* Scan one segment file; returns the valid length and fills @seg. */
+static size_t scan_segment(struct spool *spool, struct spool_seg *seg, const uint8_t *data,
+                           size_t len, const char **why)
+{
+    size_t off = SEG_HEADER_SIZE;
+    uint64_t expect = seg->first_seq;
+
+    *why = NULL;
+    while (off < len) {
+        struct rec_header h;
+        if (len - off < REC_HEADER_SIZE) {
+            *why = "short record header";
+            break;
+        }
+        if ((*why = rec_header_parse(data + off, &h)) != NULL)
+            break;
+        if (len - off - REC_HEADER_SIZE < h.len) {
+            *why = "short record";
+            break;
+        }
+        if (!rec_crc_ok(data + off, &h)) {
+            *why = "CRC mismatch";
+            break;
+        }
+        if (h.seq != expect) {
+            *why = "out-of-sequence record";
+            break;
+        }
+        if (seg->records == 0)
+            seg->first_time_ms = h.time_ms;
+        seg->records++;
+        seg->last_seq = h.seq;
+        seg->last_time_ms = h.time_ms;
+        if (h.seq > spool->acked_seq) {
+            spool->stats.depth++;
+            if (!spool->read.seg) {
+                spool->read.seg = seg;
+                spool->read.off = off;
+            }
+        }
+        expect++;
+        off += REC_HEADER_SIZE + h.len;
+    }
+    return off;
+}
+
+static int spool_recover(struct spool *spool)
+{
+    char path[4096];
+    uint8_t slots[2 * CURSOR_SLOT_SIZE];
+    uint64_t *firsts = NULL;
+    size_t count = 0, cap = 0;
+    DIR *dir = NULL;
+    struct dirent *de;
+    ssize_t n;
+    int rc;
+
+    rc = mkdir_p(spool->dir);
+    if (rc < 0) {
+        log_uplink(LOG_ERR, spool->name, "spool: cannot create %s: %s", spool->dir, strerror(-rc));
+        return rc;
+    }
+    snprintf(path, sizeof(path), "%s/cursor", spool->dir);
+    spool->cursor_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (spool->cursor_fd < 0) {
+        rc = -errno;
+        log_uplink(LOG_ERR, spool->name, "spool: cannot open %s: %s", path, strerror(errno));
+        return rc;
+    }
+    memset(slots, 0, sizeof(slots));
+    n = pread(spool->cursor_fd, slots, sizeof(slots), 0);
+    for (int i = 0; i < 2 && n > 0; i++) {
+        uint64_t gen, seq;
+        if ((i + 1) * CURSOR_SLOT_SIZE <= n &&
+            cursor_decode(slots + i * CURSOR_SLOT_SIZE, &gen, &seq) && gen >= spool->cursor_gen) {
+            spool->cursor_gen = gen;
+            spool->acked_seq = seq;
+        }
+    }
+    spool->persisted_seq = spool->acked_seq;
+
+    dir = opendir(spool->dir);
+    if (!dir) {
+        rc = -errno;
+        log_uplink(LOG_ERR, spool->name, "spool: cannot read %s: %s", spool->dir, strerror(errno));
+        return rc;
+    }
+    while ((de = readdir(dir)) != NULL) {
+        char *end;
+        uint64_t first;
+        if (strlen(de->d_name) != 20 || strcmp(de->d_name + 16, ".seg") != 0)
+            continue;
+        errno = 0;
+        first = strtoull(de->d_name, &end, 16);
+        if (errno || end != de->d_name + 16)
+            continue;
+        if (count == cap) {
+            uint64_t *grown = realloc(firsts, (cap ? cap * 2 : 16) * sizeof(*grown));
+            if (!grown) {
+                closedir(dir);
+                free(firsts);
+                return -ENOMEM;
+            }
+            firsts = grown;
+            cap = cap ? cap * 2 : 16;
+        }
+        firsts[count++] = first;
+    }
+    closedir(dir);
+    if (count)
+        qsort(firsts, count, sizeof(*firsts), cmp_u64);
+
+    uint64_t prev_last = 0;
+    bool prev_damaged = false;
+    for (size_t i = 0; i < count; i++) {
+        bool last = i + 1 == count;
+        uint8_t *data = NULL;
+        size_t len = 0, valid;
+        uint64_t header_first;
+        const char *why;
+        struct spool_seg *seg;
+
+        seg_path(spool, firsts[i], path, sizeof(path));
+        rc = read_whole(path, &data, &len);
+        if (rc < 0) {
+            log_uplink(LOG_ERR, spool->name, "spool: cannot read %s: %s", path, strerror(-rc));
+            free(firsts);
+            return rc;
+        }
+        if (len < SEG_HEADER_SIZE || !seg_header_ok(data, &header_first) ||
+            header_first != firsts[i]) {
+            if (last && len < SEG_HEADER_SIZE) {
+                /* Power loss while the segment was being created. */
+                log_uplink(LOG_WARNING, spool->name,
+                           "spool: torn tail: %s is %zu byte(s), shorter than a segment header; "
+                           "deleted (%zu byte(s) dropped)",
+                           path, len, len);
+                spool->stats.recovered_torn_bytes += len;
+                unlink(path);
+            } else {
+                log_uplink(LOG_ERR, spool->name,
+                           "spool: %s has a damaged header: the whole segment (%zu bytes) is "
+                           "skipped and kept as %s.corrupt for inspection",
+                           path, len, path);
+                char corrupt[4200];
+                snprintf(corrupt, sizeof(corrupt), "%s.corrupt", path);
+                if (rename(path, corrupt) < 0)
+                    log_uplink(LOG_ERR, spool->name, "spool: cannot rename %s: %s", path,
+                               strerror(errno));
+                prev_damaged = true;
+            }
+            free(data);
+            continue;
+        }
+        seg = seg_new(firsts[i]);
+        if (!seg) {
+            free(data);
+            free(firsts);
+            return -ENOMEM;
+        }
+        if (prev_damaged && prev_last && firsts[i] > prev_last + 1) {
+            uint64_t gap = firsts[i] - prev_last - 1;
+            log_uplink(LOG_ERR, spool->name,
+                       "spool: %" PRIu64 " record(s) (seq %" PRIu64 "..%" PRIu64
+                       ") were lost to the damage reported above",
+                       gap, prev_last + 1, firsts[i] - 1);
+            spool->stats.dropped_corrupt += gap;
+        }
+        valid = scan_segment(spool, seg, data, len, &why);
+        free(data);
+        if (valid < len) {
+            if (last) {
+                log_uplink(LOG_WARNING, spool->name,
+                           "spool: torn tail in %s at offset %zu (%s): truncated, %zu byte(s) "
+                           "dropped; %" PRIu64 " whole record(s) before it are kept",
+                           path, valid, why, len - valid, seg->records);
+                spool->stats.recovered_torn_bytes += len - valid;
+                int fd = open(path, O_RDWR | O_CLOEXEC);
+                if (fd < 0 || ftruncate(fd, (off_t)valid) < 0 || fdatasync(fd) < 0) {
+                    rc = -errno;
+                    log_uplink(LOG_ERR, spool->name, "spool: cannot truncate %s: %s", path,
+                               strerror(errno));
+                    if (fd >= 0)
+                        close(fd);
+                    seg_free(seg);
+                    free(firsts);
+                    return rc;
+                }
+                close(fd);
+            } else {
+                log_uplink(LOG_ERR, spool->name,
+                           "spool: segment %s is corrupt at offset %zu (%s): its remaining %zu "
+                           "byte(s) are skipped, never replayed; %" PRIu64
+                           " whole record(s) before the damage are kept",
+                           path, valid, why, len - valid, seg->records);
+                seg->damaged = true;
+            }
+        }
+        seg->size = seg->file_len = valid;
+        prev_last = seg->last_seq;
+        prev_damaged = seg->damaged;
+        spool->bytes += seg->size;
+        if (seg->last_seq >= spool->next_seq)
+            spool->next_seq = seg->last_seq + 1;
+        if (seg->first_seq > spool->next_seq)
+            spool->next_seq = seg->first_seq;
+        seg_link_tail(spool, seg);
+    }
+    free(firsts);
+    if (spool->next_seq <= spool->acked_seq)
+        spool->next_seq = spool->acked_seq + 1;
+    /* Fully acknowledged segments left by the previous run. */
+    retire_acked(spool);
+    if (spool->head && spool->head == spool->tail && spool->head->last_seq <= spool->acked_seq &&
+        spool->head->records > 0)
+        spool->head->damaged = true; /* start a fresh segment; this one goes once acked */
+    if (spool->read.seg == NULL && spool->tail) {
+        spool->read.seg = spool->tail;
+        spool->read.off = spool->tail->size;
+    }
+    log_uplink(LOG_INFO, spool->name,
+               "spool %s recovered: %" PRIu64 " record(s) waiting (%" PRIu64
+               " bytes), next seq %" PRIu64 ", acknowledged up to %" PRIu64,
+               spool->dir, spool->stats.depth, spool->bytes, spool->next_seq, spool->acked_seq);
+    return 0;
+}
+
+/* --- life cycle ------------------------------------------------------------------ */
+
+static void options_apply(struct spool *spool, const struct spool_options *opts)
+{
+    spool->opts.overflow = opts->overflow;
+    spool->opts.max_bytes = opts->max_bytes ? opts->max_bytes : SPOOL_DEFAULT_MAX_BYTES;
+    spool->opts.max_age_ms = opts->max_age_ms;
+    spool->opts.commit_interval_ms = opts->commit_interval_ms;
+}
+
+int spool_open(uv_loop_t *loop, const struct spool_options *opts, struct spool **out)
+{
+    struct spool *spool;
+    int rc;
+
+    *out = NULL;
+    spool = calloc(1, sizeof(*spool));
+    if (!spool)
+        return -ENOMEM;
+    spool->loop = loop;
+    spool->cursor_fd = -1;
+    spool->rb_fd = -1;
+    spool->next_seq = 1;
+    spool->opts.durability = opts->durability;
+    options_apply(spool, opts);
+    spool->name = strdup(opts->name ? opts->name : "?");
+    spool->dir = strdup(opts->dir ? opts->dir : "");
+    if (!spool->name || !spool->dir) {
+        rc = -ENOMEM;
+        goto err_free;
+    }
+    spool->opts.name = spool->name;
+    spool->opts.dir = spool->dir;
+    if (opts->durability == SPOOL_DURABLE && !spool->dir[0]) {
+        rc = -EINVAL;
+        goto err_free;
+    }
+    spool->segment_bytes = opts->segment_bytes ? opts->segment_bytes : spool->opts.max_bytes / 8;
+    if (!opts->segment_bytes) {
+        if (spool->segment_bytes < SEG_MIN_BYTES)
+            spool->segment_bytes = SEG_MIN_BYTES;
+        if (spool->segment_bytes > SEG_MAX_BYTES)
+            spool->segment_bytes = SEG_MAX_BYTES;
+    }
+    if (opts->durability == SPOOL_DURABLE) {
+        rc = spool_recover(spool);
+        if (rc < 0)
+            goto err_free;
+    }
+    /* uv_timer_init() cannot fail (it only fills in the handle). */
+    uv_timer_init(loop, &spool->commit_timer);
+    uv_check_init(loop, &spool->turn_end);
+    spool->turn_end.data = spool;
+    uv_timer_init(loop, &spool->deferred_timer);
+    spool->handles = 3;
+    spool->commit_timer.data = spool;
+    spool->deferred_timer.data = spool;
+    spool->stats.durable = opts->durability == SPOOL_DURABLE;
+    *out = spool;
+    return 0;
+
+err_free:
+    spool_free(spool);
+    return rc;
+}
+
+void spool_set_limits(struct spool *spool, const struct spool_options *opts)
+{
+    options_apply(spool, opts);
+    admit_blocked(spool);
+}
+
+bool spool_full(const struct spool *spool, size_t bytes)
+{
+    return spool->blocked_head || !has_room(spool, REC_HEADER_SIZE + bytes);
+}
+
+void spool_get_stats(const struct spool *spool, struct spool_stats *out)
+{
+    *out = spool->stats;
+    out->bytes = spool->bytes;
+    out->io_error = spool->io_error;
+    out->oldest_ms = 0;
+    for (const struct spool_seg *seg = spool->head; seg; seg = seg->next) {
+        if (seg->last_seq > spool->acked_seq && seg->records) {
+            out->oldest_ms = seg->first_time_ms; /* segment granularity */
+            break;
+        }
+    }
+}
+
+static void handle_closed_cb(uv_handle_t *handle)
+{
+    struct spool *spool = handle->data;
+
+    if (--spool->handles == 0 && spool->done_cb)
+        spool->done_cb(spool->done_arg);
+}
+
+static void spool_check_closed(struct spool *spool)
+{
+    if (!spool->closing || spool->closed || spool->commit)
+        return;
+    if (spool->opts.durability == SPOOL_DURABLE && !spool->io_error &&
+        (spool->fill_bytes || spool->acked_seq != spool->persisted_seq || spool->unlink_count)) {
+        maybe_commit(spool);
+        if (spool->commit)
+            return;
+    }
+    /* Appends whose batch could not be written (I/O error) are answered. */
+    for (size_t i = 0; i < spool->fill_waiters.len; i++)
+        defer(spool, spool->fill_waiters.items[i].cb, spool->fill_waiters.items[i].arg,
+              spool->io_error ? spool->io_error : -ECANCELED);
+    spool->fill_waiters.len = 0;
+    if (spool->deferred.len)
+        return; /* deferred_cb() comes back here once they have run */
+    spool->closed = true;
+    uv_timer_stop(&spool->commit_timer);
+    uv_check_stop(&spool->turn_end);
+    uv_close((uv_handle_t *)&spool->turn_end, handle_closed_cb);
+    uv_timer_stop(&spool->deferred_timer);
+    uv_close((uv_handle_t *)&spool->commit_timer, handle_closed_cb);
+    uv_close((uv_handle_t *)&spool->deferred_timer, handle_closed_cb);
+}
+
+void spool_close(struct spool *spool, void (*done_cb)(void *arg), void *arg)
+{
+    struct spool_blocked *b;
+
+    spool->done_cb = done_cb;
+    spool->done_arg = arg;
+    spool->closing = true;
+    while ((b = spool->blocked_head) != NULL) {
+        spool->blocked_head = b->next;
+        defer(spool, b->cb, b->arg, -ECANCELED);
+        free(b);
+    }
+    spool->blocked_tail = NULL;
+    spool->blocked_bytes = spool->blocked_count = 0;
+    spool->stats.blocked = 0;
+    spool_check_closed(spool);
+}
+
+void spool_free(struct spool *spool)
+{
+    struct spool_seg *seg, *next;
+    struct spool_blocked *b, *bn;
+
+    if (!spool)
+        return;
+    if (spool->commit) {
+        log_err("spool %s: BUG: spool_free() while a commit runs; leaking it", spool->name);
+        return;
+    }
+    for (seg = spool->head; seg; seg = next) {
+        next = seg->next;
+        seg_free(seg);
+    }
+    for (b = spool->blocked_head; b; b = bn) {
+        bn = b->next;
+        free(b);
+    }
+    rb_drop(spool);
+    buf_free(&spool->rb);
+    if (spool->cursor_fd >= 0)
+        close(spool->cursor_fd);
+    for (size_t i = 0; i < spool->unlink_count; i++)
+        free(spool->unlinks[i]);
+    free(spool->unlinks);
+    free(spool->outs);
+    free(spool->fill_waiters.items);
+    free(spool->deferred.items);
+    free(spool->name);
+    free(spool->dir);
+    free(spool);
+}
