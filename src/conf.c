@@ -50,25 +50,25 @@
 #define CONF_DNS_NAME_MAX     253 /* RFC 1035 §2.3.4, without the trailing dot */
 #define CONF_DNS_LABEL_MAX    63
 
-#define DEFAULT_TCP_LISTEN        "tcp://127.0.0.1:1883"
-#define DEFAULT_UNIX_LISTEN       "unix://" UPLINKD_DEFAULT_RUN_DIR "/local.sock"
-#define DEFAULT_CONTROL_SOCKET    UPLINKD_DEFAULT_RUN_DIR "/control.sock"
-#define DEFAULT_STATE_DIR         UPLINKD_DEFAULT_STATE_DIR
-#define DEFAULT_SOCKET_MODE       0660
-#define DEFAULT_MAX_PACKET_SIZE   (256 * 1024)
-#define DEFAULT_MAX_CLIENTS       1024
-#define DEFAULT_LOCAL_MAX_INFLIGHT 100
-#define DEFAULT_LOCAL_MAX_QUEUED  1000
+#define DEFAULT_TCP_LISTEN             "tcp://127.0.0.1:1883"
+#define DEFAULT_UNIX_LISTEN            "unix://" UPLINKD_DEFAULT_RUN_DIR "/local.sock"
+#define DEFAULT_CONTROL_SOCKET         UPLINKD_DEFAULT_RUN_DIR "/control.sock"
+#define DEFAULT_STATE_DIR              UPLINKD_DEFAULT_STATE_DIR
+#define DEFAULT_SOCKET_MODE            0660
+#define DEFAULT_MAX_PACKET_SIZE        (256 * 1024)
+#define DEFAULT_MAX_CLIENTS            1024
+#define DEFAULT_LOCAL_MAX_INFLIGHT     100
+#define DEFAULT_LOCAL_MAX_QUEUED       1000
 #define DEFAULT_LOCAL_MAX_QUEUED_BYTES (64 * 1024 * 1024)
-#define DEFAULT_LOCAL_PREFIX      "dev"
-#define DEFAULT_SHUTDOWN_MS       5000
-#define DEFAULT_PROFILE           "generic"
-#define DEFAULT_KEEPALIVE_S       60
-#define DEFAULT_RECONNECT_BASE_MS 1000
-#define DEFAULT_RECONNECT_CAP_MS  120000
-#define DEFAULT_MAX_QUEUED        10000
-#define DEFAULT_PORT_TLS          8883
-#define DEFAULT_PORT_PLAIN        1883
+#define DEFAULT_LOCAL_PREFIX           "dev"
+#define DEFAULT_SHUTDOWN_MS            5000
+#define DEFAULT_PROFILE                "generic"
+#define DEFAULT_KEEPALIVE_S            60
+#define DEFAULT_RECONNECT_BASE_MS      1000
+#define DEFAULT_RECONNECT_CAP_MS       120000
+#define DEFAULT_MAX_QUEUED             10000
+#define DEFAULT_PORT_TLS               8883
+#define DEFAULT_PORT_PLAIN             1883
 
 #define DURATION_EXAMPLES                                                                          \
     "e.g. \"250ms\", \"5s\", \"10m\", \"1h\", \"1h30m\" or a number of seconds"
@@ -1209,12 +1209,8 @@ static void parse_gateway(struct loader *ld, yaml_node_t *node, yaml_mark_t pare
 /* local.acl: a sequence of rules (struct conf_acl_rule; evaluation in access.c). */
 enum { ACL_UID, ACL_GID, ACL_USER, ACL_CHILDREN, ACL_PUBLISH, ACL_SUBSCRIBE, ACL_KEYS };
 static const char *const acl_keys[ACL_KEYS] = {
-    [ACL_UID] = "uid",
-    [ACL_GID] = "gid",
-    [ACL_USER] = "user",
-    [ACL_CHILDREN] = "children",
-    [ACL_PUBLISH] = "publish",
-    [ACL_SUBSCRIBE] = "subscribe",
+    [ACL_UID] = "uid",           [ACL_GID] = "gid",         [ACL_USER] = "user",
+    [ACL_CHILDREN] = "children", [ACL_PUBLISH] = "publish", [ACL_SUBSCRIBE] = "subscribe",
 };
 
 /* A sequence of strings, each checked by @check (NULL: plain text). */
@@ -3243,8 +3239,8 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
 
     key_join(key, sizeof(key), path, "cumulocity");
     if (uplink->profile != NULL && strcmp(uplink->profile, "cumulocity") == 0) {
-        parse_cumulocity(ld, node_present(values[UPLINK_CUMULOCITY]) ? values[UPLINK_CUMULOCITY]
-                                                                     : NULL,
+        parse_cumulocity(ld,
+                         node_present(values[UPLINK_CUMULOCITY]) ? values[UPLINK_CUMULOCITY] : NULL,
                          key, uplink);
         check_cumulocity(ld, node, path, uplink);
     } else if (node_present(values[UPLINK_CUMULOCITY])) {

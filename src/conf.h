@@ -22,24 +22,24 @@ enum conf_listen_kind {
 /* One local listener, parsed from a URL in local.listen. */
 struct conf_listen {
     enum conf_listen_kind kind;
-    char *url;  /* the URL as written, for logs */
-    char *host; /* TCP only: address to bind (brackets removed for IPv6) */
+    char *url;     /* the URL as written, for logs */
+    char *host;    /* TCP only: address to bind (brackets removed for IPv6) */
     uint16_t port; /* TCP only */
-    char *path; /* UNIX only: socket path */
+    char *path;    /* UNIX only: socket path */
 };
 
 /* One local.acl rule (see access.h for how rules are evaluated). */
 struct conf_acl_rule {
-    bool has_uid;       /* uid: the rule selects Unix-socket peers with this uid */
+    bool has_uid; /* uid: the rule selects Unix-socket peers with this uid */
     uint32_t uid;
-    bool has_gid;       /* gid: ... whose primary or supplementary group is this gid */
+    bool has_gid; /* gid: ... whose primary or supplementary group is this gid */
     uint32_t gid;
-    char *user;         /* user: ... clients authenticated with this username */
-    char **children;    /* children: globs of child ids that "%c" may stand for */
+    char *user;      /* user: ... clients authenticated with this username */
+    char **children; /* children: globs of child ids that "%c" may stand for */
     size_t children_count;
-    char **publish;     /* publish: patterns of topics the client may publish to */
+    char **publish; /* publish: patterns of topics the client may publish to */
     size_t publish_count;
-    char **subscribe;   /* subscribe: patterns of filters the client may subscribe to */
+    char **subscribe; /* subscribe: patterns of filters the client may subscribe to */
     size_t subscribe_count;
 };
 
@@ -48,20 +48,20 @@ struct access_passwords;
 struct conf_local {
     struct conf_listen *listen; /* default: tcp://127.0.0.1:1883, unix:///run/uplinkd/local.sock */
     size_t listen_count;
-    unsigned socket_mode;      /* local.socket_mode, octal string, default 0660 */
-    char *socket_group;        /* local.socket_group, NULL = leave the group alone */
-    size_t max_packet_size;    /* local.max_packet_size, default 256 KiB */
-    unsigned max_clients;      /* local.max_clients, default 1024 */
-    char *topic_prefix;        /* local.topic_prefix, default "dev" */
-    unsigned max_inflight;     /* local.max_inflight: QoS>0 messages sent to one client and
+    unsigned socket_mode;    /* local.socket_mode, octal string, default 0660 */
+    char *socket_group;      /* local.socket_group, NULL = leave the group alone */
+    size_t max_packet_size;  /* local.max_packet_size, default 256 KiB */
+    unsigned max_clients;    /* local.max_clients, default 1024 */
+    char *topic_prefix;      /* local.topic_prefix, default "dev" */
+    unsigned max_inflight;   /* local.max_inflight: QoS>0 messages sent to one client and
                                   not yet acknowledged, default 100 */
-    unsigned max_queued;       /* local.max_queued: QoS>0 messages queued for one client
+    unsigned max_queued;     /* local.max_queued: QoS>0 messages queued for one client
                                   (offline persistent session or window full), default 1000 */
-    size_t max_queued_bytes;   /* local.max_queued_bytes: payload+topic bytes queued for all
+    size_t max_queued_bytes; /* local.max_queued_bytes: payload+topic bytes queued for all
                                   clients together, default 64 MiB */
-    char *password_file;       /* local.password_file: TCP clients must log in; NULL = no */
+    char *password_file;     /* local.password_file: TCP clients must log in; NULL = no */
     struct access_passwords *passwords; /* its parsed contents (access.h), NULL without */
-    struct conf_acl_rule *acl; /* local.acl; none = every local client may do everything */
+    struct conf_acl_rule *acl;          /* local.acl; none = every local client may do everything */
     size_t acl_count;
 };
 
@@ -77,11 +77,11 @@ enum conf_tls_version {
 };
 
 struct conf_tls {
-    bool enabled;       /* tls.enabled, default true */
-    bool ca_system;     /* tls.ca: system (default) */
-    char *ca_file;      /* tls.ca: /path/to/ca.pem */
-    char *cert;         /* tls.cert: client certificate (chain) PEM, optional */
-    char *key;          /* tls.key: private key PEM, required with cert */
+    bool enabled;                      /* tls.enabled, default true */
+    bool ca_system;                    /* tls.ca: system (default) */
+    char *ca_file;                     /* tls.ca: /path/to/ca.pem */
+    char *cert;                        /* tls.cert: client certificate (chain) PEM, optional */
+    char *key;                         /* tls.key: private key PEM, required with cert */
     enum conf_tls_version min_version; /* tls.min_version */
     /* tls.alpn: the ALPN protocol offered, NULL = none (libmosquitto 2.0
      * offers one protocol, so the list in the file holds at most one). */
@@ -142,7 +142,7 @@ struct conf_generic_rule {
 };
 
 struct conf_generic {
-    char *topic_prefix; /* generic.topic_prefix, default "<gateway.id>" */
+    char *topic_prefix;           /* generic.topic_prefix, default "<gateway.id>" */
     struct conf_generic_rule *up; /* generic.up: when given, only these rules go up */
     size_t up_count;
     struct conf_generic_rule *down; /* generic.down: when given, only these are subscribed */
@@ -165,19 +165,19 @@ struct conf_cumulocity {
     char *tenant;      /* tenant: basic auth user name becomes "<tenant>/<auth.username>" */
     char *name;        /* name: 100 name, default device_id */
     char *type;        /* type: 100 type, default "c8y_MQTTDevice" */
-    char *hardware_serial;   /* hardware: {serial, model, revision} -> 110; NULL = no 110 */
+    char *hardware_serial; /* hardware: {serial, model, revision} -> 110; NULL = no 110 */
     char *hardware_model;
     char *hardware_revision;
     char **supported_operations; /* supported_operations: [...] -> 114; none = no 114 */
     size_t supported_operation_count;
-    int required_interval_min;   /* required_interval (minutes) -> 117; -1 = no 117 */
-    bool bootstrap;              /* bootstrap: present */
-    char *bootstrap_user;        /* bootstrap.user, default "management/devicebootstrap" */
-    char *bootstrap_password;    /* bootstrap.password (or password_file), required */
-    unsigned bootstrap_interval_ms; /* bootstrap.interval: s/ucr period, default 5 s */
-    bool will;                   /* will: false turns the last will off */
-    char *will_topic;            /* will.topic, default "s/us" */
-    char *will_message;          /* will.message, default 400,c8y_ConnectionEvent,"Device
+    int required_interval_min;       /* required_interval (minutes) -> 117; -1 = no 117 */
+    bool bootstrap;                  /* bootstrap: present */
+    char *bootstrap_user;            /* bootstrap.user, default "management/devicebootstrap" */
+    char *bootstrap_password;        /* bootstrap.password (or password_file), required */
+    unsigned bootstrap_interval_ms;  /* bootstrap.interval: s/ucr period, default 5 s */
+    bool will;                       /* will: false turns the last will off */
+    char *will_topic;                /* will.topic, default "s/us" */
+    char *will_message;              /* will.message, default 400,c8y_ConnectionEvent,"Device
                                     connection was lost." */
     struct conf_c8y_child *children; /* children: [...] */
     size_t child_count;
@@ -201,8 +201,8 @@ struct conf_gcp {
 
 /* uplinks[].akenza (profile akenza). */
 struct conf_akenza {
-    char *device;    /* device: the akenza device id (= client id), default gateway.id */
-    char *child_key; /* child_key: per-device sessions: a child's key file, "%c" = the
+    char *device;             /* device: the akenza device id (= client id), default gateway.id */
+    char *child_key;          /* child_key: per-device sessions: a child's key file, "%c" = the
                         child id; NULL = the device alone */
     uint64_t session_idle_ms; /* session_idle: close a child's session unused this long,
                                  default 10m */
@@ -235,13 +235,13 @@ struct conf_rate {
 };
 
 struct conf_uplink {
-    char *name;          /* uplinks[].name: required, unique, [A-Za-z0-9_-]{1,64} */
-    char *profile;       /* uplinks[].profile: "generic" (the only one so far) */
-    char *host;          /* uplinks[].host: required; also the TLS SNI and verified name */
-    uint16_t port;       /* uplinks[].port: default 8883 with TLS, 1883 without */
-    char *client_id;     /* uplinks[].client_id: default gateway.id */
-    unsigned keepalive_s;    /* uplinks[].keepalive: default 60 s */
-    bool clean_session;      /* uplinks[].clean_session: default true */
+    char *name;           /* uplinks[].name: required, unique, [A-Za-z0-9_-]{1,64} */
+    char *profile;        /* uplinks[].profile: "generic" (the only one so far) */
+    char *host;           /* uplinks[].host: required; also the TLS SNI and verified name */
+    uint16_t port;        /* uplinks[].port: default 8883 with TLS, 1883 without */
+    char *client_id;      /* uplinks[].client_id: default gateway.id */
+    unsigned keepalive_s; /* uplinks[].keepalive: default 60 s */
+    bool clean_session;   /* uplinks[].clean_session: default true */
     struct conf_tls tls;
     struct conf_auth auth;
     unsigned reconnect_base_ms; /* uplinks[].reconnect.base: default 1 s */
@@ -260,18 +260,18 @@ struct conf_uplink {
 /* Which children go to which uplinks. A child matches `children` by fnmatch(3)
  * glob. With no routes configured, every child goes to every uplink. */
 struct conf_route {
-    char *children;       /* glob, e.g. "*" or "modbus-*" */
-    size_t *uplinks;      /* indexes into conf.uplinks */
+    char *children;  /* glob, e.g. "*" or "modbus-*" */
+    size_t *uplinks; /* indexes into conf.uplinks */
     size_t uplink_count;
 };
 
 struct conf {
-    char *path;               /* the file this was loaded from */
-    char *gateway_id;         /* gateway.id: required */
-    char *state_dir;          /* gateway.state_dir: default /var/lib/uplinkd */
+    char *path;       /* the file this was loaded from */
+    char *gateway_id; /* gateway.id: required */
+    char *state_dir;  /* gateway.state_dir: default /var/lib/uplinkd */
     struct conf_local local;
-    char *control_socket;     /* control.socket: default /run/uplinkd/control.sock */
-    int log_level;            /* log.level: error|warning|notice|info|debug, default info (syslog priority) */
+    char *control_socket; /* control.socket: default /run/uplinkd/control.sock */
+    int log_level; /* log.level: error|warning|notice|info|debug, default info (syslog priority) */
     unsigned shutdown_timeout_ms; /* shutdown_timeout: default 5 s */
     struct conf_uplink *uplinks;
     size_t uplink_count;

@@ -84,8 +84,8 @@ int local_reconfigure(struct local *local, const struct conf *conf);
  * local_deliver() - publish a message to local subscribers (from an uplink or
  * the daemon itself). @retain keeps it as the retained message of @topic.
  */
-void local_deliver(struct local *local, const char *topic, const void *payload, size_t len,
-                   int qos, bool retain);
+void local_deliver(struct local *local, const char *topic, const void *payload, size_t len, int qos,
+                   bool retain);
 
 /**
  * local_publish_done() - finish a publish for which publish_async_cb returned

@@ -40,11 +40,11 @@ int log_level_parse(const char *name);
 void log_emit(int level, const char *file, int line, const char *func, const char *uplink,
               const char *child, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
 
-#define log_err(...)     log_emit(LOG_ERR, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
-#define log_warn(...)    log_emit(LOG_WARNING, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
-#define log_notice(...)  log_emit(LOG_NOTICE, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
-#define log_info(...)    log_emit(LOG_INFO, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
-#define log_debug(...)   log_emit(LOG_DEBUG, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
+#define log_err(...)    log_emit(LOG_ERR, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
+#define log_warn(...)   log_emit(LOG_WARNING, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
+#define log_notice(...) log_emit(LOG_NOTICE, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
+#define log_info(...)   log_emit(LOG_INFO, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
+#define log_debug(...)  log_emit(LOG_DEBUG, __FILE__, __LINE__, __func__, NULL, NULL, __VA_ARGS__)
 
 /* With an uplink name as context (UPLINK= field in the journal). */
 #define log_uplink(level, name, ...)                                                               \

@@ -96,9 +96,9 @@
 /* A session that lasted this long (or saw a PUBACK) resets the backoff. */
 #define UPLINK_STABLE_MS 10000
 /* Floor for reconnect.base so a zero in the config cannot make a busy loop. */
-#define UPLINK_MIN_BACKOFF_MS     100
-#define UPLINK_ERROR_MAX          512
-#define UPLINK_CAPTURE_MAX        1024
+#define UPLINK_MIN_BACKOFF_MS 100
+#define UPLINK_ERROR_MAX      512
+#define UPLINK_CAPTURE_MAX    1024
 /* JWT: how often an untrusted clock is checked again. */
 #define UPLINK_CLOCK_RECHECK_MS 5000
 /* JWT rotation: the longest wait for in-flight PUBACKs before DISCONNECT

@@ -244,16 +244,16 @@ const char *uplink_last_error(const struct uplink *uplink);
 
 /** Counters for status. */
 struct uplink_stats {
-    uint64_t published; /* acknowledged (QoS>=1) or written (QoS 0) upstream */
-    uint64_t received;  /* messages from the cloud */
-    uint64_t dropped;   /* refused by uplink_publish() (spool full, I/O error) or unsendable */
+    uint64_t published;    /* acknowledged (QoS>=1) or written (QoS 0) upstream */
+    uint64_t received;     /* messages from the cloud */
+    uint64_t dropped;      /* refused by uplink_publish() (spool full, I/O error) or unsendable */
     uint64_t dropped_qos0; /* QoS 0 dropped while offline (spool.qos0_offline: drop) */
     size_t queued;         /* in the spool, waiting or in flight (spool.depth) */
     size_t inflight;       /* sent, waiting for PUBACK */
     double rate_in;        /* messages/s handed to the uplink, over the last second or so */
     double rate_out;       /* messages/s acknowledged (or written, QoS 0) upstream */
     struct spool_stats spool;
-    uint64_t connects;  /* successful CONNACKs */
+    uint64_t connects; /* successful CONNACKs */
     /* auth.type jwt only (0 / NULL otherwise): */
     int64_t token_expires_at; /* "exp" of the token of the current or last connection */
     int64_t token_refresh_at; /* when the session rotates to a new token (while ONLINE) */

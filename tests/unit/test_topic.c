@@ -282,7 +282,7 @@ static void test_table_remove_owner(void **state)
 /* The tree against the linear definition (topic_match) on random filters
  * and names over a tiny alphabet, so '+', '#', empty levels, '$' topics and
  * overlaps all occur; with adds, removes and owner removals in between. */
-#define RAND_OWNERS 6
+#define RAND_OWNERS  6
 #define RAND_FILTERS 40
 
 struct model_sub {
