@@ -146,15 +146,22 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
 
     /* A command line is "VERB [ARGUMENT]"; the argument is an uplink name. */
     if (sscanf(command, "%31s %127s", verb, name) < 1) {
-        ctl_error(out, "empty command (known: status, reconnect UPLINK, rotate UPLINK)");
+        ctl_error(out, "empty command (known: status, children, reconnect UPLINK, rotate UPLINK)");
         return;
     }
     if (strcmp(verb, "reconnect") == 0 || strcmp(verb, "rotate") == 0) {
         ctl_reconnect(d, verb, name, out);
         return;
     }
+    if (strcmp(verb, "children") == 0) {
+        json_append_raw(out, "{\"children\":");
+        router_children_json(&d->router, out);
+        json_append_raw(out, "}");
+        return;
+    }
     if (strcmp(verb, "status") != 0) {
-        ctl_error(out, "unknown command (known: status, reconnect UPLINK, rotate UPLINK)");
+        ctl_error(out,
+                  "unknown command (known: status, children, reconnect UPLINK, rotate UPLINK)");
         return;
     }
     static const char *const state_names[] = {"starting", "running", "stopping"};

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "conf.h"
 #include "json.h"
@@ -13,6 +14,7 @@
 #include "log.h"
 #include "mapping.h"
 #include "profile.h"
+#include "registry.h"
 #include "topic.h"
 
 /* Longest topic we build; MQTT allows 65535 but clouds cap far lower. */
@@ -38,6 +40,11 @@ void router_deinit(struct router *router)
         profile_instance_free(router->profiles[i]);
     free(router->profiles);
     free(router->profile_uplinks);
+    for (size_t i = 0; i < router->child_count; i++)
+        free(router->children[i].id);
+    free(router->children);
+    router->children = NULL;
+    router->child_count = router->child_cap = 0;
     router->profiles = NULL;
     router->profile_uplinks = NULL;
     router->profile_count = 0;
@@ -334,6 +341,80 @@ out:
     return result;
 }
 
+static int child_compare(const void *key, const void *element)
+{
+    return strcmp(key, ((const struct router_child *)element)->id);
+}
+
+/* Count a device message from @child, adding it to the sorted table. */
+static void router_child_seen(struct router *router, const char *child)
+{
+    struct router_child *found = bsearch(child, router->children, router->child_count,
+                                         sizeof(*router->children), child_compare);
+    if (found == NULL) {
+        if (router->child_count >= ROUTER_CHILDREN_MAX) {
+            if (!router->children_full_logged)
+                log_warn("more than %d children seen; uplinkctl children lists only the first "
+                         "ones (their messages are still forwarded)",
+                         ROUTER_CHILDREN_MAX);
+            router->children_full_logged = true;
+            return;
+        }
+        if (router->child_count == router->child_cap) {
+            size_t cap = router->child_cap ? router->child_cap * 2 : 64;
+            struct router_child *grown = realloc(router->children, cap * sizeof(*grown));
+            if (grown == NULL)
+                return; /* listing only: forwarding does not depend on it */
+            router->children = grown;
+            router->child_cap = cap;
+        }
+        char *id = strdup(child);
+        if (id == NULL)
+            return;
+        size_t at = 0;
+        while (at < router->child_count && strcmp(router->children[at].id, child) < 0)
+            at++;
+        memmove(&router->children[at + 1], &router->children[at],
+                (router->child_count - at) * sizeof(*router->children));
+        router->children[at] = (struct router_child){.id = id};
+        router->child_count++;
+        found = &router->children[at];
+    }
+    found->messages++;
+    found->last_seen = (int64_t)time(NULL);
+}
+
+void router_children_json(const struct router *router, struct json_buf *out)
+{
+    static const char *const state_names[] = {
+        [REGISTRY_UNKNOWN] = "none", [REGISTRY_PENDING] = "pending", [REGISTRY_DONE] = "done"};
+    struct uplink *targets[32];
+
+    json_append_raw(out, "[");
+    for (size_t i = 0; i < router->child_count; i++) {
+        const struct router_child *child = &router->children[i];
+        json_append_raw(out, i ? ",{\"id\":" : "{\"id\":");
+        json_append_string(out, child->id);
+        json_append_fmt(out, ",\"messages\":%llu,\"last_seen\":%lld,\"uplinks\":[",
+                        (unsigned long long)child->messages, (long long)child->last_seen);
+        size_t count = select_uplinks(router, child->id, targets, 32);
+        for (size_t t = 0; t < count; t++) {
+            enum registry_state state = REGISTRY_UNKNOWN;
+            for (size_t p = 0; p < router->profile_count; p++) {
+                if (router->profile_uplinks[p] == targets[t] && router->profiles[p]->registry)
+                    state = registry_get(router->profiles[p]->registry, child->id);
+            }
+            json_append_raw(out, t ? ",{\"name\":" : "{\"name\":");
+            json_append_string(out, uplink_name(targets[t]));
+            json_append_raw(out, ",\"registration\":");
+            json_append_string(out, state_names[state]);
+            json_append_raw(out, "}");
+        }
+        json_append_raw(out, "]}");
+    }
+    json_append_raw(out, "]");
+}
+
 /* Both hooks: @pending NULL for the synchronous one. */
 static int route_publish(struct router *router, const char *client_id, const char *topic,
                          const void *payload, size_t len, int qos, bool retain,
@@ -362,6 +443,7 @@ static int route_publish(struct router *router, const char *client_id, const cha
     }
     if (!mapping_channel_is_upstream(m.channel))
         return 0; /* dev/<child>/commands etc. published locally stay local */
+    router_child_seen(router, m.child);
 
     struct uplink *targets[32];
     size_t count = select_uplinks(router, m.child, targets, 32);

@@ -22,6 +22,16 @@ struct local;
 struct local_ack;
 struct profile_instance;
 
+/* A child device the router has seen publish upstream (uplinkctl children). */
+struct router_child {
+    char *id;          /* owned */
+    uint64_t messages; /* upstream device messages from it */
+    int64_t last_seen; /* Unix seconds of the last one */
+};
+
+/* At most this many children are tracked; more are served but not listed. */
+#define ROUTER_CHILDREN_MAX 65536
+
 /* A local subscription to cloud/<uplink>/<filter>, mirrored upstream. */
 struct router_raw_sub {
     char *uplink;
@@ -46,7 +56,21 @@ struct router {
     struct uplink **profile_uplinks;
     struct profile_instance **profiles;
     size_t profile_count;
+    /* Children seen, sorted by id for binary search (router_child_seen). */
+    struct router_child *children;
+    size_t child_count;
+    size_t child_cap;
+    bool children_full_logged;
 };
+
+/**
+ * router_children_json() - append the children the router has seen as the
+ * JSON array value of "children": id, message count, last seen (Unix s) and,
+ * per uplink that carries it, the registration state in that cloud's
+ * registry ("done", "pending" or "none").
+ */
+struct json_buf;
+void router_children_json(const struct router *router, struct json_buf *out);
 
 /** router_init() - empty router for @conf and @local (both borrowed). */
 void router_init(struct router *router, const struct conf *conf, struct local *local);

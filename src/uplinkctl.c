@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -31,6 +32,7 @@ static void usage(FILE *out)
                  "Ask a running uplinkd over its control socket.\n\n"
                  "Commands:\n"
                  "  status     state of every uplink, queue depths, counters (default)\n"
+                 "  children   child devices seen, message counts, registration per uplink\n"
                  "  reconnect UPLINK  drop the uplink's session and connect again now\n"
                  "  rotate UPLINK     sign a fresh JWT and reconnect with it now\n"
                  "  diagnose   test an uplink's connection step by step (diagnose --help)\n"
@@ -94,8 +96,8 @@ static int build_request(int argc, char **argv, bool *json_output, char *out, si
             return -1;
         }
     }
-    if (strcmp(command, "status") == 0 && name == NULL)
-        return snprintf(out, size, "status\n");
+    if ((strcmp(command, "status") == 0 || strcmp(command, "children") == 0) && name == NULL)
+        return snprintf(out, size, "%s\n", command);
     if (strcmp(command, "reconnect") == 0 || strcmp(command, "rotate") == 0) {
         if (name == NULL || strlen(name) > 64 || strpbrk(name, " \t\n") != NULL) {
             fprintf(stderr, "uplinkctl %s: name the uplink (uplinkctl %s UPLINK)\n", command,
@@ -104,10 +106,12 @@ static int build_request(int argc, char **argv, bool *json_output, char *out, si
         }
         return snprintf(out, size, "%s %s\n", command, name);
     }
-    fprintf(stderr,
-            "uplinkctl: unknown command \"%s\" (known: status, reconnect, rotate, diagnose, jwt, "
-            "keygen, passwd)\n",
-            command);
+    fprintf(
+        stderr,
+        "uplinkctl: unknown command \"%s\" (known: status, children, reconnect, rotate, diagnose, "
+        "jwt, "
+        "keygen, passwd)\n",
+        command);
     return -1;
 }
 
@@ -202,6 +206,35 @@ static void print_status(json_t *root)
     }
 }
 
+static void print_children(json_t *root)
+{
+    json_t *children = json_object_get(root, "children");
+    if (json_array_size(children) == 0) {
+        printf("no child device has published upstream since uplinkd started\n");
+        return;
+    }
+    printf("%-32s %10s %-20s %s\n", "CHILD", "MESSAGES", "LAST SEEN (UTC)",
+           "UPLINKS (registration)");
+    size_t i;
+    json_t *child;
+    json_array_foreach(children, i, child)
+    {
+        char when[32] = "-";
+        time_t seen = (time_t)json_num(child, "last_seen");
+        struct tm tm;
+        if (seen > 0 && gmtime_r(&seen, &tm) != NULL)
+            strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
+        printf("%-32s %10lld %-20s", json_str(child, "id"), json_num(child, "messages"), when);
+        size_t j;
+        json_t *uplink;
+        json_array_foreach(json_object_get(child, "uplinks"), j, uplink)
+        {
+            printf(" %s(%s)", json_str(uplink, "name"), json_str(uplink, "registration"));
+        }
+        printf("\n");
+    }
+}
+
 /* The answer for people. Returns the exit status. */
 static int print_answer(const char *command, const char *answer)
 {
@@ -218,6 +251,8 @@ static int print_answer(const char *command, const char *answer)
         rc = 1;
     } else if (strcmp(command, "status") == 0) {
         print_status(root);
+    } else if (strcmp(command, "children") == 0) {
+        print_children(root);
     } else {
         printf("%s: %s requested\n", json_str(root, "uplink"), json_str(root, "action"));
     }

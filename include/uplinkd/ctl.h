@@ -10,6 +10,9 @@
  *                         "last_error":..., "queued":N, "published":N,
  *                         "received":N, "dropped":N, "connects":N}],
  *             "router":{"forwarded":N,"rejected":N,"unrouted":N}}
+ *   children {"children":[{"id":..., "messages":N, "last_seen":UNIX_S,
+ *             "uplinks":[{"name":..., "registration":"done|pending|none"}]}]}
+ *   reconnect NAME, rotate NAME   {"ok":true, "uplink":NAME, "action":VERB}
  * Errors come back as {"error":"words"}.
  */
 #ifndef UPLINKD_CTL_PROTOCOL_H

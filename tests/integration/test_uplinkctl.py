@@ -77,3 +77,27 @@ def test_permission_denied_is_explained(hx):
         return  # not root: cannot switch uid; the check needs root (CI is root)
     assert proc.returncode == 2, proc.stdout
     assert "permission denied" in proc.stderr and "group uplinkd" in proc.stderr, proc.stderr
+
+
+def test_children_lists_what_published(hx):
+    gw = hx.gateway()
+    proc = h.uplinkctl(gw.control, "children", json_output=False)
+    assert proc.returncode == 0 and "no child device" in proc.stdout, proc.stdout
+    sub = hx.cloud_sub(gw.broker, "gw-test/#")
+    for child, count in (("pump-1", 2), ("meter-7", 1)):
+        for n in range(count):
+            h.mosquitto_pub("--unix", gw.unix, "-t", "dev/%s/telemetry" % child, "-m",
+                            "%s-%d" % (child, n))
+            sub.wait("gw-test/%s/telemetry" % child, "%s-%d" % (child, n))
+    # A message that stays local (a downstream channel) does not make a child.
+    h.mosquitto_pub("--unix", gw.unix, "-t", "dev/ghost/commands", "-m", "x")
+    doc = json.loads(h.uplinkctl(gw.control, "children").stdout)
+    by_id = {c["id"]: c for c in doc["children"]}
+    assert set(by_id) == {"meter-7", "pump-1"}, doc
+    assert by_id["pump-1"]["messages"] == 2 and by_id["meter-7"]["messages"] == 1
+    assert by_id["pump-1"]["uplinks"] == [{"name": "cloud", "registration": "none"}]
+    assert by_id["pump-1"]["last_seen"] > 0
+    table = h.uplinkctl(gw.control, "children", json_output=False).stdout.splitlines()
+    assert table[0].split()[0] == "CHILD"
+    assert table[1].split()[:2] == ["meter-7", "1"] and table[2].split()[:2] == ["pump-1", "2"]
+    assert "cloud(none)" in table[2]
