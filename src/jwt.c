@@ -4,7 +4,6 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +18,7 @@
 #include "config.h"
 #include "json.h"
 #include "keys.h"
+#include "util.h"
 
 #ifndef UPLINKD_BUILD_EPOCH
 #error "config.h must define UPLINKD_BUILD_EPOCH (meson.build)"
@@ -32,32 +32,6 @@ struct jwt_signer {
     enum jwt_alg alg;
     char *kid; /* NULL: no kid */
 };
-
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || err_size == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, err_size, fmt, ap);
-    va_end(ap);
-}
-
-static const char *openssl_reason(char *buf, size_t size)
-{
-    unsigned long code = ERR_peek_last_error();
-
-    if (code == 0)
-        snprintf(buf, size, "no OpenSSL error recorded");
-    else
-        ERR_error_string_n(code, buf, size);
-    ERR_clear_error();
-    return buf;
-}
 
 static const char *const alg_names[] = {
     [JWT_ALG_RS256] = "RS256",
@@ -236,18 +210,18 @@ static int check_key_for_alg(EVP_PKEY *key, enum jwt_alg alg, char *err, size_t 
     keys_describe(key, desc, sizeof(desc));
     if (!alg_is_ecdsa(alg)) {
         if (base_id != EVP_PKEY_RSA && !(alg == JWT_ALG_PS256 && base_id == EVP_PKEY_RSA_PSS)) {
-            set_err(err, err_size,
-                    "alg %s needs an RSA key, but the key is %s; use alg %s or an RSA key",
-                    jwt_alg_name(alg), desc,
-                    base_id == EVP_PKEY_EC ? (bits > 256 ? "ES384" : "ES256") : "ES256");
+            util_set_err(err, err_size,
+                         "alg %s needs an RSA key, but the key is %s; use alg %s or an RSA key",
+                         jwt_alg_name(alg), desc,
+                         base_id == EVP_PKEY_EC ? (bits > 256 ? "ES384" : "ES256") : "ES256");
             return -EINVAL;
         }
         if (bits < RSA_MIN_BITS) {
-            set_err(err, err_size,
-                    "alg %s: the RSA key has %d bits; at least %d are required (RFC 7518 "
-                    "§3.3) and clouds refuse smaller keys: make a new one, e.g. uplinkctl "
-                    "keygen --type rsa",
-                    jwt_alg_name(alg), bits, RSA_MIN_BITS);
+            util_set_err(err, err_size,
+                         "alg %s: the RSA key has %d bits; at least %d are required (RFC 7518 "
+                         "§3.3) and clouds refuse smaller keys: make a new one, e.g. uplinkctl "
+                         "keygen --type rsa",
+                         jwt_alg_name(alg), bits, RSA_MIN_BITS);
             return -EINVAL;
         }
         return 0;
@@ -259,16 +233,17 @@ static int check_key_for_alg(EVP_PKEY *key, enum jwt_alg alg, char *err, size_t 
     size_t group_len = 0;
 
     if (base_id != EVP_PKEY_EC) {
-        set_err(err, err_size, "alg %s needs an EC %s key, but the key is %s", jwt_alg_name(alg),
-                want_nist, desc);
+        util_set_err(err, err_size, "alg %s needs an EC %s key, but the key is %s",
+                     jwt_alg_name(alg), want_nist, desc);
         return -EINVAL;
     }
     if (EVP_PKEY_get_group_name(key, group, sizeof(group), &group_len) == 1) {
         if (strcmp(group, want_group) != 0) {
-            set_err(err, err_size,
-                    "alg %s needs a key on curve %s, but the key is %s; ES256 goes with P-256, "
-                    "ES384 with P-384",
-                    jwt_alg_name(alg), want_nist, desc);
+            util_set_err(
+                err, err_size,
+                "alg %s needs a key on curve %s, but the key is %s; ES256 goes with P-256, "
+                "ES384 with P-384",
+                jwt_alg_name(alg), want_nist, desc);
             return -EINVAL;
         }
         return 0;
@@ -277,8 +252,8 @@ static int check_key_for_alg(EVP_PKEY *key, enum jwt_alg alg, char *err, size_t 
      * tells P-256 from P-384. */
     ERR_clear_error();
     if ((size_t)bits != alg_ecdsa_half(alg) * 8) {
-        set_err(err, err_size, "alg %s needs a key on curve %s, but the key is %s",
-                jwt_alg_name(alg), want_nist, desc);
+        util_set_err(err, err_size, "alg %s needs a key on curve %s, but the key is %s",
+                     jwt_alg_name(alg), want_nist, desc);
         return -EINVAL;
     }
     return 0;
@@ -292,7 +267,7 @@ int jwt_signer_new(EVP_PKEY *key, enum jwt_alg alg, enum jwt_kid_mode kid_mode, 
     int rc;
 
     if ((size_t)alg >= sizeof(alg_names) / sizeof(alg_names[0])) {
-        set_err(err, err_size, "unknown JWT algorithm %d", (int)alg);
+        util_set_err(err, err_size, "unknown JWT algorithm %d", (int)alg);
         return -EINVAL;
     }
     rc = check_key_for_alg(key, alg, err, err_size);
@@ -307,7 +282,7 @@ int jwt_signer_new(EVP_PKEY *key, enum jwt_alg alg, enum jwt_kid_mode kid_mode, 
         break;
     case JWT_KID_VALUE:
         if (kid == NULL || kid[0] == '\0') {
-            set_err(err, err_size, "kid is empty; leave it out or give a value");
+            util_set_err(err, err_size, "kid is empty; leave it out or give a value");
             rc = -EINVAL;
             goto err_after_alloc;
         }
@@ -318,8 +293,8 @@ int jwt_signer_new(EVP_PKEY *key, enum jwt_alg alg, enum jwt_kid_mode kid_mode, 
     case JWT_KID_FINGERPRINT:
         rc = keys_public_der_sha256(key, fingerprint);
         if (rc < 0) {
-            set_err(err, err_size, "cannot compute the key fingerprint for kid (%s)",
-                    strerror(-rc));
+            util_set_err(err, err_size, "cannot compute the key fingerprint for kid (%s)",
+                         strerror(-rc));
             goto err_after_alloc;
         }
         signer->kid = strdup(fingerprint);
@@ -335,13 +310,13 @@ int jwt_signer_new(EVP_PKEY *key, enum jwt_alg alg, enum jwt_kid_mode kid_mode, 
 
 err_nomem_after_alloc:
     rc = -ENOMEM;
-    set_err(err, err_size, "out of memory");
+    util_set_err(err, err_size, "out of memory");
 err_after_alloc:
     free(signer->kid);
     free(signer);
     return rc;
 err_nomem:
-    set_err(err, err_size, "out of memory");
+    util_set_err(err, err_size, "out of memory");
     return -ENOMEM;
 }
 
@@ -373,21 +348,21 @@ static int check_extra_claims(const struct jwt_claims *claims, char *err, size_t
     for (size_t i = 0; i < claims->extra_count; i++) {
         const struct jwt_claim *claim = &claims->extra[i];
         if (claim->name == NULL || claim->name[0] == '\0' || claim->value == NULL) {
-            set_err(err, err_size, "extra claim %zu has no name or no value", i + 1);
+            util_set_err(err, err_size, "extra claim %zu has no name or no value", i + 1);
             return -EINVAL;
         }
         for (size_t r = 0; r < sizeof(reserved) / sizeof(reserved[0]); r++) {
             if (strcmp(claim->name, reserved[r]) == 0) {
-                set_err(err, err_size,
-                        "extra claim \"%s\" is set by uplinkd itself; remove it from claims "
-                        "(use aud/lifetime instead)",
-                        claim->name);
+                util_set_err(err, err_size,
+                             "extra claim \"%s\" is set by uplinkd itself; remove it from claims "
+                             "(use aud/lifetime instead)",
+                             claim->name);
                 return -EINVAL;
             }
         }
         for (size_t j = 0; j < i; j++) {
             if (strcmp(claims->extra[j].name, claim->name) == 0) {
-                set_err(err, err_size, "extra claim \"%s\" is given twice", claim->name);
+                util_set_err(err, err_size, "extra claim \"%s\" is given twice", claim->name);
                 return -EINVAL;
             }
         }
@@ -409,7 +384,7 @@ static int sign_input(const struct jwt_signer *signer, const char *input, size_t
     int rc = -EIO;
 
     if (md_ctx == NULL) {
-        set_err(err, err_size, "out of memory");
+        util_set_err(err, err_size, "out of memory");
         return -ENOMEM;
     }
     ERR_clear_error();
@@ -426,7 +401,7 @@ static int sign_input(const struct jwt_signer *signer, const char *input, size_t
     der = malloc(der_len);
     if (der == NULL) {
         rc = -ENOMEM;
-        set_err(err, err_size, "out of memory");
+        util_set_err(err, err_size, "out of memory");
         goto out;
     }
     if (EVP_DigestSign(md_ctx, der, &der_len, (const unsigned char *)input, input_len) != 1)
@@ -443,11 +418,11 @@ static int sign_input(const struct jwt_signer *signer, const char *input, size_t
     raw = malloc(2 * half);
     if (raw == NULL) {
         rc = -ENOMEM;
-        set_err(err, err_size, "out of memory");
+        util_set_err(err, err_size, "out of memory");
         goto out;
     }
     if (jwt_ecdsa_der_to_raw(der, der_len, half, raw) < 0) {
-        set_err(err, err_size, "the key returned an ECDSA signature that is not valid DER");
+        util_set_err(err, err_size, "the key returned an ECDSA signature that is not valid DER");
         free(raw);
         goto out;
     }
@@ -457,8 +432,8 @@ static int sign_input(const struct jwt_signer *signer, const char *input, size_t
     goto out;
 
 err_openssl:
-    set_err(err, err_size, "signing with the %s key failed: %s", jwt_alg_name(signer->alg),
-            openssl_reason(reason, sizeof(reason)));
+    util_set_err(err, err_size, "signing with the %s key failed: %s", jwt_alg_name(signer->alg),
+                 keys_openssl_reason(reason, sizeof(reason)));
 out:
     free(der);
     EVP_MD_CTX_free(md_ctx);
@@ -493,10 +468,10 @@ int jwt_sign(const struct jwt_signer *signer, const struct jwt_claims *claims, t
         return rc;
     uint32_t lifetime = claims->lifetime_s ? claims->lifetime_s : JWT_DEFAULT_LIFETIME_S;
     if (claims->max_lifetime_s != 0 && lifetime > claims->max_lifetime_s) {
-        set_err(err, err_size,
-                "token lifetime %" PRIu32 " s is longer than the %" PRIu32
-                " s this cloud accepts; lower lifetime",
-                lifetime, claims->max_lifetime_s);
+        util_set_err(err, err_size,
+                     "token lifetime %" PRIu32 " s is longer than the %" PRIu32
+                     " s this cloud accepts; lower lifetime",
+                     lifetime, claims->max_lifetime_s);
         return -ERANGE;
     }
     rc = check_extra_claims(claims, err, err_size);
@@ -510,10 +485,10 @@ int jwt_sign(const struct jwt_signer *signer, const struct jwt_claims *claims, t
     if (claims->max_lifetime_s != 0 && expires_at - issued_at > (time_t)claims->max_lifetime_s)
         expires_at = issued_at + (time_t)claims->max_lifetime_s;
     if (expires_at <= now) {
-        set_err(err, err_size,
-                "a skew of %" PRIu32 " s leaves no validity under the %" PRIu32
-                " s limit; lower skew",
-                claims->skew_s, claims->max_lifetime_s);
+        util_set_err(err, err_size,
+                     "a skew of %" PRIu32 " s leaves no validity under the %" PRIu32
+                     " s limit; lower skew",
+                     claims->skew_s, claims->max_lifetime_s);
         return -ERANGE;
     }
 
@@ -567,7 +542,7 @@ int jwt_sign(const struct jwt_signer *signer, const struct jwt_claims *claims, t
 
 err_nomem:
     rc = -ENOMEM;
-    set_err(err, err_size, "out of memory");
+    util_set_err(err, err_size, "out of memory");
 out:
     free(sig);
     json_buf_deinit(&token);
@@ -604,30 +579,32 @@ int jwt_clock_check(time_t now, bool require_sync, enum jwt_clock_state *state_o
     if (now < jwt_build_epoch()) {
         state = JWT_CLOCK_BEFORE_BUILD;
         rc = JWT_ECLOCK;
-        set_err(err, err_size,
-                "the system clock says %s, before this uplinkd was built (%s): it has not "
-                "been set yet, and the cloud would reject a token signed now; set the clock or "
-                "wait for time synchronisation (timedatectl)",
-                format_utc(now, now_text, sizeof(now_text)),
-                format_utc(jwt_build_epoch(), build_text, sizeof(build_text)));
+        util_set_err(
+            err, err_size,
+            "the system clock says %s, before this uplinkd was built (%s): it has not "
+            "been set yet, and the cloud would reject a token signed now; set the clock or "
+            "wait for time synchronisation (timedatectl)",
+            format_utc(now, now_text, sizeof(now_text)),
+            format_utc(jwt_build_epoch(), build_text, sizeof(build_text)));
     } else if (require_sync) {
         struct timex tx = {.modes = 0};
         int status = adjtimex(&tx);
         if (status < 0) {
             state = JWT_CLOCK_UNSYNCED;
             rc = JWT_ECLOCK;
-            set_err(err, err_size,
-                    "cannot ask the kernel whether the clock is synchronised (adjtimex: %s); "
-                    "turn the sync requirement off if this system cannot tell",
-                    strerror(errno));
+            util_set_err(err, err_size,
+                         "cannot ask the kernel whether the clock is synchronised (adjtimex: %s); "
+                         "turn the sync requirement off if this system cannot tell",
+                         strerror(errno));
         } else if (status == TIME_ERROR || (tx.status & STA_UNSYNC)) {
             state = JWT_CLOCK_UNSYNCED;
             rc = JWT_ECLOCK;
-            set_err(err, err_size,
-                    "the kernel reports the clock as not synchronised (adjtimex STA_UNSYNC), so "
-                    "a token's iat/exp may be wrong; wait for NTP (timedatectl show -p "
-                    "NTPSynchronized), or turn the sync requirement off on gateways without "
-                    "time sync");
+            util_set_err(
+                err, err_size,
+                "the kernel reports the clock as not synchronised (adjtimex STA_UNSYNC), so "
+                "a token's iat/exp may be wrong; wait for NTP (timedatectl show -p "
+                "NTPSynchronized), or turn the sync requirement off on gateways without "
+                "time sync");
         }
     }
     if (state_out != NULL)

@@ -12,7 +12,6 @@
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,23 +38,7 @@
 #define KEY_FILE_MAX        (1024 * 1024)
 #define PASSPHRASE_FILE_MAX 4096
 
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t err_size, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || err_size == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, err_size, fmt, ap);
-    va_end(ap);
-}
-
-/* The most recent OpenSSL error of this thread as text (then clears the
- * queue, so the next operation starts clean). */
-static const char *openssl_reason(char *buf, size_t size)
+const char *keys_openssl_reason(char *buf, size_t size)
 {
     unsigned long code = ERR_peek_last_error();
 
@@ -81,15 +64,15 @@ static int read_passphrase(const char *path, char **out, char *err, size_t err_s
     int rc = util_read_file(path, PASSPHRASE_FILE_MAX, &text, &len);
 
     if (rc < 0) {
-        set_err(err, err_size, "passphrase file %s: %s%s", path, strerror(-rc),
-                rc == -EFBIG ? " (a passphrase file holds one line)" : "");
+        util_set_err(err, err_size, "passphrase file %s: %s%s", path, strerror(-rc),
+                     rc == -EFBIG ? " (a passphrase file holds one line)" : "");
         return rc;
     }
     text[strcspn(text, "\r\n")] = '\0';
     if (text[0] == '\0') {
         OPENSSL_cleanse(text, len);
         free(text);
-        set_err(err, err_size, "passphrase file %s: the first line is empty", path);
+        util_set_err(err, err_size, "passphrase file %s: the first line is empty", path);
         return -EINVAL;
     }
     *out = text;
@@ -123,10 +106,10 @@ static int explain_unreadable_pem(const char *path, const char *text, const char
                                   size_t err_size)
 {
     if (strstr(text, "-----BEGIN ") == NULL) {
-        set_err(err, err_size,
-                "key file %s is not PEM (no \"-----BEGIN\" line); if it is DER, convert it: "
-                "openssl pkey -inform DER -in %s -out key.pem",
-                path, path);
+        util_set_err(err, err_size,
+                     "key file %s is not PEM (no \"-----BEGIN\" line); if it is DER, convert it: "
+                     "openssl pkey -inform DER -in %s -out key.pem",
+                     path, path);
         return -EINVAL;
     }
     if (strstr(text, "PRIVATE KEY-----") == NULL) {
@@ -134,16 +117,16 @@ static int explain_unreadable_pem(const char *path, const char *text, const char
                            : strstr(text, "PUBLIC KEY-----")      ? "only a public key"
                            : strstr(text, "PARAMETERS-----")      ? "only key parameters"
                                                                   : "no private key";
-        set_err(err, err_size,
-                "key file %s holds %s, not a private key; point the key setting at the file "
-                "with \"-----BEGIN ... PRIVATE KEY-----\"",
-                path, what);
+        util_set_err(err, err_size,
+                     "key file %s holds %s, not a private key; point the key setting at the file "
+                     "with \"-----BEGIN ... PRIVATE KEY-----\"",
+                     path, what);
         return -EINVAL;
     }
-    set_err(err, err_size,
-            "key file %s: the private key cannot be parsed (%s); check that the file is "
-            "complete and not damaged, e.g. with: openssl pkey -in %s -noout",
-            path, reason, path);
+    util_set_err(err, err_size,
+                 "key file %s: the private key cannot be parsed (%s); check that the file is "
+                 "complete and not damaged, e.g. with: openssl pkey -in %s -noout",
+                 path, reason, path);
     return -EINVAL;
 }
 
@@ -160,11 +143,11 @@ static int load_pem(const char *path, const struct keys_options *options, EVP_PK
 
     rc = util_read_file(path, KEY_FILE_MAX, &text, &len);
     if (rc < 0) {
-        set_err(err, err_size, "key file %s: %s%s", path, strerror(-rc),
-                rc == -ENOENT   ? " (check the path)"
-                : rc == -EACCES ? " (uplinkd must be able to read it: check owner and mode)"
-                : rc == -EFBIG  ? " (a key file is a few kilobytes)"
-                                : "");
+        util_set_err(err, err_size, "key file %s: %s%s", path, strerror(-rc),
+                     rc == -ENOENT   ? " (check the path)"
+                     : rc == -EACCES ? " (uplinkd must be able to read it: check owner and mode)"
+                     : rc == -EFBIG  ? " (a key file is a few kilobytes)"
+                                     : "");
         return rc;
     }
     if (options != NULL && options->passphrase_file != NULL) {
@@ -175,7 +158,7 @@ static int load_pem(const char *path, const struct keys_options *options, EVP_PK
     bio = BIO_new_mem_buf(text, (int)len);
     if (bio == NULL) {
         rc = -ENOMEM;
-        set_err(err, err_size, "key file %s: out of memory", path);
+        util_set_err(err, err_size, "key file %s: out of memory", path);
         goto err_after_passphrase;
     }
 
@@ -186,19 +169,19 @@ static int load_pem(const char *path, const struct keys_options *options, EVP_PK
      * Proc-Type encryption), skipping other PEM blocks before the key. */
     key = PEM_read_bio_PrivateKey(bio, NULL, passphrase_cb, &ctx);
     if (key == NULL) {
-        openssl_reason(reason, sizeof(reason));
+        keys_openssl_reason(reason, sizeof(reason));
         if (ctx.asked && passphrase == NULL) {
             rc = -ENOKEY;
-            set_err(err, err_size,
-                    "key file %s is encrypted and no passphrase file is configured; set "
-                    "passphrase_file to a file holding the passphrase",
-                    path);
+            util_set_err(err, err_size,
+                         "key file %s is encrypted and no passphrase file is configured; set "
+                         "passphrase_file to a file holding the passphrase",
+                         path);
         } else if (ctx.asked) {
             rc = -EKEYREJECTED;
-            set_err(err, err_size,
-                    "key file %s: the passphrase from %s does not decrypt it (wrong "
-                    "passphrase, or a damaged file: %s)",
-                    path, options->passphrase_file, reason);
+            util_set_err(err, err_size,
+                         "key file %s: the passphrase from %s does not decrypt it (wrong "
+                         "passphrase, or a damaged file: %s)",
+                         path, options->passphrase_file, reason);
         } else {
             rc = explain_unreadable_pem(path, text, reason, err, err_size);
         }
@@ -253,11 +236,11 @@ static int pkcs11_engine_get(const char *module, ENGINE **out, char *err, size_t
                      strcmp(module, pkcs11_engine_module) == 0);
         if (!same) {
             rc = -EINVAL;
-            set_err(err, err_size,
-                    "PKCS#11 module %s requested, but this process already uses %s; all "
-                    "pkcs11: keys of one uplinkd must come from the same module",
-                    module ? module : "(default)",
-                    pkcs11_engine_module ? pkcs11_engine_module : "the default module");
+            util_set_err(err, err_size,
+                         "PKCS#11 module %s requested, but this process already uses %s; all "
+                         "pkcs11: keys of one uplinkd must come from the same module",
+                         module ? module : "(default)",
+                         pkcs11_engine_module ? pkcs11_engine_module : "the default module");
             goto out;
         }
         *out = pkcs11_engine;
@@ -269,10 +252,10 @@ static int pkcs11_engine_get(const char *module, ENGINE **out, char *err, size_t
     engine = ENGINE_by_id("pkcs11");
     if (engine == NULL) {
         rc = -ENOTSUP;
-        set_err(err, err_size,
-                "pkcs11: keys need the OpenSSL PKCS#11 engine, which cannot be loaded (%s); "
-                "install it: apt-get install libengine-pkcs11-openssl",
-                openssl_reason(reason, sizeof(reason)));
+        util_set_err(err, err_size,
+                     "pkcs11: keys need the OpenSSL PKCS#11 engine, which cannot be loaded (%s); "
+                     "install it: apt-get install libengine-pkcs11-openssl",
+                     keys_openssl_reason(reason, sizeof(reason)));
         goto out;
     }
     /* libp11 prints its own diagnostics on stderr, URI (and so any
@@ -282,24 +265,24 @@ static int pkcs11_engine_get(const char *module, ENGINE **out, char *err, size_t
     ERR_clear_error();
     if (module != NULL && !ENGINE_ctrl_cmd_string(engine, "MODULE_PATH", module, 0)) {
         rc = -EINVAL;
-        set_err(err, err_size, "PKCS#11 engine refused module path %s (%s)", module,
-                openssl_reason(reason, sizeof(reason)));
+        util_set_err(err, err_size, "PKCS#11 engine refused module path %s (%s)", module,
+                     keys_openssl_reason(reason, sizeof(reason)));
         goto err_after_by_id;
     }
     if (!ENGINE_init(engine)) {
         rc = -ENOTSUP;
-        set_err(err, err_size,
-                "PKCS#11 engine cannot initialise module %s (%s); check that the module path "
-                "is right and the token software is installed",
-                module ? module : "(default p11-kit-proxy)",
-                openssl_reason(reason, sizeof(reason)));
+        util_set_err(err, err_size,
+                     "PKCS#11 engine cannot initialise module %s (%s); check that the module path "
+                     "is right and the token software is installed",
+                     module ? module : "(default p11-kit-proxy)",
+                     keys_openssl_reason(reason, sizeof(reason)));
         goto err_after_by_id;
     }
     if (module != NULL) {
         pkcs11_engine_module = strdup(module);
         if (pkcs11_engine_module == NULL) {
             rc = -ENOMEM;
-            set_err(err, err_size, "out of memory");
+            util_set_err(err, err_size, "out of memory");
             ENGINE_finish(engine);
             goto err_after_by_id;
         }
@@ -357,7 +340,7 @@ static int load_pkcs11(const char *uri, const struct keys_options *options, EVP_
     ui = UI_create_method("uplinkd: no PIN prompt");
     if (ui == NULL || UI_method_set_reader(ui, no_prompt_reader_cb) != 0) {
         rc = -ENOMEM;
-        set_err(err, err_size, "out of memory");
+        util_set_err(err, err_size, "out of memory");
         goto out;
     }
 
@@ -367,8 +350,8 @@ static int load_pkcs11(const char *uri, const struct keys_options *options, EVP_
     if (pin != NULL && !ENGINE_ctrl_cmd_string(engine, "PIN", pin, 0)) {
         pthread_mutex_unlock(&pkcs11_lock);
         rc = -EINVAL;
-        set_err(err, err_size, "PKCS#11 engine refused the PIN from %s (%s)",
-                options->passphrase_file, openssl_reason(reason, sizeof(reason)));
+        util_set_err(err, err_size, "PKCS#11 engine refused the PIN from %s (%s)",
+                     options->passphrase_file, keys_openssl_reason(reason, sizeof(reason)));
         goto out;
     }
     key = ENGINE_load_private_key(engine, uri, ui, NULL);
@@ -378,14 +361,15 @@ static int load_pkcs11(const char *uri, const struct keys_options *options, EVP_
         bool pin_given = pin != NULL || strstr(uri, "pin-value=") || strstr(uri, "pin-source=");
         rc = -ENOKEY;
         redact_uri(uri, shown, sizeof(shown));
-        set_err(err, err_size,
-                "no private key at %s (%s); %s; list the objects with: pkcs11-tool "
-                "--list-objects --login",
-                shown, openssl_reason(reason, sizeof(reason)),
-                pin_given ? "the PIN may be wrong, or no object matches the token and object "
-                            "names"
-                          : "no PIN is configured (passphrase_file, or pin-value=/pin-source= in "
-                            "the URI), or no object matches the token and object names");
+        util_set_err(err, err_size,
+                     "no private key at %s (%s); %s; list the objects with: pkcs11-tool "
+                     "--list-objects --login",
+                     shown, keys_openssl_reason(reason, sizeof(reason)),
+                     pin_given
+                         ? "the PIN may be wrong, or no object matches the token and object "
+                           "names"
+                         : "no PIN is configured (passphrase_file, or pin-value=/pin-source= in "
+                           "the URI), or no object matches the token and object names");
         goto out;
     }
     *out = key;
@@ -403,10 +387,10 @@ out:
 static int load_pkcs11(const char *uri, const struct keys_options *options, EVP_PKEY **out,
                        char *err, size_t err_size)
 {
-    set_err(err, err_size,
-            "%s: this OpenSSL is built without engines, so pkcs11: keys "
-            "cannot be used",
-            uri);
+    util_set_err(err, err_size,
+                 "%s: this OpenSSL is built without engines, so pkcs11: keys "
+                 "cannot be used",
+                 uri);
     return -ENOTSUP;
 }
 #endif
@@ -415,7 +399,7 @@ int keys_load_private(const char *spec, const struct keys_options *options, EVP_
                       char *err, size_t err_size)
 {
     if (spec == NULL || spec[0] == '\0') {
-        set_err(err, err_size, "no private key configured");
+        util_set_err(err, err_size, "no private key configured");
         return -EINVAL;
     }
     if (keys_is_uri(spec))
@@ -521,26 +505,27 @@ int keys_load_cert_chain(const char *path, X509 **leaf, STACK_OF(X509) * *chain,
 
     rc = util_read_file(path, KEY_FILE_MAX, &text, &len);
     if (rc < 0) {
-        set_err(err, err_size, "certificate file %s: %s", path, strerror(-rc));
+        util_set_err(err, err_size, "certificate file %s: %s", path, strerror(-rc));
         return rc;
     }
     bio = BIO_new_mem_buf(text, (int)len);
     rest = sk_X509_new_null();
     if (bio == NULL || rest == NULL) {
         rc = -ENOMEM;
-        set_err(err, err_size, "certificate file %s: out of memory", path);
+        util_set_err(err, err_size, "certificate file %s: out of memory", path);
         goto out;
     }
     ERR_clear_error();
     first = PEM_read_bio_X509(bio, NULL, NULL, NULL);
     if (first == NULL) {
         rc = -EINVAL;
-        set_err(err, err_size,
-                "certificate file %s holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")%s",
-                path,
-                strstr(text, "PRIVATE KEY-----") ? "; it looks like a key file: the cert and "
-                                                   "key settings may be swapped"
-                                                 : "");
+        util_set_err(
+            err, err_size,
+            "certificate file %s holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")%s",
+            path,
+            strstr(text, "PRIVATE KEY-----") ? "; it looks like a key file: the cert and "
+                                               "key settings may be swapped"
+                                             : "");
         goto out;
     }
     for (int i = 0; i < 64; i++) { /* a chain deeper than 64 is not a chain */
@@ -550,7 +535,7 @@ int keys_load_cert_chain(const char *path, X509 **leaf, STACK_OF(X509) * *chain,
         if (sk_X509_push(rest, next) == 0) {
             X509_free(next);
             rc = -ENOMEM;
-            set_err(err, err_size, "certificate file %s: out of memory", path);
+            util_set_err(err, err_size, "certificate file %s: out of memory", path);
             goto out;
         }
     }
@@ -582,11 +567,12 @@ int keys_check_cert_key(const X509 *cert, const EVP_PKEY *key, const char *cert_
         return 0;
     }
     ERR_clear_error();
-    set_err(err, err_size,
-            "the private key (%s) does not belong to certificate %s (%s); the key and cert "
-            "settings name files from different pairs",
-            keys_describe(key, key_desc, sizeof(key_desc)), cert_name,
-            cert_key ? keys_describe(cert_key, cert_desc, sizeof(cert_desc)) : "no public key");
+    util_set_err(err, err_size,
+                 "the private key (%s) does not belong to certificate %s (%s); the key and cert "
+                 "settings name files from different pairs",
+                 keys_describe(key, key_desc, sizeof(key_desc)), cert_name,
+                 cert_key ? keys_describe(cert_key, cert_desc, sizeof(cert_desc))
+                          : "no public key");
     return -EKEYREJECTED;
 }
 
@@ -609,15 +595,15 @@ int keys_check_cert_validity(const X509 *cert, time_t now, const char *cert_name
 
     /* X509_cmp_time(): -1 when the ASN.1 time is <= now, 1 when later. */
     if (X509_cmp_time(not_before, &now) != -1) {
-        set_err(err, err_size,
-                "certificate %s is not valid before %s; if that date has passed, the system "
-                "clock is wrong",
-                cert_name, format_asn1_time(not_before, date, sizeof(date)));
+        util_set_err(err, err_size,
+                     "certificate %s is not valid before %s; if that date has passed, the system "
+                     "clock is wrong",
+                     cert_name, format_asn1_time(not_before, date, sizeof(date)));
         return -ERANGE;
     }
     if (X509_cmp_time(not_after, &now) != 1) {
-        set_err(err, err_size, "certificate %s expired on %s; install a renewed certificate",
-                cert_name, format_asn1_time(not_after, date, sizeof(date)));
+        util_set_err(err, err_size, "certificate %s expired on %s; install a renewed certificate",
+                     cert_name, format_asn1_time(not_after, date, sizeof(date)));
         return -EKEYEXPIRED;
     }
     return 0;

@@ -127,4 +127,11 @@ int keys_check_cert_validity(const X509 *cert, time_t now, const char *cert_name
  */
 int keys_cert_common_name(const X509 *cert, char **out);
 
+/**
+ * keys_openssl_reason() - the most recent OpenSSL error of this thread as
+ * text in @buf (or "no OpenSSL error recorded"), then clears the queue so
+ * the next operation starts clean. Returns @buf.
+ */
+const char *keys_openssl_reason(char *buf, size_t size);
+
 #endif

@@ -14,9 +14,9 @@
  * The same page: trailing empty optional fields may be left out.
  */
 #include "measure.h"
+#include "util.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,20 +45,6 @@ struct measurement {
     const char *type; /* NULL when the JSON names none */
     char time[TIME_MAX_LEN + 1];
 };
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!err || err_len == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 static const char *json_kind(const json_t *value)
 {
@@ -160,10 +146,10 @@ static int parse_time(const json_t *value, struct measurement *m, char *err, siz
         const char *text = json_string_value(value);
 
         if (!iso8601_ok(text)) {
-            set_err(err, err_len,
-                    "\"time\" '%.40s' is not an ISO 8601 date-time with an offset, such as "
-                    "2026-11-23T10:00:00Z or 2026-11-23T11:00:00.000+01:00",
-                    text);
+            util_set_err(err, err_len,
+                         "\"time\" '%.40s' is not an ISO 8601 date-time with an offset, such as "
+                         "2026-11-23T10:00:00Z or 2026-11-23T11:00:00.000+01:00",
+                         text);
             return -EINVAL;
         }
         snprintf(m->time, sizeof(m->time), "%s", text);
@@ -177,14 +163,15 @@ static int parse_time(const json_t *value, struct measurement *m, char *err, siz
         long ms;
 
         if (!(seconds >= 0 && seconds < 253402300800.0)) { /* year 10000 */
-            set_err(err, err_len,
-                    "\"time\" %.3f is not a Unix time in seconds between 1970 and 9999", seconds);
+            util_set_err(err, err_len,
+                         "\"time\" %.3f is not a Unix time in seconds between 1970 and 9999",
+                         seconds);
             return -EINVAL;
         }
         whole = (time_t)seconds;
         ms = (long)((seconds - (double)whole) * 1000.0);
         if (!gmtime_r(&whole, &tm)) {
-            set_err(err, err_len, "\"time\" %.3f cannot be converted to a date", seconds);
+            util_set_err(err, err_len, "\"time\" %.3f cannot be converted to a date", seconds);
             return -EINVAL;
         }
         snprintf(m->time, sizeof(m->time), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ",
@@ -192,10 +179,10 @@ static int parse_time(const json_t *value, struct measurement *m, char *err, siz
                  ms);
         return 0;
     }
-    set_err(err, err_len,
-            "\"time\" is %s: give an ISO 8601 string such as \"2026-11-23T10:00:00Z\" or Unix "
-            "seconds",
-            json_kind(value));
+    util_set_err(err, err_len,
+                 "\"time\" is %s: give an ISO 8601 string such as \"2026-11-23T10:00:00Z\" or Unix "
+                 "seconds",
+                 json_kind(value));
     return -EINVAL;
 }
 
@@ -226,17 +213,17 @@ static int add_series(struct measurement *m, const char *fragment, const char *n
 static int not_a_number(const char *path, const json_t *value, char *err, size_t err_len)
 {
     if (json_is_array(value))
-        set_err(err, err_len,
-                "%s is an array: arrays are not measurements, send one value per series "
-                "(e.g. {\"temperature\": {\"T1\": 21.5, \"T2\": 22}})",
-                path);
+        util_set_err(err, err_len,
+                     "%s is an array: arrays are not measurements, send one value per series "
+                     "(e.g. {\"temperature\": {\"T1\": 21.5, \"T2\": 22}})",
+                     path);
     else if (json_is_object(value))
-        set_err(err, err_len,
-                "%s is nested too deeply: measurements are fragment.series.value, e.g. "
-                "{\"temperature\": {\"T\": {\"value\": 21.5, \"unit\": \"C\"}}}",
-                path);
+        util_set_err(err, err_len,
+                     "%s is nested too deeply: measurements are fragment.series.value, e.g. "
+                     "{\"temperature\": {\"T\": {\"value\": 21.5, \"unit\": \"C\"}}}",
+                     path);
     else
-        set_err(err, err_len, "%s is %s, not a number", path, json_kind(value));
+        util_set_err(err, err_len, "%s is %s, not a number", path, json_kind(value));
     return -EINVAL;
 }
 
@@ -268,14 +255,14 @@ static int add_value_object(struct measurement *m, const char *fragment, const c
         snprintf(where, sizeof(where), "%s.%s", path, key);
         if (json_is_object(member) || json_is_array(member))
             return not_a_number(where, member, err, err_len);
-        set_err(err, err_len,
-                "unexpected key \"%s\" in %s: a series holds a number, or only \"value\" and "
-                "\"unit\"",
-                key, path);
+        util_set_err(err, err_len,
+                     "unexpected key \"%s\" in %s: a series holds a number, or only \"value\" and "
+                     "\"unit\"",
+                     key, path);
         return -EINVAL;
     }
     if (!value) {
-        set_err(err, err_len, "%s has no \"value\"", path);
+        util_set_err(err, err_len, "%s has no \"value\"", path);
         return -EINVAL;
     }
     if (!json_is_number(value)) {
@@ -283,7 +270,7 @@ static int add_value_object(struct measurement *m, const char *fragment, const c
         return not_a_number(where, value, err, err_len);
     }
     if (unit && !json_is_string(unit)) {
-        set_err(err, err_len, "%s.unit is %s, not a string", path, json_kind(unit));
+        util_set_err(err, err_len, "%s.unit is %s, not a string", path, json_kind(unit));
         return -EINVAL;
     }
     return add_series(m, fragment, name, value, unit ? json_string_value(unit) : NULL);
@@ -298,7 +285,7 @@ static int add_fragment(struct measurement *m, const char *fragment, const json_
     int rc;
 
     if (fragment[0] == '\0') {
-        set_err(err, err_len, "a fragment name is empty");
+        util_set_err(err, err_len, "a fragment name is empty");
         return -EINVAL;
     }
     /* {"temperature": 21.5}: the series takes the fragment's name. */
@@ -307,7 +294,7 @@ static int add_fragment(struct measurement *m, const char *fragment, const json_
     if (!json_is_object(value))
         return not_a_number(fragment, value, err, err_len);
     if (json_object_size(value) == 0) {
-        set_err(err, err_len, "%s is an empty object: no series in it", fragment);
+        util_set_err(err, err_len, "%s is an empty object: no series in it", fragment);
         return -EINVAL;
     }
     /* {"temperature": {"value": 21.5, "unit": "C"}}: likewise, with a unit. */
@@ -316,7 +303,7 @@ static int add_fragment(struct measurement *m, const char *fragment, const json_
     json_object_foreach((json_t *)value, name, member)
     {
         if (name[0] == '\0') {
-            set_err(err, err_len, "a series name in %s is empty", fragment);
+            util_set_err(err, err_len, "a series name in %s is empty", fragment);
             return -EINVAL;
         }
         snprintf(path, sizeof(path), "%s.%s", fragment, name);
@@ -339,9 +326,9 @@ static int collect(const json_t *root, struct measurement *m, char *err, size_t 
     int rc;
 
     if (!json_is_object(root)) {
-        set_err(err, err_len,
-                "a measurement must be a JSON object such as {\"temperature\": 21.5}, not %s",
-                json_kind(root));
+        util_set_err(err, err_len,
+                     "a measurement must be a JSON object such as {\"temperature\": 21.5}, not %s",
+                     json_kind(root));
         return -EINVAL;
     }
     /* "time" and "type" are the measurement's own properties in
@@ -352,8 +339,8 @@ static int collect(const json_t *root, struct measurement *m, char *err, size_t 
             rc = parse_time(value, m, err, err_len);
         } else if (strcmp(key, "type") == 0) {
             if (!json_is_string(value) || json_string_value(value)[0] == '\0') {
-                set_err(err, err_len, "\"type\" must be a non-empty string, not %s",
-                        json_is_string(value) ? "an empty one" : json_kind(value));
+                util_set_err(err, err_len, "\"type\" must be a non-empty string, not %s",
+                             json_is_string(value) ? "an empty one" : json_kind(value));
                 return -EINVAL;
             }
             m->type = json_string_value(value);
@@ -365,8 +352,8 @@ static int collect(const json_t *root, struct measurement *m, char *err, size_t 
             return rc;
     }
     if (m->count == 0) {
-        set_err(err, err_len,
-                "no measurement values: give at least one, e.g. {\"temperature\": 21.5}");
+        util_set_err(err, err_len,
+                     "no measurement values: give at least one, e.g. {\"temperature\": 21.5}");
         return -EINVAL;
     }
     return 0;
@@ -401,9 +388,10 @@ static int emit_200(const struct measurement *m, size_t max_line, struct smartre
     if (rc < 0)
         goto out;
     if (max_line && line.len > max_line) {
-        set_err(err, err_len,
-                "measurement %s.%s makes a SmartREST line of %zu bytes, over the %zu-byte limit",
-                s->fragment, s->name, line.len, max_line);
+        util_set_err(
+            err, err_len,
+            "measurement %s.%s makes a SmartREST line of %zu bytes, over the %zu-byte limit",
+            s->fragment, s->name, line.len, max_line);
         rc = -EINVAL;
         goto out;
     }
@@ -464,10 +452,10 @@ static int emit_201(const struct measurement *m, const char *type, size_t max_li
             continue;
         }
         if (groups == 0) {
-            set_err(err, err_len,
-                    "measurement %s.%s makes a SmartREST line of %zu bytes, over the %zu-byte "
-                    "limit",
-                    s->fragment, s->name, line.len, max_line);
+            util_set_err(err, err_len,
+                         "measurement %s.%s makes a SmartREST line of %zu bytes, over the %zu-byte "
+                         "limit",
+                         s->fragment, s->name, line.len, max_line);
             rc = -EINVAL;
             break;
         }
@@ -507,7 +495,7 @@ int measure_convert(const char *payload, size_t len, const struct measure_option
            (payload[i] == ' ' || payload[i] == '\t' || payload[i] == '\r' || payload[i] == '\n'))
         i++;
     if (i == len) {
-        set_err(err, err_len, "empty payload: send SmartREST lines or a JSON measurement");
+        util_set_err(err, err_len, "empty payload: send SmartREST lines or a JSON measurement");
         return -EINVAL;
     }
     if (measure_is_smartrest(payload, len))
@@ -517,8 +505,8 @@ int measure_convert(const char *payload, size_t len, const struct measure_option
      * level is decoded so that "21.5" is refused as "not an object". */
     root = json_loadb(payload, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
     if (!root) {
-        set_err(err, err_len, "not SmartREST and not valid JSON: line %d column %d: %s", jerr.line,
-                jerr.column, jerr.text);
+        util_set_err(err, err_len, "not SmartREST and not valid JSON: line %d column %d: %s",
+                     jerr.line, jerr.column, jerr.text);
         return -EINVAL;
     }
     rc = collect(root, &m, err, err_len);
@@ -533,7 +521,7 @@ int measure_convert(const char *payload, size_t len, const struct measure_option
                                            : MEASURE_DEFAULT_TYPE,
                       opts->max_line, out, err, err_len);
     if (rc == -ENOMEM)
-        set_err(err, err_len, "out of memory converting a measurement");
+        util_set_err(err, err_len, "out of memory converting a measurement");
 out:
     if (rc < 0)
         smartrest_lines_truncate(out, before);

@@ -12,9 +12,9 @@
  *   - MQTT 3.1.1 §2.2.3 (Remaining Length), §3.3 (PUBLISH).
  */
 #include "smartrest.h"
+#include "util.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,20 +23,6 @@
 /* MQTT 3.1.1 §2.2.3: four bytes of Remaining Length encode at most this. */
 #define MQTT_MAX_REMAINING 268435455u
 #define MQTT_MAX_TOPIC     65535u
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t err_len, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!err || err_len == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, err_len, fmt, ap);
-    va_end(ap);
-}
 
 static bool is_control(unsigned char c)
 {
@@ -109,7 +95,7 @@ int smartrest_line_add(struct smartrest_line *line, const char *value, size_t le
     size_t quotes = 0;
 
     if (memchr(value, '\0', len)) {
-        set_err(err, err_len, "a SmartREST value cannot contain a NUL byte");
+        util_set_err(err, err_len, "a SmartREST value cannot contain a NUL byte");
         return -EINVAL;
     }
     quote = smartrest_needs_quotes(value, len);
@@ -117,9 +103,9 @@ int smartrest_line_add(struct smartrest_line *line, const char *value, size_t le
      * would swallow its own closing quote. Cumulocity documents no escape for
      * the backslash itself, so there is no safe way to write it. */
     if (quote && value[len - 1] == '\\') {
-        set_err(err, err_len,
-                "a SmartREST value that needs quotes cannot end with a backslash (the closing "
-                "quote would read as an escaped quote \\\"): remove the trailing backslash");
+        util_set_err(err, err_len,
+                     "a SmartREST value that needs quotes cannot end with a backslash (the closing "
+                     "quote would read as an escaped quote \\\"): remove the trailing backslash");
         return -EINVAL;
     }
     for (size_t i = 0; i < len; i++)
@@ -156,7 +142,7 @@ int smartrest_encode(const char *const *fields, size_t count, char **out, size_t
     int rc;
 
     if (count == 0) {
-        set_err(err, err_len, "a SmartREST line needs at least a message id");
+        util_set_err(err, err_len, "a SmartREST line needs at least a message id");
         return -EINVAL;
     }
     smartrest_line_init(&line);
@@ -197,10 +183,10 @@ static int parse_pass(const char *line, size_t len, bool control_ok, size_t *cou
                 unsigned char c;
 
                 if (pos >= len) {
-                    set_err(err, err_len,
-                            "unterminated quote: the value opened with '\"' at column %zu has "
-                            "no closing quote",
-                            open + 1);
+                    util_set_err(err, err_len,
+                                 "unterminated quote: the value opened with '\"' at column %zu has "
+                                 "no closing quote",
+                                 open + 1);
                     return -EINVAL;
                 }
                 c = (unsigned char)line[pos];
@@ -224,10 +210,10 @@ static int parse_pass(const char *line, size_t len, bool control_ok, size_t *cou
                 pos++;
             }
             if (pos < len && line[pos] != ',') {
-                set_err(err, err_len,
-                        "unexpected character after the closing quote at column %zu: a quoted "
-                        "value must be followed by ',' or the end of the line",
-                        pos + 1);
+                util_set_err(err, err_len,
+                             "unexpected character after the closing quote at column %zu: a quoted "
+                             "value must be followed by ',' or the end of the line",
+                             pos + 1);
                 return -EINVAL;
             }
         } else {
@@ -237,17 +223,17 @@ static int parse_pass(const char *line, size_t len, bool control_ok, size_t *cou
                 if (c == '\0')
                     goto err_nul;
                 if (c == '"') {
-                    set_err(err, err_len,
-                            "double quote inside an unquoted value at column %zu: enclose the "
-                            "whole value in quotes and escape the quote as \\\"",
-                            pos + 1);
+                    util_set_err(err, err_len,
+                                 "double quote inside an unquoted value at column %zu: enclose the "
+                                 "whole value in quotes and escape the quote as \\\"",
+                                 pos + 1);
                     return -EINVAL;
                 }
                 if (!control_ok && is_control(c)) {
-                    set_err(err, err_len,
-                            "raw control character 0x%02x at column %zu: enclose the value in "
-                            "double quotes",
-                            c, pos + 1);
+                    util_set_err(err, err_len,
+                                 "raw control character 0x%02x at column %zu: enclose the value in "
+                                 "double quotes",
+                                 c, pos + 1);
                     return -EINVAL;
                 }
                 if (storage)
@@ -271,7 +257,7 @@ static int parse_pass(const char *line, size_t len, bool control_ok, size_t *cou
     return 0;
 
 err_nul:
-    set_err(err, err_len, "NUL byte at column %zu: SmartREST is text", pos + 1);
+    util_set_err(err, err_len, "NUL byte at column %zu: SmartREST is text", pos + 1);
     return -EINVAL;
 }
 
@@ -390,11 +376,11 @@ int smartrest_validate_line(const char *line, size_t len, bool template_ids, cha
     if (len > 0 && line[len - 1] == '\r')
         len--;
     if (len == 0) {
-        set_err(err, err_len, "empty SmartREST line");
+        util_set_err(err, err_len, "empty SmartREST line");
         return -EINVAL;
     }
     if (line[0] == '"') {
-        set_err(err, err_len, "the message id must not be quoted");
+        util_set_err(err, err_len, "the message id must not be quoted");
         return -EINVAL;
     }
     rc = parse(line, len, false, &record, err, err_len);
@@ -402,7 +388,7 @@ int smartrest_validate_line(const char *line, size_t len, bool template_ids, cha
         return rc;
     id_len = record.lengths[0];
     if (id_len == 0) {
-        set_err(err, err_len, "the line has no message id (it starts with a comma)");
+        util_set_err(err, err_len, "the line has no message id (it starts with a comma)");
         rc = -EINVAL;
         goto out;
     }
@@ -412,16 +398,16 @@ int smartrest_validate_line(const char *line, size_t len, bool template_ids, cha
         if (id_char_ok(c, template_ids))
             continue;
         if (template_ids)
-            set_err(err, err_len,
-                    "message id '%.*s' has character '%c' at column %zu: ids are made of "
-                    "A-Z a-z 0-9 _ -",
-                    (int)(id_len > 40 ? 40 : id_len), record.fields[0], c, i + 1);
+            util_set_err(err, err_len,
+                         "message id '%.*s' has character '%c' at column %zu: ids are made of "
+                         "A-Z a-z 0-9 _ -",
+                         (int)(id_len > 40 ? 40 : id_len), record.fields[0], c, i + 1);
         else
-            set_err(err, err_len,
-                    "message id '%.*s' is not a number: static templates use numeric ids such "
-                    "as 100, 200, 400, 501 (a custom template id needs a template configured "
-                    "for this uplink)",
-                    (int)(id_len > 40 ? 40 : id_len), record.fields[0]);
+            util_set_err(err, err_len,
+                         "message id '%.*s' is not a number: static templates use numeric ids such "
+                         "as 100, 200, 400, 501 (a custom template id needs a template configured "
+                         "for this uplink)",
+                         (int)(id_len > 40 ? 40 : id_len), record.fields[0]);
         rc = -EINVAL;
         goto out;
     }
@@ -500,7 +486,7 @@ int smartrest_payload_split(const char *payload, size_t len, bool template_ids,
 
             for (const char *p = payload; p < line; p++)
                 number += *p == '\n';
-            set_err(err, err_len, "line %zu: %s", number, why);
+            util_set_err(err, err_len, "line %zu: %s", number, why);
         }
         if (rc < 0)
             goto err_truncate;
@@ -510,7 +496,7 @@ int smartrest_payload_split(const char *payload, size_t len, bool template_ids,
         found++;
     }
     if (found == 0) {
-        set_err(err, err_len, "no SmartREST line in the payload");
+        util_set_err(err, err_len, "no SmartREST line in the payload");
         return -EINVAL;
     }
     return found;
@@ -599,17 +585,18 @@ int smartrest_pack(const char *topic, int qos, size_t max_packet, const char *co
 
     *taken = 0;
     if (count == 0 || qos < 0 || qos > 2 || topic_len > MQTT_MAX_TOPIC) {
-        set_err(err, err_len, "nothing to pack, or a bad QoS or topic");
+        util_set_err(err, err_len, "nothing to pack, or a bad QoS or topic");
         return -EINVAL;
     }
     fits = smartrest_max_payload(topic_len, qos, max_packet, &limit) == 0;
     if (!fits || lens[0] > limit) {
         if (smartrest_publish_size(topic_len, lens[0], qos, &size) < 0)
             size = SIZE_MAX;
-        set_err(err, err_len,
-                "SmartREST line of %zu bytes would make a %zu-byte MQTT packet on '%s', over the "
-                "%zu-byte limit (at most %zu bytes of line fit): refused, not sent",
-                lens[0], size, topic, max_packet, fits ? limit : 0);
+        util_set_err(
+            err, err_len,
+            "SmartREST line of %zu bytes would make a %zu-byte MQTT packet on '%s', over the "
+            "%zu-byte limit (at most %zu bytes of line fit): refused, not sent",
+            lens[0], size, topic, max_packet, fits ? limit : 0);
         return -EMSGSIZE;
     }
     total = lens[0];

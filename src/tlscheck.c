@@ -3,7 +3,6 @@
 #include "tlscheck.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,20 +16,7 @@
 #include "conf.h"
 #include "keys.h"
 #include "log.h"
-
-static void set_msg(char *buf, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_msg(char *buf, size_t size, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (buf == NULL || size == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(buf, size, fmt, ap);
-    va_end(ap);
-}
+#include "util.h"
 
 /* ASN1_TIME to time_t; (time_t)-1 when unreadable. */
 static time_t asn1_to_time(const ASN1_TIME *t)
@@ -75,27 +61,28 @@ int tlscheck_cert_cn(const X509 *cert, const char *expected, const char *cert_na
     int rc = keys_cert_common_name(cert, &cn);
 
     if (rc == -ENOENT) {
-        set_msg(err, err_size,
-                "certificate %s has no CN in its subject, but the cloud requires CN = \"%s\" "
-                "(the client id); issue a certificate with that CN",
-                cert_name, expected);
+        util_set_err(err, err_size,
+                     "certificate %s has no CN in its subject, but the cloud requires CN = \"%s\" "
+                     "(the client id); issue a certificate with that CN",
+                     cert_name, expected);
         return -EPERM;
     }
     if (rc == -EINVAL) {
-        set_msg(err, err_size, "certificate %s has a CN with an embedded NUL byte; refusing it",
-                cert_name);
+        util_set_err(err, err_size,
+                     "certificate %s has a CN with an embedded NUL byte; refusing it", cert_name);
         return -EINVAL;
     }
     if (rc < 0) {
-        set_msg(err, err_size, "certificate %s: out of memory", cert_name);
+        util_set_err(err, err_size, "certificate %s: out of memory", cert_name);
         return rc;
     }
     if (strcmp(cn, expected) != 0) {
-        set_msg(err, err_size,
-                "certificate %s is issued for CN \"%s\", but the device id is \"%s\"; the cloud "
-                "refuses a certificate whose CN is not the device id (CONNACK 5): set the device "
-                "id (cumulocity.device_id) to \"%s\" or issue a certificate for \"%s\"",
-                cert_name, cn, expected, cn, expected);
+        util_set_err(
+            err, err_size,
+            "certificate %s is issued for CN \"%s\", but the device id is \"%s\"; the cloud "
+            "refuses a certificate whose CN is not the device id (CONNACK 5): set the device "
+            "id (cumulocity.device_id) to \"%s\" or issue a certificate for \"%s\"",
+            cert_name, cn, expected, cn, expected);
         rc = -EPERM;
     }
     free(cn);
@@ -118,20 +105,22 @@ static int check_chain(const char *cert_path, const X509 *leaf, STACK_OF(X509) *
 
         name_oneline(X509_get_subject_name(cert), subject, sizeof(subject));
         if (X509_cmp_time(X509_get0_notAfter(cert), &now) != 1) {
-            set_msg(err, err_size,
-                    "certificate %d in %s (%s) expired on %s; the server will refuse the chain: "
-                    "put the renewed intermediate/CA certificate in the file",
-                    i + 2, cert_path, subject, format_time(not_after, date, sizeof(date)));
+            util_set_err(
+                err, err_size,
+                "certificate %d in %s (%s) expired on %s; the server will refuse the chain: "
+                "put the renewed intermediate/CA certificate in the file",
+                i + 2, cert_path, subject, format_time(not_after, date, sizeof(date)));
             return -EKEYEXPIRED;
         }
         /* X509_check_issued() takes non-const pointers but changes nothing
          * we rely on (it may cache extensions). */
         if (warning != NULL && warning[0] == '\0' &&
             X509_check_issued(cert, (X509 *)previous) != X509_V_OK)
-            set_msg(warning, warning_size,
-                    "certificate %d in %s (%s) did not issue the one before it; servers expect "
-                    "the device certificate first, then each issuer in turn",
-                    i + 2, cert_path, subject);
+            util_set_err(
+                warning, warning_size,
+                "certificate %d in %s (%s) did not issue the one before it; servers expect "
+                "the device certificate first, then each issuer in turn",
+                i + 2, cert_path, subject);
         previous = cert;
     }
     return 0;
@@ -151,7 +140,7 @@ int tlscheck_client_cert(const char *cert_path, const char *key_spec,
 
     if (options == NULL)
         options = &no_options;
-    set_msg(warning, warning_size, "%s", "");
+    util_set_err(warning, warning_size, "%s", "");
     if (info != NULL)
         memset(info, 0, sizeof(*info));
 
@@ -179,20 +168,20 @@ int tlscheck_client_cert(const char *cert_path, const char *key_spec,
      * wrong. */
     rc = keys_check_cert_validity(leaf, now, cert_path, err, err_size);
     if (rc == -EKEYEXPIRED) {
-        set_msg(err, err_size,
-                "certificate %s expired on %s (valid %s to %s); install a renewed certificate "
-                "(or, if that date is still to come, fix the system clock)",
-                cert_path, format_time(not_after, date, sizeof(date)),
-                format_time(not_before, date2, sizeof(date2)), date);
+        util_set_err(err, err_size,
+                     "certificate %s expired on %s (valid %s to %s); install a renewed certificate "
+                     "(or, if that date is still to come, fix the system clock)",
+                     cert_path, format_time(not_after, date, sizeof(date)),
+                     format_time(not_before, date2, sizeof(date2)), date);
         goto out;
     }
     if (rc == -ERANGE) {
-        set_msg(err, err_size,
-                "certificate %s is not valid yet: valid from %s to %s, and the clock says %s; "
-                "if that date has passed, the system clock is wrong",
-                cert_path, format_time(not_before, date, sizeof(date)),
-                format_time(not_after, date2, sizeof(date2)),
-                format_time(now, date_now, sizeof(date_now)));
+        util_set_err(err, err_size,
+                     "certificate %s is not valid yet: valid from %s to %s, and the clock says %s; "
+                     "if that date has passed, the system clock is wrong",
+                     cert_path, format_time(not_before, date, sizeof(date)),
+                     format_time(not_after, date2, sizeof(date2)),
+                     format_time(now, date_now, sizeof(date_now)));
         goto out;
     }
     if (rc < 0)
@@ -212,10 +201,11 @@ int tlscheck_client_cert(const char *cert_path, const char *key_spec,
         /* Takes precedence over a chain-order warning: it is the one that
          * will stop the gateway. */
         long days = (long)((not_after - now) / (24 * 3600));
-        set_msg(warning, warning_size,
-                "certificate %s expires on %s (in %ld day%s); renew it before then or the cloud "
-                "will refuse the connection",
-                cert_path, format_time(not_after, date, sizeof(date)), days, days == 1 ? "" : "s");
+        util_set_err(
+            warning, warning_size,
+            "certificate %s expires on %s (in %ld day%s); renew it before then or the cloud "
+            "will refuse the connection",
+            cert_path, format_time(not_after, date, sizeof(date)), days, days == 1 ? "" : "s");
     }
     rc = 0;
 

@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -245,4 +247,15 @@ err_after_alloc:
 err_after_open:
     close(fd);
     return rc;
+}
+
+void util_set_err(char *err, size_t size, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || size == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, size, fmt, ap);
+    va_end(ap);
 }

@@ -25,6 +25,13 @@ int util_parse_duration_ms(const char *text, uint64_t *out);
  */
 int util_parse_size(const char *text, uint64_t *out);
 
+/**
+ * util_set_err() - format a message into @err (@size bytes) for a caller
+ * that asked for one; does nothing when @err is NULL or @size is 0.
+ */
+void util_set_err(char *err, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /** util_strdup_or_null() - strdup() that passes NULL through. */
 char *util_strdup_or_null(const char *s);
 
