@@ -1821,21 +1821,6 @@ static void parse_jwt_claims(struct loader *ld, yaml_node_t *node, const char *p
     }
 }
 
-/* The algorithm a key is normally used with (auth.alg left out). */
-static int jwt_alg_for_key(const EVP_PKEY *key, enum jwt_alg *out)
-{
-    switch (EVP_PKEY_get_base_id(key)) {
-    case EVP_PKEY_RSA:
-        *out = JWT_ALG_RS256;
-        return 0;
-    case EVP_PKEY_EC:
-        *out = EVP_PKEY_get_bits(key) > 256 ? JWT_ALG_ES384 : JWT_ALG_ES256;
-        return 0;
-    default:
-        return -EINVAL;
-    }
-}
-
 /* Load auth.key, fit it to auth.alg and sign a trial token, so that a bad
  * key, passphrase, PIN, alg or claim is reported now (and by
  * --check-config) rather than on the first connection attempt. */

@@ -642,3 +642,17 @@ time_t jwt_refresh_at(time_t signed_at, time_t expires_at, const struct jwt_refr
         at = expires_at - (time_t)margin;
     return at < signed_at ? signed_at : at;
 }
+
+int jwt_alg_for_key(const EVP_PKEY *key, enum jwt_alg *out)
+{
+    switch (EVP_PKEY_get_base_id(key)) {
+    case EVP_PKEY_RSA:
+        *out = JWT_ALG_RS256;
+        return 0;
+    case EVP_PKEY_EC:
+        *out = EVP_PKEY_get_bits(key) > 256 ? JWT_ALG_ES384 : JWT_ALG_ES256;
+        return 0;
+    default:
+        return -EINVAL;
+    }
+}

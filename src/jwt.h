@@ -197,4 +197,11 @@ int jwt_base64url_decode(const char *text, size_t text_len, unsigned char **out,
  */
 int jwt_ecdsa_der_to_raw(const unsigned char *der, size_t der_len, size_t half, unsigned char *raw);
 
+/**
+ * jwt_alg_for_key() - the algorithm a key is normally used with, for when
+ * auth.alg (or uplinkctl jwt --alg) is left out: RS256 for RSA, ES256 for
+ * P-256 and ES384 for larger EC keys. Returns 0 or -EINVAL (another key type).
+ */
+int jwt_alg_for_key(const EVP_PKEY *key, enum jwt_alg *out);
+
 #endif

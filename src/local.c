@@ -2307,6 +2307,20 @@ static void client_describe_peer(struct local_client *client, enum conf_listen_k
     }
 }
 
+/* A new client joins the list with its connection and timer handles open
+ * (open_handles counts what close callbacks must still see). */
+static void client_link(struct local *local, struct local_client *client)
+{
+    client->open_handles = 2;
+    client->state = CLIENT_NEW;
+    client->next = local->clients;
+    if (local->clients)
+        local->clients->prev = client;
+    local->clients = client;
+    local->client_count++;
+    local->live++;
+}
+
 static void listener_connection_cb(uv_stream_t *server, int status)
 {
     struct listener *listener = container_of(server, struct listener, h.stream);
@@ -2334,14 +2348,7 @@ static void listener_connection_cb(uv_stream_t *server, int status)
         return;
     }
     uv_timer_init(local->loop, &client->timer);
-    client->open_handles = 2;
-    client->state = CLIENT_NEW;
-    client->next = local->clients;
-    if (local->clients)
-        local->clients->prev = client;
-    local->clients = client;
-    local->client_count++;
-    local->live++;
+    client_link(local, client);
 
     rc = uv_accept(server, &client->conn.stream);
     if (rc < 0) {
@@ -2823,14 +2830,7 @@ int local_test_client_new(struct local *local, struct local_client **out)
      * closing goes through the usual close callbacks. */
     uv_pipe_init(local->loop, &client->conn.pipe, 0);
     uv_timer_init(local->loop, &client->timer);
-    client->open_handles = 2;
-    client->state = CLIENT_NEW;
-    client->next = local->clients;
-    if (local->clients)
-        local->clients->prev = client;
-    local->clients = client;
-    local->client_count++;
-    local->live++;
+    client_link(local, client);
     snprintf(client->peer, sizeof(client->peer), "test %lu", ++serial);
     if (local->client_count > local->conf->local.max_clients) {
         client_close(client, CLOSE_ABORT, false, "max_clients reached");

@@ -62,21 +62,6 @@ static int parse_duration_s(const char *option, const char *text, uint32_t *out)
     return 0;
 }
 
-/* The algorithm a key is normally used with, for --alg left out. */
-static int alg_for_key(const EVP_PKEY *key, enum jwt_alg *out)
-{
-    switch (EVP_PKEY_get_base_id(key)) {
-    case EVP_PKEY_RSA:
-        *out = JWT_ALG_RS256;
-        return 0;
-    case EVP_PKEY_EC:
-        *out = EVP_PKEY_get_bits(key) > 256 ? JWT_ALG_ES384 : JWT_ALG_ES256;
-        return 0;
-    default:
-        return -EINVAL;
-    }
-}
-
 int uplinkctl_jwt_main(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -211,7 +196,7 @@ int uplinkctl_jwt_main(int argc, char **argv)
         fprintf(stderr, "uplinkctl jwt: %s\n", err);
         return 1;
     }
-    if (alg_name == NULL && alg_for_key(key, &alg) < 0) {
+    if (alg_name == NULL && jwt_alg_for_key(key, &alg) < 0) {
         fprintf(stderr, "uplinkctl jwt: the key %s is neither RSA nor EC; give --alg\n", key_spec);
         rc = 1;
         goto out;
