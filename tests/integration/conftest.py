@@ -12,6 +12,7 @@ Set UPLINKD_TEST_KEEP=1 to keep the temp dirs of passing tests too.
 
 import os
 import shutil
+import signal
 import tempfile
 import types
 
@@ -22,6 +23,37 @@ import harness as h
 
 def pytest_report_header(config):
     return ["uplinkd: %s" % h.UPLINKD_BIN, "uplinkctl: %s" % h.UPLINKCTL_BIN]
+
+
+SLOW = os.environ.get("UPLINKD_SLOW_TESTS") == "1"
+
+
+def _sigterm_cb(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: takes minutes; skipped unless UPLINKD_SLOW_TESTS=1 (scripts/test runs "
+        "them in a second pytest process in parallel with the rest, see docs/testing.md)")
+    # SIGTERM (scripts/test stopping its background run, or its outer timeout)
+    # ends the run like Ctrl-C: fixtures tear down, so no broker or uplinkd
+    # is left behind. A background job of a script ignores SIGINT, so Ctrl-C
+    # cannot be used for that.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_cb)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Slow tests are opt-in, so a plain `pytest tests/integration` stays quick;
+    # scripts/test runs them with `-m slow` and UPLINKD_SLOW_TESTS=1.
+    if SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow test (minutes): set UPLINKD_SLOW_TESTS=1, or run "
+                            "scripts/test, which runs the slow tests in the background")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

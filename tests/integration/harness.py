@@ -12,6 +12,7 @@ every process started here is stopped by its owner's stop()/close().
 
 import json
 import os
+import random
 import re
 import select
 import shlex
@@ -81,13 +82,59 @@ def loopback_addresses():
     return ["127.0.0.1", "::1"] if localhost_has_ipv6() else ["127.0.0.1"]
 
 
+def _test_port_range():
+    """(low, high) from UPLINKD_TEST_PORTS="LOW-HIGH", or None when unset."""
+    text = os.environ.get("UPLINKD_TEST_PORTS", "").strip()
+    if not text:
+        return None
+    m = re.match(r"^(\d+)-(\d+)$", text)
+    if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
+        raise HarnessError("UPLINKD_TEST_PORTS=%r: expected LOW-HIGH, e.g. 20000-27999" % text)
+    return int(m.group(1)), int(m.group(2))
+
+
+_port_random = random.Random()  # seeded from os.urandom; tests may seed `random` itself
+_ports_given = []  # the latest ports handed out, not handed out again soon
+
+
+def _port_free_everywhere(port, addresses):
+    for addr in addresses:
+        s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+
+
 def free_port(addresses=("127.0.0.1",)):
     """A TCP port that is free on every address in `addresses`.
 
-    The kernel picks a port on the first address; it is checked on the
-    others. There is a window before the caller binds it; loopback ports in
-    the ephemeral range are rarely taken in that time.
+    By default the kernel picks a port on the first address; it is checked
+    on the others. There is a window before the caller binds it; loopback
+    ports in the ephemeral range are rarely taken in that time, but the
+    kernel may offer the same port twice in a row, so the last 64 ports
+    given out are never given again.
+
+    With UPLINKD_TEST_PORTS="LOW-HIGH" the port is drawn at random from that
+    range instead. scripts/test gives each of its parallel pytest processes
+    its own range, below the kernel's ephemeral range (32768-60999 by default), so
+    neither the other process nor an outgoing connection can take a port in
+    that window.
     """
+    port_range = _test_port_range()
+    if port_range is not None:
+        for _ in range(200):
+            port = _port_random.randint(*port_range)
+            if port not in _ports_given and _port_free_everywhere(port, addresses):
+                # A caller may take two ports before binding either (Broker).
+                _ports_given.append(port)
+                del _ports_given[:-64]
+                return port
+        raise HarnessError("no free port in UPLINKD_TEST_PORTS=%d-%d on %s"
+                           % (port_range + (addresses,)))
     for _ in range(50):
         first = socket.socket(socket.AF_INET6 if ":" in addresses[0] else socket.AF_INET)
         try:
@@ -102,11 +149,33 @@ def free_port(addresses=("127.0.0.1",)):
                     ok = False
                 finally:
                     other.close()
-            if ok:
+            # The kernel may hand out the same port again until someone binds it,
+            # and a caller may take two ports before binding either (Broker).
+            if ok and port not in _ports_given:
+                _ports_given.append(port)
+                del _ports_given[:-64]
                 return port
         finally:
             first.close()
     raise HarnessError("no free port on %s" % (addresses,))
+
+
+def listen_loopback(backlog=16):
+    """Listening TCP sockets on one free port of every loopback address, for the
+    test's own servers (a TLS front, a throttling proxy). Returns (port, sockets)."""
+    addresses = loopback_addresses()
+    port = free_port(addresses)
+    listeners = []
+    for addr in addresses:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((addr, port))
+        s.listen(backlog)
+        listeners.append(s)
+    return port, listeners
 
 
 def tcp_accepts(host, port, timeout=0.5):
@@ -373,18 +442,7 @@ class SniFront:
         ctx.load_cert_chain(pki.path(cert + ".pem"), pki.path(cert + ".key"))
         ctx.sni_callback = self._sni_cb
         self._ctx = ctx
-        addresses = loopback_addresses()
-        self.port = free_port(addresses)
-        self._listeners = []
-        for addr in addresses:
-            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.bind((addr, self.port))
-            s.listen(16)
-            self._listeners.append(s)
+        self.port, self._listeners = listen_loopback()
         self._thread = threading.Thread(target=self._accept_loop, name="sni-front", daemon=True)
         self._thread.start()
 

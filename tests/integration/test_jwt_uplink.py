@@ -8,8 +8,10 @@ JSON line that these tests read.
 The container this suite usually runs in has no NTP sync (adjtimex reports STA_UNSYNC), so the
 uplinks use `auth.clock_check: build-date` except in the test of the clock check itself.
 
-Rotation runs with a 20 s lifetime by default (three lifetimes in about a minute). The issue's
-2-minute lifetime is opt-in: UPLINKD_SLOW_TESTS=1 (docs/testing.md).
+Rotation runs with a 20 s lifetime (three lifetimes in about a minute) in the main run, and with
+the issue's 2-minute lifetime (about 6 minutes) as a `slow` test: scripts/test runs it in a
+background pytest process beside the rest; plain pytest skips it unless UPLINKD_SLOW_TESTS=1
+(docs/testing.md).
 """
 
 import ctypes
@@ -21,6 +23,7 @@ import ssl
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 
@@ -29,7 +32,6 @@ import harness as h
 
 AUD = "test-project"
 ALGS = ["RS256", "PS256", "ES256", "ES384"]
-SLOW = os.environ.get("UPLINKD_SLOW_TESTS") == "1"
 
 REFUSED_HINT = ("the server refused the JWT (CONNACK 5): check alg matches the registered key, "
                 "aud, exp <= 24 h, and the clock")
@@ -168,67 +170,151 @@ def test_unsynchronised_clock_blocks_signing(hx):
     assert cloud.decisions("gw-test") == []
 
 
+class TimedClient(h.MqttClient):
+    """harness.MqttClient that also keeps the monotonic arrival time of every message."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arrivals = []  # time.monotonic() of messages[i]
+
+    def _on_message(self, client, userdata, msg):
+        with self._cond:
+            self.arrivals.append(time.monotonic())
+            self.messages.append((msg.topic, msg.payload, msg.qos, bool(msg.retain)))
+            self._cond.notify_all()
+
+    def timed(self, topic):
+        """[(arrival time, payload)] on `topic`, in arrival order."""
+        with self._cond:
+            return [(t, m[1]) for t, m in zip(self.arrivals, self.messages) if m[0] == topic]
+
+
+STREAM_TOPIC = "gw-test/stream/telemetry"
+# The longest pause allowed in the stream, upstream (between two arrivals at the cloud) and
+# locally (one publish waiting for its PUBACK), and the longest time offline per rotation.
+# A rotation normally costs well under a second on loopback; the bound leaves room for a
+# loaded 2-core CI machine (and grows with UPLINKD_TEST_TIMEOUT under valgrind).
+GAP_MAX = max(5.0, h.TIMEOUT / 3)
+
+
 def run_rotation(hx, lifetime_s, refresh_pct, lifetimes, rate=10):
-    """A steady QoS 1 stream through ≥ `lifetimes` token lifetimes; returns what was seen."""
+    """A steady QoS 1 stream, one message in flight, paced at `rate`/s through the durable
+    spool, for `lifetimes` token lifetimes; waits until everything sent arrived upstream.
+    Returns a namespace with what was seen."""
     key = fakecloud.Key.generate("ES256", hx.dir)
     # skew 1: the kick comes 1 s after exp, so a rotation that is late by a second shows.
     cloud = fakecloud.start(hx, keys=[key], aud=AUD, skew=1)
-    conf, daemon = start_gateway(hx, cloud, key, lifetime="%ds" % lifetime_s, skew="0s",
-                                 refresh=refresh_pct)
-    observer = hx.cloud_client(cloud)
-    observer.subscribe("gw-test/stream/telemetry", qos=1)
+    conf = hx.config(cloud, uplink=jwt_uplink(key, lifetime="%ds" % lifetime_s, skew="0s",
+                                              refresh=refresh_pct))
+    conf["uplinks"][0]["spool"] = {"durability": "fsync"}
+    daemon = hx.uplinkd(conf)
+    user, password = cloud.credentials
+    observer = TimedClient("127.0.0.1", cloud.plain_port, username=user, password=password)
+    hx.add_closer(observer.close)
+    observer.connect()
+    observer.subscribe(STREAM_TOPIC, qos=1)
     cloud.wait_event("connect", client_id="gw-test", result="accepted")
     local = hx.client("127.0.0.1", h.local_tcp_port(conf))
 
     sent = []
-    duration = lifetime_s * lifetimes + lifetime_s * refresh_pct / 100.0
+    publish_max = 0.0
+    # Three whole lifetimes: with refresh at 80 % of 2 minutes the third rotation comes at
+    # about 288 s and the stream goes on past the second token's exp (312 s).
+    duration = lifetime_s * lifetimes + 2
     start = time.monotonic()
     i = 0
     while time.monotonic() - start < duration:
         payload = ("m%06d" % i).encode()
+        before = time.monotonic()
         local.publish("dev/stream/telemetry", payload, qos=1)  # waits for uplinkd's PUBACK
+        publish_max = max(publish_max, time.monotonic() - before)
         sent.append(payload)
         i += 1
         # Pace the stream at `rate` per second (this is the load, not a wait for an event).
         delay = start + i / float(rate) - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+    elapsed = time.monotonic() - start
 
-    def all_arrived():
-        got = {m[1] for m in observer.received("gw-test/stream/telemetry")}
-        return not (set(sent) - got)
+    def missing():
+        return set(sent) - {m[1] for m in observer.received(STREAM_TOPIC)}
 
-    h.wait_for(all_arrived, timeout=30, what=lambda: "%d messages lost so far" % len(
-        set(sent) - {m[1] for m in observer.received("gw-test/stream/telemetry")}))
-    return cloud, daemon, conf, sent
+    h.wait_for(lambda: not missing(), timeout=30,
+               what=lambda: "%d acknowledged messages still missing upstream" % len(missing()))
+    return types.SimpleNamespace(cloud=cloud, daemon=daemon, conf=conf, sent=sent,
+                                 observer=observer, elapsed=elapsed, rate=rate,
+                                 publish_max=publish_max)
 
 
-def check_rotation(cloud, daemon, conf, lifetimes):
-    accepted = cloud.events("connect", client_id="gw-test", result="accepted")
+def check_rotation(run, lifetimes):
+    """What issue #4 asks of rotation under a stream; returns numbers for the report."""
+    cloud, daemon, conf = run.cloud, run.daemon, run.conf
+    # No kick by the server: uplinkd always acts first.
     assert cloud.kicks("gw-test") == [], "the server kicked before uplinkd rotated: %s" % (
         cloud.kicks("gw-test"),)
-    # A fresh token for every connect: exp grows from one connect to the next.
-    exps = [line["exp"] for line in accepted]
-    assert len(accepted) >= lifetimes + 1, "only %d connects: %s" % (len(accepted), exps)
-    assert exps == sorted(exps) and len(set(exps)) == len(exps), exps
+    assert daemon.find_log(r"the token was not rotated in time") is None
     assert cloud.events("connect", client_id="gw-test", result="refused") == []
-    # Every session ended with our DISCONNECT before its token expired.
-    for line in cloud.events("disconnect", client_id="gw-test")[:-1]:
+
+    # At least `lifetimes` rotations, each with a fresh token: one accepted CONNECT per token,
+    # exp growing from one to the next, each session ended by our DISCONNECT before its exp.
+    accepted = cloud.events("connect", client_id="gw-test", result="accepted")
+    exps = [line["exp"] for line in accepted]
+    assert len(accepted) >= lifetimes + 1, "only %d token CONNECTs: exp %s" % (len(accepted), exps)
+    assert exps == sorted(exps) and len(set(exps)) == len(exps), exps
+    disconnects = cloud.events("disconnect", client_id="gw-test")
+    assert len(disconnects) >= len(accepted) - 1, disconnects
+    for line in disconnects:
         assert line["left"] >= 0, line
-    assert len(daemon.find_log(r"rotating the JWT")) >= lifetimes
+    rotating = [x for x in daemon.log_text().splitlines() if "rotating the JWT" in x]
+    assert len(rotating) >= lifetimes, rotating
     assert uplink_status(conf)["token_rotations"] >= lifetimes
+
+    # Offline time per rotation, from the cloud's log: our DISCONNECT to the next CONNECT.
+    offline = []
+    for prev, nxt in zip(accepted, accepted[1:]):
+        between = [d["ts"] for d in disconnects if prev["ts"] <= d["ts"] <= nxt["ts"]]
+        offline.append(nxt["ts"] - max(between) if between else 0.0)
+    assert max(offline) <= GAP_MAX, "offline for %.1f s during a rotation: %s" % (
+        max(offline), offline)
+
+    # Zero loss and in order: the first arrival of each message, in the order sent.
+    arrivals = run.observer.timed(STREAM_TOPIC)
+    seen, first = set(), []
+    for _, payload in arrivals:
+        if payload not in seen:
+            seen.add(payload)
+            first.append(payload)
+    assert set(run.sent) <= seen, "%d acknowledged message(s) lost" % len(set(run.sent) - seen)
+    assert first[:len(run.sent)] == run.sent, "messages arrived out of order upstream"
+
+    # Steady: the stream kept its pace and never paused long, locally or upstream.
+    assert len(run.sent) >= 0.8 * run.rate * run.elapsed, (len(run.sent), run.elapsed)
+    assert run.publish_max <= GAP_MAX, "a local publish waited %.1f s" % run.publish_max
+    times = [t for t, _ in arrivals]
+    upstream_gap = max(b - a for a, b in zip(times, times[1:]))
+    assert upstream_gap <= GAP_MAX, "the stream paused %.1f s upstream" % upstream_gap
+    numbers = {"messages": len(run.sent), "duplicates": len(arrivals) - len(seen),
+               "rotations": len(accepted) - 1, "seconds": round(run.elapsed, 1),
+               "offline_max_s": round(max(offline), 3), "upstream_gap_max_s": round(upstream_gap, 3),
+               "local_puback_max_s": round(run.publish_max, 3)}
+    print("rotation under a QoS 1 stream: %s" % numbers)
+    return numbers
 
 
 def test_rotation_under_qos1_stream_loses_nothing(hx):
-    cloud, daemon, conf, sent = run_rotation(hx, lifetime_s=20, refresh_pct=50, lifetimes=3)
-    check_rotation(cloud, daemon, conf, lifetimes=3)
-    assert len(sent) > 500
+    run = run_rotation(hx, lifetime_s=20, refresh_pct=50, lifetimes=3)
+    numbers = check_rotation(run, lifetimes=3)
+    assert numbers["messages"] > 500
 
 
-@pytest.mark.skipif(not SLOW, reason="2-minute lifetimes take 7 minutes: UPLINKD_SLOW_TESTS=1")
+@pytest.mark.slow
 def test_rotation_two_minute_lifetime(hx):
-    cloud, daemon, conf, _ = run_rotation(hx, lifetime_s=120, refresh_pct=80, lifetimes=3)
-    check_rotation(cloud, daemon, conf, lifetimes=3)
+    """Issue #4/#6 as written: a 2-minute lifetime (refresh at the default 80 %), three
+    lifetimes (about 6 minutes) of a steady QoS 1 stream: zero loss, no kick, >= 3 rotations.
+    Marked slow: scripts/test runs it in a background pytest process beside the rest."""
+    run = run_rotation(hx, lifetime_s=120, refresh_pct=80, lifetimes=3)
+    numbers = check_rotation(run, lifetimes=3)
+    assert numbers["messages"] > 3000
 
 
 def test_tls_min_version_13_and_insecure_warning(hx):
