@@ -1,4 +1,4 @@
-/* spool_bench.c - publisher + upstream subscriber for bench/spool_run.
+/* spool_bench.c - publisher + upstream subscriber for bench/run.
  *
  * One process plays both ends so the clock is shared: a libmosquitto
  * publisher sends QoS 1 messages of --size bytes (the first 16 carry a
