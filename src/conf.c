@@ -1564,8 +1564,21 @@ static void parse_tls(struct loader *ld, yaml_node_t *node, const char *path, st
                           &tls->cert);
     }
     if (node_present(values[TLS_KEY])) {
+        const char *text;
         key_join(key, sizeof(key), path, "key");
-        get_readable_file(ld, values[TLS_KEY], key, "a readable private key PEM file", &tls->key);
+        text = scalar_text(ld, values[TLS_KEY], key, "a PEM file or a pkcs11: URI");
+        if (text != NULL && keys_is_uri(text)) {
+            /* A token key: opened (PIN, object, match with tls.cert) by
+             * tlscheck at start-up and by --check-config. Only the engine's
+             * presence is checked here. */
+            char err[KEYS_ERR_SIZE];
+            if (get_text(ld, values[TLS_KEY], key, "a pkcs11: URI", 4096, &tls->key) == 0 &&
+                keys_pkcs11_available(err, sizeof(err)) < 0)
+                report(ld, values[TLS_KEY]->start_mark, key, "%s", err);
+        } else if (text != NULL) {
+            get_readable_file(ld, values[TLS_KEY], key,
+                              "a readable private key PEM file or a pkcs11: URI", &tls->key);
+        }
     }
     if (node_present(values[TLS_MIN_VERSION])) {
         const char *text;
@@ -1705,7 +1718,6 @@ out:
 #define JWT_SKEW_MAX_S       3600
 #define JWT_REFRESH_MIN_PCT  10
 #define JWT_REFRESH_MAX_PCT  99
-#define JWT_MAX_CLAIMS       32
 
 /* The profile's cap on exp - iat. GCP IoT Core and ClearBlade refuse more
  * than 24 h; the generic profile has no cloud rule of its own, and a token
@@ -1772,9 +1784,9 @@ static void parse_jwt_claims(struct loader *ld, yaml_node_t *node, const char *p
     count = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
     if (count == 0)
         return;
-    if (count > JWT_MAX_CLAIMS) {
+    if (count > CONF_JWT_MAX_CLAIMS) {
         report(ld, node->start_mark, path, "has %zu claims (expected at most %d)", count,
-               JWT_MAX_CLAIMS);
+               CONF_JWT_MAX_CLAIMS);
         return;
     }
     jwt->claims = calloc(count, sizeof(*jwt->claims));
@@ -1824,18 +1836,25 @@ static void parse_jwt_claims(struct loader *ld, yaml_node_t *node, const char *p
 /* Load auth.key, fit it to auth.alg and sign a trial token, so that a bad
  * key, passphrase, PIN, alg or claim is reported now (and by
  * --check-config) rather than on the first connection attempt. */
+void conf_jwt_claims(const struct conf_jwt *jwt, struct jwt_claim *extra, struct jwt_claims *out)
+{
+    for (size_t i = 0; i < jwt->claim_count; i++)
+        extra[i] = (struct jwt_claim){.name = jwt->claims[i].name, .value = jwt->claims[i].value};
+    *out = (struct jwt_claims){.aud = jwt->aud,
+                               .lifetime_s = jwt->lifetime_s,
+                               .max_lifetime_s = jwt->max_lifetime_s,
+                               .skew_s = jwt->skew_s,
+                               .extra = extra,
+                               .extra_count = jwt->claim_count};
+}
+
 static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t *const *values,
                          const char *path, struct conf_jwt *jwt)
 {
     struct keys_options options = {.passphrase_file = jwt->passphrase_file,
                                    .pkcs11_module = jwt->pkcs11_module};
-    struct jwt_claim extra[JWT_MAX_CLAIMS];
-    struct jwt_claims claims = {.aud = jwt->aud,
-                                .lifetime_s = jwt->lifetime_s,
-                                .max_lifetime_s = jwt->max_lifetime_s,
-                                .skew_s = jwt->skew_s,
-                                .extra = extra,
-                                .extra_count = jwt->claim_count};
+    struct jwt_claim extra[CONF_JWT_MAX_CLAIMS];
+    struct jwt_claims claims;
     struct jwt_signer *signer = NULL;
     yaml_node_t *alg_node = values[AUTH_ALG];
     char key[CONF_KEY_MAX];
@@ -1873,8 +1892,7 @@ static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t 
                err);
         return;
     }
-    for (size_t i = 0; i < jwt->claim_count; i++)
-        extra[i] = (struct jwt_claim){jwt->claims[i].name, jwt->claims[i].value};
+    conf_jwt_claims(jwt, extra, &claims);
     /* Any time after the build date will do: this checks the key, not the
      * clock (the clock is checked before every real signature). */
     rc = jwt_sign(signer, &claims, jwt_build_epoch() + 86400, &token, NULL, err, sizeof(err));
@@ -2822,8 +2840,7 @@ static bool check_jwt_cloud(struct loader *ld, yaml_node_t *uplink_node, const c
 }
 
 static void parse_gcp(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
-                      const char *uplink_path, const char *path, struct conf_uplink *uplink,
-                      bool rate_set)
+                      const char *uplink_path, const char *path, struct conf_uplink *uplink)
 {
     struct conf_gcp *gcp = &uplink->gcp;
     yaml_node_t *values[GCP_KEYS] = {NULL};
@@ -2898,8 +2915,11 @@ static void parse_gcp(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_
     if (uplink->auth.jwt.aud == NULL && gcp->project != NULL)
         set_string(ld, &uplink->auth.jwt.aud, gcp->project);
     /* GCP quota: 100 incoming messages per second per connection, all
-     * attached children together; the uplink's token bucket keeps to it. */
-    if (!rate_set)
+     * attached children together; the uplink's token bucket keeps to it.
+     * Only rate.max_msgs_per_s replaces the default (parse_rate() ran
+     * already and takes no 0): a rate section with max_bytes_per_s alone
+     * must not lift it. */
+    if (uplink->rate.max_msgs_per_s == 0)
         uplink->rate.max_msgs_per_s = GCP_MSGS_PER_S;
 }
 
@@ -3245,7 +3265,7 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
     key_join(key, sizeof(key), path, "gcp");
     if (is_gcp)
         parse_gcp(ld, node_present(values[UPLINK_GCP]) ? values[UPLINK_GCP] : NULL, node, path, key,
-                  uplink, node_present(values[UPLINK_RATE]));
+                  uplink);
     else if (node_present(values[UPLINK_GCP]))
         report(ld, values[UPLINK_GCP]->start_mark, key, "is only used with profile: gcp");
     key_join(key, sizeof(key), path, "akenza");

@@ -126,6 +126,14 @@ struct conf_jwt {
     enum conf_clock_check clock_check; /* auth.clock_check */
 };
 
+/* auth.claims holds at most this many extra claims. */
+#define CONF_JWT_MAX_CLAIMS 32
+
+/* The claims @jwt describes (aud, lifetime, cap, skew and auth.claims), as
+ * jwt_sign() takes them. @extra must have room for CONF_JWT_MAX_CLAIMS
+ * entries; the strings in it and in @out stay owned by @jwt. */
+void conf_jwt_claims(const struct conf_jwt *jwt, struct jwt_claim *extra, struct jwt_claims *out);
+
 struct conf_auth {
     enum conf_auth_type type; /* auth.type: none (default) | basic | jwt */
     char *username;           /* auth.username (jwt: default "unused", as GCP ignores it) */

@@ -36,6 +36,7 @@
 #include "jwt.h"
 #include "keys.h"
 #include "mqtt_codec.h"
+#include "profile.h"
 #include "tlscheck.h"
 #include "util.h"
 
@@ -161,7 +162,8 @@ static void tls_settings_get(const struct conf_uplink *uplink, struct tls_settin
 static int jwt_token_get(const struct conf_uplink *uplink, char **token, FILE *out)
 {
     const struct conf_jwt *jwt = &uplink->auth.jwt;
-    struct jwt_claim extra[64];
+    struct jwt_claim extra[CONF_JWT_MAX_CLAIMS];
+    struct jwt_claims claims;
     struct jwt_signer *signer = NULL;
     char err[KEYS_ERR_SIZE];
     time_t now = time(NULL);
@@ -174,16 +176,7 @@ static int jwt_token_get(const struct conf_uplink *uplink, char **token, FILE *o
         say(out, "MQTT: FAILED: more than %zu auth.claims", ARRAY_SIZE(extra));
         return -E2BIG;
     }
-    for (size_t i = 0; i < jwt->claim_count; i++)
-        extra[i] = (struct jwt_claim){.name = jwt->claims[i].name, .value = jwt->claims[i].value};
-    struct jwt_claims claims = {
-        .aud = jwt->aud,
-        .lifetime_s = jwt->lifetime_s,
-        .max_lifetime_s = jwt->max_lifetime_s,
-        .skew_s = jwt->skew_s,
-        .extra = extra,
-        .extra_count = jwt->claim_count,
-    };
+    conf_jwt_claims(jwt, extra, &claims);
     rc = jwt_clock_check(now, jwt->clock_check == CONF_CLOCK_SYNC, NULL, err, sizeof(err));
     if (rc < 0) {
         say(out, "MQTT: FAILED: uplinkd would not sign a token now: %s", err);
@@ -653,8 +646,11 @@ static bool check_client_cert(const struct conf_uplink *uplink, FILE *out)
         say(out, "  client certificate: none configured");
         return true;
     }
-    int rc = tlscheck_client_cert(uplink->tls.cert, uplink->tls.key, NULL, time(NULL), &info, err,
-                                  sizeof(err), warning, sizeof(warning));
+    struct keys_options key_options;
+    tlscheck_key_options(uplink, &key_options);
+    struct tlscheck_options options = {.key_options = &key_options};
+    int rc = tlscheck_client_cert(uplink->tls.cert, uplink->tls.key, &options, time(NULL), &info,
+                                  err, sizeof(err), warning, sizeof(warning));
     if (info.chain_len > 0) {
         say(out, "  client certificate: %s (%zu certificate%s in the file)", uplink->tls.cert,
             info.chain_len, info.chain_len == 1 ? "" : "s");
@@ -705,8 +701,12 @@ static SSL_CTX *tls_context(const struct conf_uplink *uplink, const struct tls_s
         goto err_after_ctx;
     }
     if (uplink->tls.cert != NULL && uplink->tls.key != NULL) {
+        /* The same key options as the daemon: a pkcs11: tls.key gets its
+         * module and PIN the same way (tlscheck_key_options()). */
+        struct keys_options key_options;
+        tlscheck_key_options(uplink, &key_options);
         if (keys_load_cert_chain(uplink->tls.cert, &leaf, &chain, err, sizeof(err)) < 0 ||
-            keys_load_private(uplink->tls.key, NULL, &key, err, sizeof(err)) < 0) {
+            keys_load_private(uplink->tls.key, &key_options, &key, err, sizeof(err)) < 0) {
             say(out, "TLS: FAILED: %s", err);
             say(out,
                 "  fix: point tls.cert and tls.key at the PEM certificate (chain) and its key");
@@ -989,11 +989,77 @@ static void explain_connack(int code, const struct conf_uplink *uplink, const ch
     }
 }
 
+/* The profile's own words after a refused CONNACK: what its cloud checks,
+ * with the values this CONNECT carried. */
+static void explain_connack_profile(int code, const struct conf_uplink *uplink,
+                                    const char *client_id, FILE *out)
+{
+    const char *profile = uplink->profile ? uplink->profile : "generic";
+    const struct conf_jwt *jwt = &uplink->auth.jwt;
+
+    if (code != MQTT_CONNACK_BAD_CREDENTIALS && code != MQTT_CONNACK_NOT_AUTHORIZED)
+        return;
+    if (strcmp(profile, "gcp") == 0) {
+        say(out,
+            "  GCP (Google Cloud IoT Core / ClearBlade): the bridge refused the JWT or the "
+            "device: the token's aud must be the project id (it is \"%s\"; gcp.project is "
+            "\"%s\"), %s must match a public key registered for device %s in registry %s "
+            "(%s), exp at most 24 h after iat, and the clock right; the client id %s must name "
+            "an existing device",
+            jwt->aud ? jwt->aud : "(none)", uplink->gcp.project, jwt_alg_name(jwt->alg),
+            uplink->gcp.device, uplink->gcp.registry, uplink->gcp.region, client_id);
+    } else if (strcmp(profile, "akenza") == 0) {
+        say(out,
+            "  akenza: the token must carry aud \"%s\" (auth.aud), sub = the device id, and "
+            "kid = the hex SHA-256 of the registered public key (auth.kid auto); the client id "
+            "%s must be the device id",
+            jwt->aud ? jwt->aud : "(none)", client_id);
+    } else if (strcmp(profile, "cumulocity") == 0) {
+        say(out,
+            "  Cumulocity: the user name is <tenant>/<user> (cumulocity.tenant), or with "
+            "X.509 the certificate's CN must equal the device id in the client id %s and the "
+            "CA be trusted by the tenant",
+            client_id);
+    }
+}
+
+/* Cumulocity bootstrap: the device credentials the daemon stored in
+ * <state_dir>/credentials/<uplink> ("<tenant>/<user>\n<password>\n"), in
+ * *@text (the caller cleanses and frees it) split at *@password. */
+static int c8y_stored_credentials(const struct conf *conf, const struct conf_uplink *uplink,
+                                  char *path, size_t path_size, char **text, size_t *len_out,
+                                  char **password)
+{
+    size_t len = 0;
+    char *nl, *end;
+    int rc;
+
+    snprintf(path, path_size, "%s/credentials/%s", conf->state_dir, uplink->name);
+    rc = util_read_file(path, 64 * 1024, text, &len);
+    if (rc < 0)
+        return rc;
+    nl = strchr(*text, '\n');
+    end = nl ? strchr(nl + 1, '\n') : NULL;
+    if (!nl || !end || nl == *text) {
+        OPENSSL_cleanse(*text, len);
+        free(*text);
+        *text = NULL;
+        return -EINVAL;
+    }
+    *nl = '\0';
+    *end = '\0';
+    *password = nl + 1;
+    *len_out = len;
+    return 0;
+}
+
 static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
                      const struct diagnose_options *options, struct diag_conn *conn,
                      const struct tls_trace *trace, unsigned timeout_ms, FILE *out)
 {
-    const char *client_id = options->client_id ? options->client_id : uplink->client_id;
+    struct profile_connect_id ids;
+    const char *client_id = options->client_id;
+    const char *profile = uplink->profile ? uplink->profile : "generic";
     struct mqtt_connect connect = {
         .protocol_level = 4,
         /* As configured: a persistent session stays as the daemon left it
@@ -1003,13 +1069,29 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
     };
     uint8_t *packet = NULL, buf[READ_BUF_SIZE];
     size_t len = 0, have = 0;
-    char *token = NULL;
+    char *token = NULL, *stored = NULL; /* stored: stored_len bytes, cleansed at the end */
+    size_t stored_len = 0;
     int rc = -EPROTO;
 
+    /* What the daemon's profile sends (profile.h): the client id, the user
+     * name and clean session; the JWT's claims come from auth.jwt as in the
+     * daemon (conf.c set the profile's aud, sub and kid there). */
+    profile_connect_id(uplink, &ids);
+    if (ids.clean_session)
+        connect.clean_session = true;
+    if (client_id == NULL && ids.client_id[0] != '\0')
+        client_id = ids.client_id;
+    if (client_id == NULL)
+        client_id = uplink->client_id;
     if (client_id == NULL)
         client_id = conf->gateway_id;
     connect.client_id = (struct mqtt_slice){(const uint8_t *)client_id, strlen(client_id)};
-    say(out, "  client id: %s%s", client_id, options->client_id ? " (from --client-id)" : "");
+    say(out, "  client id: %s%s%s%s", client_id,
+        options->client_id         ? " (from --client-id)"
+        : ids.client_id[0] != '\0' ? " (profile "
+                                   : "",
+        options->client_id == NULL && ids.client_id[0] != '\0' ? profile : "",
+        options->client_id == NULL && ids.client_id[0] != '\0' ? ")" : "");
 
     if (jwt_token_get(uplink, &token, out) < 0)
         goto out;
@@ -1022,6 +1104,31 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
         say(out, "  user name: %s, password: a JWT signed now with %s (%s):", username,
             uplink->auth.jwt.key, jwt_alg_name(uplink->auth.jwt.alg));
         diagnose_print_token(token, (long long)time(NULL), out);
+    } else if (ids.username[0] != '\0') {
+        const char *username = ids.username, *password = ids.password;
+        char path[4096], *stored_password = NULL;
+        say(out, "  token: no JWT configured");
+        if (ids.c8y_bootstrap) {
+            int crc = c8y_stored_credentials(conf, uplink, path, sizeof(path), &stored, &stored_len,
+                                             &stored_password);
+            if (crc == 0) {
+                username = stored;
+                password = stored_password;
+                say(out, "  credentials: the device's, stored by the bootstrap in %s", path);
+            } else {
+                say(out,
+                    "  credentials: no device credentials in %s (%s): the bootstrap user's, as "
+                    "the daemon uses them until Cumulocity hands out the device's",
+                    path, crc == -EINVAL ? "not a credentials file" : strerror(-crc));
+            }
+        }
+        connect.has_username = true;
+        connect.username = (struct mqtt_slice){(const uint8_t *)username, strlen(username)};
+        connect.has_password = password != NULL;
+        if (password)
+            connect.password = (struct mqtt_slice){(const uint8_t *)password, strlen(password)};
+        say(out, "  user name: %s (profile %s), password: %s", username, profile,
+            password ? "(set, not shown)" : "(none)");
     } else if (uplink->auth.type == CONF_AUTH_BASIC) {
         say(out, "  token: no JWT configured");
         connect.has_username = uplink->auth.username != NULL;
@@ -1118,6 +1225,7 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
     double took = now_ms() - started;
     if (answer.u.connack.code != MQTT_CONNACK_ACCEPTED) {
         explain_connack(answer.u.connack.code, uplink, client_id, token != NULL, out);
+        explain_connack_profile(answer.u.connack.code, uplink, client_id, out);
         goto out;
     }
     say(out, "CONNACK: OK: 0, connection accepted in %.1f ms (session present: %s)", took,
@@ -1132,6 +1240,10 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
 
 out:
     free(packet);
+    if (stored != NULL) {
+        OPENSSL_cleanse(stored, stored_len);
+        free(stored);
+    }
     if (token != NULL) {
         OPENSSL_cleanse(token, strlen(token));
         free(token);

@@ -22,6 +22,7 @@
 #include <openssl/objects.h>
 #include <openssl/opensslv.h>
 #include <openssl/pem.h>
+#include <openssl/ssl.h>
 #include <openssl/ui.h>
 #include <openssl/x509.h>
 #ifndef OPENSSL_NO_ENGINE
@@ -226,9 +227,15 @@ static int pkcs11_engine_get(const char *module, ENGINE **out, char *err, size_t
     ENGINE *engine = NULL;
     int rc = 0;
 
+    pthread_mutex_lock(&pkcs11_lock);
+    /* No module asked for: any module this process already uses will do
+     * (tls.key without a module of its own shares auth.pkcs11_module's). */
+    if (module == NULL && pkcs11_engine != NULL) {
+        *out = pkcs11_engine;
+        goto out;
+    }
     if (module == NULL)
         module = getenv("PKCS11_MODULE_PATH");
-    pthread_mutex_lock(&pkcs11_lock);
     if (pkcs11_engine != NULL) {
         /* libp11 loads one module per engine; a second one cannot be added. */
         bool same = (module == NULL && pkcs11_engine_module == NULL) ||
@@ -319,11 +326,107 @@ static void redact_uri(const char *uri, char *out, size_t size)
     out[pos < size ? pos : size - 1] = '\0';
 }
 
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* RFC 7512 §2.4 "pin-source": where the PIN is. We take "file:PATH" (also
+ * "file://PATH") or a plain absolute PATH, percent-decoded (RFC 7512 §2.3).
+ * libp11 0.4.12 would read the file itself, but it keeps the trailing
+ * newline every editor writes as part of the PIN ("PIN incorrect"); so we
+ * read it like passphrase_file (the first line) and give libp11 the URI
+ * without the attribute. *pin_file: malloc'd path, NULL when the URI has no
+ * pin-source; *engine_uri: malloc'd URI without it (NULL likewise). */
+static int split_pin_source(const char *uri, char **pin_file, char **engine_uri, char *err,
+                            size_t err_size)
+{
+    static const char attr[] = "pin-source=";
+    const char *at = NULL;
+    char *path = NULL, *rest = NULL;
+
+    *pin_file = NULL;
+    *engine_uri = NULL;
+    for (const char *p = strstr(uri, attr); p != NULL; p = strstr(p + 1, attr)) {
+        if (p > uri && strchr(":;?&", p[-1]) != NULL) {
+            at = p;
+            break;
+        }
+    }
+    if (at == NULL)
+        return 0;
+    const char *value = at + sizeof(attr) - 1;
+    size_t value_len = strcspn(value, ";?&");
+    const char *end = value + value_len;
+
+    path = malloc(value_len + 1);
+    rest = malloc(strlen(uri) + 1);
+    if (path == NULL || rest == NULL)
+        goto err_nomem;
+    size_t n = 0;
+    for (size_t i = 0; i < value_len; i++) {
+        int high, low;
+        if (value[i] == '%' && i + 2 < value_len && (high = hex_value(value[i + 1])) >= 0 &&
+            (low = hex_value(value[i + 2])) >= 0) {
+            path[n++] = (char)(high * 16 + low);
+            i += 2;
+        } else {
+            path[n++] = value[i];
+        }
+    }
+    path[n] = '\0';
+    const char *file = path;
+    if (strncmp(file, "file://", 7) == 0)
+        file += 7;
+    else if (strncmp(file, "file:", 5) == 0)
+        file += 5;
+    if (file[0] != '/' || strlen(file) != n - (size_t)(file - path)) {
+        char shown[512];
+        redact_uri(uri, shown, sizeof(shown));
+        util_set_err(err, err_size,
+                     "%s: pin-source must be file:/absolute/path of a file whose first line is "
+                     "the PIN (e.g. pin-source=file:/etc/uplinkd/token.pin)",
+                     shown);
+        free(path);
+        free(rest);
+        return -EINVAL;
+    }
+    memmove(path, file, strlen(file) + 1);
+
+    /* Cut the attribute and one separator next to it: "a;pin-source=x;b" ->
+     * "a;b", "a?pin-source=x&b" -> "a?b", "a?pin-source=x" -> "a",
+     * "pkcs11:pin-source=x;b" -> "pkcs11:b". */
+    size_t cut_from = (size_t)(at - uri), cut_to = (size_t)(end - uri);
+    if (*end == '&' || ((at[-1] == ':' || at[-1] == '?') && *end == ';'))
+        cut_to++;
+    else if (at[-1] != ':')
+        cut_from--;
+    memcpy(rest, uri, cut_from);
+    strcpy(rest + cut_from, uri + cut_to);
+    *pin_file = path;
+    *engine_uri = rest;
+    return 0;
+
+err_nomem:
+    free(path);
+    free(rest);
+    util_set_err(err, err_size, "out of memory");
+    return -ENOMEM;
+}
+
 static int load_pkcs11(const char *uri, const struct keys_options *options, EVP_PKEY **out,
                        char *err, size_t err_size)
 {
     char reason[256];
     char *pin = NULL;
+    char *pin_file = NULL, *engine_uri = NULL;
+    const char *pin_path = options ? options->passphrase_file : NULL;
     UI_METHOD *ui = NULL;
     ENGINE *engine = NULL;
     EVP_PKEY *key = NULL;
@@ -332,10 +435,16 @@ static int load_pkcs11(const char *uri, const struct keys_options *options, EVP_
     rc = pkcs11_engine_get(options ? options->pkcs11_module : NULL, &engine, err, err_size);
     if (rc < 0)
         return rc;
-    if (options != NULL && options->passphrase_file != NULL) {
-        rc = read_passphrase(options->passphrase_file, &pin, err, err_size);
+    rc = split_pin_source(uri, &pin_file, &engine_uri, err, err_size);
+    if (rc < 0)
+        return rc;
+    /* The URI's own pin-source is more specific than passphrase_file. */
+    if (pin_file != NULL)
+        pin_path = pin_file;
+    if (pin_path != NULL) {
+        rc = read_passphrase(pin_path, &pin, err, err_size);
         if (rc < 0)
-            return rc;
+            goto out;
     }
     ui = UI_create_method("uplinkd: no PIN prompt");
     if (ui == NULL || UI_method_set_reader(ui, no_prompt_reader_cb) != 0) {
@@ -350,15 +459,15 @@ static int load_pkcs11(const char *uri, const struct keys_options *options, EVP_
     if (pin != NULL && !ENGINE_ctrl_cmd_string(engine, "PIN", pin, 0)) {
         pthread_mutex_unlock(&pkcs11_lock);
         rc = -EINVAL;
-        util_set_err(err, err_size, "PKCS#11 engine refused the PIN from %s (%s)",
-                     options->passphrase_file, keys_openssl_reason(reason, sizeof(reason)));
+        util_set_err(err, err_size, "PKCS#11 engine refused the PIN from %s (%s)", pin_path,
+                     keys_openssl_reason(reason, sizeof(reason)));
         goto out;
     }
-    key = ENGINE_load_private_key(engine, uri, ui, NULL);
+    key = ENGINE_load_private_key(engine, engine_uri ? engine_uri : uri, ui, NULL);
     pthread_mutex_unlock(&pkcs11_lock);
     if (key == NULL) {
         char shown[512];
-        bool pin_given = pin != NULL || strstr(uri, "pin-value=") || strstr(uri, "pin-source=");
+        bool pin_given = pin != NULL || strstr(uri, "pin-value=");
         rc = -ENOKEY;
         redact_uri(uri, shown, sizeof(shown));
         util_set_err(err, err_size,
@@ -381,6 +490,8 @@ out:
         OPENSSL_cleanse(pin, strlen(pin));
         free(pin);
     }
+    free(pin_file);
+    free(engine_uri);
     return rc;
 }
 #else
@@ -574,6 +685,68 @@ int keys_check_cert_key(const X509 *cert, const EVP_PKEY *key, const char *cert_
                  cert_key ? keys_describe(cert_key, cert_desc, sizeof(cert_desc))
                           : "no public key");
     return -EKEYREJECTED;
+}
+
+int keys_use_client_cert(SSL_CTX *ctx, const char *cert_path, const char *key_spec,
+                         const struct keys_options *options, char *err, size_t err_size)
+{
+    char reason[256];
+    X509 *leaf = NULL;
+    STACK_OF(X509) *chain = NULL;
+    EVP_PKEY *key = NULL;
+    int rc;
+
+    rc = keys_load_cert_chain(cert_path, &leaf, &chain, err, err_size);
+    if (rc < 0)
+        return rc;
+    rc = keys_load_private(key_spec, options, &key, err, err_size);
+    if (rc < 0)
+        goto out;
+    rc = keys_check_cert_key(leaf, key, cert_path, err, err_size);
+    if (rc < 0)
+        goto out;
+    ERR_clear_error();
+    /* override = 1: the chain goes out exactly as in the file, the CA
+     * included when it is there (Cumulocity wants it), instead of OpenSSL
+     * building one from the trust store. */
+    if (SSL_CTX_use_cert_and_key(ctx, leaf, key, chain, 1) != 1) {
+        rc = -EINVAL;
+        util_set_err(err, err_size, "OpenSSL refuses certificate %s with its key (%s)", cert_path,
+                     keys_openssl_reason(reason, sizeof(reason)));
+        goto out;
+    }
+    rc = 0;
+out:
+    EVP_PKEY_free(key);
+    sk_X509_pop_free(chain, X509_free);
+    X509_free(leaf);
+    return rc;
+}
+
+int keys_pkcs11_available(char *err, size_t err_size)
+{
+#ifndef OPENSSL_NO_ENGINE
+    char reason[256];
+    ENGINE *engine;
+
+    ERR_clear_error();
+    /* A structural reference only: the module is not loaded here, so the
+     * choice of module stays with the first keys_load_private(). */
+    engine = ENGINE_by_id("pkcs11");
+    if (engine == NULL) {
+        util_set_err(err, err_size,
+                     "pkcs11: keys need the OpenSSL PKCS#11 engine, which cannot be loaded (%s); "
+                     "install it: apt-get install libengine-pkcs11-openssl",
+                     keys_openssl_reason(reason, sizeof(reason)));
+        return -ENOTSUP;
+    }
+    ENGINE_free(engine);
+    return 0;
+#else
+    util_set_err(err, err_size,
+                 "this OpenSSL is built without engines, so pkcs11: keys cannot be used");
+    return -ENOTSUP;
+#endif
 }
 
 static const char *format_asn1_time(const ASN1_TIME *t, char *buf, size_t size)

@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include <openssl/evp.h>
+#include <openssl/types.h>
 #include <openssl/x509.h>
 
 /* Size of an error buffer that always holds a whole keys_/jwt_ message. */
@@ -31,12 +32,14 @@
 /* How to open a private key. Every pointer is borrowed and may be NULL. */
 struct keys_options {
     /* File whose first line is the passphrase of an encrypted PEM key or,
-     * for a pkcs11: URI, the token's user PIN (a pin-value=/pin-source= in
-     * the URI also works). A trailing newline is not part of it. */
+     * for a pkcs11: URI, the token's user PIN. A trailing newline is not
+     * part of it. For a URI, pin-value=PIN or pin-source=file:/PATH (read
+     * the same way, first line) in the URI take precedence. */
     const char *passphrase_file;
-    /* PKCS#11 module (.so) for pkcs11: URIs. NULL: $PKCS11_MODULE_PATH,
-     * else libp11's default, p11-kit-proxy, which reaches every module
-     * registered with p11-kit (softhsm2 and opensc register themselves). */
+    /* PKCS#11 module (.so) for pkcs11: URIs. NULL: the module this process
+     * already uses for pkcs11: keys, else $PKCS11_MODULE_PATH, else libp11's
+     * default, p11-kit-proxy, which reaches every module registered with
+     * p11-kit (softhsm2 and opensc register themselves). */
     const char *pkcs11_module;
 };
 
@@ -110,6 +113,33 @@ int keys_load_cert_chain(const char *path, X509 **leaf, STACK_OF(X509) * *chain,
  */
 int keys_check_cert_key(const X509 *cert, const EVP_PKEY *key, const char *cert_name, char *err,
                         size_t err_size);
+
+/**
+ * keys_use_client_cert() - give @ctx a client certificate chain and its
+ * private key, for TLS client authentication.
+ * @ctx: the context to set up (borrowed; it takes its own references to the
+ *       certificates and the key, so a token key lives as long as @ctx).
+ * @cert_path: PEM file, the leaf first, then optionally its chain; the
+ *             chain is sent as it is in the file (borrowed).
+ * @key_spec: PEM key file or pkcs11: URI (borrowed).
+ * @options: as for keys_load_private(); may be NULL.
+ * Works the same for a PEM key and a token key (the handshake signature is
+ * then made in the token), which libmosquitto's own key loading cannot.
+ * Returns 0, or the negative errno of keys_load_cert_chain(),
+ * keys_load_private() or keys_check_cert_key() (-EKEYREJECTED: not the
+ * certificate's key), or -EINVAL when OpenSSL refuses the pair; @err in
+ * words, naming the file or URI (never a PIN).
+ */
+int keys_use_client_cert(SSL_CTX *ctx, const char *cert_path, const char *key_spec,
+                         const struct keys_options *options, char *err, size_t err_size);
+
+/**
+ * keys_pkcs11_available() - whether pkcs11: keys can be used at all: the
+ * OpenSSL PKCS#11 engine can be found. Does not load a PKCS#11 module or
+ * open a token (configuration checks call it before any key is loaded).
+ * Returns 0, or -ENOTSUP with @err saying what to install.
+ */
+int keys_pkcs11_available(char *err, size_t err_size);
 
 /**
  * keys_check_cert_validity() - check notBefore <= @now <= notAfter.

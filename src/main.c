@@ -139,6 +139,77 @@ static void ctl_reconnect(struct daemon *d, const char *verb, const char *name,
     json_append_raw(out, "}");
 }
 
+/* "reload-credentials [NAME]": uplink_reload_credentials() for one uplink
+ * or all, answered per uplink as changed, unchanged or refused with the
+ * reason. */
+static void ctl_reload_credentials(struct daemon *d, const char *name, struct json_buf *out)
+{
+    char words[256], report[1024];
+    bool first = true;
+
+    if (name[0] && daemon_find_uplink(d, name) == NULL) {
+        snprintf(words, sizeof(words), "no uplink named \"%s\" (see uplinkctl status)", name);
+        ctl_error(out, words);
+        return;
+    }
+    json_append_raw(out, "{\"uplinks\":[");
+    for (size_t i = 0; i < d->uplink_count; i++) {
+        struct uplink *uplink = d->uplinks[i];
+        if (uplink == NULL || (name[0] && strcmp(uplink_name(uplink), name) != 0))
+            continue;
+        int rc = uplink_reload_credentials(uplink, report, sizeof(report));
+        json_append_raw(out, first ? "{\"name\":" : ",{\"name\":");
+        first = false;
+        json_append_string(out, uplink_name(uplink));
+        json_append_raw(out, ",\"result\":");
+        json_append_string(out, rc == UPLINK_CREDS_CHANGED     ? "changed"
+                                : rc == UPLINK_CREDS_UNCHANGED ? "unchanged"
+                                                               : "refused");
+        json_append_raw(out, ",\"message\":");
+        json_append_string(out, report);
+        json_append_raw(out, "}");
+    }
+    json_append_raw(out, "]}");
+}
+
+/* "jwt NAME": the token the uplink would send now (uplink_sign_jwt). The
+ * daemon signs, so a key in a token or readable only by uplinkd works. */
+static void ctl_jwt(struct daemon *d, const char *name, struct json_buf *out)
+{
+    char words[512], err[KEYS_ERR_SIZE];
+    struct uplink *uplink = name[0] ? daemon_find_uplink(d, name) : NULL;
+    char *token = NULL;
+    time_t expires_at = 0;
+
+    if (uplink == NULL) {
+        size_t used =
+            (size_t)snprintf(words, sizeof(words), "no uplink named \"%s\" (known:", name);
+        for (size_t i = 0; i < d->uplink_count && used < sizeof(words); i++)
+            if (d->uplinks[i] != NULL)
+                used += (size_t)snprintf(words + used, sizeof(words) - used, " %s",
+                                         uplink_name(d->uplinks[i]));
+        if (used < sizeof(words))
+            snprintf(words + used, sizeof(words) - used, ")");
+        ctl_error(out, words);
+        return;
+    }
+    if (uplink_sign_jwt(uplink, &token, &expires_at, err, sizeof(err)) < 0) {
+        ctl_error(out, err);
+        return;
+    }
+    json_append_raw(out, "{\"uplink\":");
+    json_append_string(out, name);
+    json_append_raw(out, ",\"token\":");
+    json_append_string(out, token);
+    json_append_fmt(out, ",\"exp\":%lld}", (long long)expires_at);
+    explicit_bzero(token, strlen(token));
+    free(token);
+}
+
+#define CTL_KNOWN                                                                                  \
+    "known: status, children, reconnect UPLINK, rotate UPLINK, reload-credentials [UPLINK], "      \
+    "jwt UPLINK"
+
 static void daemon_ctl_command_cb(void *arg, const char *command, struct json_buf *out)
 {
     struct daemon *d = arg;
@@ -146,11 +217,19 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
 
     /* A command line is "VERB [ARGUMENT]"; the argument is an uplink name. */
     if (sscanf(command, "%31s %127s", verb, name) < 1) {
-        ctl_error(out, "empty command (known: status, children, reconnect UPLINK, rotate UPLINK)");
+        ctl_error(out, "empty command (" CTL_KNOWN ")");
         return;
     }
     if (strcmp(verb, "reconnect") == 0 || strcmp(verb, "rotate") == 0) {
         ctl_reconnect(d, verb, name, out);
+        return;
+    }
+    if (strcmp(verb, "reload-credentials") == 0) {
+        ctl_reload_credentials(d, name, out);
+        return;
+    }
+    if (strcmp(verb, "jwt") == 0) {
+        ctl_jwt(d, name, out);
         return;
     }
     if (strcmp(verb, "children") == 0) {
@@ -160,8 +239,7 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
         return;
     }
     if (strcmp(verb, "status") != 0) {
-        ctl_error(out,
-                  "unknown command (known: status, children, reconnect UPLINK, rotate UPLINK)");
+        ctl_error(out, "unknown command (" CTL_KNOWN ")");
         return;
     }
     static const char *const state_names[] = {"starting", "running", "stopping"};
@@ -188,11 +266,11 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
         json_append_raw(out, ",\"last_error\":");
         json_append_string(out, uplink_last_error(d->uplinks[i]));
         json_append_fmt(out,
-                        ",\"queued\":%zu,\"published\":%llu,\"received\":%llu,"
-                        "\"dropped\":%llu,\"connects\":%llu",
+                        ",\"queued\":%zu,\"published\":%llu,\"publishes\":%llu,"
+                        "\"received\":%llu,\"dropped\":%llu,\"connects\":%llu",
                         stats.queued, (unsigned long long)stats.published,
-                        (unsigned long long)stats.received, (unsigned long long)stats.dropped,
-                        (unsigned long long)stats.connects);
+                        (unsigned long long)stats.publishes, (unsigned long long)stats.received,
+                        (unsigned long long)stats.dropped, (unsigned long long)stats.connects);
         /* The spool (docs/design/spool.md): depth, bytes, oldest age, rates,
          * drops by reason, last fsync latency. */
         uint64_t now_ms = (uint64_t)time(NULL) * 1000;
@@ -228,6 +306,7 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
                             (unsigned long long)stats.rotations);
             json_append_string(out, stats.clock ? stats.clock : "unknown");
         }
+        router_uplink_status_json(&d->router, d->uplinks[i], out); /* akenza "sessions" */
         json_append_raw(out, "}");
     }
     json_append_fmt(out, "],\"router\":{\"forwarded\":%llu,\"rejected\":%llu,\"unrouted\":%llu}}",
@@ -271,6 +350,13 @@ static const char *uplink_connack_text_cb(void *arg, struct uplink *uplink, int 
     return router_uplink_connack_text_cb(&d->router, uplink, rc);
 }
 
+static const char *uplink_batch_cb(void *arg, struct uplink *uplink, const char *topic,
+                                   size_t *max_packet)
+{
+    struct daemon *d = arg;
+    return router_uplink_batch_cb(&d->router, uplink, topic, max_packet);
+}
+
 static int uplink_create(struct daemon *d, const char *gateway_id, const struct conf_uplink *uc,
                          struct uplink **out)
 {
@@ -278,6 +364,7 @@ static int uplink_create(struct daemon *d, const char *gateway_id, const struct 
         .session_cb = uplink_session_cb,
         .online_cb = uplink_online_cb,
         .connack_text_cb = uplink_connack_text_cb,
+        .batch_cb = uplink_batch_cb,
         .message_cb = uplink_message_cb,
         .state_cb = uplink_state_cb,
         .arg = d,
@@ -467,8 +554,16 @@ static void daemon_reload(struct daemon *d)
         if (uplinks[i] != NULL) {
             const struct conf_uplink *old = conf_uplink_find(d->conf, uc->name);
             bool prefix_changed = strcmp(old->generic.topic_prefix, uc->generic.topic_prefix) != 0;
+            bool same = conf_uplink_equal(old, uc);
             if (uplink_reconfigure(uplinks[i], uc) < 0)
                 log_uplink(LOG_ERR, uc->name, "could not apply the new settings");
+            /* The same settings may name files whose contents were renewed
+             * (a certificate, a key): reconnect only if they changed and
+             * pass the start-up checks. A changed section reconnects anyway. */
+            if (same) {
+                char report[1024];
+                uplink_reload_credentials(uplinks[i], report, sizeof(report));
+            }
             if (prefix_changed) {
                 router_unsubscribe_device_topics(&d->router, uplinks[i], old->generic.topic_prefix);
                 fresh[fresh_count++] = uplinks[i];

@@ -26,12 +26,16 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 #include <uv.h>
 
+#include "conf.h" /* profile_connect_id() reads struct conf_uplink */
 #include "mapping.h"
 
 struct conf;
 struct conf_uplink;
+struct json_buf;
 struct uplink;
 struct uplink_session;
 struct registry;
@@ -160,17 +164,26 @@ struct profile {
     void (*down_cb)(struct profile_instance *pi, const char *topic, const void *payload, size_t len,
                     int qos, bool retain, struct profile_msgs *local);
 
-    /* Batching: may a queued record for @topic be joined with the next one
-     * for the same topic, and how (Cumulocity: lines joined by "\n" while the
-     * packet stays within limits.max_packet)? Returns the separator to put
-     * between payloads, or NULL when records must go one by one.
-     * Not used by the uplink yet (it needs a look-ahead in the spool); each
-     * profile already packs what one local message produces. */
+    /* Batching: may a queued record for @topic be joined with the records
+     * queued right behind it for the same topic, and how (Cumulocity: lines
+     * joined by "\n" while the whole PUBLISH stays within
+     * limits.max_packet)? Returns the separator to put between payloads (a
+     * static string), or NULL when records must go one by one. The uplink
+     * asks through uplink_hooks.batch_cb (router_uplink_batch_cb) and joins
+     * only records already queued (uplink.c, uplink_batch_take). */
     const char *(*batch_separator_cb)(const struct profile_instance *pi, const char *topic);
 
     /* CONNACK return code (MQTT 3.1.1 §3.2.2.3) in the cloud's words, or
      * NULL for the generic text. */
     const char *(*connack_text_cb)(const struct profile_instance *pi, int rc);
+
+    /* uplinkctl status: append members (each starting with ',') to the
+     * uplink's JSON object, e.g. akenza's per-device "sessions". */
+    void (*status_json_cb)(const struct profile_instance *pi, struct json_buf *out);
+    /* uplinkctl children: append members (each starting with ',') to
+     * @child's object for this uplink, e.g. its session's state. */
+    void (*child_json_cb)(const struct profile_instance *pi, const char *child,
+                          struct json_buf *out);
 
     struct profile_limits limits;
 };
@@ -297,6 +310,61 @@ int profile_template_filter(const char *tmpl, char *buf, size_t cap);
  * -EINVAL when it matches but the child id is invalid.
  */
 int profile_template_match(const char *tmpl, const char *topic, char *child, const char **sub);
+
+/* What a profile's CONNECT carries that follows from the conf alone: the
+ * daemon's session_cb and `uplinkctl diagnose` (which links no profile
+ * code) both use profile_connect_id(), so diagnose sends what the daemon
+ * sends. JWT claims (aud, sub, kid) need nothing here: conf.c sets the
+ * profile defaults in auth.jwt, which both sign from. */
+#define PROFILE_CLIENT_ID_MAX 1024
+struct profile_connect_id {
+    char client_id[PROFILE_CLIENT_ID_MAX]; /* "" = uplinks[].client_id, else gateway.id */
+    char username[512];                    /* "" = auth.username as configured (jwt: "unused") */
+    const char *password; /* with a username: the password to send (borrowed from the conf) */
+    bool clean_session;   /* true: clean session 1 whatever the conf says (Cumulocity) */
+    bool c8y_bootstrap;   /* Cumulocity bootstrap: the device's user and password are in
+                             <state_dir>/credentials/<uplink> once received, else the
+                             bootstrap user's are used (username/password above) */
+};
+
+/**
+ * profile_connect_id() - fill @out for @uc (borrowed; @out points into it):
+ * gcp: projects/<p>/locations/<r>/registries/<g>/devices/<d>; cumulocity:
+ * d:<device_id>[:<template>], basic auth user <tenant>/<user> when
+ * cumulocity.tenant is set, bootstrap as described above; akenza: the
+ * device id; generic: nothing beyond the conf. Inline so that uplinkctl,
+ * which links only the core library, shares it.
+ */
+static inline void profile_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out)
+{
+    const char *profile = uc->profile ? uc->profile : "generic";
+    const struct conf_cumulocity *cc = &uc->cumulocity;
+
+    memset(out, 0, sizeof(*out));
+    if (strcmp(profile, "gcp") == 0) {
+        snprintf(out->client_id, sizeof(out->client_id),
+                 "projects/%s/locations/%s/registries/%s/devices/%s", uc->gcp.project,
+                 uc->gcp.region, uc->gcp.registry, uc->gcp.device);
+    } else if (strcmp(profile, "akenza") == 0 && uc->akenza.device) {
+        snprintf(out->client_id, sizeof(out->client_id), "%s", uc->akenza.device);
+    } else if (strcmp(profile, "cumulocity") == 0) {
+        if (cc->template_id)
+            snprintf(out->client_id, sizeof(out->client_id), "d:%s:%s", cc->device_id,
+                     cc->template_id);
+        else
+            snprintf(out->client_id, sizeof(out->client_id), "d:%s", cc->device_id);
+        out->clean_session = true;
+        if (cc->bootstrap) {
+            out->c8y_bootstrap = true;
+            snprintf(out->username, sizeof(out->username), "%s", cc->bootstrap_user);
+            out->password = cc->bootstrap_password;
+        } else if (uc->auth.type == CONF_AUTH_BASIC && cc->tenant && uc->auth.username &&
+                   !strchr(uc->auth.username, '/')) {
+            snprintf(out->username, sizeof(out->username), "%s/%s", cc->tenant, uc->auth.username);
+            out->password = uc->auth.password;
+        }
+    }
+}
 
 /* The profiles (profile_<name>.c). */
 extern const struct profile profile_generic;

@@ -27,12 +27,16 @@
  * each session's own decorrelated-jitter backoff (uplink.c). Without
  * child_key other children are refused with the reason.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "conf.h"
+#include "json.h"
 #include "jwt.h"
 #include "keys.h"
 #include "log.h"
@@ -121,16 +125,47 @@ int akenza_child_aud(const char *device_aud, const char *device, const char *chi
 
 /* --- per-device sessions ------------------------------------------------------------- */
 
+/* A session's life:
+ *   KEY_LOADING (spool open, uplink created, the key read on the threadpool)
+ *   -> RUNNING (uplink started) | NO_KEY (the key could not be used: the
+ *   uplink is never started, what it spooled stays on disk)
+ *   any -> STOPPING (uplink_stop(), then freed once the uplink and a running
+ *   key load have both finished). */
+enum session_state {
+    SESSION_KEY_LOADING,
+    SESSION_RUNNING,
+    SESSION_NO_KEY,
+    SESSION_STOPPING,
+};
+
+static const char *const session_state_names[] = {
+    [SESSION_KEY_LOADING] = "loading-key",
+    [SESSION_RUNNING] = "running",
+    [SESSION_NO_KEY] = "no-key",
+    [SESSION_STOPPING] = "STOPPING",
+};
+
 struct akenza_session {
     struct akenza_session *next;
     struct profile_instance *pi;
     struct uplink *uplink;
     struct conf_uplink *conf; /* owned; borrowed by the uplink */
-    EVP_PKEY *key;            /* owned */
+    enum session_state state;
+    bool was_no_key;  /* stopped from NO_KEY: new messages are refused, not delayed */
+    bool work_busy;   /* key_work queued or running */
+    bool uplink_done; /* uplink stopped and freed (or never made) */
+    bool remove_dir;  /* the spool was empty at the end: delete its directory */
+    uv_work_t key_work;
+    /* Written by the worker, read after it on the loop thread. */
+    EVP_PKEY *loaded;
+    int key_rc;
+    char key_err[KEYS_ERR_SIZE];
+    EVP_PKEY *key; /* owned, once loaded */
     enum jwt_alg alg;
     char *key_path;            /* owned */
     char *name;                /* "<uplink>.<child>", owned */
     char *aud;                 /* owned */
+    char *spool_dir;           /* owned; NULL: memory spool */
     struct conf_jwt_claim sub; /* "sub" = the child id (value points to id) */
     uint64_t used_ms;          /* uv_now() of its last message */
     char id[];
@@ -141,6 +176,7 @@ struct akenza {
     struct akenza_session *stopping; /* stopped, waiting for their uplink to finish */
     uv_timer_t sweep;
     bool sweep_closed;
+    bool scanned; /* the devices' spools were looked at (akenza_scan) */
 };
 
 static struct akenza *akenza_of(const struct profile_instance *pi)
@@ -152,15 +188,103 @@ static void session_free(struct akenza_session *s)
 {
     free(s->conf);
     EVP_PKEY_free(s->key);
+    EVP_PKEY_free(s->loaded);
     free(s->key_path);
     free(s->name);
     free(s->aud);
+    free(s->spool_dir);
     free(s);
 }
 
-/* The session's settings: the uplink's, with the child's identity, and a
- * memory queue (a durable spool per child would be recovered only when the
- * child happens to publish again). */
+static struct akenza_session *session_find(struct akenza_session *list, const char *child)
+{
+    for (; list; list = list->next) {
+        if (strcmp(list->id, child) == 0)
+            return list;
+    }
+    return NULL;
+}
+
+static void session_unlink(struct akenza_session **list, struct akenza_session *s)
+{
+    for (struct akenza_session **link = list; *link; link = &(*link)->next) {
+        if (*link == s) {
+            *link = s->next;
+            return;
+        }
+    }
+}
+
+/* Spool directories: <state_dir>/spool/<uplink>/devices/<child>, beside the
+ * uplink's own spool files (spool.c only looks at its *.seg and cursor).
+ * A child id never holds '/' (mapping_child_check), so it is one path
+ * component once "." and ".." are ruled out: a leading '.' or '%' is written
+ * as %2E or %25, which also keeps the name reversible. */
+static int devices_dir(const struct profile_instance *pi, char *buf, size_t cap)
+{
+    int n = snprintf(buf, cap, "%s/spool/%s/devices", pi->conf->state_dir, pi->uc->name);
+    return n < 0 || (size_t)n >= cap ? -ENAMETOOLONG : n;
+}
+
+static int akenza_dir_encode(const char *child, char *buf, size_t cap)
+{
+    int n = child[0] == '.' || child[0] == '%'
+                ? snprintf(buf, cap, "%%%02X%s", (unsigned char)child[0], child + 1)
+                : snprintf(buf, cap, "%s", child);
+    /* NAME_MAX: a 255-byte id starting with '.' does not fit. */
+    return n < 0 || (size_t)n >= cap || n > 255 ? -ENAMETOOLONG : n;
+}
+
+static int akenza_dir_decode(const char *name, char *child, size_t cap)
+{
+    size_t len = strlen(name);
+
+    if (name[0] == '%') {
+        unsigned c;
+        char hex[3] = {name[1], name[1] ? name[2] : '\0', '\0'};
+        if (len < 3 || sscanf(hex, "%2X", &c) != 1 || (c != '.' && c != '%'))
+            return -EINVAL;
+        if (len - 2 >= cap)
+            return -ENAMETOOLONG;
+        child[0] = (char)c;
+        memcpy(child + 1, name + 3, len - 3 + 1);
+        len -= 2;
+    } else {
+        if (len >= cap)
+            return -ENAMETOOLONG;
+        memcpy(child, name, len + 1);
+    }
+    return mapping_child_check(child, len) ? -EINVAL : (int)len;
+}
+
+/* The spool files of an empty session; anything else (a damaged segment
+ * kept as .corrupt) keeps the directory. Plain unlink() on the loop: a few
+ * files, once per session that closes. */
+static void session_remove_dir(const struct akenza_session *s)
+{
+    DIR *dir = opendir(s->spool_dir);
+    struct dirent *de;
+    char path[4400];
+
+    if (!dir)
+        return;
+    while ((de = readdir(dir)) != NULL) {
+        size_t len = strlen(de->d_name);
+        if (strcmp(de->d_name, "cursor") != 0 &&
+            (len != 20 || strcmp(de->d_name + 16, ".seg") != 0))
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", s->spool_dir, de->d_name);
+        unlink(path);
+    }
+    closedir(dir);
+    if (rmdir(s->spool_dir) < 0 && errno != ENOENT)
+        log_child(LOG_WARNING, s->pi->uc->name, s->id,
+                  "its session's spool is empty but %s stays: %s", s->spool_dir, strerror(errno));
+}
+
+/* The session's settings: the uplink's, with the child's identity; its
+ * spool follows the uplink's spool settings (durability, max_bytes,
+ * overflow, ...) in a directory of its own. */
 static struct conf_uplink *session_conf(const struct profile_instance *pi,
                                         const struct akenza_session *s)
 {
@@ -174,10 +298,9 @@ static struct conf_uplink *session_conf(const struct profile_instance *pi,
     conf->akenza.device = (char *)s->id;
     conf->akenza.child_key = NULL;
     conf->cert_cn = NULL;
-    conf->spool.durability = CONF_SPOOL_NONE;
     conf->auth.jwt.key = s->key_path;
     conf->auth.jwt.passphrase_file = NULL;
-    conf->auth.jwt.private_key = s->key;
+    conf->auth.jwt.private_key = s->key; /* NULL until loaded: not started before */
     conf->auth.jwt.alg = s->alg;
     conf->auth.jwt.aud = s->aud;
     conf->auth.jwt.kid_mode = JWT_KID_FINGERPRINT; /* akenza identifies the key by it */
@@ -215,22 +338,169 @@ static const char *session_connack_text_cb(void *arg, struct uplink *uplink, int
     return akenza_connack_text(rc);
 }
 
-/* Open @child's session. Returns 0, -EINVAL with pi->reason (no usable
- * key), -ENOMEM. */
-static int session_open(struct profile_instance *pi, const char *child, struct akenza_session **out)
+static void maybe_closed(struct profile_instance *pi)
+{
+    struct akenza *ak = akenza_of(pi);
+
+    if (pi->closing && ak->sweep_closed && !ak->sessions && !ak->stopping)
+        profile_instance_closed(pi);
+}
+
+/* Free a stopping session once nothing runs for it any more. */
+static void session_release(struct akenza_session *s)
+{
+    struct profile_instance *pi = s->pi;
+
+    if (s->work_busy || !s->uplink_done)
+        return;
+    session_unlink(&akenza_of(pi)->stopping, s);
+    if (s->remove_dir && s->spool_dir)
+        session_remove_dir(s);
+    session_free(s);
+    maybe_closed(pi);
+}
+
+static void session_stopped_cb(struct uplink *uplink, void *arg)
+{
+    struct akenza_session *s = arg;
+    struct uplink_stats stats;
+
+    uplink_get_stats(uplink, &stats);
+    s->remove_dir = stats.spool.depth == 0 && stats.spool.io_error == 0;
+    if (!s->remove_dir && s->spool_dir)
+        log_child(LOG_INFO, s->pi->uc->name, s->id,
+                  "%llu message(s) stay in %s and are sent when its session opens again "
+                  "(its next message or the next start)",
+                  (unsigned long long)stats.spool.depth, s->spool_dir);
+    uplink_free(uplink);
+    s->uplink = NULL;
+    s->uplink_done = true;
+    session_release(s);
+}
+
+/* Stop @s (open) for @why; it is freed once its uplink has finished. */
+static void session_stop(struct profile_instance *pi, struct akenza_session *s, const char *why)
+{
+    struct akenza *ak = akenza_of(pi);
+    unsigned timeout_ms = pi->conf->shutdown_timeout_ms ? pi->conf->shutdown_timeout_ms : 5000;
+
+    session_unlink(&ak->sessions, s);
+    s->next = ak->stopping;
+    ak->stopping = s;
+    s->was_no_key = s->state == SESSION_NO_KEY;
+    s->state = SESSION_STOPPING;
+    if (s->work_busy)
+        uv_cancel((uv_req_t *)&s->key_work); /* fails harmlessly once it runs */
+    log_child(LOG_INFO, pi->uc->name, s->id, "closing its session: %s", why);
+    uplink_stop(s->uplink, timeout_ms, session_stopped_cb, s);
+}
+
+/* One key file load at a time: an OpenSSL engine (a pkcs11: pattern) is not
+ * known to be safe for concurrent loads; files take microseconds anyway. */
+static pthread_mutex_t akenza_key_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Threadpool: read and parse the child's key (file access and, for a
+ * pkcs11: URI, a token round trip stay off the loop). Touches only the
+ * worker fields. */
+static void session_key_work_cb(uv_work_t *req)
+{
+    struct akenza_session *s = req->data;
+
+    pthread_mutex_lock(&akenza_key_lock);
+    s->key_rc = keys_load_private(s->key_path, NULL, &s->loaded, s->key_err, sizeof(s->key_err));
+    pthread_mutex_unlock(&akenza_key_lock);
+}
+
+/* The key's JWT algorithm (akenza takes RS256 and ES256), or -EINVAL. */
+static int session_key_alg(EVP_PKEY *key, enum jwt_alg *alg)
+{
+    if (EVP_PKEY_get_base_id(key) == EVP_PKEY_RSA)
+        *alg = JWT_ALG_RS256;
+    else if (EVP_PKEY_get_base_id(key) == EVP_PKEY_EC && EVP_PKEY_get_bits(key) == 256)
+        *alg = JWT_ALG_ES256;
+    else
+        return -EINVAL;
+    return 0;
+}
+
+static void session_key_after_cb(uv_work_t *req, int status)
+{
+    struct akenza_session *s = req->data;
+    struct profile_instance *pi = s->pi;
+    char reason[PROFILE_REASON_MAX];
+    int rc;
+
+    s->work_busy = false;
+    if (s->state == SESSION_STOPPING || status < 0) {
+        session_release(s);
+        return;
+    }
+    rc = s->key_rc;
+    if (rc == 0 && session_key_alg(s->loaded, &s->alg) < 0) {
+        snprintf(s->key_err, sizeof(s->key_err),
+                 "%.200s is neither RSA nor EC P-256 (akenza takes RS256 and ES256)", s->key_path);
+        rc = -EINVAL;
+    }
+    if (rc < 0) {
+        struct uplink_stats stats;
+        uplink_get_stats(s->uplink, &stats);
+        s->state = SESSION_NO_KEY;
+        snprintf(reason, sizeof(reason),
+                 "akenza needs a session and key per device, and this child has no usable key "
+                 "(akenza.child_key): %.140s",
+                 s->key_err);
+        profile_report_error(pi, NULL, reason);
+        log_child(LOG_ERR, pi->uc->name, s->id,
+                  "its session cannot connect; %llu queued message(s) stay in its spool until "
+                  "the key is fixed",
+                  (unsigned long long)stats.spool.depth);
+        return;
+    }
+    s->key = s->loaded;
+    s->loaded = NULL;
+    s->conf->auth.jwt.private_key = s->key;
+    s->conf->auth.jwt.alg = s->alg;
+    rc = uplink_start(s->uplink);
+    if (rc < 0) {
+        log_child(LOG_ERR, pi->uc->name, s->id, "cannot start its session: %s", strerror(-rc));
+        s->state = SESSION_NO_KEY; /* retried when it is reopened */
+        return;
+    }
+    s->state = SESSION_RUNNING;
+}
+
+/* Open @child's session: spool (recovered now), uplink, subscription; the
+ * key is loaded on the threadpool and the uplink starts after it. With
+ * @recovered (start-up scan) only when its spool holds something to send.
+ * Returns 0 (*@out set, or NULL: nothing to send), -EINVAL with pi->reason
+ * (no key file, unusable spool), -ENOMEM. */
+static int session_open(struct profile_instance *pi, const char *child, bool recovered,
+                        struct akenza_session **out)
 {
     struct akenza *ak = akenza_of(pi);
     struct uplink_hooks hooks = {.message_cb = session_message_cb,
                                  .connack_text_cb = session_connack_text_cb};
-    char path[4096], aud[1024], filter[PROFILE_TOPIC_MAX], err[KEYS_ERR_SIZE] = "";
+    char path[4096], aud[1024], filter[PROFILE_TOPIC_MAX], dir[4096], enc[300];
+    struct uplink_stats stats;
     struct akenza_session *s;
     size_t name_len;
-    int rc;
+    int rc, n;
 
+    *out = NULL;
     if (gcp_child_key_path(pi->uc->akenza.child_key, child, path, sizeof(path)) < 0 ||
         akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "", pi->uc->akenza.device,
                          child, aud, sizeof(aud)) < 0) {
         snprintf(pi->reason, sizeof(pi->reason), "the key path or aud for this child is too long");
+        return -EINVAL;
+    }
+    /* Refuse a child without a key file before taking its data; whether the
+     * file holds a usable key is learnt on the threadpool. access() is a
+     * stat of a local file, not a read. */
+    if (!recovered && !keys_is_uri(path) && access(path, R_OK) < 0) {
+        snprintf(pi->reason, sizeof(pi->reason),
+                 "akenza needs a session and key per device, and this child has no usable key "
+                 "(akenza.child_key): cannot read %.120s: %s",
+                 path, strerror(errno));
         return -EINVAL;
     }
     s = calloc(1, sizeof(*s) + strlen(child) + 1);
@@ -238,8 +508,12 @@ static int session_open(struct profile_instance *pi, const char *child, struct a
         return -ENOMEM;
     strcpy(s->id, child);
     s->pi = pi;
+    s->uplink_done = true; /* until there is an uplink */
+    s->state = SESSION_KEY_LOADING;
     s->sub.name = "sub";
     s->sub.value = s->id;
+    s->key_work.data = s;
+    s->alg = JWT_ALG_ES256; /* replaced once the key is read */
     name_len = strlen(pi->uc->name) + 1 + strlen(child) + 1;
     s->name = malloc(name_len);
     s->key_path = strdup(path);
@@ -249,29 +523,19 @@ static int session_open(struct profile_instance *pi, const char *child, struct a
         goto err;
     }
     snprintf(s->name, name_len, "%s.%s", pi->uc->name, child);
-    /* A small file, read once per session on the loop thread. */
-    rc = keys_load_private(path, NULL, &s->key, err, sizeof(err));
-    if (rc == -ENOMEM)
-        goto err;
-    if (rc < 0) {
-        snprintf(pi->reason, sizeof(pi->reason),
-                 "akenza needs a session and key per device, and this child has no usable key "
-                 "(akenza.child_key): %.140s",
-                 err);
-        rc = -EINVAL;
-        goto err;
-    }
-    if (EVP_PKEY_get_base_id(s->key) == EVP_PKEY_RSA) {
-        s->alg = JWT_ALG_RS256;
-    } else if (EVP_PKEY_get_base_id(s->key) == EVP_PKEY_EC && EVP_PKEY_get_bits(s->key) == 256) {
-        s->alg = JWT_ALG_ES256;
-    } else {
-        snprintf(pi->reason, sizeof(pi->reason),
-                 "the child's key %.120s is neither RSA nor EC P-256 (akenza takes RS256 and "
-                 "ES256)",
-                 path);
-        rc = -EINVAL;
-        goto err;
+    if (pi->uc->spool.durability == CONF_SPOOL_FSYNC) {
+        if ((n = devices_dir(pi, dir, sizeof(dir))) < 0 ||
+            akenza_dir_encode(child, enc, sizeof(enc)) < 0 ||
+            snprintf(dir + n, sizeof(dir) - (size_t)n, "/%s", enc) >= (int)(sizeof(dir) - n)) {
+            snprintf(pi->reason, sizeof(pi->reason),
+                     "the child id is too long for a spool directory of its own");
+            rc = -EINVAL;
+            goto err;
+        }
+        if (!(s->spool_dir = strdup(dir))) {
+            rc = -ENOMEM;
+            goto err;
+        }
     }
     s->conf = session_conf(pi, s);
     if (!s->conf) {
@@ -282,14 +546,39 @@ static int session_open(struct profile_instance *pi, const char *child, struct a
     rc = uplink_new(pi->loop, s->conf, pi->conf->gateway_id, &hooks, &s->uplink);
     if (rc < 0)
         goto err;
+    s->uplink_done = false;
     snprintf(filter, sizeof(filter), AKENZA_DOWN "%s/#", child);
-    if ((rc = uplink_open_spool(s->uplink, NULL)) < 0 ||
-        (rc = uplink_subscribe(s->uplink, filter, 1)) < 0 || (rc = uplink_start(s->uplink)) < 0)
+    if ((rc = uplink_open_spool_dir(s->uplink, s->spool_dir)) < 0) {
+        snprintf(pi->reason, sizeof(pi->reason), "cannot open the child's spool in %.150s: %s",
+                 s->spool_dir ? s->spool_dir : "memory", strerror(-rc));
+        rc = -EINVAL;
         goto err_after_uplink;
+    }
+    if ((rc = uplink_subscribe(s->uplink, filter, 1)) < 0)
+        goto err_after_uplink;
+    s->used_ms = uv_now(pi->loop);
     s->next = ak->sessions;
     ak->sessions = s;
-    log_child(LOG_INFO, pi->uc->name, child, "opening a session of its own as %s (key %s)", s->name,
-              path);
+    uplink_get_stats(s->uplink, &stats);
+    if (recovered && stats.spool.depth == 0) {
+        /* Nothing to send: close it again, which deletes the directory. */
+        session_stop(pi, s, "its spool holds nothing to send");
+        return 0;
+    }
+    rc = uv_queue_work(pi->loop, &s->key_work, session_key_work_cb, session_key_after_cb);
+    if (rc < 0) {
+        s->state = SESSION_NO_KEY;
+        snprintf(s->key_err, sizeof(s->key_err), "cannot queue the key load: %s", uv_strerror(rc));
+    } else {
+        s->work_busy = true;
+    }
+    if (recovered)
+        log_child(LOG_INFO, pi->uc->name, child,
+                  "%llu message(s) recovered from %s; opening its session as %s to send them",
+                  (unsigned long long)stats.spool.depth, s->spool_dir, s->name);
+    else
+        log_child(LOG_INFO, pi->uc->name, child, "opening a session of its own as %s (key %s)",
+                  s->name, path);
     *out = s;
     return 0;
 
@@ -305,47 +594,40 @@ err:
     return rc == -ENOMEM ? rc : -EINVAL;
 }
 
-static void maybe_closed(struct profile_instance *pi)
+/* Start-up: children whose spool still holds messages (a crash, a stop
+ * while the cloud was away, an idle close with a broken key) get their
+ * session back now, so those messages leave without waiting for the
+ * child's next message. Spool recovery is synchronous, like the uplink's
+ * own, and runs before READY=1. */
+static void akenza_scan(struct profile_instance *pi)
 {
     struct akenza *ak = akenza_of(pi);
+    char dir[4096], child[MAPPING_CHILD_MAX + 1];
+    struct akenza_session *s;
+    struct dirent *de;
+    DIR *d;
 
-    if (pi->closing && ak->sweep_closed && !ak->sessions && !ak->stopping)
-        profile_instance_closed(pi);
-}
-
-static void session_stopped_cb(struct uplink *uplink, void *arg)
-{
-    struct akenza_session *s = arg;
-    struct profile_instance *pi = s->pi;
-    struct akenza *ak = akenza_of(pi);
-
-    uplink_free(uplink);
-    for (struct akenza_session **link = &ak->stopping; *link; link = &(*link)->next) {
-        if (*link == s) {
-            *link = s->next;
-            break;
+    if (!pi->uc->akenza.child_key || ak->scanned || pi->uc->spool.durability != CONF_SPOOL_FSYNC)
+        return;
+    ak->scanned = true;
+    if (devices_dir(pi, dir, sizeof(dir)) < 0 || !(d = opendir(dir)))
+        return; /* none yet */
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        if (akenza_dir_decode(de->d_name, child, sizeof(child)) < 0 ||
+            strcmp(child, pi->uc->akenza.device) == 0) {
+            log_uplink(LOG_WARNING, pi->uc->name, "%s/%s is not the spool of a child id; ignored",
+                       dir, de->d_name);
+            continue;
         }
+        if (session_find(ak->sessions, child) || session_find(ak->stopping, child))
+            continue;
+        pi->reason[0] = '\0';
+        if (session_open(pi, child, true, &s) < 0)
+            log_child(LOG_ERR, pi->uc->name, child, "cannot reopen its session: %s", pi->reason);
     }
-    session_free(s);
-    maybe_closed(pi);
-}
-
-/* Stop @s (open) for @why; it is freed once its uplink has finished. */
-static void session_stop(struct profile_instance *pi, struct akenza_session *s, const char *why)
-{
-    struct akenza *ak = akenza_of(pi);
-    unsigned timeout_ms = pi->conf->shutdown_timeout_ms ? pi->conf->shutdown_timeout_ms : 5000;
-
-    for (struct akenza_session **link = &ak->sessions; *link; link = &(*link)->next) {
-        if (*link == s) {
-            *link = s->next;
-            break;
-        }
-    }
-    s->next = ak->stopping;
-    ak->stopping = s;
-    log_child(LOG_INFO, pi->uc->name, s->id, "closing its session: %s", why);
-    uplink_stop(s->uplink, timeout_ms, session_stopped_cb, s);
+    closedir(d);
 }
 
 static void stop_all(struct profile_instance *pi, const char *why)
@@ -365,7 +647,16 @@ static void sweep_cb(uv_timer_t *timer)
         next = s->next;
         if (now - s->used_ms < pi->uc->akenza.session_idle_ms)
             continue;
-        /* Unsent messages keep it open (a memory queue would be lost). */
+        if (s->state == SESSION_NO_KEY) {
+            /* Its spool stays on disk; the next message or start retries. */
+            session_stop(pi, s, "idle, without a usable key");
+            continue;
+        }
+        if (s->state != SESSION_RUNNING)
+            continue;
+        /* Unsent messages keep it open until they are acknowledged, so a
+         * session's spool never waits on disk for a message that may not
+         * come; an idle, empty session holds no fds. */
         uplink_get_stats(s->uplink, &stats);
         if (stats.queued == 0)
             session_stop(pi, s, "idle");
@@ -396,6 +687,7 @@ static int akenza_new_cb(struct profile_instance *pi)
     uv_unref((uv_handle_t *)&ak->sweep);
     ak->sweep.data = pi;
     sweep_start(pi);
+    akenza_scan(pi);
     return 0;
 }
 
@@ -423,14 +715,17 @@ static void akenza_close_cb(struct profile_instance *pi)
 }
 
 /* A reload: sessions take the uplink's new settings (a changed one
- * reconnects), or close when per-device sessions were turned off. */
+ * reconnects), or close when per-device sessions were turned off (their
+ * spools stay on disk for when they are turned on again). */
 static void akenza_reconfigure_cb(struct profile_instance *pi)
 {
     sweep_start(pi);
     if (!pi->uc->akenza.child_key) {
         stop_all(pi, "akenza.child_key was removed");
+        akenza_of(pi)->scanned = false;
         return;
     }
+    akenza_scan(pi);
     for (struct akenza_session *s = akenza_of(pi)->sessions; s; s = s->next) {
         char aud[1024];
         char *old_aud = s->aud, *new_aud = NULL;
@@ -457,6 +752,69 @@ static void akenza_reconfigure_cb(struct profile_instance *pi)
     }
 }
 
+/* "state" of a session for status: the uplink's while running. */
+static const char *session_state_text(const struct akenza_session *s)
+{
+    if (s->state == SESSION_RUNNING)
+        return uplink_state_name(uplink_get_state(s->uplink));
+    return session_state_names[s->state];
+}
+
+static void akenza_status_json_cb(const struct profile_instance *pi, struct json_buf *out)
+{
+    const struct akenza *ak = akenza_of(pi);
+    size_t open = 0, online = 0, connecting = 0, backoff = 0, no_key = 0, stopping = 0;
+    uint64_t queued = 0;
+
+    if (!ak || !pi->uc->akenza.child_key)
+        return;
+    for (const struct akenza_session *s = ak->sessions; s; s = s->next) {
+        struct uplink_stats stats;
+        open++;
+        uplink_get_stats(s->uplink, &stats);
+        queued += stats.spool.depth;
+        if (s->state == SESSION_NO_KEY)
+            no_key++;
+        else if (s->state != SESSION_RUNNING)
+            connecting++;
+        else if (uplink_get_state(s->uplink) == UPLINK_ONLINE)
+            online++;
+        else if (uplink_get_state(s->uplink) == UPLINK_BACKOFF)
+            backoff++;
+        else
+            connecting++;
+    }
+    for (const struct akenza_session *s = ak->stopping; s; s = s->next)
+        stopping++;
+    json_append_fmt(out,
+                    ",\"sessions\":{\"open\":%zu,\"online\":%zu,\"connecting\":%zu,"
+                    "\"backoff\":%zu,\"no_key\":%zu,\"stopping\":%zu,\"queued\":%llu}",
+                    open, online, connecting, backoff, no_key, stopping,
+                    (unsigned long long)queued);
+}
+
+static void akenza_child_json_cb(const struct profile_instance *pi, const char *child,
+                                 struct json_buf *out)
+{
+    const struct akenza *ak = akenza_of(pi);
+    const struct akenza_session *s;
+    struct uplink_stats stats;
+
+    if (!ak || !pi->uc->akenza.child_key || strcmp(child, pi->uc->akenza.device) == 0)
+        return;
+    s = session_find(ak->sessions, child);
+    if (!s) {
+        json_append_raw(out, ",\"session\":null");
+        return;
+    }
+    uplink_get_stats(s->uplink, &stats);
+    json_append_raw(out, ",\"session\":{\"state\":");
+    json_append_string(out, session_state_text(s));
+    json_append_fmt(out, ",\"queued\":%llu,\"published\":%llu,\"connects\":%llu}",
+                    (unsigned long long)stats.spool.depth, (unsigned long long)stats.published,
+                    (unsigned long long)stats.connects);
+}
+
 static void akenza_session_cb(struct profile_instance *pi, struct uplink_session *session)
 {
     session->client_id = pi->uc->akenza.device;
@@ -478,7 +836,7 @@ static int akenza_up_cb(struct profile_instance *pi, const struct mapping_local 
 {
     char topic[PROFILE_TOPIC_MAX];
 
-    struct akenza_session *session = NULL;
+    struct akenza_session *session = NULL, *stopping;
     int rc;
 
     (void)retain;
@@ -493,15 +851,40 @@ static int akenza_up_cb(struct profile_instance *pi, const struct mapping_local 
             *reason = pi->reason;
             return -EINVAL;
         }
-        for (session = akenza_of(pi)->sessions; session; session = session->next) {
-            if (strcmp(session->id, m->child) == 0)
-                break;
+        session = session_find(akenza_of(pi)->sessions, m->child);
+        if (!session && (stopping = session_find(akenza_of(pi)->stopping, m->child))) {
+            if (stopping->was_no_key) {
+                snprintf(pi->reason, sizeof(pi->reason),
+                         "akenza needs a session and key per device, and this child has no "
+                         "usable key (akenza.child_key): %.140s",
+                         stopping->key_err);
+                *reason = pi->reason;
+                return -EINVAL;
+            }
+            /* Its old session is still closing (a few ms) and owns the
+             * spool directory: not taken now, so a QoS 1/2 message is not
+             * acknowledged and the local client sends it again. */
+            log_child(LOG_INFO, pi->uc->name, m->child,
+                      "a message arrived while its session was closing; not taken, the local "
+                      "client re-sends it");
+            return -EAGAIN;
         }
-        if (!session && (rc = session_open(pi, m->child, &session)) < 0) {
+        if (!session && (rc = session_open(pi, m->child, false, &session)) < 0) {
             *reason = pi->reason;
             return rc;
         }
         session->used_ms = uv_now(pi->loop);
+        if (session->state == SESSION_NO_KEY) {
+            /* Closing it lets the next message try the key again; what it
+             * spooled stays on disk. */
+            snprintf(pi->reason, sizeof(pi->reason),
+                     "akenza needs a session and key per device, and this child has no usable "
+                     "key (akenza.child_key): %.140s",
+                     session->key_err);
+            *reason = pi->reason;
+            session_stop(pi, session, "no usable key");
+            return -EINVAL;
+        }
     }
     if (akenza_up_topic(m, topic, sizeof(topic), reason) < 0)
         return -EINVAL;
@@ -538,7 +921,7 @@ static const char *akenza_connack_text_cb(const struct profile_instance *pi, int
 static const char *akenza_connack_text(int rc)
 {
     if (rc == 4 || rc == 5)
-        return "the JWT was rejected: check alg (RS256 or ES256) against the key uploaded to "
+        return "akenza rejected the JWT: check alg (RS256 or ES256) against the key uploaded to "
                "akenza, aud (https://akenza.io/devices/<id>, or the bare id), sub = the device "
                "id, kid = SHA-256 of the public key, and the clock";
     return NULL;
@@ -555,4 +938,6 @@ const struct profile profile_akenza = {
     .up_cb = akenza_up_cb,
     .down_cb = akenza_down_cb,
     .connack_text_cb = akenza_connack_text_cb,
+    .status_json_cb = akenza_status_json_cb,
+    .child_json_cb = akenza_child_json_cb,
 };

@@ -688,14 +688,18 @@ static const char *c8y_connack_text_cb(const struct profile_instance *pi, int rc
     case 2:
         return "identifier rejected: the client id must be d:<device id>[:<template X-ID>] "
                "(check cumulocity.device_id and cumulocity.template)";
+    case 3:
+        return "server unavailable: Cumulocity cannot take the connection now (maintenance or "
+               "overload); nothing to fix here, uplinkd retries later by itself";
     case 4:
-        return "bad user name or password: Cumulocity expects <tenant>/<user> and that user's "
-               "password (check cumulocity.tenant, auth.username and auth.password)";
+        return "bad user name or password: wrong tenant, user or password; Cumulocity expects "
+               "<tenant>/<user> and that user's password (check cumulocity.tenant, "
+               "auth.username and auth.password)";
     case 5:
-        return "not authorized: wrong credentials, a user without device permissions, or a "
-               "client certificate whose CA is not trusted by the tenant or whose CN is not "
-               "the device id (after bootstrap: remove the stored credentials to bootstrap "
-               "again)";
+        return "not authorized: a user without device permissions, or a certificate problem: "
+               "the CN must be the device id, the CA must be trusted by the tenant, and "
+               "tls.cert must hold the whole chain including that CA (after bootstrap: remove "
+               "the stored credentials to bootstrap again)";
     default:
         return NULL;
     }

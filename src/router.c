@@ -349,8 +349,11 @@ static int child_compare(const void *key, const void *element)
 /* Count a device message from @child, adding it to the sorted table. */
 static void router_child_seen(struct router *router, const char *child)
 {
-    struct router_child *found = bsearch(child, router->children, router->child_count,
-                                         sizeof(*router->children), child_compare);
+    /* C11 7.22.5: bsearch() wants a valid base even for 0 elements (UBSan). */
+    struct router_child *found = router->child_count
+                                     ? bsearch(child, router->children, router->child_count,
+                                               sizeof(*router->children), child_compare)
+                                     : NULL;
     if (found == NULL) {
         if (router->child_count >= ROUTER_CHILDREN_MAX) {
             if (!router->children_full_logged)
@@ -400,19 +403,34 @@ void router_children_json(const struct router *router, struct json_buf *out)
         size_t count = select_uplinks(router, child->id, targets, 32);
         for (size_t t = 0; t < count; t++) {
             enum registry_state state = REGISTRY_UNKNOWN;
+            const struct profile_instance *pi = NULL;
             for (size_t p = 0; p < router->profile_count; p++) {
-                if (router->profile_uplinks[p] == targets[t] && router->profiles[p]->registry)
-                    state = registry_get(router->profiles[p]->registry, child->id);
+                if (router->profile_uplinks[p] == targets[t] && !router->profiles[p]->closing)
+                    pi = router->profiles[p];
             }
+            if (pi && pi->registry)
+                state = registry_get(pi->registry, child->id);
             json_append_raw(out, t ? ",{\"name\":" : "{\"name\":");
             json_append_string(out, uplink_name(targets[t]));
             json_append_raw(out, ",\"registration\":");
             json_append_string(out, state_names[state]);
+            if (pi && pi->profile->child_json_cb)
+                pi->profile->child_json_cb(pi, child->id, out);
             json_append_raw(out, "}");
         }
         json_append_raw(out, "]}");
     }
     json_append_raw(out, "]");
+}
+
+void router_uplink_status_json(const struct router *router, const struct uplink *uplink,
+                               struct json_buf *out)
+{
+    for (size_t p = 0; p < router->profile_count; p++) {
+        const struct profile_instance *pi = router->profiles[p];
+        if (router->profile_uplinks[p] == uplink && !pi->closing && pi->profile->status_json_cb)
+            pi->profile->status_json_cb(pi, out);
+    }
 }
 
 /* Both hooks: @pending NULL for the synchronous one. */
@@ -643,4 +661,18 @@ const char *router_uplink_connack_text_cb(void *arg, struct uplink *uplink, int 
     if (pi == NULL || !pi->profile->connack_text_cb)
         return NULL;
     return pi->profile->connack_text_cb(pi, rc);
+}
+
+const char *router_uplink_batch_cb(void *arg, struct uplink *uplink, const char *topic,
+                                   size_t *max_packet)
+{
+    struct profile_instance *pi = router_profile(arg, uplink);
+    const char *separator;
+
+    if (pi == NULL || !pi->profile->batch_separator_cb)
+        return NULL;
+    separator = pi->profile->batch_separator_cb(pi, topic);
+    if (separator)
+        *max_packet = pi->profile->limits.max_packet;
+    return separator;
 }

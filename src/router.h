@@ -72,6 +72,14 @@ struct router {
 struct json_buf;
 void router_children_json(const struct router *router, struct json_buf *out);
 
+/**
+ * router_uplink_status_json() - append @uplink's profile figures to its
+ * object in uplinkctl status (members starting with ','; akenza: the
+ * per-device "sessions"). Nothing when the profile has none.
+ */
+void router_uplink_status_json(const struct router *router, const struct uplink *uplink,
+                               struct json_buf *out);
+
 /** router_init() - empty router for @conf and @local (both borrowed). */
 void router_init(struct router *router, const struct conf *conf, struct local *local);
 
@@ -119,9 +127,12 @@ void router_local_unsubscribe_cb(void *arg, const char *filter);
 void router_uplink_message_cb(void *arg, struct uplink *uplink, const char *topic,
                               const void *payload, size_t len, int qos, bool retain);
 void router_uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state state);
-/* The profile hooks (uplink_hooks.session_cb, online_cb, connack_text_cb). */
+/* The profile hooks (uplink_hooks.session_cb, online_cb, connack_text_cb,
+ * batch_cb: profile.batch_separator_cb and limits.max_packet). */
 void router_uplink_session_cb(void *arg, struct uplink *uplink, struct uplink_session *session);
 void router_uplink_online_cb(void *arg, struct uplink *uplink);
 const char *router_uplink_connack_text_cb(void *arg, struct uplink *uplink, int rc);
+const char *router_uplink_batch_cb(void *arg, struct uplink *uplink, const char *topic,
+                                   size_t *max_packet);
 
 #endif

@@ -1288,22 +1288,49 @@ int spool_next(struct spool *spool, struct spool_record *out)
     return -EAGAIN;
 }
 
-void spool_ack(struct spool *spool, uint64_t seq)
+int spool_unnext(struct spool *spool)
+{
+    struct spool_out *last;
+
+    /* Only a record spool_next() handed out last and nobody acknowledged:
+     * the tail of the out list. An acknowledged tail is a skipped record
+     * (max_age, damage) or an early PUBACK, and stays skipped. */
+    if (spool->out_len == 0)
+        return -ENOENT;
+    last = &spool->outs[spool->out_head + spool->out_len - 1];
+    if (last->acked || last->count != 1)
+        return -ENOENT;
+    spool->read = last->pos;
+    if (--spool->out_len == 0)
+        spool->out_head = 0;
+    return 0;
+}
+
+void spool_ack_range(struct spool *spool, uint64_t first, uint64_t last)
 {
     size_t lo = 0, hi = spool->out_len;
+    bool hit = false;
 
-    /* The out list is sorted by seq: binary search. */
+    /* The out list is sorted by seq: binary search for the first entry in
+     * range, then walk (a batch is a run of consecutive entries). */
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (spool->outs[spool->out_head + mid].seq < seq)
+        if (spool->outs[spool->out_head + mid].seq < first)
             lo = mid + 1;
         else
             hi = mid;
     }
-    if (lo == spool->out_len || spool->outs[spool->out_head + lo].seq != seq)
-        return;
-    spool->outs[spool->out_head + lo].acked = true;
-    out_pop_acked(spool);
+    for (; lo < spool->out_len && spool->outs[spool->out_head + lo].seq <= last; lo++) {
+        spool->outs[spool->out_head + lo].acked = true;
+        hit = true;
+    }
+    if (hit)
+        out_pop_acked(spool);
+}
+
+void spool_ack(struct spool *spool, uint64_t seq)
+{
+    spool_ack_range(spool, seq, seq);
 }
 
 void spool_rewind(struct spool *spool)

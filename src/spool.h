@@ -14,8 +14,10 @@
  * With SPOOL_MEMORY the segments live in memory and appends complete at once.
  *
  * Reading: the spool keeps one read position for its consumer (the uplink).
- * spool_next() hands out records in order, spool_ack() retires them (in any
- * order; the cursor advances over the acknowledged prefix) and
+ * spool_next() hands out records in order (spool_unnext() gives the last one
+ * back, for a one-record look-ahead), spool_ack() and spool_ack_range()
+ * retire them (in any order; the cursor advances over the acknowledged
+ * prefix) and
  * spool_rewind() makes every handed-out, unacknowledged record come again
  * (after a reconnect). Records can be read before they are durable, so
  * sending upstream does not wait for the fsync.
@@ -133,11 +135,31 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
 int spool_next(struct spool *spool, struct spool_record *out);
 
 /**
+ * spool_unnext() - give back the record the last spool_next() handed out,
+ * unacknowledged: the next spool_next() hands it out again (re-checked
+ * against max_age). For a consumer that looks one record ahead, e.g. the
+ * uplink joining consecutive records into one publish: it takes the next
+ * record, and gives it back when it does not fit. Nothing is copied and
+ * the look-ahead holds no more than one record.
+ * Returns 0, or -ENOENT when there is nothing to give back (nothing handed
+ * out, or the newest handed-out entry is acknowledged or was skipped).
+ */
+int spool_unnext(struct spool *spool);
+
+/**
  * spool_ack() - the record @seq (handed out by spool_next()) has left: the
  * cloud acknowledged it. Unknown or already dropped sequence numbers are
  * ignored.
  */
 void spool_ack(struct spool *spool, uint64_t seq);
+
+/**
+ * spool_ack_range() - spool_ack() for every handed-out record with a
+ * sequence number in @first..@last (inclusive): one acknowledgement that
+ * covers a batch of consecutive records sent as one publish. Numbers in
+ * the range that were skipped (max_age, damage) or are unknown are ignored.
+ */
+void spool_ack_range(struct spool *spool, uint64_t first, uint64_t last);
 
 /** spool_rewind() - hand out every unacknowledged record again, in order. */
 void spool_rewind(struct spool *spool);

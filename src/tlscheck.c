@@ -217,6 +217,19 @@ out:
     return rc;
 }
 
+void tlscheck_key_options(const struct conf_uplink *uplink, struct keys_options *out)
+{
+    const struct conf_jwt *jwt = &uplink->auth.jwt;
+
+    *out = (struct keys_options){0};
+    if (!keys_is_uri(uplink->tls.key))
+        return;
+    if (uplink->auth.type == CONF_AUTH_JWT && keys_is_uri(jwt->key)) {
+        out->passphrase_file = jwt->passphrase_file;
+        out->pkcs11_module = jwt->pkcs11_module;
+    }
+}
+
 int tlscheck_uplink(const struct conf_uplink *uplink, time_t now)
 {
     char err[TLSCHECK_MSG_SIZE], warning[TLSCHECK_MSG_SIZE];
@@ -231,7 +244,9 @@ int tlscheck_uplink(const struct conf_uplink *uplink, time_t now)
         return -EINVAL;
     }
     /* cert_cn is the profile's rule (Cumulocity: the CN is the device id). */
-    struct tlscheck_options options = {.expected_cn = uplink->cert_cn};
+    struct keys_options key_options;
+    tlscheck_key_options(uplink, &key_options);
+    struct tlscheck_options options = {.expected_cn = uplink->cert_cn, .key_options = &key_options};
     rc = tlscheck_client_cert(uplink->tls.cert, uplink->tls.key, &options, now, NULL, err,
                               sizeof(err), warning, sizeof(warning));
     if (rc < 0) {

@@ -92,6 +92,21 @@ int tlscheck_cert_cn(const X509 *cert, const char *expected, const char *cert_na
                      size_t err_size);
 
 /**
+ * tlscheck_key_options() - how to open @uplink's tls.key.
+ * @out: filled with pointers borrowed from @uplink (valid as long as it is).
+ *
+ * A PEM tls.key has no passphrase (none is configurable for it). For a
+ * pkcs11: URI the PIN comes from the URI (pin-value=, or pin-source=
+ * file:/PATH); without one, from auth.passphrase_file when auth.key is a
+ * pkcs11: URI too. The module is auth.pkcs11_module when auth.key is a
+ * pkcs11: URI, else the one already in use, $PKCS11_MODULE_PATH or
+ * p11-kit-proxy (see struct keys_options). This matches the engine, which
+ * has one module and one PIN per process anyway: one token key can sign the
+ * JWT and the TLS handshake with one set of settings.
+ */
+void tlscheck_key_options(const struct conf_uplink *uplink, struct keys_options *out);
+
+/**
  * tlscheck_uplink() - tlscheck_client_cert() for one uplink's tls.cert and
  * tls.key, when TLS is on and a certificate is configured; logs the result
  * (error, or warning) with the uplink's name.

@@ -44,6 +44,9 @@
  * a time (the same number is libmosquitto's send quota, so libmosquitto never
  * holds back a message we count as sent), within the rate limit. A record
  * leaves the spool only on on_publish() (PUBACK) for its mid (spool_ack).
+ * When the profile allows it (uplink_hooks.batch_cb, Cumulocity SmartREST)
+ * a run of records already queued for one topic goes out as one PUBLISH;
+ * its PUBACK then releases them all (uplink_batch_take, spool_ack_range).
  * QoS 0 messages go straight to libmosquitto while ONLINE; offline they are
  * dropped and counted, or spooled (spool.qos0_offline) and then sent at QoS 0.
  *
@@ -63,6 +66,7 @@
 #include "uplink.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -71,20 +75,25 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <mosquitto.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #include "conf.h"
 #include "jwt.h"
 #include "keys.h"
 #include "log.h"
 #include "spool.h"
+#include "tlscheck.h"
 #include "util.h"
 
 /* Unacknowledged QoS>=1 publishes per connection (and libmosquitto's send quota). */
@@ -97,8 +106,10 @@
 #define UPLINK_STABLE_MS 10000
 /* Floor for reconnect.base so a zero in the config cannot make a busy loop. */
 #define UPLINK_MIN_BACKOFF_MS 100
-#define UPLINK_ERROR_MAX      512
-#define UPLINK_CAPTURE_MAX    1024
+/* Bound on mosquitto_loop_read() calls per readable event (conn_poll_cb). */
+#define UPLINK_READ_ROUNDS 4096
+#define UPLINK_ERROR_MAX   1024 /* the longest: a refused JWT with the profile's checklist */
+#define UPLINK_CAPTURE_MAX 1024
 /* JWT: how often an untrusted clock is checked again. */
 #define UPLINK_CLOCK_RECHECK_MS 5000
 /* JWT rotation: the longest wait for in-flight PUBACKs before DISCONNECT
@@ -107,11 +118,32 @@
 /* JWT: wall clock and monotonic clock disagreeing by more than this since
  * a token was signed means the clock was stepped. */
 #define UPLINK_CLOCK_STEP_MS 5000
+/* JWT: how often a BACKOFF after a refused token looks for such a step. */
+#define UPLINK_CLOCK_WATCH_MS 1000
 
-/* A spool record handed to the current connection, waiting for its PUBACK. */
+/* Credential fingerprints: "" (not configured), "sha256:HEX" of a file's
+ * bytes, "uri:HEX" (SHA-256 of a pkcs11: URI: the token's key cannot be
+ * read, so the URI is what is compared), "pub:HEX" (the JWT key: SHA-256 of
+ * the public key the signer really holds, so a re-encrypted copy of the same
+ * key is no change) or "unreadable:WORDS". */
+#define UPLINK_FP_SIZE 160
+
+/* What tls.cert, tls.key, tls.ca and auth.key held when a connection was set
+ * up; uplink_reload_credentials() compares the files on disk with it. */
+struct uplink_creds {
+    bool taken;
+    char cert[UPLINK_FP_SIZE];
+    char key[UPLINK_FP_SIZE];
+    char ca[UPLINK_FP_SIZE];
+    char jwt[UPLINK_FP_SIZE];
+};
+
+/* A publish handed to the current connection, waiting for its PUBACK: the
+ * spool records first_seq..last_seq (several when joined, see conn_flush). */
 struct uplink_inflight {
     int mid;
-    uint64_t seq;
+    uint64_t first_seq, last_seq;
+    size_t records; /* records it carries (the range may hold skipped ones) */
 };
 
 struct uplink_sub {
@@ -142,6 +174,9 @@ struct uplink_conn {
     char *ca_file;
     char *cert;
     char *key;
+    /* A pkcs11: tls.key's PIN file and module (tlscheck_key_options()). */
+    char *key_pin_file;
+    char *key_module;
     char *username;  /* NULL unless auth.type is basic or jwt */
     char *password;  /* jwt: the token, signed by the worker (conn_sign) */
     int tls_version; /* enum conf_tls_version */
@@ -167,6 +202,10 @@ struct uplink_conn {
     time_t token_signed_at;        /* wall clock given to jwt_sign() */
     uint64_t token_signed_mono_ms; /* util_now_ms() at the same moment */
     time_t token_expires_at;       /* the token's exp; 0 = no token */
+    /* Fingerprints of the credential files this attempt uses: jwt on the
+     * loop thread (conn_copy_jwt), the TLS files by the worker just before
+     * libmosquitto reads them. */
+    struct uplink_creds creds;
 
     /* Results of the worker. */
     int connect_rc;
@@ -225,13 +264,27 @@ struct uplink {
     bool clock_bad;           /* the last clock check failed (logged once) */
     bool clock_was_bad;       /* it failed since the last CONNACK 0 */
     bool resigned_at_once;    /* the one immediate re-sign after a rejection is used */
+    /* After a refused JWT: the rotate timer watches for a wall-clock step
+     * while in BACKOFF (uplink_clock_watch); the refused token's signing
+     * moment on both clocks. */
+    bool clock_watch;
+    time_t refused_signed_at;
+    uint64_t refused_signed_mono_ms;
+    /* Credentials (uplink_reload_credentials): what the last connection
+     * attempt was set up with, and a newer auth.key than the conf's one
+     * (owned; NULL = use conf->auth.jwt.private_key). */
+    struct uplink_creds creds;
+    EVP_PKEY *jwt_key;
     uint64_t rng;
 
     struct spool *spool; /* uplink_open_spool(), or in memory on first use */
     bool spool_closing;
     struct uplink_inflight inflight_tab[UPLINK_MAX_INFLIGHT];
-    size_t inflight;
-    char *topic_buf; /* NUL-terminated copy of a spool record's topic */
+    size_t inflight;         /* entries of inflight_tab (publishes) */
+    size_t inflight_records; /* records they carry */
+    char *topic_buf;         /* NUL-terminated copy of a spool record's topic */
+    char *batch_buf;         /* joined payloads (uplink_batch_take), batch_cap bytes */
+    size_t batch_cap;
 
     /* rate: token buckets refilled from uv_now(); when they run dry the
      * sender waits for the next event (a PUBACK, or the 1 s tick). */
@@ -431,11 +484,15 @@ static void conn_publish_cb(struct mosquitto *mosq, void *obj, int mid)
     }
     if (i == uplink->inflight)
         return;
-    spool_ack(uplink->spool, uplink->inflight_tab[i].seq);
+    /* One PUBACK releases every record the publish carried. */
+    spool_ack_range(uplink->spool, uplink->inflight_tab[i].first_seq,
+                    uplink->inflight_tab[i].last_seq);
+    uplink->stats.published += uplink->inflight_tab[i].records;
+    uplink->stats.publishes++;
+    uplink->out_count += uplink->inflight_tab[i].records;
+    uplink->inflight_records -= uplink->inflight_tab[i].records;
     /* Order in the table does not matter: the spool keeps the order. */
     uplink->inflight_tab[i] = uplink->inflight_tab[--uplink->inflight];
-    uplink->stats.published++;
-    uplink->out_count++;
     uplink_rates_update(uplink);
     conn->acked = true;
 }
@@ -479,6 +536,96 @@ static void conn_subscribe_cb(struct mosquitto *mosq, void *obj, int mid, int co
     }
 }
 
+/* --- credential fingerprints (uplink_reload_credentials) ----------------- */
+
+static void creds_fp_hex(const char *prefix, const unsigned char *md, unsigned len,
+                         char out[UPLINK_FP_SIZE])
+{
+    static const char digits[] = "0123456789abcdef";
+    size_t used = (size_t)snprintf(out, UPLINK_FP_SIZE, "%s:", prefix);
+
+    for (unsigned i = 0; i < len && used + 2 < UPLINK_FP_SIZE; i++) {
+        out[used++] = digits[md[i] >> 4];
+        out[used++] = digits[md[i] & 0xf];
+    }
+    out[used] = '\0';
+}
+
+/* "sha256:HEX" of the bytes of @path, or "unreadable:WHY". Any thread. */
+static void creds_fp_file(const char *path, char out[UPLINK_FP_SIZE])
+{
+    unsigned char buf[4096], md[EVP_MAX_MD_SIZE];
+    unsigned md_len = 0;
+    EVP_MD_CTX *ctx = NULL;
+    FILE *f;
+    size_t n;
+    bool ok;
+
+    f = fopen(path, "rbe");
+    if (!f) {
+        snprintf(out, UPLINK_FP_SIZE, "unreadable:%s", strerror(errno));
+        return;
+    }
+    ctx = EVP_MD_CTX_new();
+    ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
+    while (ok && (n = fread(buf, 1, sizeof(buf), f)) > 0)
+        ok = EVP_DigestUpdate(ctx, buf, n) == 1;
+    ok = ok && !ferror(f) && EVP_DigestFinal_ex(ctx, md, &md_len) == 1;
+    if (ok)
+        creds_fp_hex("sha256", md, md_len, out);
+    else
+        snprintf(out, UPLINK_FP_SIZE, "unreadable:%s",
+                 ferror(f) ? "read error" : "cannot compute SHA-256");
+    EVP_MD_CTX_free(ctx);
+    fclose(f);
+}
+
+/* A key spec: a pkcs11: URI by its text (the key stays in the token), a
+ * file by its bytes. */
+static void creds_fp_key_spec(const char *spec, char out[UPLINK_FP_SIZE])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned md_len = 0;
+
+    if (!keys_is_uri(spec)) {
+        creds_fp_file(spec, out);
+        return;
+    }
+    if (EVP_Digest(spec, strlen(spec), md, &md_len, EVP_sha256(), NULL) == 1)
+        creds_fp_hex("uri", md, md_len, out);
+    else
+        snprintf(out, UPLINK_FP_SIZE, "unreadable:cannot compute SHA-256");
+}
+
+/* auth.key: the public half of the key a signer holds (@key), or the URI. */
+static void creds_fp_jwt_key(const EVP_PKEY *key, const char *spec, char out[UPLINK_FP_SIZE])
+{
+    char hex[65];
+
+    if (keys_is_uri(spec))
+        creds_fp_key_spec(spec, out);
+    else if (key && keys_public_der_sha256(key, hex) == 0)
+        snprintf(out, UPLINK_FP_SIZE, "pub:%s", hex);
+    else
+        snprintf(out, UPLINK_FP_SIZE, "unreadable:no public key");
+}
+
+/* Threadpool, before libmosquitto reads the TLS files: if one changes in
+ * between, the next check sees a difference and reconnects once more,
+ * which is harmless; the other order could miss a change. */
+static void conn_take_creds(struct uplink_conn *conn)
+{
+    if (conn->tls) {
+        if (conn->cert)
+            creds_fp_file(conn->cert, conn->creds.cert);
+        if (conn->key)
+            creds_fp_key_spec(conn->key, conn->creds.key);
+        if (conn->ca_file && !conn->ca_system)
+            creds_fp_file(conn->ca_file, conn->creds.ca);
+    }
+    conn->creds.taken = true;
+}
+
 /* --- the threadpool part of a connection attempt ------------------------- */
 
 static void conn_free(struct uplink_conn *conn)
@@ -490,6 +637,8 @@ static void conn_free(struct uplink_conn *conn)
     free(conn->ca_file);
     free(conn->cert);
     free(conn->key);
+    free(conn->key_pin_file);
+    free(conn->key_module);
     free(conn->username);
     if (conn->password) {
         explicit_bzero(conn->password, strlen(conn->password));
@@ -511,11 +660,13 @@ static void conn_free(struct uplink_conn *conn)
 /* Loop thread: what the worker needs to sign this attempt's token. */
 static int conn_copy_jwt(struct uplink_conn *conn, const struct conf_jwt *jwt)
 {
+    /* A key that uplink_reload_credentials() found newer than the conf's. */
+    EVP_PKEY *key = conn->uplink->jwt_key ? conn->uplink->jwt_key : jwt->private_key;
     char err[KEYS_ERR_SIZE];
     int rc;
 
-    rc = jwt_signer_new(jwt->private_key, jwt->alg, jwt->kid_mode, jwt->kid, &conn->signer, err,
-                        sizeof(err));
+    creds_fp_jwt_key(key, jwt->key, conn->creds.jwt);
+    rc = jwt_signer_new(key, jwt->alg, jwt->kid_mode, jwt->kid, &conn->signer, err, sizeof(err));
     if (rc < 0) {
         /* conf_load() built the same signer, so only memory can fail here. */
         log_uplink(LOG_ERR, conn->uplink->name, "cannot prepare the JWT signer: %s", err);
@@ -614,6 +765,13 @@ static struct uplink_conn *conn_new(struct uplink *uplink)
             goto err;
         if (conf->tls.key && !(conn->key = strdup(conf->tls.key)))
             goto err;
+        struct keys_options key_options;
+        tlscheck_key_options(conf, &key_options);
+        if (key_options.passphrase_file &&
+            !(conn->key_pin_file = strdup(key_options.passphrase_file)))
+            goto err;
+        if (key_options.pkcs11_module && !(conn->key_module = strdup(key_options.pkcs11_module)))
+            goto err;
         if (conf->tls.alpn && !(conn->alpn = strdup(conf->tls.alpn)))
             goto err;
         conn->tls_version = conf->tls.min_version;
@@ -667,6 +825,79 @@ static int conn_sign(struct uplink_conn *conn)
     return 0;
 }
 
+/* Threadpool: tls.key is a pkcs11: URI. libmosquitto 2.0.11 cannot take it
+ * as a key file: mosquitto_tls_set() fopen()s every file it is given, and
+ * its MOSQ_OPT_TLS_ENGINE path makes the engine OpenSSL's default for every
+ * algorithm (ENGINE_set_default(ENGINE_METHOD_ALL)) and leaks the key on
+ * each connect (lib/options.c, lib/net_mosq.c net__init_ssl_ctx). So the
+ * whole SSL_CTX is ours, handed over with MOSQ_OPT_SSL_CTX: the certificate
+ * chain and token key (keys_use_client_cert, the code of the start-up
+ * check), tls.ca, peer and host name verification, TLS version and ALPN as
+ * libmosquitto sets them for a PEM key. Not MOSQ_OPT_SSL_CTX_WITH_DEFAULTS:
+ * with a context given, 2.0.11 skips net__init_tls(), so its verify callback
+ * finds no mosq in the SSL (ex_data index -1) and refuses every server
+ * certificate until some other connection in the process initialised it.
+ * libmosquitto still sets SNI to conn->host (net__socket_connect_step3).
+ * The handshake signature is made in the token, on the loop thread. */
+static int conn_use_token_key(struct uplink_conn *conn)
+{
+    struct keys_options options = {.passphrase_file = conn->key_pin_file,
+                                   .pkcs11_module = conn->key_module};
+    char err[KEYS_ERR_SIZE];
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    int rc = -EINVAL;
+
+    if (!ctx) {
+        conn_fail(conn, "cannot create a TLS context (out of memory?)");
+        return -ENOMEM;
+    }
+    SSL_CTX_set_min_proto_version(ctx, conn->tls_version == CONF_TLS_1_3 ? TLS1_3_VERSION
+                                                                         : TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    if (conn->ca_system ? SSL_CTX_set_default_verify_paths(ctx) != 1
+                        : SSL_CTX_load_verify_file(ctx, conn->ca_file) != 1) {
+        conn_fail(conn, "cannot load CA certificates from %s (not PEM certificates?)",
+                  conn->ca_system ? "the system CA store" : conn->ca_file);
+        goto out;
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    if (!conn->insecure) {
+        /* RFC 6125 §6.4: the host must match the certificate; an IP address
+         * is matched against iPAddress entries instead. */
+        X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
+        X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+        if (X509_VERIFY_PARAM_set1_ip_asc(param, conn->host) != 1 &&
+            X509_VERIFY_PARAM_set1_host(param, conn->host, 0) != 1) {
+            conn_fail(conn, "cannot set the host name \"%s\" to verify", conn->host);
+            goto out;
+        }
+    }
+    if (conn->alpn) {
+        unsigned char wire[256];
+        size_t len = strnlen(conn->alpn, 255);
+        wire[0] = (unsigned char)len; /* RFC 7301 §3.1: length-prefixed names */
+        memcpy(wire + 1, conn->alpn, len);
+        SSL_CTX_set_alpn_protos(ctx, wire, (unsigned)len + 1);
+    }
+    rc = keys_use_client_cert(ctx, conn->cert, conn->key, &options, err, sizeof(err));
+    if (rc < 0) {
+        conn_fail(conn, "cannot use tls.cert/tls.key: %s", err);
+        goto out;
+    }
+    /* libmosquitto takes its own reference (SSL_CTX_up_ref) and frees it in
+     * mosquitto_destroy(). */
+    if (mosquitto_int_option(conn->mosq, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0) != MOSQ_ERR_SUCCESS ||
+        mosquitto_void_option(conn->mosq, MOSQ_OPT_SSL_CTX, ctx) != MOSQ_ERR_SUCCESS) {
+        conn_fail(conn, "libmosquitto refused the TLS context for tls.key");
+        rc = -EINVAL;
+    }
+out:
+    ERR_clear_error();
+    SSL_CTX_free(ctx);
+    return rc;
+}
+
 /* Runs on the threadpool: everything that may block (file access for the TLS
  * files, DNS, the connect() call). Touches only @conn. */
 static int conn_setup(struct uplink_conn *conn)
@@ -714,6 +945,7 @@ static int conn_setup(struct uplink_conn *conn)
     }
 
     if (conn->tls) {
+        bool token_key = conn->cert && keys_is_uri(conn->key);
         /* mosquitto_tls_set() only says MOSQ_ERR_INVAL for an unreadable file;
          * check first so the user learns which file and why. */
         if (conn->ca_file && !conn->ca_system && access(conn->ca_file, R_OK) != 0) {
@@ -724,11 +956,14 @@ static int conn_setup(struct uplink_conn *conn)
             conn_fail(conn, "cannot read tls.cert=%s: %s", conn->cert, strerror(errno));
             return -EINVAL;
         }
-        if (conn->key && access(conn->key, R_OK) != 0) {
+        if (conn->key && !token_key && access(conn->key, R_OK) != 0) {
             conn_fail(conn, "cannot read tls.key=%s: %s", conn->key, strerror(errno));
             return -EINVAL;
         }
-        if (conn->ca_system) {
+        if (token_key) {
+            if (conn_use_token_key(conn) < 0)
+                return -EINVAL;
+        } else if (conn->ca_system) {
             /* 2.0.11 has MOSQ_OPT_TLS_USE_OS_CERTS (SSL_CTX_set_default_verify_paths,
              * which also honours SSL_CERT_FILE/SSL_CERT_DIR). A client
              * certificate can only be given through mosquitto_tls_set(), which
@@ -738,7 +973,7 @@ static int conn_setup(struct uplink_conn *conn)
         } else {
             ca_file = conn->ca_file;
         }
-        if (ca_file || conn->cert) {
+        if (!token_key && (ca_file || conn->cert)) {
             rc = mosquitto_tls_set(mosq, ca_file, ca_path, conn->cert, conn->key, NULL);
             if (rc) {
                 conn_fail(conn,
@@ -777,6 +1012,7 @@ static void conn_work_cb(uv_work_t *req)
 {
     struct uplink_conn *conn = container_of(req, struct uplink_conn, work);
 
+    conn_take_creds(conn);
     conn_setup(conn);
     /* OpenSSL keeps per-thread state (error queue, DRBG) for this threadpool
      * thread; libuv's threads never exit before the process does, so release
@@ -920,21 +1156,30 @@ static const char *format_utc(time_t t, char *buf, size_t size)
 }
 
 /* CONNACK 4 or 5 to a JWT: GCP, ClearBlade and akenza say nothing more, so
- * list what the token carried and what is usually wrong. */
+ * one line carries what this cloud usually means by it (the profile's
+ * connack_text_cb: which checks apply there) and the facts to check them
+ * against: what the token carried and what the local clock says. */
 static void conn_explain_jwt_refused(struct uplink_conn *conn)
 {
-    char iat[40], exp[40];
+    struct uplink *uplink = conn->uplink;
+    const char *text =
+        uplink->hooks.connack_text_cb
+            ? uplink->hooks.connack_text_cb(uplink->hooks.arg, uplink, conn->connack_rc)
+            : NULL;
+    char iat[40], exp[40], clock[40];
 
     conn_fail(conn,
-              "broker %s:%d: the server refused the JWT (CONNACK %d): check alg matches the "
-              "registered key, aud, exp <= 24 h, and the clock (sent: alg %s%s%s, aud \"%s\", "
-              "iat %s, exp %s)",
-              conn->host, conn->port, conn->connack_rc, jwt_alg_name(jwt_signer_alg(conn->signer)),
+              "broker %s:%d: the server refused the JWT (CONNACK %d): %s (sent: alg %s%s%s, aud "
+              "\"%s\", iat %s, exp %s; local clock %s)",
+              conn->host, conn->port, conn->connack_rc,
+              text ? text : "check alg matches the registered key, aud, exp <= 24 h, and the clock",
+              jwt_alg_name(jwt_signer_alg(conn->signer)),
               jwt_signer_kid(conn->signer) ? ", kid " : "",
               jwt_signer_kid(conn->signer) ? jwt_signer_kid(conn->signer) : "",
               conn->jwt_aud ? conn->jwt_aud : "",
               format_utc(conn->token_signed_at - (time_t)conn->claims.skew_s, iat, sizeof(iat)),
-              format_utc(conn->token_expires_at, exp, sizeof(exp)));
+              format_utc(conn->token_expires_at, exp, sizeof(exp)),
+              format_utc(time(NULL), clock, sizeof(clock)));
 }
 
 /* An established connection ended (EOF, reset, or a TLS read error without
@@ -1158,13 +1403,34 @@ static void conn_poll_cb(uv_poll_t *handle, int status, int events)
         conn_handshake(conn, ssl, events);
         goto out; /* uplink_service() writes CONNECT once the handshake is done */
     }
+    if (ssl) {
+        /* Once the handshake is done (here or already in conn_work_cb):
+         * libmosquitto sets SSL_MODE_RELEASE_BUFFERS, so OpenSSL frees and
+         * re-allocates its buffers around every record, i.e. every message;
+         * and without read_ahead it reads each record with two read()s
+         * (header, body), one PUBACK at a time. With read_ahead one read()
+         * takes all that arrived. Two flag updates: cheap enough to repeat. */
+        SSL_clear_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
+        SSL_set_read_ahead(ssl, 1);
+    }
     if (events & UV_READABLE) {
-        uplink->in_io = true;
-        errno = 0;
-        rc = mosquitto_loop_read(conn->mosq, 1);
-        err = errno;
-        uplink->in_io = false;
-        conn_check(conn, rc, err);
+        /* With read_ahead (above) OpenSSL can hold whole records
+         * beyond the packets one mosquitto_loop_read() processes; they do not
+         * make the socket readable again, so read until it holds none. Each
+         * round consumes at least one buffered packet and the buffer holds
+         * well under UPLINK_READ_ROUNDS records, so the bound is not reached. */
+        for (unsigned round = 0; round < UPLINK_READ_ROUNDS; round++) {
+            uplink->in_io = true;
+            errno = 0;
+            rc = mosquitto_loop_read(conn->mosq, 1);
+            err = errno;
+            uplink->in_io = false;
+            conn_check(conn, rc, err);
+            /* After an error libmosquitto has freed the SSL object: fetch again. */
+            ssl = mosquitto_ssl_get(conn->mosq);
+            if (rc != MOSQ_ERR_SUCCESS || conn->failed || !ssl || !SSL_has_pending(ssl))
+                break;
+        }
     }
     /* UV_WRITABLE: uplink_service() writes whenever libmosquitto wants to. */
 out:
@@ -1218,6 +1484,7 @@ static void uplink_drop_conn(struct uplink *uplink)
     if (uplink->spool)
         spool_rewind(uplink->spool);
     uplink->inflight = 0;
+    uplink->inflight_records = 0;
     /* Before the spool's records: registrations are re-sent first. */
     uplink_control_reset(uplink, false, -ECONNRESET);
 
@@ -1239,6 +1506,7 @@ static void uplink_timer_cb(uv_timer_t *timer);
 static void conn_after_work_cb(uv_work_t *req, int status);
 
 static void uplink_backoff(struct uplink *uplink, int64_t delay_ms, const char *reason);
+static void uplink_rotate_cb(uv_timer_t *timer);
 
 /* JWT: true when the clock cannot be trusted to sign (RFC 7519 §4.1.4/6: a
  * token from a wrong clock is refused or expires at once). Then the uplink
@@ -1289,6 +1557,11 @@ static void uplink_connect(struct uplink *uplink, const char *reason)
     struct uplink_conn *conn;
     int rc;
 
+    if (uplink->clock_watch) {
+        /* Leaving BACKOFF: the rotate timer is the session's again. */
+        uplink->clock_watch = false;
+        uv_timer_stop(&uplink->rotate);
+    }
     if (uplink_clock_blocks(uplink))
         return;
     if (uplink->conf->tls.enabled && uplink->conf->tls.insecure)
@@ -1350,6 +1623,8 @@ static void conn_after_work_cb(uv_work_t *req, int status)
     int rc, err;
 
     conn->work_pending = false;
+    if (conn->creds.taken)
+        uplink->creds = conn->creds; /* what this attempt was set up with */
     if (status == UV_ECANCELED) {
         conn_fail(conn, "connection attempt cancelled");
         uplink_service(uplink);
@@ -1479,13 +1754,108 @@ static bool uplink_rate_take(struct uplink *uplink, size_t bytes)
     return true;
 }
 
+/* Size of a whole PUBLISH packet (MQTT 3.1.1 §3.3): fixed header byte,
+ * Remaining Length (1-4 bytes, §2.2.3), topic name with its 2-byte length
+ * (§3.3.2.1), packet identifier for QoS > 0 (§3.3.2.2), payload. */
+static size_t publish_packet_size(size_t topic_len, size_t payload_len, int qos)
+{
+    size_t remaining = 2 + topic_len + (qos > 0 ? 2 : 0) + payload_len;
+    size_t width = remaining < 128 ? 1 : remaining < 16384 ? 2 : remaining < 2097152 ? 3 : 4;
+
+    return 1 + width + remaining;
+}
+
+/* The publish that starts with @first (just taken from the spool; its topic
+ * is in topic_buf) may carry the records queued right behind it when the
+ * profile allows (uplink_hooks.batch_cb): consecutive records with the same
+ * topic, QoS and retain flag, payloads joined by its separator, while the
+ * whole packet stays within its limit. Only what is already queued is
+ * joined: a lone record goes out at once. A batch is a run of consecutive
+ * records, so the spool's order (and each topic's) is kept, and the
+ * look-ahead holds one record at a time (spool_unnext() gives back the one
+ * that does not fit). On return *@payload and *@len are what to send and
+ * *@last_seq the last record taken. Returns the number of records taken. */
+static size_t uplink_batch_take(struct uplink *uplink, const struct spool_record *first, int qos,
+                                const void **payload, size_t *len, uint64_t *last_seq)
+{
+    struct spool_record next;
+    const char *sep;
+    size_t sep_len, max_packet = 0, total, count = 1;
+
+    *payload = first->payload;
+    *len = first->len;
+    *last_seq = first->seq;
+    if (!uplink->hooks.batch_cb)
+        return 1;
+    sep = uplink->hooks.batch_cb(uplink->hooks.arg, uplink, uplink->topic_buf, &max_packet);
+    if (!sep)
+        return 1;
+    if (!max_packet || max_packet > UPLINK_BATCH_MAX_BYTES)
+        max_packet = UPLINK_BATCH_MAX_BYTES;
+    sep_len = strlen(sep);
+    /* Not even one more byte would fit: send it as it is (a record over
+     * the limit was not made by the profile, which refuses those; it goes
+     * alone, as without batching). */
+    if (publish_packet_size(first->topic_len, first->len + sep_len + 1, qos) > max_packet)
+        return 1;
+    if (uplink->batch_cap < max_packet) {
+        char *buf = realloc(uplink->batch_buf, max_packet);
+        if (!buf)
+            return 1; /* unbatched still works */
+        uplink->batch_buf = buf;
+        uplink->batch_cap = max_packet;
+    }
+    /* Copy now: @first's pointers die with the next call into the spool. */
+    memcpy(uplink->batch_buf, first->payload, first->len);
+    total = first->len;
+    while (count < UPLINK_BATCH_MAX_RECORDS && spool_next(uplink->spool, &next) == 0) {
+        if (next.topic_len != first->topic_len ||
+            memcmp(next.topic, uplink->topic_buf, next.topic_len) != 0 ||
+            (next.qos ? 1 : 0) != qos || next.retain != first->retain ||
+            publish_packet_size(next.topic_len, total + sep_len + next.len, qos) > max_packet) {
+            /* Just handed out, so it can be given back (spool.h). */
+            if (spool_unnext(uplink->spool) < 0)
+                log_uplink(LOG_ERR, uplink->name,
+                           "BUG: spool record %" PRIu64 " could not be given back; it is sent "
+                           "after the next reconnect",
+                           next.seq);
+            break;
+        }
+        memcpy(uplink->batch_buf + total, sep, sep_len);
+        memcpy(uplink->batch_buf + total + sep_len, next.payload, next.len);
+        total += sep_len + next.len;
+        *last_seq = next.seq;
+        count++;
+    }
+    *payload = uplink->batch_buf;
+    *len = total;
+    return count;
+}
+
 /* Hand spooled records to libmosquitto, in order, within the window and the
- * rate limit. */
+ * rate limit (one token per PUBLISH: that is what the cloud counts). */
+/* TCP_CORK on (@on) or off the connection's socket; off sends what it held
+ * at once. Returns whether it is corked now. Only a cost, never a
+ * correctness matter: a failure just leaves the socket as it was. */
+static bool conn_cork(struct uplink_conn *conn, bool on)
+{
+    int fd = mosquitto_socket(conn->mosq), value = on;
+
+    if (fd < 0 || setsockopt(fd, IPPROTO_TCP, TCP_CORK, &value, sizeof(value)) < 0)
+        return false;
+    return on;
+}
+
 static void conn_flush(struct uplink_conn *conn)
 {
     struct uplink *uplink = conn->uplink;
     struct spool_record rec;
+    const void *payload;
+    size_t len, records;
+    uint64_t last_seq;
     int rc, mid = 0, err, qos;
+    unsigned published = 0;
+    bool corked = false;
 
     while (uplink->inflight < UPLINK_MAX_INFLIGHT && !conn->failed) {
         if (!uplink_rate_take(uplink, 0))
@@ -1495,29 +1865,39 @@ static void conn_flush(struct uplink_conn *conn)
                 uplink->msg_tokens += 1; /* nothing sent: give the token back */
             break;
         }
-        if (uplink->conf->rate.max_bytes_per_s)
-            uplink->byte_tokens -= (double)(rec.len + rec.topic_len);
         memcpy(uplink->topic_buf, rec.topic, rec.topic_len);
         uplink->topic_buf[rec.topic_len] = '\0';
         /* Spooled QoS 1 and 2 go up at QoS 1: at least once is what holds
          * across reconnects anyway (see the top of this file). */
         qos = rec.qos ? 1 : 0;
+        records = uplink_batch_take(uplink, &rec, qos, &payload, &len, &last_seq);
+        if (uplink->conf->rate.max_bytes_per_s)
+            uplink->byte_tokens -= (double)(len + rec.topic_len);
+        /* libmosquitto writes every PUBLISH with its own SSL_write(); when
+         * several go out together, cork the socket so they leave in a few
+         * segments and the broker reads them in one go (conn_cork). */
+        if (++published == 2)
+            corked = conn_cork(conn, true);
         uplink->in_io = true;
         errno = 0;
-        rc = mosquitto_publish(conn->mosq, &mid, uplink->topic_buf, (int)rec.len, rec.payload, qos,
+        rc = mosquitto_publish(conn->mosq, &mid, uplink->topic_buf, (int)len, payload, qos,
                                rec.retain);
         err = errno;
         uplink->in_io = false;
         switch (rc) {
         case MOSQ_ERR_SUCCESS:
             if (qos == 0) {
-                uplink->stats.published++;
-                uplink->out_count++;
-                spool_ack(uplink->spool, rec.seq);
+                uplink->stats.published += records;
+                uplink->stats.publishes++;
+                uplink->out_count += records;
+                spool_ack_range(uplink->spool, rec.seq, last_seq);
             } else {
                 uplink->inflight_tab[uplink->inflight].mid = mid;
-                uplink->inflight_tab[uplink->inflight].seq = rec.seq;
+                uplink->inflight_tab[uplink->inflight].first_seq = rec.seq;
+                uplink->inflight_tab[uplink->inflight].last_seq = last_seq;
+                uplink->inflight_tab[uplink->inflight].records = records;
                 uplink->inflight++;
+                uplink->inflight_records += records;
             }
             break;
         case MOSQ_ERR_INVAL:
@@ -1526,21 +1906,23 @@ static void conn_flush(struct uplink_conn *conn)
         case MOSQ_ERR_OVERSIZE_PACKET:
         case MOSQ_ERR_QOS_NOT_SUPPORTED:
             /* Cannot ever be sent: drop it rather than block the queue. */
-            log_uplink(LOG_ERR, uplink->name, "dropping message for \"%s\" (%zu bytes): %s",
-                       uplink->topic_buf, rec.len, mosquitto_strerror(rc));
-            uplink->stats.dropped++;
-            spool_ack(uplink->spool, rec.seq);
+            log_uplink(LOG_ERR, uplink->name, "dropping %zu message(s) for \"%s\" (%zu bytes): %s",
+                       records, uplink->topic_buf, len, mosquitto_strerror(rc));
+            uplink->stats.dropped += records;
+            spool_ack_range(uplink->spool, rec.seq, last_seq);
             break;
         default:
-            /* Out of memory or a write error: the record stays in the spool
-             * and the next connection sends it again (spool_rewind). */
+            /* Out of memory or a write error: the records stay in the spool
+             * and the next connection sends them again (spool_rewind). */
             conn_check(conn, rc, err);
             if (!conn->failed)
                 conn_fail(conn, "sending to %s:%d failed: %s", conn->host, conn->port,
                           mosquitto_strerror(rc));
-            return;
+            return; /* the socket is closed: nothing corked to send */
         }
     }
+    if (corked)
+        conn_cork(conn, false);
 }
 
 /* --- control messages (uplink_publish_control) ----------------------------
@@ -1612,8 +1994,9 @@ static void uplink_control_reset(struct uplink *uplink, bool drop_all, int statu
     }
 }
 
-/* Send what is not sent yet, in order. Returns true while spooled data must
- * wait: a UPLINK_CONTROL_GATE message is not acknowledged yet. */
+/* Send what is not sent yet, in order, within the rate limit. Returns true
+ * while spooled data must wait: a UPLINK_CONTROL_GATE message is not sent
+ * (out of tokens) or not acknowledged yet. */
 static bool conn_flush_control(struct uplink_conn *conn)
 {
     struct uplink *uplink = conn->uplink;
@@ -1623,6 +2006,17 @@ static bool conn_flush_control(struct uplink_conn *conn)
 
     while ((c = *link) != NULL && !conn->failed) {
         if (!c->sent) {
+            /* Control messages count against rate.* like data: the cloud
+             * counts them (GCP: an attach is one of the 100 messages/s of
+             * the connection), and a reconnect re-attaching many children
+             * must not burst past it. Out of tokens: the rest waits for
+             * the next event (a PUBACK or the 1 s tick), and a gate among
+             * them keeps the spool held. */
+            if (!uplink_rate_take(uplink, strlen(c->topic) + c->len)) {
+                for (; c != NULL; c = c->next)
+                    gate = gate || (c->flags & UPLINK_CONTROL_GATE);
+                return gate;
+            }
             mid = 0;
             uplink->in_io = true;
             errno = 0;
@@ -1829,10 +2223,54 @@ static void uplink_conn_failed(struct uplink *uplink)
         uplink_backoff(uplink, 0, "signing a new JWT at once because the clock changed");
         return;
     }
+    bool jwt_refused = conn->token_expires_at && conn->connack_seen &&
+                       (conn->connack_rc == 4 || conn->connack_rc == 5);
+    time_t signed_at = conn->token_signed_at;
+    uint64_t signed_mono_ms = conn->token_signed_mono_ms;
     uplink_drop_conn(uplink);
     if (stable)
         uplink->backoff_ms = 0; /* the session worked: start the jitter from base again */
     uplink_backoff(uplink, -1, was_online ? "connection lost" : "connection attempt failed");
+    if (jwt_refused && uplink->state == UPLINK_BACKOFF) {
+        /* The clock that signed the refused token may be corrected during
+         * the backoff (NTP stepping it): uplink_clock_watch(). The rotate
+         * timer is free in BACKOFF (uplink_drop_conn stopped it). */
+        uplink->clock_watch = true;
+        uplink->refused_signed_at = signed_at;
+        uplink->refused_signed_mono_ms = signed_mono_ms;
+        uv_timer_start(&uplink->rotate, uplink_rotate_cb, UPLINK_CLOCK_WATCH_MS,
+                       UPLINK_CLOCK_WATCH_MS);
+    }
+}
+
+/* In BACKOFF after a refused JWT, every UPLINK_CLOCK_WATCH_MS: when the wall
+ * clock moved more than UPLINK_CLOCK_STEP_MS away from the monotonic clock
+ * since the refused token was signed, it was stepped (NTP, chrony, an RTC
+ * read late), so the refusal was most likely the old clock's fault
+ * (RFC 7519 §4.1.4/§4.1.6: exp and iat are judged by the server's clock).
+ * Sign again now rather than wait out a backoff that may be minutes long. */
+static void uplink_clock_watch(struct uplink *uplink)
+{
+    int64_t wall_ms, mono_ms, step_ms;
+
+    if (uplink->state != UPLINK_BACKOFF) {
+        uplink->clock_watch = false;
+        uv_timer_stop(&uplink->rotate);
+        return;
+    }
+    wall_ms = ((int64_t)time(NULL) - (int64_t)uplink->refused_signed_at) * 1000;
+    mono_ms = (int64_t)(util_now_ms() - uplink->refused_signed_mono_ms);
+    step_ms = wall_ms - mono_ms;
+    if (step_ms <= UPLINK_CLOCK_STEP_MS && step_ms >= -UPLINK_CLOCK_STEP_MS)
+        return;
+    uplink->clock_watch = false;
+    uv_timer_stop(&uplink->rotate);
+    log_uplink(LOG_NOTICE, uplink->name,
+               "the wall clock was stepped by %+.0f s since the refused JWT was signed; signing "
+               "a new JWT now instead of waiting out the backoff",
+               (double)step_ms / 1000.0);
+    uplink_connect(uplink, "the clock was stepped after the JWT was refused");
+    uplink_service(uplink);
 }
 
 /* The rotate timer: first at the token's refresh point (start draining),
@@ -1846,6 +2284,10 @@ static void uplink_rotate_cb(uv_timer_t *timer)
     uint64_t drain_ms;
     char exp[40];
 
+    if (uplink->clock_watch) {
+        uplink_clock_watch(uplink); /* BACKOFF after a refused JWT */
+        return;
+    }
     if (uplink->state != UPLINK_ONLINE || !conn || !conn->online)
         return;
     if (!uplink->rotating) {
@@ -2160,15 +2602,22 @@ static void uplink_spool_options(const struct uplink *uplink, const char *dir,
 
 int uplink_open_spool(struct uplink *uplink, const char *state_dir)
 {
-    struct spool_options opts;
     char dir[4096];
+
+    if (state_dir &&
+        snprintf(dir, sizeof(dir), "%s/spool/%s", state_dir, uplink->name) >= (int)sizeof(dir))
+        return -ENAMETOOLONG;
+    return uplink_open_spool_dir(uplink, state_dir ? dir : NULL);
+}
+
+int uplink_open_spool_dir(struct uplink *uplink, const char *dir)
+{
+    struct spool_options opts;
     int rc;
 
     if (uplink->spool)
         return -EALREADY;
-    if (state_dir && uplink->conf->spool.durability == CONF_SPOOL_FSYNC) {
-        if (snprintf(dir, sizeof(dir), "%s/spool/%s", state_dir, uplink->name) >= (int)sizeof(dir))
-            return -ENAMETOOLONG;
+    if (dir && uplink->conf->spool.durability == CONF_SPOOL_FSYNC) {
         uplink_spool_options(uplink, dir, &opts);
     } else {
         uplink_spool_options(uplink, NULL, &opts);
@@ -2244,6 +2693,7 @@ int uplink_publish_async(struct uplink *uplink, const char *topic, const void *p
             uplink->in_io = false;
             if (rc == MOSQ_ERR_SUCCESS) {
                 uplink->stats.published++;
+                uplink->stats.publishes++;
                 uplink->out_count++;
             } else {
                 uplink->stats.dropped_qos0++;
@@ -2353,6 +2803,10 @@ int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf)
         log_uplink(LOG_WARNING, uplink->name,
                    "spool.durability changed; it takes effect at the next start");
     uplink->conf = conf;
+    /* The new conf loaded auth.key from the file just now: it is at least as
+     * new as a key uplink_reload_credentials() installed. */
+    EVP_PKEY_free(uplink->jwt_key);
+    uplink->jwt_key = NULL;
     if (uplink->spool) {
         /* Bounds, overflow and commit_interval apply at once. */
         uplink_spool_options(uplink, NULL, &opts);
@@ -2379,6 +2833,199 @@ int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf)
         break; /* IDLE: used at start; STOPPING/STOPPED: irrelevant */
     }
     return 0;
+}
+
+/* Appends @name to the comma-separated list @list. */
+static void creds_list_add(char *list, size_t size, const char *name)
+{
+    size_t used = strlen(list);
+    snprintf(list + used, size - used, "%s%s", used ? ", " : "", name);
+}
+
+/* The start-up checks on the files now on disk, for what changed. A new
+ * auth.key that passes goes to *@jwt_key_out (the caller owns it). */
+static int creds_check(const struct conf_uplink *conf, bool tls_changed, bool ca_changed,
+                       EVP_PKEY *jwt_key, char *err, size_t err_size, char *warning,
+                       size_t warning_size)
+{
+    char described[64];
+    int rc;
+
+    warning[0] = '\0';
+    if (tls_changed && conf->tls.cert) {
+        /* tlscheck.h: the key is the certificate's, every certificate of
+         * the chain valid now, the CN the profile's (Cumulocity). */
+        struct tlscheck_options options = {.expected_cn = conf->cert_cn};
+        rc = tlscheck_client_cert(conf->tls.cert, conf->tls.key, &options, time(NULL), NULL, err,
+                                  err_size, warning, warning_size);
+        if (rc < 0)
+            return rc;
+    }
+    if (ca_changed && conf->tls.ca_file && !conf->tls.ca_system) {
+        X509 *leaf = NULL;
+        rc = keys_load_cert_chain(conf->tls.ca_file, &leaf, NULL, err, err_size);
+        X509_free(leaf);
+        if (rc < 0)
+            return rc;
+    }
+    if (jwt_key) {
+        /* What conf_load() checks: the key fits auth.alg and can sign. */
+        const struct conf_jwt *jwt = &conf->auth.jwt;
+        struct jwt_claim extra[CONF_JWT_MAX_CLAIMS];
+        struct jwt_claims claims;
+        struct jwt_signer *signer = NULL;
+        char *token = NULL;
+        char why[KEYS_ERR_SIZE];
+
+        conf_jwt_claims(jwt, extra, &claims);
+        rc = jwt_signer_new(jwt_key, jwt->alg, jwt->kid_mode, jwt->kid, &signer, why, sizeof(why));
+        if (rc == 0)
+            rc = jwt_sign(signer, &claims, jwt_build_epoch() + 86400, &token, NULL, why,
+                          sizeof(why));
+        if (token) {
+            explicit_bzero(token, strlen(token));
+            free(token);
+        }
+        jwt_signer_free(signer);
+        if (rc < 0) {
+            snprintf(err, err_size,
+                     "auth.key=%s (%s) cannot sign as %s: %s (auth.alg is the one the "
+                     "configuration was loaded with; after changing the key type, reload the "
+                     "configuration: systemctl reload uplinkd)",
+                     jwt->key, keys_describe(jwt_key, described, sizeof(described)),
+                     jwt_alg_name(jwt->alg), why);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+int uplink_reload_credentials(struct uplink *uplink, char *report, size_t report_size)
+{
+    const struct conf_uplink *conf = uplink->conf;
+    struct uplink_creds now = {.taken = true};
+    EVP_PKEY *jwt_key = NULL;
+    char changed[64] = "", err[TLSCHECK_MSG_SIZE] = "", warning[TLSCHECK_MSG_SIZE];
+    char jwt_err[KEYS_ERR_SIZE] = "";
+    bool tls_changed = false, ca_changed = false, jwt_changed = false;
+    int rc;
+
+    if (uplink->state == UPLINK_IDLE || uplink->state == UPLINK_STOPPING ||
+        uplink->state == UPLINK_STOPPED || !uplink->creds.taken) {
+        snprintf(report, report_size,
+                 "credentials unchanged (no connection set up yet; the next attempt reads the "
+                 "files)");
+        log_uplink(LOG_INFO, uplink->name, "%s", report);
+        return UPLINK_CREDS_UNCHANGED;
+    }
+    /* The same files, in the same way, as conn_new() + conn_take_creds(). */
+    if (conf->tls.enabled) {
+        if (conf->tls.cert)
+            creds_fp_file(conf->tls.cert, now.cert);
+        if (conf->tls.key)
+            creds_fp_key_spec(conf->tls.key, now.key);
+        if (conf->tls.ca_file && !conf->tls.ca_system)
+            creds_fp_file(conf->tls.ca_file, now.ca);
+    }
+    if (conf->auth.type == CONF_AUTH_JWT) {
+        const struct conf_jwt *jwt = &conf->auth.jwt;
+        struct keys_options options = {.passphrase_file = jwt->passphrase_file,
+                                       .pkcs11_module = jwt->pkcs11_module};
+        if (keys_is_uri(jwt->key)) {
+            creds_fp_key_spec(jwt->key, now.jwt);
+        } else if (keys_load_private(jwt->key, &options, &jwt_key, jwt_err, sizeof(jwt_err)) < 0) {
+            snprintf(now.jwt, sizeof(now.jwt), "unreadable:%.140s", jwt_err);
+        } else {
+            creds_fp_jwt_key(jwt_key, jwt->key, now.jwt);
+        }
+    }
+    if (strcmp(now.cert, uplink->creds.cert) != 0) {
+        tls_changed = true;
+        creds_list_add(changed, sizeof(changed), "tls.cert");
+    }
+    if (strcmp(now.key, uplink->creds.key) != 0) {
+        tls_changed = true;
+        creds_list_add(changed, sizeof(changed), "tls.key");
+    }
+    if (strcmp(now.ca, uplink->creds.ca) != 0) {
+        ca_changed = true;
+        creds_list_add(changed, sizeof(changed), "tls.ca");
+    }
+    if (strcmp(now.jwt, uplink->creds.jwt) != 0) {
+        jwt_changed = true;
+        creds_list_add(changed, sizeof(changed), "auth.key");
+    }
+    if (!changed[0]) {
+        EVP_PKEY_free(jwt_key);
+        snprintf(report, report_size, "credentials unchanged");
+        log_uplink(LOG_INFO, uplink->name, "%s", report);
+        return UPLINK_CREDS_UNCHANGED;
+    }
+
+    if (jwt_changed && !jwt_key && !keys_is_uri(conf->auth.jwt.key)) {
+        snprintf(err, sizeof(err), "%s", jwt_err); /* the new auth.key cannot be loaded */
+        rc = -ENOKEY;
+    } else {
+        rc = creds_check(conf, tls_changed, ca_changed, jwt_changed ? jwt_key : NULL, err,
+                         sizeof(err), warning, sizeof(warning));
+    }
+    if (rc < 0) {
+        EVP_PKEY_free(jwt_key);
+        snprintf(report, report_size, "new %s refused, keeping the current session: %s", changed,
+                 err);
+        log_uplink(LOG_ERR, uplink->name, "%s", report);
+        return rc;
+    }
+    if (warning[0])
+        log_uplink(LOG_WARNING, uplink->name, "%s", warning);
+    if (jwt_changed && jwt_key) {
+        EVP_PKEY_free(uplink->jwt_key);
+        uplink->jwt_key = jwt_key; /* conn_copy_jwt() signs with it from now on */
+        jwt_key = NULL;
+    }
+    EVP_PKEY_free(jwt_key);
+    snprintf(report, report_size, "credentials changed (%s); the new files passed the checks",
+             changed);
+    uplink_reconnect(uplink, report);
+    return UPLINK_CREDS_CHANGED;
+}
+
+int uplink_sign_jwt(struct uplink *uplink, char **token_out, time_t *expires_at, char *err,
+                    size_t err_size)
+{
+    const struct conf_uplink *conf = uplink->conf;
+    struct uplink_conn *conn;
+    int rc;
+
+    *token_out = NULL;
+    if (conf->auth.type != CONF_AUTH_JWT) {
+        snprintf(err, err_size, "uplink \"%s\" does not use JWT auth (auth.type is %s)",
+                 uplink->name, conf->auth.type == CONF_AUTH_BASIC ? "basic" : "none");
+        return -ENOKEY;
+    }
+    /* The clock rule of uplink_clock_blocks(), without its waiting. */
+    rc = jwt_clock_check(time(NULL), conf->auth.jwt.clock_check == CONF_CLOCK_SYNC, NULL, err,
+                         err_size);
+    if (rc < 0)
+        return rc;
+    /* The claims and signer a connection attempt would use (conn_copy_jwt),
+     * signed under the same lock. This runs on the loop thread: a manual
+     * request, and a signature takes milliseconds. */
+    conn = calloc(1, sizeof(*conn));
+    if (!conn)
+        return -ENOMEM;
+    conn->uplink = uplink;
+    rc = conn_copy_jwt(conn, &conf->auth.jwt);
+    if (rc < 0) {
+        snprintf(err, err_size, "cannot prepare the signer: %s", strerror(-rc));
+        conn_free(conn);
+        return rc;
+    }
+    pthread_mutex_lock(&uplink_sign_lock);
+    rc = jwt_sign(conn->signer, &conn->claims, time(NULL), token_out, expires_at, err, err_size);
+    pthread_mutex_unlock(&uplink_sign_lock);
+    conn_free(conn);
+    return rc;
 }
 
 void uplink_stop(struct uplink *uplink, unsigned timeout_ms,
@@ -2425,6 +3072,7 @@ void uplink_free(struct uplink *uplink)
     }
     spool_free(uplink->spool);
     free(uplink->topic_buf);
+    free(uplink->batch_buf);
     for (sub = uplink->subs; sub; sub = next_sub) {
         next_sub = sub->next;
         free(sub->filter);
@@ -2435,6 +3083,7 @@ void uplink_free(struct uplink *uplink)
         uplink->controls = c->next;
         control_free(c); /* no done_cb: the owner may be gone already */
     }
+    EVP_PKEY_free(uplink->jwt_key);
     free(uplink->name);
     free(uplink->gateway_id);
     free(uplink);
@@ -2464,7 +3113,7 @@ void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
     if (uplink->spool)
         spool_get_stats(uplink->spool, &out->spool);
     out->queued = (size_t)out->spool.depth;
-    out->inflight = uplink->inflight;
+    out->inflight = uplink->inflight_records;
     /* A rate window older than two seconds means no traffic since. */
     out->rate_in = now - uplink->rate_since > 2000 ? 0 : uplink->rate_in;
     out->rate_out = now - uplink->rate_since > 2000 ? 0 : uplink->rate_out;

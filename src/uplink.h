@@ -23,6 +23,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 #include <uv.h>
 
 #include "spool.h"
@@ -69,6 +70,15 @@ struct uplink_hooks {
     /* Optional: CONNACK @rc (MQTT 3.1.1 §3.2.2.3, not 0) in the cloud's own
      * words, or NULL for the generic text. Static strings only. */
     const char *(*connack_text_cb)(void *arg, struct uplink *uplink, int rc);
+    /* Optional: may consecutive queued records for @topic be joined into one
+     * PUBLISH (Cumulocity: SmartREST lines joined by "\n")? Return the
+     * separator to put between payloads (a static string), and set
+     * *@max_packet to the largest whole PUBLISH packet allowed, header
+     * included (0: UPLINK_BATCH_MAX_BYTES); NULL: one record per publish.
+     * Asked once per publish that starts with a spooled record. Only
+     * records already queued are joined, never waited for. */
+    const char *(*batch_cb)(void *arg, struct uplink *uplink, const char *topic,
+                            size_t *max_packet);
     /* A message arrived from the cloud on one of the uplink's subscriptions. */
     void (*message_cb)(void *arg, struct uplink *uplink, const char *topic, const void *payload,
                        size_t len, int qos, bool retain);
@@ -108,6 +118,20 @@ int uplink_start(struct uplink *uplink);
  * Returns 0, -EALREADY, or the spool's error (logged with the path).
  */
 int uplink_open_spool(struct uplink *uplink, const char *state_dir);
+
+/**
+ * uplink_open_spool_dir() - uplink_open_spool() with the spool directory
+ * given (@dir, borrowed, created when missing) instead of derived from the
+ * uplink's name: per-device sessions (profile_akenza.c) keep theirs under
+ * their uplink's. @dir NULL, or spool.durability none: in memory.
+ * Returns as uplink_open_spool().
+ */
+int uplink_open_spool_dir(struct uplink *uplink, const char *dir);
+
+/* Joined publishes (uplink_hooks.batch_cb): at most this many records, and
+ * this many bytes when the hook states no packet limit. */
+#define UPLINK_BATCH_MAX_RECORDS 64
+#define UPLINK_BATCH_MAX_BYTES   (64 * 1024)
 
 /* uplink_publish_async() return value: @done_cb will be called. */
 #define UPLINK_PUBLISH_PENDING 1
@@ -205,6 +229,44 @@ int uplink_unsubscribe(struct uplink *uplink, const char *filter);
  */
 int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf);
 
+/* uplink_reload_credentials() results (a refusal is a negative errno). */
+#define UPLINK_CREDS_UNCHANGED 0
+#define UPLINK_CREDS_CHANGED   1
+
+/**
+ * uplink_reload_credentials() - compare tls.cert, tls.key, tls.ca and
+ * auth.key (JWT) on disk with what the last connection attempt was set up
+ * with: SHA-256 of the file bytes; a pkcs11: URI by its text; auth.key by
+ * its public key (a re-encrypted copy of the same key is no change). When
+ * something changed, the new files get the start-up checks first (tlscheck:
+ * key matches the certificate, chain valid now, the profile's CN; tls.ca
+ * holds a certificate; auth.key loads and signs with auth.alg); only when
+ * they pass does the uplink reconnect (uplink_reconnect(): in-flight
+ * messages are re-sent, the spool is kept), with a changed auth.key used
+ * for every token from then on. For SIGHUP (conf unchanged) and `uplinkctl
+ * reload-credentials`. Reads the files on the calling (loop) thread.
+ * @report: one line in words (what changed, or why refused), also logged:
+ *          info when unchanged, notice when changed, error when refused.
+ * Returns UPLINK_CREDS_UNCHANGED (also when no attempt was made yet),
+ * UPLINK_CREDS_CHANGED (reconnecting), or the check's negative errno
+ * (-EKEYREJECTED, -EKEYEXPIRED, -ERANGE, -EPERM, -ENOENT, -ENOKEY,
+ * -EINVAL...): the session goes on with the credentials it has.
+ */
+int uplink_reload_credentials(struct uplink *uplink, char *report, size_t report_size);
+
+/**
+ * uplink_sign_jwt() - the token the uplink would send if it connected now:
+ * same key (including one installed by uplink_reload_credentials()), alg,
+ * kid, aud and profile claims, same clock check. Signs on the calling
+ * (loop) thread under the lock the connection attempts use.
+ * @token_out: malloc'd token the caller frees (and should wipe).
+ * @expires_at: its exp; may be NULL.
+ * Returns 0, -ENOKEY (the uplink does not use JWT auth), JWT_ECLOCK (the
+ * clock cannot be trusted), or jwt_sign()'s error, with @err in words.
+ */
+int uplink_sign_jwt(struct uplink *uplink, char **token_out, time_t *expires_at, char *err,
+                    size_t err_size);
+
 /**
  * uplink_stop() - graceful stop: when ONLINE, wait up to @timeout_ms for the
  * PUBACKs of what is in flight (with a memory spool: send the whole queue and
@@ -244,12 +306,14 @@ const char *uplink_last_error(const struct uplink *uplink);
 
 /** Counters for status. */
 struct uplink_stats {
-    uint64_t published;    /* acknowledged (QoS>=1) or written (QoS 0) upstream */
+    uint64_t published;    /* records acknowledged (QoS>=1) or written (QoS 0) upstream */
+    uint64_t publishes;    /* PUBLISH packets that carried them: fewer than published
+                              when queued records were joined (uplink_hooks.batch_cb) */
     uint64_t received;     /* messages from the cloud */
     uint64_t dropped;      /* refused by uplink_publish() (spool full, I/O error) or unsendable */
     uint64_t dropped_qos0; /* QoS 0 dropped while offline (spool.qos0_offline: drop) */
     size_t queued;         /* in the spool, waiting or in flight (spool.depth) */
-    size_t inflight;       /* sent, waiting for PUBACK */
+    size_t inflight;       /* records sent, waiting for PUBACK */
     double rate_in;        /* messages/s handed to the uplink, over the last second or so */
     double rate_out;       /* messages/s acknowledged (or written, QoS 0) upstream */
     struct spool_stats spool;

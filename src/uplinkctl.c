@@ -1,11 +1,12 @@
 /* uplinkctl.c - command-line client of the uplinkd control socket.
  *
  * Usage: uplinkctl [-s SOCKET] [--json] [COMMAND [ARGS]]
- * Online commands (status, reconnect, rotate) send one command line and
- * print the daemon's answer: a table for people, or the JSON with --json.
- * Exit status: 0 on an answer, 1 when the daemon answered with an error, 2
- * when it could not be reached. Offline commands (diagnose, jwt, keygen,
- * passwd) live in their own files.
+ * Online commands (status, children, reconnect, rotate, reload-credentials)
+ * send one command line and print the daemon's answer: a table for people,
+ * or the JSON with --json. Exit status: 0 on an answer, 1 when the daemon
+ * answered with an error (or refused new credentials), 2 when it could not
+ * be reached. Offline commands (diagnose, jwt, keygen, passwd) live in their
+ * own files; jwt UPLINK asks the daemon first.
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -22,6 +23,7 @@
 
 #include "config.h"
 #include "diagnose.h"
+#include "uplinkctl.h"
 #include "uplinkctl_keys.h"
 #include "uplinkctl_passwd.h"
 #include "uplinkd/ctl.h"
@@ -35,8 +37,12 @@ static void usage(FILE *out)
                  "  children   child devices seen, message counts, registration per uplink\n"
                  "  reconnect UPLINK  drop the uplink's session and connect again now\n"
                  "  rotate UPLINK     sign a fresh JWT and reconnect with it now\n"
+                 "  reload-credentials [UPLINK]\n"
+                 "             re-read tls.cert, tls.key, tls.ca and auth.key; reconnect the\n"
+                 "             uplinks whose files changed and pass the start-up checks\n"
                  "  diagnose   test an uplink's connection step by step (diagnose --help)\n"
-                 "  jwt        sign a JWT offline and print it (uplinkctl jwt --help)\n"
+                 "  jwt UPLINK print the token the uplink would send now (jwt --help; also\n"
+                 "             offline: jwt --key KEY ...)\n"
                  "  keygen     write a new key pair, print its public key and kid\n"
                  "  passwd     add or change a user of local.password_file (passwd FILE USER)\n\n"
                  "Options:\n"
@@ -46,7 +52,7 @@ static void usage(FILE *out)
                  "  -V, --version      print the version\n");
 }
 
-static int connect_socket(const char *path)
+static int connect_socket(const char *path, bool quiet_down)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
 
@@ -62,6 +68,10 @@ static int connect_socket(const char *path)
     }
     if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
         int err = errno;
+        if (quiet_down && (err == ENOENT || err == ECONNREFUSED)) {
+            close(fd);
+            return -2;
+        }
         if (err == EACCES || err == EPERM)
             fprintf(stderr,
                     "uplinkctl: permission denied on %s\n"
@@ -98,6 +108,15 @@ static int build_request(int argc, char **argv, bool *json_output, char *out, si
     }
     if ((strcmp(command, "status") == 0 || strcmp(command, "children") == 0) && name == NULL)
         return snprintf(out, size, "%s\n", command);
+    if (strcmp(command, "reload-credentials") == 0) {
+        if (name == NULL)
+            return snprintf(out, size, "%s\n", command);
+        if (strlen(name) > 64 || strpbrk(name, " \t\n") != NULL) {
+            fprintf(stderr, "uplinkctl %s: \"%s\" is not an uplink name\n", command, name);
+            return -1;
+        }
+        return snprintf(out, size, "%s %s\n", command, name);
+    }
     if (strcmp(command, "reconnect") == 0 || strcmp(command, "rotate") == 0) {
         if (name == NULL || strlen(name) > 64 || strpbrk(name, " \t\n") != NULL) {
             fprintf(stderr, "uplinkctl %s: name the uplink (uplinkctl %s UPLINK)\n", command,
@@ -106,20 +125,19 @@ static int build_request(int argc, char **argv, bool *json_output, char *out, si
         }
         return snprintf(out, size, "%s %s\n", command, name);
     }
-    fprintf(
-        stderr,
-        "uplinkctl: unknown command \"%s\" (known: status, children, reconnect, rotate, diagnose, "
-        "jwt, "
-        "keygen, passwd)\n",
-        command);
+    fprintf(stderr,
+            "uplinkctl: unknown command \"%s\" (known: status, children, reconnect, rotate, "
+            "reload-credentials, diagnose, jwt, keygen, passwd)\n",
+            command);
     return -1;
 }
 
-/* Send @request, read the whole answer into *@answer (malloc'd,
- * NUL-terminated). Returns 0, or 2 after printing why. */
-static int ask_daemon(const char *socket_path, const char *request, size_t len, char **answer)
+int uplinkctl_ask(const char *socket_path, const char *request, size_t len, bool quiet_down,
+                  char **answer)
 {
-    int fd = connect_socket(socket_path);
+    int fd = connect_socket(socket_path, quiet_down);
+    if (fd == -2)
+        return UPLINKCTL_DOWN;
     if (fd < 0)
         return 2;
     if (write(fd, request, len) != (ssize_t)len) {
@@ -170,6 +188,45 @@ static long long json_num(json_t *object, const char *key)
     return (long long)json_number_value(json_object_get(object, key));
 }
 
+/* The lines under the table for one uplink: the spool (issue: depth, bytes,
+ * oldest age, rates, drops by reason, last fsync), a full spool that holds
+ * back publishers, and per-device sessions when the profile has them. */
+static void print_uplink_details(json_t *uplink)
+{
+    const char *name = json_str(uplink, "name");
+    json_t *spool = json_object_get(uplink, "spool");
+    if (spool != NULL) {
+        json_t *dropped = json_object_get(spool, "dropped");
+        printf("%s: spool %s, %lld record(s), %lld of %lld bytes, oldest %.1f s, in %.1f/s, "
+               "out %.1f/s, last fsync %lld us\n",
+               name, json_str(spool, "durability"), json_num(spool, "depth"),
+               json_num(spool, "bytes"), json_num(spool, "max_bytes"),
+               json_number_value(json_object_get(spool, "oldest_age_s")),
+               json_number_value(json_object_get(spool, "rate_in")),
+               json_number_value(json_object_get(spool, "rate_out")),
+               json_num(spool, "last_fsync_us"));
+        if (dropped != NULL)
+            printf("%s: dropped: overflow %lld, max_age %lld, corrupt %lld, qos0 offline %lld, "
+                   "refused %lld\n",
+                   name, json_num(dropped, "overflow"), json_num(dropped, "max_age"),
+                   json_num(dropped, "corrupt"), json_num(dropped, "qos0_offline"),
+                   json_num(dropped, "refused"));
+        if (json_num(spool, "blocked") > 0)
+            printf("%s: spool full: %lld publish(es) from local clients held back until the "
+                   "cloud catches up (spool.overflow: block)\n",
+                   name, json_num(spool, "blocked"));
+        if (json_str(spool, "io_error")[0])
+            printf("%s: spool I/O error: %s\n", name, json_str(spool, "io_error"));
+    }
+    json_t *sessions = json_object_get(uplink, "sessions");
+    if (json_is_object(sessions))
+        printf("%s: per-device sessions: %lld open (%lld online, %lld connecting, %lld in "
+               "backoff, %lld without key), %lld record(s) queued\n",
+               name, json_num(sessions, "open"), json_num(sessions, "online"),
+               json_num(sessions, "connecting"), json_num(sessions, "backoff"),
+               json_num(sessions, "no_key"), json_num(sessions, "queued"));
+}
+
 static void print_status(json_t *root)
 {
     printf("uplinkd %s (pid %lld) %s, config %s, %lld local client(s)\n", json_str(root, "version"),
@@ -194,11 +251,13 @@ static void print_status(json_t *root)
                json_str(uplink, "state"), host, queued, json_num(uplink, "published"),
                json_num(uplink, "received"), json_num(uplink, "dropped"));
     }
+    printf("\n");
     json_array_foreach(uplinks, i, uplink)
     {
+        print_uplink_details(uplink);
         const char *error = json_str(uplink, "last_error");
         if (error[0])
-            printf("\n%s: last error: %s\n", json_str(uplink, "name"), error);
+            printf("%s: last error: %s\n", json_str(uplink, "name"), error);
         if (json_object_get(uplink, "token_expires_at") != NULL)
             printf("%s: JWT clock %s, token expires at %lld, %lld rotation(s)\n",
                    json_str(uplink, "name"), json_str(uplink, "clock"),
@@ -235,6 +294,31 @@ static void print_children(json_t *root)
     }
 }
 
+/* reload-credentials: one line per uplink. Returns 1 when one was refused. */
+static int print_reload_credentials(json_t *root)
+{
+    size_t i;
+    json_t *uplink;
+    int rc = 0;
+
+    json_array_foreach(json_object_get(root, "uplinks"), i, uplink)
+    {
+        const char *result = json_str(uplink, "result");
+        if (strcmp(result, "refused") == 0) {
+            rc = 1;
+            printf("%s: refused: %s\n", json_str(uplink, "name"), json_str(uplink, "message"));
+        } else if (strcmp(result, "changed") == 0) {
+            printf("%s: changed: %s; reconnecting\n", json_str(uplink, "name"),
+                   json_str(uplink, "message"));
+        } else {
+            printf("%s: %s\n", json_str(uplink, "name"), json_str(uplink, "message"));
+        }
+    }
+    if (json_array_size(json_object_get(root, "uplinks")) == 0)
+        printf("no uplinks configured\n");
+    return rc;
+}
+
 /* The answer for people. Returns the exit status. */
 static int print_answer(const char *command, const char *answer)
 {
@@ -253,6 +337,8 @@ static int print_answer(const char *command, const char *answer)
         print_status(root);
     } else if (strcmp(command, "children") == 0) {
         print_children(root);
+    } else if (strcmp(command, "reload-credentials") == 0) {
+        rc = print_reload_credentials(root);
     } else {
         printf("%s: %s requested\n", json_str(root, "uplink"), json_str(root, "action"));
     }
@@ -270,7 +356,7 @@ int main(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *socket_path = UPLINKD_CTL_DEFAULT_SOCKET;
-    bool json_output = false;
+    bool json_output = false, socket_given = false;
     int opt;
 
     /* "+": options after the command belong to the command. */
@@ -278,6 +364,7 @@ int main(int argc, char **argv)
         switch (opt) {
         case 's':
             socket_path = optarg;
+            socket_given = true;
             break;
         case 'j':
             json_output = true;
@@ -298,7 +385,8 @@ int main(int argc, char **argv)
     if (strcmp(command, "diagnose") == 0)
         return uplinkctl_diagnose_main(argc - optind, argv + optind);
     if (strcmp(command, "jwt") == 0)
-        return uplinkctl_jwt_main(argc - optind, argv + optind);
+        return uplinkctl_jwt_main(argc - optind, argv + optind, socket_path, socket_given,
+                                  json_output);
     if (strcmp(command, "keygen") == 0)
         return uplinkctl_keygen_main(argc - optind, argv + optind);
     if (strcmp(command, "passwd") == 0)
@@ -309,10 +397,13 @@ int main(int argc, char **argv)
         return 2;
 
     char *answer = NULL;
-    int rc = ask_daemon(socket_path, request, (size_t)n, &answer);
+    int rc = uplinkctl_ask(socket_path, request, (size_t)n, false, &answer);
     if (rc != 0)
         return rc;
     rc = strncmp(answer, "{\"error\"", 8) == 0 ? 1 : 0;
+    if (rc == 0 && strcmp(command, "reload-credentials") == 0 &&
+        strstr(answer, "\"result\":\"refused\"") != NULL)
+        rc = 1; /* the same exit status with --json */
     if (json_output)
         fputs(answer, stdout);
     else

@@ -1,6 +1,9 @@
 /* uplinkctl_keys.c - `uplinkctl jwt` and `uplinkctl keygen` (see
  * uplinkctl_keys.h). Both work offline with the same jwt_/keys_ code the
- * daemon uses, so a token printed here is the token uplinkd would send. */
+ * daemon uses, so a token printed here is the token uplinkd would send.
+ * `uplinkctl jwt UPLINK` asks the running daemon first (it signs: a token
+ * key or a key file only uplinkd may read works), and signs here from the
+ * configuration file only when no daemon listens. */
 #include "uplinkctl_keys.h"
 
 #include <errno.h>
@@ -15,21 +18,34 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 
+#include "conf.h"
+#include "config.h"
 #include "jwt.h"
 #include "keys.h"
+#include "uplinkctl.h"
 #include "util.h"
+#include "uplinkd/ctl.h"
 
 /* More claims than this on a command line is a mistake, not a token. */
 #define MAX_EXTRA_CLAIMS 32
 
 static void jwt_usage(FILE *out)
 {
-    fprintf(out, "Usage: uplinkctl jwt --key KEY [OPTIONS]\n"
+    fprintf(out, "Usage: uplinkctl jwt UPLINK [--config FILE] [-v]\n"
+                 "       uplinkctl jwt --key KEY [OPTIONS]\n"
                  "Sign a JWT as uplinkd would and print it (e.g. as an MQTT password).\n\n"
+                 "With UPLINK: the token that configured uplink would send now (its key,\n"
+                 "alg, kid, aud and profile claims), signed by the running uplinkd (uplinkctl\n"
+                 "-s SOCKET); when uplinkd is not running, signed here from the configuration\n"
+                 "file. stderr says which. uplinkctl --json prints it as JSON.\n"
+                 "      --config FILE        configuration for the local fallback (default\n"
+                 "                           " UPLINKD_DEFAULT_CONFIG ")\n\n"
+                 "Without UPLINK, from the options alone:\n"
                  "  -k, --key KEY            PEM private key file or pkcs11: URI (required)\n"
                  "  -a, --alg ALG            RS256, PS256, ES256 or ES384 (default: from the key:\n"
                  "                           ES256 for P-256, ES384 for P-384, RS256 for RSA)\n"
@@ -62,7 +78,181 @@ static int parse_duration_s(const char *option, const char *text, uint32_t *out)
     return 0;
 }
 
-int uplinkctl_jwt_main(int argc, char **argv)
+/* Prints the decoded header and claims of @token on stderr (-v), or adds
+ * them to @json. */
+static void jwt_describe(const char *token, json_t *json)
+{
+    const char *dot1 = strchr(token, '.');
+    const char *dot2 = dot1 ? strchr(dot1 + 1, '.') : NULL;
+    const char *start[2] = {token, dot1 ? dot1 + 1 : NULL};
+    const char *end[2] = {dot1, dot2};
+    static const char *const names[2] = {"header", "claims"};
+
+    for (int i = 0; i < 2 && dot2; i++) {
+        unsigned char *text = NULL;
+        size_t len = 0;
+        if (jwt_base64url_decode(start[i], (size_t)(end[i] - start[i]), &text, &len) < 0)
+            continue;
+        if (json)
+            json_object_set_new(json, names[i], json_loadb((const char *)text, len, 0, NULL));
+        else
+            fprintf(stderr, "%s: %.*s\n", names[i], (int)len, text);
+        free(text);
+    }
+}
+
+/* Prints @token (stdout) the way the caller asked. Returns the exit status. */
+static int jwt_print(const char *name, const char *token, long long expires_at, const char *source,
+                     bool json_output, bool verbose)
+{
+    if (json_output) {
+        json_t *root = json_pack("{s:s, s:s, s:I, s:s}", "uplink", name, "token", token, "exp",
+                                 (json_int_t)expires_at, "source", source);
+        if (root == NULL)
+            return 1;
+        jwt_describe(token, root);
+        char *text = json_dumps(root, JSON_COMPACT);
+        json_decref(root);
+        if (text == NULL)
+            return 1;
+        printf("%s\n", text);
+        free(text);
+    } else {
+        if (verbose)
+            jwt_describe(token, NULL);
+        printf("%s\n", token);
+    }
+    return fflush(stdout) == 0 ? 0 : 1;
+}
+
+/* No daemon: sign from the configuration, exactly as the uplink does
+ * (conn_copy_jwt in uplink.c: conf_load() resolved the profile's aud, kid
+ * and sub into auth; the clock check comes first). */
+static int jwt_sign_from_config(const struct conf *conf, const char *name, char **token,
+                                time_t *expires_at)
+{
+    const struct conf_uplink *uc = conf_uplink_find(conf, name);
+    struct jwt_signer *signer = NULL;
+    struct jwt_claim extra[CONF_JWT_MAX_CLAIMS];
+    struct jwt_claims claims;
+    char err[KEYS_ERR_SIZE];
+    int rc = 1;
+
+    if (uc == NULL) {
+        fprintf(stderr, "uplinkctl jwt: %s has no uplink named \"%s\" (known:", conf->path, name);
+        for (size_t i = 0; i < conf->uplink_count; i++)
+            fprintf(stderr, " %s", conf->uplinks[i].name);
+        fprintf(stderr, ")\n");
+        return 1;
+    }
+    if (uc->auth.type != CONF_AUTH_JWT) {
+        fprintf(stderr, "uplinkctl jwt: uplink \"%s\" does not use JWT auth (auth.type is %s)\n",
+                name, uc->auth.type == CONF_AUTH_BASIC ? "basic" : "none");
+        return 1;
+    }
+    const struct conf_jwt *jwt = &uc->auth.jwt;
+    time_t now = time(NULL);
+    if (jwt_clock_check(now, jwt->clock_check == CONF_CLOCK_SYNC, NULL, err, sizeof(err)) < 0) {
+        fprintf(stderr, "uplinkctl jwt: %s\n", err);
+        return 1;
+    }
+    conf_jwt_claims(jwt, extra, &claims);
+    if (jwt_signer_new(jwt->private_key, jwt->alg, jwt->kid_mode, jwt->kid, &signer, err,
+                       sizeof(err)) < 0 ||
+        jwt_sign(signer, &claims, now, token, expires_at, err, sizeof(err)) < 0) {
+        fprintf(stderr, "uplinkctl jwt: uplink \"%s\": %s\n", name, err);
+        goto out;
+    }
+    rc = 0;
+out:
+    jwt_signer_free(signer);
+    return rc;
+}
+
+/* Asks the daemon at @socket_path for uplink @name's token. Returns 0
+ * (printed), UPLINKCTL_DOWN, or an exit status after printing why. */
+static int jwt_ask_daemon(const char *socket_path, const char *name, bool json_output, bool verbose)
+{
+    char request[UPLINKD_CTL_MAX_REQUEST], *answer = NULL;
+    json_error_t error;
+    int n = snprintf(request, sizeof(request), "jwt %s\n", name);
+    int rc = uplinkctl_ask(socket_path, request, (size_t)n, true, &answer);
+
+    if (rc != 0)
+        return rc;
+    json_t *root = json_loads(answer, 0, &error);
+    free(answer);
+    if (root == NULL) {
+        fprintf(stderr, "uplinkctl jwt: the daemon's answer is not JSON (%s)\n", error.text);
+        return 2;
+    }
+    const char *token = json_string_value(json_object_get(root, "token"));
+    if (token == NULL) {
+        const char *words = json_string_value(json_object_get(root, "error"));
+        fprintf(stderr, "uplinkctl jwt: uplinkd: %s\n", words ? words : "no token in the answer");
+        json_decref(root);
+        return 1;
+    }
+    fprintf(stderr, "uplinkctl jwt: signed by the running uplinkd (%s)\n", socket_path);
+    rc = jwt_print(name, token, (long long)json_integer_value(json_object_get(root, "exp")),
+                   "daemon", json_output, verbose);
+    json_decref(root);
+    return rc;
+}
+
+/* `uplinkctl jwt UPLINK`: the daemon first, the configuration file second. */
+static int jwt_for_uplink(const char *name, const char *config_path, const char *socket_path,
+                          bool socket_given, bool json_output, bool verbose)
+{
+    struct conf *conf = NULL;
+    char *errors = NULL, *token = NULL;
+    time_t expires_at = 0;
+
+    if (strlen(name) > 64 || strpbrk(name, " \t\n") != NULL) {
+        fprintf(stderr, "uplinkctl jwt: \"%s\" is not an uplink name\n", name);
+        return 2;
+    }
+    int rc = jwt_ask_daemon(socket_path, name, json_output, verbose);
+    if (rc != UPLINKCTL_DOWN)
+        return rc;
+    rc = conf_load(config_path, &conf, &errors);
+    if (rc < 0) {
+        fprintf(stderr, "%s%s", errors ? errors : strerror(-rc),
+                errors && errors[0] && errors[strlen(errors) - 1] == '\n' ? "" : "\n");
+        fprintf(stderr,
+                "uplinkctl jwt: uplinkd is not running (nothing listens on %s), and the "
+                "configuration %s cannot be loaded to sign here (give --config FILE)\n",
+                socket_path, config_path);
+        free(errors);
+        return 1;
+    }
+    /* A daemon on the control.socket this configuration names, when no -s
+     * said where to look. */
+    if (!socket_given && strcmp(conf->control_socket, socket_path) != 0) {
+        rc = jwt_ask_daemon(conf->control_socket, name, json_output, verbose);
+        if (rc != UPLINKCTL_DOWN) {
+            conf_free(conf);
+            return rc;
+        }
+    }
+    rc = jwt_sign_from_config(conf, name, &token, &expires_at);
+    if (rc == 0) {
+        fprintf(stderr,
+                "uplinkctl jwt: uplinkd is not running (nothing listens on %s); signed here with "
+                "the key and claims of uplink \"%s\" in %s\n",
+                socket_path, name, config_path);
+        rc = jwt_print(name, token, (long long)expires_at, "local", json_output, verbose);
+    }
+    if (token) {
+        explicit_bzero(token, strlen(token));
+        free(token);
+    }
+    conf_free(conf);
+    return rc;
+}
+
+int uplinkctl_jwt_main(int argc, char **argv, const char *socket_path, bool socket_given,
+                       bool json_output)
 {
     static const struct option options[] = {
         {"key", required_argument, NULL, 'k'},
@@ -79,8 +269,12 @@ int uplinkctl_jwt_main(int argc, char **argv)
         {"now", required_argument, NULL, 'N'},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
+        {"config", required_argument, NULL, 'F'},
+        {"json", no_argument, NULL, 'j'},
         {NULL, 0, NULL, 0},
     };
+    const char *config_path = UPLINKD_DEFAULT_CONFIG;
+    const char *offline_option = NULL; /* one given, for "not with UPLINK" */
     struct jwt_claim extra[MAX_EXTRA_CLAIMS];
     struct jwt_claims claims = {.skew_s = JWT_DEFAULT_SKEW_S, .extra = extra};
     struct keys_options key_options = {0};
@@ -96,8 +290,18 @@ int uplinkctl_jwt_main(int argc, char **argv)
     int opt, rc;
 
     optind = 0; /* GNU getopt: full re-initialisation for this argv */
-    while ((opt = getopt_long(argc, argv, "k:a:A:l:m:c:p:vh", options, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "k:a:A:l:m:c:p:vjh", options, NULL)) != -1) {
+        for (const struct option *o = options; o->name && opt != 'v' && opt != 'F' && opt != 'j';
+             o++)
+            if (o->val == opt)
+                offline_option = o->name;
         switch (opt) {
+        case 'F':
+            config_path = optarg;
+            break;
+        case 'j':
+            json_output = true;
+            break;
         case 'k':
             key_spec = optarg;
             break;
@@ -172,13 +376,19 @@ int uplinkctl_jwt_main(int argc, char **argv)
         }
     }
     if (optind < argc) {
-        /* Signing with an uplink's configured key needs the auth.jwt
-         * section of the configuration, which conf.c does not parse yet. */
-        fprintf(stderr,
-                "uplinkctl jwt: signing for uplink \"%s\" from the configuration is not "
-                "supported yet; give the key and claims with --key/--alg/--aud\n",
-                argv[optind]);
-        return 2;
+        if (optind + 1 < argc) {
+            fprintf(stderr, "uplinkctl jwt: unexpected argument \"%s\"\n", argv[optind + 1]);
+            return 2;
+        }
+        if (offline_option != NULL) {
+            fprintf(stderr,
+                    "uplinkctl jwt: --%s signs from the options; with uplink \"%s\" the key and "
+                    "claims come from its configuration: give one or the other\n",
+                    offline_option, argv[optind]);
+            return 2;
+        }
+        return jwt_for_uplink(argv[optind], config_path, socket_path, socket_given, json_output,
+                              verbose);
     }
     if (key_spec == NULL) {
         fprintf(stderr, "uplinkctl jwt: --key is required\n");

@@ -378,6 +378,72 @@ def test_jwt_wrong_aud_explained(hx):
     line(out, r"fix: .*(token|JWT)")
 
 
+# --------------------------------------------------------------------------
+# Profiles: diagnose sends the CONNECT the daemon's profile sends
+# --------------------------------------------------------------------------
+
+GCP_PROJECT = "diag-project"
+GCP_CLIENT_ID = "projects/%s/locations/europe-west1/registries/reg-1/devices/gw-test" \
+    % GCP_PROJECT
+
+
+def gcp_conf(hx, cloud, key, project=GCP_PROJECT):
+    conf = hx.config(cloud, uplink={
+        "profile": "gcp",
+        "auth": {"type": "jwt", "key": key.private_path, "clock_check": "build-date"},
+        "gcp": {"project": project, "region": "europe-west1", "registry": "reg-1"}})
+    del conf["uplinks"][0]["generic"]
+    return conf
+
+
+def test_gcp_uses_the_profile_client_id_and_token(hx):
+    """No client_id and no aud are configured: both come from the gcp profile."""
+    key = fakecloud.Key.generate("ES256", hx.dir)
+    cloud = fakecloud.start(hx, keys=[key.public_path], aud=GCP_PROJECT)
+    rc, out = diagnose(hx, gcp_conf(hx, cloud, key), "cloud")
+    assert rc == EXIT_OK, out
+    line(out, r"client id: %s \(profile gcp\)$" % re.escape(GCP_CLIENT_ID))
+    line(out, r"user name: unused, password: a JWT")
+    line(out, r'claims: \{.*"aud":"%s".*\}' % GCP_PROJECT)
+    line(out, r"^CONNACK: OK: 0")
+    # The fake cloud saw exactly that CONNECT and accepted the token.
+    event = cloud.wait_event("connect", client_id=GCP_CLIENT_ID, result="accepted")
+    assert event["username"] == "unused" and event["claims"]["aud"] == GCP_PROJECT
+
+
+def test_gcp_wrong_project_is_explained(hx):
+    key = fakecloud.Key.generate("ES256", hx.dir)
+    cloud = fakecloud.start(hx, keys=[key.public_path], aud=GCP_PROJECT)
+    rc, out = diagnose(hx, gcp_conf(hx, cloud, key, project="other-project"), "cloud")
+    assert rc == EXIT_MQTT, out
+    assert_ok_until(out, ["DNS", "TCP", "TLS", "MQTT"])
+    line(out, r"client id: projects/other-project/locations/.*/devices/gw-test \(profile gcp\)")
+    line(out, r"^CONNACK: FAILED: [45], ")
+    line(out, r'GCP \(Google Cloud IoT Core / ClearBlade\): .*aud must be the project id '
+              r'\(it is "other-project"; gcp.project is "other-project"\)')
+    line(out, r"^result: FAILED at the MQTT CONNECT/CONNACK step \(exit 13\)")
+    cloud.wait_event("connect", result="refused", reason="wrong aud")
+
+
+def test_cumulocity_uses_device_client_id_and_tenant_user(hx):
+    broker = hx.broker(users={"t100/gwuser": "gw-secret-pw"})
+    conf = hx.config(broker, uplink={
+        "profile": "cumulocity",
+        "auth": {"type": "basic", "username": "gwuser", "password": "gw-secret-pw"},
+        "cumulocity": {"device_id": "gw-test", "tenant": "t100"}})
+    del conf["uplinks"][0]["generic"]
+    rc, out = diagnose(hx, conf, "cloud")
+    assert rc == EXIT_OK, out
+    line(out, r"client id: d:gw-test(:\S+)? \(profile cumulocity\)$")
+    line(out, r"user name: t100/gwuser \(profile cumulocity\), password: \(set, not shown\)")
+    line(out, r"clean session 1")
+    assert "gw-secret-pw" not in out
+    h.wait_for(lambda: [l for l in broker.log_text().splitlines()
+                        if "New client connected" in l and "d:gw-test" in l
+                        and "u't100/gwuser'" in l],
+               what="diagnose's CONNECT as d:gw-test, user t100/gwuser, in the broker log")
+
+
 def test_usage_errors(hx):
     broker = hx.broker(start=False)
     rc, out = diagnose(hx, hx.config(broker), "no-such-uplink")

@@ -16,6 +16,7 @@ import struct
 import threading
 
 import jwt
+import pytest
 
 import fakecloud
 import harness as h
@@ -151,6 +152,20 @@ def test_bare_id_audience_from_config(hx):
     assert line["claims"]["aud"] == DEVICE and line["claims"]["sub"] == DEVICE
 
 
+def test_refused_token_explained_in_akenza_terms(hx):
+    key = fakecloud.Key.generate("ES256", hx.dir, "device")
+    cloud = fakecloud.start(hx, keys=[key], aud=AUD, skew=5, require_kid=True)
+    conf = hx.config(cloud, uplink=akenza_uplink(key, aud="not-" + DEVICE))
+    del conf["uplinks"][0]["generic"]
+    daemon = hx.uplinkd(conf)
+    cloud.wait_event("connect", client_id=DEVICE, result="refused", reason="wrong aud")
+    # The profile's checklist and the token's facts in one line (kid = the key's SHA-256).
+    daemon.wait_log(r"the server refused the JWT \(CONNACK 5\): akenza rejected the JWT: check "
+                    r"alg \(RS256 or ES256\) against the key uploaded to akenza, .* sub = the "
+                    r"device id, kid = SHA-256 of the public key, and the clock \(sent: alg "
+                    r"ES256, kid %s, aud \"not-%s\"" % (key.kid, DEVICE))
+
+
 def test_uplink_topics_and_downlink_delivery(hx):
     cloud, daemon, conf, observer, _, _ = start(hx)
     unix = h.local_unix_path(conf)
@@ -259,6 +274,15 @@ def test_per_device_sessions(hx):
     local.publish("dev/child-1/telemetry", b"c1-again", qos=1)
     observer.wait("/up/device/id/child-1", "c1-again")
     assert len(cloud.events("connect", client_id="child-1")) == 1
+    # uplinkctl: the sessions in status, each child's own in children.
+    h.wait_for(lambda: status_sessions(conf)["online"] == 2
+               and status_sessions(conf)["queued"] == 0,
+               what=lambda: "2 sessions online, drained: %s" % status_sessions(conf))
+    out = h.uplinkctl(conf["control"]["socket"], "children")
+    by_id = {c["id"]: c["uplinks"][0] for c in json.loads(out.stdout)["children"]}
+    assert by_id["child-1"]["session"] == {"state": "ONLINE", "queued": 0, "published": 2,
+                                           "connects": 1}
+    assert "session" not in by_id["gw-test"]  # the uplink's own device
 
     # A child without a key file is refused with the reason; nothing goes up.
     local.publish("dev/child-3/telemetry", b"c3", qos=1)
@@ -285,6 +309,86 @@ def test_idle_session_closes_and_reopens(hx):
     observer.wait("/up/device/id/child-1", "one")
     daemon.wait_log(r"child-1.*closing its session: idle")
     cloud.wait_event("disconnect", client_id="child-1")
+    # An idle, empty session leaves no spool directory behind (no fds, nothing to scan).
+    spool = os.path.join(conf["gateway"]["state_dir"], "spool", "cloud", "devices", "child-1")
+    h.wait_for(lambda: not os.path.exists(spool), what="child-1's empty spool directory removed")
     h.mosquitto_pub(*(pub + ["two"]))
     observer.wait("/up/device/id/child-1", "two")
     assert len(cloud.events("connect", client_id="child-1", result="accepted")) == 2
+
+
+# --------------------------------------------------------------------------
+# Per-device sessions keep what they acknowledged: one durable spool each
+# --------------------------------------------------------------------------
+
+def status_sessions(conf):
+    out = h.uplinkctl(conf["control"]["socket"], "status")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["uplinks"][0].get("sessions")
+
+
+@pytest.mark.parametrize("stop", ["kill9", "sigterm"])
+def test_child_sessions_keep_acknowledged_messages_across_restart(hx, stop):
+    """Cloud down: QoS 1 messages of two children are acknowledged; uplinkd dies (kill -9)
+    or stops; the restarted one reopens both sessions from their spools by itself (no new
+    local message) and, once the cloud is back, every acknowledged message arrives, in order
+    per child."""
+    gw_key = fakecloud.Key.generate("ES256", hx.dir, "device")
+    keys = child_keys(hx, ("child-1", "ES256"), ("child-2", "RS256"))
+    cloud = fakecloud.FakeCloud(hx.dir, hx.pki, [gw_key] + list(keys.values()),
+                                "akenza-test", skew=5, require_kid=True)
+    hx._brokers.append(cloud)  # stopped and reported by the fixture, like fakecloud.start()
+    # The observer's persistent subscription outlives the cloud's downtime (the broker
+    # saves it at a graceful stop), so nothing published while it reconnects is missed.
+    cloud.start()
+    observer = hx.cloud_client(cloud, client_id="akenza-observer", clean_session=False)
+    observer.subscribe("/up/#", qos=1)
+    cloud.stop()
+
+    up = akenza_uplink(gw_key, aud="akenza-test")
+    up["akenza"] = {"child_key": os.path.join(hx.dir, "devices", "%c.key")}
+    conf = hx.config(cloud, uplink=up)
+    del conf["uplinks"][0]["generic"]
+    daemon = hx.uplinkd(conf)
+    gw = type("Gw", (), {"unix": h.local_unix_path(conf), "tcp_port": h.local_tcp_port(conf)})
+    local = hx.local_client(gw)
+    sent = {"child-1": [], "child-2": []}
+    for i in range(15):
+        for child in sent:
+            payload = "%s:%d" % (child, i)
+            local.publish("dev/%s/telemetry" % child, payload, qos=1)  # waits for the PUBACK
+            sent[child].append(payload.encode())
+    local.close()
+    devices = os.path.join(conf["gateway"]["state_dir"], "spool", "cloud", "devices")
+    assert sorted(os.listdir(devices)) == ["child-1", "child-2"]
+    sessions = status_sessions(conf)
+    assert sessions["open"] == 2 and sessions["online"] == 0 and sessions["queued"] == 30
+
+    if stop == "kill9":
+        daemon.proc.kill()
+        daemon.proc.wait(h.TIMEOUT)
+        daemon.stopped = True
+        daemon.returncode = daemon.expect_exit = daemon.proc.returncode
+    else:
+        assert daemon.stop()[0] == 0
+        assert daemon.find_log(r"15 message\(s\) stay in .*devices/child-1") is not None
+
+    daemon2 = hx.uplinkd(conf, name="uplinkd2")
+    for child in sent:
+        daemon2.wait_log(r"%s.*15 message\(s\) recovered from .*; opening its session" % child)
+    assert status_sessions(conf)["open"] == 2
+    cloud.start()
+
+    def arrived(child):
+        return [m[1] for m in observer.received("/up/device/id/" + child)]
+
+    h.wait_for(lambda: all(len(arrived(c)) >= len(sent[c]) for c in sent),
+               timeout=4 * h.TIMEOUT,
+               what=lambda: "every acknowledged message upstream (have %s)"
+               % {c: len(arrived(c)) for c in sent})
+    for child in sent:
+        assert arrived(child) == sent[child], child
+    h.wait_for(lambda: status_sessions(conf)["queued"] == 0,
+               what=lambda: "both session spools drained: %s" % status_sessions(conf))
+    children = json.loads(h.uplinkctl(conf["control"]["socket"], "children").stdout)
+    assert children["children"] == []  # uplinkctl children lists children seen this run

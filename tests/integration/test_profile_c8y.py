@@ -12,7 +12,10 @@ a restart when the registry says so), data for child X on s/us/X, JSON
 measurements converted, SmartREST passing through, the 16184-byte packet
 split, operations routed by field 2 to the right local subscriber only,
 s/e republished on uplinkd/<uplink>/errors, bad input refused with a reason
-and nothing upstream, the bootstrap flow.
+and nothing upstream, the bootstrap flow. Batching: lines queued while the
+cloud is away go up joined by "\n" in few PUBLISHes (runs of one topic, at
+most 64 lines, whole packet <= 16184 bytes, order per topic kept, nothing
+lost), and a lone line is never held back.
 """
 
 import json
@@ -54,9 +57,24 @@ def start(hx, broker=None, **cumulocity):
     return gw, platform
 
 
-def up(platform, topic=None):
-    """[(topic, payload)] seen at the platform on s/us and s/us/<child>."""
+def packets(platform, topic=None):
+    """[(topic, payload)] PUBLISHes seen at the platform on s/us and s/us/<child>."""
     return [(m[0], m[1]) for m in platform.received() if topic is None or m[0] == topic]
+
+
+def up(platform, topic=None):
+    """[(topic, line)] SmartREST lines seen at the platform: uplinkd may join
+    queued lines for one topic into one PUBLISH, separated by line breaks,
+    and Cumulocity reads each line on its own."""
+    return [(t, line) for t, p in packets(platform, topic) for line in p.split(b"\n")]
+
+
+def packet_size(topic, payload, qos=1):
+    """Bytes of a whole MQTT 3.1.1 PUBLISH: fixed header, Remaining Length
+    (1-4 bytes, §2.2.3), topic with its length, packet id (QoS > 0), payload."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    width = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + width + remaining
 
 
 def wait_up(platform, topic, payload, count=1):
@@ -198,12 +216,12 @@ def test_packets_split_at_16184_bytes(hx):
     local_pub(gw, "dev/child-a/smartrest", "\n".join(lines))
     h.wait_for(lambda: sum(p.count(b"\n") + 1 for t, p in up(platform, "s/us/child-a"))
                >= len(lines), what="all 400 lines at the platform")
-    packets = [p for t, p in up(platform, "s/us/child-a")]
-    assert len(packets) >= 3
-    for p in packets:
+    got = [p for t, p in packets(platform, "s/us/child-a")]
+    assert len(got) >= 3
+    for p in got:
         # fixed header 1 + remaining length 2 + topic 2+12 + packet id 2
         assert 1 + 2 + 2 + len("s/us/child-a") + 2 + len(p) <= 16184, len(p)
-    assert b"\n".join(packets).decode().split("\n") == lines
+    assert b"\n".join(got).decode().split("\n") == lines
 
 
 def test_bad_input_refused_with_a_reason(hx):
@@ -342,3 +360,143 @@ def test_reload_switches_profile(hx):
     local_pub(gw, "dev/child-a/telemetry", "21")
     platform.wait("gw-test/child-a/telemetry", b"21")
     assert not any(t.startswith("s/us/") for t, _ in up(platform))
+
+
+# Batching (issue 5 / 6): queued SmartREST lines for one topic share a PUBLISH.
+C8Y_MAX_PACKET = 16184
+BATCH_MAX_RECORDS = 64  # UPLINK_BATCH_MAX_RECORDS
+
+
+def expected_publishes(records):
+    """What uplinkd must send for `records` [(topic, line)] queued in this
+    order: runs of consecutive records for one topic, at most 64 lines per
+    PUBLISH, joined by "\n" while the whole packet stays <= 16184 bytes."""
+    out = []
+    for topic, line in records:
+        if out and out[-1][0] == topic and len(out[-1][1]) < BATCH_MAX_RECORDS and packet_size(
+                topic, b"\n".join(out[-1][1] + [line])) <= C8Y_MAX_PACKET:
+            out[-1][1].append(line)
+        else:
+            out.append((topic, [line]))
+    return out
+
+
+def fill_line(prefix, total):
+    """A valid SmartREST line of exactly `total` bytes."""
+    line = prefix + b"y" * (total - len(prefix))
+    assert len(line) == total
+    return line
+
+
+def test_queued_lines_batched_into_few_publishes(hx):
+    broker = hx.broker(users={"%s/%s" % (TENANT, USER): PASSWORD, "cloud": "cloudpw"})
+    # A persistent platform session keeps s/us/# across the broker restart.
+    platform = hx.cloud_client(broker, username="cloud", password="cloudpw",
+                               client_id="platform-batch", clean_session=False)
+    platform.subscribe("s/us/#", qos=1)
+    broker.stop()
+    conf = hx.config(broker, uplink=c8y_uplink(broker))
+    del conf["uplinks"][0]["generic"]
+    daemon = hx.uplinkd(conf)
+    gw = types.SimpleNamespace(broker=broker, daemon=daemon, conf=conf,
+                               tcp_port=h.local_tcp_port(conf), unix=h.local_unix_path(conf))
+    errors = hx.local_sub(gw, "uplinkd/cloud/errors")
+
+    topic_of = {"gw-test": "s/us", "child-a": "s/us/child-a", "child-b": "s/us/child-b"}
+    # Runs of one device's lines; 80 and 70 exceed 64 lines per PUBLISH.
+    runs = [("gw-test", 1), ("child-a", 5), ("child-b", 40), ("gw-test", 80), ("child-a", 2),
+            ("child-b", 1), ("gw-test", 3), ("child-a", 70), ("child-b", 50), ("gw-test", 20),
+            ("child-a", 28)]
+    records, n = [], 0
+    for child, count in runs:
+        for _ in range(count):
+            records.append((child, b"200,c8y_Seq,S,%d" % n))
+            n += 1
+    assert len(records) == 300
+    # Lines at the limit. s/us/child-b at QoS 1: 16184 - 1 - 2 - 2 - 12 - 2 = 16165
+    # bytes of payload. A line of exactly that goes alone and splits its run;
+    # one byte more is refused at route time, in words.
+    at_b = records.index(("child-b", b"200,c8y_Seq,S,30"))
+    records.insert(at_b, ("child-b", fill_line(b"400,c8y_Big,b", 16165)))
+    # s/us: 16173 bytes of payload. Two lines of 8000 and 8172 at the start of
+    # a run, joined by "\n", fill a PUBLISH to the byte; the next line of the
+    # run needs a new one.
+    at_gw = records.index(("gw-test", b"200,c8y_Seq,S,129"))
+    records[at_gw:at_gw] = [("gw-test", fill_line(b"400,c8y_Big,g1", 8000)),
+                            ("gw-test", fill_line(b"400,c8y_Big,g2", 8172))]
+    too_big = fill_line(b"400,c8y_Big,refused", 16166)
+
+    local = hx.local_client(gw)
+    infos = [local.client.publish("dev/%s/smartrest" % child, line, qos=1)
+             for child, line in records]
+    refused = local.client.publish("dev/child-b/smartrest", too_big, qos=1)
+    for info in infos + [refused]:
+        info.wait_for_publish(h.TIMEOUT)
+        assert info.is_published(), "no local PUBACK"
+    # The refusal names the limit; nothing of it is queued.
+    h.wait_for(lambda: errors.messages(), what="the refusal on uplinkd/cloud/errors")
+    doc = json.loads(errors.messages()[0][1])
+    assert "16184" in doc["error"] and "16166" in doc["error"], doc
+
+    broker.start()
+    want = [(topic_of[c], line) for c, line in records]
+    data = lambda: [(t, p) for t, p in packets(platform)  # noqa: E731
+                    if p.startswith((b"200,c8y_Seq", b"400,c8y_Big"))]
+    h.wait_for(lambda: sum(p.count(b"\n") + 1 for _, p in data()) >= len(want),
+               timeout=2 * h.TIMEOUT,
+               what=lambda: "%d lines at the platform; got %d in %d publishes"
+               % (len(want), sum(p.count(b"\n") + 1 for _, p in data()), len(data())))
+    got = data()
+    for t, p in got:
+        assert packet_size(t, p) <= C8Y_MAX_PACKET, (t, len(p))
+    # Nothing lost, nothing garbled, nothing twice, order kept per topic.
+    lines = [(t, line) for t, p in got for line in p.split(b"\n")]
+    assert sorted(lines) == sorted(want)
+    for topic in topic_of.values():
+        assert [l for t, l in lines if t == topic] == [l for t, l in want if t == topic], topic
+    # Exactly the expected PUBLISHes: runs, 64-line caps and the byte limit.
+    expected = expected_publishes(want)
+    for topic in topic_of.values():
+        assert [p.split(b"\n") for t, p in got if t == topic] == \
+            [ls for t, ls in expected if t == topic], topic
+    assert len(got) == len(expected) < len(want) // 10, (len(got), len(expected))
+    full = [p for t, p in got if t == "s/us" and p.startswith(b"400,c8y_Big,g1")]
+    assert len(full) == 1 and packet_size("s/us", full[0]) == C8Y_MAX_PACKET
+    big = [p for t, p in got if p.startswith(b"400,c8y_Big,b")]
+    assert len(big) == 1 and packet_size("s/us/child-b", big[0]) == C8Y_MAX_PACKET
+    assert not any(b"refused" in p for _, p in packets(platform))
+    # Status: records counted as messages, PUBLISHes on their own.
+    def counters():
+        doc = json.loads(h.uplinkctl(conf["control"]["socket"], "status").stdout)
+        up_doc = next(u for u in doc["uplinks"] if u["name"] == "cloud")
+        return up_doc["published"], up_doc["publishes"], up_doc["queued"]
+    published, publishes, queued = h.wait_for(
+        lambda: (lambda c: c if c[0] >= len(want) and c[2] == 0 else None)(counters()),
+        what=lambda: "status to count %d records; got %r" % (len(want), counters()))
+    assert published == len(want) and publishes == len(expected), (published, publishes)
+
+
+def test_lone_line_not_held_back(hx):
+    import time
+    gw, platform = start(hx)
+    wait_up(platform, "s/us", b"100,gw-test,c8y_MQTTDevice")
+    local = hx.local_client(gw)
+    for i in range(3):
+        line = b"200,c8y_Lone,L,%d" % i
+        began = time.monotonic()
+        local.publish("dev/gw-test/smartrest", line)
+        # Sent at once, alone: nothing waits for company.
+        platform.wait("s/us", line, timeout=5)
+        assert time.monotonic() - began < 2, "a lone line waited %.2f s" % (time.monotonic() - began)
+
+
+def test_refused_credentials_explained_in_cumulocity_terms(hx):
+    """CONNACK 5 (mosquitto's answer to a wrong password) with Cumulocity's reading of it."""
+    broker = hx.broker(users={"%s/%s" % (TENANT, USER): "the-right-one"})
+    conf = hx.config(broker, uplink=c8y_uplink(broker))
+    del conf["uplinks"][0]["generic"]
+    daemon = hx.uplinkd(conf)
+    daemon.wait_log(r"refused the connection: CONNACK 5 not authorized: a user without device "
+                    r"permissions, or a certificate problem: the CN must be the device id, the CA "
+                    r"must be trusted by the tenant, and tls.cert must hold the whole chain "
+                    r"including that CA")

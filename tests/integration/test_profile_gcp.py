@@ -16,6 +16,7 @@ Topic contract under test (docs/profiles.md, gcp):
 
 import json
 import os
+import time
 import types
 
 import jwt
@@ -210,17 +211,130 @@ def test_bad_ids_and_oversized_payloads_are_refused(hx):
     assert observer.received("/devices/child-a/events")[0][1] == b"ok"
 
 
+def arrival_times(observer):
+    """Record the monotonic arrival time of every message the observer gets, as
+    [(time, topic, payload)], from now on."""
+    times = []
+    on_message = observer.client.on_message
+
+    def stamp(client, userdata, msg):
+        times.append((time.monotonic(), msg.topic, msg.payload))
+        on_message(client, userdata, msg)
+
+    observer.client.on_message = stamp
+    return times
+
+
 def test_state_is_coalesced_newest_wins(hx):
-    cloud, daemon, conf, observer, _ = start(hx, gateway=False)
+    """One state per second and device: a burst goes out as its first and its newest
+    member, the newest one second after the first; another device is not held up."""
+    cloud, daemon, conf, observer, _ = start(hx)
+    times = arrival_times(observer)
     local = hx.local_client(gw_ns(conf))
     for i in range(5):
         local.publish("dev/gw-test/state", ("s%d" % i).encode())
+    local.publish("dev/child-b/state", b"b0")
     observer.wait("/devices/gw-test/state", "s4")
+    observer.wait("/devices/child-b/state", "b0")
     states = [m[1] for m in observer.received("/devices/gw-test/state")]
     # The first went at once, the newest after the second was over; the rest were replaced
     # (on a fast machine all five arrive within the second: exactly [s0, s4]).
     assert states[0] == b"s0" and states[-1] == b"s4", states
     assert len(states) < 5, states
+    at = {(t, p): when for when, t, p in times}
+    gap = at[("/devices/gw-test/state", b"s4")] - at[("/devices/gw-test/state", b"s0")]
+    assert gap >= 0.9, "the newest state followed the first after %.2f s, not 1 s" % gap
+    # child-b's own second: its state did not wait for the gateway's.
+    assert at[("/devices/child-b/state", b"b0")] < at[("/devices/gw-test/state", b"s4")]
+
+
+def test_rate_is_held_for_gateway_and_children_together(hx):
+    """GCP takes 100 messages/s per connection, all children together: the uplink's token
+    bucket (rate.max_msgs_per_s, 100 by default for gcp; 50 here to keep the test short)
+    is shared by the gateway and every attached child."""
+    rate = 50
+    cloud, daemon, conf, observer, _ = start(hx, rate={"max_msgs_per_s": rate})
+    local = hx.local_client(gw_ns(conf))
+    # Attach both children first, so only data is measured.
+    local.publish("dev/child-a/telemetry", b"warm-a")
+    local.publish("dev/child-b/telemetry", b"warm-b")
+    observer.wait("/devices/child-a/events", "warm-a")
+    observer.wait("/devices/child-b/events", "warm-b")
+    times = arrival_times(observer)
+    count = 210
+    devices = ["gw-test", "child-a", "child-b"]
+    infos = [local.client.publish("dev/%s/telemetry" % devices[i % 3], b"m%03d" % i, qos=1)
+             for i in range(count)]
+    h.wait_for(lambda: all(i.is_published() for i in infos), what="local PUBACKs")
+    h.wait_for(lambda: len([t for t in times if "/events" in t[1]]) >= count,
+               timeout=h.TIMEOUT + count / rate,
+               what=lambda: "%d events upstream (got %d)" % (
+                   count, len([t for t in times if "/events" in t[1]])))
+    events = [t for t in times if "/events" in t[1]]
+    # Every device took part, so one bucket is shared (three per-device buckets would let
+    # three times the rate through).
+    assert {t[1].split("/")[2] for t in events} == set(devices)
+    # A full bucket lets one second's worth through at once; after that the rate holds
+    # (tolerance for tokens refilled while the burst drained; unlimited would be >1000/s).
+    steady = events[rate:]
+    took = steady[-1][0] - steady[0][0]
+    measured = (len(steady) - 1) / took
+    assert measured <= rate * 1.25, "%.1f messages/s upstream, limit %d" % (measured, rate)
+    # And in no window of one second did more than two seconds' worth arrive.
+    stamps = [t[0] for t in events]
+    for i, start_at in enumerate(stamps):
+        in_window = sum(1 for s in stamps[i:] if s - start_at < 1.0)
+        assert in_window <= 2 * rate + 2, "%d messages within 1 s" % in_window
+
+
+def test_child_taken_away_by_reload_is_detached(hx):
+    cloud, daemon, conf, observer, _ = start(hx)
+    pub(conf, "dev/child-a/telemetry", "a")
+    pub(conf, "dev/child-b/telemetry", "b")
+    observer.wait("/devices/child-b/events", "b")
+    observer.wait("/devices/child-a/events", "a")
+    # Routes now send child-b nowhere: it is detached at once (not after attach_idle).
+    conf["routes"] = [{"children": "child-a", "uplinks": ["cloud"]},
+                      {"children": GW, "uplinks": ["cloud"]}]
+    hx.write_config(conf, "uplinkd.yaml")
+    daemon.reload()
+    observer.wait("/devices/child-b/detach", "{}")
+    daemon.wait_log(r"child-b.*detaching: the routes no longer send it to this uplink")
+    pub(conf, "dev/child-a/telemetry", "a2")
+    observer.wait("/devices/child-a/events", "a2")
+    assert "/devices/child-a/detach" not in topics(observer)
+
+
+def test_reattach_uses_the_cached_child_token(hx):
+    """The re-attach after a reconnect signs nothing on the loop: child-a's token, signed
+    for its first attach, is sent again while it has life left."""
+    cloud, daemon, conf, observer, keys = start(hx)
+    pub(conf, "dev/child-a/telemetry", "one")
+    observer.wait("/devices/child-a/events", "one")
+    first = json.loads(observer.received("/devices/child-a/attach")[0][1])["authorization"]
+    iat = jwt.decode(first, options={"verify_signature": False})["iat"]
+    # A token signed again now would carry another iat.
+    h.wait_for(lambda: int(time.time()) - 60 > iat, timeout=3, what="the next second")
+    connects = len(cloud.events("connect", client_id=CLIENT_ID, result="accepted"))
+    cloud.restart()
+    cloud.wait_event("connect", client_id=CLIENT_ID, result="accepted", since=connects)
+    observer.wait_connected()
+    h.wait_for(lambda: len(observer.received("/devices/child-a/attach")) == 2,
+               what="the re-attach of child-a")
+    again = json.loads(observer.received("/devices/child-a/attach")[1][1])["authorization"]
+    assert again == first
+
+
+def test_child_key_error_is_reported_and_attach_falls_back(hx):
+    cloud, daemon, conf, observer, _ = start(hx)
+    errors = hx.local_sub(gw_ns(conf), "uplinkd/cloud/errors")
+    with open(os.path.join(hx.dir, "devices", "child-c.key"), "w") as f:
+        f.write("not a key\n")
+    pub(conf, "dev/child-c/telemetry", "c")
+    observer.wait("/devices/child-c/events", "c")
+    assert observer.received("/devices/child-c/attach")[0][1] == b"{}"
+    _, payload, _, _ = errors.wait("uplinkd/cloud/errors")
+    assert "cannot sign the attach token for child-c" in json.loads(payload)["error"]
 
 
 def test_gateway_errors_are_explained(hx):
@@ -270,4 +384,117 @@ def test_wrong_project_is_explained(hx):
     cloud, daemon, _, _, _ = start(hx, gcp={"project": "other-project"}, wait_accepted=False)
     line = cloud.wait_event("connect", result="refused", reason="wrong aud")
     assert line["client_id"] == CLIENT_ID.replace(PROJECT, "other-project")
-    daemon.wait_log(r"the server refused the JWT \(CONNACK 5\)")
+    # One line: GCP's checklist (the profile's CONNACK text) and what the token carried.
+    daemon.wait_log(r"the server refused the JWT \(CONNACK 5\): GCP/ClearBlade IoT Core "
+                    r"rejected the JWT: check alg against the key registered for the device, "
+                    r"aud = the project id, exp <= 24 h after iat, and the clock \(sent: alg "
+                    r"ES256, aud \"other-project\", iat .* UTC, exp .* UTC; local clock .* UTC\)")
+
+
+def uplink_state(conf):
+    """The cloud uplink's state in `uplinkctl status` (upper case), or None."""
+    proc = h.uplinkctl(conf["control"]["socket"], "status")
+    if proc.returncode != 0:
+        return None
+    return (h.status_uplink_state(json.loads(proc.stdout or "{}"), "cloud") or "").upper()
+
+
+def wait_offline(conf):
+    h.wait_for(lambda: uplink_state(conf) not in (None, "ONLINE"),
+               what="uplink cloud to notice the cloud is gone")
+
+
+def publish_acked(local, messages):
+    """Publish [(topic, payload)] at QoS 1 and wait for every local PUBACK (spooled)."""
+    infos = [local.client.publish(topic, payload, qos=1) for topic, payload in messages]
+    h.wait_for(lambda: all(i.is_published() for i in infos),
+               what=lambda: "local PUBACKs (%d of %d)" % (
+                   sum(1 for i in infos if i.is_published()), len(infos)))
+
+
+def test_children_spooled_before_a_crash_are_attached_after_restart(hx):
+    """A child's attachment holds for one connection. Data acknowledged for children while
+    the cloud was away, then kill -9: the restarted daemon attaches each of them (it kept
+    them in <state_dir>/gcp/<uplink>) before any of their spooled events goes up, so the
+    bridge takes every acknowledged message."""
+    cloud, daemon, conf, observer, _ = start(hx)
+    local = hx.local_client(gw_ns(conf))
+    cloud.stop()
+    wait_offline(conf)
+    sent = [("dev/%s/telemetry" % dev, ("%s-%d" % (dev, i)).encode())
+            for i in range(3) for dev in ("child-a", GW, "child-b")]
+    publish_acked(local, sent)
+    known = os.path.join(conf["gateway"]["state_dir"], "gcp", "cloud")
+    assert os.stat(known).st_mode & 0o777 == 0o600
+    with open(known) as f:
+        assert sorted(line for line in f.read().splitlines() if not line.startswith("#")) == \
+            ["child-a", "child-b"]
+    local.close()
+    daemon.kill()
+    daemon.expect_exit = daemon.returncode = daemon.proc.returncode
+
+    daemon2 = hx.uplinkd(conf, name="uplinkd2")
+    daemon2.wait_log(r"2 children known before the restart")
+    cloud.start()
+    observer.wait_connected()
+    for topic, payload in sent:
+        observer.wait("/devices/%s/events" % topic.split("/")[1], payload)
+    seen = topics(observer)
+    for child in ("child-a", "child-b"):
+        attach, events = "/devices/%s/attach" % child, "/devices/%s/events" % child
+        assert attach in seen, "no attach for %s after the restart: %s" % (child, seen)
+        assert seen.index(attach) < seen.index(events), seen
+    assert "/devices/%s/attach" % GW not in seen
+    # Every acknowledged message arrived (in order per device; once: nothing was in flight).
+    for dev in ("child-a", GW, "child-b"):
+        got = [m[1] for m in observer.received("/devices/%s/events" % dev)]
+        assert got == [p for t, p in sent if t.split("/")[1] == dev], (dev, got)
+
+
+def test_reattach_burst_keeps_the_rate(hx):
+    """Attaches count against rate.max_msgs_per_s like data (GCP counts every incoming
+    message): after a reconnect, 40 children are attached again over two seconds at
+    20 messages/s, not all at once, and each child's spooled data still waits for its
+    attach."""
+    rate, count = 20, 40
+    children = ["kid-%02d" % i for i in range(count)]
+    # A long backoff: the uplink reconnects only when told to (uplinkctl reconnect), once
+    # the observer is back, so every arrival is timed.
+    cloud, daemon, conf, observer, _ = start(hx, rate={"max_msgs_per_s": rate},
+                                             reconnect={"base": "60s", "cap": "60s"})
+    local = hx.local_client(gw_ns(conf))
+    publish_acked(local, [("dev/%s/telemetry" % c, b"first") for c in children])
+    h.wait_for(lambda: len(topics(observer)) >= 2 * count, timeout=h.TIMEOUT + 2 * count / rate,
+               what=lambda: "%d attaches and events (got %d)" % (2 * count,
+                                                                  len(topics(observer))))
+    cloud.stop()
+    wait_offline(conf)
+    publish_acked(local, [("dev/%s/telemetry" % c, b"second") for c in children])
+    cloud.start()
+    observer.wait_connected()
+    times = arrival_times(observer)
+    mark = len(observer.received())
+    proc = h.uplinkctl(conf["control"]["socket"], "reconnect", "cloud", json_output=False)
+    assert proc.returncode == 0, proc.stderr
+    h.wait_for(lambda: len([t for t in times if t[2] == b"second"]) >= count,
+               timeout=h.TIMEOUT + 3 * count / rate,
+               what=lambda: "%d spooled events (got %d)" % (
+                   count, len([t for t in times if t[2] == b"second"])))
+
+    after = [m[0] for m in observer.received()[mark:]]
+    for child in children:
+        attach, events = "/devices/%s/attach" % child, "/devices/%s/events" % child
+        assert after.count(attach) == 1, (child, after)
+        assert after.index(attach) < after.index(events), (child, after)
+    attaches = [t[0] for t in times if t[1].endswith("/attach")]
+    assert len(attaches) == count
+    # A full bucket lets one second's worth go at once, the rest waits for tokens: the
+    # attaches take about (count - rate) / rate seconds (unlimited: a few milliseconds).
+    spread = attaches[-1] - attaches[0]
+    assert spread >= 0.8 * (count - rate) / rate, "%d attaches within %.3f s" % (count, spread)
+    # No window of one second carries more than the bucket plus one second's refill.
+    stamps = [t[0] for t in times]
+    busiest = max(sum(1 for s in stamps[i:] if s - at < 1.0) for i, at in enumerate(stamps))
+    print("re-attach of %d children at %d/s: attaches over %.2f s, at most %d messages in 1 s"
+          % (count, rate, spread, busiest))
+    assert busiest <= 2 * rate + 2, "%d messages within 1 s" % busiest

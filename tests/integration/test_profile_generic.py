@@ -99,3 +99,12 @@ def test_reload_to_rules_moves_the_subscriptions(hx):
     cloud.publish("cfg/pump-1", b"new")
     app.wait("dev/pump-1/config", b"new")
     assert [m[1] for m in app.received()] == [b"new"], app.received()
+
+
+def test_connack_5_over_tls_mentions_sni_and_client_certificate(hx):
+    broker = hx.broker(users={"someone": "secret"})
+    conf = hx.config(broker)
+    conf["uplinks"][0].pop("auth", None)  # no credentials: the broker answers CONNACK 5
+    daemon = hx.uplinkd(conf)
+    daemon.wait_log(r"refused the connection: CONNACK 5 not authorized: the server may require "
+                    r"SNI .* or a client certificate \(tls.cert and tls.key\)")

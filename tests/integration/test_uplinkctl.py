@@ -1,9 +1,12 @@
-"""uplinkctl's online commands: status table and --json, reconnect, rotate, errors."""
+"""uplinkctl's online commands: status table and --json, reconnect, rotate, errors, and
+`uplinkctl jwt UPLINK` (from the daemon, or signed locally from the configuration)."""
 
 import json
+import re
 import os
 import subprocess
 
+import fakecloud
 import harness as h
 
 
@@ -27,6 +30,11 @@ def test_status_table_for_people(hx):
     row = lines[header + 1].split()
     assert row[0] == "cloud" and row[1].upper() == "ONLINE", proc.stdout
     assert row[2].startswith("localhost:"), proc.stdout
+    # Under the table: the spool line with the figures the JSON carries.
+    assert re.search(r"^cloud: spool fsync, 0 record\(s\), 0 of \d+ bytes, oldest 0\.0 s, "
+                     r"in [\d.]+/s, out [\d.]+/s, last fsync \d+ us$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^cloud: dropped: overflow 0, max_age 0, corrupt 0, qos0 offline 0, "
+                     r"refused 0$", proc.stdout, re.M), proc.stdout
     # --json after the command works too and is the document itself.
     proc = subprocess.run([h.UPLINKCTL_BIN, "-s", gw.control, "status", "--json"],
                           capture_output=True, text=True, timeout=h.TIMEOUT)
@@ -101,3 +109,104 @@ def test_children_lists_what_published(hx):
     assert table[0].split()[0] == "CHILD"
     assert table[1].split()[:2] == ["meter-7", "1"] and table[2].split()[:2] == ["pump-1", "2"]
     assert "cloud(none)" in table[2]
+
+
+# --------------------------------------------------------------------------
+# uplinkctl jwt UPLINK: the token a configured uplink would send
+# --------------------------------------------------------------------------
+
+def _jwt(socket_path, *args):
+    return subprocess.run([h.UPLINKCTL_BIN, "-s", socket_path, "jwt"] + list(args),
+                          capture_output=True, text=True, timeout=h.TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def _jwt_json(socket_path, *args):
+    return subprocess.run([h.UPLINKCTL_BIN, "-s", socket_path, "--json", "jwt"] + list(args),
+                          capture_output=True, text=True, timeout=h.TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_jwt_for_an_uplink_from_the_daemon_then_from_the_config(hx):
+    key = fakecloud.Key.generate("ES256", hx.dir)
+    cloud = fakecloud.start(hx, keys=[key], aud="test-project", skew=5, require_kid=True)
+    conf = hx.config(cloud, uplink={"auth": {
+        "type": "jwt", "key": key.private_path, "aud": "test-project", "kid": "auto",
+        "claims": {"site": "north"}, "lifetime": "10m", "clock_check": "build-date"}})
+    daemon = hx.uplinkd(conf)
+    sent = cloud.wait_event("connect", client_id="gw-test", result="accepted")
+    sock = conf["control"]["socket"]
+
+    proc = _jwt(sock, "cloud", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert "signed by the running uplinkd" in proc.stderr, proc.stderr
+    assert '"kid":"%s"' % key.kid in proc.stderr.replace(" ", ""), proc.stderr  # -v: header
+    token = proc.stdout.strip()
+    claims = fakecloud.jwt.decode(token, key.private_key.public_key(), algorithms=["ES256"],
+                                  audience="test-project")
+    assert fakecloud.jwt.get_unverified_header(token)["kid"] == key.kid
+    # The same claims the uplink sent on its CONNECT (iat/exp aside: signed later).
+    assert {k: v for k, v in claims.items() if k not in ("iat", "exp")} == \
+        {k: v for k, v in sent["claims"].items() if k not in ("iat", "exp")}
+    assert claims["exp"] - claims["iat"] == 600 + 60
+
+    doc = json.loads(_jwt_json(sock, "cloud").stdout)
+    assert doc["source"] == "daemon" and doc["uplink"] == "cloud"
+    assert doc["header"]["alg"] == "ES256" and doc["claims"]["site"] == "north"
+    assert doc["exp"] == doc["claims"]["exp"]
+
+    proc = _jwt(sock, "nope")
+    assert proc.returncode == 1 and 'no uplink named "nope" (known: cloud)' in proc.stderr, \
+        proc.stderr
+    proc = _jwt(sock, "cloud", "--key", key.private_path)
+    assert proc.returncode == 2 and "give one or the other" in proc.stderr, proc.stderr
+
+    # No daemon: signed here from the configuration file, the same way.
+    daemon.stop()
+    proc = _jwt(sock, "cloud", "--config", daemon.conf_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "uplinkd is not running" in proc.stderr and "signed here" in proc.stderr, proc.stderr
+    local = fakecloud.jwt.decode(proc.stdout.strip(), key.private_key.public_key(),
+                                 algorithms=["ES256"], audience="test-project")
+    assert {k: v for k, v in local.items() if k not in ("iat", "exp")} == \
+        {k: v for k, v in claims.items() if k not in ("iat", "exp")}
+    assert fakecloud.jwt.get_unverified_header(proc.stdout.strip()) == \
+        fakecloud.jwt.get_unverified_header(token)
+
+
+def test_jwt_profile_claims_and_errors_without_a_daemon(hx, tmp_path):
+    gcp_key = fakecloud.Key.generate("RS256", hx.dir, "gcp")
+    akenza_key = fakecloud.Key.generate("ES256", hx.dir, "akenza")
+    conf = hx.config(None, port=8883)
+    base = dict(conf["uplinks"][0])
+    base.pop("generic", None)
+    conf["uplinks"] = [
+        dict(base, name="gcp", profile="gcp",
+             auth={"type": "jwt", "key": gcp_key.private_path, "clock_check": "build-date"},
+             gcp={"project": "my-project", "region": "europe-west1", "registry": "reg"}),
+        dict(base, name="akenza", profile="akenza",
+             auth={"type": "jwt", "key": akenza_key.private_path, "clock_check": "build-date"}),
+        dict(base, name="plain"),
+    ]
+    path = hx.write_config(conf, "three.yaml")
+    nowhere = str(tmp_path / "no-daemon.sock")
+
+    proc = _jwt(nowhere, "gcp", "--config", path)
+    assert proc.returncode == 0, proc.stderr
+    claims = fakecloud.jwt.decode(proc.stdout.strip(), gcp_key.private_key.public_key(),
+                                  algorithms=["RS256"], audience="my-project")
+    assert claims["aud"] == "my-project"  # GCP: aud = the project id
+
+    proc = _jwt(nowhere, "akenza", "--config", path)
+    assert proc.returncode == 0, proc.stderr
+    token = proc.stdout.strip()
+    claims = fakecloud.jwt.decode(token, akenza_key.private_key.public_key(),
+                                  algorithms=["ES256"], audience="https://akenza.io/devices/gw-test")
+    assert claims["sub"] == "gw-test"
+    assert fakecloud.jwt.get_unverified_header(token)["kid"] == akenza_key.kid
+
+    proc = _jwt(nowhere, "plain", "--config", path)
+    assert proc.returncode == 1 and 'uplink "plain" does not use JWT auth' in proc.stderr, \
+        proc.stderr
+    proc = _jwt(nowhere, "other", "--config", path)
+    assert proc.returncode == 1 and "(known: gcp akenza plain)" in proc.stderr, proc.stderr

@@ -799,6 +799,11 @@ static void test_gcp_akenza(void **state)
     assert_string_equal(up->auth.jwt.aud, "explicit-aud");
     assert_int_equal(up->rate.max_msgs_per_s, 50); /* the operator's own */
 
+    /* A rate section without max_msgs_per_s keeps GCP's 100 messages/s. */
+    up = conf_uplink_find(conf, "gcp-bytes");
+    assert_int_equal(up->rate.max_bytes_per_s, 64 * 1024);
+    assert_int_equal(up->rate.max_msgs_per_s, 100);
+
     up = conf_uplink_find(conf, "akenza");
     assert_string_equal(up->akenza.device, "gw-cloud");
     assert_string_equal(up->auth.jwt.aud, "https://akenza.io/devices/gw-cloud");

@@ -26,6 +26,19 @@ int uplink_open_spool(struct uplink *uplink, const char *state_dir)
     return -ENOSYS;
 }
 
+int uplink_open_spool_dir(struct uplink *uplink, const char *dir)
+{
+    (void)uplink;
+    (void)dir;
+    return -ENOSYS;
+}
+
+const char *uplink_state_name(enum uplink_state state)
+{
+    (void)state;
+    return "IDLE";
+}
+
 int uplink_start(struct uplink *uplink)
 {
     (void)uplink;
