@@ -61,6 +61,10 @@ struct daemon {
     uv_timer_t shutdown_timer;
     unsigned pending_stops; /* shutdown: uplinks and local still closing */
     int exit_code;
+    /* The last SIGHUP: "none" yet, "done" or "refused" (then why, in a few
+     * words; the log has the details), for STATUS= and uplinkctl status. */
+    const char *reload_result;
+    char reload_error[256];
 };
 
 static struct daemon daemon_instance;
@@ -90,6 +94,11 @@ static void notify_status(struct daemon *d)
             used += (size_t)snprintf(status + used, sizeof(status) - used, "; %s: %s",
                                      uplink_name(d->uplinks[i]),
                                      uplink_state_name(uplink_get_state(d->uplinks[i])));
+    /* Until a reload succeeds, say that the running configuration is the
+     * previous one: "systemctl status" shows this line. */
+    if (d->reload_error[0] && used < sizeof(status))
+        snprintf(status + used, sizeof(status) - used, "; last reload refused: %s",
+                 d->reload_error);
     sd_notifyf(0, "STATUS=%s", status);
 }
 
@@ -248,7 +257,11 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
     json_append_fmt(out, ",\"pid\":%ld,\"state\":\"%s\",\"config\":", (long)getpid(),
                     state_names[d->state]);
     json_append_string(out, d->conf->path);
-    json_append_fmt(out, ",\"local_clients\":%zu,\"uplinks\":[", local_client_count(d->local));
+    json_append_raw(out, ",\"last_reload\":{\"result\":");
+    json_append_string(out, d->reload_result ? d->reload_result : "none");
+    json_append_raw(out, ",\"error\":");
+    json_append_string(out, d->reload_error);
+    json_append_fmt(out, "},\"local_clients\":%zu,\"uplinks\":[", local_client_count(d->local));
     bool first = true;
     for (size_t i = 0; i < d->uplink_count; i++) {
         const struct conf_uplink *uc = &d->conf->uplinks[i];
@@ -505,10 +518,20 @@ static void retired_uplink_done_cb(struct uplink *uplink, void *arg)
     }
 }
 
+/* A refused reload: the old configuration stays in force, untouched. */
+static void reload_refused(struct daemon *d, const char *why)
+{
+    d->reload_result = "refused";
+    snprintf(d->reload_error, sizeof(d->reload_error), "%s", why);
+    sd_notify(0, "READY=1");
+    notify_status(d);
+}
+
 static void daemon_reload(struct daemon *d)
 {
     struct conf *next = NULL;
     char *errors = NULL;
+    char why[sizeof(d->reload_error)], failed[160];
 
     log_notice("reloading %s", d->config_path);
     sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading %s",
@@ -518,8 +541,25 @@ static void daemon_reload(struct daemon *d)
         log_err("reload failed; still running with the previous configuration. The errors:\n%s",
                 errors ? errors : strerror(-rc));
         free(errors);
-        sd_notify(0, "READY=1");
-        notify_status(d);
+        snprintf(why, sizeof(why), "%s does not validate (see the log)", d->config_path);
+        reload_refused(d, why);
+        return;
+    }
+    /* The credential checks of start-up and --check-config, for the
+     * sections this reload changes or adds, before anything is applied: a
+     * broken new certificate refuses the whole reload rather than taking
+     * the session down into endless reconnects. (auth.key was checked by
+     * conf_load(); unchanged sections get uplink_reload_credentials()
+     * below, which keeps a session whose renewed files fail.) */
+    rc = tlscheck_conf(next, d->conf, time(NULL), failed, sizeof(failed));
+    if (rc < 0) {
+        conf_free(next);
+        log_err("reload failed; still running with the previous configuration: the credential "
+                "check failed for uplink(s) %s (the lines above name each file and the fix)",
+                failed);
+        snprintf(why, sizeof(why), "credential check failed for uplink(s) %s (see the log)",
+                 failed);
+        reload_refused(d, why);
         return;
     }
 
@@ -533,7 +573,7 @@ static void daemon_reload(struct daemon *d)
         free(fresh);
         free(retired);
         conf_free(next);
-        sd_notify(0, "READY=1");
+        reload_refused(d, "out of memory");
         return;
     }
 
@@ -619,6 +659,8 @@ static void daemon_reload(struct daemon *d)
         return;
     }
     log_notice("reload done: %zu uplink(s)", d->uplink_count);
+    d->reload_result = "done";
+    d->reload_error[0] = '\0';
     sd_notify(0, "READY=1");
     notify_status(d);
 }
@@ -783,7 +825,7 @@ int main(int argc, char **argv)
     }
     /* Certificates are checked now, not at the first handshake: an expired
      * or mismatched one would otherwise only show as endless reconnects. */
-    if (tlscheck_conf(d->conf, time(NULL)) < 0) {
+    if (tlscheck_conf(d->conf, NULL, time(NULL), NULL, 0) < 0) {
         fprintf(stderr, "uplinkd: configuration %s: client certificate check failed (above)\n",
                 d->config_path);
         conf_free(d->conf);

@@ -187,7 +187,7 @@ struct spool {
     struct spool_commit *commit; /* running, or NULL */
     char **unlinks;
     size_t unlink_count, unlink_cap;
-    uint64_t last_commit_ms;
+    uint64_t cursor_written_ms; /* uv_now() when a commit last took the cursor */
 
     int io_error; /* negative errno while writes fail */
     uint64_t retry_at;
@@ -683,7 +683,6 @@ static void commit_after_cb(uv_work_t *req, int status)
     int result = c->err ? -c->err : 0;
 
     spool->commit = NULL;
-    spool->last_commit_ms = uv_now(spool->loop);
     for (size_t i = 0; i < c->seg_count; i++) {
         struct spool_seg *seg = c->segs[i];
         seg->busy = false;
@@ -811,7 +810,14 @@ static void start_commit(struct spool *spool)
     spool->fill_bytes = 0;
     c->waiters = spool->fill_waiters;
     spool->fill_waiters = (struct spool_waiters){0};
-    if (spool->acked_seq != spool->persisted_seq) {
+    /* The cursor goes with a batch only when it is due (SPOOL_CURSOR_DELAY_MS
+     * after the last one) or the spool is closing: at a steady rate every
+     * batch would otherwise pay a second pwrite and fdatasync for it, half
+     * the disk work of a commit. A cursor that lags only re-sends. */
+    if (spool->acked_seq != spool->persisted_seq &&
+        (c->seg_count == 0 || spool->closing ||
+         uv_now(spool->loop) - spool->cursor_written_ms >= SPOOL_CURSOR_DELAY_MS)) {
+        spool->cursor_written_ms = uv_now(spool->loop);
         c->write_cursor = true;
         c->cursor_seq = spool->acked_seq;
         cursor_encode(c->cursor_slot, ++spool->cursor_gen, spool->acked_seq);
@@ -872,8 +878,8 @@ static void maybe_commit(struct spool *spool)
                 arm_timer(spool, spool->opts.commit_interval_ms - age);
                 return;
             }
-        } else if (now - spool->last_commit_ms < SPOOL_CURSOR_DELAY_MS) {
-            arm_timer(spool, SPOOL_CURSOR_DELAY_MS - (now - spool->last_commit_ms));
+        } else if (now - spool->cursor_written_ms < SPOOL_CURSOR_DELAY_MS) {
+            arm_timer(spool, SPOOL_CURSOR_DELAY_MS - (now - spool->cursor_written_ms));
             return;
         }
     }

@@ -161,8 +161,16 @@ int tlscheck_client_cert(const char *cert_path, const char *key_spec,
     if (rc < 0)
         goto out;
     rc = keys_check_cert_key(leaf, key, cert_path, err, err_size);
-    if (rc < 0)
+    if (rc < 0) {
+        /* Name the key file too: either file may be the wrong one. Not a
+         * pkcs11: URI, which may hold a PIN. */
+        if (!keys_is_uri(key_spec)) {
+            char why[TLSCHECK_MSG_SIZE];
+            snprintf(why, sizeof(why), "%s", err);
+            util_set_err(err, err_size, "key file %s: %s", key_spec, why);
+        }
         goto out;
+    }
     /* keys_check_cert_validity() words it, but with the whole validity
      * period the user sees at once whether the clock or the certificate is
      * wrong. */
@@ -230,18 +238,47 @@ void tlscheck_key_options(const struct conf_uplink *uplink, struct keys_options 
     }
 }
 
-int tlscheck_uplink(const struct conf_uplink *uplink, time_t now)
+/* tls.ca: libmosquitto would load it only at the first handshake, and a file
+ * without a certificate would then fail every connection attempt. */
+static int check_ca_file(const char *ca_file, char *err, size_t err_size)
+{
+    char why[TLSCHECK_MSG_SIZE];
+    X509 *first = NULL;
+    int rc = keys_load_cert_chain(ca_file, &first, NULL, why, sizeof(why));
+
+    X509_free(first);
+    ERR_clear_error();
+    if (rc < 0)
+        util_set_err(err, err_size,
+                     "tls.ca: %s; set tls.ca to a PEM file with the CA certificate(s) that issued "
+                     "the server's certificate, or to \"system\"",
+                     why);
+    return rc;
+}
+
+int tlscheck_uplink(const struct conf_uplink *uplink, time_t now, const char *context)
 {
     char err[TLSCHECK_MSG_SIZE], warning[TLSCHECK_MSG_SIZE];
-    int rc;
+    int ca_rc = 0, rc;
 
-    if (!uplink->tls.enabled || uplink->tls.cert == NULL)
+    if (context == NULL)
+        context = "";
+    if (!uplink->tls.enabled)
         return 0;
+    /* Both the CA and the client certificate, so that one run names every
+     * broken file. */
+    if (uplink->tls.ca_file != NULL && !uplink->tls.ca_system) {
+        ca_rc = check_ca_file(uplink->tls.ca_file, err, sizeof(err));
+        if (ca_rc < 0)
+            log_uplink(LOG_ERR, uplink->name, "%s%s", context, err);
+    }
+    if (uplink->tls.cert == NULL)
+        return ca_rc;
     if (uplink->tls.key == NULL) {
         /* conf.c requires both; say so anyway rather than crash on NULL. */
-        log_uplink(LOG_ERR, uplink->name, "tls.cert %s is set but tls.key is not",
+        log_uplink(LOG_ERR, uplink->name, "%stls.cert %s is set but tls.key is not", context,
                    uplink->tls.cert);
-        return -EINVAL;
+        return ca_rc < 0 ? ca_rc : -EINVAL;
     }
     /* cert_cn is the profile's rule (Cumulocity: the CN is the device id). */
     struct keys_options key_options;
@@ -250,22 +287,34 @@ int tlscheck_uplink(const struct conf_uplink *uplink, time_t now)
     rc = tlscheck_client_cert(uplink->tls.cert, uplink->tls.key, &options, now, NULL, err,
                               sizeof(err), warning, sizeof(warning));
     if (rc < 0) {
-        log_uplink(LOG_ERR, uplink->name, "%s", err);
-        return rc;
+        log_uplink(LOG_ERR, uplink->name, "%s%s", context, err);
+        return ca_rc < 0 ? ca_rc : rc;
     }
     if (warning[0] != '\0')
         log_uplink(LOG_WARNING, uplink->name, "%s", warning);
-    return 0;
+    return ca_rc;
 }
 
-int tlscheck_conf(const struct conf *conf, time_t now)
+int tlscheck_conf(const struct conf *conf, const struct conf *running, time_t now, char *failed,
+                  size_t failed_size)
 {
     int first = 0;
 
+    if (failed != NULL && failed_size > 0)
+        failed[0] = '\0';
     for (size_t i = 0; i < conf->uplink_count; i++) {
-        int rc = tlscheck_uplink(&conf->uplinks[i], now);
-        if (rc < 0 && first == 0)
+        const struct conf_uplink *uplink = &conf->uplinks[i];
+        if (running != NULL && conf_uplink_equal(conf_uplink_find(running, uplink->name), uplink))
+            continue;
+        int rc = tlscheck_uplink(uplink, now, running != NULL ? "reload refused: " : NULL);
+        if (rc == 0)
+            continue;
+        if (first == 0)
             first = rc;
+        if (failed != NULL && failed_size > 0) {
+            size_t used = strlen(failed);
+            snprintf(failed + used, failed_size - used, "%s%s", used ? ", " : "", uplink->name);
+        }
     }
     return first;
 }

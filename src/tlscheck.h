@@ -4,13 +4,16 @@
  * certificate would otherwise only see "handshake failure" or CONNACK 5 from
  * the cloud, reconnecting forever. These checks run at start-up (and in
  * `uplinkd --check-config`, and `uplinkctl diagnose`) and turn each such
- * mistake into one error that names the file and says what to do.
+ * mistake into one error that names the file and says what to do. A reload
+ * (SIGHUP) runs them on the uplink sections it changes before applying any.
  *
  * The certificate file may hold the whole chain: the device certificate
  * first, then intermediates, even the root CA (Cumulocity wants them all).
  *
- * Every function here is pure apart from reading the files (no logging), so
- * both the daemon and uplinkctl can word the result their own way.
+ * tlscheck_client_cert() and tlscheck_cert_cn() are pure apart from reading
+ * the files (no logging), so both the daemon and uplinkctl can word the
+ * result their own way; tlscheck_uplink() and tlscheck_conf() log, for the
+ * daemon.
  */
 #ifndef UPLINKD_TLSCHECK_H
 #define UPLINKD_TLSCHECK_H
@@ -107,18 +110,36 @@ int tlscheck_cert_cn(const X509 *cert, const char *expected, const char *cert_na
 void tlscheck_key_options(const struct conf_uplink *uplink, struct keys_options *out);
 
 /**
- * tlscheck_uplink() - tlscheck_client_cert() for one uplink's tls.cert and
- * tls.key, when TLS is on and a certificate is configured; logs the result
- * (error, or warning) with the uplink's name.
- * Returns 0 (nothing to check, or fine) or the negative errno of the check.
+ * tlscheck_uplink() - the credential checks of one uplink, as start-up,
+ * `uplinkd --check-config` and a reload run them: tlscheck_client_cert() for
+ * tls.cert and tls.key (when TLS is on and a certificate is configured) and,
+ * for a tls.ca file, that it holds a PEM certificate. (auth.key is checked
+ * by conf_load(): it must sign a test token.) Logs each failure as one error
+ * line with the uplink's name, the file, what is wrong and the fix, and a
+ * passing check's warning (expires soon...).
+ * @context: put before every logged line (e.g. "reload refused: "); NULL
+ *           or "" for none (borrowed).
+ * Reads the files on the calling thread.
+ * Returns 0 (nothing to check, or fine) or the first failure's negative
+ * errno (see tlscheck_client_cert(); -EINVAL: tls.ca holds no certificate).
  */
-int tlscheck_uplink(const struct conf_uplink *uplink, time_t now);
+int tlscheck_uplink(const struct conf_uplink *uplink, time_t now, const char *context);
 
 /**
- * tlscheck_conf() - tlscheck_uplink() for every uplink of @conf (all of
- * them, so every broken certificate is reported at once).
+ * tlscheck_conf() - tlscheck_uplink() for the uplinks of @conf (all of
+ * them, so every broken file is reported at once).
+ * @running: NULL at start-up and for --check-config: every uplink is
+ *           checked. For a reload, the configuration in force (borrowed):
+ *           only the uplinks whose section differs from their section in
+ *           @running (conf_uplink_equal()), or that @running lacks, are
+ *           checked, and their lines start with "reload refused: ".
+ *           Unchanged sections are uplink_reload_credentials()'s business:
+ *           it checks renewed files itself and keeps the session on failure.
+ * @failed: when not NULL, the names of the uplinks that failed, comma
+ *          separated (truncated to @failed_size); "" when none.
  * Returns 0, or the first failure's negative errno.
  */
-int tlscheck_conf(const struct conf *conf, time_t now);
+int tlscheck_conf(const struct conf *conf, const struct conf *running, time_t now, char *failed,
+                  size_t failed_size);
 
 #endif

@@ -2855,7 +2855,10 @@ static int creds_check(const struct conf_uplink *conf, bool tls_changed, bool ca
     if (tls_changed && conf->tls.cert) {
         /* tlscheck.h: the key is the certificate's, every certificate of
          * the chain valid now, the CN the profile's (Cumulocity). */
-        struct tlscheck_options options = {.expected_cn = conf->cert_cn};
+        struct keys_options key_options;
+        tlscheck_key_options(conf, &key_options); /* a pkcs11: key's PIN file and module */
+        struct tlscheck_options options = {.expected_cn = conf->cert_cn,
+                                           .key_options = &key_options};
         rc = tlscheck_client_cert(conf->tls.cert, conf->tls.key, &options, time(NULL), NULL, err,
                                   err_size, warning, warning_size);
         if (rc < 0)

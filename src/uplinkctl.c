@@ -232,6 +232,10 @@ static void print_status(json_t *root)
     printf("uplinkd %s (pid %lld) %s, config %s, %lld local client(s)\n", json_str(root, "version"),
            json_num(root, "pid"), json_str(root, "state"), json_str(root, "config"),
            json_num(root, "local_clients"));
+    json_t *reload = json_object_get(root, "last_reload");
+    if (strcmp(json_str(reload, "result"), "refused") == 0)
+        printf("last reload refused, still running the previous configuration: %s\n",
+               json_str(reload, "error"));
     json_t *uplinks = json_object_get(root, "uplinks");
     if (json_array_size(uplinks) == 0) {
         printf("no uplinks configured\n");

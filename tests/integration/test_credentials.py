@@ -6,12 +6,18 @@ fingerprinted when the connection is set up. SIGHUP with an unchanged configurat
 happens; changed -> the start-up checks run on the new files first, and only if they pass does
 the uplink reconnect; a refused renewal keeps the running session.
 
+SIGHUP with a changed uplink section (tls.cert now names another file...) runs the same start-up
+checks on the new section before anything is applied; a failure refuses the whole reload, like
+a file that does not validate, and the running sessions are left alone.
+
 The broker requires a client certificate and uses its CN as the user name
 (use_identity_as_username), so its log shows which certificate each connection presented.
 """
 
+import copy
 import json
 import os
+import re
 import shutil
 
 import fakecloud
@@ -195,3 +201,80 @@ def test_changed_jwt_key_resigns_and_reconnects(hx):
     daemon.reload()
     third = cloud.wait_event("connect", client_id="gw-test", result="accepted", since=2)
     assert third["key"] == key1.public_path, third
+
+
+def with_tls(conf, **tls):
+    """A copy of `conf` whose uplink has these tls settings changed."""
+    changed = copy.deepcopy(conf)
+    changed["uplinks"][0]["tls"].update(tls)
+    return changed
+
+
+def assert_reload_refused(hx, daemon, conf, since, notify_since, connects, broker, cn):
+    """The last SIGHUP was refused; the old session is untouched; returns the status JSON."""
+    daemon.wait_log(r"reload failed; still running with the previous configuration: the "
+                    r"credential check failed for uplink\(s\) cloud", since=since)
+    doc = json.loads(h.uplinkctl(conf["control"]["socket"], "status").stdout)
+    assert doc["last_reload"]["result"] == "refused", doc["last_reload"]
+    assert "cloud" in doc["last_reload"]["error"], doc["last_reload"]
+    h.wait_for(lambda: hx.notify.find("READY=1", notify_since) is not None, what="READY=1")
+    h.wait_for(lambda: any("last reload refused" in f for _, f in hx.notify.fields(notify_since)
+                           if f.startswith("STATUS=")), what="STATUS= saying the reload failed")
+    up = uplink(conf)
+    assert up["state"] == "ONLINE" and up["connects"] == connects, up
+    assert "u'%s'" % cn not in broker.log_text()
+    assert daemon.running()
+    return doc
+
+
+def test_sighup_changed_cert_path_is_checked_before_it_is_applied(hx):
+    broker, daemon, conf, cert, key = start_with_cert(hx)
+    connects = uplink(conf)["connects"]
+
+    # tls.cert now names another file, whose certificate's key is not tls.key.
+    cert_b, key_b = diag.write_client_cert(hx, "b", diag.utc(-1), diag.utc(60), cn="gw-b")
+    new_cert = os.path.join(hx.dir, "device-b.pem")
+    replace_file(cert_b, new_cert)
+    h.write_config(daemon.conf_path, with_tls(conf, cert=new_cert))
+    since, notify_since = daemon.log_size(), hx.notify.count()
+    daemon.reload()
+    # One line naming the uplink, the file, what is wrong and the fix.
+    daemon.wait_log(r"uplink cloud: reload refused: key file %s: the private key .* does not "
+                    r"belong to certificate %s .*the key and cert settings name files from "
+                    r"different pairs" % (re.escape(key), re.escape(new_cert)), since=since)
+    assert_reload_refused(hx, daemon, conf, since, notify_since, connects, broker, "gw-b")
+    assert daemon.find_log(r"reload done|reconnecting", since=since) is None
+    table = h.uplinkctl(conf["control"]["socket"], "status", json_output=False).stdout
+    assert "last reload refused, still running the previous configuration: " in table, table
+
+    # The key that goes with it arrives: the same SIGHUP now applies the new section.
+    replace_file(key_b, key)
+    since, notify_since = daemon.log_size(), hx.notify.count()
+    daemon.reload()
+    daemon.wait_log(r"reload done", since=since)
+    h.wait_for(lambda: "u'gw-b'" in broker.log_text(), what="a connection with CN gw-b")
+    h.wait_for(lambda: uplink(conf)["state"] == "ONLINE" and uplink(conf)["connects"] > connects,
+               what=lambda: "reconnected: %s" % uplink(conf))
+    doc = json.loads(h.uplinkctl(conf["control"]["socket"], "status").stdout)
+    assert doc["last_reload"] == {"result": "done", "error": ""}, doc["last_reload"]
+
+
+def test_sighup_expired_new_cert_is_refused(hx):
+    broker, daemon, conf, cert, key = start_with_cert(hx)
+    connects = uplink(conf)["connects"]
+
+    old_cert, old_key = diag.write_client_cert(hx, "old", diag.utc(-30), diag.utc(-1), cn="gw-c")
+    changed = with_tls(conf, cert=old_cert, key=old_key)
+    h.write_config(daemon.conf_path, changed)
+    since, notify_since = daemon.log_size(), hx.notify.count()
+    daemon.reload()
+    daemon.wait_log(r"uplink cloud: reload refused: certificate %s expired on .*install a "
+                    r"renewed certificate" % re.escape(old_cert), since=since)
+    assert_reload_refused(hx, daemon, conf, since, notify_since, connects, broker, "gw-c")
+
+    # --check-config runs the same check on the same file.
+    proc = h.subprocess.run([h.UPLINKD_BIN, "--check-config", "-c", daemon.conf_path],
+                            stdin=h.subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=h.TIMEOUT)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "certificate %s expired on" % old_cert in proc.stderr, proc.stderr
