@@ -34,7 +34,8 @@
  * Group commit: appends go into the newest segment's fill buffer. A commit
  * moves every fill buffer to its flush buffer and hands them to the
  * threadpool, which writes them, fdatasyncs the files (and the directory
- * when a segment was created), writes the cursor and unlinks retired
+ * when a segment was created), writes the cursor (when it is due: at most
+ * every SPOOL_CURSOR_DELAY_MS, and at close) and unlinks retired
  * segments. Only one commit runs at a time; appends made meanwhile form the
  * next batch. A batch is started commit_interval after its first append, or
  * at once when it is large (SPOOL_BATCH_BYTES/RECORDS) or the spool is

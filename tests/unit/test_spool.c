@@ -646,6 +646,71 @@ static void test_cursor_slots(void **state)
     free(dir);
 }
 
+/* acked_seq of the newer of the two cursor slots in @dir/cursor. */
+static uint64_t cursor_acked(const char *dir)
+{
+    char path[512];
+    size_t len;
+    uint64_t best_gen = 0, best_seq = 0;
+
+    snprintf(path, sizeof(path), "%s/cursor", dir);
+    uint8_t *data = read_file(path, &len);
+    for (size_t off = 0; off + 32 <= len; off += 32) {
+        uint64_t gen, seq;
+        memcpy(&gen, data + off + 8, 8); /* little-endian host, as the format */
+        memcpy(&seq, data + off + 16, 8);
+        if (memcmp(data + off, "UPCR", 4) == 0 && gen >= best_gen) {
+            best_gen = gen;
+            best_seq = seq;
+        }
+    }
+    free(data);
+    return best_seq;
+}
+
+/* The cursor is lazy: a batch committed soon after the last cursor write
+ * does not write it again (a second fdatasync per batch at a steady rate),
+ * and a lagging cursor is written on its own within SPOOL_CURSOR_DELAY_MS,
+ * without waiting for a close. */
+static void test_cursor_lazy(void **state)
+{
+    char *dir = make_dir();
+    struct spool *spool = open_spool(dir, 1 << 20, 0, SPOOL_BLOCK);
+    struct done_count done = {0};
+    struct spool_record rec;
+
+    append_n(spool, 0, 3, &done);
+    for (int i = 0; i < 1000 && done.ok < 3; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(done.ok, 3);
+    /* Ack record 1: nothing was written yet, so the cursor is due now. */
+    uv_update_time(&loop);
+    uint64_t t0 = uv_now(&loop);
+    assert_int_equal(spool_next(spool, &rec), 0);
+    spool_ack(spool, rec.seq);
+    append_n(spool, 3, 1, &done);
+    for (int i = 0; i < 1000 && done.ok < 4; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(done.ok, 4);
+    assert_int_equal(cursor_acked(dir), 1);
+    /* Ack record 2 and commit a batch at once: the cursor is not due. */
+    assert_int_equal(spool_next(spool, &rec), 0);
+    spool_ack(spool, rec.seq);
+    append_n(spool, 4, 1, &done);
+    for (int i = 0; i < 1000 && done.ok < 5; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(done.ok, 5);
+    uv_update_time(&loop);
+    if (uv_now(&loop) - t0 < 200) /* else a slow disk made it due: no claim */
+        assert_int_equal(cursor_acked(dir), 1);
+    /* The commit timer writes it on its own (the loop ends when it has). */
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(cursor_acked(dir), 2);
+    close_spool(spool);
+    remove_tree(dir);
+    free(dir);
+}
+
 static void test_overflow_block(void **state)
 {
     /* Memory spool of 4 KiB: records of ~45 bytes. */
@@ -850,6 +915,7 @@ int main(void)
         cmocka_unit_test(test_corrupt_byte_every_offset),
         cmocka_unit_test(test_corrupt_middle_segment),
         cmocka_unit_test(test_cursor_slots),
+        cmocka_unit_test(test_cursor_lazy),
         cmocka_unit_test(test_overflow_block),
         cmocka_unit_test(test_overflow_drop_oldest),
         cmocka_unit_test(test_durable_block),
