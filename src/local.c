@@ -41,6 +41,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "access.h"
 #include "activation.h"
 #include "conf.h"
@@ -1555,6 +1557,10 @@ static void auth_work_cb(uv_work_t *req)
 
     check->ok = access_passwd_verify(check->known_user ? &check->entry : NULL, check->password,
                                      check->password_len);
+    /* PBKDF2 left OpenSSL state (error queue) in this threadpool thread;
+     * libuv's threads outlive OPENSSL_cleanup(), so release it now
+     * (valgrind "definitely lost"; see conn_work_cb in uplink.c). */
+    OPENSSL_thread_stop();
 }
 
 static void auth_after_work_cb(uv_work_t *req, int status)

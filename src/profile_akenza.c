@@ -35,6 +35,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "conf.h"
 #include "json.h"
 #include "jwt.h"
@@ -409,6 +411,10 @@ static void session_key_work_cb(uv_work_t *req)
     pthread_mutex_lock(&akenza_key_lock);
     s->key_rc = keys_load_private(s->key_path, NULL, &s->loaded, s->key_err, sizeof(s->key_err));
     pthread_mutex_unlock(&akenza_key_lock);
+    /* Release this threadpool thread's OpenSSL state (error queue, DRBG):
+     * libuv's threads outlive OPENSSL_cleanup(), so it would be lost at exit
+     * (valgrind "definitely lost"); see conn_work_cb in uplink.c. */
+    OPENSSL_thread_stop();
 }
 
 /* The key's JWT algorithm (akenza takes RS256 and ES256), or -EINVAL. */

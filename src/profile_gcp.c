@@ -47,6 +47,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "conf.h"
 #include "json.h"
 #include "jwt.h"
@@ -537,6 +539,10 @@ static void child_report_key(struct profile_instance *pi, struct gcp_child *chil
 static void key_work_cb(uv_work_t *work)
 {
     key_refresh(container_of(work, struct gcp_key, work));
+    /* Release this threadpool thread's OpenSSL state (error queue, DRBG):
+     * libuv's threads outlive OPENSSL_cleanup(), so it would be lost at exit
+     * (valgrind "definitely lost"); see conn_work_cb in uplink.c. */
+    OPENSSL_thread_stop();
 }
 
 /* Loop thread: a job ended (or was cancelled). */

@@ -898,12 +898,26 @@ out:
     return rc;
 }
 
+/* libmosquitto 2.0.11 sets up its TLS globals (a UI_METHOD, the SSL ex_data
+ * index its certificate verify callback finds the client by) on the first
+ * TLS connect, in net__init_tls(), behind an unlocked flag
+ * (lib/net_mosq.c). Two first connects on two threadpool threads (an
+ * uplink and its per-device sessions start together) both run it: one
+ * UI_METHOD leaks (LeakSanitizer: 88 + 35 bytes from UI_create_method) and
+ * an SSL tagged with the first index is looked up with the second, which
+ * fails its certificate check. So TLS connects take turns until one has
+ * created its SSL object through that path; after that the globals are
+ * only read. Both are used only in conn_setup(). */
+static pthread_mutex_t mosq_tls_init_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool mosq_tls_initialised; /* guarded by mosq_tls_init_lock */
+
 /* Runs on the threadpool: everything that may block (file access for the TLS
  * files, DNS, the connect() call). Touches only @conn. */
 static int conn_setup(struct uplink_conn *conn)
 {
     struct mosquitto *mosq;
     const char *ca_file = NULL, *ca_path = NULL;
+    bool tls_init_turn = false;
     int rc;
 
     mosq = mosquitto_new(conn->client_id, conn->clean_session, conn);
@@ -1002,9 +1016,21 @@ static int conn_setup(struct uplink_conn *conn)
     /* Resolves conf->host, connects non-blocking, creates the SSL object with
      * SNI set to this same host (lib/net_mosq.c net__socket_connect_step3)
      * and queues CONNECT. */
+    if (conn->tls) {
+        pthread_mutex_lock(&mosq_tls_init_lock);
+        tls_init_turn = !mosq_tls_initialised;
+        if (!tls_init_turn)
+            pthread_mutex_unlock(&mosq_tls_init_lock);
+    }
     errno = 0;
     conn->connect_rc = mosquitto_connect_async(mosq, conn->host, conn->port, conn->keepalive);
     conn->connect_errno = errno;
+    if (tls_init_turn) {
+        /* A context of our own (tls.key on a token) skips net__init_tls(). */
+        if (mosquitto_ssl_get(mosq) != NULL && !(conn->cert && keys_is_uri(conn->key)))
+            mosq_tls_initialised = true;
+        pthread_mutex_unlock(&mosq_tls_init_lock);
+    }
     return conn->connect_rc == MOSQ_ERR_SUCCESS ? 0 : -EIO;
 }
 

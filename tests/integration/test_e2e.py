@@ -22,6 +22,9 @@ def unique(prefix="m"):
 def test_unix_socket_telemetry_reaches_cloud(hx):
     gw = hx.gateway()
     sub = hx.cloud_sub(gw.broker, "gw-test/#")
+    # QoS 0 is dropped while the uplink is offline (spool.qos0_offline: drop);
+    # under a slow UPLINKD_WRAPPER (valgrind) it may not be online yet.
+    gw.daemon.wait_log(r"-> ONLINE")
     payload = unique("unix")
     h.mosquitto_pub("--unix", gw.unix, "-t", "dev/sensor-1/telemetry", "-m", payload)
     topic, got, _, _ = sub.wait("gw-test/sensor-1/telemetry", payload)
@@ -31,6 +34,7 @@ def test_unix_socket_telemetry_reaches_cloud(hx):
 def test_tcp_telemetry_with_subtopic_reaches_cloud(hx):
     gw = hx.gateway()
     sub = hx.cloud_sub(gw.broker, "gw-test/#")
+    gw.daemon.wait_log(r"-> ONLINE")  # QoS 0 is dropped while offline (see above)
     payload = unique("tcp")
     h.mosquitto_pub("-h", "127.0.0.1", "-p", str(gw.tcp_port),
                     "-t", "dev/sensor-2/telemetry/temperature", "-m", payload)
