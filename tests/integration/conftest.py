@@ -136,13 +136,20 @@ class Env:
             daemon.wait_ready(since=since)
         return daemon
 
-    def gateway(self, broker=None, env=None, **conf_kwargs):
+    def gateway(self, broker=None, env=None, online=True, **conf_kwargs):
         """The common case: a started broker and a ready uplinkd forwarding to
         it with the default config. Returns a namespace with broker, daemon,
-        conf, unix (local socket path), tcp_port, control (socket path)."""
+        conf, unix (local socket path), tcp_port, control (socket path).
+
+        When the broker runs, this waits until the uplink is ONLINE (unless
+        online=False): a QoS 0 message published before that is dropped by
+        design (spool.qos0_offline: drop), so a test that publishes at once
+        would depend on how fast the connect was (slow under valgrind)."""
         broker = broker or self.broker()
         conf = self.config(broker, **conf_kwargs)
         daemon = self.uplinkd(conf, env=env)
+        if online and broker.proc is not None:
+            daemon.wait_log(r"state \w+ -> ONLINE")
         return types.SimpleNamespace(broker=broker, daemon=daemon, conf=conf,
                                      unix=h.local_unix_path(conf), tcp_port=h.local_tcp_port(conf),
                                      control=conf["control"]["socket"])
