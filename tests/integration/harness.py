@@ -160,6 +160,21 @@ def free_port(addresses=("127.0.0.1",)):
     raise HarnessError("no free port on %s" % (addresses,))
 
 
+def terminate(proc, timeout=10):
+    """SIGTERM `proc` and reap it; SIGKILL it after `timeout` s. Returns False
+    when it had to be killed (the caller decides whether that is an error)."""
+    if proc.poll() is not None:
+        return True
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        return False
+
+
 def listen_loopback(backlog=16):
     """Listening TCP sockets on one free port of every loopback address, for the
     test's own servers (a TLS front, a throttling proxy). Returns (port, sockets)."""
@@ -374,14 +389,8 @@ class Broker:
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-                raise HarnessError("mosquitto ignored SIGTERM for %d s" % timeout)
+        if not terminate(proc, timeout):
+            raise HarnessError("mosquitto ignored SIGTERM for %d s" % timeout)
 
     def restart(self):
         self.stop()
@@ -879,13 +888,7 @@ class CliSub:
                         % (topic, payload, self.messages()[-5:]))
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
 
 
 class MqttClient:

@@ -98,13 +98,7 @@ class HaproxySniFront:
         h.wait_for(accepting, what="haproxy on port %d" % self.port)
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        h.terminate(self.proc)
 
 
 def mtls_broker(hx, name="mtls"):
