@@ -67,6 +67,8 @@
 #define DEFAULT_RECONNECT_BASE_MS      1000
 #define DEFAULT_RECONNECT_CAP_MS       120000
 #define DEFAULT_MAX_QUEUED             10000
+#define DEFAULT_UPLINK_MAX_INFLIGHT    100
+#define MAX_UPLINK_MAX_INFLIGHT        10000
 #define DEFAULT_PORT_TLS               8883
 #define DEFAULT_PORT_PLAIN             1883
 
@@ -3034,6 +3036,7 @@ enum {
     UPLINK_AUTH,
     UPLINK_RECONNECT,
     UPLINK_MAX_QUEUED,
+    UPLINK_MAX_INFLIGHT,
     UPLINK_GENERIC,
     UPLINK_SPOOL,
     UPLINK_RATE,
@@ -3054,6 +3057,7 @@ static const char *const uplink_keys[UPLINK_KEYS] = {
     [UPLINK_AUTH] = "auth",
     [UPLINK_RECONNECT] = "reconnect",
     [UPLINK_MAX_QUEUED] = "max_queued",
+    [UPLINK_MAX_INFLIGHT] = "max_inflight",
     [UPLINK_GENERIC] = "generic",
     [UPLINK_SPOOL] = "spool",
     [UPLINK_RATE] = "rate",
@@ -3125,6 +3129,7 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
     uplink->reconnect_base_ms = DEFAULT_RECONNECT_BASE_MS;
     uplink->reconnect_cap_ms = DEFAULT_RECONNECT_CAP_MS;
     uplink->max_queued_messages = DEFAULT_MAX_QUEUED;
+    uplink->max_inflight = DEFAULT_UPLINK_MAX_INFLIGHT;
     uplink->spool.durability = CONF_SPOOL_FSYNC;
     uplink->spool.max_bytes = 256ULL * 1024 * 1024;
     uplink->spool.overflow = CONF_SPOOL_BLOCK;
@@ -3226,6 +3231,13 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
         if (get_uint(ld, values[UPLINK_MAX_QUEUED], key, "a message count", 1, 10000000, &number) ==
             0)
             uplink->max_queued_messages = (size_t)number;
+    }
+
+    if (node_present(values[UPLINK_MAX_INFLIGHT])) {
+        key_join(key, sizeof(key), path, "max_inflight");
+        if (get_uint(ld, values[UPLINK_MAX_INFLIGHT], key, "a message count", 1,
+                     MAX_UPLINK_MAX_INFLIGHT, &number) == 0)
+            uplink->max_inflight = (unsigned)number;
     }
 
     if (node_present(values[UPLINK_SPOOL])) {

@@ -255,6 +255,7 @@ struct conf_uplink {
     unsigned reconnect_base_ms; /* uplinks[].reconnect.base: default 1 s */
     unsigned reconnect_cap_ms;  /* uplinks[].reconnect.cap: default 120 s */
     size_t max_queued_messages; /* uplinks[].max_queued: obsolete (the spool bounds the queue) */
+    unsigned max_inflight;      /* uplinks[].max_inflight: QoS 1 publishes awaiting PUBACK, 100 */
     struct conf_spool spool;    /* uplinks[].spool (see spool.h) */
     struct conf_rate rate;      /* uplinks[].rate */
     struct conf_generic generic;

@@ -40,7 +40,7 @@
  * appends; the local acknowledgement waits for the spool's group commit
  * (UPLINK_PUBLISH_PENDING and the done callback). When ONLINE we take
  * records from the spool in order (spool_next) and hand them to
- * mosquitto_publish() at QoS 1, at most UPLINK_MAX_INFLIGHT unacknowledged at
+ * mosquitto_publish() at QoS 1, at most max_inflight unacknowledged at
  * a time (the same number is libmosquitto's send quota, so libmosquitto never
  * holds back a message we count as sent), within the rate limit. A record
  * leaves the spool only on on_publish() (PUBACK) for its mid (spool_ack).
@@ -97,7 +97,6 @@
 #include "util.h"
 
 /* Unacknowledged QoS>=1 publishes per connection (and libmosquitto's send quota). */
-#define UPLINK_MAX_INFLIGHT 100
 /* mosquitto_loop_misc() period: keepalive granularity is one second anyway. */
 #define UPLINK_TICK_MS 1000
 /* TCP connect + TLS handshake + CONNACK must finish within this. */
@@ -167,6 +166,7 @@ struct uplink_conn {
     char *host;
     int port;
     int keepalive;
+    unsigned window; /* uplinks[].max_inflight when the connection was made */
     char *client_id;
     bool clean_session;
     bool tls;
@@ -279,9 +279,15 @@ struct uplink {
 
     struct spool *spool; /* uplink_open_spool(), or in memory on first use */
     bool spool_closing;
-    struct uplink_inflight inflight_tab[UPLINK_MAX_INFLIGHT];
-    size_t inflight;         /* entries of inflight_tab (publishes) */
-    size_t inflight_records; /* records they carry */
+    /* Publishes awaiting their PUBACK, a ring in send order: @inflight
+     * entries from @inflight_head, acknowledged ones (mid -1) inside it until
+     * everything older is acknowledged too. The window counts the whole span,
+     * so an out-of-order PUBACK never lets more than the window out. */
+    struct uplink_inflight *inflight_tab;
+    size_t inflight_cap;     /* entries allocated: the window of the connection */
+    size_t inflight_head;    /* oldest entry */
+    size_t inflight;         /* span of the ring in use (publishes) */
+    size_t inflight_records; /* records the unacknowledged ones carry */
     char *topic_buf;         /* NUL-terminated copy of a spool record's topic */
     char *batch_buf;         /* joined payloads (uplink_batch_take), batch_cap bytes */
     size_t batch_cap;
@@ -470,29 +476,36 @@ static void conn_publish_cb(struct mosquitto *mosq, void *obj, int mid)
 {
     struct uplink_conn *conn = obj;
     struct uplink *uplink = conn->uplink;
+    struct uplink_inflight *e = NULL;
     size_t i;
 
     /* QoS 0 messages also end up here when written; they were never in the
      * in-flight table, so only QoS 1 messages match. In theory a QoS 0 mid
      * could equal the mid of a QoS 1 message still waiting after 65535 other
-     * publishes; with a window of 100 that does not occur. */
+     * publishes; with a window of at most 10000 and PUBACKs in order
+     * (MQTT 3.1.1 §4.6) that does not occur. */
     if (uplink_control_acked(uplink, mid))
         return;
+    /* A broker acknowledges in order, so the match is the oldest entry
+     * nearly always: the scan starts there. */
     for (i = 0; i < uplink->inflight; i++) {
-        if (uplink->inflight_tab[i].mid == mid)
+        e = &uplink->inflight_tab[(uplink->inflight_head + i) % uplink->inflight_cap];
+        if (e->mid == mid)
             break;
     }
     if (i == uplink->inflight)
         return;
     /* One PUBACK releases every record the publish carried. */
-    spool_ack_range(uplink->spool, uplink->inflight_tab[i].first_seq,
-                    uplink->inflight_tab[i].last_seq);
-    uplink->stats.published += uplink->inflight_tab[i].records;
+    spool_ack_range(uplink->spool, e->first_seq, e->last_seq);
+    uplink->stats.published += e->records;
     uplink->stats.publishes++;
-    uplink->out_count += uplink->inflight_tab[i].records;
-    uplink->inflight_records -= uplink->inflight_tab[i].records;
-    /* Order in the table does not matter: the spool keeps the order. */
-    uplink->inflight_tab[i] = uplink->inflight_tab[--uplink->inflight];
+    uplink->out_count += e->records;
+    uplink->inflight_records -= e->records;
+    e->mid = -1;
+    while (uplink->inflight && uplink->inflight_tab[uplink->inflight_head].mid == -1) {
+        uplink->inflight_head = (uplink->inflight_head + 1) % uplink->inflight_cap;
+        uplink->inflight--;
+    }
     uplink_rates_update(uplink);
     conn->acked = true;
 }
@@ -750,6 +763,19 @@ static struct uplink_conn *conn_new(struct uplink *uplink)
     conn->uplink = uplink;
     conn->port = conf->port;
     conn->keepalive = (int)conf->keepalive_s;
+    conn->window = conf->max_inflight ? conf->max_inflight : 100;
+    if (uplink->inflight_cap != conn->window) {
+        /* No connection, so nothing is in flight: the ring starts afresh. */
+        struct uplink_inflight *tab = calloc(conn->window, sizeof(*tab));
+        if (!tab) {
+            free(conn);
+            return NULL;
+        }
+        free(uplink->inflight_tab);
+        uplink->inflight_tab = tab;
+        uplink->inflight_cap = conn->window;
+        uplink->inflight_head = 0;
+    }
     conn->clean_session = conf->clean_session;
     conn->tls = conf->tls.enabled;
     conn->ca_system = conf->tls.ca_system || !conf->tls.ca_file;
@@ -933,7 +959,7 @@ static int conn_setup(struct uplink_conn *conn)
     mosquitto_message_callback_set(mosq, conn_message_cb);
     mosquitto_subscribe_callback_set(mosq, conn_subscribe_cb);
     /* Our window and libmosquitto's send quota are the same number. */
-    mosquitto_int_option(mosq, MOSQ_OPT_SEND_MAXIMUM, UPLINK_MAX_INFLIGHT);
+    mosquitto_int_option(mosq, MOSQ_OPT_SEND_MAXIMUM, (int)conn->window);
     /* MQTT packets are small and latency matters more than segment count. */
     mosquitto_int_option(mosq, MOSQ_OPT_TCP_NODELAY, 1);
 
@@ -1510,6 +1536,7 @@ static void uplink_drop_conn(struct uplink *uplink)
     if (uplink->spool)
         spool_rewind(uplink->spool);
     uplink->inflight = 0;
+    uplink->inflight_head = 0;
     uplink->inflight_records = 0;
     /* Before the spool's records: registrations are re-sent first. */
     uplink_control_reset(uplink, false, -ECONNRESET);
@@ -1883,7 +1910,7 @@ static void conn_flush(struct uplink_conn *conn)
     unsigned published = 0;
     bool corked = false;
 
-    while (uplink->inflight < UPLINK_MAX_INFLIGHT && !conn->failed) {
+    while (uplink->inflight < conn->window && !conn->failed) {
         if (!uplink_rate_take(uplink, 0))
             break;
         if (spool_next(uplink->spool, &rec) < 0) {
@@ -1918,10 +1945,13 @@ static void conn_flush(struct uplink_conn *conn)
                 uplink->out_count += records;
                 spool_ack_range(uplink->spool, rec.seq, last_seq);
             } else {
-                uplink->inflight_tab[uplink->inflight].mid = mid;
-                uplink->inflight_tab[uplink->inflight].first_seq = rec.seq;
-                uplink->inflight_tab[uplink->inflight].last_seq = last_seq;
-                uplink->inflight_tab[uplink->inflight].records = records;
+                struct uplink_inflight *e =
+                    &uplink->inflight_tab[(uplink->inflight_head + uplink->inflight) %
+                                          uplink->inflight_cap];
+                e->mid = mid;
+                e->first_seq = rec.seq;
+                e->last_seq = last_seq;
+                e->records = records;
                 uplink->inflight++;
                 uplink->inflight_records += records;
             }
@@ -3102,6 +3132,7 @@ void uplink_free(struct uplink *uplink)
     spool_free(uplink->spool);
     free(uplink->topic_buf);
     free(uplink->batch_buf);
+    free(uplink->inflight_tab);
     for (sub = uplink->subs; sub; sub = next_sub) {
         next_sub = sub->next;
         free(sub->filter);

@@ -379,3 +379,38 @@ def test_rate_limit_spaces_publishes(hx):
     wait_delivered(cloud, expected, timeout=4 * h.TIMEOUT)
     assert time.monotonic() - started >= 2.0
     check_delivery(cloud, expected)
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["default-100", "max_inflight-7"])
+def test_inflight_window(hx, window):
+    """uplinks[].max_inflight bounds the QoS 1 publishes awaiting the cloud's PUBACK. The
+    broker is stopped (SIGSTOP: its socket still takes bytes, no PUBACK comes back) while
+    300 messages are queued: exactly the window goes out, the rest waits in the spool. After
+    SIGCONT everything arrives, in order."""
+    import signal
+    total = 300
+    expected_window = window or 100
+    broker = hx.broker()
+    conf = spool_conf(hx, broker)
+    if window:
+        conf["uplinks"][0]["max_inflight"] = window
+    cloud = hx.cloud_client(broker, client_id="spool-watch")
+    cloud.subscribe("gw-test/+/telemetry", qos=1)
+    gw = hx.uplinkd(conf)
+    h.wait_for(lambda: gw.find_log(r"state CONNECTING -> ONLINE"), what="uplink online")
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    hx.add_closer(lambda: os.kill(broker.proc.pid, signal.SIGCONT))
+    local = hx.local_client(types_ns(conf))
+    for i in range(total):
+        local.publish("dev/c0/telemetry", "c0:%d" % i, qos=1)
+    h.wait_for(lambda: spool_status(conf)["inflight"] >= expected_window,
+               what=lambda: "the window in flight: %s" % spool_status(conf))
+    st = spool_status(conf)
+    assert st["inflight"] == expected_window, st
+    assert st["depth"] == total, st
+    os.kill(broker.proc.pid, signal.SIGCONT)
+    expected = {"c0:%d" % i for i in range(total)}
+    wait_delivered(cloud, expected, timeout=4 * h.TIMEOUT)
+    check_delivery(cloud, expected)
+    h.wait_for(lambda: spool_status(conf)["inflight"] == 0 and spool_status(conf)["depth"] == 0,
+               what=lambda: "the spool empty: %s" % spool_status(conf))

@@ -121,6 +121,7 @@ static void test_full(void **state)
     assert_int_equal(up->reconnect_base_ms, 500);
     assert_int_equal(up->reconnect_cap_ms, 60000);
     assert_int_equal(up->max_queued_messages, 500);
+    assert_int_equal(up->max_inflight, 1000);
     assert_string_equal(up->generic.topic_prefix, "site/a");
 
     up = &conf->uplinks[1];
@@ -298,6 +299,7 @@ static void test_reference_config(void **state)
     assert_int_equal(up->reconnect_base_ms, 1000);
     assert_int_equal(up->reconnect_cap_ms, 120000);
     assert_int_equal(up->max_queued_messages, 10000);
+    assert_int_equal(up->max_inflight, 100);
     assert_string_equal(up->client_id, conf->gateway_id);
     assert_string_equal(up->generic.topic_prefix, conf->gateway_id);
     assert_int_equal(conf->route_count, 0);
@@ -313,15 +315,18 @@ struct bad_case {
 
 static const struct bad_case bad_cases[] = {
     {"bad-spool.yaml",
-     {"bad-spool.yaml:12:7: uplinks[0].spool.colour: unknown key",
-      "bad-spool.yaml:7:19: uplinks[0].spool.durability: \"sometimes\" is not valid (expected "
+     {"bad-spool.yaml:6:19: uplinks[0].max_inflight: \"20000\" is not a message count (expected "
+      "an integer 1-10000)",
+      "bad-spool.yaml:13:7: uplinks[0].spool.colour: unknown key",
+      "bad-spool.yaml:8:19: uplinks[0].spool.durability: \"sometimes\" is not valid (expected "
       "fsync or none)",
-      "bad-spool.yaml:8:18: uplinks[0].spool.max_bytes: \"1KiB\" is out of range",
-      "bad-spool.yaml:9:17: uplinks[0].spool.overflow: \"drop-newest\" is not valid (expected "
+      "bad-spool.yaml:9:18: uplinks[0].spool.max_bytes: \"1KiB\" is out of range",
+      "bad-spool.yaml:10:17: uplinks[0].spool.overflow: \"drop-newest\" is not valid (expected "
       "block or drop-oldest)",
-      "bad-spool.yaml:10:24: uplinks[0].spool.commit_interval: \"5s\" is out of range",
-      "bad-spool.yaml:11:21: uplinks[0].spool.qos0_offline: \"keep\" is not valid",
-      "bad-spool.yaml:14:23: uplinks[0].rate.max_msgs_per_s: \"0\""}},
+      "bad-spool.yaml:11:24: uplinks[0].spool.commit_interval: \"5s\" is out of range",
+      "bad-spool.yaml:12:21: uplinks[0].spool.qos0_offline: \"keep\" is not valid",
+      "bad-spool.yaml:15:23: uplinks[0].rate.max_msgs_per_s: \"0\"",
+      "bad-spool.yaml:18:19: uplinks[1].max_inflight: \"0\" is not a message count"}},
     {"bad-gcp.yaml",
      {"bad-gcp.yaml:7:16: uplinks[0].client_id: is set by profile gcp",
       "bad-gcp.yaml:12:16: uplinks[0].gcp.project: \"my/project\": contains a character other",
