@@ -2191,6 +2191,7 @@ enum {
     SPOOL_MAX_AGE,
     SPOOL_OVERFLOW,
     SPOOL_COMMIT_INTERVAL,
+    SPOOL_COMMIT_GAP,
     SPOOL_QOS0_OFFLINE,
     SPOOL_KEYS
 };
@@ -2200,6 +2201,7 @@ static const char *const spool_keys[SPOOL_KEYS] = {
     [SPOOL_MAX_AGE] = "max_age",
     [SPOOL_OVERFLOW] = "overflow",
     [SPOOL_COMMIT_INTERVAL] = "commit_interval",
+    [SPOOL_COMMIT_GAP] = "commit_gap",
     [SPOOL_QOS0_OFFLINE] = "qos0_offline",
 };
 
@@ -2245,6 +2247,11 @@ static void parse_spool(struct loader *ld, yaml_node_t *node, const char *path,
         key_join(key, sizeof(key), path, "commit_interval");
         if (get_duration_ms(ld, values[SPOOL_COMMIT_INTERVAL], key, 0, 1000, &number) == 0)
             spool->commit_interval_ms = (unsigned)number;
+    }
+    if (node_present(values[SPOOL_COMMIT_GAP])) {
+        key_join(key, sizeof(key), path, "commit_gap");
+        if (get_duration_ms(ld, values[SPOOL_COMMIT_GAP], key, 0, 1000, &number) == 0)
+            spool->commit_gap_ms = (unsigned)number;
     }
     if (node_present(values[SPOOL_QOS0_OFFLINE])) {
         key_join(key, sizeof(key), path, "qos0_offline");

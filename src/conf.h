@@ -233,6 +233,7 @@ struct conf_spool {
     uint64_t max_age_ms;                   /* spool.max_age, default 0 = none */
     enum conf_spool_overflow overflow;     /* spool.overflow */
     unsigned commit_interval_ms;           /* spool.commit_interval: group commit wait, 5 ms */
+    unsigned commit_gap_ms;                /* spool.commit_gap: between commit starts, 0 */
     bool qos0_offline_spool;               /* spool.qos0_offline: spool | drop (default) */
 };
 

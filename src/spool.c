@@ -169,7 +169,8 @@ struct spool {
 
     struct spool_waiters fill_waiters;
     uint64_t fill_bytes;
-    uint64_t fill_since; /* uv_now() of the first append in the fill buffers */
+    uint64_t fill_since;        /* uv_now() of the first append in the fill buffers */
+    uint64_t commit_started_ms; /* uv_now() when the last commit started */
 
     struct spool_blocked *blocked_head, *blocked_tail;
     uint64_t blocked_bytes;
@@ -768,8 +769,13 @@ static void commit_timer_cb(uv_timer_t *timer)
 {
     struct spool *spool = container_of(timer, struct spool, commit_timer);
 
+    /* Due now (commit_interval or commit_gap has passed): a check handle
+     * does not end the poll phase, so waiting for the turn's end would
+     * wait for the next I/O or timer. */
     spool->timer_armed = false;
+    spool->batch_ready = true;
     maybe_commit(spool);
+    spool->batch_ready = false;
 }
 
 static void arm_timer(struct spool *spool, uint64_t delay)
@@ -829,6 +835,7 @@ static void start_commit(struct spool *spool)
     spool->unlinks = NULL;
     spool->unlink_count = spool->unlink_cap = 0;
     spool->commit = c;
+    spool->commit_started_ms = uv_now(spool->loop);
     rc = uv_queue_work(spool->loop, &c->work, commit_work_cb, commit_after_cb);
     if (rc < 0) {
         /* Run it here rather than lose the batch: slow, but correct. */
@@ -867,9 +874,20 @@ static void maybe_commit(struct spool *spool)
     if (!spool->closing) {
         if (data) {
             age = now - spool->fill_since;
-            if (!spool->batch_ready && age < spool->opts.commit_interval_ms &&
-                spool->fill_bytes < SPOOL_BATCH_BYTES &&
-                spool->fill_waiters.len < SPOOL_BATCH_RECORDS) {
+            uint64_t since = now - spool->commit_started_ms;
+            bool small = spool->fill_bytes < SPOOL_BATCH_BYTES &&
+                         spool->fill_waiters.len < SPOOL_BATCH_RECORDS;
+            if (small && since < spool->opts.commit_gap_ms &&
+                age < spool->opts.commit_interval_ms) {
+                /* commit_gap: fewer, larger commits at a steady rate (one
+                 * fdatasync per gap, not per message), never later than
+                 * commit_interval after the first append. */
+                uint64_t wait = spool->opts.commit_gap_ms - since;
+                uint64_t left = spool->opts.commit_interval_ms - age;
+                arm_timer(spool, wait < left ? wait : left);
+                return;
+            }
+            if (!spool->batch_ready && age < spool->opts.commit_interval_ms && small) {
                 /* Commit at the end of this loop turn (or after
                  * commit_interval at the latest, should the turn not end). */
                 if (!spool->turn_end_active) {
@@ -1644,6 +1662,7 @@ static void options_apply(struct spool *spool, const struct spool_options *opts)
     spool->opts.max_bytes = opts->max_bytes ? opts->max_bytes : SPOOL_DEFAULT_MAX_BYTES;
     spool->opts.max_age_ms = opts->max_age_ms;
     spool->opts.commit_interval_ms = opts->commit_interval_ms;
+    spool->opts.commit_gap_ms = opts->commit_gap_ms;
 }
 
 int spool_open(uv_loop_t *loop, const struct spool_options *opts, struct spool **out)

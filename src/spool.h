@@ -9,8 +9,10 @@
  * Durability: with SPOOL_DURABLE an append completes (done_cb) only once the
  * record has been written and fsync'ed. Appends are group-committed: the
  * write and the fdatasync of a whole batch run on the libuv threadpool; a
- * batch is committed when the previous commit has finished and either
- * commit_interval_ms has passed since its first append or it is large.
+ * batch is committed when the previous commit has finished, at the end of
+ * the loop turn that appended it, at once when it is large, and at the
+ * latest commit_interval_ms after its first append. commit_gap_ms (0: off)
+ * holds a small batch until that long after the previous commit started.
  * With SPOOL_MEMORY the segments live in memory and appends complete at once.
  *
  * Reading: the spool keeps one read position for its consumer (the uplink).
@@ -57,6 +59,7 @@ struct spool_options {
     uint64_t max_bytes;          /* bound on the log's bytes (0: default) */
     uint64_t max_age_ms;         /* 0: records never expire */
     unsigned commit_interval_ms; /* longest wait for a batch to fill */
+    unsigned commit_gap_ms;      /* shortest time between commit starts (0: none) */
     uint64_t segment_bytes;      /* 0: max_bytes / 8, between 64 KiB and 16 MiB */
 };
 
@@ -166,7 +169,7 @@ void spool_rewind(struct spool *spool);
 
 /**
  * spool_set_limits() - adopt new bounds after a reload (max_bytes, max_age,
- * overflow, commit_interval; durability and dir stay as opened).
+ * overflow, commit_interval, commit_gap; durability and dir stay as opened).
  */
 void spool_set_limits(struct spool *spool, const struct spool_options *opts);
 

@@ -2654,6 +2654,7 @@ static void uplink_spool_options(const struct uplink *uplink, const char *dir,
     opts->max_bytes = cs->max_bytes;
     opts->max_age_ms = cs->max_age_ms;
     opts->commit_interval_ms = cs->commit_interval_ms;
+    opts->commit_gap_ms = cs->commit_gap_ms;
 }
 
 int uplink_open_spool(struct uplink *uplink, const char *state_dir)
@@ -2864,7 +2865,7 @@ int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf)
     EVP_PKEY_free(uplink->jwt_key);
     uplink->jwt_key = NULL;
     if (uplink->spool) {
-        /* Bounds, overflow and commit_interval apply at once. */
+        /* Bounds, overflow, commit_interval and commit_gap apply at once. */
         uplink_spool_options(uplink, NULL, &opts);
         spool_set_limits(uplink->spool, &opts);
     }

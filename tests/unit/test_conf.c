@@ -195,6 +195,7 @@ static void test_spool_keys(void **state)
     assert_int_equal(a->spool.max_age_ms, 0);
     assert_int_equal(a->spool.overflow, CONF_SPOOL_BLOCK);
     assert_int_equal(a->spool.commit_interval_ms, 5);
+    assert_int_equal(a->spool.commit_gap_ms, 0);
     assert_false(a->spool.qos0_offline_spool);
     assert_int_equal(a->rate.max_msgs_per_s, 0);
     assert_int_equal(a->rate.max_bytes_per_s, 0);
@@ -203,6 +204,7 @@ static void test_spool_keys(void **state)
     assert_int_equal(b->spool.max_age_ms, 2 * 3600 * 1000);
     assert_int_equal(b->spool.overflow, CONF_SPOOL_DROP_OLDEST);
     assert_int_equal(b->spool.commit_interval_ms, 0);
+    assert_int_equal(b->spool.commit_gap_ms, 2);
     assert_true(b->spool.qos0_offline_spool);
     assert_int_equal(b->rate.max_msgs_per_s, 100);
     assert_int_equal(b->rate.max_bytes_per_s, 64 * 1024);
@@ -326,7 +328,9 @@ static const struct bad_case bad_cases[] = {
       "bad-spool.yaml:11:24: uplinks[0].spool.commit_interval: \"5s\" is out of range",
       "bad-spool.yaml:12:21: uplinks[0].spool.qos0_offline: \"keep\" is not valid",
       "bad-spool.yaml:15:23: uplinks[0].rate.max_msgs_per_s: \"0\"",
-      "bad-spool.yaml:18:19: uplinks[1].max_inflight: \"0\" is not a message count"}},
+      "bad-spool.yaml:18:19: uplinks[1].max_inflight: \"0\" is not a message count",
+      "bad-spool.yaml:20:19: uplinks[1].spool.commit_gap: \"2s\" is out of range (expected 0s "
+      "to 1s)"}},
     {"bad-gcp.yaml",
      {"bad-gcp.yaml:7:16: uplinks[0].client_id: is set by profile gcp",
       "bad-gcp.yaml:12:16: uplinks[0].gcp.project: \"my/project\": contains a character other",

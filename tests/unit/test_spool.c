@@ -711,6 +711,69 @@ static void test_cursor_lazy(void **state)
     free(dir);
 }
 
+static void tick_cb(uv_timer_t *timer)
+{
+    (void)timer;
+}
+
+/* spool.commit_gap: after a commit, small batches wait until the gap has
+ * passed since it started, so appends in many loop turns share one commit;
+ * commit_interval still bounds the wait. */
+static void test_commit_gap(void **state)
+{
+    char *dir = make_dir();
+    struct spool_options opts = {
+        .dir = dir,
+        .name = "test",
+        .durability = SPOOL_DURABLE,
+        .overflow = SPOOL_BLOCK,
+        .max_bytes = 1 << 20,
+        .commit_interval_ms = 1000,
+        .commit_gap_ms = 300,
+    };
+    struct spool *spool = NULL;
+    struct done_count done = {0};
+    struct spool_stats st;
+    uv_timer_t tick;
+    int turns = 0;
+
+    (void)state;
+    assert_int_equal(spool_open(&loop, &opts, &spool), 0);
+    uv_update_time(&loop);
+    uint64_t t0 = uv_now(&loop);
+    /* The first append commits at the end of its turn: nothing ran before. */
+    append_n(spool, 0, 1, &done);
+    for (int i = 0; i < 1000 && done.ok < 1; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(done.ok, 1);
+    /* Ten appends, each in a loop turn of its own (a 10 ms timer between). */
+    uv_timer_init(&loop, &tick);
+    for (int i = 1; i <= 10; i++) {
+        append_n(spool, i, 1, &done);
+        uv_timer_start(&tick, tick_cb, 10, 0);
+        uv_run(&loop, UV_RUN_ONCE);
+        turns++;
+    }
+    uv_update_time(&loop);
+    spool_get_stats(spool, &st);
+    if (uv_now(&loop) - t0 < 250) { /* else a slow machine neared the gap: no claim */
+        assert_int_equal(st.commits, 1);
+        assert_int_equal(done.ok, 1);
+    }
+    for (int i = 0; i < 1000 && done.ok < 11; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    assert_int_equal(done.ok, 11);
+    uv_update_time(&loop);
+    assert_true(uv_now(&loop) - t0 >= 300); /* held until the gap had passed */
+    spool_get_stats(spool, &st);
+    assert_true(st.commits <= 3); /* not one per turn */
+    assert_int_equal(turns, 10);
+    uv_close((uv_handle_t *)&tick, NULL);
+    close_spool(spool);
+    remove_tree(dir);
+    free(dir);
+}
+
 static void test_overflow_block(void **state)
 {
     /* Memory spool of 4 KiB: records of ~45 bytes. */
@@ -916,6 +979,7 @@ int main(void)
         cmocka_unit_test(test_corrupt_middle_segment),
         cmocka_unit_test(test_cursor_slots),
         cmocka_unit_test(test_cursor_lazy),
+        cmocka_unit_test(test_commit_gap),
         cmocka_unit_test(test_overflow_block),
         cmocka_unit_test(test_overflow_drop_oldest),
         cmocka_unit_test(test_durable_block),
