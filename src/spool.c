@@ -37,9 +37,11 @@
  * when a segment was created), writes the cursor (when it is due: at most
  * every SPOOL_CURSOR_DELAY_MS, and at close) and unlinks retired
  * segments. Only one commit runs at a time; appends made meanwhile form the
- * next batch. A batch is started commit_interval after its first append, or
- * at once when it is large (SPOOL_BATCH_BYTES/RECORDS) or the spool is
- * closing.
+ * next batch. A batch is started at the end of the loop turn that appended
+ * it (turn_end_cb), at once when it is large (SPOOL_BATCH_BYTES/RECORDS) or
+ * the spool is closing, and at the latest commit_interval after its first
+ * append. commit_gap (off by default) holds a small batch until that long
+ * after the previous commit started: fewer fdatasyncs at a steady rate.
  */
 #include "spool.h"
 
