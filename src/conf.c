@@ -322,6 +322,34 @@ static bool expect_kind(struct loader *ld, const yaml_node_t *node, const char *
     return false;
 }
 
+/* The sequence at @key as an array of zeroed @size-byte items, one per
+ * entry, its length in *@count. NULL when it is not a sequence (reported,
+ * @expected says what was wanted), when it is empty (reported with
+ * @empty_error when that is not NULL; otherwise an empty sequence is
+ * allowed and nothing is said), or out of memory (ld->oom). */
+static void *sequence_alloc(struct loader *ld, const yaml_node_t *node, const char *key,
+                            const char *expected, const char *empty_error, size_t size,
+                            size_t *count)
+{
+    void *items;
+
+    *count = 0;
+    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE, expected))
+        return NULL;
+    if (sequence_length(node) == 0) {
+        if (empty_error)
+            report(ld, node->start_mark, key, "%s", empty_error);
+        return NULL;
+    }
+    items = calloc(sequence_length(node), size);
+    if (items == NULL) {
+        ld->oom = true;
+        return NULL;
+    }
+    *count = sequence_length(node);
+    return items;
+}
+
 /* Look a key up in a section's table; report it when unknown. Returns its
  * index or key_count. */
 static size_t lookup_key(struct loader *ld, const yaml_node_t *key, const char *path,
@@ -1095,19 +1123,11 @@ static void parse_listen(struct loader *ld, yaml_node_t *node, const char *key)
     struct conf_local *local = &ld->conf->local;
     size_t count;
 
-    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE,
-                     "a sequence of URLs, e.g. [\"tcp://127.0.0.1:1883\"]"))
+    local->listen = sequence_alloc(
+        ld, node, key, "a sequence of URLs, e.g. [\"tcp://127.0.0.1:1883\"]",
+        "is empty (expected at least one tcp:// or unix:// URL)", sizeof(*local->listen), &count);
+    if (local->listen == NULL)
         return;
-    count = sequence_length(node);
-    if (count == 0) {
-        report(ld, node->start_mark, key, "is empty (expected at least one tcp:// or unix:// URL)");
-        return;
-    }
-    local->listen = calloc(count, sizeof(*local->listen));
-    if (local->listen == NULL) {
-        ld->oom = true;
-        return;
-    }
     local->listen_count = count;
     for (size_t i = 0; i < count; i++) {
         yaml_node_t *item = sequence_item(ld, node, i);
@@ -1222,16 +1242,7 @@ static void get_string_list(struct loader *ld, const yaml_node_t *node, const ch
 {
     size_t n;
 
-    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE, expected))
-        return;
-    n = sequence_length(node);
-    if (n == 0)
-        return;
-    *out = calloc(n, sizeof(**out));
-    if (*out == NULL) {
-        ld->oom = true;
-        return;
-    }
+    *out = sequence_alloc(ld, node, key, expected, NULL, sizeof(**out), &n);
     for (size_t i = 0; i < n; i++) {
         yaml_node_t *item = sequence_item(ld, node, i);
         char item_key[CONF_KEY_MAX];
@@ -1259,16 +1270,11 @@ static void parse_acl(struct loader *ld, yaml_node_t *node)
     struct conf_local *local = &ld->conf->local;
     size_t count;
 
-    if (!expect_kind(ld, node, "local.acl", YAML_SEQUENCE_NODE, rule_expected))
+    /* An empty acl is the same as none: everything allowed (documented). */
+    local->acl =
+        sequence_alloc(ld, node, "local.acl", rule_expected, NULL, sizeof(*local->acl), &count);
+    if (local->acl == NULL)
         return;
-    count = sequence_length(node);
-    if (count == 0)
-        return; /* same as no acl: everything allowed (documented) */
-    local->acl = calloc(count, sizeof(*local->acl));
-    if (local->acl == NULL) {
-        ld->oom = true;
-        return;
-    }
     local->acl_count = count;
     for (size_t i = 0; i < count; i++) {
         static const char pattern_expected[] =
@@ -2336,18 +2342,10 @@ static void parse_generic_rules(struct loader *ld, yaml_node_t *node, const char
     const char *expected_local = up ? "telemetry or state" : "config or commands";
     size_t n;
 
-    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE,
-                     up ? "a sequence of {local, cloud, qos} rules"
-                        : "a sequence of {cloud, local, qos} rules"))
-        return;
-    n = sequence_length(node);
-    if (n == 0)
-        return;
-    *out = calloc(n, sizeof(**out));
-    if (*out == NULL) {
-        ld->oom = true;
-        return;
-    }
+    *out = sequence_alloc(ld, node, key,
+                          up ? "a sequence of {local, cloud, qos} rules"
+                             : "a sequence of {cloud, local, qos} rules",
+                          NULL, sizeof(**out), &n);
     for (size_t i = 0; i < n; i++) {
         yaml_node_t *item = sequence_item(ld, node, i);
         yaml_node_t *values[RULE_KEYS];
@@ -2537,17 +2535,8 @@ static void parse_c8y_children(struct loader *ld, yaml_node_t *node, const char 
 {
     size_t n;
 
-    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE,
-                     "a sequence of {match, parent, name, type} rules"))
-        return;
-    n = sequence_length(node);
-    if (n == 0)
-        return;
-    c8y->children = calloc(n, sizeof(*c8y->children));
-    if (c8y->children == NULL) {
-        ld->oom = true;
-        return;
-    }
+    c8y->children = sequence_alloc(ld, node, key, "a sequence of {match, parent, name, type} rules",
+                                   NULL, sizeof(*c8y->children), &n);
     c8y->child_count = n;
     for (size_t i = 0; i < n; i++) {
         yaml_node_t *item = sequence_item(ld, node, i);
@@ -3329,18 +3318,9 @@ static void parse_route_uplinks(struct loader *ld, yaml_node_t *node, const char
     struct conf *conf = ld->conf;
     size_t count;
 
-    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE, "a sequence of uplink names, e.g. [cloud]"))
-        return;
-    count = sequence_length(node);
-    if (count == 0) {
-        report(ld, node->start_mark, key, "is empty (expected at least one uplink name)");
-        return;
-    }
-    route->uplinks = calloc(count, sizeof(*route->uplinks));
-    if (route->uplinks == NULL) {
-        ld->oom = true;
-        return;
-    }
+    route->uplinks = sequence_alloc(ld, node, key, "a sequence of uplink names, e.g. [cloud]",
+                                    "is empty (expected at least one uplink name)",
+                                    sizeof(*route->uplinks), &count);
     for (size_t i = 0; i < count; i++) {
         yaml_node_t *item = sequence_item(ld, node, i);
         char item_key[CONF_KEY_MAX];
@@ -3405,18 +3385,10 @@ static void parse_routes(struct loader *ld, yaml_node_t *node)
     struct conf *conf = ld->conf;
     size_t count;
 
-    if (!expect_kind(ld, node, "routes", YAML_SEQUENCE_NODE,
-                     "a sequence of routes (each item \"- children: GLOB\" with \"uplinks: "
-                     "[NAME]\")"))
-        return;
-    count = sequence_length(node);
-    if (count == 0)
-        return;
-    conf->routes = calloc(count, sizeof(*conf->routes));
-    if (conf->routes == NULL) {
-        ld->oom = true;
-        return;
-    }
+    conf->routes = sequence_alloc(ld, node, "routes",
+                                  "a sequence of routes (each item \"- children: GLOB\" with "
+                                  "\"uplinks: [NAME]\")",
+                                  NULL, sizeof(*conf->routes), &count);
     conf->route_count = count;
     for (size_t i = 0; i < count; i++) {
         yaml_node_t *item = sequence_item(ld, node, i);
