@@ -2893,10 +2893,17 @@ int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf)
 }
 
 /* Appends @name to the comma-separated list @list. */
-static void creds_list_add(char *list, size_t size, const char *name)
+/* Whether the fingerprint @now differs from @before; if so, @name is added
+ * to the comma-separated @list (of @size bytes) for the log line. */
+static bool creds_changed(const char *now, const char *before, char *list, size_t size,
+                          const char *name)
 {
     size_t used = strlen(list);
+
+    if (strcmp(now, before) == 0)
+        return false;
     snprintf(list + used, size - used, "%s%s", used ? ", " : "", name);
+    return true;
 }
 
 /* The start-up checks on the files now on disk, for what changed. A new
@@ -2999,22 +3006,10 @@ int uplink_reload_credentials(struct uplink *uplink, char *report, size_t report
             creds_fp_jwt_key(jwt_key, jwt->key, now.jwt);
         }
     }
-    if (strcmp(now.cert, uplink->creds.cert) != 0) {
-        tls_changed = true;
-        creds_list_add(changed, sizeof(changed), "tls.cert");
-    }
-    if (strcmp(now.key, uplink->creds.key) != 0) {
-        tls_changed = true;
-        creds_list_add(changed, sizeof(changed), "tls.key");
-    }
-    if (strcmp(now.ca, uplink->creds.ca) != 0) {
-        ca_changed = true;
-        creds_list_add(changed, sizeof(changed), "tls.ca");
-    }
-    if (strcmp(now.jwt, uplink->creds.jwt) != 0) {
-        jwt_changed = true;
-        creds_list_add(changed, sizeof(changed), "auth.key");
-    }
+    tls_changed = creds_changed(now.cert, uplink->creds.cert, changed, sizeof(changed), "tls.cert");
+    tls_changed |= creds_changed(now.key, uplink->creds.key, changed, sizeof(changed), "tls.key");
+    ca_changed = creds_changed(now.ca, uplink->creds.ca, changed, sizeof(changed), "tls.ca");
+    jwt_changed = creds_changed(now.jwt, uplink->creds.jwt, changed, sizeof(changed), "auth.key");
     if (!changed[0]) {
         EVP_PKEY_free(jwt_key);
         snprintf(report, report_size, "credentials unchanged");
