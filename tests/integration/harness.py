@@ -193,6 +193,26 @@ def listen_loopback(backlog=16):
     return port, listeners
 
 
+def accept_loop(listeners, stop, on_accept, on_error=None):
+    """Accept connections on `listeners` (from listen_loopback()) until the Event `stop` is
+    set or the listeners are closed, and hand each new socket to on_accept(sock). A failed
+    accept() goes to on_error(exc) when given, else it is skipped. select() wakes every 0.2 s
+    to see `stop`: the loop is bounded by the test's own teardown."""
+    while not stop.is_set():
+        try:
+            ready, _, _ = select.select(listeners, [], [], 0.2)
+        except (OSError, ValueError):
+            return
+        for listener in ready:
+            try:
+                conn, _ = listener.accept()
+            except OSError as e:
+                if on_error:
+                    on_error(e)
+                continue
+            on_accept(conn)
+
+
 def tcp_accepts(host, port, timeout=0.5):
     """True when a TCP connect to host:port succeeds."""
     try:
@@ -461,17 +481,9 @@ class SniFront:
         return None
 
     def _accept_loop(self):
-        while not self._stop.is_set():
-            try:
-                ready, _, _ = select.select(self._listeners, [], [], 0.2)
-            except (OSError, ValueError):
-                return
-            for listener in ready:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_loop(self._listeners, self._stop,
+                    lambda conn: threading.Thread(target=self._serve, args=(conn,),
+                                                  daemon=True).start())
 
     def _serve(self, conn):
         tls = plain = None

@@ -64,25 +64,22 @@ class ThrottleProxy:
             self._cond.notify_all()
 
     def _accept_loop(self):
-        while not self._stop.is_set():
-            try:
-                ready, _, _ = select.select(self._listeners, [], [], 0.2)
-            except (OSError, ValueError):
-                return
-            for listener in ready:
-                try:
-                    client, _ = listener.accept()
-                    cloud = socket.create_connection(("127.0.0.1", self.backend_port),
-                                                     timeout=h.TIMEOUT)
-                except OSError as e:
-                    self.errors.append(repr(e))
-                    continue
-                with self._cond:
-                    self.connections += 1
-                    self._socks += [client, cloud]
-                for src, dst, paced in ((client, cloud, True), (cloud, client, False)):
-                    threading.Thread(target=self._relay, args=(src, dst, paced),
-                                     daemon=True).start()
+        h.accept_loop(self._listeners, self._stop, self._connect,
+                      on_error=lambda e: self.errors.append(repr(e)))
+
+    def _connect(self, client):
+        """A new connection from uplinkd: open one to the broker and relay both ways."""
+        try:
+            cloud = socket.create_connection(("127.0.0.1", self.backend_port), timeout=h.TIMEOUT)
+        except OSError as e:
+            self.errors.append(repr(e))
+            client.close()
+            return
+        with self._cond:
+            self.connections += 1
+            self._socks += [client, cloud]
+        for src, dst, paced in ((client, cloud, True), (cloud, client, False)):
+            threading.Thread(target=self._relay, args=(src, dst, paced), daemon=True).start()
 
     def _pace(self, n):
         """Wait until `n` more cloud-bound bytes fit the rate (pacing, not an event wait)."""
