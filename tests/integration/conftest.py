@@ -19,6 +19,7 @@ import types
 import pytest
 
 import harness as h
+import parts
 
 
 def pytest_report_header(config):
@@ -54,6 +55,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is not None:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    # A part the selected tests need that is missing (tests/integration/parts.py) stops the
+    # run here with one line, instead of failing every test that uses it one by one.
+    if session.config.getoption("collectonly") and not os.environ.get("UPLINKD_CHECK_PARTS"):
+        return
+    modules = {os.path.splitext(os.path.basename(str(item.fspath)))[0]
+               for item in session.items if item.get_closest_marker("skip") is None}
+    if not modules:
+        return
+    lines = parts.missing(modules)
+    if lines:
+        pytest.exit("\n".join(lines), returncode=4)
 
 
 @pytest.fixture(autouse=True)
