@@ -449,12 +449,14 @@ static void local_live_put(struct local *local)
  *  - when a budget is full the oldest pending connection that can be
  *    evicted is closed to make room, not the newcomer: a client that sends
  *    its CONNECT at once leaves the pending set within one read, so a flood
- *    only ever evicts itself. Not evictable: connections accepted in the
- *    current loop iteration (they have not had a chance to be read; uv_now()
- *    is the same for all of them) and connections whose CONNECT is complete
- *    and waiting for the password check. Among the rest, unidentified peers
- *    go first (identified ones are already held to their uid's budget).
- *    Only when nothing is evictable is the newcomer refused.
+ *    only ever evicts itself. Never evicted: a connection with unread bytes
+ *    (a CONNECT that came with it, not read yet) or whose CONNECT is
+ *    complete and waiting for the password check. Older connections go
+ *    before those of the current burst of accepts, unidentified peers before
+ *    identified ones (those are already held to their uid's budget); see
+ *    pending_victim(). Only when nothing is evictable is the newcomer closed;
+ *  - at most LOCAL_ACCEPT_BURST accepts per listener per loop iteration, so
+ *    the reads of what was accepted come next.
  * Every such close is counted and logged once per burst (local_drop_note()).
  */
 
