@@ -81,6 +81,9 @@ def test_idle_and_slowloris_flood_does_not_lock_out_a_client(hx, nofile):
     pending = status(gw)["local_pending"]
     assert pending["now"] <= 128, pending
     assert pending["evicted"] + pending["deadline"] > 0, pending
+    table = h.uplinkctl(gw.control, "status", json_output=False).stdout
+    assert re.search(r"local connections before CONNECT: \d+ pending; closed since start: "
+                     r"[1-9]\d* evicted", table), table
     assert fd_count(gw.daemon) < 128 + 100, "uplinkd holds %d descriptors" % fd_count(gw.daemon)
 
     flood.stop()
