@@ -57,6 +57,9 @@
 #define DEFAULT_SOCKET_MODE            0660
 #define DEFAULT_MAX_PACKET_SIZE        (256 * 1024)
 #define DEFAULT_MAX_CLIENTS            1024
+#define DEFAULT_MAX_PENDING_CONNECTS   128
+#define DEFAULT_MAX_PENDING_PER_UID    32
+#define DEFAULT_CONNECT_DEADLINE_MS    5000
 #define DEFAULT_LOCAL_MAX_INFLIGHT     100
 #define DEFAULT_LOCAL_MAX_QUEUED       1000
 #define DEFAULT_LOCAL_MAX_QUEUED_BYTES (64 * 1024 * 1024)
@@ -1362,6 +1365,9 @@ enum {
     LOCAL_SOCKET_GROUP,
     LOCAL_MAX_PACKET_SIZE,
     LOCAL_MAX_CLIENTS,
+    LOCAL_MAX_PENDING_CONNECTS,
+    LOCAL_MAX_PENDING_PER_UID,
+    LOCAL_CONNECT_DEADLINE,
     LOCAL_TOPIC_PREFIX,
     LOCAL_MAX_INFLIGHT,
     LOCAL_MAX_QUEUED,
@@ -1376,6 +1382,9 @@ static const char *const local_keys[LOCAL_KEYS] = {
     [LOCAL_SOCKET_GROUP] = "socket_group",
     [LOCAL_MAX_PACKET_SIZE] = "max_packet_size",
     [LOCAL_MAX_CLIENTS] = "max_clients",
+    [LOCAL_MAX_PENDING_CONNECTS] = "max_pending_connects",
+    [LOCAL_MAX_PENDING_PER_UID] = "max_pending_per_uid",
+    [LOCAL_CONNECT_DEADLINE] = "connect_deadline",
     [LOCAL_TOPIC_PREFIX] = "topic_prefix",
     [LOCAL_MAX_INFLIGHT] = "max_inflight",
     [LOCAL_MAX_QUEUED] = "max_queued",
@@ -1383,6 +1392,43 @@ static const char *const local_keys[LOCAL_KEYS] = {
     [LOCAL_PASSWORD_FILE] = "password_file",
     [LOCAL_ACL] = "acl",
 };
+
+/*
+ * The budget of connections that have not completed CONNECT (local.c:
+ * "pending connections"): per listener, per peer uid, and the deadline from
+ * accept to a complete CONNECT. A per-uid budget above the per-listener one
+ * could never be reached, which is a mistake worth saying.
+ */
+static void parse_pending_limits(struct loader *ld, yaml_node_t *const *values)
+{
+    struct conf_local *local = &ld->conf->local;
+    yaml_node_t *per_uid = values[LOCAL_MAX_PENDING_PER_UID];
+    uint64_t number;
+
+    if (node_present(values[LOCAL_MAX_PENDING_CONNECTS]) &&
+        get_uint(ld, values[LOCAL_MAX_PENDING_CONNECTS], "local.max_pending_connects",
+                 "a connection count", 1, 65536, &number) == 0)
+        local->max_pending_connects = (unsigned)number;
+    if (node_present(per_uid) && get_uint(ld, per_uid, "local.max_pending_per_uid",
+                                          "a connection count", 1, 65536, &number) == 0) {
+        local->max_pending_per_uid = (unsigned)number;
+        if (number > local->max_pending_connects)
+            report(ld, per_uid->start_mark, "local.max_pending_per_uid",
+                   "%llu is above local.max_pending_connects (%u), so it would never apply "
+                   "(expected at most %u, or raise local.max_pending_connects)",
+                   (unsigned long long)number, local->max_pending_connects,
+                   local->max_pending_connects);
+    } else if (local->max_pending_per_uid > local->max_pending_connects) {
+        local->max_pending_per_uid = local->max_pending_connects; /* the default, capped */
+    }
+    /* MQTT 3.1.1 §3.1: the server SHOULD close a connection that sends no
+     * CONNECT within a reasonable time. A local app sends it at once; the
+     * ceiling keeps a slowloris from holding a slot for long. */
+    if (node_present(values[LOCAL_CONNECT_DEADLINE]) &&
+        get_duration_ms(ld, values[LOCAL_CONNECT_DEADLINE], "local.connect_deadline", 100,
+                        300 * 1000, &number) == 0)
+        local->connect_deadline_ms = (unsigned)number;
+}
 
 static void parse_local(struct loader *ld, yaml_node_t *node)
 {
@@ -1420,6 +1466,7 @@ static void parse_local(struct loader *ld, yaml_node_t *node)
         get_uint(ld, values[LOCAL_MAX_CLIENTS], "local.max_clients", "a client count", 1, 1000000,
                  &number) == 0)
         local->max_clients = (unsigned)number;
+    parse_pending_limits(ld, values);
     if (node_present(values[LOCAL_TOPIC_PREFIX]))
         get_topic_prefix(ld, values[LOCAL_TOPIC_PREFIX], "local.topic_prefix", true,
                          &local->topic_prefix);
@@ -3600,6 +3647,9 @@ int conf_load(const char *path, struct conf **out, char **errors)
     conf->local.socket_mode = DEFAULT_SOCKET_MODE;
     conf->local.max_packet_size = DEFAULT_MAX_PACKET_SIZE;
     conf->local.max_clients = DEFAULT_MAX_CLIENTS;
+    conf->local.max_pending_connects = DEFAULT_MAX_PENDING_CONNECTS;
+    conf->local.max_pending_per_uid = DEFAULT_MAX_PENDING_PER_UID;
+    conf->local.connect_deadline_ms = DEFAULT_CONNECT_DEADLINE_MS;
     conf->local.max_inflight = DEFAULT_LOCAL_MAX_INFLIGHT;
     conf->local.max_queued = DEFAULT_LOCAL_MAX_QUEUED;
     conf->local.max_queued_bytes = DEFAULT_LOCAL_MAX_QUEUED_BYTES;

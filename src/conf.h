@@ -51,7 +51,13 @@ struct conf_local {
     unsigned socket_mode;    /* local.socket_mode, octal string, default 0660 */
     char *socket_group;      /* local.socket_group, NULL = leave the group alone */
     size_t max_packet_size;  /* local.max_packet_size, default 256 KiB */
-    unsigned max_clients;    /* local.max_clients, default 1024 */
+    unsigned max_clients;    /* local.max_clients: clients that completed CONNECT, default 1024 */
+    unsigned max_pending_connects; /* local.max_pending_connects: connections per listener that
+                                      have not completed CONNECT, default 128 */
+    unsigned max_pending_per_uid;  /* local.max_pending_per_uid: the same per peer uid (where
+                                      the peer is identified), all listeners, default 32 */
+    unsigned connect_deadline_ms;  /* local.connect_deadline: accept to a complete CONNECT,
+                                      default 5 s */
     char *topic_prefix;      /* local.topic_prefix, default "dev" */
     unsigned max_inflight;   /* local.max_inflight: QoS>0 messages sent to one client and
                                   not yet acknowledged, default 100 */

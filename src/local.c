@@ -34,8 +34,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -52,9 +55,27 @@
 #include "topic.h"
 #include "util.h"
 
-/* §3.1: the server SHOULD close a connection that sends no CONNECT within a
- * reasonable time; 10 s is generous for a local app. */
-#define LOCAL_CONNECT_TIMEOUT_MS 10000
+/* Pending connections (accepted, CONNECT not complete; see "pending
+ * connections" below): defaults when the conf leaves them at 0 (conf.c has
+ * the same), the quiet time that ends a burst of drops and the longest burst
+ * summarised in one log line, and the file descriptors kept free for
+ * everything else (uplink sockets, spool segments, control clients). */
+#define LOCAL_DEFAULT_MAX_PENDING      128
+#define LOCAL_DEFAULT_PENDING_PER_UID  32
+#define LOCAL_DEFAULT_CONNECT_DEADLINE 5000
+#define LOCAL_DROP_QUIET_MS            1000
+#define LOCAL_DROP_REPORT_MAX_MS       10000
+#define LOCAL_FD_HEADROOM              64
+/* listen(2) backlog: the kernel's ceiling (net.core.somaxconn caps it), as
+ * systemd's Backlog= default. A flood must not fill the queue in front of
+ * accept(): on a Unix socket a full queue fails connect(2) with EAGAIN at
+ * once, so a client would never reach the pending-connection policy. */
+#define LOCAL_LISTEN_BACKLOG SOMAXCONN
+/* Connections accepted per listener per loop iteration. libuv accepts until
+ * accept(2) says EAGAIN, so a flood that reconnects as fast as it is closed
+ * would keep the loop in one listener callback for ever, and the CONNECT of a
+ * real client, waiting to be read, with it. */
+#define LOCAL_ACCEPT_BURST 32
 /* How long a closing connection may take to flush its last packets (e.g. a
  * refusing CONNACK) before it is closed anyway. */
 #define LOCAL_FLUSH_TIMEOUT_MS 2000
@@ -142,6 +163,13 @@ struct local_client {
     uv_write_t write_req;
     int open_handles;
     enum client_state state;
+    /* While pending (NEW, in local.pending): the listener it came in on
+     * (NULL if that listener was closed by a reload) and when. */
+    struct listener *listener;
+    struct local_client *pending_prev, *pending_next;
+    bool in_pending;
+    uint64_t accepted_ms;            /* uv_now() at accept */
+    bool quiet_close;                /* closed by the pending policy: counted, logged at debug */
     char peer[96];                   /* "127.0.0.1:5555" or "pid 12 uid 1000", for logs */
     char *id;                        /* NULL until CONNECT */
     enum conf_listen_kind kind;      /* the listener it came in on */
@@ -193,9 +221,38 @@ struct local_ack {
     int status;
 };
 
+/* Why a connection was closed before it completed CONNECT, for the
+ * rate-limited report (local_drop_note()) and uplinkctl status. */
+enum local_drop {
+    DROP_EVICTED,     /* oldest pending on a listener whose budget was full */
+    DROP_EVICTED_UID, /* oldest pending of a uid over local.max_pending_per_uid */
+    DROP_REFUSED,     /* the newcomer: nothing evictable (all from the same burst) */
+    DROP_NO_FDS,      /* file descriptors running out */
+    DROP_DEADLINE,    /* no complete CONNECT within local.connect_deadline */
+    DROP_MAX_CLIENTS, /* CONNACK 3: local.max_clients connected already */
+    DROP_PROTOCOL,    /* a protocol error before CONNECT completed */
+    DROP_ACCEPT,      /* accept(2) failed */
+    DROP_KINDS
+};
+
+static const char *const local_drop_names[DROP_KINDS] = {
+    [DROP_EVICTED] = "evicted",   [DROP_EVICTED_UID] = "evicted_uid",
+    [DROP_REFUSED] = "refused",   [DROP_NO_FDS] = "no_fds",
+    [DROP_DEADLINE] = "deadline", [DROP_MAX_CLIENTS] = "max_clients",
+    [DROP_PROTOCOL] = "protocol", [DROP_ACCEPT] = "accept_failed",
+};
+
 struct listener {
     struct local *local;
     struct listener *next;
+    size_t pending_count; /* its clients in local.pending */
+    uint64_t accepts_ms;  /* uv_now() of the current accept burst */
+    unsigned accepts;     /* accepted in it (LOCAL_ACCEPT_BURST) */
+    bool deferred;        /* a connection waits in libuv for uv_accept() */
+    /* Drops since the current report window began, and the first one's
+     * peer and reason (local_drop_note()). */
+    uint64_t drops[DROP_KINDS];
+    char first_drop[192];
     union {
         uv_handle_t handle;
         uv_stream_t stream;
@@ -267,7 +324,18 @@ struct local {
     struct listener *listeners;
     struct local_client *clients;
     size_t client_count;    /* allocated clients, any state */
-    size_t connected_count; /* clients in CONNECTED */
+    size_t connected_count; /* clients in CONNECTED; local.max_clients bounds it */
+    /* Pending connections (NEW and from a listener), oldest first; each
+     * listener's budget is local.max_pending_connects. */
+    struct local_client *pending_head, *pending_tail;
+    size_t pending_count;
+    uint64_t drops_total[DROP_KINDS]; /* since start, for status */
+    uv_timer_t drop_timer;            /* ends a report window (local_drop_note()) */
+    uv_timer_t accept_timer;          /* resumes deferred accepts next iteration */
+    bool drop_window;                 /* drops counted and not yet logged */
+    uint64_t drop_window_start_ms, drop_last_ms;
+    unsigned fd_limit; /* RLIMIT_NOFILE (soft) at start/reload, 0 = unknown or unlimited */
+    int reserve_fd;    /* kept open to be closed when accept(2) says EMFILE; -1 when used */
     size_t live; /* listeners + clients + the close handle, until their close callbacks */
     uv_timer_t close_handle; /* never started; closed last so done_cb runs from the loop */
     struct topic_table subs; /* owners are struct local_session */
@@ -300,6 +368,7 @@ static void local_check_done(struct local *local);
 static void client_acks_orphan(struct local_client *client);
 static void session_free(struct local_session *session, bool notify);
 static void retained_changed(struct local *local);
+static void auth_check_cancel(struct auth_check *check);
 
 /* --- small helpers ----------------------------------------------------------- */
 
@@ -363,6 +432,165 @@ static void local_live_put(struct local *local)
     local_check_done(local);
 }
 
+/* --- pending connections ------------------------------------------------------ */
+
+/*
+ * A connection is pending from accept until its CONNECT is answered; until
+ * then nobody knows whether it is a client at all. An idle or slowloris
+ * flood must not take the slots of real clients (issue 12), so:
+ *  - local.max_clients counts only connected clients (CONNACK 0 sent);
+ *  - pending connections have their own budget per listener
+ *    (local.max_pending_connects) and per peer uid where the peer is
+ *    identified (local.max_pending_per_uid, all listeners together; the uid
+ *    is struct access_identity's, read at accept), so their file
+ *    descriptors are bounded too;
+ *  - a pending connection has local.connect_deadline from accept to a
+ *    complete CONNECT; bytes that trickle in do not extend it;
+ *  - when a budget is full the oldest pending connection that can be
+ *    evicted is closed to make room, not the newcomer: a client that sends
+ *    its CONNECT at once leaves the pending set within one read, so a flood
+ *    only ever evicts itself. Never evicted: a connection with unread bytes
+ *    (a CONNECT that came with it, not read yet) or whose CONNECT is
+ *    complete and waiting for the password check. Older connections go
+ *    before those of the current burst of accepts, unidentified peers before
+ *    identified ones (those are already held to their uid's budget); see
+ *    pending_victim(). Only when nothing is evictable is the newcomer closed;
+ *  - at most LOCAL_ACCEPT_BURST accepts per listener per loop iteration, so
+ *    the reads of what was accepted come next.
+ * Every such close is counted and logged once per burst (local_drop_note()).
+ */
+
+static unsigned local_max_pending(const struct local *local)
+{
+    unsigned max = local->conf->local.max_pending_connects;
+    return max ? max : LOCAL_DEFAULT_MAX_PENDING;
+}
+
+static unsigned local_max_pending_per_uid(const struct local *local)
+{
+    unsigned max = local->conf->local.max_pending_per_uid;
+    return max ? max : LOCAL_DEFAULT_PENDING_PER_UID;
+}
+
+static unsigned local_connect_deadline_ms(const struct local *local)
+{
+    unsigned ms = local->conf->local.connect_deadline_ms;
+    return ms ? ms : LOCAL_DEFAULT_CONNECT_DEADLINE;
+}
+
+static void pending_link(struct local_client *client, struct listener *listener)
+{
+    struct local *local = client->local;
+
+    client->listener = listener;
+    client->in_pending = true;
+    client->pending_prev = local->pending_tail;
+    client->pending_next = NULL;
+    if (local->pending_tail)
+        local->pending_tail->pending_next = client;
+    else
+        local->pending_head = client;
+    local->pending_tail = client;
+    local->pending_count++;
+    listener->pending_count++;
+}
+
+static void pending_unlink(struct local_client *client)
+{
+    struct local *local = client->local;
+
+    if (!client->in_pending)
+        return;
+    if (client->pending_prev)
+        client->pending_prev->pending_next = client->pending_next;
+    else
+        local->pending_head = client->pending_next;
+    if (client->pending_next)
+        client->pending_next->pending_prev = client->pending_prev;
+    else
+        local->pending_tail = client->pending_prev;
+    local->pending_count--;
+    if (client->listener)
+        client->listener->pending_count--;
+    client->listener = NULL;
+    client->in_pending = false;
+    client->pending_prev = client->pending_next = NULL;
+}
+
+static void local_drop_report(struct local *local)
+{
+    double seconds = (double)(local->drop_last_ms - local->drop_window_start_ms) / 1000.0;
+
+    for (struct listener *l = local->listeners; l; l = l->next) {
+        uint64_t total = 0;
+        char counts[512];
+        size_t off = 0;
+
+        for (int kind = 0; kind < DROP_KINDS; kind++)
+            total += l->drops[kind];
+        if (total == 0)
+            continue;
+        counts[0] = '\0';
+        for (int kind = 0; kind < DROP_KINDS; kind++)
+            if (l->drops[kind] && off < sizeof(counts))
+                off += (size_t)snprintf(counts + off, sizeof(counts) - off, "%s%s %llu",
+                                        off ? ", " : "", local_drop_names[kind],
+                                        (unsigned long long)l->drops[kind]);
+        log_warn("listener %s: closed %llu connection(s) before CONNECT completed in %.1f s (%s; "
+                 "local.max_pending_connects %u, local.max_pending_per_uid %u, "
+                 "local.connect_deadline %u ms); %zu pending, %zu connected now; first: %s",
+                 l->url, (unsigned long long)total, seconds, counts, local_max_pending(local),
+                 local_max_pending_per_uid(local), local_connect_deadline_ms(local),
+                 l->pending_count, local->connected_count, l->first_drop);
+        memset(l->drops, 0, sizeof(l->drops));
+        l->first_drop[0] = '\0';
+    }
+    local->drop_window = false;
+}
+
+static void local_drop_timer_cb(uv_timer_t *timer)
+{
+    struct local *local = timer->data;
+    uint64_t now = uv_now(local->loop);
+    uint64_t quiet_end = local->drop_last_ms + LOCAL_DROP_QUIET_MS;
+    uint64_t window_end = local->drop_window_start_ms + LOCAL_DROP_REPORT_MAX_MS;
+
+    if (now >= quiet_end || now >= window_end) {
+        local_drop_report(local);
+        return;
+    }
+    uv_timer_start(timer, local_drop_timer_cb,
+                   (quiet_end < window_end ? quiet_end : window_end) - now, 0);
+}
+
+/*
+ * Count a connection closed before CONNECT completed. Logging each one would
+ * let a flood flood the log too: the counts go into one line per listener
+ * per burst (a burst ends after LOCAL_DROP_QUIET_MS without drops, or is cut
+ * every LOCAL_DROP_REPORT_MAX_MS), with the first drop's peer and reason.
+ * @listener may be NULL (a test client, or a listener closed by a reload):
+ * then only the totals count it.
+ */
+static void local_drop_note(struct local *local, struct listener *listener, enum local_drop kind,
+                            const char *peer, const char *why)
+{
+    uint64_t now = uv_now(local->loop);
+
+    local->drops_total[kind]++;
+    log_debug("closing [%s] before CONNECT completed: %s", peer, why);
+    if (!listener || local->closing)
+        return;
+    if (!local->drop_window) {
+        local->drop_window = true;
+        local->drop_window_start_ms = now;
+        uv_timer_start(&local->drop_timer, local_drop_timer_cb, LOCAL_DROP_QUIET_MS, 0);
+    }
+    local->drop_last_ms = now;
+    if (!listener->first_drop[0])
+        snprintf(listener->first_drop, sizeof(listener->first_drop), "[%s] %s", peer, why);
+    listener->drops[kind]++;
+}
+
 /* --- client state and lifetime ---------------------------------------------- */
 
 static void client_set_state(struct local_client *client, enum client_state to)
@@ -376,6 +604,8 @@ static void client_set_state(struct local_client *client, enum client_state to)
     }
     log_debug(CLIENT_FMT ": %s -> %s", CLIENT_ARGS(client), client_state_names[from],
               client_state_names[to]);
+    if (from == CLIENT_NEW)
+        pending_unlink(client);
     if (from == CLIENT_CONNECTED)
         client->local->connected_count--;
     if (to == CLIENT_CONNECTED)
@@ -482,9 +712,16 @@ static void client_close(struct local_client *client, enum close_mode mode, bool
         return;
     if (client->state == CLIENT_CONNECTED)
         log_info(CLIENT_FMT ": disconnected: %s", CLIENT_ARGS(client), why);
+    else if (client->quiet_close)
+        log_debug(CLIENT_FMT ": connection closed before CONNECT completed: %s",
+                  CLIENT_ARGS(client), why);
     else
         log_info(CLIENT_FMT ": connection closed before CONNECT completed: %s", CLIENT_ARGS(client),
                  why);
+    /* A password check still queued need not run (uv_cancel fails, harmlessly,
+     * once it is running); auth_after_work_cb frees it either way. */
+    if (client->auth)
+        auth_check_cancel(client->auth);
     client->publish_will = abnormal && client->state == CLIENT_CONNECTED;
     /* From now on messages for the session wait in its queue (persistent)
      * or are dropped (clean): a closing connection sends nothing more. */
@@ -508,9 +745,15 @@ static void client_protocol_error(struct local_client *client, const char *what,
 {
     char why[256];
 
-    log_warn(CLIENT_FMT ": protocol error in %s: %s; closing the connection", CLIENT_ARGS(client),
-             what, reason);
     snprintf(why, sizeof(why), "protocol error in %s: %s", what, reason);
+    if (client->state == CLIENT_NEW) {
+        /* Before CONNECT: anyone can cause this, as often as they like. */
+        local_drop_note(client->local, client->listener, DROP_PROTOCOL, client->peer, why);
+        client->quiet_close = true;
+    } else {
+        log_warn(CLIENT_FMT ": protocol error in %s: %s; closing the connection",
+                 CLIENT_ARGS(client), what, reason);
+    }
     client_close(client, CLOSE_ABORT, true, why);
 }
 
@@ -1478,8 +1721,10 @@ static void client_keepalive_cb(uv_timer_t *timer)
     char why[128];
 
     if (client->state == CLIENT_NEW) {
-        snprintf(why, sizeof(why), "no CONNECT within %d s", LOCAL_CONNECT_TIMEOUT_MS / 1000);
-        log_warn(CLIENT_FMT ": %s; closing", CLIENT_ARGS(client), why);
+        snprintf(why, sizeof(why), "no complete CONNECT within local.connect_deadline (%u ms)",
+                 local_connect_deadline_ms(client->local));
+        local_drop_note(client->local, client->listener, DROP_DEADLINE, client->peer, why);
+        client->quiet_close = true;
         client_close(client, CLOSE_ABORT, false, why);
         return;
     }
@@ -1549,6 +1794,11 @@ static void auth_check_free(struct auth_check *check)
     free(check->packet);
     explicit_bzero(&check->entry, sizeof(check->entry));
     free(check);
+}
+
+static void auth_check_cancel(struct auth_check *check)
+{
+    uv_cancel((uv_req_t *)&check->req);
 }
 
 static void auth_work_cb(uv_work_t *req)
@@ -1640,6 +1890,9 @@ static int client_start_auth_check(struct local_client *client, const struct mqt
     client->auth = check;
     client->open_handles++;
     uv_read_stop(&client->conn.stream);
+    /* The CONNECT is complete: local.connect_deadline is met. The check
+     * ends by itself; meanwhile the connection stays pending, not evictable. */
+    uv_timer_stop(&client->timer);
     return 1;
 }
 
@@ -1817,6 +2070,19 @@ static void handle_connect(struct local_client *client, const struct mqtt_connec
         log_info(CLIENT_FMT ": takes over client id '%s' from [%s] (§3.1.4-2)", CLIENT_ARGS(client),
                  client->id, old->peer);
         client_close(old, CLOSE_ABORT, true, "taken over by a new connection with the same id");
+    }
+    /* Only connected clients count against local.max_clients, so pending
+     * connections cannot take their slots; §3.2.2.3: CONNACK 3, server
+     * unavailable. Counted and logged per burst like the other drops. */
+    if (local->connected_count >= local->conf->local.max_clients) {
+        char why[96];
+        snprintf(why, sizeof(why), "local.max_clients (%u) reached",
+                 local->conf->local.max_clients);
+        local_drop_note(local, client->listener, DROP_MAX_CLIENTS, client->peer, why);
+        client->quiet_close = true;
+        client_send_connack(client, MQTT_CONNACK_SERVER_UNAVAILABLE);
+        client_close(client, CLOSE_FLUSH, false, why);
+        return;
     }
     if (session_attach(client, c->clean_session, &session_present) < 0) {
         client_send_connack(client, MQTT_CONNACK_SERVER_UNAVAILABLE);
@@ -2270,6 +2536,9 @@ static void client_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b
             snprintf(why, sizeof(why), "connection closed by the client without DISCONNECT");
         else
             snprintf(why, sizeof(why), "read failed: %s", uv_strerror((int)nread));
+        /* Anyone can open and close connections as fast as they like: before
+         * CONNECT that is not worth a log line each. */
+        client->quiet_close = client->state == CLIENT_NEW;
         client_close(client, CLOSE_ABORT, true, why);
         return;
     }
@@ -2327,17 +2596,167 @@ static void client_link(struct local *local, struct local_client *client)
     local->live++;
 }
 
-static void listener_connection_cb(uv_stream_t *server, int status)
+/* Bytes the kernel holds for @client that were not read yet: typically a
+ * CONNECT that arrived with the connection, in the same burst of accepts. */
+static bool pending_has_unread(const struct local_client *client)
 {
-    struct listener *listener = container_of(server, struct listener, h.stream);
+    uv_os_fd_t fd;
+    int n = 0;
+
+    return uv_fileno(&client->conn.handle, &fd) == 0 && ioctl(fd, FIONREAD, &n) == 0 && n > 0;
+}
+
+/*
+ * The pending connection to evict for a newcomer: of @uid when not NULL (any
+ * listener), else on @on (any listener when NULL). Never one whose CONNECT
+ * is complete (password check running) or has unread bytes waiting (it is
+ * about to be served). The oldest from before this loop iteration first,
+ * unidentified peers before identified ones; one accepted in this same
+ * iteration (same uv_now(): a burst of accepts) only when the newcomer has
+ * bytes waiting itself (@newcomer_speaks), else refusing the newcomer costs
+ * the same and is cheaper. NULL when there is none.
+ */
+static struct local_client *pending_victim(struct local *local, const struct listener *on,
+                                           const uid_t *uid, bool newcomer_speaks)
+{
+    uint64_t now = uv_now(local->loop);
+    struct local_client *old_identified = NULL, *same_burst = NULL;
+
+    for (struct local_client *c = local->pending_head; c; c = c->pending_next) {
+        bool identified = c->identity.has_cred;
+
+        if (c->state != CLIENT_NEW || c->auth || (on && c->listener != on))
+            continue;
+        if (uid && (!identified || c->identity.uid != *uid))
+            continue;
+        if (c->accepted_ms == now) {
+            if (newcomer_speaks && !same_burst && !pending_has_unread(c))
+                same_burst = c;
+            continue;
+        }
+        if (pending_has_unread(c))
+            continue;
+        if (uid || !identified)
+            return c;
+        if (!old_identified)
+            old_identified = c;
+    }
+    return old_identified ? old_identified : same_burst;
+}
+
+static size_t pending_count_uid(const struct local *local, uid_t uid)
+{
+    size_t n = 0;
+
+    for (const struct local_client *c = local->pending_head; c; c = c->pending_next)
+        n += c->identity.has_cred && c->identity.uid == uid;
+    return n;
+}
+
+/* Close a pending connection (or a newcomer not yet linked) under the
+ * pending policy: counted, logged per burst, not one line each. */
+static void pending_drop(struct local_client *client, struct listener *listener,
+                         enum local_drop kind, const char *why)
+{
+    local_drop_note(client->local, listener, kind, client->peer, why);
+    client->quiet_close = true;
+    client_close(client, CLOSE_ABORT, false, why);
+}
+
+static void local_reserve_fd_open(struct local *local)
+{
+    if (local->reserve_fd < 0)
+        local->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+/*
+ * Admit the accepted @client of @listener to the pending set, evicting to
+ * make room (see "pending connections"), or close it. Returns 0 when
+ * admitted, -1 when @client was closed.
+ */
+static int pending_admit(struct listener *listener, struct local_client *client)
+{
+    struct local *local = listener->local;
+    struct local_client *victim;
+    bool speaks = pending_has_unread(client);
+    uv_os_fd_t fd = -1;
+
+    /* File descriptors first: the last LOCAL_FD_HEADROOM stay for the
+     * uplinks, the spool and the control socket. The kernel hands out the
+     * lowest free number, so fd >= N means N descriptors are in use. */
+    uv_fileno(&client->conn.handle, &fd);
+    if (local->fd_limit && fd >= 0 && (unsigned)fd + LOCAL_FD_HEADROOM >= local->fd_limit) {
+        victim = pending_victim(local, NULL, NULL, speaks);
+        if (!victim) {
+            pending_drop(client, listener, DROP_NO_FDS,
+                         "out of file descriptors (RLIMIT_NOFILE), nothing pending to evict");
+            local_reserve_fd_open(local);
+            return -1;
+        }
+        pending_drop(victim, victim->listener, DROP_NO_FDS,
+                     "evicted: file descriptors running out (RLIMIT_NOFILE)");
+    }
+    if (client->identity.has_cred &&
+        pending_count_uid(local, client->identity.uid) >= local_max_pending_per_uid(local)) {
+        victim = pending_victim(local, NULL, &client->identity.uid, speaks);
+        if (!victim) {
+            pending_drop(client, listener, DROP_REFUSED,
+                         "local.max_pending_per_uid reached, none evictable");
+            return -1;
+        }
+        pending_drop(victim, victim->listener, DROP_EVICTED_UID,
+                     "evicted: oldest pending connection of a uid over local.max_pending_per_uid");
+    }
+    if (listener->pending_count >= local_max_pending(local)) {
+        victim = pending_victim(local, listener, NULL, speaks);
+        if (!victim) {
+            pending_drop(client, listener, DROP_REFUSED,
+                         "local.max_pending_connects reached, none evictable");
+            return -1;
+        }
+        pending_drop(victim, listener, DROP_EVICTED,
+                     "evicted: oldest pending connection, local.max_pending_connects reached");
+    }
+    pending_link(client, listener);
+    return 0;
+}
+
+/*
+ * accept(2) failed. libuv already keeps a spare descriptor for EMFILE (it
+ * closes it, accepts and closes what is queued, reopens it) and calls this
+ * only when that did not help, and then again at once: without a free
+ * descriptor this would spin. So free one: evict the oldest pending
+ * connection, or close our own reserve so that the next accept succeeds and
+ * pending_admit() refuses it (and reopens the reserve).
+ */
+static void listener_accept_failed(struct listener *listener, int status)
+{
+    struct local *local = listener->local;
+    struct local_client *victim;
+    char why[128];
+
+    snprintf(why, sizeof(why), "accept failed: %s", uv_strerror(status));
+    local_drop_note(local, listener, DROP_ACCEPT, "-", why);
+    if (status != UV_EMFILE && status != UV_ENFILE)
+        return;
+    victim = pending_victim(local, NULL, NULL, true);
+    if (victim) {
+        pending_drop(victim, victim->listener, DROP_NO_FDS,
+                     "evicted: out of file descriptors (RLIMIT_NOFILE)");
+    } else if (local->reserve_fd >= 0) {
+        close(local->reserve_fd);
+        local->reserve_fd = -1;
+    }
+}
+
+/* Take the connection libuv has accepted on @listener. */
+static void listener_accept(struct listener *listener)
+{
+    struct uv_stream_s *server = &listener->h.stream;
     struct local *local = listener->local;
     struct local_client *client;
     int rc;
 
-    if (status < 0) {
-        log_warn("listener %s: accept failed: %s", listener->url, uv_strerror(status));
-        return;
-    }
     client = calloc(1, sizeof(*client));
     if (!client) {
         log_err("listener %s: out of memory for a new client", listener->url);
@@ -2358,24 +2777,62 @@ static void listener_connection_cb(uv_stream_t *server, int status)
 
     rc = uv_accept(server, &client->conn.stream);
     if (rc < 0) {
-        log_warn("listener %s: accept failed: %s", listener->url, uv_strerror(rc));
-        client_close(client, CLOSE_ABORT, false, "accept failed");
+        pending_drop(client, listener, DROP_ACCEPT, "accept failed");
         return;
     }
+    client->accepted_ms = uv_now(local->loop);
     client_describe_peer(client, listener->kind);
-    if (local->client_count > local->conf->local.max_clients) {
-        log_warn("listener %s: refusing connection from %s: local.max_clients (%u) reached",
-                 listener->url, client->peer, local->conf->local.max_clients);
-        client_close(client, CLOSE_ABORT, false, "max_clients reached");
+    if (pending_admit(listener, client) < 0)
         return;
-    }
     log_debug(CLIENT_FMT ": accepted on %s", CLIENT_ARGS(client), listener->url);
     rc = uv_read_start(&client->conn.stream, client_alloc_cb, client_read_cb);
     if (rc < 0) {
         client_close(client, CLOSE_ABORT, false, uv_strerror(rc));
         return;
     }
-    uv_timer_start(&client->timer, client_keepalive_cb, LOCAL_CONNECT_TIMEOUT_MS, 0);
+    /* From accept to a complete CONNECT; reads do not re-arm it. */
+    uv_timer_start(&client->timer, client_keepalive_cb, local_connect_deadline_ms(local), 0);
+}
+
+/* Next loop iteration: take the connections deferred by the accept burst
+ * limit; uv_accept() also makes libuv watch the listener again. */
+static void local_accept_timer_cb(uv_timer_t *timer)
+{
+    struct local *local = timer->data;
+
+    for (struct listener *l = local->listeners; l; l = l->next) {
+        if (!l->deferred)
+            continue;
+        l->deferred = false;
+        l->accepts_ms = uv_now(local->loop);
+        l->accepts = 1;
+        listener_accept(l);
+    }
+}
+
+static void listener_connection_cb(uv_stream_t *server, int status)
+{
+    struct listener *listener = container_of(server, struct listener, h.stream);
+    struct local *local = listener->local;
+    uint64_t now = uv_now(local->loop);
+
+    if (status < 0) {
+        listener_accept_failed(listener, status);
+        return;
+    }
+    if (listener->accepts_ms != now) {
+        listener->accepts_ms = now;
+        listener->accepts = 0;
+    }
+    if (++listener->accepts > LOCAL_ACCEPT_BURST) {
+        /* Leaving the connection in libuv (no uv_accept()) stops it watching
+         * the listener until local_accept_timer_cb() takes it: reads of the
+         * connections accepted so far run first. */
+        listener->deferred = true;
+        uv_timer_start(&local->accept_timer, local_accept_timer_cb, 0, 0);
+        return;
+    }
+    listener_accept(listener);
 }
 
 static void listener_closed_cb(uv_handle_t *handle)
@@ -2394,6 +2851,12 @@ static void listener_closed_cb(uv_handle_t *handle)
 
 static void listener_close(struct listener *listener)
 {
+    /* Its pending clients stay pending (deadline, uid budget), on no
+     * listener's budget. */
+    for (struct local_client *c = listener->local->pending_head; c; c = c->pending_next)
+        if (c->listener == listener)
+            c->listener = NULL;
+    listener->pending_count = 0;
     if (!uv_is_closing(&listener->h.handle))
         uv_close(&listener->h.handle, listener_closed_cb);
 }
@@ -2564,7 +3027,7 @@ static int listener_open(struct local *local, const struct conf_local *conf,
         rc = listener_bind_unix(listener, conf, cl);
     if (rc < 0)
         goto err_after_init;
-    rc = uv_listen(&listener->h.stream, 128, listener_connection_cb);
+    rc = uv_listen(&listener->h.stream, LOCAL_LISTEN_BACKLOG, listener_connection_cb);
     if (rc < 0) {
         log_err("listener %s: cannot listen: %s", cl->url, uv_strerror(rc));
         goto err_after_init;
@@ -2593,9 +3056,14 @@ int local_new(uv_loop_t *loop, const struct conf *conf, const struct local_hooks
         local->hooks = *hooks;
     uv_timer_init(loop, &local->close_handle);
     uv_timer_init(loop, &local->retained_timer);
+    uv_timer_init(loop, &local->drop_timer);
+    uv_timer_init(loop, &local->accept_timer);
     local->close_handle.data = local;
     local->retained_timer.data = local;
-    local->live = 2; /* close_handle, retained_timer */
+    local->drop_timer.data = local;
+    local->accept_timer.data = local;
+    local->live = 4; /* close_handle, retained_timer, drop_timer, accept_timer */
+    local->reserve_fd = -1;
     *out = local;
     return 0;
 }
@@ -2681,6 +3149,43 @@ static int local_adopt_unmatched(struct local *local)
     return 0;
 }
 
+/*
+ * RLIMIT_NOFILE: raise the soft limit to the hard one (systemd's default
+ * soft limit of 1024 exists for select(); libuv uses epoll), then say when
+ * the local budgets do not fit. pending_admit() keeps LOCAL_FD_HEADROOM
+ * descriptors free whatever the budgets say.
+ */
+static void local_fd_limit_update(struct local *local, const struct conf *conf)
+{
+    const struct conf_local *cl = &conf->local;
+    unsigned long long need;
+    struct rlimit rl;
+
+    local->fd_limit = 0;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    if (rl.rlim_cur < rl.rlim_max && rl.rlim_max != RLIM_INFINITY) {
+        struct rlimit raised = {.rlim_cur = rl.rlim_max, .rlim_max = rl.rlim_max};
+        if (setrlimit(RLIMIT_NOFILE, &raised) == 0) {
+            log_info("raised the file descriptor limit (RLIMIT_NOFILE) from %llu to %llu",
+                     (unsigned long long)rl.rlim_cur, (unsigned long long)rl.rlim_max);
+            rl.rlim_cur = rl.rlim_max;
+        }
+    }
+    if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > UINT_MAX)
+        return;
+    local->fd_limit = (unsigned)rl.rlim_cur;
+    need = (unsigned long long)cl->max_clients +
+           (unsigned long long)cl->listen_count * local_max_pending(local) + LOCAL_FD_HEADROOM;
+    if (need > local->fd_limit)
+        log_warn("the file descriptor limit (RLIMIT_NOFILE %u, hard limit %llu) is below what "
+                 "local.max_clients (%u) + local.max_pending_connects (%u) x %zu listener(s) + "
+                 "%u for the rest of uplinkd need (%llu): when they run out, new local "
+                 "connections are refused; raise LimitNOFILE= or lower local.max_clients",
+                 local->fd_limit, (unsigned long long)rl.rlim_max, cl->max_clients,
+                 local_max_pending(local), cl->listen_count, LOCAL_FD_HEADROOM, need);
+}
+
 int local_start(struct local *local)
 {
     char why[256];
@@ -2700,6 +3205,8 @@ int local_start(struct local *local)
         log_warn("ignoring the sockets passed by systemd (LISTEN_FDS): %s", strerror(-passed));
     else if (passed > 0)
         log_info("systemd passed %d listening socket(s) (socket activation)", passed);
+    local_fd_limit_update(local, local->conf);
+    local_reserve_fd_open(local);
     rc = local_open_listeners(local, local->conf);
     if (rc == 0)
         rc = local_adopt_unmatched(local);
@@ -2732,6 +3239,7 @@ int local_reconfigure(struct local *local, const struct conf *conf)
         listener_close(l);
     }
     local->conf = conf;
+    local_fd_limit_update(local, conf);
     return 0;
 }
 
@@ -2754,6 +3262,8 @@ void local_deliver(struct local *local, const char *topic, const void *payload, 
 
 void local_stop_accepting(struct local *local)
 {
+    if (local->drop_window)
+        local_drop_report(local); /* per listener: before they go */
     while (local->listeners) {
         struct listener *l = local->listeners;
         local->listeners = l->next;
@@ -2791,6 +3301,11 @@ void local_close(struct local *local, void (*done_cb)(void *arg), void *arg)
      * a live reference). */
     uv_timer_stop(&local->retained_timer);
     uv_close((uv_handle_t *)&local->retained_timer, local_close_handle_cb);
+    if (local->drop_window)
+        local_drop_report(local);
+    uv_timer_stop(&local->drop_timer);
+    uv_close((uv_handle_t *)&local->drop_timer, local_close_handle_cb);
+    uv_close((uv_handle_t *)&local->accept_timer, local_close_handle_cb);
     retained_write_start(local);
     /* Closed last and always asynchronous, so done_cb never runs from
      * inside local_close() even with no clients or listeners. */
@@ -2801,6 +3316,8 @@ void local_free(struct local *local)
 {
     if (!local)
         return;
+    if (local->reserve_fd >= 0)
+        close(local->reserve_fd);
     while (local->sessions)
         session_free(local->sessions, false); /* the tree goes as a whole below */
     topic_table_deinit(&local->subs);
@@ -2816,6 +3333,19 @@ void local_free(struct local *local)
 size_t local_client_count(const struct local *local)
 {
     return local->connected_count;
+}
+
+void local_get_stats(const struct local *local, struct local_stats *out)
+{
+    const uint64_t *d = local->drops_total;
+
+    out->connected = local->connected_count;
+    out->pending = local->pending_count;
+    out->evicted = d[DROP_EVICTED] + d[DROP_EVICTED_UID];
+    out->refused = d[DROP_REFUSED] + d[DROP_NO_FDS];
+    out->deadline = d[DROP_DEADLINE];
+    out->max_clients = d[DROP_MAX_CLIENTS];
+    out->other = d[DROP_PROTOCOL] + d[DROP_ACCEPT];
 }
 
 /* --- test and fuzzing seam (local.h) ---------------------------------------------- */
@@ -2838,11 +3368,8 @@ int local_test_client_new(struct local *local, struct local_client **out)
     uv_timer_init(local->loop, &client->timer);
     client_link(local, client);
     snprintf(client->peer, sizeof(client->peer), "test %lu", ++serial);
-    if (local->client_count > local->conf->local.max_clients) {
-        client_close(client, CLOSE_ABORT, false, "max_clients reached");
-        return -EUSERS;
-    }
-    uv_timer_start(&client->timer, client_keepalive_cb, LOCAL_CONNECT_TIMEOUT_MS, 0);
+    client->accepted_ms = uv_now(local->loop);
+    uv_timer_start(&client->timer, client_keepalive_cb, local_connect_deadline_ms(local), 0);
     *out = client;
     return 0;
 }

@@ -69,6 +69,11 @@ int local_new(uv_loop_t *loop, const struct conf *conf, const struct local_hooks
  * path that exists and is stale is removed first; its mode is set from
  * local.socket_mode). Returns 0 or a negative errno after logging which
  * listener failed and why.
+ *
+ * Also raises the process's RLIMIT_NOFILE soft limit to its hard limit
+ * (libuv uses epoll, so descriptors above FD_SETSIZE are fine) and warns when
+ * local.max_clients plus every listener's local.max_pending_connects plus a
+ * reserve for the rest of the daemon do not fit (again at each reload).
  */
 int local_start(struct local *local);
 
@@ -114,6 +119,21 @@ void local_free(struct local *local);
 /** local_client_count() - connected clients (for status). */
 size_t local_client_count(const struct local *local);
 
+/* Connections closed before CONNECT completed, by reason (see local.c,
+ * "pending connections"), counted since start. */
+struct local_stats {
+    size_t connected;     /* clients that completed CONNECT (local.max_clients) */
+    size_t pending;       /* accepted, CONNECT not complete yet */
+    uint64_t evicted;     /* oldest pending closed for a newcomer (listener or uid budget) */
+    uint64_t refused;     /* newcomers closed: budget full of this burst, or no fds left */
+    uint64_t deadline;    /* no complete CONNECT within local.connect_deadline */
+    uint64_t max_clients; /* CONNACK 3: local.max_clients connected already */
+    uint64_t other;       /* protocol errors before CONNECT, failed accepts */
+};
+
+/** local_get_stats() - fill @out (for uplinkctl status). */
+void local_get_stats(const struct local *local, struct local_stats *out);
+
 /* --- Test and fuzzing seam --------------------------------------------------
  * A client without a socket, driven through the same per-client state
  * machine as a real connection: bytes go in through local_test_client_input()
@@ -127,8 +147,9 @@ struct local_client;
 /**
  * local_test_client_new() - a new socket-less client waiting for CONNECT.
  * The server owns it; it stays valid until it is closing and the loop has
- * run its close callbacks. Returns 0, -ENOMEM, -ECANCELED (server closing) or
- * -EUSERS (local.max_clients reached; the client is closed at once).
+ * run its close callbacks. It is on no listener's pending budget; local.max_clients
+ * applies when it sends CONNECT (CONNACK 3). Returns 0, -ENOMEM or -ECANCELED
+ * (server closing).
  */
 int local_test_client_new(struct local *local, struct local_client **out);
 

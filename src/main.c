@@ -261,7 +261,17 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
     json_append_string(out, d->reload_result ? d->reload_result : "none");
     json_append_raw(out, ",\"error\":");
     json_append_string(out, d->reload_error);
-    json_append_fmt(out, "},\"local_clients\":%zu,\"uplinks\":[", local_client_count(d->local));
+    struct local_stats ls;
+    local_get_stats(d->local, &ls);
+    /* Connections that had not completed CONNECT: pending now, and closed
+     * by the pre-authentication policy since start (local.c). */
+    json_append_fmt(out,
+                    "},\"local_clients\":%zu,\"local_pending\":{\"now\":%zu,\"evicted\":%llu,"
+                    "\"refused\":%llu,\"deadline\":%llu,\"max_clients\":%llu,\"other\":%llu},"
+                    "\"uplinks\":[",
+                    ls.connected, ls.pending, (unsigned long long)ls.evicted,
+                    (unsigned long long)ls.refused, (unsigned long long)ls.deadline,
+                    (unsigned long long)ls.max_clients, (unsigned long long)ls.other);
     bool first = true;
     for (size_t i = 0; i < d->uplink_count; i++) {
         const struct conf_uplink *uc = &d->conf->uplinks[i];

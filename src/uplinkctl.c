@@ -232,6 +232,16 @@ static void print_status(json_t *root)
     printf("uplinkd %s (pid %lld) %s, config %s, %lld local client(s)\n", json_str(root, "version"),
            json_num(root, "pid"), json_str(root, "state"), json_str(root, "config"),
            json_num(root, "local_clients"));
+    json_t *pending = json_object_get(root, "local_pending");
+    if (json_is_object(pending) &&
+        (json_num(pending, "now") || json_num(pending, "evicted") || json_num(pending, "refused") ||
+         json_num(pending, "deadline") || json_num(pending, "max_clients")))
+        printf("local connections before CONNECT: %lld pending; closed since start: %lld evicted, "
+               "%lld refused, %lld past local.connect_deadline, %lld at local.max_clients, "
+               "%lld other\n",
+               json_num(pending, "now"), json_num(pending, "evicted"), json_num(pending, "refused"),
+               json_num(pending, "deadline"), json_num(pending, "max_clients"),
+               json_num(pending, "other"));
     json_t *reload = json_object_get(root, "last_reload");
     if (strcmp(json_str(reload, "result"), "refused") == 0)
         printf("last reload refused, still running the previous configuration: %s\n",

@@ -135,13 +135,14 @@ class Env:
     def write_config(self, conf, name="uplinkd.yaml"):
         return h.write_config(os.path.join(self.dir, name), conf)
 
-    def uplinkd(self, conf, env=None, args=(), ready=True, name="uplinkd", notify=True):
+    def uplinkd(self, conf, env=None, args=(), ready=True, name="uplinkd", notify=True,
+                nofile=None):
         """Write `conf` (dict or YAML text), start uplinkd on it and, when
         `ready`, wait for READY=1. Returns a harness.Daemon with .conf (the
-        dict) and .conf_path."""
+        dict) and .conf_path. `nofile`: (soft, hard) RLIMIT_NOFILE for it."""
         conf_path = self.write_config(conf, name + ".yaml")
         daemon = h.Daemon(self.dir, conf_path, notify=self.notify if notify else None,
-                          env=env, args=args, name=name)
+                          env=env, args=args, name=name, nofile=nofile)
         daemon.conf = conf
         daemon.expect_exit = None  # set to an int when a test expects a non-zero exit
         self._daemons.append(daemon)

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import resource
 import select
 import shlex
 import signal
@@ -607,7 +608,9 @@ class Daemon:
     is put in front of the command line when set.
     """
 
-    def __init__(self, workdir, conf_path, notify=None, env=None, args=(), name="uplinkd"):
+    def __init__(self, workdir, conf_path, notify=None, env=None, args=(), name="uplinkd",
+                 nofile=None):
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE for the daemon, or None
         self.workdir = workdir
         self.conf_path = conf_path
         self.notify = notify
@@ -631,8 +634,10 @@ class Daemon:
         cmd = shlex.split(os.environ.get("UPLINKD_WRAPPER", ""))
         cmd += [UPLINKD_BIN, "-c", self.conf_path] + self.args
         with open(self.log_path, "ab") as log, open(self.out_path, "ab") as out:
+            limit = self.nofile
+            preexec = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit)) if limit else None
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=log,
-                                         env=env, cwd=self.workdir)
+                                         env=env, cwd=self.workdir, preexec_fn=preexec)
         return self
 
     def running(self):

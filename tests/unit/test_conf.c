@@ -89,6 +89,9 @@ static void test_full(void **state)
     assert_string_equal(local->socket_group, "uplinkd");
     assert_int_equal(local->max_packet_size, 64 * 1024);
     assert_int_equal(local->max_clients, 32);
+    assert_int_equal(local->max_pending_connects, 16);
+    assert_int_equal(local->max_pending_per_uid, 4);
+    assert_int_equal(local->connect_deadline_ms, 2500);
     assert_int_equal(local->max_inflight, 20);
     assert_int_equal(local->max_queued, 500);
     assert_int_equal(local->max_queued_bytes, 8 * 1024 * 1024);
@@ -168,6 +171,9 @@ static void test_minimal_defaults(void **state)
     assert_null(conf->local.socket_group);
     assert_int_equal(conf->local.max_packet_size, 256 * 1024);
     assert_int_equal(conf->local.max_clients, 1024);
+    assert_int_equal(conf->local.max_pending_connects, 128);
+    assert_int_equal(conf->local.max_pending_per_uid, 32);
+    assert_int_equal(conf->local.connect_deadline_ms, 5000);
     assert_int_equal(conf->local.max_inflight, 100);
     assert_int_equal(conf->local.max_queued, 1000);
     assert_int_equal(conf->local.max_queued_bytes, 64 * 1024 * 1024);
@@ -180,6 +186,17 @@ static void test_minimal_defaults(void **state)
     assert_int_equal(conf->route_count, 0);
     assert_null(conf->routes);
     assert_null(conf_uplink_find(conf, "cloud"));
+    conf_free(conf);
+}
+
+/* The per-uid default never exceeds a smaller per-listener budget. */
+static void test_pending_defaults_capped(void **state)
+{
+    struct conf *conf = load_ok("good-pending.yaml");
+
+    assert_int_equal(conf->local.max_pending_connects, 8);
+    assert_int_equal(conf->local.max_pending_per_uid, 8);
+    assert_int_equal(conf->local.connect_deadline_ms, 5000);
     conf_free(conf);
 }
 
@@ -284,6 +301,9 @@ static void test_reference_config(void **state)
     assert_int_equal(conf->local.socket_mode, 0660);
     assert_int_equal(conf->local.max_packet_size, 256 * 1024);
     assert_int_equal(conf->local.max_clients, 1024);
+    assert_int_equal(conf->local.max_pending_connects, 128);
+    assert_int_equal(conf->local.max_pending_per_uid, 32);
+    assert_int_equal(conf->local.connect_deadline_ms, 5000);
     assert_string_equal(conf->local.topic_prefix, "dev");
     assert_string_equal(conf->state_dir, "/var/lib/uplinkd");
     assert_string_equal(conf->control_socket, "/run/uplinkd/control.sock");
@@ -316,6 +336,16 @@ struct bad_case {
 };
 
 static const struct bad_case bad_cases[] = {
+    {"bad-pending.yaml",
+     {"bad-pending.yaml:4:25: local.max_pending_connects: \"0\" is not a connection count "
+      "(expected an integer 1-65536)",
+      "bad-pending.yaml:5:24: local.max_pending_per_uid: \"many\" is not a connection count",
+      "bad-pending.yaml:6:21: local.connect_deadline: \"50ms\" is out of range (expected 100ms "
+      "to 5m)"}},
+    {"bad-pending-uid.yaml",
+     {"bad-pending-uid.yaml:5:24: local.max_pending_per_uid: 16 is above "
+      "local.max_pending_connects (8), so it would never apply",
+      "bad-pending-uid.yaml:6:21: local.connect_deadline: \"10m\" is out of range"}},
     {"bad-spool.yaml",
      {"bad-spool.yaml:6:19: uplinks[0].max_inflight: \"20000\" is not a message count (expected "
       "an integer 1-10000)",
@@ -1080,6 +1110,7 @@ int main(void)
         cmocka_unit_test(test_read_file),
         cmocka_unit_test(test_small_helpers),
         cmocka_unit_test(test_spool_keys),
+        cmocka_unit_test(test_pending_defaults_capped),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

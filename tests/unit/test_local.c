@@ -457,6 +457,77 @@ static void remove_state_dir(struct fixture *f)
 }
 
 /* Retained messages are written to state_dir and come back after a restart. */
+/* local.max_clients counts connected clients only (issue 12): connections
+ * still waiting for CONNECT take no slot, and a CONNECT over the limit gets
+ * CONNACK 3 (§3.2.2.3) instead of a silent close. */
+static void test_max_clients_counts_connected_only(void **state)
+{
+    struct fixture *f = *state;
+    struct local_client *idle[10];
+    struct tc a = {0}, b = {0}, over = {0};
+    struct mqtt_connect c = {.protocol_level = 4, .clean_session = true};
+    struct local_stats stats;
+    struct mqtt_packet pkt;
+    uint8_t buf[64];
+    size_t len;
+
+    f->conf.local.max_clients = 2;
+    for (size_t i = 0; i < 10; i++)
+        assert_int_equal(local_test_client_new(f->local, &idle[i]), 0);
+    tc_connect(f, &a, "a", true);
+    tc_connect(f, &b, "b", true);
+
+    assert_int_equal(local_test_client_new(f->local, &over.client), 0);
+    c.client_id.data = (const uint8_t *)"over";
+    c.client_id.len = 4;
+    assert_int_equal(mqtt_encode_connect(buf, sizeof(buf), &c, &len), 0);
+    tc_send(&over, buf, len);
+    assert_true(tc_next(&over, &pkt));
+    assert_int_equal(pkt.type, MQTT_CONNACK);
+    assert_int_equal(pkt.u.connack.code, MQTT_CONNACK_SERVER_UNAVAILABLE);
+    assert_true(local_test_client_closing(over.client));
+    local_get_stats(f->local, &stats);
+    assert_int_equal(stats.connected, 2);
+    assert_int_equal(stats.max_clients, 1);
+
+    /* A slot freed is a slot for the next CONNECT. */
+    tc_lose(f, &a);
+    tc_connect(f, &a, "a2", true);
+    tc_free(&a);
+    tc_free(&b);
+    tc_free(&over);
+}
+
+/* local.connect_deadline runs from accept to a complete CONNECT: bytes that
+ * trickle in do not extend it. */
+static void test_connect_deadline_not_extended(void **state)
+{
+    struct fixture *f = *state;
+    struct mqtt_connect c = {.protocol_level = 4, .clean_session = true};
+    struct local_client *slow;
+    struct local_stats stats;
+    uint8_t buf[128];
+    size_t len, sent = 0;
+
+    f->conf.local.connect_deadline_ms = 100;
+    c.client_id.data = (const uint8_t *)"slowloris-with-a-long-client-id";
+    c.client_id.len = strlen((const char *)c.client_id.data);
+    assert_int_equal(mqtt_encode_connect(buf, sizeof(buf), &c, &len), 0);
+    assert_int_equal(local_test_client_new(f->local, &slow), 0);
+    /* One byte every 20 ms, never the last: 40 bytes would take 800 ms.
+     * Once closed, the loop frees the client: watch the count instead. */
+    local_get_stats(f->local, &stats);
+    while (sent + 1 < len && stats.deadline == 0) {
+        local_test_client_input(slow, buf + sent++, 1);
+        uv_sleep(20);
+        uv_update_time(&f->loop);
+        run_loop(f);
+        local_get_stats(f->local, &stats);
+    }
+    assert_int_equal(stats.deadline, 1);
+    assert_true(sent + 1 < len); /* closed long before the packet was whole */
+}
+
 static void test_retained_store_survives_restart(void **state)
 {
     struct fixture *f = *state;
@@ -536,6 +607,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_inflight_window, setup, teardown),
         cmocka_unit_test_setup_teardown(test_queue_limits, setup, teardown),
         cmocka_unit_test_setup_teardown(test_overlap_one_copy, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_max_clients_counts_connected_only, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_connect_deadline_not_extended, setup, teardown),
         cmocka_unit_test_setup_teardown(test_retained_store_survives_restart, setup, teardown),
         cmocka_unit_test_setup_teardown(test_retained_store_corrupt, setup, teardown),
     };
