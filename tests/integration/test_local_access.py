@@ -108,6 +108,87 @@ def test_acl_peer_uid_publish_and_subscribe(hx):
     observer.wait("dev/plc-1/telemetry", "root")
 
 
+@needs_root
+def test_acl_peer_uid_over_loopback_tcp(hx):
+    """Issue 12: the uid rule holds on tcp://127.0.0.1 exactly as on the Unix
+    socket; the peer's uid comes from sock_diag. Before, uid 1001 was
+    anonymous over TCP and the catch-all rule let it do everything."""
+    conf = acl_config(hx, POLLER_RULES)
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    observer = hx.client("127.0.0.1", port)
+    observer.subscribe("dev/#")
+
+    tcp = ["-h", "127.0.0.1", "-p", str(port)]
+    p = run(as_uid(POLLER_UID, ["mosquitto_pub"] + tcp + ["-q", "1", "-t",
+                                "dev/modbus-1/telemetry", "-m", "tcp-ok"]))
+    assert p.returncode == 0, p.stderr
+    observer.wait("dev/modbus-1/telemetry", "tcp-ok")
+
+    since = d.log_size()
+    p = run(as_uid(POLLER_UID, ["mosquitto_pub"] + tcp + ["-q", "1", "-t",
+                                "dev/plc-1/telemetry", "-m", "forged"]))
+    assert p.returncode == 0, p.stderr
+    d.wait_log(r"publish to 'dev/plc-1/telemetry' denied: not allowed by local.acl\[0\] "
+               r"\(uid %d \(tcp\)" % POLLER_UID, since)
+    run(as_uid(POLLER_UID, ["mosquitto_pub"] + tcp + ["-q", "1", "-t",
+                            "dev/modbus-1/telemetry", "-m", "after"]))
+    observer.wait("dev/modbus-1/telemetry", "after")
+    assert observer.received("dev/plc-1/telemetry") == []
+
+    p = run(as_uid(POLLER_UID, ["mosquitto_sub"] + tcp + ["-d", "-q", "1",
+                                "-t", "dev/modbus-1/commands/#", "-t", "dev/+/commands/#",
+                                "-C", "1", "-W", "2"]))
+    assert "Subscribed (mid: 1): 1, 128" in p.stdout, p.stdout + p.stderr
+
+    # root over the same TCP listener is uid 0: rule 1, unrestricted.
+    h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t",
+                    "dev/plc-1/telemetry", "-m", "root")
+    observer.wait("dev/plc-1/telemetry", "root")
+
+
+def non_loopback_address():
+    """An IPv4 address of this host that is not on loopback, or None."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # no packet is sent
+        addr = s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return None if addr.startswith("127.") else addr
+
+
+@needs_root
+def test_acl_unidentified_tcp_peer_gets_only_selectorless_rules(hx):
+    """A peer on a non-loopback listener address cannot be identified: even
+    root gets only rules without uid/gid, and the log says why."""
+    addr = non_loopback_address()
+    if addr is None:
+        pytest.skip("no non-loopback IPv4 address")
+    other = h.free_port((addr,))
+    rules = [{"uid": 0, "publish": ["#"], "subscribe": ["#"]},
+             {"publish": ["public/#"], "subscribe": ["public/#"]}]
+    conf = acl_config(hx, rules)
+    conf["local"]["listen"].append("tcp://%s:%d" % (addr, other))
+    d = hx.uplinkd(conf)
+    observer = hx.client("127.0.0.1", h.local_tcp_port(conf))  # root, identified
+    observer.subscribe("#")
+
+    since = d.log_size()
+    h.mosquitto_pub("-h", addr, "-p", str(other), "-q", "1", "-t", "dev/x/telemetry",
+                    "-m", "anon")
+    d.wait_log(r"peer not identified \(the peer address %s is not on loopback\)"
+               % addr.replace(".", r"\."), since)
+    d.wait_log(r"publish to 'dev/x/telemetry' denied: not allowed by local.acl\[1\] "
+               r"\(anonymous\)", since)
+    h.mosquitto_pub("-h", addr, "-p", str(other), "-q", "1", "-t", "public/x", "-m", "ok")
+    observer.wait("public/x", "ok")
+    assert observer.received("dev/x/telemetry") == []
+
+
 def test_acl_closed_world_and_will(hx):
     """A client no rule selects may do nothing; a will it may not publish
     is refused at CONNECT with CONNACK 5."""
@@ -191,7 +272,8 @@ def test_password_auth_tcp(hx):
     alice.publish("users/alice/x", "mine")
     alice.publish("users/bob/x", "not mine")
     bob.wait("users/alice/x", "mine")
-    d.wait_log(r"publish to 'users/bob/x' denied: not allowed by local.acl\[0\] \(user alice\)")
+    d.wait_log(r"publish to 'users/bob/x' denied: not allowed by local.acl\[0\] "
+               r"\(uid 0 \(tcp\) user alice\)")
     assert bob.received("users/bob/x") == []
 
     # The Unix socket needs no password: its peers are known by uid.
