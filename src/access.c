@@ -820,6 +820,64 @@ bool access_acl_selects_gids(const struct conf_local *local)
     return false;
 }
 
+/* A listener bound to loopback only (127.0.0.0/8, ::1, "localhost") takes
+ * connections from loopback peers only, which sock_diag identifies. */
+static bool listener_is_loopback(const struct conf_listen *listen)
+{
+    struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6};
+    struct sockaddr_in sin = {.sin_family = AF_INET};
+
+    if (listen->kind != CONF_LISTEN_TCP)
+        return true; /* a Unix socket: SO_PEERCRED */
+    if (strcmp(listen->host, "localhost") == 0)
+        return true;
+    if (inet_pton(AF_INET, listen->host, &sin.sin_addr) == 1)
+        return addr_is_loopback((const struct sockaddr *)&sin);
+    if (inet_pton(AF_INET6, listen->host, &sin6.sin6_addr) == 1)
+        return addr_is_loopback((const struct sockaddr *)&sin6);
+    return false;
+}
+
+static void describe_selector(const struct conf_acl_rule *rule, char *buf, size_t size)
+{
+    if (rule->has_uid && rule->has_gid)
+        snprintf(buf, size, "uid %lu gid %lu", (unsigned long)rule->uid, (unsigned long)rule->gid);
+    else if (rule->has_uid)
+        snprintf(buf, size, "uid %lu", (unsigned long)rule->uid);
+    else
+        snprintf(buf, size, "gid %lu", (unsigned long)rule->gid);
+}
+
+bool access_acl_sidestep(const struct conf_local *local, const struct conf_listen *listen,
+                         char *buf, size_t size)
+{
+    size_t selecting, open = local->acl_count;
+    char selector[64];
+
+    /* With local.password_file every TCP client logs in and is held to its
+     * user's rule; without a uid/gid rule there is nothing to side-step. */
+    if (local->passwords || local->password_file || listener_is_loopback(listen) ||
+        !access_acl_selects_ids(local, &selecting))
+        return false;
+    /* An unidentified, unauthenticated client gets the first rule without
+     * uid, gid or user. Without one it gets nothing: no way around. */
+    for (size_t i = 0; i < local->acl_count && open == local->acl_count; i++)
+        if (!local->acl[i].has_uid && !local->acl[i].has_gid && !local->acl[i].user)
+            open = i;
+    if (open == local->acl_count)
+        return false;
+    describe_selector(&local->acl[selecting], selector, sizeof(selector));
+    snprintf(buf, size,
+             "local.listen %s: peers that connect to it from a non-loopback address cannot be "
+             "identified, so a local process can side-step local.acl[%zu] (%s) by connecting "
+             "to this host's network address: it then gets local.acl[%zu], the first rule "
+             "without uid/gid/user. Fix: bind the listener to 127.0.0.1 (or use the Unix "
+             "socket), or set local.password_file so TCP clients must log in, or narrow "
+             "local.acl[%zu] to what any network client may do",
+             listen->url, selecting, selector, open, open);
+    return true;
+}
+
 int access_acl_check(const struct conf_local *local, const struct access_identity *id,
                      enum access_action action, const char *topic, size_t len, int *rule_index)
 {

@@ -25,6 +25,7 @@
 struct conf_local;
 struct sockaddr;
 struct conf_acl_rule;
+struct conf_listen;
 
 /* Scheme tag of the password file format. */
 #define ACCESS_PBKDF2_SCHEME "$pbkdf2-sha512$"
@@ -97,6 +98,17 @@ int access_tcp_peer_identity(const struct sockaddr *local, const struct sockaddr
  * (index of the first into *@rule_index when not NULL)?
  */
 bool access_acl_selects_ids(const struct conf_local *local, size_t *rule_index);
+
+/**
+ * access_acl_sidestep() - can local.acl's uid/gid rules be side-stepped
+ * through @listen (one of @local->listen)? True when @listen is a TCP
+ * listener not bound to loopback (peers from other addresses cannot be
+ * identified), local.password_file is not set, a rule selects by uid/gid and
+ * a rule without uid/gid/user exists (what an unidentified client gets).
+ * Then @buf holds one warning naming the listener, the rules and the fixes.
+ */
+bool access_acl_sidestep(const struct conf_local *local, const struct conf_listen *listen,
+                         char *buf, size_t size);
 
 /**
  * access_acl_selects_gids() - does any local.acl rule select by gid?

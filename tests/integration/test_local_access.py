@@ -10,6 +10,7 @@ systemd-socket-activate (Debian package systemd).
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -187,6 +188,43 @@ def test_acl_unidentified_tcp_peer_gets_only_selectorless_rules(hx):
     h.mosquitto_pub("-h", addr, "-p", str(other), "-q", "1", "-t", "public/x", "-m", "ok")
     observer.wait("public/x", "ok")
     assert observer.received("dev/x/telemetry") == []
+
+
+def check_config(path):
+    env = {k: v for k, v in os.environ.items() if k not in h._SYSTEMD_ENV}
+    return subprocess.run([h.UPLINKD_BIN, "-c", path, "--check-config"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=h.TIMEOUT, env=env)
+
+
+SIDESTEP = (r"local\.listen tcp://0\.0\.0\.0:\d+: peers that connect to it from a "
+            r"non-loopback address cannot be identified, so a local process can side-step "
+            r"local\.acl\[0\] \(uid 1001\) .* gets local\.acl\[1\].*Fix: bind the listener "
+            r"to 127\.0\.0\.1 .*local\.password_file")
+
+
+def test_acl_sidestep_warning(hx):
+    """Issue 12: a uid rule plus a TCP listener on 0.0.0.0 (no password) can
+    be side-stepped by connecting to the host's own network address: said
+    at --check-config and at start, and not for a loopback listener."""
+    conf = acl_config(hx, POLLER_RULES)
+    port = h.local_tcp_port(conf)
+    lo = hx.write_config(conf, "lo.yaml")
+    p = check_config(lo)
+    assert p.returncode == 0, p.stderr
+    assert "side-step" not in p.stderr and "warning" not in p.stdout, p.stdout + p.stderr
+
+    conf["local"]["listen"] = ["tcp://0.0.0.0:%d" % h.free_port(("0.0.0.0",))
+                               if u == "tcp://127.0.0.1:%d" % port else u
+                               for u in conf["local"]["listen"]]
+    anywhere = hx.write_config(conf, "anywhere.yaml")
+    p = check_config(anywhere)
+    assert p.returncode == 0, p.stderr  # a warning, not an error
+    assert re.search(r"warning: " + SIDESTEP, p.stderr), p.stderr
+    assert "1 warning(s) on stderr" in p.stdout, p.stdout
+
+    d = hx.uplinkd(conf)
+    d.wait_log(SIDESTEP)
 
 
 def test_acl_closed_world_and_will(hx):
