@@ -878,9 +878,22 @@ bool access_acl_sidestep(const struct conf_local *local, const struct conf_liste
     return true;
 }
 
+/* Is the first level of @topic (@len bytes) the literal @level? */
+static bool first_level_is(const char *topic, size_t len, const char *level)
+{
+    const char *slash = memchr(topic, '/', len);
+
+    return level_is(topic, slash ? (size_t)(slash - topic) : len, level);
+}
+
 int access_acl_check(const struct conf_local *local, const struct access_identity *id,
                      enum access_action action, const char *topic, size_t len, int *rule_index)
 {
+    /* cloud/<uplink>/<topic> goes to the uplink raw, past the profile's
+     * child-id rules (and GCP's attach): only a pattern that names "cloud"
+     * as its first level grants it, never "#" or "+/..." in passing. */
+    bool raw = first_level_is(topic, len, "cloud");
+
     if (rule_index)
         *rule_index = -1;
     if (local->acl_count == 0)
@@ -897,7 +910,8 @@ int access_acl_check(const struct conf_local *local, const struct access_identit
         patterns = action == ACCESS_PUBLISH ? rule->publish : rule->subscribe;
         count = action == ACCESS_PUBLISH ? rule->publish_count : rule->subscribe_count;
         for (size_t k = 0; k < count; k++)
-            if (pattern_covers(rule, id, patterns[k], topic, len, action == ACCESS_SUBSCRIBE))
+            if ((!raw || first_level_is(patterns[k], strlen(patterns[k]), "cloud")) &&
+                pattern_covers(rule, id, patterns[k], topic, len, action == ACCESS_SUBSCRIBE))
                 return 0;
         return -EACCES;
     }

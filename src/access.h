@@ -234,6 +234,11 @@ bool access_rule_matches(const struct conf_acl_rule *rule, const struct access_i
  * allowed by the rule's `children` globs (any level when it has none), "%u"
  * the client's authenticated username.
  *
+ * Raw pass-through: a topic or filter whose first level is "cloud"
+ * (cloud/<uplink>/<topic>, sent to the uplink as it is, past the profile's
+ * rules) is covered only by a pattern whose first level is the literal
+ * "cloud" ("cloud/#", "cloud/c8y/#"); "#" and "+/..." do not grant it.
+ *
  * @rule_index: set to the deciding rule's index, or -1 when no rule selected
  * the client (may be NULL). Returns 0 (allowed) or -EACCES.
  */

@@ -227,6 +227,52 @@ def test_acl_sidestep_warning(hx):
     d.wait_log(SIDESTEP)
 
 
+def passthrough_gateway(hx, rules):
+    broker = hx.broker()
+    conf = hx.config(broker)
+    conf["local"]["acl"] = rules
+    d = hx.uplinkd(conf)
+    d.wait_log(r"state \w+ -> ONLINE")
+    return broker, d, h.local_unix_path(conf)
+
+
+def test_acl_raw_passthrough_needs_explicit_grant(hx):
+    """Issue 12: cloud/<uplink>/<topic> goes upstream raw, past the
+    profile's child-id rules; "#" alone no longer grants it once any
+    local.acl rule exists (cloud/c8y/s/us/victim was forwarded)."""
+    me = os.geteuid()
+    broker, d, sock = passthrough_gateway(
+        hx, [{"uid": me, "publish": ["#"], "subscribe": ["#"]}])
+    upstream = hx.cloud_sub(broker, "#")
+
+    since = d.log_size()
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "cloud/cloud/s/us/victim", "-m", "forged")
+    d.wait_log(r"publish to 'cloud/cloud/s/us/victim' denied: not allowed by local\.acl\[0\]",
+               since)
+    # Sent after the refused one, over the same uplink: once it is
+    # upstream, the refused one would have been too.
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "dev/x/telemetry", "-m", "after")
+    upstream.wait("gw-test/x/telemetry", "after")
+    assert [m for m in upstream.messages() if m[0] == "s/us/victim"] == []
+
+    # Subscribing through to the cloud is refused the same way (SUBACK 0x80).
+    p = run(["mosquitto_sub", "--unix", sock, "-d", "-q", "1", "-t", "cloud/cloud/s/ds",
+             "-t", "dev/x/commands", "-C", "1", "-W", "2"])
+    assert "Subscribed (mid: 1): 128, 1" in p.stdout, p.stdout + p.stderr
+
+
+def test_acl_raw_passthrough_granted_by_a_cloud_pattern(hx):
+    me = os.geteuid()
+    broker, d, sock = passthrough_gateway(
+        hx, [{"uid": me, "publish": ["cloud/cloud/#", "#"], "subscribe": ["cloud/cloud/#"]}])
+    upstream = hx.cloud_sub(broker, "s/#")
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "cloud/cloud/s/us/mine", "-m", "raw")
+    upstream.wait("s/us/mine", "raw")
+    p = run(["mosquitto_sub", "--unix", sock, "-d", "-q", "1", "-t", "cloud/cloud/s/ds",
+             "-C", "1", "-W", "1"])
+    assert "Subscribed (mid: 1): 1" in p.stdout, p.stdout + p.stderr
+
+
 def test_acl_closed_world_and_will(hx):
     """A client no rule selects may do nothing; a will it may not publish
     is refused at CONNECT with CONNACK 5."""

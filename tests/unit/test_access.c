@@ -326,6 +326,44 @@ static void test_acl_any_child(void **state)
                      -EACCES);
 }
 
+/* Issue 12: cloud/<uplink>/... goes upstream raw; only a pattern naming
+ * "cloud" as its first level grants it. */
+static void test_acl_raw_passthrough_needs_explicit_grant(void **state)
+{
+    static char *wild[] = {"#", "+/c8y/#", "cl*/#", "%c/#"};
+    static char *c8y[] = {"cloud/c8y/#", "#"};
+    struct conf_acl_rule rule = {
+        .publish = wild, .publish_count = 4, .subscribe = wild, .subscribe_count = 4};
+    struct conf_local local = {.acl = &rule, .acl_count = 1};
+    struct access_identity anyone = {0};
+    struct conf_local none = {0};
+
+#define ACL(act, topic) access_acl_check(&local, &anyone, act, topic, strlen(topic), NULL)
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud/c8y/s/us/victim"), -EACCES);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud"), -EACCES);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/c8y/s/ds"), -EACCES);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/#"), -EACCES);
+    /* Not raw: local topics, and "cloudy", are as before. */
+    assert_int_equal(ACL(ACCESS_PUBLISH, "dev/x/telemetry"), 0);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloudy/x"), 0);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "x/cloud/c8y"), 0);
+    /* A "+/..." filter is not mirrored upstream (only "cloud/..." is). */
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "+/c8y/s/ds"), 0);
+
+    rule.publish = c8y;
+    rule.publish_count = 2;
+    rule.subscribe = c8y;
+    rule.subscribe_count = 2;
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud/c8y/s/us/victim"), 0);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud/gcp/x"), -EACCES);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/c8y/s/ds"), 0);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/+/s/ds"), -EACCES);
+#undef ACL
+    /* No rules at all: everything, raw pass-through included (documented). */
+    assert_int_equal(
+        access_acl_check(&none, &anyone, ACCESS_PUBLISH, "cloud/c8y/s/us/victim", 21, NULL), 0);
+}
+
 /* Issue 12: a uid rule plus a listener whose peers cannot be identified. */
 static void test_acl_sidestep_warning(void **state)
 {
@@ -429,6 +467,7 @@ int main(void)
         cmocka_unit_test(test_acl_user_rule),
         cmocka_unit_test(test_acl_gid_glob_and_first_match),
         cmocka_unit_test(test_acl_any_child),
+        cmocka_unit_test(test_acl_raw_passthrough_needs_explicit_grant),
         cmocka_unit_test(test_acl_sidestep_warning),
         cmocka_unit_test(test_pattern_checks),
         cmocka_unit_test(test_peer_identity),
