@@ -239,8 +239,15 @@ bool access_rule_matches(const struct conf_acl_rule *rule, const struct access_i
  * rules) is covered only by a pattern whose first level is the literal
  * "cloud" ("cloud/#", "cloud/c8y/#"); "#" and "+/..." do not grant it.
  *
+ * Deny entries: before its allow-lists, the deciding rule's deny_publish
+ * patterns refuse every topic name they cover, and its deny_subscribe
+ * patterns every filter that could match a topic they match (overlap: "#"
+ * and "test/+" against a denied "test/nosubscribe" are refused as a whole).
+ * Globs, "%c" and "%u" work as in allow patterns; "cloud" needs no literal.
+ *
  * @rule_index: set to the deciding rule's index, or -1 when no rule selected
- * the client (may be NULL). Returns 0 (allowed) or -EACCES.
+ * the client (may be NULL). Returns 0 (allowed), -EPERM (a deny entry of
+ * that rule refused it) or -EACCES (not allowed).
  */
 int access_acl_check(const struct conf_local *local, const struct access_identity *id,
                      enum access_action action, const char *topic, size_t len, int *rule_index);

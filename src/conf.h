@@ -41,6 +41,11 @@ struct conf_acl_rule {
     size_t publish_count;
     char **subscribe; /* subscribe: patterns of filters the client may subscribe to */
     size_t subscribe_count;
+    char **deny_publish; /* deny_publish: patterns of topics it may not publish to, checked
+                            before publish (deny wins) */
+    size_t deny_publish_count;
+    char **deny_subscribe; /* deny_subscribe: patterns no subscription of it may overlap */
+    size_t deny_subscribe_count;
 };
 
 struct access_passwords;

@@ -1956,7 +1956,7 @@ static int client_check_access(struct local_client *client, const struct mqtt_co
 /* Log a refused PUBLISH or SUBSCRIBE and tell local subscribers of
  * LOCAL_ERRORS_TOPIC, as JSON. */
 static void client_report_denied(struct local_client *client, const char *action, const char *topic,
-                                 size_t len, int rule)
+                                 size_t len, int rule, int rc)
 {
     struct local *local = client->local;
     struct json_buf json;
@@ -1965,6 +1965,8 @@ static void client_report_denied(struct local_client *client, const char *action
     access_identity_describe(&client->identity, who, sizeof(who));
     if (rule < 0)
         snprintf(reason, sizeof(reason), "no local.acl rule selects this client");
+    else if (rc == -EPERM)
+        snprintf(reason, sizeof(reason), "denied by local.acl[%d].deny_%s", rule, action);
     else
         snprintf(reason, sizeof(reason), "not allowed by local.acl[%d]", rule);
     log_warn(CLIENT_FMT ": %s to '%.*s' denied: %s (%s)", CLIENT_ARGS(client), action,
@@ -1998,12 +2000,13 @@ static void client_report_denied(struct local_client *client, const char *action
  */
 static bool client_publish_denied(struct local_client *client, const struct mqtt_publish *p)
 {
-    int rule;
+    int rule, rc;
 
-    if (access_acl_check(&client->local->conf->local, &client->identity, ACCESS_PUBLISH,
-                         (const char *)p->topic.data, p->topic.len, &rule) == 0)
+    rc = access_acl_check(&client->local->conf->local, &client->identity, ACCESS_PUBLISH,
+                          (const char *)p->topic.data, p->topic.len, &rule);
+    if (rc == 0)
         return false;
-    client_report_denied(client, "publish", (const char *)p->topic.data, p->topic.len, rule);
+    client_report_denied(client, "publish", (const char *)p->topic.data, p->topic.len, rule, rc);
     if (p->qos == 1)
         client_send_ack(client, MQTT_PUBACK, p->packet_id);
     else if (p->qos == 2)
@@ -2014,12 +2017,13 @@ static bool client_publish_denied(struct local_client *client, const struct mqtt
 /* §3.9.3: a refused filter gets return code 0x80 in SUBACK. */
 static bool client_subscribe_denied(struct local_client *client, const char *filter, size_t len)
 {
-    int rule;
+    int rule, rc;
 
-    if (access_acl_check(&client->local->conf->local, &client->identity, ACCESS_SUBSCRIBE, filter,
-                         len, &rule) == 0)
+    rc = access_acl_check(&client->local->conf->local, &client->identity, ACCESS_SUBSCRIBE, filter,
+                          len, &rule);
+    if (rc == 0)
         return false;
-    client_report_denied(client, "subscribe", filter, len, rule);
+    client_report_denied(client, "subscribe", filter, len, rule, rc);
     return true;
 }
 

@@ -273,6 +273,69 @@ def test_acl_raw_passthrough_granted_by_a_cloud_pattern(hx):
     assert "Subscribed (mid: 1): 1" in p.stdout, p.stdout + p.stderr
 
 
+DENY_RULES = [{"publish": ["#"], "subscribe": ["#"], "deny_subscribe": ["test/nosubscribe"],
+               "deny_publish": ["test/nopublish"]}]
+
+
+def test_acl_deny_subscribe_paho_subscribe_failure(hx):
+    """Issue 12: the Paho 3.1.1 interoperability suite's test_subscribe_failure,
+    done the same way with paho-mqtt: a config that allows "#" but denies
+    test/nosubscribe answers that SUBSCRIBE with 0x80. Before, local.acl
+    could not say "everything but this filter" (deny_subscribe was an
+    unknown key)."""
+    import threading
+    import paho.mqtt.client as paho
+
+    conf = acl_config(hx, DENY_RULES)
+    d = hx.uplinkd(conf)
+    subscribeds = []
+    done = threading.Event()
+
+    def on_subscribe(client, userdata, mid, granted_qos):
+        subscribeds.append((mid, granted_qos))
+        done.set()
+
+    aclient = paho.Client("myclientid", protocol=paho.MQTTv311)
+    aclient.on_subscribe = on_subscribe
+    aclient.connect("127.0.0.1", h.local_tcp_port(conf))
+    aclient.loop_start()
+    hx.add_closer(aclient.loop_stop)
+    hx.add_closer(aclient.disconnect)
+    since = d.log_size()
+    aclient.subscribe("test/nosubscribe", 2)
+    assert done.wait(h.TIMEOUT), "no SUBACK"
+    assert subscribeds[0][1][0] == 0x80, "return code should be 0x80 %s" % subscribeds
+    d.wait_log(r"subscribe to 'test/nosubscribe' denied: denied by "
+               r"local\.acl\[0\]\.deny_subscribe", since)
+
+    # An overlapping wildcard is refused as a whole (documented); others pass.
+    c = hx.client("127.0.0.1", h.local_tcp_port(conf))
+    for refused in ("#", "test/+", "+/nosubscribe"):
+        with pytest.raises(h.HarnessError, match="0x80"):
+            c.subscribe(refused)
+    assert c.subscribe("test/other", qos=2) == 2
+    assert c.subscribe("test/nosubscribe/below") == 1
+
+
+def test_acl_deny_publish(hx):
+    """A publish to a deny_publish topic is acknowledged and dropped like
+    one outside the allow-list, although "#" allows it."""
+    conf = acl_config(hx, DENY_RULES)
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    observer = hx.client("127.0.0.1", port)
+    observer.subscribe("test/nopublish")
+    observer.subscribe("test/ok")
+    since = d.log_size()
+    h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", "test/nopublish",
+                    "-m", "dropped")
+    d.wait_log(r"publish to 'test/nopublish' denied: denied by local\.acl\[0\]\.deny_publish",
+               since)
+    h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", "test/ok", "-m", "after")
+    observer.wait("test/ok", "after")
+    assert observer.received("test/nopublish") == []
+
+
 def test_acl_closed_world_and_will(hx):
     """A client no rule selects may do nothing; a will it may not publish
     is refused at CONNECT with CONNACK 5."""

@@ -364,6 +364,79 @@ static void test_acl_raw_passthrough_needs_explicit_grant(void **state)
         access_acl_check(&none, &anyone, ACCESS_PUBLISH, "cloud/c8y/s/us/victim", 21, NULL), 0);
 }
 
+/* Issue 12 (Paho's test_subscribe_failure): "everything but this filter". */
+static void test_acl_deny_entries(void **state)
+{
+    static char *deny_sub[] = {"test/nosubscribe", "dev/%c/secret", "users/%u/private/#", "$SYS/#"};
+    static char *deny_pub[] = {"dev/+/config", "x/lock*"};
+    static char *children[] = {"modbus-*"};
+    struct conf_acl_rule two[] = {
+        {.publish = all,
+         .publish_count = 1,
+         .subscribe = all,
+         .subscribe_count = 1,
+         .children = children,
+         .children_count = 1,
+         .deny_publish = deny_pub,
+         .deny_publish_count = 2,
+         .deny_subscribe = deny_sub,
+         .deny_subscribe_count = 4},
+        {.publish = all, .publish_count = 1}, /* never reached: rule 0 selects everyone */
+    };
+    struct conf_local local = {.acl = two, .acl_count = 2};
+    struct access_identity alice = {.username = "alice"};
+    int index = -1;
+
+#define SUB(topic) access_acl_check(&local, &alice, ACCESS_SUBSCRIBE, topic, strlen(topic), NULL)
+#define PUB(topic) access_acl_check(&local, &alice, ACCESS_PUBLISH, topic, strlen(topic), NULL)
+    /* The exact filter, and every filter that could match it: refused wholly. */
+    assert_int_equal(
+        access_acl_check(&local, &alice, ACCESS_SUBSCRIBE, "test/nosubscribe", 16, &index), -EPERM);
+    assert_int_equal(index, 0);
+    assert_int_equal(SUB("#"), -EPERM);
+    assert_int_equal(SUB("test/#"), -EPERM);
+    assert_int_equal(SUB("test/+"), -EPERM);
+    assert_int_equal(SUB("+/nosubscribe"), -EPERM);
+    assert_int_equal(SUB("+/+"), -EPERM);
+    /* Filters that cannot meet it are allowed by the rule's "#". */
+    assert_int_equal(SUB("test/nosubscribe/x"), 0);
+    assert_int_equal(SUB("test/other"), 0);
+    assert_int_equal(SUB("test"), 0);
+    assert_int_equal(SUB("+"), 0);
+    assert_int_equal(SUB("a/b/c"), 0);
+    assert_int_equal(SUB("+/+/+"), -EPERM); /* meets users/alice/private */
+    assert_int_equal(SUB("test/nosubscribe2"), 0);
+    /* "%c": only the rule's children; "%u": only the client's own name. */
+    assert_int_equal(SUB("dev/modbus-1/secret"), -EPERM);
+    assert_int_equal(SUB("dev/plc-1/secret"), 0);
+    assert_int_equal(SUB("dev/+/secret"), -EPERM);
+    assert_int_equal(SUB("users/alice/private"), -EPERM); /* "a/#" matches "a" */
+    assert_int_equal(SUB("users/alice/private/x/y"), -EPERM);
+    assert_int_equal(SUB("users/bob/private/x"), 0);
+    assert_int_equal(SUB("users/+/private/x"), -EPERM);
+    /* §4.7.2: "#" does not match $SYS topics, so it does not meet "$SYS/#"... */
+    assert_int_equal(SUB("dev/modbus-1/state"), 0);
+    two[0].deny_subscribe_count = 1;
+    two[0].deny_subscribe = &deny_sub[3];
+    assert_int_equal(SUB("#"), 0);
+    assert_int_equal(SUB("$SYS/broker"), -EPERM);
+
+    /* Publish: a deny pattern covers the topic name. */
+    assert_int_equal(PUB("dev/x/config"), -EPERM);
+    assert_int_equal(PUB("dev/x/config/y"), 0);
+    assert_int_equal(PUB("x/locked"), -EPERM);
+    assert_int_equal(PUB("x/open"), 0);
+    assert_int_equal(PUB("test/nosubscribe"), 0); /* deny_subscribe only */
+    /* Deny applies whatever the allow-list says, and only in its own rule. */
+    alice.has_cred = true;
+    alice.uid = 5;
+    two[0].has_uid = true;
+    two[0].uid = 4;
+    assert_int_equal(PUB("dev/x/config"), 0); /* rule 1 decides, it has no deny */
+#undef SUB
+#undef PUB
+}
+
 /* Issue 12: a uid rule plus a listener whose peers cannot be identified. */
 static void test_acl_sidestep_warning(void **state)
 {
@@ -468,6 +541,7 @@ int main(void)
         cmocka_unit_test(test_acl_gid_glob_and_first_match),
         cmocka_unit_test(test_acl_any_child),
         cmocka_unit_test(test_acl_raw_passthrough_needs_explicit_grant),
+        cmocka_unit_test(test_acl_deny_entries),
         cmocka_unit_test(test_acl_sidestep_warning),
         cmocka_unit_test(test_pattern_checks),
         cmocka_unit_test(test_peer_identity),
