@@ -295,6 +295,29 @@ def test_rpm_contents(packages):
         assert needle in scripts, "%r not in the scriptlets:\n%s" % (needle, scripts)
 
 
+def test_installed_docs_links_resolve(installed):
+    """The quick starts, troubleshooting, diagnostics and profiles are installed, and every
+    relative link in an installed page points at an installed file (not at a .md.gz).
+    Defined before test_remove_keeps_spool_purge_deletes_it, which purges the package."""
+    root = "/usr/share/doc/uplinkd"
+    for page in ("README.md", "docs/troubleshooting.md", "docs/quickstart-hivemq.md",
+                 "docs/quickstart-cumulocity.md", "docs/quickstart-gcp.md",
+                 "docs/quickstart-akenza.md", "docs/diagnostics.md", "docs/profiles.md"):
+        assert os.path.isfile(os.path.join(root, page)), page + " not installed"
+    broken = []
+    for top, _dirs, names in os.walk(root):
+        for name in (n for n in names if n.endswith(".md")):
+            path = os.path.join(top, name)
+            with open(path) as f:
+                for target in re.findall(r"\]\(([^)\s]+)\)", f.read()):
+                    if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                        continue
+                    dest = os.path.normpath(os.path.join(top, target.split("#")[0]))
+                    if not dest.startswith(root + "/") or not os.path.exists(dest):
+                        broken.append("%s -> %s" % (os.path.relpath(path, root), target))
+    assert not broken, "\n".join(broken)
+
+
 def test_remove_keeps_spool_purge_deletes_it(installed):
     """Runs last: remove, check, purge, check (reinstalls first if needed)."""
     if not dpkg_status().startswith("ii"):
@@ -318,25 +341,3 @@ def test_remove_keeps_spool_purge_deletes_it(installed):
     assert dpkg_status() == "", dpkg_status()
     # The user stays (Debian policy: its uid may still own files elsewhere).
     pwd.getpwnam("uplinkd")
-
-
-def test_installed_docs_links_resolve(installed):
-    """The quick starts, troubleshooting, diagnostics and profiles are installed, and every
-    relative link in an installed page points at an installed file (not at a .md.gz)."""
-    root = "/usr/share/doc/uplinkd"
-    for page in ("README.md", "docs/troubleshooting.md", "docs/quickstart-hivemq.md",
-                 "docs/quickstart-cumulocity.md", "docs/quickstart-gcp.md",
-                 "docs/quickstart-akenza.md", "docs/diagnostics.md", "docs/profiles.md"):
-        assert os.path.isfile(os.path.join(root, page)), page + " not installed"
-    broken = []
-    for top, _dirs, names in os.walk(root):
-        for name in (n for n in names if n.endswith(".md")):
-            path = os.path.join(top, name)
-            with open(path) as f:
-                for target in re.findall(r"\]\(([^)\s]+)\)", f.read()):
-                    if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                        continue
-                    dest = os.path.normpath(os.path.join(top, target.split("#")[0]))
-                    if not dest.startswith(root + "/") or not os.path.exists(dest):
-                        broken.append("%s -> %s" % (os.path.relpath(path, root), target))
-    assert not broken, "\n".join(broken)
