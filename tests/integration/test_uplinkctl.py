@@ -277,3 +277,17 @@ def test_passwd_keeps_owner_group_and_mode(hx):
     assert p.returncode == 1, p.stderr
     assert "cannot keep the owner of %s (uid 1234, gid 1234)" % path in p.stderr, p.stderr
     assert open(path).read() == before
+
+
+def test_status_exit_3_when_an_uplink_is_not_online(hx):
+    """Issue 12 §5: `uplinkctl status` exited 0 with every uplink down; health checks
+    (systemd, containers) need 3 = answered, not healthy. 0 once ONLINE is
+    test_status_table_for_people."""
+    conf = hx.config(None, port=1)  # nothing listens on port 1
+    conf["uplinks"][0]["tls"] = {"enabled": False}
+    d = hx.uplinkd(conf)
+    d.wait_log(r"state \w+ -> BACKOFF")
+    for json_output in (True, False):
+        proc = h.uplinkctl(conf["control"]["socket"], "status", json_output=json_output)
+        assert proc.returncode == 3, (json_output, proc.returncode, proc.stderr)
+        assert "cloud" in proc.stdout, proc.stdout
