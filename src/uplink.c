@@ -1252,6 +1252,12 @@ static void conn_explain_closed(struct uplink_conn *conn, int err)
     else if (conn->online)
         conn_fail(conn, "connection to %s:%d lost: closed by the server%s", conn->host, conn->port,
                   why);
+    else if (err == ECONNREFUSED || err == ENETUNREACH || err == EHOSTUNREACH ||
+             err == ETIMEDOUT)
+        /* The TCP connect itself failed: on loopback, mosquitto_connect_async()
+         * already returns ECONNREFUSED; nothing was closed, nothing listened. */
+        conn_fail(conn, "connection to %s:%d failed: %s%s", conn->host, conn->port,
+                  strerror(err), errno_hint(err));
     else
         conn_fail(conn,
                   "%s:%d closed the connection before CONNACK%s (wrong port, a TLS port without "
