@@ -135,3 +135,22 @@ def test_sighup_with_changed_file_applies_it(hx):
     h.mosquitto_pub("--unix", gw.unix, "-q", "1", "-t", "dev/r2/telemetry", "-m", "new-prefix")
     sub.wait("gw-new/r2/telemetry", "new-prefix")
     assert not [m for m in sub.messages() if m[0] == "gw-test/r2/telemetry" and m[1] == "new-prefix"]
+
+
+@pytest.mark.parametrize("key", ["ca", "cert"])
+def test_certificate_file_errors_name_the_line(hx, key):
+    """Issue 12 §5: `tls.ca: /etc/shadow` (readable by root, not a certificate) was refused
+    without FILE:LINE. The checks that read the files (src/tlscheck.c) now name the line
+    of the key, like the parser does."""
+    junk = os.path.join(hx.dir, "junk.pem")
+    with open(junk, "w") as f:
+        f.write("not a certificate\n")
+    tls = {"ca": "    tls: { ca: %s }" % junk,
+           "cert": "    tls: { ca: %s, cert: %s, key: %s }" % (hx.pki.ca, junk, junk)}[key]
+    path = bad_config(hx, 9, tls)
+    for args in (("--check-config",), ()):
+        proc = run_uplinkd("-c", path, *args)
+        assert proc.returncode == 1, proc.stderr
+        col = tls.index(key + ":") + 1
+        assert re.search(r"error: uplink cloud: %s:9:%d: " % (re.escape(path), col + len(key) + 2),
+                         proc.stderr), (args, col, proc.stderr)
