@@ -185,12 +185,16 @@ def test_flooding_uid_cannot_lock_out_another_uid(hx, nofile):
     can, is held to its uid's budget; a client of another uid always finds
     room on the listener."""
     os.chmod(hx.dir, 0o711)  # uid 1001 must reach the socket inside
+    # ... and read flood.py: the checkout may be in a home only root can enter.
+    flood = os.path.join(hx.dir, "flood.py")
+    shutil.copy(os.path.join(os.path.dirname(__file__), "flood.py"), flood)
+    os.chmod(flood, 0o644)
     gw = gateway(hx, max_pending_per_uid=8, socket_mode="0666")
     watcher = hx.local_client(gw)
     watcher.subscribe("probe/#", qos=1)
     proc = subprocess.Popen(
         ["setpriv", "--reuid=%d" % FLOOD_UID, "--regid=%d" % FLOOD_UID, "--clear-groups",
-         sys.executable, os.path.join(os.path.dirname(__file__), "flood.py"), "--unix", gw.unix,
+         sys.executable, flood, "--unix", gw.unix,
          "--idle", "500", "--slow", "20", "--max-seconds", "120"],
         stdout=subprocess.PIPE, text=True)
     hx.add_closer(lambda: h.terminate(proc))
