@@ -13,9 +13,12 @@
  *
  * all little-endian; the CRC covers everything after the CRC field, so a
  * record torn anywhere (power loss in the middle of a write) fails its check.
- * Sequence numbers are consecutive inside a segment; recovery also refuses a
- * record whose seq is not the expected one, which catches stale bytes from a
- * reused block and zero-filled tails.
+ * Sequence numbers are consecutive inside a segment. The framing and the
+ * reader are record.c's (shared with the retained store): a damaged range
+ * with a valid record after it loses only the records in it (a "hole" the
+ * reader jumps over, counted in dropped_corrupt, bytes copied to
+ * damaged_dir); bad bytes with nothing valid after them at the end of the
+ * last segment are a torn tail and are cut.
  *
  * Why a segmented log and not a database file: appends are sequential writes
  * with one fdatasync per batch, space is reclaimed by deleting whole files

@@ -734,6 +734,8 @@ static void test_zeroed_block(void **state)
     spool_get_stats(spool, &st);
     assert_int_equal(st.dropped_corrupt, (uint64_t)touched);
     assert_int_equal(drain_seqs(spool, &seen), 400 - touched);
+    print_message("zeroed 4096 bytes at %zu of %zu: %d of 400 records kept\n", from, len,
+                  400 - touched);
     close_spool(spool);
     remove_tree(dir);
     free(dir);
