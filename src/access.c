@@ -8,9 +8,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
+
+#include <arpa/inet.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -54,9 +63,169 @@ int access_peer_identity(int fd, struct access_identity *id)
     return 0;
 }
 
+/* 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104. */
+static bool addr_is_loopback(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+    }
+    return false;
+}
+
+/* Address and port of @sa into the inet_diag_sockid fields (network order). */
+static void diag_addr(const struct sockaddr *sa, __be16 *port, __be32 addr[4])
+{
+    memset(addr, 0, 4 * sizeof(addr[0]));
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+        *port = sin->sin_port;
+        memcpy(addr, &sin->sin_addr, sizeof(sin->sin_addr));
+    } else {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
+        *port = sin6->sin6_port;
+        memcpy(addr, &sin6->sin6_addr, sizeof(sin6->sin6_addr));
+    }
+}
+
+/* The groups of @uid from the user and group databases (NSS). */
+static int groups_of_uid(uid_t uid, struct access_identity *id, char *why, size_t why_size)
+{
+    struct passwd pw, *found = NULL;
+    char buf[4096];
+    gid_t groups[ACCESS_GROUPS_MAX];
+    int count = ACCESS_GROUPS_MAX;
+    int rc = getpwuid_r(uid, &pw, buf, sizeof(buf), &found);
+
+    if (rc != 0 || !found) {
+        snprintf(why, why_size, "uid %lu has no passwd entry to take its groups from%s%s",
+                 (unsigned long)uid, rc ? ": " : "", rc ? strerror(rc) : "");
+        return rc ? -rc : -ENOENT;
+    }
+    id->gid = pw.pw_gid;
+    /* More than ACCESS_GROUPS_MAX: keep the primary group only, as for
+     * SO_PEERGROUPS' ERANGE (see access_peer_identity()). */
+    if (getgrouplist(pw.pw_name, pw.pw_gid, groups, &count) >= 0) {
+        id->group_count = (size_t)count;
+        memcpy(id->groups, groups, id->group_count * sizeof(gid_t));
+    }
+    return 0;
+}
+
+int access_tcp_peer_identity(const struct sockaddr *local, const struct sockaddr *peer,
+                             bool want_groups, struct access_identity *id, char *why,
+                             size_t why_size)
+{
+    struct {
+        struct nlmsghdr nlh;
+        struct inet_diag_req_v2 req;
+    } request;
+    union {
+        struct nlmsghdr nlh;
+        char bytes[8192];
+    } reply;
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    struct timeval timeout = {.tv_sec = 0, .tv_usec = 100 * 1000};
+    char host[INET6_ADDRSTRLEN] = "?";
+    ssize_t n;
+    int fd, rc;
+
+    id->has_cred = false;
+    id->group_count = 0;
+    if (peer->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)peer)->sin_addr, host, sizeof(host));
+    else if (peer->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)peer)->sin6_addr, host, sizeof(host));
+    if (!addr_is_loopback(peer) || local->sa_family != peer->sa_family) {
+        snprintf(why, why_size, "the peer address %s is not on loopback", host);
+        return -EADDRNOTAVAIL;
+    }
+    memset(&request, 0, sizeof(request));
+    request.nlh.nlmsg_len = sizeof(request);
+    request.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    request.nlh.nlmsg_flags = NLM_F_REQUEST; /* no NLM_F_DUMP: one exact match */
+    request.nlh.nlmsg_seq = 1;
+    request.req.sdiag_family = (uint8_t)peer->sa_family;
+    request.req.sdiag_protocol = IPPROTO_TCP;
+    request.req.idiag_states = ~0u;
+    /* The peer's own socket: bound to @peer, connected to @local. For
+     * AF_INET6 with v4-mapped addresses the kernel looks up the IPv4 socket
+     * (inet_diag_find_one_icsk). */
+    diag_addr(peer, &request.req.id.idiag_sport, request.req.id.idiag_src);
+    diag_addr(local, &request.req.id.idiag_dport, request.req.id.idiag_dst);
+    request.req.id.idiag_cookie[0] = INET_DIAG_NOCOOKIE;
+    request.req.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
+
+    fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "cannot open a NETLINK_SOCK_DIAG socket: %s", strerror(-rc));
+        return rc;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    if (sendto(fd, &request, sizeof(request), 0, (struct sockaddr *)&kernel, sizeof(kernel)) < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "sock_diag request failed: %s", strerror(-rc));
+        goto out;
+    }
+    do
+        n = recv(fd, &reply, sizeof(reply), 0);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "no sock_diag answer: %s",
+                 rc == -EAGAIN ? "timed out after 100 ms" : strerror(-rc));
+        goto out;
+    }
+    if (!NLMSG_OK(&reply.nlh, (size_t)n)) {
+        rc = -EPROTO;
+        snprintf(why, why_size, "short sock_diag answer (%zd bytes)", n);
+        goto out;
+    }
+    if (reply.nlh.nlmsg_type == NLMSG_ERROR) {
+        const struct nlmsgerr *err = NLMSG_DATA(&reply.nlh);
+        rc = err->error < 0 ? err->error : -EPROTO;
+        snprintf(why, why_size, "%s",
+                 rc == -ENOENT ? "no such socket: the peer is in another network namespace, "
+                                 "or already gone"
+                               : strerror(-rc));
+        goto out;
+    }
+    if (reply.nlh.nlmsg_type != SOCK_DIAG_BY_FAMILY ||
+        reply.nlh.nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg))) {
+        rc = -EPROTO;
+        snprintf(why, why_size, "unexpected sock_diag answer (type %u)",
+                 (unsigned)reply.nlh.nlmsg_type);
+        goto out;
+    }
+    {
+        const struct inet_diag_msg *msg = NLMSG_DATA(&reply.nlh);
+        id->uid = msg->idiag_uid;
+        id->gid = (gid_t)-1;
+        id->pid = 0;
+        id->tcp_peer = true;
+    }
+    rc = 0;
+    if (want_groups)
+        rc = groups_of_uid(id->uid, id, why, why_size);
+    id->has_cred = rc == 0;
+out:
+    close(fd);
+    return rc;
+}
+
 void access_identity_describe(const struct access_identity *id, char *buf, size_t size)
 {
-    if (id->has_cred && id->username)
+    if (id->has_cred && id->tcp_peer) {
+        /* A TCP peer: uid from sock_diag, gid only when gid rules asked. */
+        char gid[32] = "";
+        if (id->gid != (gid_t)-1)
+            snprintf(gid, sizeof(gid), " gid %lu", (unsigned long)id->gid);
+        snprintf(buf, size, "uid %lu%s (tcp)%s%s", (unsigned long)id->uid, gid,
+                 id->username ? " user " : "", id->username ? id->username : "");
+    } else if (id->has_cred && id->username)
         snprintf(buf, size, "uid %lu gid %lu pid %ld user %s", (unsigned long)id->uid,
                  (unsigned long)id->gid, (long)id->pid, id->username);
     else if (id->has_cred)
@@ -683,9 +852,100 @@ bool access_rule_matches(const struct conf_acl_rule *rule, const struct access_i
     return true;
 }
 
+bool access_acl_selects_ids(const struct conf_local *local, size_t *rule_index)
+{
+    for (size_t i = 0; i < local->acl_count; i++) {
+        if (local->acl[i].has_uid || local->acl[i].has_gid) {
+            if (rule_index)
+                *rule_index = i;
+            return true;
+        }
+    }
+    return false;
+}
+
+bool access_acl_selects_gids(const struct conf_local *local)
+{
+    for (size_t i = 0; i < local->acl_count; i++)
+        if (local->acl[i].has_gid)
+            return true;
+    return false;
+}
+
+/* A listener bound to loopback only (127.0.0.0/8, ::1, "localhost") takes
+ * connections from loopback peers only, which sock_diag identifies. */
+static bool listener_is_loopback(const struct conf_listen *listen)
+{
+    struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6};
+    struct sockaddr_in sin = {.sin_family = AF_INET};
+
+    if (listen->kind != CONF_LISTEN_TCP)
+        return true; /* a Unix socket: SO_PEERCRED */
+    if (strcmp(listen->host, "localhost") == 0)
+        return true;
+    if (inet_pton(AF_INET, listen->host, &sin.sin_addr) == 1)
+        return addr_is_loopback((const struct sockaddr *)&sin);
+    if (inet_pton(AF_INET6, listen->host, &sin6.sin6_addr) == 1)
+        return addr_is_loopback((const struct sockaddr *)&sin6);
+    return false;
+}
+
+static void describe_selector(const struct conf_acl_rule *rule, char *buf, size_t size)
+{
+    if (rule->has_uid && rule->has_gid)
+        snprintf(buf, size, "uid %lu gid %lu", (unsigned long)rule->uid, (unsigned long)rule->gid);
+    else if (rule->has_uid)
+        snprintf(buf, size, "uid %lu", (unsigned long)rule->uid);
+    else
+        snprintf(buf, size, "gid %lu", (unsigned long)rule->gid);
+}
+
+bool access_acl_sidestep(const struct conf_local *local, const struct conf_listen *listen,
+                         char *buf, size_t size)
+{
+    size_t selecting, open = local->acl_count;
+    char selector[64];
+
+    /* With local.password_file every TCP client logs in and is held to its
+     * user's rule; without a uid/gid rule there is nothing to side-step. */
+    if (local->passwords || local->password_file || listener_is_loopback(listen) ||
+        !access_acl_selects_ids(local, &selecting))
+        return false;
+    /* An unidentified, unauthenticated client gets the first rule without
+     * uid, gid or user. Without one it gets nothing: no way around. */
+    for (size_t i = 0; i < local->acl_count && open == local->acl_count; i++)
+        if (!local->acl[i].has_uid && !local->acl[i].has_gid && !local->acl[i].user)
+            open = i;
+    if (open == local->acl_count)
+        return false;
+    describe_selector(&local->acl[selecting], selector, sizeof(selector));
+    snprintf(buf, size,
+             "local.listen %s: peers that connect to it from a non-loopback address cannot be "
+             "identified, so a local process can side-step local.acl[%zu] (%s) by connecting "
+             "to this host's network address: it then gets local.acl[%zu], the first rule "
+             "without uid/gid/user. Fix: bind the listener to 127.0.0.1 (or use the Unix "
+             "socket), or set local.password_file so TCP clients must log in, or narrow "
+             "local.acl[%zu] to what any network client may do",
+             listen->url, selecting, selector, open, open);
+    return true;
+}
+
+/* Is the first level of @topic (@len bytes) the literal @level? */
+static bool first_level_is(const char *topic, size_t len, const char *level)
+{
+    const char *slash = memchr(topic, '/', len);
+
+    return level_is(topic, slash ? (size_t)(slash - topic) : len, level);
+}
+
 int access_acl_check(const struct conf_local *local, const struct access_identity *id,
                      enum access_action action, const char *topic, size_t len, int *rule_index)
 {
+    /* cloud/<uplink>/<topic> goes to the uplink raw, past the profile's
+     * child-id rules (and GCP's attach): only a pattern that names "cloud"
+     * as its first level grants it, never "#" or "+/..." in passing. */
+    bool raw = first_level_is(topic, len, "cloud");
+
     if (rule_index)
         *rule_index = -1;
     if (local->acl_count == 0)
@@ -702,7 +962,8 @@ int access_acl_check(const struct conf_local *local, const struct access_identit
         patterns = action == ACCESS_PUBLISH ? rule->publish : rule->subscribe;
         count = action == ACCESS_PUBLISH ? rule->publish_count : rule->subscribe_count;
         for (size_t k = 0; k < count; k++)
-            if (pattern_covers(rule, id, patterns[k], topic, len, action == ACCESS_SUBSCRIBE))
+            if ((!raw || first_level_is(patterns[k], strlen(patterns[k]), "cloud")) &&
+                pattern_covers(rule, id, patterns[k], topic, len, action == ACCESS_SUBSCRIBE))
                 return 0;
         return -EACCES;
     }

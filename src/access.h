@@ -23,7 +23,9 @@
 #include <sys/types.h>
 
 struct conf_local;
+struct sockaddr;
 struct conf_acl_rule;
+struct conf_listen;
 
 /* Scheme tag of the password file format. */
 #define ACCESS_PBKDF2_SCHEME "$pbkdf2-sha512$"
@@ -46,10 +48,11 @@ struct conf_acl_rule;
 /* What is known about a local client. Zero-initialised means "nothing known"
  * (a TCP client before authentication). */
 struct access_identity {
-    bool has_cred; /* Unix socket: uid/gid/pid from SO_PEERCRED */
+    bool has_cred; /* uid/gid known: Unix socket (SO_PEERCRED) or loopback TCP (sock_diag) */
     uid_t uid;
     gid_t gid; /* primary group */
-    pid_t pid;
+    pid_t pid; /* 0 when unknown (a TCP peer) */
+    bool tcp_peer;      /* has_cred came from sock_diag: no pid, gid from the user database */
     size_t group_count; /* supplementary groups (SO_PEERGROUPS) */
     gid_t groups[ACCESS_GROUPS_MAX];
     const char *username; /* authenticated MQTT username or NULL; borrowed */
@@ -63,6 +66,54 @@ struct access_identity {
  * Returns 0 or a negative errno (then id->has_cred is false).
  */
 int access_peer_identity(int fd, struct access_identity *id);
+
+/**
+ * access_tcp_peer_identity() - who owns the other end of the accepted TCP
+ * connection whose own address is @local and whose peer is @peer (both
+ * AF_INET or AF_INET6, as getsockname/getpeername return them)?
+ *
+ * Only a loopback peer (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104) is looked
+ * up: its socket lives in this network namespace. One exact-match
+ * NETLINK_SOCK_DIAG request (inet_diag_req_v2, INET_DIAG_NOCOOKIE) for the
+ * socket bound to @peer and connected to @local; the reply's idiag_uid is
+ * the uid that created it (like SO_PEERCRED, fixed at creation). Bounded by
+ * a 100 ms receive timeout, so it may run on the event loop.
+ *
+ * With @want_groups, the gid and supplementary groups are those of the
+ * uid's passwd entry and group database (getpwuid_r, getgrouplist): an
+ * approximation, the process may have changed its groups. Without it gid
+ * is left (uid_t)-1 and no groups.
+ *
+ * On success fills uid/gid and sets id->has_cred (pid stays 0). On failure
+ * returns a negative errno and @why says why in words ("the peer
+ * 192.0.2.7 is not on loopback", "no such socket: the peer is in another
+ * network namespace or already gone", ...).
+ */
+int access_tcp_peer_identity(const struct sockaddr *local, const struct sockaddr *peer,
+                             bool want_groups, struct access_identity *id, char *why,
+                             size_t why_size);
+
+/**
+ * access_acl_selects_ids() - does any local.acl rule select by uid or gid
+ * (index of the first into *@rule_index when not NULL)?
+ */
+bool access_acl_selects_ids(const struct conf_local *local, size_t *rule_index);
+
+/**
+ * access_acl_sidestep() - can local.acl's uid/gid rules be side-stepped
+ * through @listen (one of @local->listen)? True when @listen is a TCP
+ * listener not bound to loopback (peers from other addresses cannot be
+ * identified), local.password_file is not set, a rule selects by uid/gid and
+ * a rule without uid/gid/user exists (what an unidentified client gets).
+ * Then @buf holds one warning naming the listener, the rules and the fixes.
+ */
+bool access_acl_sidestep(const struct conf_local *local, const struct conf_listen *listen,
+                         char *buf, size_t size);
+
+/**
+ * access_acl_selects_gids() - does any local.acl rule select by gid?
+ */
+bool access_acl_selects_gids(const struct conf_local *local);
 
 /* --- passwords ------------------------------------------------------------------- */
 
@@ -184,6 +235,11 @@ bool access_rule_matches(const struct conf_acl_rule *rule, const struct access_i
  * and '?' match one literal level, "%c" matches one level that is a child id
  * allowed by the rule's `children` globs (any level when it has none), "%u"
  * the client's authenticated username.
+ *
+ * Raw pass-through: a topic or filter whose first level is "cloud"
+ * (cloud/<uplink>/<topic>, sent to the uplink as it is, past the profile's
+ * rules) is covered only by a pattern whose first level is the literal
+ * "cloud" ("cloud/#", "cloud/c8y/#"); "#" and "+/..." do not grant it.
  *
  * @rule_index: set to the deciding rule's index, or -1 when no rule selected
  * the client (may be NULL). Returns 0 (allowed) or -EACCES.

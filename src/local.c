@@ -2637,6 +2637,10 @@ static void client_describe_peer(struct local_client *client, enum conf_listen_k
         struct sockaddr_storage ss;
         int len = sizeof(ss);
         char host[64];
+        struct sockaddr_storage own;
+        int own_len = sizeof(own);
+        const struct conf_local *conf = &client->local->conf->local;
+        char why[160];
 
         if (uv_tcp_getpeername(&client->conn.tcp, (struct sockaddr *)&ss, &len) < 0)
             return;
@@ -2649,6 +2653,19 @@ static void client_describe_peer(struct local_client *client, enum conf_listen_k
             uv_ip4_name(sin, host, sizeof(host));
             snprintf(client->peer, sizeof(client->peer), "%s:%u", host, ntohs(sin->sin_port));
         }
+        /* A loopback peer is a local process: sock_diag names its uid, so
+         * local.acl uid/gid rules hold over TCP as on the Unix socket. */
+        if (uv_tcp_getsockname(&client->conn.tcp, (struct sockaddr *)&own, &own_len) < 0) {
+            snprintf(why, sizeof(why), "cannot read the connection's own address");
+        } else if (access_tcp_peer_identity((struct sockaddr *)&own, (struct sockaddr *)&ss,
+                                            access_acl_selects_gids(conf), &client->identity, why,
+                                            sizeof(why)) == 0) {
+            why[0] = '\0';
+        }
+        if (why[0] && access_acl_selects_ids(conf, NULL))
+            log_info("TCP connection from %s: peer not identified (%s); only local.acl rules "
+                     "without uid/gid apply to it",
+                     client->peer, why);
     } else {
         /* Unix-socket clients are named by their credentials (SO_PEERCRED),
          * which local.acl rules select by uid and gid. */

@@ -24,6 +24,7 @@
 #include <uv.h>
 #include <yaml.h>
 
+#include "access.h"
 #include "config.h"
 #include "conf.h"
 #include "ctl.h"
@@ -540,6 +541,23 @@ static void reload_refused(struct daemon *d, const char *why)
     notify_status(d);
 }
 
+/* Configurations that are valid but whose local.acl a local process could
+ * get around (access_acl_sidestep()): said at --check-config, start and
+ * reload. Returns how many warnings were logged. */
+static size_t warn_acl_sidestep(const struct conf *conf)
+{
+    size_t warnings = 0;
+    char why[768];
+
+    for (size_t i = 0; i < conf->local.listen_count; i++) {
+        if (access_acl_sidestep(&conf->local, &conf->local.listen[i], why, sizeof(why))) {
+            log_warn("%s", why);
+            warnings++;
+        }
+    }
+    return warnings;
+}
+
 static void daemon_reload(struct daemon *d)
 {
     struct conf *next = NULL;
@@ -671,6 +689,7 @@ static void daemon_reload(struct daemon *d)
         daemon_stop(d, "reload could not create every uplink");
         return;
     }
+    warn_acl_sidestep(next);
     log_notice("reload done: %zu uplink(s)", d->uplink_count);
     d->reload_result = "done";
     d->reload_error[0] = '\0';
@@ -916,15 +935,21 @@ int main(int argc, char **argv)
     if (load_and_check(d->config_path, &d->conf) < 0)
         return 1;
     if (check_only) {
+        size_t warnings = warn_acl_sidestep(d->conf);
         rc = check_as_service_user(d->config_path);
-        if (rc == 0)
-            printf("configuration OK: %s (%zu uplink(s), %zu listener(s))\n", d->config_path,
+        if (rc == 0) {
+            printf("configuration OK: %s (%zu uplink(s), %zu listener(s))", d->config_path,
                    d->conf->uplink_count, d->conf->local.listen_count);
+            if (warnings)
+                printf(", %zu warning(s) on stderr", warnings);
+            printf("\n");
+        }
         conf_free(d->conf);
         return rc == 0 ? 0 : 1;
     }
     log_set_level(effective_level(d, d->conf->log_level));
     log_notice("uplinkd %s starting with %s", UPLINKD_VERSION, d->config_path);
+    warn_acl_sidestep(d->conf);
 
     signal(SIGPIPE, SIG_IGN); /* a vanished peer is an error return, not a signal */
     mosquitto_lib_init();

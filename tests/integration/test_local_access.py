@@ -10,6 +10,7 @@ systemd-socket-activate (Debian package systemd).
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -108,6 +109,170 @@ def test_acl_peer_uid_publish_and_subscribe(hx):
     observer.wait("dev/plc-1/telemetry", "root")
 
 
+@needs_root
+def test_acl_peer_uid_over_loopback_tcp(hx):
+    """Issue 12: the uid rule holds on tcp://127.0.0.1 exactly as on the Unix
+    socket; the peer's uid comes from sock_diag. Before, uid 1001 was
+    anonymous over TCP and the catch-all rule let it do everything."""
+    conf = acl_config(hx, POLLER_RULES)
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    observer = hx.client("127.0.0.1", port)
+    observer.subscribe("dev/#")
+
+    tcp = ["-h", "127.0.0.1", "-p", str(port)]
+    p = run(as_uid(POLLER_UID, ["mosquitto_pub"] + tcp + ["-q", "1", "-t",
+                                "dev/modbus-1/telemetry", "-m", "tcp-ok"]))
+    assert p.returncode == 0, p.stderr
+    observer.wait("dev/modbus-1/telemetry", "tcp-ok")
+
+    since = d.log_size()
+    p = run(as_uid(POLLER_UID, ["mosquitto_pub"] + tcp + ["-q", "1", "-t",
+                                "dev/plc-1/telemetry", "-m", "forged"]))
+    assert p.returncode == 0, p.stderr
+    d.wait_log(r"publish to 'dev/plc-1/telemetry' denied: not allowed by local.acl\[0\] "
+               r"\(uid %d \(tcp\)" % POLLER_UID, since)
+    run(as_uid(POLLER_UID, ["mosquitto_pub"] + tcp + ["-q", "1", "-t",
+                            "dev/modbus-1/telemetry", "-m", "after"]))
+    observer.wait("dev/modbus-1/telemetry", "after")
+    assert observer.received("dev/plc-1/telemetry") == []
+
+    p = run(as_uid(POLLER_UID, ["mosquitto_sub"] + tcp + ["-d", "-q", "1",
+                                "-t", "dev/modbus-1/commands/#", "-t", "dev/+/commands/#",
+                                "-C", "1", "-W", "2"]))
+    assert "Subscribed (mid: 1): 1, 128" in p.stdout, p.stdout + p.stderr
+
+    # root over the same TCP listener is uid 0: rule 1, unrestricted.
+    h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t",
+                    "dev/plc-1/telemetry", "-m", "root")
+    observer.wait("dev/plc-1/telemetry", "root")
+
+
+def non_loopback_address():
+    """An IPv4 address of this host that is not on loopback, or None."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # no packet is sent
+        addr = s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return None if addr.startswith("127.") else addr
+
+
+@needs_root
+def test_acl_unidentified_tcp_peer_gets_only_selectorless_rules(hx):
+    """A peer on a non-loopback listener address cannot be identified: even
+    root gets only rules without uid/gid, and the log says why."""
+    addr = non_loopback_address()
+    if addr is None:
+        pytest.skip("no non-loopback IPv4 address")
+    other = h.free_port((addr,))
+    rules = [{"uid": 0, "publish": ["#"], "subscribe": ["#"]},
+             {"publish": ["public/#"], "subscribe": ["public/#"]}]
+    conf = acl_config(hx, rules)
+    conf["local"]["listen"].append("tcp://%s:%d" % (addr, other))
+    d = hx.uplinkd(conf)
+    observer = hx.client("127.0.0.1", h.local_tcp_port(conf))  # root, identified
+    observer.subscribe("#")
+
+    since = d.log_size()
+    h.mosquitto_pub("-h", addr, "-p", str(other), "-q", "1", "-t", "dev/x/telemetry",
+                    "-m", "anon")
+    d.wait_log(r"peer not identified \(the peer address %s is not on loopback\)"
+               % addr.replace(".", r"\."), since)
+    d.wait_log(r"publish to 'dev/x/telemetry' denied: not allowed by local.acl\[1\] "
+               r"\(anonymous\)", since)
+    h.mosquitto_pub("-h", addr, "-p", str(other), "-q", "1", "-t", "public/x", "-m", "ok")
+    observer.wait("public/x", "ok")
+    assert observer.received("dev/x/telemetry") == []
+
+
+def check_config(path):
+    env = {k: v for k, v in os.environ.items() if k not in h._SYSTEMD_ENV}
+    return subprocess.run([h.UPLINKD_BIN, "-c", path, "--check-config"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=h.TIMEOUT, env=env)
+
+
+SIDESTEP = (r"local\.listen tcp://0\.0\.0\.0:\d+: peers that connect to it from a "
+            r"non-loopback address cannot be identified, so a local process can side-step "
+            r"local\.acl\[0\] \(uid 1001\) .* gets local\.acl\[1\].*Fix: bind the listener "
+            r"to 127\.0\.0\.1 .*local\.password_file")
+
+
+def test_acl_sidestep_warning(hx):
+    """Issue 12: a uid rule plus a TCP listener on 0.0.0.0 (no password) can
+    be side-stepped by connecting to the host's own network address: said
+    at --check-config and at start, and not for a loopback listener."""
+    conf = acl_config(hx, POLLER_RULES)
+    port = h.local_tcp_port(conf)
+    lo = hx.write_config(conf, "lo.yaml")
+    p = check_config(lo)
+    assert p.returncode == 0, p.stderr
+    assert "side-step" not in p.stderr and "warning" not in p.stdout, p.stdout + p.stderr
+
+    conf["local"]["listen"] = ["tcp://0.0.0.0:%d" % h.free_port(("0.0.0.0",))
+                               if u == "tcp://127.0.0.1:%d" % port else u
+                               for u in conf["local"]["listen"]]
+    anywhere = hx.write_config(conf, "anywhere.yaml")
+    p = check_config(anywhere)
+    assert p.returncode == 0, p.stderr  # a warning, not an error
+    assert re.search(r"warning: " + SIDESTEP, p.stderr), p.stderr
+    assert "1 warning(s) on stderr" in p.stdout, p.stdout
+
+    d = hx.uplinkd(conf)
+    d.wait_log(SIDESTEP)
+
+
+def passthrough_gateway(hx, rules):
+    broker = hx.broker()
+    conf = hx.config(broker)
+    conf["local"]["acl"] = rules
+    d = hx.uplinkd(conf)
+    d.wait_log(r"state \w+ -> ONLINE")
+    return broker, d, h.local_unix_path(conf)
+
+
+def test_acl_raw_passthrough_needs_explicit_grant(hx):
+    """Issue 12: cloud/<uplink>/<topic> goes upstream raw, past the
+    profile's child-id rules; "#" alone no longer grants it once any
+    local.acl rule exists (cloud/c8y/s/us/victim was forwarded)."""
+    me = os.geteuid()
+    broker, d, sock = passthrough_gateway(
+        hx, [{"uid": me, "publish": ["#"], "subscribe": ["#"]}])
+    upstream = hx.cloud_sub(broker, "#")
+
+    since = d.log_size()
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "cloud/cloud/s/us/victim", "-m", "forged")
+    d.wait_log(r"publish to 'cloud/cloud/s/us/victim' denied: not allowed by local\.acl\[0\]",
+               since)
+    # Sent after the refused one, over the same uplink: once it is
+    # upstream, the refused one would have been too.
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "dev/x/telemetry", "-m", "after")
+    upstream.wait("gw-test/x/telemetry", "after")
+    assert [m for m in upstream.messages() if m[0] == "s/us/victim"] == []
+
+    # Subscribing through to the cloud is refused the same way (SUBACK 0x80).
+    p = run(["mosquitto_sub", "--unix", sock, "-d", "-q", "1", "-t", "cloud/cloud/s/ds",
+             "-t", "dev/x/commands", "-C", "1", "-W", "2"])
+    assert "Subscribed (mid: 1): 128, 1" in p.stdout, p.stdout + p.stderr
+
+
+def test_acl_raw_passthrough_granted_by_a_cloud_pattern(hx):
+    me = os.geteuid()
+    broker, d, sock = passthrough_gateway(
+        hx, [{"uid": me, "publish": ["cloud/cloud/#", "#"], "subscribe": ["cloud/cloud/#"]}])
+    upstream = hx.cloud_sub(broker, "s/#")
+    h.mosquitto_pub("--unix", sock, "-q", "1", "-t", "cloud/cloud/s/us/mine", "-m", "raw")
+    upstream.wait("s/us/mine", "raw")
+    p = run(["mosquitto_sub", "--unix", sock, "-d", "-q", "1", "-t", "cloud/cloud/s/ds",
+             "-C", "1", "-W", "1"])
+    assert "Subscribed (mid: 1): 1" in p.stdout, p.stdout + p.stderr
+
+
 def test_acl_closed_world_and_will(hx):
     """A client no rule selects may do nothing; a will it may not publish
     is refused at CONNECT with CONNACK 5."""
@@ -191,7 +356,8 @@ def test_password_auth_tcp(hx):
     alice.publish("users/alice/x", "mine")
     alice.publish("users/bob/x", "not mine")
     bob.wait("users/alice/x", "mine")
-    d.wait_log(r"publish to 'users/bob/x' denied: not allowed by local.acl\[0\] \(user alice\)")
+    d.wait_log(r"publish to 'users/bob/x' denied: not allowed by local.acl\[0\] "
+               r"\(uid 0 \(tcp\) user alice\)")
     assert bob.received("users/bob/x") == []
 
     # The Unix socket needs no password: its peers are known by uid.

@@ -332,6 +332,94 @@ static void test_acl_any_child(void **state)
                      -EACCES);
 }
 
+/* Issue 12: cloud/<uplink>/... goes upstream raw; only a pattern naming
+ * "cloud" as its first level grants it. */
+static void test_acl_raw_passthrough_needs_explicit_grant(void **state)
+{
+    static char *wild[] = {"#", "+/c8y/#", "cl*/#", "%c/#"};
+    static char *c8y[] = {"cloud/c8y/#", "#"};
+    struct conf_acl_rule rule = {
+        .publish = wild, .publish_count = 4, .subscribe = wild, .subscribe_count = 4};
+    struct conf_local local = {.acl = &rule, .acl_count = 1};
+    struct access_identity anyone = {0};
+    struct conf_local none = {0};
+
+#define ACL(act, topic) access_acl_check(&local, &anyone, act, topic, strlen(topic), NULL)
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud/c8y/s/us/victim"), -EACCES);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud"), -EACCES);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/c8y/s/ds"), -EACCES);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/#"), -EACCES);
+    /* Not raw: local topics, and "cloudy", are as before. */
+    assert_int_equal(ACL(ACCESS_PUBLISH, "dev/x/telemetry"), 0);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloudy/x"), 0);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "x/cloud/c8y"), 0);
+    /* A "+/..." filter is not mirrored upstream (only "cloud/..." is). */
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "+/c8y/s/ds"), 0);
+
+    rule.publish = c8y;
+    rule.publish_count = 2;
+    rule.subscribe = c8y;
+    rule.subscribe_count = 2;
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud/c8y/s/us/victim"), 0);
+    assert_int_equal(ACL(ACCESS_PUBLISH, "cloud/gcp/x"), -EACCES);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/c8y/s/ds"), 0);
+    assert_int_equal(ACL(ACCESS_SUBSCRIBE, "cloud/+/s/ds"), -EACCES);
+#undef ACL
+    /* No rules at all: everything, raw pass-through included (documented). */
+    assert_int_equal(
+        access_acl_check(&none, &anyone, ACCESS_PUBLISH, "cloud/c8y/s/us/victim", 21, NULL), 0);
+}
+
+/* Issue 12: a uid rule plus a listener whose peers cannot be identified. */
+static void test_acl_sidestep_warning(void **state)
+{
+    struct conf_acl_rule two[] = {
+        {.has_uid = true, .uid = 1001, .publish = all, .publish_count = 1},
+        {.publish = all, .publish_count = 1},
+    };
+    struct conf_listen any = {
+        .kind = CONF_LISTEN_TCP, .url = "tcp://0.0.0.0:1883", .host = "0.0.0.0", .port = 1883};
+    struct conf_listen any6 = {.kind = CONF_LISTEN_TCP, .url = "tcp://[::]:1883", .host = "::"};
+    struct conf_listen lo = {
+        .kind = CONF_LISTEN_TCP, .url = "tcp://127.0.0.1:1883", .host = "127.0.0.1"};
+    struct conf_listen lo6 = {.kind = CONF_LISTEN_TCP, .url = "tcp://[::1]:1", .host = "::1"};
+    struct conf_listen named = {
+        .kind = CONF_LISTEN_TCP, .url = "tcp://localhost:1", .host = "localhost"};
+    struct conf_listen sock = {.kind = CONF_LISTEN_UNIX, .url = "unix:///x", .path = "/x"};
+    struct conf_local local = {.acl = two, .acl_count = 2};
+    char buf[1024] = "";
+
+    assert_true(access_acl_sidestep(&local, &any, buf, sizeof(buf)));
+    assert_non_null(strstr(buf, "local.listen tcp://0.0.0.0:1883"));
+    assert_non_null(strstr(buf, "side-step local.acl[0] (uid 1001)"));
+    assert_non_null(strstr(buf, "gets local.acl[1]"));
+    assert_non_null(strstr(buf, "bind the listener to 127.0.0.1"));
+    assert_non_null(strstr(buf, "local.password_file"));
+    assert_true(access_acl_sidestep(&local, &any6, buf, sizeof(buf)));
+    assert_false(access_acl_sidestep(&local, &lo, buf, sizeof(buf)));
+    assert_false(access_acl_sidestep(&local, &lo6, buf, sizeof(buf)));
+    assert_false(access_acl_sidestep(&local, &named, buf, sizeof(buf)));
+    assert_false(access_acl_sidestep(&local, &sock, buf, sizeof(buf)));
+    /* TCP clients must log in: held to their user's rule. */
+    local.password_file = "/etc/uplinkd/passwd";
+    assert_false(access_acl_sidestep(&local, &any, buf, sizeof(buf)));
+    local.password_file = NULL;
+    /* No rule without selectors: an unidentified client gets nothing. */
+    local.acl_count = 1;
+    assert_false(access_acl_sidestep(&local, &any, buf, sizeof(buf)));
+    /* No uid/gid rule: nothing to side-step. */
+    local.acl = &two[1];
+    assert_false(access_acl_sidestep(&local, &any, buf, sizeof(buf)));
+    /* gid rules count too. */
+    two[0].has_uid = false;
+    two[0].has_gid = true;
+    two[0].gid = 20;
+    local.acl = two;
+    local.acl_count = 2;
+    assert_true(access_acl_sidestep(&local, &any, buf, sizeof(buf)));
+    assert_non_null(strstr(buf, "local.acl[0] (gid 20)"));
+}
+
 static void test_pattern_checks(void **state)
 {
     const char *reason = NULL;
@@ -385,6 +473,8 @@ int main(void)
         cmocka_unit_test(test_acl_user_rule),
         cmocka_unit_test(test_acl_gid_glob_and_first_match),
         cmocka_unit_test(test_acl_any_child),
+        cmocka_unit_test(test_acl_raw_passthrough_needs_explicit_grant),
+        cmocka_unit_test(test_acl_sidestep_warning),
         cmocka_unit_test(test_pattern_checks),
         cmocka_unit_test(test_peer_identity),
     };
