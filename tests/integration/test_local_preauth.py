@@ -217,7 +217,12 @@ def test_flood_with_few_file_descriptors(hx, nofile):
     """uplinkd with RLIMIT_NOFILE 256 (below local.max_clients): it says so at
     start, and a held flood of 1,000 idle connections neither locks a client
     out nor takes the descriptors the control socket and the uplink need."""
-    gw = gateway(hx, nofile=(256, 256))
+    # The flood and the probe are this test's uid, and loopback TCP peers are
+    # identified: a per-uid budget below the listener's would let the flood's
+    # churn evict the probe in the moment between its accept and its CONNECT
+    # (the same uid's business, test_per_uid_budget_evicts_the_same_uids_oldest).
+    # This test is about descriptors: the per-uid budget is the listener's.
+    gw = gateway(hx, nofile=(256, 256), max_pending_per_uid=128)
     watcher = hx.local_client(gw)
     watcher.subscribe("probe/#", qos=1)
     start_flood(hx, port=gw.tcp_port, idle=IDLE, slow=0)
