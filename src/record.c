@@ -67,62 +67,48 @@ uint32_t record_crc32c(uint32_t crc, const void *data, size_t len)
 
 /* --- encoding ------------------------------------------------------------ */
 
-static void put_le(uint8_t *p, uint64_t v, int bytes)
-{
-    for (int i = 0; i < bytes; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get_le(const uint8_t *p, int bytes)
-{
-    uint64_t v = 0;
-    for (int i = bytes - 1; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
-}
-
 void record_file_header(uint8_t out[RECORD_FILE_HEADER_SIZE], const char *magic, uint64_t value)
 {
     memcpy(out, magic, 8);
-    put_le(out + 8, value, 8);
-    put_le(out + 16, record_crc32c(0, out, 16), 4);
-    put_le(out + 20, 0, 4);
+    record_put_le(out + 8, value, 8);
+    record_put_le(out + 16, record_crc32c(0, out, 16), 4);
+    record_put_le(out + 20, 0, 4);
 }
 
 bool record_file_header_ok(const uint8_t *p, size_t len, const char *magic, uint64_t *value)
 {
     if (len < RECORD_FILE_HEADER_SIZE || memcmp(p, magic, 8) != 0 ||
-        get_le(p + 16, 4) != record_crc32c(0, p, 16) || get_le(p + 20, 4) != 0)
+        record_get_le(p + 16, 4) != record_crc32c(0, p, 16) || record_get_le(p + 20, 4) != 0)
         return false;
-    *value = get_le(p + 8, 8);
+    *value = record_get_le(p + 8, 8);
     return true;
 }
 
 void record_encode(uint8_t *p, uint64_t seq, uint64_t time_ms, uint8_t flags, const void *topic,
                    size_t topic_len, const void *payload, size_t len)
 {
-    put_le(p + 4, topic_len + len, 4);
-    put_le(p + 8, seq, 8);
-    put_le(p + 16, time_ms, 8);
+    record_put_le(p + 4, topic_len + len, 4);
+    record_put_le(p + 8, seq, 8);
+    record_put_le(p + 16, time_ms, 8);
     p[24] = flags;
     p[25] = 0;
-    put_le(p + 26, topic_len, 2);
+    record_put_le(p + 26, topic_len, 2);
     memcpy(p + RECORD_HEADER_SIZE, topic, topic_len);
     if (len)
         memcpy(p + RECORD_HEADER_SIZE + topic_len, payload, len);
-    put_le(p, record_crc32c(0, p + 4, RECORD_HEADER_SIZE - 4 + topic_len + len), 4);
+    record_put_le(p, record_crc32c(0, p + 4, RECORD_HEADER_SIZE - 4 + topic_len + len), 4);
 }
 
 /* --- reading ------------------------------------------------------------- */
 
 const char *record_header_parse(const uint8_t *p, struct record *rec)
 {
-    rec->crc = (uint32_t)get_le(p, 4);
-    rec->len = (uint32_t)get_le(p + 4, 4);
-    rec->seq = get_le(p + 8, 8);
-    rec->time_ms = get_le(p + 16, 8);
+    rec->crc = (uint32_t)record_get_le(p, 4);
+    rec->len = (uint32_t)record_get_le(p + 4, 4);
+    rec->seq = record_get_le(p + 8, 8);
+    rec->time_ms = record_get_le(p + 16, 8);
     rec->flags = p[24];
-    rec->topic_len = (uint16_t)get_le(p + 26, 2);
+    rec->topic_len = (uint16_t)record_get_le(p + 26, 2);
     if (rec->len > RECORD_MAX_LEN)
         return "record length out of range";
     if (rec->topic_len == 0 || rec->topic_len > rec->len)

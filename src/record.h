@@ -44,6 +44,21 @@ struct record {
     size_t payload_len;
 };
 
+/* Little-endian fields of @bytes (<= 8) bytes, as both file formats store them. */
+static inline void record_put_le(uint8_t *p, uint64_t v, int bytes)
+{
+    for (int i = 0; i < bytes; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline uint64_t record_get_le(const uint8_t *p, int bytes)
+{
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
 /** record_crc32c() - CRC-32C of @len bytes, continuing from @crc (start with 0). */
 uint32_t record_crc32c(uint32_t crc, const void *data, size_t len);
 

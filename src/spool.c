@@ -224,20 +224,6 @@ struct spool {
 
 /* --- little helpers -------------------------------------------------------- */
 
-static void put_le(uint8_t *p, uint64_t v, int bytes)
-{
-    for (int i = 0; i < bytes; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get_le(const uint8_t *p, int bytes)
-{
-    uint64_t v = 0;
-    for (int i = bytes - 1; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
-}
-
 static uint64_t realtime_ms(void)
 {
     struct timespec ts;
@@ -549,18 +535,18 @@ static bool drop_head(struct spool *spool, const char *why)
 static void cursor_encode(uint8_t out[CURSOR_SLOT_SIZE], uint64_t gen, uint64_t seq)
 {
     memset(out, 0, CURSOR_SLOT_SIZE);
-    put_le(out, CURSOR_MAGIC, 4);
-    put_le(out + 8, gen, 8);
-    put_le(out + 16, seq, 8);
-    put_le(out + 24, record_crc32c(0, out, 24), 4);
+    record_put_le(out, CURSOR_MAGIC, 4);
+    record_put_le(out + 8, gen, 8);
+    record_put_le(out + 16, seq, 8);
+    record_put_le(out + 24, record_crc32c(0, out, 24), 4);
 }
 
 static bool cursor_decode(const uint8_t *p, uint64_t *gen, uint64_t *seq)
 {
-    if (get_le(p, 4) != CURSOR_MAGIC || get_le(p + 24, 4) != record_crc32c(0, p, 24))
+    if (record_get_le(p, 4) != CURSOR_MAGIC || record_get_le(p + 24, 4) != record_crc32c(0, p, 24))
         return false;
-    *gen = get_le(p + 8, 8);
-    *seq = get_le(p + 16, 8);
+    *gen = record_get_le(p + 8, 8);
+    *seq = record_get_le(p + 16, 8);
     return true;
 }
 
