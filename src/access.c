@@ -571,13 +571,65 @@ static int write_all(int fd, const char *data, size_t len)
     return 0;
 }
 
+/*
+ * Give the temporary file @fd (which replaces @path) the owner, group and
+ * permission bits of the file it replaces (@old; NULL: there is none), before
+ * anything is written to it. A password file that root rewrites must stay
+ * readable by the daemon's group (the documented "chgrp uplinkd; chmod 0640"):
+ * mkstemp(3) alone makes it the caller's, 0600, and the next reload fails.
+ * A new file gets @dir's group and 0640 (in /etc/uplinkd, root:uplinkd 0750,
+ * that is what the daemon needs), or stays 0600 when the caller may not give
+ * it that group.
+ */
+static int passwd_file_take_owner(int fd, const char *path, const char *dir, const struct stat *old,
+                                  const char *tmp, char *why, size_t why_size)
+{
+    struct stat tmp_st, dir_st;
+    int rc;
+
+    if (fstat(fd, &tmp_st) < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "cannot stat %s: %s", tmp, strerror(-rc));
+        return rc;
+    }
+    if (!old) {
+        if (stat(dir, &dir_st) == 0 &&
+            (dir_st.st_gid == tmp_st.st_gid || fchown(fd, (uid_t)-1, dir_st.st_gid) == 0) &&
+            fchmod(fd, 0640) == 0)
+            return 0;
+        if (fchmod(fd, 0600) < 0) {
+            rc = -errno;
+            snprintf(why, why_size, "chmod 0600 %s: %s", tmp, strerror(-rc));
+            return rc;
+        }
+        return 0;
+    }
+    if ((old->st_uid != tmp_st.st_uid || old->st_gid != tmp_st.st_gid) &&
+        fchown(fd, old->st_uid, old->st_gid) < 0) {
+        rc = -errno;
+        snprintf(why, why_size,
+                 "cannot keep the owner of %s (uid %u, gid %u) on the new file: %s; nothing "
+                 "changed (run uplinkctl passwd as root or as the file's owner)",
+                 path, (unsigned)old->st_uid, (unsigned)old->st_gid, strerror(-rc));
+        return rc;
+    }
+    if (fchmod(fd, old->st_mode & 07777) < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "cannot keep the mode of %s (%04o) on the new file: %s", path,
+                 (unsigned)(old->st_mode & 07777), strerror(-rc));
+        return rc;
+    }
+    return 0;
+}
+
 int access_passwd_file_set(const char *path, const char *line, char *why, size_t why_size)
 {
     const char *colon = strchr(line, ':');
     size_t user_len = colon ? (size_t)(colon - line) : 0;
     char *old = NULL, *dir = NULL, *tmp = NULL;
     size_t old_len = 0, tmp_size;
-    bool replaced = false;
+    struct stat old_st;
+    bool replaced = false, have_old = false;
     int fd = -1, dir_fd, rc;
 
     if (!colon) {
@@ -592,6 +644,8 @@ int access_passwd_file_set(const char *path, const char *line, char *why, size_t
         snprintf(why, why_size, "cannot read %s: %s", path, strerror(-rc));
         return rc;
     }
+    /* stat() after a successful read: the owner and mode the new file copies. */
+    have_old = old && stat(path, &old_st) == 0;
     dir = dir_of(path);
     tmp_size = strlen(path) + 16;
     tmp = malloc(tmp_size);
@@ -608,11 +662,9 @@ int access_passwd_file_set(const char *path, const char *line, char *why, size_t
                  strerror(-rc));
         goto out;
     }
-    if (fchmod(fd, 0600) < 0) {
-        rc = -errno;
-        snprintf(why, why_size, "chmod 0600 %s: %s", tmp, strerror(-rc));
+    rc = passwd_file_take_owner(fd, path, dir, have_old ? &old_st : NULL, tmp, why, why_size);
+    if (rc < 0)
         goto err_after_tmp;
-    }
     /* Copy every line, replacing the user's own (the first of them). */
     for (const char *p = old, *end = old + old_len; p && p < end;) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));

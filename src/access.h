@@ -185,9 +185,11 @@ int access_passwd_line(const char *user, const void *password, size_t len, unsig
  * access_passwd_file_set() - add @line (from access_passwd_line()) to the
  * password file @path, replacing the line of the same user; other lines are
  * kept as they are. The file is written to a temporary file in the same
- * directory with mode 0600, fsync'd and renamed over @path, so readers see
- * the old or the new file, never a mix. Returns 0 or a negative errno with
- * @why in words.
+ * directory that has the owner, group and mode of the file it replaces (a new
+ * file: the directory's group and 0640, or 0600 when the caller may not give
+ * it that group), fsync'd and renamed over @path, so readers see the old or
+ * the new file, never a mix. Returns 0 or a negative errno with @why in words
+ * (-EPERM: the caller may not keep the old owner; nothing changed).
  */
 int access_passwd_file_set(const char *path, const char *line, char *why, size_t why_size);
 

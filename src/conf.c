@@ -778,6 +778,20 @@ static int check_readable(const char *path)
     return rc;
 }
 
+/* "FILE:LINE:COL" of @node, malloc'd into *@dst (for messages written after
+ * loading: tlscheck). */
+static void set_where(struct loader *ld, const yaml_node_t *node, char **dst)
+{
+    char buf[CONF_KEY_MAX + 64];
+
+    snprintf(buf, sizeof(buf), "%s:%zu:%zu", ld->path, node->start_mark.line + 1,
+             node->start_mark.column + 1);
+    free(*dst);
+    *dst = strdup(buf);
+    if (*dst == NULL)
+        ld->oom = true;
+}
+
 /* A path to a file that must be readable now, relative to the config's
  * directory when not absolute. */
 static int get_readable_file(struct loader *ld, const yaml_node_t *node, const char *key,
@@ -1642,12 +1656,14 @@ static void parse_tls(struct loader *ld, yaml_node_t *node, const char *path, st
                                      "\"system\" or a readable CA certificate PEM file",
                                      &tls->ca_file) == 0) {
             tls->ca_system = false;
+            set_where(ld, values[TLS_CA], &tls->ca_at);
         }
     }
     if (node_present(values[TLS_CERT])) {
         key_join(key, sizeof(key), path, "cert");
-        get_readable_file(ld, values[TLS_CERT], key, "a readable client certificate PEM file",
-                          &tls->cert);
+        if (get_readable_file(ld, values[TLS_CERT], key, "a readable client certificate PEM file",
+                              &tls->cert) == 0)
+            set_where(ld, values[TLS_CERT], &tls->cert_at);
     }
     if (node_present(values[TLS_KEY])) {
         const char *text;
@@ -3786,6 +3802,8 @@ void conf_free(struct conf *conf)
         free(uplink->tls.ca_file);
         free(uplink->tls.cert);
         free(uplink->tls.key);
+        free(uplink->tls.ca_at);
+        free(uplink->tls.cert_at);
         free(uplink->auth.username);
         free_secret(uplink->auth.password);
         free(uplink->tls.alpn);

@@ -100,6 +100,11 @@ struct conf_tls {
     /* tls.insecure: no host name check (the chain is still verified);
      * default false, warned about on every connect. */
     bool insecure;
+    /* Where tls.ca and tls.cert are set ("FILE:LINE:COL"), so that
+     * tlscheck's messages about the files point at the line; NULL when not
+     * set in the file. Not part of conf_uplink_equal(). */
+    char *ca_at;
+    char *cert_at;
 };
 
 /* When the clock is good enough to sign a JWT (jwt_clock_check()). */

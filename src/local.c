@@ -52,6 +52,7 @@
 #include "json.h"
 #include "log.h"
 #include "mqtt_codec.h"
+#include "record.h"
 #include "topic.h"
 #include "util.h"
 
@@ -94,6 +95,7 @@
 /* The retained store: file in gateway.state_dir, how long changes are
  * batched before one write, and the largest file loaded at start-up. */
 #define RETAINED_FILE     "retained.db"
+#define RETAINED_MAGIC    "UPLKRTN2"
 #define RETAINED_FLUSH_MS 200
 #define RETAINED_FILE_MAX (1024u * 1024 * 1024)
 /* Read granularity; the buffer grows to one whole packet when needed. */
@@ -1386,17 +1388,23 @@ static void retained_store(struct local *local, const char *topic, size_t topic_
 /* --- retained store ---------------------------------------------------------------
  *
  * Retained messages survive a daemon restart in <state_dir>/retained.db, a
- * snapshot of the whole set (the set is bounded by LOCAL_RETAINED_MAX):
+ * snapshot of the whole set (the set is bounded by LOCAL_RETAINED_MAX), in
+ * the record framing of the spool (record.h):
  *
- *   "UPLKRTN1" | count (u32) | count x record | CRC-32 of all bytes before (u32)
- *   record: topic length (u16) | QoS (u8) | payload length (u32) | topic | payload
+ *   file header: "UPLKRTN2" | count (u64) | CRC-32C | 0
+ *   count x record: seq 1..count, time 0, flags QoS | retain, topic, payload
  *
- * integers big-endian. Changes are batched for RETAINED_FLUSH_MS, then the
- * snapshot is serialised on the loop thread and written on the threadpool
- * (never blocking the loop): temp file, fsync, rename over the old file,
- * fsync of the directory, so a crash leaves either the old or the new file.
- * At shutdown pending changes are written before local_close() completes.
- * A file that fails any check is reported, renamed to retained.db.corrupt
+ * so one damaged retained message loses only itself: the reader skips to
+ * the next valid record, logs the byte range, and keeps a copy of the bad
+ * bytes in <state_dir>/damaged/. Changes are batched for RETAINED_FLUSH_MS,
+ * then the snapshot is serialised on the loop thread and written on the
+ * threadpool (never blocking the loop): temp file, fsync, rename over the
+ * old file, fsync of the directory, so a crash leaves either the old or the
+ * new file. At shutdown pending changes are written before local_close()
+ * completes. The first format ("UPLKRTN1" | count u32 | records: topic
+ * length u16, QoS u8, payload length u32, topic, payload | CRC-32 of all,
+ * big-endian) is read once on upgrade and rewritten in the new one. A file
+ * that is not a store at all is reported, renamed to retained.db.corrupt
  * and skipped; it never stops the daemon. */
 
 struct retained_write {
@@ -1409,7 +1417,8 @@ struct retained_write {
     const char *step; /* which step failed, for the log */
 };
 
-static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t len)
+/* CRC-32 (IEEE) of the first format, read on upgrade only. */
+static uint32_t legacy_crc32(uint32_t crc, const uint8_t *p, size_t len)
 {
     static uint32_t table[256];
 
@@ -1424,13 +1433,6 @@ static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t len)
     while (len--)
         crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
     return ~crc;
-}
-
-static uint8_t *put_be(uint8_t *p, uint32_t value, int bytes)
-{
-    for (int i = bytes - 1; i >= 0; i--)
-        *p++ = (uint8_t)(value >> (8 * i));
-    return p;
 }
 
 static uint32_t get_be(const uint8_t *p, int bytes)
@@ -1537,15 +1539,15 @@ static void retained_write_done_cb(uv_work_t *req, int status)
 static void retained_write_start(struct local *local)
 {
     struct retained_write *w;
-    size_t len = 8 + 4 + 4;
+    size_t len = RECORD_FILE_HEADER_SIZE;
     uint8_t *p;
-    uint32_t count = 0;
+    uint64_t count = 0;
     int rc;
 
     if (local->retained_writing || !local->retained_dirty || !local->conf->state_dir)
         return;
     for (const struct retained *r = local->retained; r; r = r->next)
-        len += 2 + 1 + 4 + r->topic_len + r->len;
+        len += record_size(r->topic_len, r->len);
     w = calloc(1, sizeof(*w));
     if (!w || !(w->data = malloc(len)) || !(w->path = retained_path(local, ""))) {
         log_warn("retained store: out of memory; will retry");
@@ -1554,20 +1556,13 @@ static void retained_write_start(struct local *local)
         free(w);
         return; /* still dirty: the next change or shutdown retries */
     }
-    p = w->data;
-    memcpy(p, "UPLKRTN1", 8);
-    p += 8 + 4; /* count filled in below */
-    for (const struct retained *r = local->retained; r; r = r->next, count++) {
-        p = put_be(p, (uint32_t)r->topic_len, 2);
-        *p++ = r->qos;
-        p = put_be(p, (uint32_t)r->len, 4);
-        memcpy(p, r->topic, r->topic_len);
-        p += r->topic_len;
-        memcpy(p, r->payload, r->len);
-        p += r->len;
+    p = w->data + RECORD_FILE_HEADER_SIZE;
+    for (const struct retained *r = local->retained; r; r = r->next) {
+        record_encode(p, ++count, 0, (uint8_t)(r->qos | RECORD_FLAG_RETAIN), r->topic, r->topic_len,
+                      r->payload, r->len);
+        p += record_size(r->topic_len, r->len);
     }
-    put_be(w->data + 8, count, 4);
-    put_be(p, crc32_update(0, w->data, len - 4), 4);
+    record_file_header(w->data, RETAINED_MAGIC, count);
     w->len = len;
     w->local = local;
     rc = uv_queue_work(local->loop, &w->req, retained_write_work_cb, retained_write_done_cb);
@@ -1598,15 +1593,15 @@ static void retained_changed(struct local *local)
     uv_timer_start(&local->retained_timer, retained_timer_cb, RETAINED_FLUSH_MS, 0);
 }
 
-/* Check and load the file into an empty set; -EINVAL names the problem. */
-static int retained_parse(struct local *local, const uint8_t *data, size_t len, const char **why)
+/* The first format (upgrade): all or nothing; -EINVAL names the problem. */
+static int retained_parse_v1(struct local *local, const uint8_t *data, size_t len, const char **why)
 {
     size_t off = 12;
     uint32_t count;
 
     if (len < 16 || memcmp(data, "UPLKRTN1", 8) != 0)
         return *why = "not a retained store (bad header)", -EINVAL;
-    if (get_be(data + len - 4, 4) != crc32_update(0, data, len - 4))
+    if (get_be(data + len - 4, 4) != legacy_crc32(0, data, len - 4))
         return *why = "checksum mismatch (torn or damaged file)", -EINVAL;
     count = get_be(data + 8, 4);
     if (count > LOCAL_RETAINED_MAX)
@@ -1635,29 +1630,113 @@ static int retained_parse(struct local *local, const uint8_t *data, size_t len, 
     return 0;
 }
 
+/* Damaged bytes [from, to) of the store with @lost messages (-1: unknown)
+ * in them: log and keep a copy for the operator. */
+static void retained_damage(struct local *local, const char *path, const uint8_t *data, size_t from,
+                            size_t to, long long lost, const char *why)
+{
+    char dir[4096], copy[4400];
+    int rc = -ENAMETOOLONG;
+
+    copy[0] = '\0';
+    if (snprintf(dir, sizeof(dir), "%s/%s", local->conf->state_dir, RECORD_DAMAGED_DIR) <
+        (int)sizeof(dir))
+        rc = record_keep_damaged(dir, RETAINED_FILE, from, data + from, to - from, copy,
+                                 sizeof(copy));
+    if (rc < 0)
+        copy[0] = '\0';
+    if (lost >= 0)
+        log_warn("retained store %s is damaged at bytes %zu..%zu (%zu byte(s), %s): %lld retained "
+                 "message(s) lost, the others are kept%s%s",
+                 path, from, to - 1, to - from, why, lost,
+                 copy[0] ? "; damaged bytes kept in " : "", copy);
+    else
+        log_warn("retained store %s is damaged at bytes %zu..%zu (%zu byte(s), %s): the messages "
+                 "in them are lost, the others are kept%s%s",
+                 path, from, to - 1, to - from, why, copy[0] ? "; damaged bytes kept in " : "",
+                 copy);
+}
+
+/* Load the file into an empty set. Damage loses only the records it covers
+ * (*@rewrite: write the good set back). -EINVAL: not a store at all. */
+static int retained_parse(struct local *local, const char *path, const uint8_t *data, size_t len,
+                          bool *rewrite, const char **why)
+{
+    struct record_scan scan;
+    struct record rec;
+    enum record_scan_result result;
+    uint64_t count = 0;
+    size_t loaded = 0;
+    bool header_ok;
+
+    *rewrite = false;
+    if (len >= 8 && memcmp(data, "UPLKRTN1", 8) == 0) {
+        *rewrite = true; /* the first format: upgrade */
+        return retained_parse_v1(local, data, len, why);
+    }
+    if (len < RECORD_FILE_HEADER_SIZE)
+        return *why = "not a retained store (bad header)", -EINVAL;
+    header_ok = record_file_header_ok(data, len, RETAINED_MAGIC, &count);
+    record_scan_init(&scan, data, len, RECORD_FILE_HEADER_SIZE, 1);
+    while ((result = record_scan_next(&scan, &rec)) != RECORD_SCAN_END) {
+        if (result == RECORD_SCAN_TORN) {
+            retained_damage(local, path, data, scan.bad_from, scan.bad_to,
+                            header_ok && count > scan.last_seq ? (long long)(count - scan.last_seq)
+                                                               : -1,
+                            scan.why);
+            *rewrite = true;
+            break;
+        }
+        if (result == RECORD_SCAN_DAMAGED) {
+            retained_damage(local, path, data, scan.bad_from, scan.bad_to,
+                            (long long)(scan.lost_last - scan.lost_first + 1), scan.why);
+            *rewrite = true;
+        }
+        if (rec.payload_len == 0 ||
+            topic_name_check((const char *)rec.topic, rec.topic_len, NULL) < 0) {
+            log_warn("retained store %s: skipping an invalid record (seq %" PRIu64
+                     ": empty payload or bad topic)",
+                     path, rec.seq);
+            *rewrite = true;
+            continue;
+        }
+        retained_store(local, (const char *)rec.topic, rec.topic_len, rec.payload, rec.payload_len,
+                       rec.flags & RECORD_FLAG_QOS_MASK);
+        loaded++;
+    }
+    if (!header_ok) {
+        if (loaded == 0)
+            return *why = "not a retained store (bad header)", -EINVAL;
+        retained_damage(local, path, data, 0, RECORD_FILE_HEADER_SIZE, 0, "damaged file header");
+        *rewrite = true;
+    }
+    return 0;
+}
+
 /* Start-up, before the listeners bind: load <state_dir>/retained.db. A bad
  * file is reported and moved aside; the server starts without it. */
-static void retained_load(struct local *local)
+static bool retained_load(struct local *local)
 {
+    bool rewrite = false;
     char *path, *data = NULL;
     const char *why = NULL;
     size_t len = 0;
     int rc;
 
     if (!local->conf->state_dir)
-        return;
+        return false;
     path = retained_path(local, "");
     if (!path)
-        return;
+        return false;
     rc = util_read_file(path, RETAINED_FILE_MAX, &data, &len);
     if (rc == -ENOENT) {
         free(path);
-        return;
+        return false;
     }
     if (rc < 0) {
         log_err("retained store %s: cannot read: %s; starting without retained messages", path,
                 strerror(-rc));
-    } else if (retained_parse(local, (const uint8_t *)data, len, &why) < 0) {
+    } else if (retained_parse(local, path, (const uint8_t *)data, len, &rewrite, &why) < 0) {
         char *aside = retained_path(local, ".corrupt");
 
         log_err("retained store %s is corrupt: %s; starting without retained messages and "
@@ -1674,12 +1753,14 @@ static void retained_load(struct local *local)
             free(r);
         }
         local->retained_count = 0;
+        rewrite = false;
     } else {
         log_info("retained store %s: loaded %zu retained messages", path, local->retained_count);
     }
     local->retained_dirty = false;
     free(data);
     free(path);
+    return rewrite;
 }
 
 struct dispatch {
@@ -3216,8 +3297,10 @@ int local_start(struct local *local)
         return -ECANCELED;
     /* Retained messages are back before the first client can subscribe. */
     if (!local->retained_loaded) {
-        retained_load(local);
+        bool rewrite = retained_load(local);
         local->retained_loaded = true; /* only now do changes schedule writes */
+        if (rewrite)
+            retained_changed(local); /* upgrade, or drop the damaged bytes */
     }
     passed = activation_collect(&local->activation, why, sizeof(why));
     if (why[0])

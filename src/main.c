@@ -7,12 +7,15 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <grp.h>
 #include <openssl/crypto.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -802,6 +805,92 @@ static void walk_close_cb(uv_handle_t *handle, void *arg)
         uv_close(handle, NULL);
 }
 
+/* conf_load() and the certificate checks; every error on stderr. */
+static int load_and_check(const char *path, struct conf **out)
+{
+    char *errors = NULL;
+    int rc = conf_load(path, out, &errors);
+
+    if (rc < 0) {
+        fprintf(stderr, "%s%s", errors ? errors : strerror(-rc),
+                errors && errors[0] && errors[strlen(errors) - 1] == '\n' ? "" : "\n");
+        fprintf(stderr, "uplinkd: configuration %s is not valid\n", path);
+        free(errors);
+        return -EINVAL;
+    }
+    /* Certificates are checked now, not at the first handshake: an expired
+     * or mismatched one would otherwise only show as endless reconnects. */
+    if (tlscheck_conf(*out, NULL, time(NULL), NULL, 0) < 0) {
+        fprintf(stderr, "uplinkd: configuration %s: client certificate check failed (above)\n",
+                path);
+        conf_free(*out);
+        *out = NULL;
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/*
+ * --check-config run as root passes files that only root can read, while
+ * the service runs as User=uplinkd (uplinkd.service). So as root, the check
+ * runs once more in a child that has become the service user: the same
+ * conf_load() and tlscheck, so every file is opened as the daemon would open
+ * it (directories on the way included). $UPLINKD_SERVICE_USER names the user
+ * (default "uplinkd"; empty: root only, as the tests do). A missing default
+ * user is noted and skipped; a named one that is missing is an error.
+ * Returns 0, or -EACCES when the service user cannot use the configuration.
+ */
+static int check_as_service_user(const char *path)
+{
+    const char *env = getenv("UPLINKD_SERVICE_USER");
+    const char *name = env ? env : UPLINKD_SERVICE_USER;
+    struct passwd *pw;
+    int status;
+    pid_t pid;
+
+    if (geteuid() != 0 || name[0] == '\0' || strcmp(name, "root") == 0)
+        return 0;
+    pw = getpwnam(name);
+    if (pw == NULL) {
+        if (env == NULL) {
+            printf("note: service user %s does not exist here; files were checked as root\n",
+                   name);
+            return 0;
+        }
+        fprintf(stderr, "uplinkd: UPLINKD_SERVICE_USER=%s: no such user\n", name);
+        return -EINVAL;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid < 0) {
+        fprintf(stderr, "uplinkd: cannot check as user %s: fork: %s\n", name, strerror(errno));
+        return -errno;
+    }
+    if (pid == 0) {
+        struct conf *conf = NULL;
+        if (initgroups(pw->pw_name, pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 ||
+            setuid(pw->pw_uid) < 0) {
+            fprintf(stderr, "uplinkd: cannot become user %s: %s\n", name, strerror(errno));
+            _exit(2);
+        }
+        int rc = load_and_check(path, &conf);
+        conf_free(conf);
+        fflush(NULL);
+        _exit(rc < 0 ? 1 : 0);
+    }
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        return 0;
+    fprintf(stderr,
+            "uplinkd: configuration %s is valid for root, but the service user %s (uid %u) "
+            "cannot use it (errors above, checked as %s): make the files readable by group %s "
+            "(chgrp %s FILE; chmod g+r FILE) and their directories searchable\n",
+            path, name, (unsigned)pw->pw_uid, name, name, name);
+    return -EACCES;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -811,7 +900,7 @@ int main(int argc, char **argv)
     };
     struct daemon *d = &daemon_instance;
     bool check_only = false;
-    int opt;
+    int opt, rc;
 
     d->config_path = UPLINKD_DEFAULT_CONFIG;
     while ((opt = getopt_long(argc, argv, "c:tvVh", options, NULL)) != -1) {
@@ -843,32 +932,20 @@ int main(int argc, char **argv)
     }
 
     log_init(effective_level(d, LOG_INFO));
-    char *errors = NULL;
-    int rc = conf_load(d->config_path, &d->conf, &errors);
-    if (rc < 0) {
-        fprintf(stderr, "%s%s", errors ? errors : strerror(-rc),
-                errors && errors[0] && errors[strlen(errors) - 1] == '\n' ? "" : "\n");
-        fprintf(stderr, "uplinkd: configuration %s is not valid\n", d->config_path);
-        free(errors);
+    if (load_and_check(d->config_path, &d->conf) < 0)
         return 1;
-    }
-    /* Certificates are checked now, not at the first handshake: an expired
-     * or mismatched one would otherwise only show as endless reconnects. */
-    if (tlscheck_conf(d->conf, NULL, time(NULL), NULL, 0) < 0) {
-        fprintf(stderr, "uplinkd: configuration %s: client certificate check failed (above)\n",
-                d->config_path);
-        conf_free(d->conf);
-        return 1;
-    }
     if (check_only) {
         size_t warnings = warn_acl_sidestep(d->conf);
-        printf("configuration OK: %s (%zu uplink(s), %zu listener(s))", d->config_path,
-               d->conf->uplink_count, d->conf->local.listen_count);
-        if (warnings)
-            printf(", %zu warning(s) on stderr", warnings);
-        printf("\n");
+        rc = check_as_service_user(d->config_path);
+        if (rc == 0) {
+            printf("configuration OK: %s (%zu uplink(s), %zu listener(s))", d->config_path,
+                   d->conf->uplink_count, d->conf->local.listen_count);
+            if (warnings)
+                printf(", %zu warning(s) on stderr", warnings);
+            printf("\n");
+        }
         conf_free(d->conf);
-        return 0;
+        return rc == 0 ? 0 : 1;
     }
     log_set_level(effective_level(d, d->conf->log_level));
     log_notice("uplinkd %s starting with %s", UPLINKD_VERSION, d->config_path);

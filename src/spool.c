@@ -13,9 +13,12 @@
  *
  * all little-endian; the CRC covers everything after the CRC field, so a
  * record torn anywhere (power loss in the middle of a write) fails its check.
- * Sequence numbers are consecutive inside a segment; recovery also refuses a
- * record whose seq is not the expected one, which catches stale bytes from a
- * reused block and zero-filled tails.
+ * Sequence numbers are consecutive inside a segment. The framing and the
+ * reader are record.c's (shared with the retained store): a damaged range
+ * with a valid record after it loses only the records in it (a "hole" the
+ * reader jumps over, counted in dropped_corrupt, bytes copied to
+ * damaged_dir); bad bytes with nothing valid after them at the end of the
+ * last segment are a torn tail and are cut.
  *
  * Why a segmented log and not a database file: appends are sequential writes
  * with one fdatasync per batch, space is reclaimed by deleting whole files
@@ -57,17 +60,13 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "record.h"
 #include "util.h"
 
-#define SEG_HEADER_SIZE   24
-#define REC_HEADER_SIZE   28
-#define SEG_MAGIC         "UPLKSPL1"
-#define CURSOR_MAGIC      0x52435055u /* "UPCR" */
-#define CURSOR_SLOT_SIZE  32
-#define REC_FLAG_QOS_MASK 0x03
-#define REC_FLAG_RETAIN   0x04
-/* MQTT 3.1.1 §2.2.3: no packet is larger than this; neither is a record. */
-#define REC_MAX_LEN         (268435455u)
+#define SEG_HEADER_SIZE     RECORD_FILE_HEADER_SIZE
+#define SEG_MAGIC           "UPLKSPL1"
+#define CURSOR_MAGIC        0x52435055u /* "UPCR" */
+#define CURSOR_SLOT_SIZE    32
 #define SEG_MIN_BYTES       (4u * 1024)
 #define SEG_MAX_BYTES       (16u * 1024 * 1024)
 #define SPOOL_BATCH_BYTES   (1024u * 1024)
@@ -82,6 +81,16 @@ struct spool_buf {
     size_t len, cap;
 };
 
+/* A damaged range inside a segment with good records after it: the reader
+ * jumps from @from to @to (also after a rewind), so only the records that
+ * were in it are lost. */
+struct spool_hole {
+    uint64_t from, to;   /* byte offsets in the segment file */
+    uint64_t lost_first; /* sequence numbers it held: lost_first..lost_last */
+    uint64_t lost_last;  /* (lost_last < lost_first: none) */
+    bool in_depth;       /* found by a read: its records were counted in depth */
+};
+
 struct spool_seg {
     struct spool_seg *prev, *next;
     uint64_t first_seq;
@@ -94,8 +103,10 @@ struct spool_seg {
     struct spool_buf flush; /* owned by the running commit */
     struct spool_buf fill;  /* appended since */
     bool busy;              /* part of the running commit */
-    bool damaged;           /* only the valid prefix is read; never appended to */
+    bool damaged;           /* has damage (holes, a cut tail): never appended to */
     int fd;                 /* write fd (worker thread while busy), -1 */
+    struct spool_hole *holes;
+    size_t hole_count;
 };
 
 struct spool_pos {
@@ -154,6 +165,7 @@ struct spool {
     uv_loop_t *loop;
     char *dir;
     char *name;
+    char *damaged_dir;         /* copies of damaged bytes go here; NULL: none kept */
     struct spool_options opts; /* dir/name point at the copies above */
     uint64_t segment_bytes;
 
@@ -210,64 +222,7 @@ struct spool {
     struct spool_stats stats;
 };
 
-/* --- CRC-32C ------------------------------------------------------------- */
-
-static uint32_t crc32c_table[8][256];
-static bool crc32c_ready;
-
-static void crc32c_init(void)
-{
-    /* Castagnoli polynomial, reflected (RFC 3720 §B.4). Slicing-by-8. */
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        crc32c_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc32c_table[t][i] =
-                (crc32c_table[t - 1][i] >> 8) ^ crc32c_table[0][crc32c_table[t - 1][i] & 0xff];
-    crc32c_ready = true;
-}
-
-uint32_t spool_crc32c(uint32_t crc, const void *data, size_t len)
-{
-    const uint8_t *p = data;
-
-    if (!crc32c_ready)
-        crc32c_init();
-    crc = ~crc;
-    while (len >= 8) {
-        uint32_t lo = crc ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                             (uint32_t)p[3] << 24);
-        crc = crc32c_table[7][lo & 0xff] ^ crc32c_table[6][(lo >> 8) & 0xff] ^
-              crc32c_table[5][(lo >> 16) & 0xff] ^ crc32c_table[4][lo >> 24] ^
-              crc32c_table[3][p[4]] ^ crc32c_table[2][p[5]] ^ crc32c_table[1][p[6]] ^
-              crc32c_table[0][p[7]];
-        p += 8;
-        len -= 8;
-    }
-    while (len--)
-        crc = (crc >> 8) ^ crc32c_table[0][(crc ^ *p++) & 0xff];
-    return ~crc;
-}
-
 /* --- little helpers -------------------------------------------------------- */
-
-static void put_le(uint8_t *p, uint64_t v, int bytes)
-{
-    for (int i = 0; i < bytes; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get_le(const uint8_t *p, int bytes)
-{
-    uint64_t v = 0;
-    for (int i = bytes - 1; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
-}
 
 static uint64_t realtime_ms(void)
 {
@@ -320,70 +275,6 @@ static void seg_path(const struct spool *spool, uint64_t first_seq, char *out, s
     snprintf(out, size, "%s/%016" PRIx64 ".seg", spool->dir, first_seq);
 }
 
-static void seg_header(uint8_t out[SEG_HEADER_SIZE], uint64_t first_seq)
-{
-    memcpy(out, SEG_MAGIC, 8);
-    put_le(out + 8, first_seq, 8);
-    put_le(out + 16, spool_crc32c(0, out, 16), 4);
-    put_le(out + 20, 0, 4);
-}
-
-static bool seg_header_ok(const uint8_t *p, uint64_t *first_seq)
-{
-    if (memcmp(p, SEG_MAGIC, 8) != 0 || get_le(p + 16, 4) != spool_crc32c(0, p, 16) ||
-        get_le(p + 20, 4) != 0)
-        return false;
-    *first_seq = get_le(p + 8, 8);
-    return true;
-}
-
-/* Parsed record header; checks what can be checked without the body. */
-struct rec_header {
-    uint32_t crc;
-    uint32_t len;
-    uint64_t seq;
-    uint64_t time_ms;
-    uint8_t flags;
-    uint16_t topic_len;
-};
-
-static const char *rec_header_parse(const uint8_t *p, struct rec_header *h)
-{
-    h->crc = (uint32_t)get_le(p, 4);
-    h->len = (uint32_t)get_le(p + 4, 4);
-    h->seq = get_le(p + 8, 8);
-    h->time_ms = get_le(p + 16, 8);
-    h->flags = p[24];
-    h->topic_len = (uint16_t)get_le(p + 26, 2);
-    if (h->len > REC_MAX_LEN)
-        return "record length out of range";
-    if (h->topic_len == 0 || h->topic_len > h->len)
-        return "topic length out of range";
-    if ((h->flags & ~(REC_FLAG_QOS_MASK | REC_FLAG_RETAIN)) || (h->flags & 3) == 3 || p[25])
-        return "unknown flags";
-    return NULL;
-}
-
-static bool rec_crc_ok(const uint8_t *rec, const struct rec_header *h)
-{
-    return spool_crc32c(0, rec + 4, REC_HEADER_SIZE - 4 + h->len) == h->crc;
-}
-
-static void rec_encode(uint8_t *p, uint64_t seq, uint64_t time_ms, int qos, bool retain,
-                       const void *topic, size_t topic_len, const void *payload, size_t len)
-{
-    put_le(p + 4, topic_len + len, 4);
-    put_le(p + 8, seq, 8);
-    put_le(p + 16, time_ms, 8);
-    p[24] = (uint8_t)((qos & REC_FLAG_QOS_MASK) | (retain ? REC_FLAG_RETAIN : 0));
-    p[25] = 0;
-    put_le(p + 26, topic_len, 2);
-    memcpy(p + REC_HEADER_SIZE, topic, topic_len);
-    if (len)
-        memcpy(p + REC_HEADER_SIZE + topic_len, payload, len);
-    put_le(p, spool_crc32c(0, p + 4, REC_HEADER_SIZE - 4 + topic_len + len), 4);
-}
-
 /* --- deferred callbacks ---------------------------------------------------- */
 
 static void spool_check_closed(struct spool *spool);
@@ -434,6 +325,7 @@ static void seg_free(struct spool_seg *seg)
         close(seg->fd);
     buf_free(&seg->flush);
     buf_free(&seg->fill);
+    free(seg->holes);
     free(seg);
 }
 
@@ -530,7 +422,82 @@ static void retire_acked(struct spool *spool)
 static uint64_t seg_unacked(const struct spool *spool, const struct spool_seg *seg)
 {
     uint64_t from = spool->acked_seq + 1 > seg->first_seq ? spool->acked_seq + 1 : seg->first_seq;
-    return seg->last_seq >= from ? seg->last_seq - from + 1 : 0;
+    uint64_t count = seg->last_seq >= from ? seg->last_seq - from + 1 : 0;
+
+    /* Sequence numbers lost to damage found at start were never counted. */
+    for (size_t i = 0; i < seg->hole_count; i++) {
+        const struct spool_hole *hole = &seg->holes[i];
+        uint64_t first = hole->lost_first > from ? hole->lost_first : from;
+        if (!hole->in_depth && hole->lost_last >= first && hole->lost_last <= seg->last_seq)
+            count -= hole->lost_last - first + 1;
+    }
+    return count;
+}
+
+/* The offset to read at @off: past a damaged range that starts there. */
+static uint64_t seg_skip_hole(const struct spool_seg *seg, uint64_t off)
+{
+    for (size_t i = 0; i < seg->hole_count; i++)
+        if (seg->holes[i].from == off)
+            return seg->holes[i].to;
+    return off;
+}
+
+/* Damaged bytes [from, to) of @seg's file (@bytes, the damaged ones, for
+ * the copy) with sequence numbers lost_first..lost_last in them: count,
+ * log, keep a copy for the operator, and remember the range as a hole when
+ * good records follow it in this segment (@hole). Returns 0 or -ENOMEM. */
+static int seg_damage(struct spool *spool, struct spool_seg *seg, uint64_t from, uint64_t to,
+                      const uint8_t *bytes, uint64_t lost_first, uint64_t lost_last,
+                      const char *why, const char *after, bool hole, bool in_depth)
+{
+    char path[4096], copy[4400], name[300];
+    uint64_t lost = lost_last >= lost_first ? lost_last - lost_first + 1 : 0;
+    uint64_t unacked_first = lost_first > spool->acked_seq ? lost_first : spool->acked_seq + 1;
+    uint64_t unacked = lost_last >= unacked_first ? lost_last - unacked_first + 1 : 0;
+    int rc;
+
+    seg_path(spool, seg->first_seq, path, sizeof(path));
+    copy[0] = '\0';
+    if (spool->damaged_dir) {
+        snprintf(name, sizeof(name), "spool-%s-%016" PRIx64 ".seg", spool->name, seg->first_seq);
+        rc = record_keep_damaged(spool->damaged_dir, name, from, bytes, (size_t)(to - from), copy,
+                                 sizeof(copy));
+        if (rc < 0) {
+            log_uplink(LOG_WARNING, spool->name,
+                       "spool: cannot keep a copy of damaged bytes in %s: %s", spool->damaged_dir,
+                       strerror(-rc));
+            copy[0] = '\0';
+        }
+    }
+    spool->stats.dropped_corrupt += unacked;
+    if (lost)
+        log_uplink(LOG_WARNING, spool->name,
+                   "spool: %s is damaged at bytes %" PRIu64 "..%" PRIu64 " (%" PRIu64
+                   " byte(s), %s): %" PRIu64 " record(s) lost (seq %" PRIu64 "..%" PRIu64
+                   "%s), %s%s%s",
+                   path, from, to - 1, to - from, why, lost, lost_first, lost_last,
+                   unacked < lost ? ", some already acknowledged" : "", after,
+                   copy[0] ? "; damaged bytes kept in " : "", copy);
+    else
+        log_uplink(LOG_WARNING, spool->name,
+                   "spool: %s is damaged at bytes %" PRIu64 "..%" PRIu64 " (%" PRIu64
+                   " byte(s), %s): no record lost%s%s",
+                   path, from, to - 1, to - from, why, copy[0] ? "; damaged bytes kept in " : "",
+                   copy);
+    seg->damaged = true;
+    if (!hole)
+        return 0;
+    struct spool_hole *holes = realloc(seg->holes, (seg->hole_count + 1) * sizeof(*holes));
+    if (!holes)
+        return -ENOMEM;
+    seg->holes = holes;
+    holes[seg->hole_count++] = (struct spool_hole){.from = from,
+                                                   .to = to,
+                                                   .lost_first = lost_first,
+                                                   .lost_last = lost_last,
+                                                   .in_depth = in_depth};
+    return 0;
 }
 
 /* overflow: drop-oldest. Returns false when the head cannot go. */
@@ -568,18 +535,18 @@ static bool drop_head(struct spool *spool, const char *why)
 static void cursor_encode(uint8_t out[CURSOR_SLOT_SIZE], uint64_t gen, uint64_t seq)
 {
     memset(out, 0, CURSOR_SLOT_SIZE);
-    put_le(out, CURSOR_MAGIC, 4);
-    put_le(out + 8, gen, 8);
-    put_le(out + 16, seq, 8);
-    put_le(out + 24, spool_crc32c(0, out, 24), 4);
+    record_put_le(out, CURSOR_MAGIC, 4);
+    record_put_le(out + 8, gen, 8);
+    record_put_le(out + 16, seq, 8);
+    record_put_le(out + 24, record_crc32c(0, out, 24), 4);
 }
 
 static bool cursor_decode(const uint8_t *p, uint64_t *gen, uint64_t *seq)
 {
-    if (get_le(p, 4) != CURSOR_MAGIC || get_le(p + 24, 4) != spool_crc32c(0, p, 24))
+    if (record_get_le(p, 4) != CURSOR_MAGIC || record_get_le(p + 24, 4) != record_crc32c(0, p, 24))
         return false;
-    *gen = get_le(p + 8, 8);
-    *seq = get_le(p + 16, 8);
+    *gen = record_get_le(p + 8, 8);
+    *seq = record_get_le(p + 16, 8);
     return true;
 }
 
@@ -946,7 +913,7 @@ static int append_record(struct spool *spool, const char *topic, size_t topic_le
                          const void *payload, size_t len, int qos, bool retain)
 {
     struct spool_seg *seg = spool->tail;
-    size_t size = REC_HEADER_SIZE + topic_len + len;
+    size_t size = RECORD_HEADER_SIZE + topic_len + len;
     uint64_t now = realtime_ms();
 
     if (!seg || seg->damaged || (seg->records > 0 && seg->size + size > spool->segment_bytes)) {
@@ -956,7 +923,7 @@ static int append_record(struct spool *spool, const char *topic, size_t topic_le
                 seg_free(seg);
             return -ENOMEM;
         }
-        seg_header(seg->fill.data, seg->first_seq);
+        record_file_header(seg->fill.data, SEG_MAGIC, seg->first_seq);
         seg->fill.len = SEG_HEADER_SIZE;
         seg->size = SEG_HEADER_SIZE;
         spool->bytes += SEG_HEADER_SIZE;
@@ -971,8 +938,9 @@ static int append_record(struct spool *spool, const char *topic, size_t topic_le
     }
     if (spool->fill_bytes == 0)
         spool->fill_since = uv_now(spool->loop);
-    rec_encode(seg->fill.data + seg->fill.len, spool->next_seq, now, qos, retain, topic, topic_len,
-               payload, len);
+    record_encode(seg->fill.data + seg->fill.len, spool->next_seq, now,
+                  (uint8_t)((qos & RECORD_FLAG_QOS_MASK) | (retain ? RECORD_FLAG_RETAIN : 0)),
+                  topic, topic_len, payload, len);
     seg->fill.len += size;
     seg->size += size;
     if (seg->records == 0)
@@ -998,7 +966,7 @@ static void admit_blocked(struct spool *spool)
     struct spool_blocked *b;
 
     while ((b = spool->blocked_head) != NULL && !spool->io_error) {
-        size_t size = REC_HEADER_SIZE + b->topic_len + b->len;
+        size_t size = RECORD_HEADER_SIZE + b->topic_len + b->len;
         if (!has_room(spool, size))
             break;
         if (append_record(spool, (const char *)b->data, b->topic_len, b->data + b->topic_len,
@@ -1025,7 +993,7 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
                  size_t len, int qos, bool retain, unsigned flags,
                  void (*done_cb)(void *arg, int status), void *arg)
 {
-    size_t size = REC_HEADER_SIZE + topic_len + len;
+    size_t size = RECORD_HEADER_SIZE + topic_len + len;
     struct spool_blocked *b;
     int rc;
 
@@ -1033,7 +1001,7 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
         return -ESHUTDOWN;
     if (qos < 0 || qos > 2 || topic_len == 0 || topic_len > 65535)
         return -EINVAL;
-    if (len > REC_MAX_LEN - topic_len || size > spool->opts.max_bytes / 4)
+    if (len > RECORD_MAX_LEN - topic_len || size > spool->opts.max_bytes / 4)
         return -EMSGSIZE;
     if (spool->io_error)
         return spool->io_error;
@@ -1127,7 +1095,7 @@ static int rb_fill(struct spool *spool, struct spool_seg *seg, uint64_t off, siz
 /* Pointer to the record at @pos and its header. Returns 0, -EAGAIN at the
  * end of the segment, -EBADMSG for a damaged record (the reason in *why),
  * or an I/O errno. */
-static int read_at(struct spool *spool, const struct spool_pos *pos, struct rec_header *h,
+static int read_at(struct spool *spool, const struct spool_pos *pos, struct record *h,
                    const uint8_t **rec, const char **why)
 {
     struct spool_seg *seg = pos->seg;
@@ -1155,17 +1123,18 @@ static int read_at(struct spool *spool, const struct spool_pos *pos, struct rec_
                 return -errno;
             spool->rb_seg = seg;
         }
-        if (!(off >= spool->rb_start && off + REC_HEADER_SIZE <= spool->rb_start + spool->rb.len)) {
+        if (!(off >= spool->rb_start &&
+              off + RECORD_HEADER_SIZE <= spool->rb_start + spool->rb.len)) {
             int rc = rb_fill(spool, seg, off, SPOOL_READ_CHUNK);
             if (rc < 0)
                 return rc;
         }
         p = spool->rb.data + (off - spool->rb_start);
         avail = (size_t)(spool->rb_start + spool->rb.len - off);
-        if (avail >= REC_HEADER_SIZE && rec_header_parse(p, h) == NULL &&
-            avail < REC_HEADER_SIZE + (size_t)h->len) {
+        if (avail >= RECORD_HEADER_SIZE && record_header_parse(p, h) == NULL &&
+            avail < RECORD_HEADER_SIZE + (size_t)h->len) {
             /* The record goes past the buffer: read it whole from @off. */
-            size_t want = REC_HEADER_SIZE + (size_t)h->len;
+            size_t want = RECORD_HEADER_SIZE + (size_t)h->len;
             int rc = rb_fill(spool, seg, off, want > SPOOL_READ_CHUNK ? want : SPOOL_READ_CHUNK);
             if (rc < 0)
                 return rc;
@@ -1174,18 +1143,18 @@ static int read_at(struct spool *spool, const struct spool_pos *pos, struct rec_
         }
     }
 
-    if (avail < REC_HEADER_SIZE) {
+    if (avail < RECORD_HEADER_SIZE) {
         *why = "short record header";
         return -EBADMSG;
     }
-    *why = rec_header_parse(p, h);
+    *why = record_header_parse(p, h);
     if (*why)
         return -EBADMSG;
-    if (avail < REC_HEADER_SIZE + (size_t)h->len) {
+    if (avail < RECORD_HEADER_SIZE + (size_t)h->len) {
         *why = "short record";
         return -EBADMSG;
     }
-    if (from_file && !rec_crc_ok(p, h)) {
+    if (from_file && record_crc32c(0, p + 4, RECORD_HEADER_SIZE - 4 + (size_t)h->len) != h->crc) {
         *why = "CRC mismatch";
         return -EBADMSG;
     }
@@ -1241,9 +1210,71 @@ static void out_pop_acked(struct spool *spool)
     }
 }
 
+/* A damaged record at @pos (a segment file's part) whose seq should be
+ * @expect: read the rest of the file, find the next valid record, make the
+ * range a hole and hand its records out as lost (an acknowledged out entry,
+ * so the cursor moves over them). Returns 0, or a negative errno when the
+ * file cannot be read (the reader stays). */
+static int read_damaged(struct spool *spool, const struct spool_pos *pos, uint64_t expect,
+                        const char *why)
+{
+    struct spool_seg *seg = pos->seg;
+    size_t len = (size_t)(seg->file_len - pos->off), got = 0, found = 0;
+    uint64_t to = seg->size, lost_last = seg->last_seq;
+    uint8_t *data = malloc(len ? len : 1);
+    struct record rec;
+    int rc;
+
+    if (!data)
+        return -ENOMEM;
+    rb_drop(spool);
+    char path[4096];
+    seg_path(spool, seg->first_seq, path, sizeof(path));
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    while (fd >= 0 && got < len) {
+        ssize_t n = pread(fd, data + got, len - got, (off_t)(pos->off + got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    if (fd >= 0)
+        close(fd);
+    if (got < len) {
+        log_uplink(LOG_ERR, spool->name, "spool: cannot read %s: %s", path,
+                   fd < 0 ? strerror(errno) : "short read");
+        free(data);
+        return -EIO;
+    }
+    if (record_resync(data, len, 0, expect - 1, &found, &rec)) {
+        to = pos->off + found;
+        lost_last = rec.seq - 1;
+    } else if (seg->size > seg->file_len) {
+        /* Written and still in memory: the records after the file's end. */
+        struct spool_pos next = {.seg = seg, .off = seg->file_len};
+        const uint8_t *p;
+        const char *ignored;
+        to = seg->file_len;
+        if (read_at(spool, &next, &rec, &p, &ignored) == 0)
+            lost_last = rec.seq - 1;
+    }
+    rc = seg_damage(spool, seg, pos->off, to, data, expect, lost_last, why,
+                    to < seg->size ? "reading continues at the next valid record"
+                                   : "the rest of the segment is skipped",
+                    true, true);
+    free(data);
+    if (rc < 0)
+        return rc;
+    spool->read.off = to;
+    if (lost_last >= expect && out_push(spool, lost_last, lost_last - expect + 1, *pos, true) == 0)
+        out_pop_acked(spool);
+    return 0;
+}
+
 int spool_next(struct spool *spool, struct spool_record *out)
 {
-    struct rec_header h;
+    struct record h;
     const uint8_t *rec;
     const char *why = NULL;
     uint64_t now = 0;
@@ -1253,6 +1284,8 @@ int spool_next(struct spool *spool, struct spool_record *out)
         struct spool_pos pos = spool->read;
         if (!pos.seg)
             return -EAGAIN;
+        if (pos.seg->hole_count)
+            spool->read.off = pos.off = seg_skip_hole(pos.seg, pos.off);
         rc = read_at(spool, &pos, &h, &rec, &why);
         if (rc == -EAGAIN) {
             if (!pos.seg->next)
@@ -1263,23 +1296,15 @@ int spool_next(struct spool *spool, struct spool_record *out)
         }
         if (rc == -EBADMSG) {
             /* Damage found after start-up (bit rot, someone else's write):
-             * never send it; skip the rest of the segment. */
+             * never send it; skip to the next valid record. */
             uint64_t expect = pos.seg->first_seq;
             if (spool->acked_seq + 1 > expect)
                 expect = spool->acked_seq + 1;
             if (spool->out_len &&
                 spool->outs[spool->out_head + spool->out_len - 1].seq + 1 > expect)
                 expect = spool->outs[spool->out_head + spool->out_len - 1].seq + 1;
-            uint64_t lost = pos.seg->last_seq >= expect ? pos.seg->last_seq - expect + 1 : 0;
-            log_uplink(LOG_ERR, spool->name,
-                       "spool: segment %016" PRIx64 " is damaged at offset %" PRIu64
-                       " (%s): skipping its remaining %" PRIu64 " bytes, %" PRIu64 " record(s)",
-                       pos.seg->first_seq, pos.off, why, pos.seg->size - pos.off, lost);
-            spool->stats.dropped_corrupt += lost;
-            pos.seg->damaged = true;
-            spool->read.off = pos.seg->size;
-            if (lost && out_push(spool, pos.seg->last_seq, lost, pos, true) == 0)
-                out_pop_acked(spool);
+            if (read_damaged(spool, &pos, expect, why) < 0)
+                return -EAGAIN;
             continue;
         }
         if (rc < 0) {
@@ -1287,7 +1312,7 @@ int spool_next(struct spool *spool, struct spool_record *out)
                        pos.seg->first_seq, strerror(-rc));
             return -EAGAIN;
         }
-        spool->read.off += REC_HEADER_SIZE + h.len;
+        spool->read.off += RECORD_HEADER_SIZE + h.len;
         if (spool->opts.max_age_ms) {
             if (!now)
                 now = realtime_ms();
@@ -1304,11 +1329,11 @@ int spool_next(struct spool *spool, struct spool_record *out)
         }
         out->seq = h.seq;
         out->time_ms = h.time_ms;
-        out->qos = h.flags & REC_FLAG_QOS_MASK;
-        out->retain = (h.flags & REC_FLAG_RETAIN) != 0;
-        out->topic = (const char *)rec + REC_HEADER_SIZE;
+        out->qos = h.flags & RECORD_FLAG_QOS_MASK;
+        out->retain = (h.flags & RECORD_FLAG_RETAIN) != 0;
+        out->topic = (const char *)rec + RECORD_HEADER_SIZE;
         out->topic_len = h.topic_len;
-        out->payload = rec + REC_HEADER_SIZE + h.topic_len;
+        out->payload = rec + RECORD_HEADER_SIZE + h.topic_len;
         out->len = h.len - h.topic_len;
         return 0;
     }
@@ -1429,50 +1454,52 @@ static int read_whole(const char *path, uint8_t **out, size_t *len)
     return 0;
 }
 
-/* Scan one segment file; returns the valid length and fills @seg. */
-static size_t scan_segment(struct spool *spool, struct spool_seg *seg, const uint8_t *data,
-                           size_t len, const char **why)
+/* Scan one segment file and fill @seg. A damaged range with a valid record
+ * after it is a hole (counted, logged, kept; the records after it stay).
+ * *@valid is where the records end: @len, or the start of bytes after which
+ * nothing validates (*@why says what was wrong there). Returns 0 or -ENOMEM. */
+static int scan_segment(struct spool *spool, struct spool_seg *seg, const uint8_t *data, size_t len,
+                        size_t *valid, const char **why)
 {
-    size_t off = SEG_HEADER_SIZE;
-    uint64_t expect = seg->first_seq;
+    struct record_scan scan;
+    struct record rec;
+    enum record_scan_result result;
+    int rc;
 
     *why = NULL;
-    while (off < len) {
-        struct rec_header h;
-        if (len - off < REC_HEADER_SIZE) {
-            *why = "short record header";
+    record_scan_init(&scan, data, len, SEG_HEADER_SIZE, seg->first_seq);
+    for (;;) {
+        size_t off = scan.off;
+        result = record_scan_next(&scan, &rec);
+        if (result == RECORD_SCAN_END)
+            break;
+        if (result == RECORD_SCAN_TORN) {
+            *why = scan.why;
             break;
         }
-        if ((*why = rec_header_parse(data + off, &h)) != NULL)
-            break;
-        if (len - off - REC_HEADER_SIZE < h.len) {
-            *why = "short record";
-            break;
-        }
-        if (!rec_crc_ok(data + off, &h)) {
-            *why = "CRC mismatch";
-            break;
-        }
-        if (h.seq != expect) {
-            *why = "out-of-sequence record";
-            break;
+        if (result == RECORD_SCAN_DAMAGED) {
+            rc = seg_damage(spool, seg, scan.bad_from, scan.bad_to, data + scan.bad_from,
+                            scan.lost_first, scan.lost_last, scan.why,
+                            "reading continues at the next valid record", true, false);
+            if (rc < 0)
+                return rc;
+            off = scan.bad_to;
         }
         if (seg->records == 0)
-            seg->first_time_ms = h.time_ms;
+            seg->first_time_ms = rec.time_ms;
         seg->records++;
-        seg->last_seq = h.seq;
-        seg->last_time_ms = h.time_ms;
-        if (h.seq > spool->acked_seq) {
+        seg->last_seq = rec.seq;
+        seg->last_time_ms = rec.time_ms;
+        if (rec.seq > spool->acked_seq) {
             spool->stats.depth++;
             if (!spool->read.seg) {
                 spool->read.seg = seg;
                 spool->read.off = off;
             }
         }
-        expect++;
-        off += REC_HEADER_SIZE + h.len;
     }
-    return off;
+    *valid = scan.off;
+    return 0;
 }
 
 static int spool_recover(struct spool *spool)
@@ -1546,10 +1573,11 @@ static int spool_recover(struct spool *spool)
     for (size_t i = 0; i < count; i++) {
         bool last = i + 1 == count;
         uint8_t *data = NULL;
-        size_t len = 0, valid;
+        size_t len = 0, valid = 0;
         uint64_t header_first;
-        const char *why;
+        const char *why = NULL;
         struct spool_seg *seg;
+        bool header_ok;
 
         seg_path(spool, firsts[i], path, sizeof(path));
         rc = read_whole(path, &data, &len);
@@ -1558,78 +1586,98 @@ static int spool_recover(struct spool *spool)
             free(firsts);
             return rc;
         }
-        if (len < SEG_HEADER_SIZE || !seg_header_ok(data, &header_first) ||
-            header_first != firsts[i]) {
-            if (last && len < SEG_HEADER_SIZE) {
-                /* Power loss while the segment was being created. */
-                log_uplink(LOG_WARNING, spool->name,
-                           "spool: torn tail: %s is %zu byte(s), shorter than a segment header; "
-                           "deleted (%zu byte(s) dropped)",
-                           path, len, len);
-                spool->stats.recovered_torn_bytes += len;
-                unlink(path);
-            } else {
-                log_uplink(LOG_ERR, spool->name,
-                           "spool: %s has a damaged header: the whole segment (%zu bytes) is "
-                           "skipped and kept as %s.corrupt for inspection",
-                           path, len, path);
-                char corrupt[4200];
-                snprintf(corrupt, sizeof(corrupt), "%s.corrupt", path);
-                if (rename(path, corrupt) < 0)
-                    log_uplink(LOG_ERR, spool->name, "spool: cannot rename %s: %s", path,
-                               strerror(errno));
-                prev_damaged = true;
-            }
+        if (len < SEG_HEADER_SIZE && last) {
+            /* Power loss while the segment was being created. */
+            log_uplink(LOG_WARNING, spool->name,
+                       "spool: torn tail: %s is %zu byte(s), shorter than a segment header; "
+                       "deleted (%zu byte(s) dropped)",
+                       path, len, len);
+            spool->stats.recovered_torn_bytes += len;
+            unlink(path);
             free(data);
             continue;
         }
+        header_ok =
+            record_file_header_ok(data, len, SEG_MAGIC, &header_first) && header_first == firsts[i];
         seg = seg_new(firsts[i]);
         if (!seg) {
             free(data);
             free(firsts);
             return -ENOMEM;
         }
-        if (prev_damaged && prev_last && firsts[i] > prev_last + 1) {
-            uint64_t gap = firsts[i] - prev_last - 1;
+        /* A damaged header does not make the records unreadable: the file's
+         * name says which seq they start at. */
+        rc = len < SEG_HEADER_SIZE ? 0 : scan_segment(spool, seg, data, len, &valid, &why);
+        if (rc == 0 && !header_ok && seg->records > 0)
+            rc = seg_damage(spool, seg, 0, SEG_HEADER_SIZE, data, 1, 0, "damaged segment header",
+                            "", false, false);
+        if (rc < 0) {
+            seg_free(seg);
+            free(data);
+            free(firsts);
+            return rc;
+        }
+        if (!header_ok && seg->records == 0) {
             log_uplink(LOG_ERR, spool->name,
+                       "spool: %s has a damaged header and no valid record: the whole segment "
+                       "(%zu bytes) is skipped and kept as %s.corrupt for inspection",
+                       path, len, path);
+            char corrupt[4200];
+            snprintf(corrupt, sizeof(corrupt), "%s.corrupt", path);
+            if (rename(path, corrupt) < 0)
+                log_uplink(LOG_ERR, spool->name, "spool: cannot rename %s: %s", path,
+                           strerror(errno));
+            prev_damaged = true;
+            seg_free(seg);
+            free(data);
+            continue;
+        }
+        if (prev_damaged && prev_last && firsts[i] > prev_last + 1) {
+            uint64_t from = prev_last + 1 > spool->acked_seq ? prev_last + 1 : spool->acked_seq + 1;
+            uint64_t gap = firsts[i] > from ? firsts[i] - from : 0;
+            log_uplink(LOG_WARNING, spool->name,
                        "spool: %" PRIu64 " record(s) (seq %" PRIu64 "..%" PRIu64
-                       ") were lost to the damage reported above",
-                       gap, prev_last + 1, firsts[i] - 1);
+                       ") were lost to the damaged segment(s) reported above",
+                       firsts[i] - prev_last - 1, prev_last + 1, firsts[i] - 1);
             spool->stats.dropped_corrupt += gap;
         }
-        valid = scan_segment(spool, seg, data, len, &why);
-        free(data);
-        if (valid < len) {
-            if (last) {
-                log_uplink(LOG_WARNING, spool->name,
-                           "spool: torn tail in %s at offset %zu (%s): truncated, %zu byte(s) "
-                           "dropped; %" PRIu64 " whole record(s) before it are kept",
-                           path, valid, why, len - valid, seg->records);
-                spool->stats.recovered_torn_bytes += len - valid;
-                int fd = open(path, O_RDWR | O_CLOEXEC);
-                if (fd < 0 || ftruncate(fd, (off_t)valid) < 0 || fdatasync(fd) < 0) {
-                    rc = -errno;
-                    log_uplink(LOG_ERR, spool->name, "spool: cannot truncate %s: %s", path,
-                               strerror(errno));
-                    if (fd >= 0)
-                        close(fd);
-                    seg_free(seg);
-                    free(firsts);
-                    return rc;
-                }
-                close(fd);
-            } else {
-                log_uplink(LOG_ERR, spool->name,
-                           "spool: segment %s is corrupt at offset %zu (%s): its remaining %zu "
-                           "byte(s) are skipped, never replayed; %" PRIu64
-                           " whole record(s) before the damage are kept",
-                           path, valid, why, len - valid, seg->records);
-                seg->damaged = true;
+        prev_damaged = false;
+        if (valid < len && last) {
+            /* Nothing valid after @valid: a torn tail (power loss). */
+            log_uplink(LOG_WARNING, spool->name,
+                       "spool: torn tail in %s at offset %zu (%s): truncated, %zu byte(s) "
+                       "dropped; %" PRIu64 " whole record(s) before it are kept",
+                       path, valid, why, len - valid, seg->records);
+            spool->stats.recovered_torn_bytes += len - valid;
+            int fd = open(path, O_RDWR | O_CLOEXEC);
+            if (fd < 0 || ftruncate(fd, (off_t)valid) < 0 || fdatasync(fd) < 0) {
+                rc = -errno;
+                log_uplink(LOG_ERR, spool->name, "spool: cannot truncate %s: %s", path,
+                           strerror(errno));
+                if (fd >= 0)
+                    close(fd);
+                seg_free(seg);
+                free(data);
+                free(firsts);
+                return rc;
+            }
+            close(fd);
+        } else if (valid < len) {
+            /* Damage at the end of an older segment: the next segment's
+             * name says where the lost records end. Never replayed. */
+            rc = seg_damage(spool, seg, valid, len, data + valid, seg->last_seq + 1,
+                            firsts[i + 1] - 1, why, "the rest of the segment is skipped", false,
+                            false);
+            if (rc < 0) {
+                seg_free(seg);
+                free(data);
+                free(firsts);
+                return rc;
             }
         }
+        free(data);
         seg->size = seg->file_len = valid;
-        prev_last = seg->last_seq;
-        prev_damaged = seg->damaged;
+        prev_last = valid < len && !last ? firsts[i + 1] - 1 : seg->last_seq;
         spool->bytes += seg->size;
         if (seg->last_seq >= spool->next_seq)
             spool->next_seq = seg->last_seq + 1;
@@ -1683,6 +1731,10 @@ int spool_open(uv_loop_t *loop, const struct spool_options *opts, struct spool *
     spool->opts.durability = opts->durability;
     options_apply(spool, opts);
     spool->name = strdup(opts->name ? opts->name : "?");
+    if (opts->damaged_dir && !(spool->damaged_dir = strdup(opts->damaged_dir))) {
+        rc = -ENOMEM;
+        goto err_free;
+    }
     spool->dir = strdup(opts->dir ? opts->dir : "");
     if (!spool->name || !spool->dir) {
         rc = -ENOMEM;
@@ -1731,7 +1783,7 @@ void spool_set_limits(struct spool *spool, const struct spool_options *opts)
 
 bool spool_full(const struct spool *spool, size_t bytes)
 {
-    return spool->blocked_head || !has_room(spool, REC_HEADER_SIZE + bytes);
+    return spool->blocked_head || !has_room(spool, RECORD_HEADER_SIZE + bytes);
 }
 
 void spool_get_stats(const struct spool *spool, struct spool_stats *out)
@@ -1831,5 +1883,6 @@ void spool_free(struct spool *spool)
     free(spool->deferred.items);
     free(spool->name);
     free(spool->dir);
+    free(spool->damaged_dir);
     free(spool);
 }

@@ -54,6 +54,9 @@ enum spool_overflow {
 struct spool_options {
     const char *dir;  /* SPOOL_DURABLE: directory (created, mode 0700); borrowed */
     const char *name; /* for log lines (the uplink name); borrowed */
+    /* Copies of damaged bytes found in the segments go here (created when
+     * needed; <state_dir>/damaged). NULL: none kept. Borrowed. */
+    const char *damaged_dir;
     enum spool_durability durability;
     enum spool_overflow overflow;
     uint64_t max_bytes;          /* bound on the log's bytes (0: default) */
@@ -103,10 +106,15 @@ struct spool_stats {
 /**
  * spool_open() - open (or create) a spool and recover it.
  * Recovery runs synchronously (call it before READY=1): every segment is
- * scanned, a torn tail (bad CRC, short or out-of-sequence record at the end
- * of the last segment) is truncated away and logged with the number of bytes
- * dropped, damage inside an older segment is logged and the rest of that
- * segment skipped, and reading resumes after the persisted cursor.
+ * scanned. Damage with a valid record after it (a flipped bit, a bad
+ * sector) loses only the records it covers: they are counted in
+ * dropped_corrupt, logged with the file, byte range and seq range, the
+ * bytes are copied to damaged_dir, and reading jumps over the range. A
+ * damaged end of an older segment is skipped the same way. Bad bytes at
+ * the end of the last segment with nothing valid after them are a torn
+ * tail (power loss): truncated away and logged with the number of bytes
+ * dropped (recovered_torn_bytes). Reading resumes after the persisted
+ * cursor.
  * @opts: copied (strings too).
  * Returns 0, -ENOMEM, or a negative errno when the directory or a file
  * cannot be created or read (logged with the path).
@@ -188,8 +196,5 @@ void spool_close(struct spool *spool, void (*done_cb)(void *arg), void *arg);
 
 /** spool_free() - free after spool_close() finished, or after a failed use. NULL allowed. */
 void spool_free(struct spool *spool);
-
-/** spool_crc32c() - CRC-32C (Castagnoli) of @len bytes, continuing from @crc (start with 0). */
-uint32_t spool_crc32c(uint32_t crc, const void *data, size_t len);
 
 #endif

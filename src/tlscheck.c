@@ -256,6 +256,12 @@ static int check_ca_file(const char *ca_file, char *err, size_t err_size)
     return rc;
 }
 
+/* The "FILE:LINE:COL" of a key, or "". */
+static const char *at(const char *where)
+{
+    return where ? where : "";
+}
+
 int tlscheck_uplink(const struct conf_uplink *uplink, time_t now, const char *context)
 {
     char err[TLSCHECK_MSG_SIZE], warning[TLSCHECK_MSG_SIZE];
@@ -270,7 +276,8 @@ int tlscheck_uplink(const struct conf_uplink *uplink, time_t now, const char *co
     if (uplink->tls.ca_file != NULL && !uplink->tls.ca_system) {
         ca_rc = check_ca_file(uplink->tls.ca_file, err, sizeof(err));
         if (ca_rc < 0)
-            log_uplink(LOG_ERR, uplink->name, "%s%s", context, err);
+            log_uplink(LOG_ERR, uplink->name, "%s%s%s%s", context, at(uplink->tls.ca_at),
+                       uplink->tls.ca_at ? ": " : "", err);
     }
     if (uplink->tls.cert == NULL)
         return ca_rc;
@@ -287,7 +294,8 @@ int tlscheck_uplink(const struct conf_uplink *uplink, time_t now, const char *co
     rc = tlscheck_client_cert(uplink->tls.cert, uplink->tls.key, &options, now, NULL, err,
                               sizeof(err), warning, sizeof(warning));
     if (rc < 0) {
-        log_uplink(LOG_ERR, uplink->name, "%s%s", context, err);
+        log_uplink(LOG_ERR, uplink->name, "%s%s%s%s", context, at(uplink->tls.cert_at),
+                   uplink->tls.cert_at ? ": " : "", err);
         return ca_rc < 0 ? ca_rc : rc;
     }
     if (warning[0] != '\0')

@@ -92,6 +92,7 @@
 #include "jwt.h"
 #include "keys.h"
 #include "log.h"
+#include "record.h"
 #include "spool.h"
 #include "tlscheck.h"
 #include "util.h"
@@ -1252,6 +1253,12 @@ static void conn_explain_closed(struct uplink_conn *conn, int err)
     else if (conn->online)
         conn_fail(conn, "connection to %s:%d lost: closed by the server%s", conn->host, conn->port,
                   why);
+    else if (err == ECONNREFUSED || err == ENETUNREACH || err == EHOSTUNREACH ||
+             err == ETIMEDOUT)
+        /* The TCP connect itself failed: on loopback, mosquitto_connect_async()
+         * already returns ECONNREFUSED; nothing was closed, nothing listened. */
+        conn_fail(conn, "connection to %s:%d failed: %s%s", conn->host, conn->port,
+                  strerror(err), errno_hint(err));
     else
         conn_fail(conn,
                   "%s:%d closed the connection before CONNACK%s (wrong port, a TLS port without "
@@ -2657,17 +2664,7 @@ static void uplink_spool_options(const struct uplink *uplink, const char *dir,
     opts->commit_gap_ms = cs->commit_gap_ms;
 }
 
-int uplink_open_spool(struct uplink *uplink, const char *state_dir)
-{
-    char dir[4096];
-
-    if (state_dir &&
-        snprintf(dir, sizeof(dir), "%s/spool/%s", state_dir, uplink->name) >= (int)sizeof(dir))
-        return -ENAMETOOLONG;
-    return uplink_open_spool_dir(uplink, state_dir ? dir : NULL);
-}
-
-int uplink_open_spool_dir(struct uplink *uplink, const char *dir)
+static int uplink_open_spool_in(struct uplink *uplink, const char *dir, const char *damaged_dir)
 {
     struct spool_options opts;
     int rc;
@@ -2676,6 +2673,7 @@ int uplink_open_spool_dir(struct uplink *uplink, const char *dir)
         return -EALREADY;
     if (dir && uplink->conf->spool.durability == CONF_SPOOL_FSYNC) {
         uplink_spool_options(uplink, dir, &opts);
+        opts.damaged_dir = damaged_dir;
     } else {
         uplink_spool_options(uplink, NULL, &opts);
         log_uplink(LOG_NOTICE, uplink->name,
@@ -2687,6 +2685,25 @@ int uplink_open_spool_dir(struct uplink *uplink, const char *dir)
         log_uplink(LOG_ERR, uplink->name, "cannot open the spool%s%s: %s", opts.dir ? " in " : "",
                    opts.dir ? opts.dir : "", strerror(-rc));
     return rc;
+}
+
+int uplink_open_spool(struct uplink *uplink, const char *state_dir)
+{
+    char dir[4096], damaged[4096];
+
+    if (state_dir &&
+        (snprintf(dir, sizeof(dir), "%s/spool/%s", state_dir, uplink->name) >= (int)sizeof(dir) ||
+         snprintf(damaged, sizeof(damaged), "%s/%s", state_dir, RECORD_DAMAGED_DIR) >=
+             (int)sizeof(damaged)))
+        return -ENAMETOOLONG;
+    return uplink_open_spool_in(uplink, state_dir ? dir : NULL, state_dir ? damaged : NULL);
+}
+
+int uplink_open_spool_dir(struct uplink *uplink, const char *dir)
+{
+    /* Per-device sessions do not know the state directory: their damaged
+     * bytes are reported in the log, not copied. */
+    return uplink_open_spool_in(uplink, dir, NULL);
 }
 
 /* A memory spool for an uplink whose owner did not call uplink_open_spool(). */

@@ -5,8 +5,9 @@
  * send one command line and print the daemon's answer: a table for people,
  * or the JSON with --json. Exit status: 0 on an answer, 1 when the daemon
  * answered with an error (or refused new credentials), 2 when it could not
- * be reached. Offline commands (diagnose, jwt, keygen, passwd) live in their
- * own files; jwt UPLINK asks the daemon first.
+ * be reached, 3 from status when an uplink is not ONLINE. Offline commands
+ * (diagnose, jwt, keygen, passwd) live in their own files; jwt UPLINK asks
+ * the daemon first.
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -333,6 +334,25 @@ static int print_reload_credentials(json_t *root)
     return rc;
 }
 
+/* Whether every uplink in the status @answer is ONLINE (none configured:
+ * healthy). Exit status 3 otherwise, with or without --json. */
+static bool status_healthy(const char *answer)
+{
+    json_t *root = json_loads(answer, 0, NULL);
+    json_t *uplinks = root ? json_object_get(root, "uplinks") : NULL;
+    json_t *uplink;
+    size_t i;
+    bool healthy = root != NULL;
+
+    json_array_foreach(uplinks, i, uplink)
+    {
+        if (strcasecmp(json_str(uplink, "state"), "ONLINE") != 0)
+            healthy = false;
+    }
+    json_decref(root);
+    return healthy;
+}
+
 /* The answer for people. Returns the exit status. */
 static int print_answer(const char *command, const char *answer)
 {
@@ -415,13 +435,18 @@ int main(int argc, char **argv)
     if (rc != 0)
         return rc;
     rc = strncmp(answer, "{\"error\"", 8) == 0 ? 1 : 0;
+    if (rc == 0 && strcmp(command, "status") == 0 && !status_healthy(answer))
+        rc = 3; /* health checks (systemd, containers) read the exit status */
     if (rc == 0 && strcmp(command, "reload-credentials") == 0 &&
         strstr(answer, "\"result\":\"refused\"") != NULL)
         rc = 1; /* the same exit status with --json */
     if (json_output)
         fputs(answer, stdout);
-    else
-        rc = print_answer(command, answer);
+    else {
+        int printed = print_answer(command, answer);
+        if (printed != 0 || rc != 3)
+            rc = printed;
+    }
     free(answer);
     return rc;
 }

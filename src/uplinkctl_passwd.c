@@ -22,7 +22,8 @@ static void usage(FILE *out)
             "Add or change USER in the password file FILE (local.password_file).\n"
             "The password is read from standard input: typed twice without echo on a\n"
             "terminal, or the first line of a pipe (printf '%%s\\n' \"$PW\" | uplinkctl ...).\n"
-            "FILE is replaced atomically and gets mode 0600.\n\n"
+            "FILE is replaced atomically and keeps its owner, group and mode; a new file\n"
+            "gets the directory's group and mode 0640.\n\n"
             "Options:\n"
             "  -i, --iterations N  PBKDF2-SHA512 iterations (default %u, at least %u)\n",
             ACCESS_PBKDF2_DEFAULT_ITERATIONS, ACCESS_PBKDF2_MIN_ITERATIONS);

@@ -43,6 +43,12 @@ _SYSTEMD_ENV = ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PI
                 "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "INVOCATION_ID")
 
 
+# uplinkd --check-config run as root checks the files again as the service
+# user (uplinkd, if it exists). Test directories are the test's own (0700),
+# so only the tests of that check name a user.
+os.environ["UPLINKD_SERVICE_USER"] = ""
+
+
 class HarnessError(AssertionError):
     """A condition the test waited for did not happen (reported as a failure)."""
 

@@ -135,3 +135,52 @@ def test_sighup_with_changed_file_applies_it(hx):
     h.mosquitto_pub("--unix", gw.unix, "-q", "1", "-t", "dev/r2/telemetry", "-m", "new-prefix")
     sub.wait("gw-new/r2/telemetry", "new-prefix")
     assert not [m for m in sub.messages() if m[0] == "gw-test/r2/telemetry" and m[1] == "new-prefix"]
+
+
+@pytest.mark.parametrize("key", ["ca", "cert"])
+def test_certificate_file_errors_name_the_line(hx, key):
+    """Issue 12 §5: `tls.ca: /etc/shadow` (readable by root, not a certificate) was refused
+    without FILE:LINE. The checks that read the files (src/tlscheck.c) now name the line
+    of the key, like the parser does."""
+    junk = os.path.join(hx.dir, "junk.pem")
+    with open(junk, "w") as f:
+        f.write("not a certificate\n")
+    tls = {"ca": "    tls: { ca: %s }" % junk,
+           "cert": "    tls: { ca: %s, cert: %s, key: %s }" % (hx.pki.ca, junk, junk)}[key]
+    path = bad_config(hx, 9, tls)
+    for args in (("--check-config",), ()):
+        proc = run_uplinkd("-c", path, *args)
+        assert proc.returncode == 1, proc.stderr
+        col = tls.index(key + ":") + 1
+        assert re.search(r"error: uplink cloud: %s:9:%d: " % (re.escape(path), col + len(key) + 2),
+                         proc.stderr), (args, col, proc.stderr)
+
+
+def test_check_config_as_root_checks_files_as_the_service_user(hx):
+    """Issue 12 §5: `uplinkd --check-config` run as root passed a tls.ca that the service
+    user could not read; the service then failed at start. As root it now checks again as
+    the service user ($UPLINKD_SERVICE_USER; "nobody" here, as the packaged uplinkd user
+    may not exist) and names the file and line."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CI runs as root)")
+    ca = os.path.join(hx.dir, "root-only-ca.pem")
+    with open(hx.pki.ca) as src, open(ca, "w") as dst:
+        dst.write(src.read())
+    os.chmod(ca, 0o600)
+    os.chmod(hx.dir, 0o755)
+    path = bad_config(hx, 9, "    tls: { ca: %s }" % ca)
+    os.chmod(path, 0o644)
+    env = dict(os.environ, UPLINKD_SERVICE_USER="nobody")
+    run = lambda: subprocess.run([h.UPLINKD_BIN, "-c", path, "--check-config"], env=env,
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=h.TIMEOUT)
+    proc = run()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    _assert_located(proc.stderr, path, 9, "tls.ca")
+    assert "Permission denied" in proc.stderr, proc.stderr
+    assert "valid for root, but the service user nobody" in proc.stderr, proc.stderr
+    assert "configuration OK" not in proc.stdout, proc.stdout
+    os.chmod(ca, 0o644)
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    assert "configuration OK" in proc.stdout, proc.stdout

@@ -239,7 +239,7 @@ def test_sighup_changed_cert_path_is_checked_before_it_is_applied(hx):
     since, notify_since = daemon.log_size(), hx.notify.count()
     daemon.reload()
     # One line naming the uplink, the file, what is wrong and the fix.
-    daemon.wait_log(r"uplink cloud: reload refused: key file %s: the private key .* does not "
+    daemon.wait_log(r"uplink cloud: reload refused: \S+:\d+:\d+: key file %s: the private key .* does not "
                     r"belong to certificate %s .*the key and cert settings name files from "
                     r"different pairs" % (re.escape(key), re.escape(new_cert)), since=since)
     assert_reload_refused(hx, daemon, conf, since, notify_since, connects, broker, "gw-b")
@@ -268,7 +268,7 @@ def test_sighup_expired_new_cert_is_refused(hx):
     h.write_config(daemon.conf_path, changed)
     since, notify_since = daemon.log_size(), hx.notify.count()
     daemon.reload()
-    daemon.wait_log(r"uplink cloud: reload refused: certificate %s expired on .*install a "
+    daemon.wait_log(r"uplink cloud: reload refused: \S+:\d+:\d+: certificate %s expired on .*install a "
                     r"renewed certificate" % re.escape(old_cert), since=since)
     assert_reload_refused(hx, daemon, conf, since, notify_since, connects, broker, "gw-c")
 

@@ -100,7 +100,7 @@ def test_uplinkctl_status_shows_uplink_online(hx):
 
     def state():
         proc = h.uplinkctl(gw.control, "status")
-        if proc.returncode != 0:
+        if proc.returncode not in (0, 3):
             return None
         try:
             doc = json.loads(proc.stdout)
@@ -119,8 +119,27 @@ def test_uplinkctl_status_shows_offline_uplink_and_error(hx):
     daemon = hx.uplinkd(conf)
     daemon.wait_log(r"\berror: .*certificate verify failed")
     proc = h.uplinkctl(conf["control"]["socket"], "status")
-    assert proc.returncode == 0, proc.stderr
+    # Exit status 3: answered, but an uplink is not ONLINE (health checks use it).
+    assert proc.returncode == 3, proc.stderr
     doc = json.loads(proc.stdout)
     st = h.status_uplink_state(doc, "cloud")
     assert st and st.upper() != "ONLINE", proc.stdout
     assert "certificate verify failed" in proc.stdout, "last error missing from status:\n%s" % proc.stdout
+
+
+def test_refused_connect_is_logged_as_refused(hx):
+    """Issue 12 §5: a refused TCP connect was logged as "closed the connection before
+    CONNACK", which sends the operator after client ids and certificates. Nothing
+    listened: say so, with and without TLS."""
+    broker = hx.broker(start=False)  # nothing listens on the uplink's port
+    for tls in (True, False):
+        conf = hx.config(broker)
+        if not tls:
+            conf["uplinks"][0]["tls"] = {"enabled": False}
+        daemon = hx.uplinkd(conf)
+        daemon.wait_log(r"state \w+ -> BACKOFF")
+        log = daemon.log_text()
+        assert re.search(r"error: uplink cloud: connection to \S+:%d failed: Connection refused "
+                         r"\(nothing listens there" % conf["uplinks"][0]["port"], log), (tls, log)
+        assert "before CONNACK" not in log, (tls, log)
+        daemon.stop()

@@ -385,7 +385,7 @@ def connack(port, **kwargs):
 
 def test_password_auth_tcp(hx):
     path = make_passwd(hx, {"alice": "correct horse", "bob": "battery staple"})
-    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(path).st_mode & 0o777 == 0o640  # new file: the directory's group
     text = open(path).read()
     assert "correct horse" not in text
     assert text.startswith("alice:$pbkdf2-sha512$10000$")

@@ -323,7 +323,7 @@ def test_idle_session_closes_and_reopens(hx):
 
 def status_sessions(conf):
     out = h.uplinkctl(conf["control"]["socket"], "status")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode in (0, 3), out.stderr  # 3: an uplink is not ONLINE
     return json.loads(out.stdout)["uplinks"][0].get("sessions")
 
 

@@ -213,3 +213,81 @@ def test_jwt_profile_claims_and_errors_without_a_daemon(hx, tmp_path):
         proc.stderr
     proc = _jwt(nowhere, "other", "--config", path)
     assert proc.returncode == 1 and "(known: gcp akenza plain)" in proc.stderr, proc.stderr
+
+
+def _passwd(path, user, password):
+    return subprocess.run([h.UPLINKCTL_BIN, "passwd", "--iterations", "10000", path, user],
+                          input=password + "\n", capture_output=True, text=True,
+                          timeout=h.TIMEOUT)
+
+
+def test_passwd_keeps_owner_group_and_mode(hx):
+    """Issue 12 §5: `uplinkctl passwd` run as root made the documented root:uplinkd 0640
+    password file root:root 0600, and the daemon (not root) could no longer read it."""
+    if os.geteuid() != 0:
+        return  # chown to another uid needs root (CI is root)
+    path = os.path.join(hx.dir, "local.passwd")
+    p = _passwd(path, "alice", "first")
+    assert p.returncode == 0, p.stderr
+    # A new file: the directory's group, 0640.
+    st = os.stat(path)
+    assert (st.st_mode & 0o7777, st.st_gid) == (0o640, os.stat(hx.dir).st_gid), oct(st.st_mode)
+
+    # As the packaging documents it: group of the daemon, 0640 (here uid/gid 1234 play
+    # the daemon's user and group), then the password changed as root.
+    os.chown(path, 1234, 1234)
+    os.chmod(path, 0o640)
+    conf = hx.config(None, port=1)  # the uplink is never reached
+    conf["uplinks"][0]["tls"] = {"enabled": False}
+    conf["local"]["password_file"] = path
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    p = _passwd(path, "alice", "second")
+    assert p.returncode == 0, p.stderr
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 1234, 0o640), \
+        (st.st_uid, st.st_gid, oct(st.st_mode))
+    assert not [f for f in os.listdir(hx.dir) if f.startswith("local.passwd.")], \
+        "temporary file left behind"
+    # The daemon's group can still read it...
+    os.chmod(hx.dir, 0o711)
+    cat = subprocess.run(["setpriv", "--reuid=4321", "--regid=1234", "--clear-groups",
+                          "cat", path], capture_output=True, text=True, timeout=h.TIMEOUT)
+    assert cat.returncode == 0 and cat.stdout.startswith("alice:"), cat.stderr
+    # ...and the reload takes the new password.
+    since = d.log_size()
+    d.reload()
+    d.wait_log(r"reload done", since=since)
+    c = h.MqttClient("127.0.0.1", port, username="alice", password="second")
+    try:
+        c.connect()
+    finally:
+        c.client.loop_stop()
+        c.client.disconnect()
+
+    # A caller that may not keep the owner changes nothing (uid 1001 owns neither).
+    os.chown(path, 1234, 1234)
+    os.chmod(path, 0o666)
+    before = open(path).read()
+    os.chmod(hx.dir, 0o777)
+    p = subprocess.run(["setpriv", "--reuid=1001", "--regid=1001", "--clear-groups",
+                        h.UPLINKCTL_BIN, "passwd", "--iterations", "10000", path, "bob"],
+                       input="x\n", capture_output=True, text=True, timeout=h.TIMEOUT)
+    os.chmod(hx.dir, 0o700)
+    assert p.returncode == 1, p.stderr
+    assert "cannot keep the owner of %s (uid 1234, gid 1234)" % path in p.stderr, p.stderr
+    assert open(path).read() == before
+
+
+def test_status_exit_3_when_an_uplink_is_not_online(hx):
+    """Issue 12 §5: `uplinkctl status` exited 0 with every uplink down; health checks
+    (systemd, containers) need 3 = answered, not healthy. 0 once ONLINE is
+    test_status_table_for_people."""
+    conf = hx.config(None, port=1)  # nothing listens on port 1
+    conf["uplinks"][0]["tls"] = {"enabled": False}
+    d = hx.uplinkd(conf)
+    d.wait_log(r"state \w+ -> BACKOFF")
+    for json_output in (True, False):
+        proc = h.uplinkctl(conf["control"]["socket"], "status", json_output=json_output)
+        assert proc.returncode == 3, (json_output, proc.returncode, proc.stderr)
+        assert "cloud" in proc.stdout, proc.stdout

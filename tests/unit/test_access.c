@@ -136,17 +136,23 @@ static void test_passwd_file_set(void **state)
     assert_int_equal(access_passwd_line("b", "two", 3, 1000, &line_b, why, sizeof(why)), 0);
     assert_int_equal(access_passwd_line("a", "three", 5, 1000, &line_a2, why, sizeof(why)), 0);
 
-    /* Created with mode 0600 even from a file that did not exist. */
+    /* A new file: the directory's group, 0640 (what /etc/uplinkd needs). */
+    assert_int_equal(access_passwd_file_set(path, line_b, why, sizeof(why)), 0);
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0640);
+    unlink(path);
+
+    /* An existing file keeps its mode (and owner: test_uplinkctl.py). */
     f = fopen(path, "w");
     assert_non_null(f);
     fputs("# keep me\n", f);
     fclose(f);
-    chmod(path, 0644);
+    chmod(path, 0604);
     assert_int_equal(access_passwd_file_set(path, line_a, why, sizeof(why)), 0);
     assert_int_equal(access_passwd_file_set(path, line_b, why, sizeof(why)), 0);
     assert_int_equal(access_passwd_file_set(path, line_a2, why, sizeof(why)), 0);
     assert_int_equal(stat(path, &st), 0);
-    assert_int_equal(st.st_mode & 0777, 0600);
+    assert_int_equal(st.st_mode & 0777, 0604);
     assert_int_equal(util_read_file(path, 65536, &text, &len), 0);
     assert_true(strncmp(text, "# keep me\n", 10) == 0);
     assert_non_null(strstr(text, line_a2));

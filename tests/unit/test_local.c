@@ -564,6 +564,143 @@ static void test_retained_store_survives_restart(void **state)
     assert_int_equal(local_new(&f->loop, &f->conf, NULL, &f->local), 0);
 }
 
+/* Retained payloads a fresh subscriber to cfg/# gets, as a string of their
+ * first bytes (sorted by arrival). */
+static void retained_seen(struct fixture *f, char *out, size_t size)
+{
+    struct tc sub = {0};
+    struct mqtt_packet pkt;
+    size_t n = 0;
+
+    tc_connect(f, &sub, "s", true);
+    tc_subscribe(&sub, "cfg/#", 1);
+    while (tc_next(&sub, &pkt) && n + 1 < size) {
+        assert_int_equal(pkt.type, MQTT_PUBLISH);
+        assert_true(pkt.u.publish.retain);
+        out[n++] = (char)pkt.u.publish.payload.data[0];
+    }
+    out[n] = '\0';
+    tc_free(&sub);
+}
+
+static void restart_local(struct fixture *f)
+{
+    close_local(f);
+    assert_int_equal(local_new(&f->loop, &f->conf, NULL, &f->local), 0);
+    assert_int_equal(local_start(f->local), 0);
+}
+
+static int count_chars(const char *s, const char *set)
+{
+    int n = 0;
+    for (; *s; s++)
+        n += strchr(set, *s) != NULL;
+    return n;
+}
+
+/* One flipped byte in the store loses only that retained message (issue 12
+ * item 4); the damaged bytes are kept in <state_dir>/damaged/ and the store
+ * is rewritten without them. */
+static void test_retained_store_flipped_byte(void **state)
+{
+    struct fixture *f = *state;
+    struct tc pub = {0};
+    char path[128], seen[16], cmd[300];
+
+    make_state_dir(f);
+    assert_int_equal(local_start(f->local), 0);
+    tc_connect(f, &pub, "p", true);
+    tc_publish(&pub, "cfg/a", "A-payload", 0, true, false, 0);
+    tc_publish(&pub, "cfg/b", "B-payload", 0, true, false, 0);
+    tc_publish(&pub, "cfg/c", "C-payload", 0, true, false, 0);
+    tc_free(&pub);
+    close_local(f);
+
+    snprintf(path, sizeof(path), "%s/retained.db", f->state_dir);
+    FILE *fp = fopen(path, "r+b");
+    assert_non_null(fp);
+    uint8_t data[256];
+    size_t len = fread(data, 1, sizeof(data), fp);
+    /* Header 24 bytes, then three records of 28 + 5 + 9 bytes: flip a
+     * payload byte of the second. */
+    assert_int_equal(len, 24 + 3 * 42);
+    data[24 + 42 + 28 + 5 + 4] ^= 0x20;
+    fseek(fp, 0, SEEK_SET);
+    fwrite(data, 1, len, fp);
+    fclose(fp);
+
+    assert_int_equal(local_new(&f->loop, &f->conf, NULL, &f->local), 0);
+    assert_int_equal(local_start(f->local), 0);
+    retained_seen(f, seen, sizeof(seen));
+    assert_int_equal(strlen(seen), 2);
+    assert_int_equal(count_chars(seen, "AC"), 2);
+    snprintf(cmd, sizeof(cmd), "test -s %s/damaged/retained.db-66.bin", f->state_dir);
+    assert_int_equal(system(cmd), 0);
+    /* Rewritten without the damage: the next start loads the same two. */
+    restart_local(f);
+    retained_seen(f, seen, sizeof(seen));
+    assert_int_equal(count_chars(seen, "AC"), 2);
+    close_local(f);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s/damaged", f->state_dir);
+    assert_int_equal(system(cmd), 0);
+    remove_state_dir(f);
+    assert_int_equal(local_new(&f->loop, &f->conf, NULL, &f->local), 0);
+}
+
+static uint32_t ieee_crc32(const uint8_t *p, size_t len)
+{
+    uint32_t crc = ~0u;
+    while (len--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; k++)
+            crc = crc & 1 ? 0xEDB88320u ^ (crc >> 1) : crc >> 1;
+    }
+    return ~crc;
+}
+
+/* A store in the first format ("UPLKRTN1", CRC-32) still loads, and is
+ * rewritten in the new one. */
+static void test_retained_store_old_format(void **state)
+{
+    struct fixture *f = *state;
+    uint8_t data[64];
+    size_t n = 0;
+    char path[128], seen[16];
+
+    make_state_dir(f);
+    memcpy(data, "UPLKRTN1\0\0\0\2", 12);
+    n = 12;
+    static const char *const topics[] = {"cfg/x", "cfg/y"};
+    for (int i = 0; i < 2; i++) {
+        uint8_t rec[] = {0, 5, 1, 0, 0, 0, 1};
+        memcpy(data + n, rec, sizeof(rec));
+        n += sizeof(rec);
+        memcpy(data + n, topics[i], 5);
+        n += 5;
+        data[n++] = (uint8_t)('X' + i);
+    }
+    uint32_t crc = ieee_crc32(data, n);
+    for (int i = 3; i >= 0; i--)
+        data[n++] = (uint8_t)(crc >> (8 * i));
+    snprintf(path, sizeof(path), "%s/retained.db", f->state_dir);
+    FILE *fp = fopen(path, "wb");
+    assert_non_null(fp);
+    fwrite(data, 1, n, fp);
+    fclose(fp);
+
+    assert_int_equal(local_start(f->local), 0);
+    retained_seen(f, seen, sizeof(seen));
+    assert_int_equal(count_chars(seen, "XY"), 2);
+    close_local(f);
+    fp = fopen(path, "rb");
+    assert_non_null(fp);
+    assert_int_equal(fread(data, 1, 8, fp), 8);
+    fclose(fp);
+    assert_memory_equal(data, "UPLKRTN2", 8);
+    remove_state_dir(f);
+    assert_int_equal(local_new(&f->loop, &f->conf, NULL, &f->local), 0);
+}
+
 /* A damaged store is reported and moved aside; the server still starts. */
 static void test_retained_store_corrupt(void **state)
 {
@@ -611,6 +748,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_connect_deadline_not_extended, setup, teardown),
         cmocka_unit_test_setup_teardown(test_retained_store_survives_restart, setup, teardown),
         cmocka_unit_test_setup_teardown(test_retained_store_corrupt, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_retained_store_flipped_byte, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_retained_store_old_format, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

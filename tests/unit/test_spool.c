@@ -16,6 +16,7 @@
 #include <uv.h>
 
 #include "log.h"
+#include "record.h"
 #include "spool.h"
 
 #define SEG_HEADER 24
@@ -171,10 +172,10 @@ static void test_crc32c(void **state)
 {
     /* RFC 3720 §B.4 test vector: 32 bytes of zeros -> 0x8a9136aa. */
     uint8_t zeros[32] = {0};
-    assert_int_equal(spool_crc32c(0, zeros, 32), 0x8a9136aa);
-    assert_int_equal(spool_crc32c(0, "123456789", 9), 0xe3069283);
+    assert_int_equal(record_crc32c(0, zeros, 32), 0x8a9136aa);
+    assert_int_equal(record_crc32c(0, "123456789", 9), 0xe3069283);
     /* Incremental equals one-shot. */
-    assert_int_equal(spool_crc32c(spool_crc32c(0, "1234", 4), "56789", 5), 0xe3069283);
+    assert_int_equal(record_crc32c(record_crc32c(0, "1234", 4), "56789", 5), 0xe3069283);
 }
 
 static void test_memory_fifo(void **state)
@@ -516,9 +517,44 @@ static void test_torn_tail_every_offset(void **state)
     free(dir);
 }
 
-/* A flipped byte anywhere in the last segment: the records before the
- * damaged one are kept, the damaged one and everything after are never
- * replayed. */
+/* Read everything available; every record must be one we wrote
+ * ("payload-<seq - 1>"), in order. Returns how many, and sets the bit of
+ * each seq (1..64) seen in @seen. */
+static int drain_seqs(struct spool *spool, uint64_t *seen)
+{
+    struct spool_record rec;
+    uint64_t prev = 0;
+    int count = 0;
+
+    *seen = 0;
+    while (spool_next(spool, &rec) == 0) {
+        char expect[64];
+        int n = snprintf(expect, sizeof(expect), "payload-%d", (int)rec.seq - 1);
+        assert_int_equal(rec.len, (size_t)n);
+        assert_memory_equal(rec.payload, expect, (size_t)n);
+        assert_true(rec.seq > prev);
+        prev = rec.seq;
+        if (rec.seq <= 64)
+            *seen |= 1ull << (rec.seq - 1);
+        count++;
+    }
+    return count;
+}
+
+static void remove_segments(const char *dir)
+{
+    char names[64][32], p[4200];
+    int n = list_segments(dir, names, 64);
+    for (int i = 0; i < n; i++) {
+        snprintf(p, sizeof(p), "%s/%s", dir, names[i]);
+        unlink(p);
+    }
+}
+
+/* A flipped byte anywhere in the last segment of three records: in the
+ * header nothing is lost (the name says the first seq); in the first or
+ * second record exactly that record is lost and counted; in the last
+ * record nothing valid follows, so it is a torn tail (cut, not counted). */
 static void test_corrupt_byte_every_offset(void **state)
 {
     char *dir = make_dir();
@@ -528,85 +564,273 @@ static void test_corrupt_byte_every_offset(void **state)
 
     snprintf(path, sizeof(path), "%s/%s", dir, seg_name);
     for (size_t at = 0; at < len; at++) {
-        int whole = 0;
-        for (int i = 0; i < 3; i++)
-            if (ends[i] <= at)
-                whole = i + 1;
+        int damaged = -1; /* record index, -1: the header */
+        for (int i = 2; i >= 0; i--)
+            if (at < ends[i])
+                damaged = at >= (i ? ends[i - 1] : SEG_HEADER) ? i : damaged;
         uint8_t *copy = malloc(len);
         memcpy(copy, data, len);
         copy[at] ^= 0x5a;
         write_file(path, copy, len);
         free(copy);
         struct spool *spool = open_spool(dir, 1 << 20, 0, SPOOL_BLOCK);
-        if (at < SEG_HEADER) {
-            /* A damaged header: the segment is set aside, nothing replayed. */
-            assert_int_equal(drain(spool, 0, false), 0);
+        struct spool_stats st;
+        uint64_t seen;
+        spool_get_stats(spool, &st);
+        int got = drain_seqs(spool, &seen);
+        if (damaged < 0) {
+            assert_int_equal(got, 3);
+            assert_int_equal(st.dropped_corrupt, 0);
+        } else if (damaged < 2) {
+            assert_int_equal(got, 2);
+            assert_int_equal(seen, 7ull & ~(1ull << damaged));
+            assert_int_equal(st.dropped_corrupt, 1);
+            assert_int_equal(st.recovered_torn_bytes, 0);
         } else {
-            assert_int_equal(drain(spool, 0, false), whole);
+            assert_int_equal(got, 2);
+            assert_int_equal(st.dropped_corrupt, 0);
+            assert_int_equal(st.recovered_torn_bytes, len - ends[1]);
         }
         close_spool(spool);
-        char names[8][32];
-        int n = list_segments(dir, names, 8);
-        for (int i = 0; i < n; i++) {
-            char p[512];
-            snprintf(p, sizeof(p), "%s/%s", dir, names[i]);
-            unlink(p);
-        }
-        char corrupt[600];
-        snprintf(corrupt, sizeof(corrupt), "%s.corrupt", path);
-        unlink(corrupt);
+        remove_segments(dir);
     }
     free(data);
     remove_tree(dir);
     free(dir);
 }
 
-/* Damage inside an older segment: reported, the rest of that segment is
- * skipped, the later segments are delivered. */
+/* Segments of a few records each; returns their names. */
+static int make_segments(const char *dir, int records, char names[][32], int max)
+{
+    struct spool *spool = open_spool(dir, 1 << 20, 512, SPOOL_BLOCK);
+    struct done_count done = {0};
+
+    append_n(spool, 0, records, &done);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(done.ok, records);
+    close_spool(spool);
+    return list_segments(dir, names, max);
+}
+
+static uint32_t rec_len_at(const uint8_t *data, size_t off)
+{
+    return (uint32_t)data[off + 4] | (uint32_t)data[off + 5] << 8 | (uint32_t)data[off + 6] << 16 |
+           (uint32_t)data[off + 7] << 24;
+}
+
+/* Ten positions (issue 12): one flipped byte loses exactly the damaged
+ * record and nothing else, also at a segment boundary; the damaged bytes
+ * are copied to damaged_dir. */
+static void test_flipped_byte_loses_one(void **state)
+{
+    /* Offsets inside a record: crc, len, seq, time, flags, topic_len, topic, payload. */
+    static const size_t field[] = {1, 5, 9, 17, 24, 26, 28, 31};
+    char *dir = make_dir();
+    char names[64][32], path[4200], damaged[512];
+
+    snprintf(damaged, sizeof(damaged), "%s/../damaged", dir);
+    for (int pos = 0; pos < 11; pos++) {
+        int n = make_segments(dir, 40, names, 64);
+        assert_true(n >= 4);
+        /* Segment 1 (of several): header, fields of its second record, its
+         * first record; the last record of segment 1 (then segment 2). */
+        int seg = 1;
+        snprintf(path, sizeof(path), "%s/%s", dir, names[seg]);
+        size_t len;
+        uint8_t *data = read_file(path, &len);
+        uint64_t first = strtoull(names[seg], NULL, 16);
+        size_t second = SEG_HEADER + REC_HEADER + rec_len_at(data, SEG_HEADER);
+        uint64_t lost = 0;
+        size_t at;
+        if (pos == 0) {
+            at = 3; /* the segment header */
+        } else if (pos <= 8) {
+            at = second + field[pos - 1];
+            lost = first + 1;
+        } else if (pos == 9) {
+            at = SEG_HEADER + 30; /* the first record after the boundary */
+            lost = first;
+        } else {
+            size_t off = SEG_HEADER, last_off = SEG_HEADER;
+            uint64_t k = first;
+            while (off < len) {
+                last_off = off;
+                off += REC_HEADER + rec_len_at(data, off);
+                k++;
+            }
+            at = last_off + 33; /* the last record before the boundary */
+            lost = k - 1;
+        }
+        data[at] ^= 0x01;
+        write_file(path, data, len);
+        free(data);
+
+        struct spool_options opts = {
+            .dir = dir,
+            .name = "test",
+            .damaged_dir = damaged,
+            .durability = SPOOL_DURABLE,
+            .max_bytes = 1 << 20,
+            .commit_interval_ms = 5,
+            .segment_bytes = 512,
+        };
+        struct spool *spool = NULL;
+        struct spool_stats st;
+        uint64_t seen;
+        assert_int_equal(spool_open(&loop, &opts, &spool), 0);
+        spool_get_stats(spool, &st);
+        assert_int_equal(st.dropped_corrupt, lost ? 1 : 0);
+        assert_int_equal(st.recovered_torn_bytes, 0);
+        assert_int_equal(drain_seqs(spool, &seen), lost ? 39 : 40);
+        if (lost)
+            assert_int_equal(seen, ((1ull << 40) - 1) & ~(1ull << (lost - 1)));
+        /* A rewind (reconnect) also jumps over the damage. */
+        spool_rewind(spool);
+        assert_int_equal(drain_seqs(spool, &seen), lost ? 39 : 40);
+        close_spool(spool);
+        char cmd[1200];
+        snprintf(cmd, sizeof(cmd), "test -n \"$(ls -A '%s')\"", damaged);
+        assert_int_equal(system(cmd), 0);
+        remove_segments(dir);
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s' '%s'/*.corrupt '%s/cursor'", damaged, dir, dir);
+        assert_int_equal(system(cmd), 0);
+    }
+    remove_tree(dir);
+    free(dir);
+}
+
+/* A zeroed 4 KiB block in the middle of one large segment loses only the
+ * records it touches. */
+static void test_zeroed_block(void **state)
+{
+    char *dir = make_dir();
+    struct spool *spool = open_spool(dir, 1 << 20, 0, SPOOL_BLOCK);
+    struct done_count done = {0};
+    char names[4][32], path[512];
+    size_t len;
+
+    append_n(spool, 0, 400, &done);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    close_spool(spool);
+    assert_int_equal(list_segments(dir, names, 4), 1);
+    snprintf(path, sizeof(path), "%s/%s", dir, names[0]);
+    uint8_t *data = read_file(path, &len);
+    size_t from = 5000, to = from + 4096;
+    assert_true(to < len);
+    /* The records the block touches. */
+    int touched = 0;
+    for (size_t off = SEG_HEADER; off < len;) {
+        size_t end = off + REC_HEADER + rec_len_at(data, off);
+        if (end > from && off < to)
+            touched++;
+        off = end;
+    }
+    memset(data + from, 0, to - from);
+    write_file(path, data, len);
+    free(data);
+    spool = open_spool(dir, 1 << 20, 0, SPOOL_BLOCK);
+    struct spool_stats st;
+    uint64_t seen;
+    spool_get_stats(spool, &st);
+    assert_int_equal(st.dropped_corrupt, (uint64_t)touched);
+    assert_int_equal(drain_seqs(spool, &seen), 400 - touched);
+    print_message("zeroed 4096 bytes at %zu of %zu: %d of 400 records kept\n", from, len,
+                  400 - touched);
+    close_spool(spool);
+    remove_tree(dir);
+    free(dir);
+}
+
+/* Random bytes after the last record: nothing valid follows them, so they
+ * are a torn tail (cut, counted as torn bytes, not as corrupt). */
+static void test_garbage_tail(void **state)
+{
+    char *dir = make_dir();
+    size_t len, ends[3];
+    char seg_name[32], path[512];
+    uint8_t *data = make_segment(dir, 3, &len, ends, seg_name);
+    uint8_t *grown = malloc(len + 8192);
+
+    memcpy(grown, data, len);
+    srand(12);
+    for (size_t i = len; i < len + 8192; i++)
+        grown[i] = (uint8_t)rand();
+    snprintf(path, sizeof(path), "%s/%s", dir, seg_name);
+    write_file(path, grown, len + 8192);
+    struct spool *spool = open_spool(dir, 1 << 20, 0, SPOOL_BLOCK);
+    struct spool_stats st;
+    spool_get_stats(spool, &st);
+    assert_int_equal(st.dropped_corrupt, 0);
+    assert_int_equal(st.recovered_torn_bytes, 8192);
+    assert_int_equal(drain(spool, 0, false), 3);
+    close_spool(spool);
+    free(grown);
+    free(data);
+    remove_tree(dir);
+    free(dir);
+}
+
+/* Damage that appears while running (found by a read, not by recovery):
+ * only that record is lost and counted, a rewind does not count it again. */
+static void test_damage_found_by_read(void **state)
+{
+    char *dir = make_dir();
+    struct spool *spool = open_spool(dir, 1 << 20, 0, SPOOL_BLOCK);
+    struct done_count done = {0};
+    char names[4][32], path[4200];
+    struct spool_stats st;
+    uint64_t seen;
+    size_t len;
+
+    append_n(spool, 0, 10, &done);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(done.ok, 10);
+    assert_int_equal(list_segments(dir, names, 4), 1);
+    snprintf(path, sizeof(path), "%s/%s", dir, names[0]);
+    uint8_t *data = read_file(path, &len);
+    size_t off = SEG_HEADER;
+    for (int i = 0; i < 4; i++)
+        off += REC_HEADER + rec_len_at(data, off);
+    data[off + REC_HEADER + 5] ^= 0x40; /* the payload of the fifth (seq 5) */
+    write_file(path, data, len);
+    free(data);
+    assert_int_equal(drain_seqs(spool, &seen), 9);
+    assert_int_equal(seen, 0x3ffull & ~(1ull << 4));
+    spool_get_stats(spool, &st);
+    assert_int_equal(st.dropped_corrupt, 1);
+    spool_rewind(spool);
+    assert_int_equal(drain_seqs(spool, &seen), 9);
+    spool_get_stats(spool, &st);
+    assert_int_equal(st.dropped_corrupt, 1);
+    close_spool(spool);
+    remove_tree(dir);
+    free(dir);
+}
+
+/* Damage inside an older segment: only the damaged record is lost, the rest
+ * of that segment and the later segments are delivered. */
 static void test_corrupt_middle_segment(void **state)
 {
     char *dir = make_dir();
-    struct spool *spool = open_spool(dir, 1 << 20, 512, SPOOL_BLOCK);
-    struct done_count done = {0};
     char names[64][32], path[512];
-    struct spool_record rec;
     struct spool_stats st;
+    uint64_t seen;
 
-    append_n(spool, 0, 60, &done);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    close_spool(spool);
-    int n = list_segments(dir, names, 64);
+    int n = make_segments(dir, 60, names, 64);
     assert_true(n >= 4);
     /* Corrupt the payload of the second record in segment 1 (0-based). */
     snprintf(path, sizeof(path), "%s/%s", dir, names[1]);
     size_t len;
     uint8_t *data = read_file(path, &len);
-    uint64_t first_seq = strtoull(names[1], NULL, 16);
-    uint64_t next_first = strtoull(names[2], NULL, 16);
-    uint32_t rec0 = (uint32_t)data[SEG_HEADER + 4];
-    size_t second = SEG_HEADER + REC_HEADER + rec0;
+    size_t second = SEG_HEADER + REC_HEADER + rec_len_at(data, SEG_HEADER);
     data[second + REC_HEADER + 3] ^= 0xff;
     write_file(path, data, len);
     free(data);
 
-    spool = open_spool(dir, 1 << 20, 512, SPOOL_BLOCK);
+    struct spool *spool = open_spool(dir, 1 << 20, 512, SPOOL_BLOCK);
     spool_get_stats(spool, &st);
-    /* Lost: records after the first one of segment 1. */
-    assert_int_equal(st.dropped_corrupt, next_first - first_seq - 1);
-    uint64_t prev = 0;
-    int count = 0;
-    while (spool_next(spool, &rec) == 0) {
-        /* Never a garbage record: every payload is one we wrote. */
-        char expect[64];
-        int k = snprintf(expect, sizeof(expect), "payload-%d", (int)rec.seq - 1);
-        assert_int_equal(rec.len, (size_t)k);
-        assert_memory_equal(rec.payload, expect, (size_t)k);
-        assert_true(rec.seq > prev);
-        assert_false(rec.seq > first_seq && rec.seq < next_first);
-        prev = rec.seq;
-        count++;
-    }
-    assert_int_equal((uint64_t)count, 60 - (next_first - first_seq - 1));
+    assert_int_equal(st.dropped_corrupt, 1);
+    assert_int_equal(drain_seqs(spool, &seen), 59);
     close_spool(spool);
     remove_tree(dir);
     free(dir);
@@ -977,6 +1201,10 @@ int main(void)
         cmocka_unit_test(test_torn_tail_every_offset),
         cmocka_unit_test(test_corrupt_byte_every_offset),
         cmocka_unit_test(test_corrupt_middle_segment),
+        cmocka_unit_test(test_flipped_byte_loses_one),
+        cmocka_unit_test(test_zeroed_block),
+        cmocka_unit_test(test_garbage_tail),
+        cmocka_unit_test(test_damage_found_by_read),
         cmocka_unit_test(test_cursor_slots),
         cmocka_unit_test(test_cursor_lazy),
         cmocka_unit_test(test_commit_gap),
