@@ -836,64 +836,6 @@ static bool pattern_covers(const struct conf_acl_rule *rule, const struct access
     }
 }
 
-/* Could deny pattern level @p and filter level @t (neither "#") both match
- * one topic level? */
-static bool level_overlaps(const struct conf_acl_rule *rule, const struct access_identity *id,
-                           const char *p, size_t pl, const char *t, size_t tl)
-{
-    bool t_plus = level_is(t, tl, "+");
-
-    if (level_is(p, pl, "%u")) /* as in level_covers(): one-level names only */
-        return id->username && !strpbrk(id->username, "/+#") &&
-               (t_plus || level_is(t, tl, id->username));
-    if (t_plus)
-        return true; /* '+' meets every level a pattern can match */
-    return level_covers(rule, id, p, pl, t, tl, false);
-}
-
-/* Is "#" all of @rest (@len bytes)? */
-static bool rest_is_hash(const char *rest, size_t len)
-{
-    return len == 1 && rest[0] == '#';
-}
-
-/*
- * Is there a topic that deny pattern @pattern and filter @filter both match?
- * Level by level: '#' on either side meets whatever is left (and, §4.7.1-2,
- * the parent level: "a/#" matches "a"), '+' meets any level, literal levels
- * must match.
- */
-static bool pattern_overlaps(const struct conf_acl_rule *rule, const struct access_identity *id,
-                             const char *pattern, const char *filter, size_t len)
-{
-    const char *p = pattern, *t = filter, *t_end = filter + len;
-
-    /* §4.7.2: a leading wildcard matches no '$' topic, on either side. */
-    if (len > 0 && filter[0] == '$' && (pattern[0] == '+' || pattern[0] == '#'))
-        return false;
-    if (pattern[0] == '$' && len > 0 && (filter[0] == '+' || filter[0] == '#'))
-        return false;
-    for (;;) {
-        const char *p_slash = strchr(p, '/');
-        const char *t_slash = memchr(t, '/', (size_t)(t_end - t));
-        size_t pl = p_slash ? (size_t)(p_slash - p) : strlen(p);
-        size_t tl = t_slash ? (size_t)(t_slash - t) : (size_t)(t_end - t);
-
-        if (level_is(p, pl, "#") || level_is(t, tl, "#"))
-            return true;
-        if (!level_overlaps(rule, id, p, pl, t, tl))
-            return false;
-        if (!p_slash && !t_slash)
-            return true;
-        if (!p_slash)
-            return rest_is_hash(t_slash + 1, (size_t)(t_end - t_slash - 1));
-        if (!t_slash)
-            return strcmp(p_slash + 1, "#") == 0;
-        p = p_slash + 1;
-        t = t_slash + 1;
-    }
-}
-
 bool access_rule_matches(const struct conf_acl_rule *rule, const struct access_identity *id)
 {
     if (rule->has_uid && !(id->has_cred && id->uid == rule->uid))
@@ -1010,25 +952,22 @@ int access_acl_check(const struct conf_local *local, const struct access_identit
         return 0;
     for (size_t i = 0; i < local->acl_count; i++) {
         const struct conf_acl_rule *rule = &local->acl[i];
-        char *const *patterns;
+        char *const *patterns, *const *denied;
         size_t count;
 
         if (!access_rule_matches(rule, id))
             continue;
         if (rule_index)
             *rule_index = (int)i;
-        /* Deny entries first: deny wins. A filter is refused when it could
-         * match a denied topic at all (wholly: "#" with a denied
-         * "test/nosubscribe" is refused, not narrowed). */
-        if (action == ACCESS_PUBLISH) {
-            for (size_t k = 0; k < rule->deny_publish_count; k++)
-                if (pattern_covers(rule, id, rule->deny_publish[k], topic, len, false))
-                    return -EPERM;
-        } else {
-            for (size_t k = 0; k < rule->deny_subscribe_count; k++)
-                if (pattern_overlaps(rule, id, rule->deny_subscribe[k], topic, len))
-                    return -EPERM;
-        }
+        /* Deny entries first: deny wins. A filter is refused only when a
+         * deny pattern covers all of it; one that merely overlaps ("#"
+         * against a denied "test/nosubscribe") is granted, and
+         * access_delivery_denied() holds back the denied topics. */
+        denied = action == ACCESS_PUBLISH ? rule->deny_publish : rule->deny_subscribe;
+        count = action == ACCESS_PUBLISH ? rule->deny_publish_count : rule->deny_subscribe_count;
+        for (size_t k = 0; k < count; k++)
+            if (pattern_covers(rule, id, denied[k], topic, len, action == ACCESS_SUBSCRIBE))
+                return -EPERM;
         patterns = action == ACCESS_PUBLISH ? rule->publish : rule->subscribe;
         count = action == ACCESS_PUBLISH ? rule->publish_count : rule->subscribe_count;
         for (size_t k = 0; k < count; k++)
@@ -1038,6 +977,22 @@ int access_acl_check(const struct conf_local *local, const struct access_identit
         return -EACCES;
     }
     return -EACCES;
+}
+
+bool access_delivery_denied(const struct conf_local *local, const struct access_identity *id,
+                            const char *topic, size_t len)
+{
+    for (size_t i = 0; i < local->acl_count; i++) {
+        const struct conf_acl_rule *rule = &local->acl[i];
+
+        if (!access_rule_matches(rule, id))
+            continue;
+        for (size_t k = 0; k < rule->deny_subscribe_count; k++)
+            if (pattern_covers(rule, id, rule->deny_subscribe[k], topic, len, false))
+                return true;
+        return false;
+    }
+    return false;
 }
 
 int access_pattern_check(const char *pattern, const char **reason)
