@@ -952,13 +952,22 @@ int access_acl_check(const struct conf_local *local, const struct access_identit
         return 0;
     for (size_t i = 0; i < local->acl_count; i++) {
         const struct conf_acl_rule *rule = &local->acl[i];
-        char *const *patterns;
+        char *const *patterns, *const *denied;
         size_t count;
 
         if (!access_rule_matches(rule, id))
             continue;
         if (rule_index)
             *rule_index = (int)i;
+        /* Deny entries first: deny wins. A filter is refused only when a
+         * deny pattern covers all of it; one that merely overlaps ("#"
+         * against a denied "test/nosubscribe") is granted, and
+         * access_delivery_denied() holds back the denied topics. */
+        denied = action == ACCESS_PUBLISH ? rule->deny_publish : rule->deny_subscribe;
+        count = action == ACCESS_PUBLISH ? rule->deny_publish_count : rule->deny_subscribe_count;
+        for (size_t k = 0; k < count; k++)
+            if (pattern_covers(rule, id, denied[k], topic, len, action == ACCESS_SUBSCRIBE))
+                return -EPERM;
         patterns = action == ACCESS_PUBLISH ? rule->publish : rule->subscribe;
         count = action == ACCESS_PUBLISH ? rule->publish_count : rule->subscribe_count;
         for (size_t k = 0; k < count; k++)
@@ -968,6 +977,22 @@ int access_acl_check(const struct conf_local *local, const struct access_identit
         return -EACCES;
     }
     return -EACCES;
+}
+
+bool access_delivery_denied(const struct conf_local *local, const struct access_identity *id,
+                            const char *topic, size_t len)
+{
+    for (size_t i = 0; i < local->acl_count; i++) {
+        const struct conf_acl_rule *rule = &local->acl[i];
+
+        if (!access_rule_matches(rule, id))
+            continue;
+        for (size_t k = 0; k < rule->deny_subscribe_count; k++)
+            if (pattern_covers(rule, id, rule->deny_subscribe[k], topic, len, false))
+                return true;
+        return false;
+    }
+    return false;
 }
 
 int access_pattern_check(const char *pattern, const char **reason)

@@ -50,8 +50,8 @@ struct conf_listen;
 struct access_identity {
     bool has_cred; /* uid/gid known: Unix socket (SO_PEERCRED) or loopback TCP (sock_diag) */
     uid_t uid;
-    gid_t gid; /* primary group */
-    pid_t pid; /* 0 when unknown (a TCP peer) */
+    gid_t gid;          /* primary group */
+    pid_t pid;          /* 0 when unknown (a TCP peer) */
     bool tcp_peer;      /* has_cred came from sock_diag: no pid, gid from the user database */
     size_t group_count; /* supplementary groups (SO_PEERGROUPS) */
     gid_t groups[ACCESS_GROUPS_MAX];
@@ -201,6 +201,16 @@ enum access_action {
 };
 
 /**
+ * access_delivery_denied() - may a message on topic name @topic (@len bytes)
+ * not be delivered to the client @id? True when the rule that selects @id
+ * has a deny_subscribe pattern covering @topic: its granted wildcard
+ * subscriptions ("#") still never carry a denied topic. Cheap when no rule
+ * has deny entries (one pass over the rules until one selects @id).
+ */
+bool access_delivery_denied(const struct conf_local *local, const struct access_identity *id,
+                            const char *topic, size_t len);
+
+/**
  * access_pattern_check() - is @pattern usable in local.acl[].publish or
  * .subscribe: a valid MQTT topic filter (§4.7) whose levels may also hold
  * the globs '*' and '?', and where "%c" and "%u" stand alone as a level.
@@ -241,8 +251,17 @@ bool access_rule_matches(const struct conf_acl_rule *rule, const struct access_i
  * rules) is covered only by a pattern whose first level is the literal
  * "cloud" ("cloud/#", "cloud/c8y/#"); "#" and "+/..." do not grant it.
  *
+ * Deny entries: before its allow-lists, the deciding rule's deny_publish
+ * patterns refuse every topic name they cover, and its deny_subscribe
+ * patterns every filter they cover wholly ("test/nosubscribe", "test/+"
+ * against a denied "test/+"). A filter that only overlaps a denied topic
+ * ("#", "+/+" against "test/nosubscribe") is granted, and delivery holds
+ * that topic back (access_delivery_denied()). Globs, "%c" and "%u" work as
+ * in allow patterns; "cloud" needs no literal.
+ *
  * @rule_index: set to the deciding rule's index, or -1 when no rule selected
- * the client (may be NULL). Returns 0 (allowed) or -EACCES.
+ * the client (may be NULL). Returns 0 (allowed), -EPERM (a deny entry of
+ * that rule refused it) or -EACCES (not allowed).
  */
 int access_acl_check(const struct conf_local *local, const struct access_identity *id,
                      enum access_action action, const char *topic, size_t len, int *rule_index);

@@ -1246,10 +1246,26 @@ static void parse_gateway(struct loader *ld, yaml_node_t *node, yaml_mark_t pare
 }
 
 /* local.acl: a sequence of rules (struct conf_acl_rule; evaluation in access.c). */
-enum { ACL_UID, ACL_GID, ACL_USER, ACL_CHILDREN, ACL_PUBLISH, ACL_SUBSCRIBE, ACL_KEYS };
+enum {
+    ACL_UID,
+    ACL_GID,
+    ACL_USER,
+    ACL_CHILDREN,
+    ACL_PUBLISH,
+    ACL_SUBSCRIBE,
+    ACL_DENY_PUBLISH,
+    ACL_DENY_SUBSCRIBE,
+    ACL_KEYS
+};
 static const char *const acl_keys[ACL_KEYS] = {
-    [ACL_UID] = "uid",           [ACL_GID] = "gid",         [ACL_USER] = "user",
-    [ACL_CHILDREN] = "children", [ACL_PUBLISH] = "publish", [ACL_SUBSCRIBE] = "subscribe",
+    [ACL_UID] = "uid",
+    [ACL_GID] = "gid",
+    [ACL_USER] = "user",
+    [ACL_CHILDREN] = "children",
+    [ACL_PUBLISH] = "publish",
+    [ACL_SUBSCRIBE] = "subscribe",
+    [ACL_DENY_PUBLISH] = "deny_publish",
+    [ACL_DENY_SUBSCRIBE] = "deny_subscribe",
 };
 
 /* A sequence of strings, each checked by @check (NULL: plain text). */
@@ -1296,6 +1312,8 @@ static void parse_acl(struct loader *ld, yaml_node_t *node)
     for (size_t i = 0; i < count; i++) {
         static const char pattern_expected[] =
             "topic patterns, e.g. [\"dev/modbus-*/#\", \"dev/%c/commands/#\"]";
+        static const char deny_expected[] =
+            "topic patterns to refuse, e.g. [\"test/nosubscribe\", \"dev/+/config\"]";
         struct conf_acl_rule *rule = &local->acl[i];
         yaml_node_t *item = sequence_item(ld, node, i);
         yaml_node_t *values[ACL_KEYS];
@@ -1337,6 +1355,15 @@ static void parse_acl(struct loader *ld, yaml_node_t *node)
         if (node_present(values[ACL_SUBSCRIBE]))
             get_string_list(ld, values[ACL_SUBSCRIBE], key, pattern_expected, access_pattern_check,
                             &rule->subscribe, &rule->subscribe_count);
+        key_join(key, sizeof(key), path, "deny_publish");
+        if (node_present(values[ACL_DENY_PUBLISH]))
+            get_string_list(ld, values[ACL_DENY_PUBLISH], key, deny_expected, access_pattern_check,
+                            &rule->deny_publish, &rule->deny_publish_count);
+        key_join(key, sizeof(key), path, "deny_subscribe");
+        if (node_present(values[ACL_DENY_SUBSCRIBE]))
+            get_string_list(ld, values[ACL_DENY_SUBSCRIBE], key, deny_expected,
+                            access_pattern_check, &rule->deny_subscribe,
+                            &rule->deny_subscribe_count);
         /* "%c" with no child list would mean any child: allowed, but a
          * children list without "%c" anywhere is certainly a mistake. */
         if (rule->children_count > 0) {
@@ -1345,6 +1372,10 @@ static void parse_acl(struct loader *ld, yaml_node_t *node)
                 used = used || strstr(rule->publish[k], "%c") != NULL;
             for (size_t k = 0; k < rule->subscribe_count; k++)
                 used = used || strstr(rule->subscribe[k], "%c") != NULL;
+            for (size_t k = 0; k < rule->deny_publish_count; k++)
+                used = used || strstr(rule->deny_publish[k], "%c") != NULL;
+            for (size_t k = 0; k < rule->deny_subscribe_count; k++)
+                used = used || strstr(rule->deny_subscribe[k], "%c") != NULL;
             key_join(key, sizeof(key), path, "children");
             if (!used)
                 report(ld, values[ACL_CHILDREN]->start_mark, key,
@@ -3843,6 +3874,8 @@ void conf_free(struct conf *conf)
         free_strings(rule->children, rule->children_count);
         free_strings(rule->publish, rule->publish_count);
         free_strings(rule->subscribe, rule->subscribe_count);
+        free_strings(rule->deny_publish, rule->deny_publish_count);
+        free_strings(rule->deny_subscribe, rule->deny_subscribe_count);
     }
     free(conf->local.acl);
     free(conf->control_socket);

@@ -41,6 +41,11 @@ struct conf_acl_rule {
     size_t publish_count;
     char **subscribe; /* subscribe: patterns of filters the client may subscribe to */
     size_t subscribe_count;
+    char **deny_publish; /* deny_publish: patterns of topics it may not publish to, checked
+                            before publish (deny wins) */
+    size_t deny_publish_count;
+    char **deny_subscribe; /* deny_subscribe: patterns it may not subscribe to nor receive */
+    size_t deny_subscribe_count;
 };
 
 struct access_passwords;
@@ -48,24 +53,24 @@ struct access_passwords;
 struct conf_local {
     struct conf_listen *listen; /* default: tcp://127.0.0.1:1883, unix:///run/uplinkd/local.sock */
     size_t listen_count;
-    unsigned socket_mode;    /* local.socket_mode, octal string, default 0660 */
-    char *socket_group;      /* local.socket_group, NULL = leave the group alone */
-    size_t max_packet_size;  /* local.max_packet_size, default 256 KiB */
-    unsigned max_clients;    /* local.max_clients: clients that completed CONNECT, default 1024 */
+    unsigned socket_mode;   /* local.socket_mode, octal string, default 0660 */
+    char *socket_group;     /* local.socket_group, NULL = leave the group alone */
+    size_t max_packet_size; /* local.max_packet_size, default 256 KiB */
+    unsigned max_clients;   /* local.max_clients: clients that completed CONNECT, default 1024 */
     unsigned max_pending_connects; /* local.max_pending_connects: connections per listener that
                                       have not completed CONNECT, default 128 */
     unsigned max_pending_per_uid;  /* local.max_pending_per_uid: the same per peer uid (where
                                       the peer is identified), all listeners, default 32 */
     unsigned connect_deadline_ms;  /* local.connect_deadline: accept to a complete CONNECT,
                                       default 5 s */
-    char *topic_prefix;      /* local.topic_prefix, default "dev" */
-    unsigned max_inflight;   /* local.max_inflight: QoS>0 messages sent to one client and
+    char *topic_prefix;            /* local.topic_prefix, default "dev" */
+    unsigned max_inflight;         /* local.max_inflight: QoS>0 messages sent to one client and
                                   not yet acknowledged, default 100 */
-    unsigned max_queued;     /* local.max_queued: QoS>0 messages queued for one client
+    unsigned max_queued;           /* local.max_queued: QoS>0 messages queued for one client
                                   (offline persistent session or window full), default 1000 */
-    size_t max_queued_bytes; /* local.max_queued_bytes: payload+topic bytes queued for all
+    size_t max_queued_bytes;       /* local.max_queued_bytes: payload+topic bytes queued for all
                                   clients together, default 64 MiB */
-    char *password_file;     /* local.password_file: TCP clients must log in; NULL = no */
+    char *password_file;           /* local.password_file: TCP clients must log in; NULL = no */
     struct access_passwords *passwords; /* its parsed contents (access.h), NULL without */
     struct conf_acl_rule *acl;          /* local.acl; none = every local client may do everything */
     size_t acl_count;

@@ -308,6 +308,11 @@ struct local_session {
     uint16_t next_packet_id;
     uint64_t dropped; /* messages dropped by the queue policy */
     bool drop_logged; /* one log line per overflow episode */
+    /* Who last attached (a copy of client->identity, .username pointing at
+     * the own copy): delivery checks its local.acl deny_subscribe entries
+     * also while the session is away. */
+    struct access_identity identity;
+    char *username;
 };
 
 struct retained {
@@ -338,7 +343,7 @@ struct local {
     uint64_t drop_window_start_ms, drop_last_ms;
     unsigned fd_limit; /* RLIMIT_NOFILE (soft) at start/reload, 0 = unknown or unlimited */
     int reserve_fd;    /* kept open to be closed when accept(2) says EMFILE; -1 when used */
-    size_t live; /* listeners + clients + the close handle, until their close callbacks */
+    size_t live;       /* listeners + clients + the close handle, until their close callbacks */
     uv_timer_t close_handle; /* never started; closed last so done_cb runs from the loop */
     struct topic_table subs; /* owners are struct local_session */
     struct local_session *sessions;
@@ -1247,8 +1252,23 @@ static void session_free(struct local_session *session, bool notify)
     msg_list_free(local, &session->queue);
     idset_free(&session->inflight_ids);
     idset_free(&session->in_qos2);
+    free(session->username);
     free(session->id);
     free(session);
+}
+
+/* The session now belongs to @client's identity. Returns 0 or -ENOMEM. */
+static int session_take_identity(struct local_session *session, const struct local_client *client)
+{
+    char *username = NULL;
+
+    if (client->username && !(username = strdup(client->username)))
+        return -ENOMEM;
+    free(session->username);
+    session->username = username;
+    session->identity = client->identity;
+    session->identity.username = username;
+    return 0;
 }
 
 /*
@@ -1283,6 +1303,8 @@ static int session_attach(struct local_client *client, bool clean, bool *present
         session = NULL;
     }
     if (session) {
+        if (session_take_identity(session, client) < 0)
+            return -ENOMEM;
         for (struct local_client *c = local->clients; c; c = c->next) {
             if (c != client && c->session == session) {
                 /* The old connection's QoS 2 ids whose PUBREC never went out
@@ -1303,7 +1325,8 @@ static int session_attach(struct local_client *client, bool clean, bool *present
         if (!session)
             return -ENOMEM;
         session->id = strdup(client->id);
-        if (!session->id) {
+        if (!session->id || session_take_identity(session, client) < 0) {
+            free(session->id);
             free(session);
             return -ENOMEM;
         }
@@ -1771,10 +1794,25 @@ struct dispatch {
     uint8_t qos;
 };
 
+/* A granted wildcard subscription meets a local.acl deny_subscribe topic:
+ * that message is not for this session (access_delivery_denied()). */
+static bool session_delivery_denied(const struct local_session *session, const char *topic,
+                                    size_t topic_len)
+{
+    if (!access_delivery_denied(&session->local->conf->local, &session->identity, topic, topic_len))
+        return false;
+    log_debug(SESSION_FMT ": not delivering '%.*s': local.acl deny_subscribe",
+              SESSION_ARGS(session), (int)topic_len, topic);
+    return true;
+}
+
 static void dispatch_match_cb(void *arg, void *owner, uint8_t sub_qos)
 {
     const struct dispatch *d = arg;
     struct local_session *session = owner;
+
+    if (session_delivery_denied(session, d->topic, d->topic_len))
+        return;
 
     /* §3.3.5: delivered at min(granted QoS, message QoS); §3.3.1-9: RETAIN 0
      * on messages that match an established subscription. */
@@ -2037,7 +2075,7 @@ static int client_check_access(struct local_client *client, const struct mqtt_co
 /* Log a refused PUBLISH or SUBSCRIBE and tell local subscribers of
  * LOCAL_ERRORS_TOPIC, as JSON. */
 static void client_report_denied(struct local_client *client, const char *action, const char *topic,
-                                 size_t len, int rule)
+                                 size_t len, int rule, int rc)
 {
     struct local *local = client->local;
     struct json_buf json;
@@ -2046,6 +2084,8 @@ static void client_report_denied(struct local_client *client, const char *action
     access_identity_describe(&client->identity, who, sizeof(who));
     if (rule < 0)
         snprintf(reason, sizeof(reason), "no local.acl rule selects this client");
+    else if (rc == -EPERM)
+        snprintf(reason, sizeof(reason), "denied by local.acl[%d].deny_%s", rule, action);
     else
         snprintf(reason, sizeof(reason), "not allowed by local.acl[%d]", rule);
     log_warn(CLIENT_FMT ": %s to '%.*s' denied: %s (%s)", CLIENT_ARGS(client), action,
@@ -2079,12 +2119,13 @@ static void client_report_denied(struct local_client *client, const char *action
  */
 static bool client_publish_denied(struct local_client *client, const struct mqtt_publish *p)
 {
-    int rule;
+    int rule, rc;
 
-    if (access_acl_check(&client->local->conf->local, &client->identity, ACCESS_PUBLISH,
-                         (const char *)p->topic.data, p->topic.len, &rule) == 0)
+    rc = access_acl_check(&client->local->conf->local, &client->identity, ACCESS_PUBLISH,
+                          (const char *)p->topic.data, p->topic.len, &rule);
+    if (rc == 0)
         return false;
-    client_report_denied(client, "publish", (const char *)p->topic.data, p->topic.len, rule);
+    client_report_denied(client, "publish", (const char *)p->topic.data, p->topic.len, rule, rc);
     if (p->qos == 1)
         client_send_ack(client, MQTT_PUBACK, p->packet_id);
     else if (p->qos == 2)
@@ -2095,12 +2136,13 @@ static bool client_publish_denied(struct local_client *client, const struct mqtt
 /* §3.9.3: a refused filter gets return code 0x80 in SUBACK. */
 static bool client_subscribe_denied(struct local_client *client, const char *filter, size_t len)
 {
-    int rule;
+    int rule, rc;
 
-    if (access_acl_check(&client->local->conf->local, &client->identity, ACCESS_SUBSCRIBE, filter,
-                         len, &rule) == 0)
+    rc = access_acl_check(&client->local->conf->local, &client->identity, ACCESS_SUBSCRIBE, filter,
+                          len, &rule);
+    if (rc == 0)
         return false;
-    client_report_denied(client, "subscribe", filter, len, rule);
+    client_report_denied(client, "subscribe", filter, len, rule, rc);
     return true;
 }
 
@@ -2371,7 +2413,8 @@ static void handle_publish(struct local_client *client, const struct mqtt_publis
 static void send_retained(struct local_client *client, const char *filter, size_t len, uint8_t qos)
 {
     for (struct retained *r = client->local->retained; r; r = r->next)
-        if (topic_match(filter, len, r->topic, r->topic_len))
+        if (topic_match(filter, len, r->topic, r->topic_len) &&
+            !session_delivery_denied(client->session, r->topic, r->topic_len))
             /* §3.3.1-8: RETAIN 1 for messages sent because of a new subscription. */
             session_deliver(client->session, r->topic, r->topic_len, r->payload, r->len,
                             qos < r->qos ? qos : r->qos, true);

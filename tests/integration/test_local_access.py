@@ -273,6 +273,95 @@ def test_acl_raw_passthrough_granted_by_a_cloud_pattern(hx):
     assert "Subscribed (mid: 1): 1" in p.stdout, p.stdout + p.stderr
 
 
+DENY_RULES = [{"publish": ["#"], "subscribe": ["#"], "deny_subscribe": ["test/nosubscribe"],
+               "deny_publish": ["test/nopublish"]}]
+
+
+def test_acl_deny_subscribe_paho_subscribe_failure(hx):
+    """Issue 12: the Paho 3.1.1 interoperability suite's test_subscribe_failure,
+    done the same way with paho-mqtt: a config that allows "#" but denies
+    test/nosubscribe answers that SUBSCRIBE with 0x80. Before, local.acl
+    could not say "everything but this filter" (deny_subscribe was an
+    unknown key)."""
+    import threading
+    import paho.mqtt.client as paho
+
+    conf = acl_config(hx, DENY_RULES)
+    d = hx.uplinkd(conf)
+    subscribeds = []
+    done = threading.Event()
+
+    def on_subscribe(client, userdata, mid, granted_qos):
+        subscribeds.append((mid, granted_qos))
+        done.set()
+
+    aclient = paho.Client("myclientid", protocol=paho.MQTTv311)
+    aclient.on_subscribe = on_subscribe
+    aclient.connect("127.0.0.1", h.local_tcp_port(conf))
+    aclient.loop_start()
+    hx.add_closer(aclient.loop_stop)
+    hx.add_closer(aclient.disconnect)
+    since = d.log_size()
+    aclient.subscribe("test/nosubscribe", 2)
+    assert done.wait(h.TIMEOUT), "no SUBACK"
+    assert subscribeds[0][1][0] == 0x80, "return code should be 0x80 %s" % subscribeds
+    d.wait_log(r"subscribe to 'test/nosubscribe' denied: denied by "
+               r"local\.acl\[0\]\.deny_subscribe", since)
+
+    # A wildcard that only overlaps the denied topic is granted.
+    c = hx.client("127.0.0.1", h.local_tcp_port(conf))
+    for granted in ("#", "test/+", "+/nosubscribe", "test/nosubscribe/below"):
+        assert c.subscribe(granted) == 1
+    assert c.subscribe("test/other", qos=2) == 2
+
+
+def test_acl_deny_subscribe_wildcards_never_carry_the_denied_topic(hx):
+    """Paho's test_retained_messages subscribes "+/+" and its cleanup "#",
+    under a config that denies test/nosubscribe: both are granted, and
+    neither the retained nor a live message on the denied topic reaches
+    them, while every other topic does."""
+    conf = acl_config(hx, DENY_RULES)
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    for topic in ("test/nosubscribe", "test/retained", "other/retained"):
+        h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-r", "-t", topic,
+                        "-m", "kept " + topic)
+    c = hx.client("127.0.0.1", port)
+    assert c.subscribe("+/+") == 1
+    c.wait("test/retained", "kept test/retained")
+    c.wait("other/retained", "kept other/retained")
+    everything = hx.client("127.0.0.1", port)
+    assert everything.subscribe("#") == 1
+    everything.wait("other/retained", "kept other/retained")
+    for topic in ("test/nosubscribe", "test/live"):
+        h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-m", "live")
+    c.wait("test/live", "live")
+    everything.wait("test/live", "live")
+    # test/nosubscribe was published before test/live, and one connection
+    # delivers in order: had it been delivered, it would be here by now.
+    assert c.received("test/nosubscribe") == []
+    assert everything.received("test/nosubscribe") == []
+
+
+def test_acl_deny_publish(hx):
+    """A publish to a deny_publish topic is acknowledged and dropped like
+    one outside the allow-list, although "#" allows it."""
+    conf = acl_config(hx, DENY_RULES)
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    observer = hx.client("127.0.0.1", port)
+    observer.subscribe("test/nopublish")
+    observer.subscribe("test/ok")
+    since = d.log_size()
+    h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", "test/nopublish",
+                    "-m", "dropped")
+    d.wait_log(r"publish to 'test/nopublish' denied: denied by local\.acl\[0\]\.deny_publish",
+               since)
+    h.mosquitto_pub("-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", "test/ok", "-m", "after")
+    observer.wait("test/ok", "after")
+    assert observer.received("test/nopublish") == []
+
+
 def test_acl_closed_world_and_will(hx):
     """A client no rule selects may do nothing; a will it may not publish
     is refused at CONNECT with CONNACK 5."""

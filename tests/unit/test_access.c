@@ -9,6 +9,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -370,6 +374,94 @@ static void test_acl_raw_passthrough_needs_explicit_grant(void **state)
         access_acl_check(&none, &anyone, ACCESS_PUBLISH, "cloud/c8y/s/us/victim", 21, NULL), 0);
 }
 
+/* Issue 12 (Paho's test_subscribe_failure): "everything but this filter". */
+static void test_acl_deny_entries(void **state)
+{
+    static char *deny_sub[] = {"test/nosubscribe", "dev/%c/secret", "users/%u/private/#", "$SYS/#"};
+    static char *deny_pub[] = {"dev/+/config", "x/lock*"};
+    static char *children[] = {"modbus-*"};
+    struct conf_acl_rule two[] = {
+        {.publish = all,
+         .publish_count = 1,
+         .subscribe = all,
+         .subscribe_count = 1,
+         .children = children,
+         .children_count = 1,
+         .deny_publish = deny_pub,
+         .deny_publish_count = 2,
+         .deny_subscribe = deny_sub,
+         .deny_subscribe_count = 4},
+        {.publish = all, .publish_count = 1}, /* never reached: rule 0 selects everyone */
+    };
+    struct conf_local local = {.acl = two, .acl_count = 2};
+    struct access_identity alice = {.username = "alice"};
+    int index = -1;
+
+#define SUB(topic) access_acl_check(&local, &alice, ACCESS_SUBSCRIBE, topic, strlen(topic), NULL)
+#define PUB(topic) access_acl_check(&local, &alice, ACCESS_PUBLISH, topic, strlen(topic), NULL)
+    /* The exact filter, and every filter a deny pattern covers wholly. */
+    assert_int_equal(
+        access_acl_check(&local, &alice, ACCESS_SUBSCRIBE, "test/nosubscribe", 16, &index), -EPERM);
+    assert_int_equal(index, 0);
+    /* Filters that merely overlap a denied topic are granted (delivery
+     * holds the denied topics back, below), the others as well. */
+    assert_int_equal(SUB("#"), 0);
+    assert_int_equal(SUB("test/#"), 0);
+    assert_int_equal(SUB("test/+"), 0);
+    assert_int_equal(SUB("+/nosubscribe"), 0);
+    assert_int_equal(SUB("+/+"), 0);
+    assert_int_equal(SUB("test/nosubscribe/x"), 0);
+    assert_int_equal(SUB("test/other"), 0);
+    assert_int_equal(SUB("test"), 0);
+    assert_int_equal(SUB("test/nosubscribe2"), 0);
+    /* "%c": only the rule's children; "%u": only the client's own name. */
+    assert_int_equal(SUB("dev/modbus-1/secret"), -EPERM);
+    assert_int_equal(SUB("dev/plc-1/secret"), 0);
+    assert_int_equal(SUB("dev/+/secret"), 0);             /* overlaps modbus-*, not covered */
+    assert_int_equal(SUB("users/alice/private"), -EPERM); /* "a/#" matches "a" */
+    assert_int_equal(SUB("users/alice/private/x/y"), -EPERM);
+    assert_int_equal(SUB("users/alice/private/#"), -EPERM);
+    assert_int_equal(SUB("users/alice/private/+"), -EPERM);
+    assert_int_equal(SUB("users/bob/private/x"), 0);
+    assert_int_equal(SUB("users/+/private/x"), 0);
+    assert_int_equal(SUB("$SYS/broker"), -EPERM);
+    assert_int_equal(SUB("$SYS/#"), -EPERM);
+
+    /* Delivery: a topic name any deny_subscribe pattern covers. */
+#define HELD(topic) access_delivery_denied(&local, &alice, topic, strlen(topic))
+    assert_true(HELD("test/nosubscribe"));
+    assert_false(HELD("test/nosubscribe/x"));
+    assert_false(HELD("test/other"));
+    assert_true(HELD("dev/modbus-1/secret"));
+    assert_false(HELD("dev/plc-1/secret"));
+    assert_true(HELD("users/alice/private"));
+    assert_true(HELD("users/alice/private/x"));
+    assert_false(HELD("users/bob/private/x"));
+    assert_true(HELD("$SYS/broker/uptime"));
+    struct access_identity bob = {.username = "bob"};
+    assert_false(access_delivery_denied(&local, &bob, "users/alice/private", 19));
+    assert_true(access_delivery_denied(&local, &bob, "users/bob/private", 17));
+    struct conf_local open_local = {0};
+    assert_false(access_delivery_denied(&open_local, &alice, "test/nosubscribe", 16));
+
+    /* Publish: a deny pattern covers the topic name. */
+    assert_int_equal(PUB("dev/x/config"), -EPERM);
+    assert_int_equal(PUB("dev/x/config/y"), 0);
+    assert_int_equal(PUB("x/locked"), -EPERM);
+    assert_int_equal(PUB("x/open"), 0);
+    assert_int_equal(PUB("test/nosubscribe"), 0); /* deny_subscribe only */
+    /* Deny applies whatever the allow-list says, and only in its own rule. */
+    alice.has_cred = true;
+    alice.uid = 5;
+    two[0].has_uid = true;
+    two[0].uid = 4;
+    assert_int_equal(PUB("dev/x/config"), 0); /* rule 1 decides, it has no deny */
+    assert_false(HELD("test/nosubscribe"));
+#undef HELD
+#undef SUB
+#undef PUB
+}
+
 /* Issue 12: a uid rule plus a listener whose peers cannot be identified. */
 static void test_acl_sidestep_warning(void **state)
 {
@@ -461,6 +553,138 @@ static void test_peer_identity(void **state)
     assert_string_equal(text, "user u");
 }
 
+/* A connected loopback TCP pair: *@server is the accepted end. */
+static void tcp_pair(int family, int *client, int *server)
+{
+    struct sockaddr_storage ss = {0};
+    socklen_t len;
+    int listener = socket(family, SOCK_STREAM, 0);
+
+    assert_true(listener >= 0);
+    if (family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+        in->sin_family = AF_INET;
+        in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        len = sizeof(*in);
+    } else {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+        in6->sin6_family = AF_INET6;
+        in6->sin6_addr = in6addr_loopback;
+        len = sizeof(*in6);
+    }
+    assert_int_equal(bind(listener, (struct sockaddr *)&ss, len), 0);
+    assert_int_equal(listen(listener, 1), 0);
+    assert_int_equal(getsockname(listener, (struct sockaddr *)&ss, &len), 0);
+    *client = socket(family, SOCK_STREAM, 0);
+    assert_true(*client >= 0);
+    assert_int_equal(connect(*client, (struct sockaddr *)&ss, len), 0);
+    *server = accept(listener, NULL, NULL);
+    assert_true(*server >= 0);
+    close(listener);
+}
+
+/* Look up the peer of the accepted @server the way local.c does. */
+static int tcp_lookup(int server, bool groups, struct access_identity *id, char *why, size_t size)
+{
+    struct sockaddr_storage own, peer;
+    socklen_t own_len = sizeof(own), peer_len = sizeof(peer);
+
+    assert_int_equal(getsockname(server, (struct sockaddr *)&own, &own_len), 0);
+    assert_int_equal(getpeername(server, (struct sockaddr *)&peer, &peer_len), 0);
+    return access_tcp_peer_identity((struct sockaddr *)&own, (struct sockaddr *)&peer, groups, id,
+                                    why, size);
+}
+
+/* Issue 12: a loopback TCP peer is identified by sock_diag and then held
+ * to the uid/gid rules like a Unix socket peer; an unidentified one gets
+ * only the rules that select no uid/gid. */
+static void test_tcp_peer_identity(void **state)
+{
+    static char *own_topic[] = {"dev/own/#"};
+    struct passwd *pw = getpwuid(getuid());
+    struct access_identity id = {0}, unknown = {0};
+    struct sockaddr_in far = {.sin_family = AF_INET, .sin_port = htons(1)}; /* never ephemeral */
+    struct sockaddr_in near = {.sin_family = AF_INET, .sin_port = htons(2)};
+    char why[160] = "", text[128];
+    int client, server;
+
+    tcp_pair(AF_INET, &client, &server);
+    assert_int_equal(tcp_lookup(server, false, &id, why, sizeof(why)), 0);
+    assert_true(id.has_cred);
+    assert_true(id.tcp_peer);
+    assert_int_equal(id.uid, getuid());
+    assert_int_equal(id.pid, 0);
+    assert_int_equal(id.gid, (gid_t)-1); /* not asked for */
+    access_identity_describe(&id, text, sizeof(text));
+    assert_non_null(strstr(text, "uid "));
+
+    /* The gid path: the uid's passwd entry and its groups. */
+    memset(&id, 0, sizeof(id));
+    assert_int_equal(tcp_lookup(server, true, &id, why, sizeof(why)), 0);
+    assert_non_null(pw);
+    assert_int_equal(id.gid, pw->pw_gid);
+
+    /* The same rules as for the Unix socket: the uid rule selects the
+     * identified peer, the selector-less rule the unidentified one. */
+    struct conf_acl_rule by_uid[] = {
+        {.has_uid = true, .uid = getuid(), .publish = all, .publish_count = 1},
+        {.publish = own_topic, .publish_count = 1},
+    };
+    struct conf_acl_rule by_gid[] = {
+        {.has_gid = true, .gid = pw->pw_gid, .publish = all, .publish_count = 1},
+        {.publish = own_topic, .publish_count = 1},
+    };
+    struct conf_local local = {.acl = by_uid, .acl_count = 2};
+    int rule = -1;
+
+    assert_int_equal(access_acl_check(&local, &id, ACCESS_PUBLISH, "a/b", 3, &rule), 0);
+    assert_int_equal(rule, 0);
+    assert_int_equal(access_acl_check(&local, &unknown, ACCESS_PUBLISH, "a/b", 3, &rule), -EACCES);
+    assert_int_equal(rule, 1);
+    assert_int_equal(access_acl_check(&local, &unknown, ACCESS_PUBLISH, "dev/own/x", 9, NULL), 0);
+    local.acl = by_gid;
+    assert_int_equal(access_acl_check(&local, &id, ACCESS_PUBLISH, "a/b", 3, &rule), 0);
+    assert_int_equal(rule, 0);
+    assert_true(access_acl_selects_gids(&local));
+    assert_int_equal(access_acl_check(&local, &unknown, ACCESS_PUBLISH, "a/b", 3, &rule), -EACCES);
+    assert_int_equal(rule, 1);
+
+    /* A peer that is gone: the exact-match lookup finds no socket. */
+    close(client);
+    close(server);
+    memset(&id, 0, sizeof(id));
+    inet_pton(AF_INET, "127.0.0.1", &near.sin_addr);
+    inet_pton(AF_INET, "127.0.0.1", &far.sin_addr);
+    assert_true(access_tcp_peer_identity((struct sockaddr *)&near, (struct sockaddr *)&far, false,
+                                         &id, why, sizeof(why)) < 0);
+    assert_false(id.has_cred);
+    assert_true(why[0] != '\0');
+
+    /* Not on loopback: not even looked up, and the reason says so. */
+    inet_pton(AF_INET, "192.0.2.7", &far.sin_addr);
+    assert_true(access_tcp_peer_identity((struct sockaddr *)&near, (struct sockaddr *)&far, false,
+                                         &id, why, sizeof(why)) < 0);
+    assert_false(id.has_cred);
+    assert_non_null(strstr(why, "192.0.2.7"));
+    assert_non_null(strstr(why, "loopback"));
+
+    /* IPv6 ::1, where the machine has it. */
+    int fd6 = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 lo6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    bool have6 = fd6 >= 0 && bind(fd6, (struct sockaddr *)&lo6, sizeof(lo6)) == 0;
+
+    if (fd6 >= 0)
+        close(fd6);
+    if (have6) {
+        tcp_pair(AF_INET6, &client, &server);
+        memset(&id, 0, sizeof(id));
+        assert_int_equal(tcp_lookup(server, false, &id, why, sizeof(why)), 0);
+        assert_int_equal(id.uid, getuid());
+        close(client);
+        close(server);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -474,9 +698,11 @@ int main(void)
         cmocka_unit_test(test_acl_gid_glob_and_first_match),
         cmocka_unit_test(test_acl_any_child),
         cmocka_unit_test(test_acl_raw_passthrough_needs_explicit_grant),
+        cmocka_unit_test(test_acl_deny_entries),
         cmocka_unit_test(test_acl_sidestep_warning),
         cmocka_unit_test(test_pattern_checks),
         cmocka_unit_test(test_peer_identity),
+        cmocka_unit_test(test_tcp_peer_identity),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

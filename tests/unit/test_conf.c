@@ -508,6 +508,14 @@ static const struct bad_case bad_cases[] = {
     {"bad-acl-uid.yaml",
      {"bad-acl-uid.yaml:5:12: local.acl[0].uid: \"modbus\" is not a numeric user id",
       "bad-acl-uid.yaml:8:7: local.acl[1].sbuscribe: unknown key (did you mean \"subscribe\"?)"}},
+    {"bad-acl-deny.yaml",
+     {"bad-acl-deny.yaml:6:24: local.acl[0].deny_subscribe[0]: \"test/#/x\": '#' must be a whole "
+      "last level (§4.7.1-2) (expected topic patterns to refuse, e.g. [\"test/nosubscribe\", "
+      "\"dev/+/config\"])",
+      "bad-acl-deny.yaml:7:30: local.acl[0].deny_publish[1]: \"bad+\": '+' must occupy a whole "
+      "level",
+      "bad-acl-deny.yaml:8:7: local.acl[0].deny_subscibe: unknown key (did you mean "
+      "\"deny_subscribe\"?)"}},
     {"bad-acl-child-glob.yaml",
      {"bad-acl-child-glob.yaml:6:18: local.acl[0].children[0]: \"modbus/*\": a child id glob "
       "cannot contain '/', '+' or '#'"}},
@@ -636,6 +644,12 @@ static void test_local_access(void **state)
     rule = &local->acl[3];
     assert_false(rule->has_uid || rule->has_gid || rule->user);
     assert_string_equal(rule->publish[0], "#");
+    assert_int_equal(rule->deny_publish_count, 1);
+    assert_string_equal(rule->deny_publish[0], "dev/+/config");
+    assert_int_equal(rule->deny_subscribe_count, 2);
+    assert_string_equal(rule->deny_subscribe[0], "test/nosubscribe");
+    assert_string_equal(rule->deny_subscribe[1], "dev/%c/secret");
+    assert_int_equal(local->acl[0].deny_publish_count + local->acl[0].deny_subscribe_count, 0);
     conf_free(conf);
 
     /* Without the keys: no passwords, no rules (everything allowed). */
