@@ -1,14 +1,13 @@
-/* profile_gcp.h - the pure rules of the gcp and akenza profiles, for
- * conf.c (config-time checks) and the unit tests. The profiles themselves
- * are `profile_gcp` and `profile_akenza` in profile.h.
+/* gcp.h - the pure rules of the gcp profile, for conf.c (config-time
+ * checks) and the unit tests. The profile itself is `profile_gcp` (gcp.c)
+ * and `profile_spec_gcp` (spec.c).
  *
  * Google Cloud IoT Core and ClearBlade IoT Core speak the same protocol
  * ("Publishing over the MQTT bridge", "Using gateways with the MQTT
- * bridge"); akenza's device MQTT API is documented at docs.akenza.io
- * ("MQTT device connectivity").
+ * bridge").
  */
-#ifndef UPLINKD_PROFILE_GCP_H
-#define UPLINKD_PROFILE_GCP_H
+#ifndef UPLINKD_PROFILES_GCP_H
+#define UPLINKD_PROFILES_GCP_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -79,39 +78,5 @@ enum gcp_down_kind gcp_down_parse(const char *topic, char *id, const char **sub)
  * ("Using gateways with the MQTT bridge", errors topic). Never NULL.
  */
 const char *gcp_error_explain(const char *error_type);
-
-/**
- * gcp_child_key_path() - @pattern with every "%c" replaced by @child and
- * "%%" by "%". Returns the length, -ENAMETOOLONG.
- */
-int gcp_child_key_path(const char *pattern, const char *child, char *buf, size_t cap);
-
-/**
- * akenza_up_topic() - telemetry -> /up/device/id/<child>[/<sub>],
- * state -> /up/device/id/<child>/state[/<sub>]. Same returns as
- * gcp_up_topic().
- */
-int akenza_up_topic(const struct mapping_local *m, char *buf, size_t cap, const char **reason);
-
-/**
- * akenza_down_topic() - the local topic for a cloud message on
- * /down/device/id/<id>[/<rest>]: rest "config" (or "config/...") ->
- * <prefix>/<id>/config (retained), anything else (or nothing) ->
- * <prefix>/<id>/commands[/<rest>]. *@config says which.
- * Returns the length, 0 (not a downlink topic), -EINVAL (bad id),
- * -ENAMETOOLONG.
- */
-int akenza_down_topic(const char *local_prefix, const char *topic, char *buf, size_t cap,
-                      bool *config);
-
-/**
- * akenza_child_aud() - the aud of a child's own session (per-device
- * sessions), in the form of the device's @device_aud: the default
- * https://akenza.io/devices/<device> becomes .../<child>, the bare device
- * id the bare child id, and any other value is used as it is.
- * Returns the length, -ENAMETOOLONG.
- */
-int akenza_child_aud(const char *device_aud, const char *device, const char *child, char *buf,
-                     size_t cap);
 
 #endif
