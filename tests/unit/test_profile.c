@@ -88,7 +88,7 @@ void uplink_reconnect(struct uplink *uplink, const char *reason)
     reconnects++;
 }
 
-/* Called only by other profiles linked into this test (profile_gcp.c). */
+/* Called only by other profiles linked into this test (profiles/gcp/gcp.c). */
 int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
                    int qos, bool retain)
 {

@@ -105,7 +105,7 @@ void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
     memset(out, 0, sizeof(*out));
 }
 
-/* profile_c8y.c is linked in through profile.c's registry; never called here. */
+/* cumulocity.c is linked in through profile.c's registry; never called here. */
 void uplink_reconnect(struct uplink *uplink, const char *reason)
 {
     (void)uplink;

@@ -65,7 +65,7 @@
 #define GCP_SWEEP_MIN_MS 500u
 #define GCP_SWEEP_MAX_MS 60000u
 
-/* --- pure rules (profile_gcp.h) ------------------------------------------------ */
+/* --- pure rules (gcp.h) --------------------------------------------------------- */
 
 int gcp_up_topic(const struct mapping_local *m, char *buf, size_t cap, const char **reason)
 {
