@@ -20,7 +20,7 @@
 #include "jwt.h"
 #include "keys.h"
 #include "log.h"
-#include "profiles/gcp/gcp.h"
+#include "profiles/gcp/rules.h"
 #include "profile_spec.h"
 #include "util.h"
 

@@ -5,9 +5,9 @@
 #include <stdio.h>
 
 #include "conf.h"
-#include "gcp.h"
 #include "jwt.h"
 #include "profile_spec.h"
+#include "rules.h"
 
 static void gcp_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out)
 {
