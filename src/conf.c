@@ -20,7 +20,8 @@
 #include "jwt.h"
 #include "keys.h"
 #include "log.h"
-#include "profile_gcp.h"
+#include "profiles/gcp/rules.h"
+#include "profile_spec.h"
 #include "util.h"
 
 #include "config.h"
@@ -3156,9 +3157,6 @@ static const char *const uplink_keys[UPLINK_KEYS] = {
     [UPLINK_AKENZA] = "akenza",
 };
 
-/* The registry itself is profile.c (daemon only); keep the two in step. */
-static const char *const known_profiles[] = {"generic", "cumulocity", "gcp", "akenza"};
-
 static void parse_uplink_name(struct loader *ld, yaml_node_t *node, yaml_node_t *map,
                               const char *path, size_t index)
 {
@@ -3233,14 +3231,13 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
     key_join(key, sizeof(key), path, "profile");
     if (node_present(values[UPLINK_PROFILE])) {
         const char *text = scalar_text(ld, values[UPLINK_PROFILE], key, "a profile name");
-        size_t i;
-        for (i = 0; text != NULL && i < ARRAY_SIZE(known_profiles); i++) {
-            if (strcmp(text, known_profiles[i]) == 0)
-                break;
-        }
-        if (text != NULL && i == ARRAY_SIZE(known_profiles)) {
+        if (text != NULL && profile_spec_find(text) == NULL) {
+            const char *const *names = profile_spec_names();
+            size_t count = 0;
             char known[128];
-            join_names(known, sizeof(known), known_profiles, ARRAY_SIZE(known_profiles));
+            while (names[count])
+                count++;
+            join_names(known, sizeof(known), names, count);
             report(ld, values[UPLINK_PROFILE]->start_mark, key,
                    "%s is not a known profile (expected one of: %s)",
                    quote(text, quoted, sizeof(quoted)), known);

@@ -36,7 +36,7 @@
 #include "jwt.h"
 #include "keys.h"
 #include "mqtt_codec.h"
-#include "profile.h"
+#include "profile_spec.h"
 #include "tlscheck.h"
 #include "util.h"
 
@@ -986,36 +986,17 @@ static void explain_connack(int code, const struct conf_uplink *uplink, const ch
 }
 
 /* The profile's own words after a refused CONNACK: what its cloud checks,
- * with the values this CONNECT carried. */
+ * with the values this CONNECT carried (profile_spec.diagnose_refused). */
 static void explain_connack_profile(int code, const struct conf_uplink *uplink,
                                     const char *client_id, FILE *out)
 {
-    const char *profile = uplink->profile ? uplink->profile : "generic";
-    const struct conf_jwt *jwt = &uplink->auth.jwt;
+    const struct profile_spec *spec = profile_spec_find(uplink->profile);
 
     if (code != MQTT_CONNACK_BAD_CREDENTIALS && code != MQTT_CONNACK_NOT_AUTHORIZED)
         return;
-    if (strcmp(profile, "gcp") == 0) {
-        say(out,
-            "  GCP (Google Cloud IoT Core / ClearBlade): the bridge refused the JWT or the "
-            "device: the token's aud must be the project id (it is \"%s\"; gcp.project is "
-            "\"%s\"), %s must match a public key registered for device %s in registry %s "
-            "(%s), exp at most 24 h after iat, and the clock right; the client id %s must name "
-            "an existing device",
-            jwt->aud ? jwt->aud : "(none)", uplink->gcp.project, jwt_alg_name(jwt->alg),
-            uplink->gcp.device, uplink->gcp.registry, uplink->gcp.region, client_id);
-    } else if (strcmp(profile, "akenza") == 0) {
-        say(out,
-            "  akenza: the token must carry aud \"%s\" (auth.aud), sub = the device id, and "
-            "kid = the hex SHA-256 of the registered public key (auth.kid auto); the client id "
-            "%s must be the device id",
-            jwt->aud ? jwt->aud : "(none)", client_id);
-    } else if (strcmp(profile, "cumulocity") == 0) {
-        say(out,
-            "  Cumulocity: the user name is <tenant>/<user> (cumulocity.tenant), or with "
-            "X.509 the certificate's CN must equal the device id in the client id %s and the "
-            "CA be trusted by the tenant",
-            client_id);
+    if (spec && spec->diagnose_refused) {
+        spec->diagnose_refused(uplink, client_id, out);
+        fflush(out);
     }
 }
 
@@ -1069,7 +1050,7 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
     size_t stored_len = 0;
     int rc = -EPROTO;
 
-    /* What the daemon's profile sends (profile.h): the client id, the user
+    /* What the daemon's profile sends (profile_spec.h): the client id, the user
      * name and clean session; the JWT's claims come from auth.jwt as in the
      * daemon (conf.c set the profile's aud, sub and kid there). */
     profile_connect_id(uplink, &ids);

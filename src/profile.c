@@ -15,15 +15,10 @@
 #include "registry.h"
 #include "uplink.h"
 
-/* Adding a cloud: one line here and its profile_<name>.c. */
-static const struct profile *const profiles[] = {
-    &profile_generic,
-    &profile_cumulocity,
-    &profile_gcp,
-    &profile_akenza,
-};
-
-static const char *const profile_name_list[] = {"generic", "cumulocity", "gcp", "akenza", NULL};
+/* One entry per PROFILE_LIST name (src/profiles/meson.build). */
+#define PROFILE_ENTRY(name) &profile_##name,
+static const struct profile *const profiles[] = {PROFILE_LIST(PROFILE_ENTRY)};
+#undef PROFILE_ENTRY
 
 const struct profile *profile_find(const char *name)
 {
@@ -32,11 +27,6 @@ const struct profile *profile_find(const char *name)
             return profiles[i];
     }
     return NULL;
-}
-
-const char *const *profile_names(void)
-{
-    return profile_name_list;
 }
 
 /* --- message lists ---------------------------------------------------------- */
@@ -248,16 +238,18 @@ int profile_instance_new(uv_loop_t *loop, const struct conf *conf, const struct 
     struct profile_instance_full *full;
     struct profile_instance *pi;
     const struct profile *profile = profile_find(uc->profile ? uc->profile : "generic");
+    const struct profile_spec *spec = profile_spec_find(uc->profile);
     char path[4096];
     int rc;
 
-    if (!profile)
+    if (!profile || !spec)
         return -ENOENT;
     full = calloc(1, sizeof(*full));
     if (!full)
         return -ENOMEM;
     pi = &full->pi;
     pi->profile = profile;
+    pi->spec = spec;
     pi->loop = loop;
     pi->uplink = uplink;
     pi->conf = conf;

@@ -7,8 +7,11 @@
  * (Cumulocity 101, GCP attach), what to send after every CONNACK, the
  * cloud's size limits and what its CONNACK codes mean.
  *
- * Adding a cloud = one profile_<name>.c file with a `const struct profile`
- * and one line in profile.c's registry. The router (router.c) only
+ * Adding a cloud = one folder, src/profiles/<name>/, and its name in the
+ * list in src/profiles/meson.build (see profile_spec.h for what the folder
+ * holds). The daemon half, `const struct profile profile_<name>`, is this
+ * table; the pure half (client id, CONNACK texts, child id rules, diagnose
+ * hints) is the folder's `struct profile_spec`. The router (router.c) only
  * dispatches through the table; it never asks which cloud it is talking to.
  *
  * Lifetime: the router creates one struct profile_instance per uplink
@@ -30,8 +33,9 @@
 #include <string.h>
 #include <uv.h>
 
-#include "conf.h" /* profile_connect_id() reads struct conf_uplink */
+#include "conf.h"
 #include "mapping.h"
+#include "profile_spec.h" /* the pure half: descriptors, PROFILE_LIST */
 
 struct conf;
 struct conf_uplink;
@@ -54,7 +58,7 @@ struct profile_msg {
     int qos;
     bool retain;
     /* up_cb only: the session to send it on, when not the instance's own
-     * uplink (per-device sessions, profile_akenza.c); NULL (what
+     * uplink (per-device sessions, profiles/akenza/akenza.c); NULL (what
      * profile_msgs_add() sets) = pi->uplink. Borrowed. */
     struct uplink *uplink;
 };
@@ -113,10 +117,6 @@ struct profile {
     /* A reload changed the uplink's conf (pi->uc already points to it). */
     void (*reconfigure_cb)(struct profile_instance *pi);
 
-    /* Cloud rules for a child id beyond mapping_child_check(); NULL = fine,
-     * else a static reason. */
-    const char *(*child_check_cb)(const struct profile_instance *pi, const char *child);
-
     /* Before each connection attempt: client id, credentials, will, clean
      * session (uplink_hooks.session_cb). Strings are copied by the uplink
      * before this returns; they may point into pi->state. */
@@ -173,10 +173,6 @@ struct profile {
      * only records already queued (uplink.c, uplink_batch_take). */
     const char *(*batch_separator_cb)(const struct profile_instance *pi, const char *topic);
 
-    /* CONNACK return code (MQTT 3.1.1 §3.2.2.3) in the cloud's words, or
-     * NULL for the generic text. */
-    const char *(*connack_text_cb)(const struct profile_instance *pi, int rc);
-
     /* uplinkctl status: append members (each starting with ',') to the
      * uplink's JSON object, e.g. akenza's per-device "sessions". */
     void (*status_json_cb)(const struct profile_instance *pi, struct json_buf *out);
@@ -191,6 +187,7 @@ struct profile {
 /* One uplink's profile: created and owned by the router. */
 struct profile_instance {
     const struct profile *profile;
+    const struct profile_spec *spec; /* the pure half: child id rules, CONNACK texts */
     uv_loop_t *loop;                 /* borrowed */
     struct uplink *uplink;           /* borrowed; outlives the instance */
     const struct conf *conf;         /* borrowed, the live conf */
@@ -210,12 +207,6 @@ struct profile_instance {
  * profile_find() - the profile registered under @name, or NULL.
  */
 const struct profile *profile_find(const char *name);
-
-/**
- * profile_names() - the registered profile names, NULL-terminated (static),
- * for conf.c's "expected one of" message.
- */
-const char *const *profile_names(void);
 
 /**
  * profile_instance_new() - an instance of @uc->profile for @uplink.
@@ -288,7 +279,7 @@ void profile_instance_offline(struct profile_instance *pi);
  */
 void profile_instance_subscribe(struct profile_instance *pi);
 
-/* Generic template rules (profile_generic.c), pure, for unit tests. A
+/* Generic template rules (profiles/generic/generic.c), pure, for unit tests. A
  * template is a topic whose levels may be exactly "{child}" or, as the last
  * level, "{sub}" (one or more levels). */
 
@@ -311,65 +302,10 @@ int profile_template_filter(const char *tmpl, char *buf, size_t cap);
  */
 int profile_template_match(const char *tmpl, const char *topic, char *child, const char **sub);
 
-/* What a profile's CONNECT carries that follows from the conf alone: the
- * daemon's session_cb and `uplinkctl diagnose` (which links no profile
- * code) both use profile_connect_id(), so diagnose sends what the daemon
- * sends. JWT claims (aud, sub, kid) need nothing here: conf.c sets the
- * profile defaults in auth.jwt, which both sign from. */
-#define PROFILE_CLIENT_ID_MAX 1024
-struct profile_connect_id {
-    char client_id[PROFILE_CLIENT_ID_MAX]; /* "" = uplinks[].client_id, else gateway.id */
-    char username[512];                    /* "" = auth.username as configured (jwt: "unused") */
-    const char *password; /* with a username: the password to send (borrowed from the conf) */
-    bool clean_session;   /* true: clean session 1 whatever the conf says (Cumulocity) */
-    bool c8y_bootstrap;   /* Cumulocity bootstrap: the device's user and password are in
-                             <state_dir>/credentials/<uplink> once received, else the
-                             bootstrap user's are used (username/password above) */
-};
-
-/**
- * profile_connect_id() - fill @out for @uc (borrowed; @out points into it):
- * gcp: projects/<p>/locations/<r>/registries/<g>/devices/<d>; cumulocity:
- * d:<device_id>[:<template>], basic auth user <tenant>/<user> when
- * cumulocity.tenant is set, bootstrap as described above; akenza: the
- * device id; generic: nothing beyond the conf. Inline so that uplinkctl,
- * which links only the core library, shares it.
- */
-static inline void profile_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out)
-{
-    const char *profile = uc->profile ? uc->profile : "generic";
-    const struct conf_cumulocity *cc = &uc->cumulocity;
-
-    memset(out, 0, sizeof(*out));
-    if (strcmp(profile, "gcp") == 0) {
-        snprintf(out->client_id, sizeof(out->client_id),
-                 "projects/%s/locations/%s/registries/%s/devices/%s", uc->gcp.project,
-                 uc->gcp.region, uc->gcp.registry, uc->gcp.device);
-    } else if (strcmp(profile, "akenza") == 0 && uc->akenza.device) {
-        snprintf(out->client_id, sizeof(out->client_id), "%s", uc->akenza.device);
-    } else if (strcmp(profile, "cumulocity") == 0) {
-        if (cc->template_id)
-            snprintf(out->client_id, sizeof(out->client_id), "d:%s:%s", cc->device_id,
-                     cc->template_id);
-        else
-            snprintf(out->client_id, sizeof(out->client_id), "d:%s", cc->device_id);
-        out->clean_session = true;
-        if (cc->bootstrap) {
-            out->c8y_bootstrap = true;
-            snprintf(out->username, sizeof(out->username), "%s", cc->bootstrap_user);
-            out->password = cc->bootstrap_password;
-        } else if (uc->auth.type == CONF_AUTH_BASIC && cc->tenant && uc->auth.username &&
-                   !strchr(uc->auth.username, '/')) {
-            snprintf(out->username, sizeof(out->username), "%s/%s", cc->tenant, uc->auth.username);
-            out->password = uc->auth.password;
-        }
-    }
-}
-
-/* The profiles (profile_<name>.c). */
-extern const struct profile profile_generic;
-extern const struct profile profile_cumulocity;
-extern const struct profile profile_gcp;    /* profile_gcp.c */
-extern const struct profile profile_akenza; /* profile_akenza.c */
+/* The daemon half of every profile: profile_<name> in
+ * src/profiles/<name>/<name>.c, one for each entry of PROFILE_LIST. */
+#define PROFILE_DECLARE(name) extern const struct profile profile_##name;
+PROFILE_LIST(PROFILE_DECLARE)
+#undef PROFILE_DECLARE
 
 #endif

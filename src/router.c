@@ -296,7 +296,7 @@ static int route_to_profile(struct router *router, struct uplink *uplink, const 
 
     if (pi == NULL)
         return -ENOMEM;
-    if (pi->profile->child_check_cb && (reason = pi->profile->child_check_cb(pi, m->child))) {
+    if (pi->spec->child_check && (reason = pi->spec->child_check(m->child))) {
         report_rejected(router, client_id, topic, reason);
         return 0;
     }
@@ -658,9 +658,9 @@ const char *router_uplink_connack_text_cb(void *arg, struct uplink *uplink, int 
 {
     struct profile_instance *pi = router_profile(arg, uplink);
 
-    if (pi == NULL || !pi->profile->connack_text_cb)
+    if (pi == NULL || !pi->spec->connack_text)
         return NULL;
-    return pi->profile->connack_text_cb(pi, rc);
+    return pi->spec->connack_text(pi->uc, rc);
 }
 
 const char *router_uplink_batch_cb(void *arg, struct uplink *uplink, const char *topic,

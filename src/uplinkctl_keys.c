@@ -27,7 +27,7 @@
 #include "config.h"
 #include "jwt.h"
 #include "keys.h"
-#include "uplinkctl.h"
+#include "uplinkctl_ask.h"
 #include "util.h"
 #include "uplinkd/ctl.h"
 

@@ -92,8 +92,9 @@ def test_rpm_docs_shipped_and_links_resolve():
 
 
 def test_cumulocity_quickstart_describes_the_device_token():
-    """cumulocity.token is implemented (src/profile_c8y.c, test_profile_c8y.py): the quick
-    start must document it, not list it as missing."""
+    """cumulocity.token is implemented (src/profiles/cumulocity/cumulocity.c,
+    test_profile_c8y.py): the quick start must document it, not list it as
+    missing."""
     with open(os.path.join(h.REPO, "docs", "quickstart-cumulocity.md")) as f:
         text = f.read()
     assert "cumulocity.token: true" in text

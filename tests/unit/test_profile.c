@@ -88,7 +88,7 @@ void uplink_reconnect(struct uplink *uplink, const char *reason)
     reconnects++;
 }
 
-/* Called only by other profiles linked into this test (profile_gcp.c). */
+/* Called only by other profiles linked into this test (profiles/gcp/gcp.c). */
 int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
                    int qos, bool retain)
 {
@@ -294,8 +294,8 @@ static void test_c8y_session(void **unused)
     assert_false(s.hold_spool);
     /* s/ds, s/e and the template's s/dc/<X-ID>. */
     assert_int_equal(subscribed_count, 3);
-    assert_string_equal(pi->profile->child_check_cb(pi, "a:b") ? "refused" : "ok", "refused");
-    assert_null(pi->profile->child_check_cb(pi, "a-b"));
+    assert_string_equal(pi->spec->child_check("a:b") ? "refused" : "ok", "refused");
+    assert_null(pi->spec->child_check("a-b"));
     c8y_free(pi);
 }
 
@@ -670,7 +670,17 @@ static void test_registry_lookup(void **unused)
     assert_non_null(profile_find("generic"));
     assert_non_null(profile_find("cumulocity"));
     assert_null(profile_find("nope"));
-    assert_string_equal(profile_names()[1], "cumulocity");
+    assert_string_equal(profile_spec_names()[1], "cumulocity");
+    /* One list (src/profiles/meson.build) gives both halves of every profile. */
+    size_t n = 0;
+    for (const char *const *name = profile_spec_names(); *name; name++, n++) {
+        assert_non_null(profile_find(*name));
+        assert_string_equal(profile_find(*name)->name, *name);
+        assert_string_equal(profile_spec_find(*name)->name, *name);
+    }
+    assert_int_equal(n, 4);
+    assert_ptr_equal(profile_spec_find(NULL), profile_spec_find("generic"));
+    assert_null(profile_spec_find("nope"));
 }
 
 static int setup(void **unused)

@@ -1,4 +1,4 @@
-/* Unit tests of the gcp and akenza profiles: the pure rules (profile_gcp.h)
+/* Unit tests of the gcp and akenza profiles: the pure rules (profiles/gcp/gcp.h, profiles/akenza/akenza.h)
  * and, through the profile table with a recording stand-in for the uplink,
  * attach bookkeeping: the 1000-children cap, subscriptions after the attach
  * acknowledgement, re-attach on a new connection, state coalescing. */
@@ -15,7 +15,8 @@
 
 #include "conf.h"
 #include "profile.h"
-#include "profile_gcp.h"
+#include "profiles/akenza/akenza.h"
+#include "profiles/gcp/gcp.h"
 #include "registry.h"
 #include "uplink.h"
 
@@ -104,7 +105,7 @@ void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
     memset(out, 0, sizeof(*out));
 }
 
-/* profile_c8y.c is linked in through profile.c's registry; never called here. */
+/* cumulocity.c is linked in through profile.c's registry; never called here. */
 void uplink_reconnect(struct uplink *uplink, const char *reason)
 {
     (void)uplink;
@@ -254,11 +255,11 @@ static void test_errors_and_key_path(void **state)
     assert_non_null(strstr(gcp_error_explain("GATEWAY_ATTACHMENT_ERROR"), "attach was refused"));
     assert_non_null(strstr(gcp_error_explain("SOMETHING_NEW"), "does not describe"));
     assert_non_null(gcp_error_explain(NULL));
-    assert_int_equal(gcp_child_key_path("/k/%c.pem", "c-1", buf, sizeof(buf)), 10);
+    assert_int_equal(profile_child_key_path("/k/%c.pem", "c-1", buf, sizeof(buf)), 10);
     assert_string_equal(buf, "/k/c-1.pem");
-    assert_true(gcp_child_key_path("/k/%%c-%c", "x", buf, sizeof(buf)) > 0);
+    assert_true(profile_child_key_path("/k/%%c-%c", "x", buf, sizeof(buf)) > 0);
     assert_string_equal(buf, "/k/%c-x");
-    assert_int_equal(gcp_child_key_path("/k/%c.pem", "c-1", buf, 5), -ENAMETOOLONG);
+    assert_int_equal(profile_child_key_path("/k/%c.pem", "c-1", buf, 5), -ENAMETOOLONG);
 }
 
 /* --- the profile through its table --------------------------------------------------- */
@@ -333,7 +334,7 @@ static int send_local(struct fixture *f, const char *child, enum mapping_channel
 
     snprintf(m.child, sizeof(m.child), "%s", child);
     *reason = NULL;
-    if (p->child_check_cb && (*reason = p->child_check_cb(f->pi, child)))
+    if (f->pi->spec->child_check && (*reason = f->pi->spec->child_check(child)))
         return -EINVAL;
     rc = p->up_cb(f->pi, &m, payload, strlen(payload), 2, true, out, reason);
     if (rc == 0 && out->count > 0)

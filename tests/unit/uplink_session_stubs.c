@@ -1,5 +1,5 @@
 /* uplink_session_stubs.c - link-time stand-ins for the uplink lifecycle
- * calls that profile_akenza.c's per-device sessions make (uplink_new,
+ * calls that profiles/akenza/akenza.c's per-device sessions make (uplink_new,
  * uplink_start, uplink_stop, ...), for the unit tests that link the profiles
  * with a recording stand-in for the rest of uplink.h (test_profile.c,
  * test_profile_gcp.c). Opening a session fails with -ENOSYS here; the

@@ -1,4 +1,4 @@
-/* profile_generic.c - any MQTT broker (HiveMQ Cloud, AWS IoT, mosquitto):
+/* generic.c - any MQTT broker (HiveMQ Cloud, AWS IoT, mosquitto):
  * topic prefix and template rules.
  *
  * Without rules: dev/<child>/<channel>[/<sub>] <-> <topic_prefix>/<child>/
@@ -261,23 +261,9 @@ static void generic_down_cb(struct profile_instance *pi, const char *topic, cons
     }
 }
 
-/* Managed brokers (HiveMQ Cloud, AWS IoT) answer a client they will not
- * serve with CONNACK 5 (MQTT 3.1.1 §3.2.2.3) and no reason; with TLS the
- * usual cause is a missing SNI or client certificate. A JWT uplink gets
- * the uplink's own JWT checklist instead (NULL here). */
-static const char *generic_connack_text_cb(const struct profile_instance *pi, int rc)
-{
-    if (rc != 5 || !pi->uc->tls.enabled || pi->uc->auth.type == CONF_AUTH_JWT)
-        return NULL;
-    return "not authorized: the server may require SNI (uplinkd sends host as the SNI name: "
-           "set host to the broker's name, not an IP address) or a client certificate "
-           "(tls.cert and tls.key), or it refuses these credentials (auth)";
-}
-
 const struct profile profile_generic = {
     .name = "generic",
     .up_cb = generic_up_cb,
     .subscriptions_cb = generic_subscriptions_cb,
     .down_cb = generic_down_cb,
-    .connack_text_cb = generic_connack_text_cb,
 };

@@ -1,4 +1,4 @@
-/* profile_akenza.c - akenza (docs.akenza.io, "MQTT device connectivity"
+/* akenza.c - akenza (docs.akenza.io, "MQTT device connectivity"
  * with JWT authentication).
  *
  * Session: client id = the akenza device id (akenza.device, default
@@ -43,7 +43,8 @@
 #include "keys.h"
 #include "log.h"
 #include "profile.h"
-#include "profile_gcp.h"
+#include "akenza.h"
+#include "profile_spec.h"
 #include "uplink.h"
 
 /* The idle sweep runs at session_idle / 2, within these bounds. */
@@ -331,8 +332,6 @@ static void session_message_cb(void *arg, struct uplink *uplink, const char *top
         profile_deliver(pi, local_topic, payload, len, qos > 1 ? 1 : qos, retain || config);
 }
 
-static const char *akenza_connack_text(int rc);
-
 static const char *session_connack_text_cb(void *arg, struct uplink *uplink, int rc)
 {
     (void)arg;
@@ -493,7 +492,7 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     int rc, n;
 
     *out = NULL;
-    if (gcp_child_key_path(pi->uc->akenza.child_key, child, path, sizeof(path)) < 0 ||
+    if (profile_child_key_path(pi->uc->akenza.child_key, child, path, sizeof(path)) < 0 ||
         akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "", pi->uc->akenza.device,
                          child, aud, sizeof(aud)) < 0) {
         snprintf(pi->reason, sizeof(pi->reason), "the key path or aud for this child is too long");
@@ -918,21 +917,6 @@ static void akenza_down_cb(struct profile_instance *pi, const char *topic, const
     profile_msgs_add(local, local_topic, payload, len, qos > 1 ? 1 : qos, retain || config);
 }
 
-static const char *akenza_connack_text_cb(const struct profile_instance *pi, int rc)
-{
-    (void)pi;
-    return akenza_connack_text(rc);
-}
-
-static const char *akenza_connack_text(int rc)
-{
-    if (rc == 4 || rc == 5)
-        return "akenza rejected the JWT: check alg (RS256 or ES256) against the key uploaded to "
-               "akenza, aud (https://akenza.io/devices/<id>, or the bare id), sub = the device "
-               "id, kid = SHA-256 of the public key, and the clock";
-    return NULL;
-}
-
 const struct profile profile_akenza = {
     .name = "akenza",
     .new_cb = akenza_new_cb,
@@ -943,7 +927,6 @@ const struct profile profile_akenza = {
     .subscriptions_cb = akenza_subscriptions_cb,
     .up_cb = akenza_up_cb,
     .down_cb = akenza_down_cb,
-    .connack_text_cb = akenza_connack_text_cb,
     .status_json_cb = akenza_status_json_cb,
     .child_json_cb = akenza_child_json_cb,
 };

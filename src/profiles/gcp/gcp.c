@@ -1,4 +1,4 @@
-/* profile_gcp.c - Google Cloud IoT Core and ClearBlade IoT Core (the same
+/* gcp.c - Google Cloud IoT Core and ClearBlade IoT Core (the same
  * MQTT bridge protocol).
  *
  * Session: client id projects/<p>/locations/<r>/registries/<g>/devices/<d>,
@@ -55,7 +55,8 @@
 #include "keys.h"
 #include "log.h"
 #include "profile.h"
-#include "profile_gcp.h"
+#include "gcp.h"
+#include "profile_spec.h"
 #include "registry.h"
 #include "uplink.h"
 #include "util.h"
@@ -64,7 +65,7 @@
 #define GCP_SWEEP_MIN_MS 500u
 #define GCP_SWEEP_MAX_MS 60000u
 
-/* --- pure rules (profile_gcp.h) ------------------------------------------------ */
+/* --- pure rules (gcp.h) --------------------------------------------------------- */
 
 int gcp_up_topic(const struct mapping_local *m, char *buf, size_t cap, const char **reason)
 {
@@ -162,31 +163,6 @@ const char *gcp_error_explain(const char *error_type)
             return known[i].text;
     }
     return "an error the gateway documentation does not describe";
-}
-
-int gcp_child_key_path(const char *pattern, const char *child, char *buf, size_t cap)
-{
-    size_t used = 0;
-
-    for (const char *p = pattern; *p; p++) {
-        const char *text = p;
-        size_t len = 1;
-        if (p[0] == '%' && p[1] == 'c') {
-            text = child;
-            len = strlen(child);
-            p++;
-        } else if (p[0] == '%' && p[1] == '%') {
-            p++;
-        }
-        if (used + len >= cap)
-            return -ENAMETOOLONG;
-        memcpy(buf + used, text, len);
-        used += len;
-    }
-    if (cap == 0)
-        return -ENAMETOOLONG;
-    buf[used] = '\0';
-    return (int)used;
 }
 
 /* --- per-child state ------------------------------------------------------------ */
@@ -430,7 +406,7 @@ static int key_inputs(struct profile_instance *pi, struct gcp_child *child, stru
     const struct conf_jwt *jwt = &pi->uc->auth.jwt;
     char path[sizeof(key->path)];
 
-    if (gcp_child_key_path(cg->child_key, child->id, path, sizeof(path)) < 0) {
+    if (profile_child_key_path(cg->child_key, child->id, path, sizeof(path)) < 0) {
         snprintf(key->err, sizeof(key->err), "gcp.child_key gives a path that is too long");
         return -ENAMETOOLONG;
     }
@@ -1067,12 +1043,6 @@ static void gcp_reconfigure_cb(struct profile_instance *pi)
     sweep_start(pi);
 }
 
-static const char *gcp_child_check_cb(const struct profile_instance *pi, const char *child)
-{
-    (void)pi;
-    return gcp_id_check(child);
-}
-
 static void gcp_session_cb(struct profile_instance *pi, struct uplink_session *session)
 {
     struct gcp *gcp = gcp_of(pi);
@@ -1239,24 +1209,12 @@ static void gcp_down_cb(struct profile_instance *pi, const char *topic, const vo
     }
 }
 
-static const char *gcp_connack_text_cb(const struct profile_instance *pi, int rc)
-{
-    (void)pi;
-    /* Google Cloud IoT Core and ClearBlade answer every JWT problem with
-     * CONNACK 4 or 5 and nothing more ("Using JSON Web Tokens"). */
-    if (rc == 4 || rc == 5)
-        return "GCP/ClearBlade IoT Core rejected the JWT: check alg against the key registered "
-               "for the device, aud = the project id, exp <= 24 h after iat, and the clock";
-    return NULL;
-}
-
 const struct profile profile_gcp = {
     .name = "gcp",
     .new_cb = gcp_new_cb,
     .free_cb = gcp_free_cb,
     .close_cb = gcp_close_cb,
     .reconfigure_cb = gcp_reconfigure_cb,
-    .child_check_cb = gcp_child_check_cb,
     .session_cb = gcp_session_cb,
     .online_cb = gcp_online_cb,
     .subscriptions_cb = gcp_subscriptions_cb,
@@ -1264,6 +1222,5 @@ const struct profile profile_gcp = {
     .register_cb = gcp_register_cb,
     .registered_cb = gcp_registered_cb,
     .down_cb = gcp_down_cb,
-    .connack_text_cb = gcp_connack_text_cb,
     .limits = {.max_payload = GCP_EVENT_MAX},
 };

@@ -1,6 +1,7 @@
-/* uplinkctl.h - what the uplinkctl commands share (uplinkctl.c). */
-#ifndef UPLINKD_UPLINKCTL_H
-#define UPLINKD_UPLINKCTL_H
+/* uplinkctl_ask.h - what the uplinkctl commands share: one request to
+ * the daemon (uplinkctl_ask.c). */
+#ifndef UPLINKD_UPLINKCTL_ASK_H
+#define UPLINKD_UPLINKCTL_ASK_H
 
 #include <stdbool.h>
 #include <stddef.h>

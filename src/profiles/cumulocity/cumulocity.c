@@ -1,4 +1,4 @@
-/* profile_c8y.c - Cumulocity IoT over MQTT 3.1.1 with SmartREST 2.0.
+/* cumulocity.c - Cumulocity IoT over MQTT 3.1.1 with SmartREST 2.0.
  *
  * What Cumulocity wants (Cumulocity "Device integration using MQTT",
  * sections "MQTT implementation" and "SmartREST 2.0"; "MQTT static
@@ -54,9 +54,9 @@
 #define C8Y_MAX_NESTING 8
 
 struct c8y {
-    char client_id[2 + MAPPING_CHILD_MAX + 1 + 257];
-    bool bootstrapping; /* no device credentials yet */
-    char *username;     /* from the bootstrap (stored in the state dir) */
+    struct profile_connect_id connect_id; /* client id, user: profile_connect_id() */
+    bool bootstrapping;                   /* no device credentials yet */
+    char *username;                       /* from the bootstrap (stored in the state dir) */
     char *password;
     char creds_path[4096];
     uv_timer_t timer; /* bootstrap: s/ucr every bootstrap.interval */
@@ -65,7 +65,6 @@ struct c8y {
     uv_timer_t token_timer; /* token: true: the refresh at half the lifetime */
     unsigned handles_open;  /* timers not yet closed */
     unsigned nesting;       /* register_cb recursion (parents first) */
-    char basic_user[512];   /* <tenant>/<auth.username> */
 };
 
 static struct c8y *c8y_of(const struct profile_instance *pi)
@@ -362,38 +361,26 @@ static void c8y_token_received(struct profile_instance *pi, const char *line, si
         uv_timer_start(&c8y->token_timer, c8y_token_timer_cb, delay_ms, 0);
 }
 
-static const char *c8y_child_check_cb(const struct profile_instance *pi, const char *child)
-{
-    if (strchr(child, ':'))
-        return "the child id contains ':' (Cumulocity client and device ids use it as a "
-               "separator)";
-    return NULL;
-}
-
 static void c8y_session_cb(struct profile_instance *pi, struct uplink_session *session)
 {
     const struct conf_uplink *uc = pi->uc;
     const struct conf_cumulocity *cc = &uc->cumulocity;
     struct c8y *c8y = c8y_of(pi);
 
-    if (cc->template_id)
-        snprintf(c8y->client_id, sizeof(c8y->client_id), "d:%s:%s", cc->device_id, cc->template_id);
-    else
-        snprintf(c8y->client_id, sizeof(c8y->client_id), "d:%s", cc->device_id);
-    session->client_id = c8y->client_id;
-    session->clean_session = true;
+    /* The same rule uplinkctl diagnose uses (profile_spec.h, spec.c). */
+    profile_connect_id(uc, &c8y->connect_id);
+    session->client_id = c8y->connect_id.client_id;
+    session->clean_session = c8y->connect_id.clean_session;
     if (cc->bootstrap && c8y->bootstrapping) {
-        session->username = cc->bootstrap_user;
-        session->password = cc->bootstrap_password;
+        session->username = c8y->connect_id.username; /* the bootstrap user */
+        session->password = c8y->connect_id.password;
         session->hold_spool = true; /* data waits for the device's own credentials */
     } else if (cc->bootstrap) {
         session->username = c8y->username;
         session->password = c8y->password;
-    } else if (uc->auth.type == CONF_AUTH_BASIC && cc->tenant && uc->auth.username &&
-               !strchr(uc->auth.username, '/')) {
-        snprintf(c8y->basic_user, sizeof(c8y->basic_user), "%s/%s", cc->tenant, uc->auth.username);
-        session->username = c8y->basic_user;
-        session->password = uc->auth.password;
+    } else if (c8y->connect_id.username[0]) { /* <tenant>/<auth.username> */
+        session->username = c8y->connect_id.username;
+        session->password = c8y->connect_id.password;
     }
     if (cc->will && !c8y->bootstrapping) {
         session->will_topic = cc->will_topic;
@@ -682,35 +669,11 @@ static const char *c8y_batch_separator_cb(const struct profile_instance *pi, con
     return strncmp(topic, "s/u", 3) == 0 ? "\n" : NULL;
 }
 
-static const char *c8y_connack_text_cb(const struct profile_instance *pi, int rc)
-{
-    switch (rc) {
-    case 2:
-        return "identifier rejected: the client id must be d:<device id>[:<template X-ID>] "
-               "(check cumulocity.device_id and cumulocity.template)";
-    case 3:
-        return "server unavailable: Cumulocity cannot take the connection now (maintenance or "
-               "overload); nothing to fix here, uplinkd retries later by itself";
-    case 4:
-        return "bad user name or password: wrong tenant, user or password; Cumulocity expects "
-               "<tenant>/<user> and that user's password (check cumulocity.tenant, "
-               "auth.username and auth.password)";
-    case 5:
-        return "not authorized: a user without device permissions, or a certificate problem: "
-               "the CN must be the device id, the CA must be trusted by the tenant, and "
-               "tls.cert must hold the whole chain including that CA (after bootstrap: remove "
-               "the stored credentials to bootstrap again)";
-    default:
-        return NULL;
-    }
-}
-
 const struct profile profile_cumulocity = {
     .name = "cumulocity",
     .new_cb = c8y_new_cb,
     .free_cb = c8y_free_cb,
     .close_cb = c8y_close_cb,
-    .child_check_cb = c8y_child_check_cb,
     .session_cb = c8y_session_cb,
     .online_cb = c8y_online_cb,
     .subscriptions_cb = c8y_subscriptions_cb,
@@ -718,6 +681,5 @@ const struct profile profile_cumulocity = {
     .register_cb = c8y_register_cb,
     .down_cb = c8y_down_cb,
     .batch_separator_cb = c8y_batch_separator_cb,
-    .connack_text_cb = c8y_connack_text_cb,
     .limits = {.max_packet = SMARTREST_MAX_PACKET},
 };

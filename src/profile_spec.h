@@ -1,0 +1,97 @@
+/* profile_spec.h - the pure half of every cloud profile: what follows from
+ * the configuration alone, for the daemon, `--check-config` and
+ * `uplinkctl diagnose` alike (all three link it: core library).
+ *
+ * A profile is one folder, src/profiles/<name>/: its descriptor
+ * (spec.c: `const struct profile_spec profile_spec_<name>`, pure), its
+ * daemon half (<name>.c: `const struct profile profile_<name>`, profile.h)
+ * and a meson.build that adds them to the build. The one list that names
+ * the profiles is `profile_names` in src/profiles/meson.build; meson writes
+ * it into profiles/profile_list.h as PROFILE_LIST(X), and that macro is the
+ * only way the rest of the code learns which profiles exist
+ * (profile_spec_find(), profile_spec_names(), profile_find()).
+ *
+ * Threading: pure functions and constant tables; any thread.
+ */
+#ifndef UPLINKD_PROFILE_SPEC_H
+#define UPLINKD_PROFILE_SPEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#include "profiles/profile_list.h" /* PROFILE_LIST(X): meson's list of the profiles */
+
+struct conf_uplink;
+
+/* What a profile's CONNECT carries that follows from the conf alone: the
+ * daemon's session_cb and `uplinkctl diagnose` both use
+ * profile_connect_id(), so diagnose sends what the daemon sends. JWT
+ * claims (aud, sub, kid) need nothing here: conf.c sets the profile
+ * defaults in auth.jwt, which both sign from. */
+#define PROFILE_CLIENT_ID_MAX 1024
+struct profile_connect_id {
+    char client_id[PROFILE_CLIENT_ID_MAX]; /* "" = uplinks[].client_id, else gateway.id */
+    char username[512];                    /* "" = auth.username as configured (jwt: "unused") */
+    const char *password; /* with a username: the password to send (borrowed from the conf) */
+    bool clean_session;   /* true: clean session 1 whatever the conf says (Cumulocity) */
+    bool c8y_bootstrap;   /* Cumulocity bootstrap: the device's user and password are in
+                             <state_dir>/credentials/<uplink> once received, else the
+                             bootstrap user's are used (username/password above) */
+};
+
+/* One profile's descriptor. Every member but name is optional. */
+struct profile_spec {
+    const char *name; /* the uplinks[].profile value */
+
+    /* Fill what CONNECT carries beyond the conf's own client id and user
+     * (@out is zeroed first; strings may point into @uc). */
+    void (*connect_id)(const struct conf_uplink *uc, struct profile_connect_id *out);
+
+    /* A CONNACK return code (MQTT 3.1.1 §3.2.2.3) in the cloud's words, for
+     * the daemon's log, or NULL for the generic text. */
+    const char *(*connack_text)(const struct conf_uplink *uc, int rc);
+
+    /* uplinkd diagnose, after CONNACK 4 or 5: what this cloud checks, with
+     * the values this CONNECT carried (@client_id), as whole lines on @out. */
+    void (*diagnose_refused)(const struct conf_uplink *uc, const char *client_id, FILE *out);
+
+    /* The cloud's rules for a child id beyond mapping_child_check(): NULL
+     * when @child is fine, else a static reason. */
+    const char *(*child_check)(const char *child);
+};
+
+#define PROFILE_SPEC_DECLARE(name) extern const struct profile_spec profile_spec_##name;
+PROFILE_LIST(PROFILE_SPEC_DECLARE)
+#undef PROFILE_SPEC_DECLARE
+
+/**
+ * profile_spec_find() - the descriptor of profile @name (NULL: "generic"),
+ * or NULL when no profile has that name.
+ */
+const struct profile_spec *profile_spec_find(const char *name);
+
+/**
+ * profile_spec_names() - the profile names in the list's order,
+ * NULL-terminated (static), for "expected one of" messages.
+ */
+const char *const *profile_spec_names(void);
+
+/**
+ * profile_connect_id() - fill @out for @uc (borrowed; @out may point into
+ * it) through its profile's connect_id: gcp:
+ * projects/<p>/locations/<r>/registries/<g>/devices/<d>; cumulocity:
+ * d:<device_id>[:<template>], basic auth user <tenant>/<user> when
+ * cumulocity.tenant is set, bootstrap; akenza: the device id; generic:
+ * nothing beyond the conf.
+ */
+void profile_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out);
+
+/**
+ * profile_child_key_path() - a per-child key file pattern (gcp.child_key,
+ * akenza.child_key) with every "%c" replaced by @child and "%%" by "%".
+ * Returns the length, -ENAMETOOLONG.
+ */
+int profile_child_key_path(const char *pattern, const char *child, char *buf, size_t cap);
+
+#endif
