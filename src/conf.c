@@ -6,7 +6,7 @@
  * section is checked and all errors are returned together, so an operator
  * fixes a file in one round instead of one error per restart.
  *
- * Shape of the code: one function per YAML section. walk_mapping() checks a
+ * Shape of the code: one function per YAML section. conf_walk_mapping() checks a
  * mapping's keys against the section's table (unknown keys, duplicates) and
  * hands back the value nodes by key index; the section function then
  * converts each value with a typed helper (get_*) that reports what is
@@ -15,6 +15,7 @@
  * resolved after the sections that they depend on.
  */
 #include "conf.h"
+#include "conf_walk.h"
 
 #include "access.h"
 #include "jwt.h"
@@ -39,17 +40,9 @@
 #include <unistd.h>
 #include <yaml.h>
 
-#define CONF_MAX_FILE_SIZE    (1024 * 1024)
-#define CONF_MAX_ERRORS       50    /* lines kept; the rest are counted */
-#define CONF_KEY_MAX          256   /* longest key path shown in a message */
-#define CONF_QUOTE_MAX        160   /* buffer for a quoted value in a message */
-#define CONF_MESSAGE_MAX      1024  /* one error line */
-#define CONF_MQTT_STRING_MAX  65535 /* MQTT 3.1.1 §1.5.3: UTF-8 string length is 16 bits */
-#define CONF_TOPIC_PREFIX_MAX 1024
-#define CONF_UPLINK_NAME_MAX  64
-#define CONF_GATEWAY_ID_MAX   128
-#define CONF_DNS_NAME_MAX     253 /* RFC 1035 §2.3.4, without the trailing dot */
-#define CONF_DNS_LABEL_MAX    63
+#define CONF_MAX_FILE_SIZE   (1024 * 1024)
+#define CONF_UPLINK_NAME_MAX 64
+#define CONF_GATEWAY_ID_MAX  128
 
 #define DEFAULT_TCP_LISTEN             "tcp://127.0.0.1:1883"
 #define DEFAULT_UNIX_LISTEN            "unix://" UPLINKD_DEFAULT_RUN_DIR "/local.sock"
@@ -75,933 +68,6 @@
 #define MAX_UPLINK_MAX_INFLIGHT        10000
 #define DEFAULT_PORT_TLS               8883
 #define DEFAULT_PORT_PLAIN             1883
-
-#define DURATION_EXAMPLES                                                                          \
-    "e.g. \"250ms\", \"5s\", \"10m\", \"1h\", \"1h30m\" or a number of seconds"
-#define SIZE_EXAMPLES "e.g. \"512\", \"64KiB\", \"256MiB\", \"1GiB\" or \"10MB\""
-
-struct loader {
-    const char *path; /* as given by the caller: used in every message */
-    char *dir;        /* absolute directory of the file: base for relative paths */
-    yaml_document_t *doc;
-    struct conf *conf;
-
-    char *errors; /* '\n'-separated lines */
-    size_t errors_len;
-    size_t errors_cap;
-    unsigned error_count;
-    bool oom;
-
-    yaml_mark_t *uplink_name_marks; /* where each uplink's name was written */
-};
-
-/* ------------------------------------------------------------------------ */
-/* Messages                                                                  */
-
-static void errors_append(struct loader *ld, const char *line)
-{
-    size_t len = strlen(line);
-    size_t need = ld->errors_len + len + 2;
-
-    if (ld->oom)
-        return;
-    if (need > ld->errors_cap) {
-        size_t cap = ld->errors_cap ? ld->errors_cap : 512;
-        char *grown;
-
-        while (cap < need)
-            cap *= 2;
-        grown = realloc(ld->errors, cap);
-        if (grown == NULL) {
-            ld->oom = true;
-            return;
-        }
-        ld->errors = grown;
-        ld->errors_cap = cap;
-    }
-    if (ld->errors_len > 0)
-        ld->errors[ld->errors_len++] = '\n';
-    memcpy(ld->errors + ld->errors_len, line, len + 1);
-    ld->errors_len += len;
-}
-
-/* Report one problem as "FILE:LINE:COLUMN: KEY: message". libyaml marks are
- * 0-based; editors and compilers count from 1. */
-__attribute__((format(printf, 4, 5))) static void report(struct loader *ld, yaml_mark_t mark,
-                                                         const char *key, const char *fmt, ...)
-{
-    char message[CONF_MESSAGE_MAX];
-    char line[CONF_MESSAGE_MAX + CONF_KEY_MAX + 256];
-    va_list ap;
-
-    ld->error_count++;
-    if (ld->error_count > CONF_MAX_ERRORS)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(message, sizeof(message), fmt, ap);
-    va_end(ap);
-    snprintf(line, sizeof(line), "%s:%zu:%zu: %s%s%s", ld->path, mark.line + 1, mark.column + 1,
-             key ? key : "", key ? ": " : "", message);
-    errors_append(ld, line);
-}
-
-/* Quote a value for a message: "text", with control characters and quotes
- * escaped (a config value must never inject lines into the log) and long
- * values shortened. */
-static const char *quote(const char *text, char *buf, size_t size)
-{
-    size_t out = 0;
-    const size_t keep = size - 8; /* room for '"', an escape, "...", '"', NUL */
-
-    buf[out++] = '"';
-    for (const unsigned char *p = (const unsigned char *)text; *p != '\0'; p++) {
-        if (out >= keep) {
-            memcpy(buf + out, "...", 3);
-            out += 3;
-            break;
-        }
-        if (*p == '"' || *p == '\\') {
-            buf[out++] = '\\';
-            buf[out++] = (char)*p;
-        } else if (*p < 0x20 || *p == 0x7f) {
-            out += (size_t)snprintf(buf + out, size - out, "\\x%02x", *p);
-        } else {
-            buf[out++] = (char)*p;
-        }
-    }
-    buf[out++] = '"';
-    buf[out] = '\0';
-    return buf;
-}
-
-/* Key paths are for messages only: a very long one is cut, never an error. */
-__attribute__((format(printf, 3, 4))) static void key_format(char *buf, size_t size,
-                                                             const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(buf, size, fmt, ap);
-    va_end(ap);
-}
-
-static void key_join(char *buf, size_t size, const char *parent, const char *child)
-{
-    if (parent == NULL || parent[0] == '\0')
-        key_format(buf, size, "%s", child);
-    else
-        key_format(buf, size, "%s.%s", parent, child);
-}
-
-static const char *node_kind_name(const yaml_node_t *node)
-{
-    switch (node->type) {
-    case YAML_SCALAR_NODE:
-        return "a scalar";
-    case YAML_SEQUENCE_NODE:
-        return "a sequence";
-    case YAML_MAPPING_NODE:
-        return "a mapping";
-    default:
-        return "nothing";
-    }
-}
-
-/* Optimal string alignment distance (Levenshtein plus adjacent
- * transposition), so "hots" is one edit from "host". Returns a large value
- * for strings too long to bother with. */
-static unsigned edit_distance(const char *a, const char *b)
-{
-    enum { MAX = 64 };
-    unsigned d[MAX + 1][MAX + 1];
-    size_t la = strlen(a);
-    size_t lb = strlen(b);
-
-    if (la > MAX || lb > MAX)
-        return 1000;
-    for (size_t i = 0; i <= la; i++)
-        d[i][0] = (unsigned)i;
-    for (size_t j = 0; j <= lb; j++)
-        d[0][j] = (unsigned)j;
-    for (size_t i = 1; i <= la; i++) {
-        for (size_t j = 1; j <= lb; j++) {
-            unsigned cost = a[i - 1] == b[j - 1] ? 0 : 1;
-            unsigned best = d[i - 1][j] + 1;
-            if (d[i][j - 1] + 1 < best)
-                best = d[i][j - 1] + 1;
-            if (d[i - 1][j - 1] + cost < best)
-                best = d[i - 1][j - 1] + cost;
-            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] &&
-                d[i - 2][j - 2] + 1 < best)
-                best = d[i - 2][j - 2] + 1;
-            d[i][j] = best;
-        }
-    }
-    return d[la][lb];
-}
-
-/* The closest candidate within two edits, or NULL. A one-letter key is too
- * short for a suggestion to mean anything. */
-static const char *closest(const char *word, const char *const *candidates, size_t count)
-{
-    const char *best = NULL;
-    unsigned best_distance = 3;
-
-    if (strlen(word) < 2)
-        return NULL;
-    for (size_t i = 0; i < count; i++) {
-        unsigned distance = edit_distance(word, candidates[i]);
-        if (distance < best_distance) {
-            best_distance = distance;
-            best = candidates[i];
-        }
-    }
-    return best;
-}
-
-static void join_names(char *buf, size_t size, const char *const *names, size_t count)
-{
-    size_t used = 0;
-
-    buf[0] = '\0';
-    for (size_t i = 0; i < count && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, "%s%s", i ? ", " : "", names[i]);
-}
-
-/* ------------------------------------------------------------------------ */
-/* Nodes                                                                     */
-
-static yaml_node_t *node_at(struct loader *ld, int index)
-{
-    return yaml_document_get_node(ld->doc, index);
-}
-
-static const char *node_text(const yaml_node_t *node)
-{
-    return (const char *)node->data.scalar.value;
-}
-
-/* YAML null: an empty plain value ("key:"), "~" or "null". A null value means
- * "not set" everywhere, so "socket_group:" keeps the default. */
-static bool node_is_null(const yaml_node_t *node)
-{
-    const char *text;
-
-    if (node == NULL)
-        return true;
-    if (node->type != YAML_SCALAR_NODE || node->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
-        return false;
-    text = node_text(node);
-    return text[0] == '\0' || strcmp(text, "~") == 0 || strcmp(text, "null") == 0 ||
-           strcmp(text, "Null") == 0 || strcmp(text, "NULL") == 0;
-}
-
-static bool node_present(const yaml_node_t *node)
-{
-    return !node_is_null(node);
-}
-
-static size_t sequence_length(const yaml_node_t *node)
-{
-    return (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
-}
-
-static yaml_node_t *sequence_item(struct loader *ld, const yaml_node_t *node, size_t i)
-{
-    return node_at(ld, node->data.sequence.items.start[i]);
-}
-
-static bool expect_kind(struct loader *ld, const yaml_node_t *node, const char *key,
-                        yaml_node_type_t kind, const char *expected)
-{
-    char quoted[CONF_QUOTE_MAX];
-
-    if (node->type == kind)
-        return true;
-    if (node->type == YAML_SCALAR_NODE)
-        report(ld, node->start_mark, key, "expected %s, found a scalar (%s)", expected,
-               quote(node_text(node), quoted, sizeof(quoted)));
-    else
-        report(ld, node->start_mark, key, "expected %s, found %s", expected, node_kind_name(node));
-    return false;
-}
-
-/* The sequence at @key as an array of zeroed @size-byte items, one per
- * entry, its length in *@count. NULL when it is not a sequence (reported,
- * @expected says what was wanted), when it is empty (reported with
- * @empty_error when that is not NULL; otherwise an empty sequence is
- * allowed and nothing is said), or out of memory (ld->oom). */
-static void *sequence_alloc(struct loader *ld, const yaml_node_t *node, const char *key,
-                            const char *expected, const char *empty_error, size_t size,
-                            size_t *count)
-{
-    void *items;
-
-    *count = 0;
-    if (!expect_kind(ld, node, key, YAML_SEQUENCE_NODE, expected))
-        return NULL;
-    if (sequence_length(node) == 0) {
-        if (empty_error)
-            report(ld, node->start_mark, key, "%s", empty_error);
-        return NULL;
-    }
-    items = calloc(sequence_length(node), size);
-    if (items == NULL) {
-        ld->oom = true;
-        return NULL;
-    }
-    *count = sequence_length(node);
-    return items;
-}
-
-/* Look a key up in a section's table; report it when unknown. Returns its
- * index or key_count. */
-static size_t lookup_key(struct loader *ld, const yaml_node_t *key, const char *path,
-                         const char *const *keys, size_t key_count)
-{
-    const char *name = node_text(key);
-    char key_path[CONF_KEY_MAX];
-    char quoted[CONF_QUOTE_MAX];
-    const char *suggestion;
-    char known[512];
-
-    for (size_t i = 0; i < key_count; i++) {
-        if (strcmp(name, keys[i]) == 0)
-            return i;
-    }
-    /* The key is the user's text: quote it when it could break the line. */
-    for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
-        if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '\\') {
-            name = quote(name, quoted, sizeof(quoted));
-            break;
-        }
-    }
-    key_join(key_path, sizeof(key_path), path, name);
-    suggestion = closest(name, keys, key_count);
-    if (suggestion != NULL) {
-        report(ld, key->start_mark, key_path, "unknown key (did you mean \"%s\"?)", suggestion);
-    } else {
-        join_names(known, sizeof(known), keys, key_count);
-        report(ld, key->start_mark, key_path, "unknown key (expected one of: %s)", known);
-    }
-    return key_count;
-}
-
-static bool is_merge_key(const yaml_node_t *key)
-{
-    return key->type == YAML_SCALAR_NODE && key->data.scalar.style == YAML_PLAIN_SCALAR_STYLE &&
-           strcmp(node_text(key), "<<") == 0;
-}
-
-/* YAML merge key ("<<: *defaults", yaml.org/type/merge.html): the merged
- * mapping's keys apply where the mapping itself does not set them; in a
- * list of mappings the earlier ones win. @depth bounds nested merges, which
- * also stops an anchor that merges itself. */
-static void merge_mapping(struct loader *ld, const yaml_node_t *merged, const char *path,
-                          const char *const *keys, size_t key_count, yaml_node_t **values,
-                          yaml_mark_t *key_marks, int depth)
-{
-    char key_path[CONF_KEY_MAX];
-
-    key_join(key_path, sizeof(key_path), path, "<<");
-    if (depth > 8) {
-        report(ld, merged->start_mark, key_path, "merge keys nested too deeply");
-        return;
-    }
-    if (merged->type == YAML_SEQUENCE_NODE) {
-        for (size_t i = 0; i < sequence_length(merged); i++) {
-            yaml_node_t *item = sequence_item(ld, merged, i);
-            if (expect_kind(ld, item, key_path, YAML_MAPPING_NODE, "a mapping to merge"))
-                merge_mapping(ld, item, path, keys, key_count, values, key_marks, depth + 1);
-        }
-        return;
-    }
-    if (!expect_kind(ld, merged, key_path, YAML_MAPPING_NODE,
-                     "a mapping or a list of mappings to merge"))
-        return;
-    /* Own keys first, then the mapping's own merges underneath them. */
-    for (yaml_node_pair_t *pair = merged->data.mapping.pairs.start;
-         pair < merged->data.mapping.pairs.top; pair++) {
-        yaml_node_t *key = node_at(ld, pair->key);
-        size_t i;
-
-        if (key->type != YAML_SCALAR_NODE || is_merge_key(key))
-            continue;
-        i = lookup_key(ld, key, path, keys, key_count);
-        if (i < key_count && values[i] == NULL) {
-            values[i] = node_at(ld, pair->value);
-            key_marks[i] = key->start_mark;
-        }
-    }
-    for (yaml_node_pair_t *pair = merged->data.mapping.pairs.start;
-         pair < merged->data.mapping.pairs.top; pair++) {
-        if (is_merge_key(node_at(ld, pair->key)))
-            merge_mapping(ld, node_at(ld, pair->value), path, keys, key_count, values, key_marks,
-                          depth + 1);
-    }
-}
-
-/* Check the keys of a mapping against @keys: each must be a scalar, known,
- * and appear once. values[i] receives the value node of keys[i] (NULL when
- * absent), key_marks[i] where its key was written. Returns false when @map
- * is not a mapping (reported). */
-static bool walk_mapping(struct loader *ld, yaml_node_t *map, const char *path,
-                         const char *const *keys, size_t key_count, yaml_node_t **values,
-                         yaml_mark_t *key_marks)
-{
-    for (size_t i = 0; i < key_count; i++)
-        values[i] = NULL;
-    if (!expect_kind(ld, map, path[0] ? path : "(top level)", YAML_MAPPING_NODE, "a mapping"))
-        return false;
-
-    for (yaml_node_pair_t *pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
-         pair++) {
-        yaml_node_t *key = node_at(ld, pair->key);
-        char key_path[CONF_KEY_MAX];
-        size_t i;
-
-        if (key->type != YAML_SCALAR_NODE) {
-            report(ld, key->start_mark, path[0] ? path : NULL,
-                   "a key must be a plain word, found %s", node_kind_name(key));
-            continue;
-        }
-        if (is_merge_key(key))
-            continue; /* below, once the explicit keys are known */
-        i = lookup_key(ld, key, path, keys, key_count);
-        if (i == key_count)
-            continue;
-        if (values[i] != NULL) {
-            key_join(key_path, sizeof(key_path), path, keys[i]);
-            report(ld, key->start_mark, key_path,
-                   "duplicate key (first set at line %zu, column %zu; keep only one)",
-                   key_marks[i].line + 1, key_marks[i].column + 1);
-            continue;
-        }
-        values[i] = node_at(ld, pair->value);
-        key_marks[i] = key->start_mark;
-    }
-    for (yaml_node_pair_t *pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
-         pair++) {
-        if (is_merge_key(node_at(ld, pair->key)))
-            merge_mapping(ld, node_at(ld, pair->value), path, keys, key_count, values, key_marks,
-                          0);
-    }
-    return true;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Typed values                                                              */
-
-static void set_string(struct loader *ld, char **dst, const char *text)
-{
-    char *copy = strdup(text);
-
-    if (copy == NULL) {
-        ld->oom = true;
-        return;
-    }
-    free(*dst);
-    *dst = copy;
-}
-
-/* The text of a scalar, or NULL after reporting why there is none. */
-static const char *scalar_text(struct loader *ld, const yaml_node_t *node, const char *key,
-                               const char *expected)
-{
-    const char *text;
-
-    if (!expect_kind(ld, node, key, YAML_SCALAR_NODE, expected))
-        return NULL;
-    text = node_text(node);
-    if (strlen(text) != node->data.scalar.length) {
-        report(ld, node->start_mark, key, "contains a NUL character (expected %s)", expected);
-        return NULL;
-    }
-    return text;
-}
-
-/* Plain text without control characters (they would corrupt logs and
- * protocol strings). */
-static int get_text(struct loader *ld, const yaml_node_t *node, const char *key,
-                    const char *expected, size_t max_len, char **dst)
-{
-    char quoted[CONF_QUOTE_MAX];
-    const char *text = scalar_text(ld, node, key, "a string");
-
-    if (text == NULL)
-        return -EINVAL;
-    if (text[0] == '\0') {
-        report(ld, node->start_mark, key, "is empty (expected %s)", expected);
-        return -EINVAL;
-    }
-    if (strlen(text) > max_len) {
-        report(ld, node->start_mark, key, "%s is longer than %zu bytes (expected %s)",
-               quote(text, quoted, sizeof(quoted)), max_len, expected);
-        return -EINVAL;
-    }
-    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
-        if (*p < 0x20 || *p == 0x7f) {
-            report(ld, node->start_mark, key, "%s contains a control character (expected %s)",
-                   quote(text, quoted, sizeof(quoted)), expected);
-            return -EINVAL;
-        }
-    }
-    set_string(ld, dst, text);
-    return 0;
-}
-
-static int get_uint(struct loader *ld, const yaml_node_t *node, const char *key, const char *noun,
-                    uint64_t min, uint64_t max, uint64_t *out)
-{
-    char quoted[CONF_QUOTE_MAX];
-    const char *text = scalar_text(ld, node, key, "an integer");
-    uint64_t value = 0;
-    const char *p;
-
-    if (text == NULL)
-        return -EINVAL;
-    p = text;
-    if (*p == '\0')
-        goto bad;
-    for (; *p; p++) {
-        if (*p < '0' || *p > '9')
-            goto bad;
-        if (value > (UINT64_MAX - (uint64_t)(*p - '0')) / 10)
-            goto bad;
-        value = value * 10 + (uint64_t)(*p - '0');
-    }
-    if (value < min || value > max)
-        goto bad;
-    *out = value;
-    return 0;
-bad:
-    report(ld, node->start_mark, key, "%s is not %s (expected an integer %llu-%llu)",
-           quote(text, quoted, sizeof(quoted)), noun, (unsigned long long)min,
-           (unsigned long long)max);
-    return -EINVAL;
-}
-
-/* YAML 1.1 spellings too, because operators write "yes" and "off". */
-static int get_bool(struct loader *ld, const yaml_node_t *node, const char *key, bool *out)
-{
-    static const char *const yes[] = {"true", "True", "TRUE", "yes", "Yes",
-                                      "YES",  "on",   "On",   "ON"};
-    static const char *const no[] = {"false", "False", "FALSE", "no", "No",
-                                     "NO",    "off",   "Off",   "OFF"};
-    char quoted[CONF_QUOTE_MAX];
-    const char *text = scalar_text(ld, node, key, "true or false");
-
-    if (text == NULL)
-        return -EINVAL;
-    for (size_t i = 0; i < ARRAY_SIZE(yes); i++) {
-        if (strcmp(text, yes[i]) == 0) {
-            *out = true;
-            return 0;
-        }
-        if (strcmp(text, no[i]) == 0) {
-            *out = false;
-            return 0;
-        }
-    }
-    report(ld, node->start_mark, key, "%s is not a boolean (expected true or false)",
-           quote(text, quoted, sizeof(quoted)));
-    return -EINVAL;
-}
-
-static void format_ms(char *buf, size_t size, uint64_t ms)
-{
-    if (ms % 3600000 == 0 && ms > 0)
-        snprintf(buf, size, "%lluh", (unsigned long long)(ms / 3600000));
-    else if (ms % 60000 == 0 && ms > 0)
-        snprintf(buf, size, "%llum", (unsigned long long)(ms / 60000));
-    else if (ms % 1000 == 0)
-        snprintf(buf, size, "%llus", (unsigned long long)(ms / 1000));
-    else
-        snprintf(buf, size, "%llums", (unsigned long long)ms);
-}
-
-static int get_duration_ms(struct loader *ld, const yaml_node_t *node, const char *key,
-                           uint64_t min_ms, uint64_t max_ms, uint64_t *out)
-{
-    char quoted[CONF_QUOTE_MAX];
-    char low[32], high[32];
-    const char *text = scalar_text(ld, node, key, "a duration");
-    uint64_t value;
-    int rc;
-
-    if (text == NULL)
-        return -EINVAL;
-    format_ms(low, sizeof(low), min_ms);
-    format_ms(high, sizeof(high), max_ms);
-    rc = util_parse_duration_ms(text, &value);
-    if (rc == -EINVAL) {
-        report(ld, node->start_mark, key, "%s is not a duration (expected " DURATION_EXAMPLES ")",
-               quote(text, quoted, sizeof(quoted)));
-        return -EINVAL;
-    }
-    /* -ERANGE gets the range message too. */
-    if (rc < 0 || value < min_ms || value > max_ms) {
-        report(ld, node->start_mark, key, "%s is out of range (expected %s to %s)",
-               quote(text, quoted, sizeof(quoted)), low, high);
-        return -EINVAL;
-    }
-    *out = value;
-    return 0;
-}
-
-static int get_size(struct loader *ld, const yaml_node_t *node, const char *key, uint64_t min,
-                    uint64_t max, uint64_t *out)
-{
-    char quoted[CONF_QUOTE_MAX];
-    const char *text = scalar_text(ld, node, key, "a size");
-    uint64_t value;
-    int rc;
-
-    if (text == NULL)
-        return -EINVAL;
-    rc = util_parse_size(text, &value);
-    if (rc == -EINVAL) {
-        report(ld, node->start_mark, key, "%s is not a size (expected " SIZE_EXAMPLES ")",
-               quote(text, quoted, sizeof(quoted)));
-        return -EINVAL;
-    }
-    if (rc < 0 || value < min || value > max) {
-        report(ld, node->start_mark, key, "%s is out of range (expected %llu to %llu bytes)",
-               quote(text, quoted, sizeof(quoted)), (unsigned long long)min,
-               (unsigned long long)max);
-        return -EINVAL;
-    }
-    *out = value;
-    return 0;
-}
-
-/* A file mode the way chmod(1) writes it: octal digits with a leading 0
- * ("0660", also "0o660"). YAML 1.1 reads a plain 0660 as the octal integer
- * 432 and YAML 1.2 as decimal 660; reading the text ourselves gives the
- * chmod meaning either way. A number without the leading 0 is refused rather
- * than guessed: "660" and "432" would each be right under one reading. */
-static int get_mode(struct loader *ld, const yaml_node_t *node, const char *key, unsigned *out)
-{
-    char quoted[CONF_QUOTE_MAX];
-    const char *text = scalar_text(ld, node, key, "an octal file mode");
-    const char *digits;
-    unsigned value = 0;
-
-    if (text == NULL)
-        return -EINVAL;
-    if (strncmp(text, "0o", 2) == 0)
-        digits = text + 2;
-    else if (text[0] == '0')
-        digits = text;
-    else
-        goto bad;
-    if (*digits == '\0' || strlen(digits) > 5)
-        goto bad;
-    for (const char *p = digits; *p; p++) {
-        if (*p < '0' || *p > '7')
-            goto bad;
-        value = value * 8 + (unsigned)(*p - '0');
-    }
-    if (value > 0777)
-        goto bad;
-    *out = value;
-    return 0;
-bad:
-    report(ld, node->start_mark, key,
-           "%s is not a file mode (expected octal permission bits with a leading 0, "
-           "e.g. \"0660\", at most 0777)",
-           quote(text, quoted, sizeof(quoted)));
-    return -EINVAL;
-}
-
-static int get_absolute_path(struct loader *ld, const yaml_node_t *node, const char *key,
-                             const char *what, size_t max_len, char **dst)
-{
-    char quoted[CONF_QUOTE_MAX];
-    char expected[128];
-    const char *text;
-
-    snprintf(expected, sizeof(expected), "an absolute path to %s", what);
-    text = scalar_text(ld, node, key, expected);
-    if (text == NULL)
-        return -EINVAL;
-    if (text[0] != '/') {
-        report(ld, node->start_mark, key, "%s is not an absolute path (expected %s)",
-               quote(text, quoted, sizeof(quoted)), expected);
-        return -EINVAL;
-    }
-    if (strlen(text) > max_len) {
-        report(ld, node->start_mark, key, "%s is longer than %zu bytes (expected %s)",
-               quote(text, quoted, sizeof(quoted)), max_len, expected);
-        return -EINVAL;
-    }
-    set_string(ld, dst, text);
-    return 0;
-}
-
-/* Relative paths are taken relative to the configuration file's directory,
- * not the working directory: under systemd that is "/", which is never what
- * "certs/ca.pem" meant. */
-static int resolve_path(struct loader *ld, const char *text, char **out)
-{
-    size_t len;
-
-    if (text[0] == '/' || ld->dir == NULL) {
-        *out = strdup(text);
-    } else {
-        len = strlen(ld->dir) + 1 + strlen(text) + 1;
-        *out = malloc(len);
-        if (*out != NULL)
-            snprintf(*out, len, "%s/%s", ld->dir, text);
-    }
-    if (*out == NULL) {
-        ld->oom = true;
-        return -ENOMEM;
-    }
-    return 0;
-}
-
-/* Open and close: checks what access(2) cannot (effective ids, ACLs,
- * that it is not a directory). */
-static int check_readable(const char *path)
-{
-    struct stat st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-    int rc = 0;
-
-    if (fd < 0)
-        return -errno;
-    if (fstat(fd, &st) < 0)
-        rc = -errno;
-    else if (S_ISDIR(st.st_mode))
-        rc = -EISDIR;
-    close(fd);
-    return rc;
-}
-
-/* "FILE:LINE:COL" of @node, malloc'd into *@dst (for messages written after
- * loading: tlscheck). */
-static void set_where(struct loader *ld, const yaml_node_t *node, char **dst)
-{
-    char buf[CONF_KEY_MAX + 64];
-
-    snprintf(buf, sizeof(buf), "%s:%zu:%zu", ld->path, node->start_mark.line + 1,
-             node->start_mark.column + 1);
-    free(*dst);
-    *dst = strdup(buf);
-    if (*dst == NULL)
-        ld->oom = true;
-}
-
-/* A path to a file that must be readable now, relative to the config's
- * directory when not absolute. */
-static int get_readable_file(struct loader *ld, const yaml_node_t *node, const char *key,
-                             const char *what, char **dst)
-{
-    char quoted[CONF_QUOTE_MAX];
-    char *path = NULL;
-    const char *text = scalar_text(ld, node, key, what);
-    int rc;
-
-    if (text == NULL)
-        return -EINVAL;
-    if (text[0] == '\0') {
-        report(ld, node->start_mark, key, "is empty (expected %s)", what);
-        return -EINVAL;
-    }
-    rc = resolve_path(ld, text, &path);
-    if (rc < 0)
-        return rc;
-    rc = check_readable(path);
-    if (rc < 0) {
-        report(ld, node->start_mark, key, "cannot read %s: %s (expected %s)",
-               quote(path, quoted, sizeof(quoted)), strerror(-rc), what);
-        free(path);
-        return -EINVAL;
-    }
-    free(*dst);
-    *dst = path;
-    return 0;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Syntax checks of names, hosts, topics                                     */
-
-static bool is_alnum(char c)
-{
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
-}
-
-/* Returns the first character of @text not in [A-Za-z0-9] or @extra, or
- * NULL when all are allowed. */
-static const char *first_bad_char(const char *text, const char *extra)
-{
-    for (const char *p = text; *p; p++) {
-        if (!is_alnum(*p) && strchr(extra, *p) == NULL)
-            return p;
-    }
-    return NULL;
-}
-
-static void describe_char(char *buf, size_t size, char c)
-{
-    if (c == ' ')
-        snprintf(buf, size, "a space");
-    else if ((unsigned char)c < 0x20 || c == 0x7f)
-        snprintf(buf, size, "control character 0x%02x", (unsigned char)c);
-    else if ((unsigned char)c >= 0x80)
-        snprintf(buf, size, "a non-ASCII character");
-    else
-        snprintf(buf, size, "'%c'", c);
-}
-
-/* Check an uplink host: a DNS name (RFC 1123 §2.1 labels), an IPv4 literal,
- * or an IPv6 literal (bare or in brackets). On success *host is the name to
- * connect to (brackets removed). @why receives the problem otherwise. */
-static int check_host(const char *text, char *why, size_t why_size, char **host)
-{
-    struct in6_addr addr6;
-    struct in_addr addr4;
-    char what[48];
-    size_t len = strlen(text);
-    size_t label_len = 0;
-    bool all_numeric = true;
-    char inner[INET6_ADDRSTRLEN + 1];
-
-    *host = NULL;
-    if (len == 0) {
-        snprintf(why, why_size, "is empty");
-        return -EINVAL;
-    }
-    if (strstr(text, "://") != NULL) {
-        snprintf(
-            why, why_size,
-            "is a URL; write only the host name, the port goes in \"port\" and TLS in \"tls\"");
-        return -EINVAL;
-    }
-    if (text[0] == '[' && text[len - 1] == ']') {
-        if (len - 2 >= sizeof(inner))
-            goto bad_ipv6;
-        memcpy(inner, text + 1, len - 2);
-        inner[len - 2] = '\0';
-        if (inet_pton(AF_INET6, inner, &addr6) != 1)
-            goto bad_ipv6;
-        *host = strdup(inner);
-        return *host ? 0 : -ENOMEM;
-    }
-    if (strchr(text, ':') != NULL) {
-        if (inet_pton(AF_INET6, text, &addr6) == 1) {
-            *host = strdup(text);
-            return *host ? 0 : -ENOMEM;
-        }
-        if (strchr(text, ':') == strrchr(text, ':')) {
-            snprintf(why, why_size, "contains a port; put the port in \"port\" instead");
-            return -EINVAL;
-        }
-        goto bad_ipv6;
-    }
-    for (const char *p = text; *p; p++) {
-        if (*p == ' ' || *p == '\t') {
-            snprintf(why, why_size, "contains a space");
-            return -EINVAL;
-        }
-        if (!(*p >= '0' && *p <= '9') && *p != '.')
-            all_numeric = false;
-    }
-    if (all_numeric) {
-        if (inet_pton(AF_INET, text, &addr4) != 1) {
-            snprintf(why, why_size, "is not a valid IPv4 address");
-            return -EINVAL;
-        }
-        *host = strdup(text);
-        return *host ? 0 : -ENOMEM;
-    }
-    /* A trailing dot (fully qualified) is allowed and not counted. */
-    if (text[len - 1] == '.')
-        len--;
-    if (len > CONF_DNS_NAME_MAX) {
-        snprintf(why, why_size, "is longer than %d characters", CONF_DNS_NAME_MAX);
-        return -EINVAL;
-    }
-    for (size_t i = 0; i <= len; i++) {
-        char c = i < len ? text[i] : '.';
-        if (c == '.') {
-            if (label_len == 0) {
-                snprintf(why, why_size, "has an empty label (two dots, or a leading dot)");
-                return -EINVAL;
-            }
-            if (text[i - 1] == '-') {
-                snprintf(why, why_size, "has a label that ends with '-'");
-                return -EINVAL;
-            }
-            label_len = 0;
-            continue;
-        }
-        if (!is_alnum(c) && c != '-') {
-            describe_char(what, sizeof(what), c);
-            snprintf(why, why_size, "contains %s at position %zu%s", what, i + 1,
-                     (unsigned char)c >= 0x80
-                         ? " (write an internationalized name in its ASCII xn-- form)"
-                         : "");
-            return -EINVAL;
-        }
-        if (c == '-' && label_len == 0) {
-            snprintf(why, why_size, "has a label that starts with '-'");
-            return -EINVAL;
-        }
-        if (++label_len > CONF_DNS_LABEL_MAX) {
-            snprintf(why, why_size, "has a label longer than %d characters", CONF_DNS_LABEL_MAX);
-            return -EINVAL;
-        }
-    }
-    /* Stored without the trailing dot: SNI carries the name without it
-     * (RFC 6066 §3) and certificate names never have one. */
-    *host = strndup(text, len);
-    return *host ? 0 : -ENOMEM;
-
-bad_ipv6:
-    snprintf(why, why_size, "is not a valid IPv6 address");
-    return -EINVAL;
-}
-
-/* A topic prefix: local apps and clouds see "<prefix>/<child>/...", so no
- * wildcards (MQTT 3.1.1 §4.7.1: '+' and '#' are not allowed in topic
- * names), no trailing '/' (it would make an empty level), and no control
- * characters. */
-static int get_topic_prefix(struct loader *ld, const yaml_node_t *node, const char *key, bool local,
-                            char **dst)
-{
-    static const char expected[] =
-        "a topic prefix without '+', '#' or a trailing '/', e.g. \"dev\"";
-    char quoted[CONF_QUOTE_MAX];
-    char *value = NULL;
-    size_t len;
-
-    if (get_text(ld, node, key, expected, CONF_TOPIC_PREFIX_MAX, &value) < 0)
-        return -EINVAL;
-    if (value == NULL)
-        return -ENOMEM;
-    len = strlen(value);
-    if (strpbrk(value, "+#") != NULL || value[len - 1] == '/') {
-        report(ld, node->start_mark, key, "%s is not a valid topic prefix (expected %s)",
-               quote(value, quoted, sizeof(quoted)), expected);
-        free(value);
-        return -EINVAL;
-    }
-    /* MQTT 3.1.1 §4.7.2: topics starting with '$' are not matched by '#'
-     * or '+' subscriptions, so local apps could not subscribe broadly. */
-    if (local && value[0] == '$') {
-        report(ld, node->start_mark, key,
-               "%s starts with '$' (local topics starting with '$' are not matched by "
-               "wildcard subscriptions; choose another prefix)",
-               quote(value, quoted, sizeof(quoted)));
-        free(value);
-        return -EINVAL;
-    }
-    free(*dst);
-    *dst = value;
-    return 0;
-}
 
 /* ------------------------------------------------------------------------ */
 /* Listen URLs                                                               */
@@ -1066,7 +132,7 @@ static int parse_tcp_listen(const char *rest, char *why, size_t why_size, struct
             snprintf(why, why_size,
                      "has host %s, which is not an IP address (expected an IPv4 address, "
                      "[IPv6] or localhost)",
-                     quote(host, quoted, sizeof(quoted)));
+                     conf_quote(host, quoted, sizeof(quoted)));
             return -EINVAL;
         }
         port_text = colon + 1;
@@ -1136,27 +202,27 @@ static void listen_free(struct conf_listen *listen)
     free(listen->path);
 }
 
-static void parse_listen(struct loader *ld, yaml_node_t *node, const char *key)
+static void parse_listen(struct conf_loader *ld, yaml_node_t *node, const char *key)
 {
     struct conf_local *local = &ld->conf->local;
     size_t count;
 
-    local->listen = sequence_alloc(
+    local->listen = conf_sequence_alloc(
         ld, node, key, "a sequence of URLs, e.g. [\"tcp://127.0.0.1:1883\"]",
         "is empty (expected at least one tcp:// or unix:// URL)", sizeof(*local->listen), &count);
     if (local->listen == NULL)
         return;
     local->listen_count = count;
     for (size_t i = 0; i < count; i++) {
-        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *item = conf_sequence_item(ld, node, i);
         char item_key[CONF_KEY_MAX];
         char quoted[CONF_QUOTE_MAX];
         char why[256];
         const char *url;
         int rc;
 
-        key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
-        url = scalar_text(ld, item, item_key, "a tcp:// or unix:// URL");
+        conf_key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
+        url = conf_scalar_text(ld, item, item_key, "a tcp:// or unix:// URL");
         if (url == NULL)
             continue;
         rc = parse_listen_url(url, why, sizeof(why), &local->listen[i]);
@@ -1165,22 +231,22 @@ static void parse_listen(struct loader *ld, yaml_node_t *node, const char *key)
             return;
         }
         if (rc < 0) {
-            report(ld, item->start_mark, item_key, "%s %s", quote(url, quoted, sizeof(quoted)),
-                   why);
+            conf_report(ld, item->start_mark, item_key, "%s %s",
+                        conf_quote(url, quoted, sizeof(quoted)), why);
             continue;
         }
         for (size_t j = 0; j < i; j++) {
             if (local->listen[j].url != NULL && strcmp(local->listen[j].url, url) == 0) {
-                report(ld, item->start_mark, item_key,
-                       "%s is listed twice (also %s[%zu]; keep only one)",
-                       quote(url, quoted, sizeof(quoted)), key, j);
+                conf_report(ld, item->start_mark, item_key,
+                            "%s is listed twice (also %s[%zu]; keep only one)",
+                            conf_quote(url, quoted, sizeof(quoted)), key, j);
                 break;
             }
         }
     }
 }
 
-static void default_listen(struct loader *ld)
+static void default_listen(struct conf_loader *ld)
 {
     static const char *const urls[] = {DEFAULT_TCP_LISTEN, DEFAULT_UNIX_LISTEN};
     struct conf_local *local = &ld->conf->local;
@@ -1211,7 +277,7 @@ static const char *const gateway_keys[GATEWAY_KEYS] = {
 /* gateway.id becomes the default MQTT client id and topic prefix, so it is
  * limited to characters that are safe in both (MQTT 3.1.1 §3.1.3.1 only
  * promises [0-9a-zA-Z] in client ids; brokers accept these in practice). */
-static void parse_gateway(struct loader *ld, yaml_node_t *node, yaml_mark_t parent_mark)
+static void parse_gateway(struct conf_loader *ld, yaml_node_t *node, yaml_mark_t parent_mark)
 {
     static const char id_expected[] = "1-128 characters from A-Z a-z 0-9 - _ . ~, starting with a "
                                       "letter or digit, e.g. \"gw-0001\"";
@@ -1220,30 +286,31 @@ static void parse_gateway(struct loader *ld, yaml_node_t *node, yaml_mark_t pare
     struct conf *conf = ld->conf;
     char quoted[CONF_QUOTE_MAX];
 
-    if (node_present(node) &&
-        !walk_mapping(ld, node, "gateway", gateway_keys, GATEWAY_KEYS, values, marks))
+    if (conf_node_present(node) &&
+        !conf_walk_mapping(ld, node, "gateway", gateway_keys, GATEWAY_KEYS, values, marks))
         return;
-    if (!node_present(values[GATEWAY_ID])) {
-        yaml_mark_t mark = values[GATEWAY_ID]   ? values[GATEWAY_ID]->start_mark
-                           : node_present(node) ? node->start_mark
-                                                : parent_mark;
-        report(ld, mark, "gateway.id", "missing (required: %s)", id_expected);
-    } else if (get_text(ld, values[GATEWAY_ID], "gateway.id", id_expected, CONF_GATEWAY_ID_MAX,
-                        &conf->gateway_id) == 0 &&
+    if (!conf_node_present(values[GATEWAY_ID])) {
+        yaml_mark_t mark = values[GATEWAY_ID]        ? values[GATEWAY_ID]->start_mark
+                           : conf_node_present(node) ? node->start_mark
+                                                     : parent_mark;
+        conf_report(ld, mark, "gateway.id", "missing (required: %s)", id_expected);
+    } else if (conf_get_text(ld, values[GATEWAY_ID], "gateway.id", id_expected, CONF_GATEWAY_ID_MAX,
+                             &conf->gateway_id) == 0 &&
                conf->gateway_id != NULL) {
-        const char *bad = first_bad_char(conf->gateway_id, "-_.~");
-        if (bad != NULL || !is_alnum(conf->gateway_id[0])) {
+        const char *bad = conf_first_bad_char(conf->gateway_id, "-_.~");
+        if (bad != NULL || !conf_is_alnum(conf->gateway_id[0])) {
             char what[48];
-            describe_char(what, sizeof(what), bad ? *bad : conf->gateway_id[0]);
-            report(ld, values[GATEWAY_ID]->start_mark, "gateway.id", "%s contains %s (expected %s)",
-                   quote(conf->gateway_id, quoted, sizeof(quoted)), what, id_expected);
+            conf_describe_char(what, sizeof(what), bad ? *bad : conf->gateway_id[0]);
+            conf_report(ld, values[GATEWAY_ID]->start_mark, "gateway.id",
+                        "%s contains %s (expected %s)",
+                        conf_quote(conf->gateway_id, quoted, sizeof(quoted)), what, id_expected);
             free(conf->gateway_id);
             conf->gateway_id = NULL;
         }
     }
-    if (node_present(values[GATEWAY_STATE_DIR]))
-        get_absolute_path(ld, values[GATEWAY_STATE_DIR], "gateway.state_dir", "the state directory",
-                          PATH_MAX, &conf->state_dir);
+    if (conf_node_present(values[GATEWAY_STATE_DIR]))
+        conf_get_absolute_path(ld, values[GATEWAY_STATE_DIR], "gateway.state_dir",
+                               "the state directory", PATH_MAX, &conf->state_dir);
 }
 
 /* local.acl: a sequence of rules (struct conf_acl_rule; evaluation in access.c). */
@@ -1269,35 +336,7 @@ static const char *const acl_keys[ACL_KEYS] = {
     [ACL_DENY_SUBSCRIBE] = "deny_subscribe",
 };
 
-/* A sequence of strings, each checked by @check (NULL: plain text). */
-static void get_string_list(struct loader *ld, const yaml_node_t *node, const char *key,
-                            const char *expected, int (*check)(const char *, const char **),
-                            char ***out, size_t *count)
-{
-    size_t n;
-
-    *out = sequence_alloc(ld, node, key, expected, NULL, sizeof(**out), &n);
-    for (size_t i = 0; i < n; i++) {
-        yaml_node_t *item = sequence_item(ld, node, i);
-        char item_key[CONF_KEY_MAX];
-        char quoted[CONF_QUOTE_MAX];
-        const char *reason;
-        char *text = NULL;
-
-        key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
-        if (get_text(ld, item, item_key, expected, CONF_MQTT_STRING_MAX, &text) < 0 || text == NULL)
-            continue;
-        if (check != NULL && check(text, &reason) < 0) {
-            report(ld, item->start_mark, item_key, "%s: %s (expected %s)",
-                   quote(text, quoted, sizeof(quoted)), reason, expected);
-            free(text);
-            continue;
-        }
-        (*out)[(*count)++] = text;
-    }
-}
-
-static void parse_acl(struct loader *ld, yaml_node_t *node)
+static void parse_acl(struct conf_loader *ld, yaml_node_t *node)
 {
     static const char rule_expected[] =
         "a sequence of rules, e.g. [{uid: 1001, publish: [\"dev/modbus-*/#\"]}]";
@@ -1305,8 +344,8 @@ static void parse_acl(struct loader *ld, yaml_node_t *node)
     size_t count;
 
     /* An empty acl is the same as none: everything allowed (documented). */
-    local->acl =
-        sequence_alloc(ld, node, "local.acl", rule_expected, NULL, sizeof(*local->acl), &count);
+    local->acl = conf_sequence_alloc(ld, node, "local.acl", rule_expected, NULL,
+                                     sizeof(*local->acl), &count);
     if (local->acl == NULL)
         return;
     local->acl_count = count;
@@ -1316,55 +355,57 @@ static void parse_acl(struct loader *ld, yaml_node_t *node)
         static const char deny_expected[] =
             "topic patterns to refuse, e.g. [\"test/nosubscribe\", \"dev/+/config\"]";
         struct conf_acl_rule *rule = &local->acl[i];
-        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *item = conf_sequence_item(ld, node, i);
         yaml_node_t *values[ACL_KEYS];
         yaml_mark_t marks[ACL_KEYS];
         char path[CONF_KEY_MAX];
         char key[CONF_KEY_MAX];
         uint64_t number;
 
-        key_format(path, sizeof(path), "local.acl[%zu]", i);
-        if (!walk_mapping(ld, item, path, acl_keys, ACL_KEYS, values, marks))
+        conf_key_format(path, sizeof(path), "local.acl[%zu]", i);
+        if (!conf_walk_mapping(ld, item, path, acl_keys, ACL_KEYS, values, marks))
             continue;
-        key_join(key, sizeof(key), path, "uid");
-        if (node_present(values[ACL_UID]) && get_uint(ld, values[ACL_UID], key, "a numeric user id",
-                                                      0, UINT32_MAX - 1, &number) == 0) {
+        conf_key_join(key, sizeof(key), path, "uid");
+        if (conf_node_present(values[ACL_UID]) &&
+            conf_get_uint(ld, values[ACL_UID], key, "a numeric user id", 0, UINT32_MAX - 1,
+                          &number) == 0) {
             rule->has_uid = true;
             rule->uid = (uint32_t)number;
         }
-        key_join(key, sizeof(key), path, "gid");
-        if (node_present(values[ACL_GID]) &&
-            get_uint(ld, values[ACL_GID], key, "a numeric group id", 0, UINT32_MAX - 1, &number) ==
-                0) {
+        conf_key_join(key, sizeof(key), path, "gid");
+        if (conf_node_present(values[ACL_GID]) &&
+            conf_get_uint(ld, values[ACL_GID], key, "a numeric group id", 0, UINT32_MAX - 1,
+                          &number) == 0) {
             rule->has_gid = true;
             rule->gid = (uint32_t)number;
         }
-        key_join(key, sizeof(key), path, "user");
-        if (node_present(values[ACL_USER]))
-            get_text(ld, values[ACL_USER], key, "a username from local.password_file", 256,
-                     &rule->user);
-        key_join(key, sizeof(key), path, "children");
-        if (node_present(values[ACL_CHILDREN]))
-            get_string_list(ld, values[ACL_CHILDREN], key,
-                            "globs of child ids, e.g. [\"modbus-*\"]", access_child_glob_check,
-                            &rule->children, &rule->children_count);
-        key_join(key, sizeof(key), path, "publish");
-        if (node_present(values[ACL_PUBLISH]))
-            get_string_list(ld, values[ACL_PUBLISH], key, pattern_expected, access_pattern_check,
-                            &rule->publish, &rule->publish_count);
-        key_join(key, sizeof(key), path, "subscribe");
-        if (node_present(values[ACL_SUBSCRIBE]))
-            get_string_list(ld, values[ACL_SUBSCRIBE], key, pattern_expected, access_pattern_check,
-                            &rule->subscribe, &rule->subscribe_count);
-        key_join(key, sizeof(key), path, "deny_publish");
-        if (node_present(values[ACL_DENY_PUBLISH]))
-            get_string_list(ld, values[ACL_DENY_PUBLISH], key, deny_expected, access_pattern_check,
-                            &rule->deny_publish, &rule->deny_publish_count);
-        key_join(key, sizeof(key), path, "deny_subscribe");
-        if (node_present(values[ACL_DENY_SUBSCRIBE]))
-            get_string_list(ld, values[ACL_DENY_SUBSCRIBE], key, deny_expected,
-                            access_pattern_check, &rule->deny_subscribe,
-                            &rule->deny_subscribe_count);
+        conf_key_join(key, sizeof(key), path, "user");
+        if (conf_node_present(values[ACL_USER]))
+            conf_get_text(ld, values[ACL_USER], key, "a username from local.password_file", 256,
+                          &rule->user);
+        conf_key_join(key, sizeof(key), path, "children");
+        if (conf_node_present(values[ACL_CHILDREN]))
+            conf_get_string_list(ld, values[ACL_CHILDREN], key,
+                                 "globs of child ids, e.g. [\"modbus-*\"]", access_child_glob_check,
+                                 &rule->children, &rule->children_count);
+        conf_key_join(key, sizeof(key), path, "publish");
+        if (conf_node_present(values[ACL_PUBLISH]))
+            conf_get_string_list(ld, values[ACL_PUBLISH], key, pattern_expected,
+                                 access_pattern_check, &rule->publish, &rule->publish_count);
+        conf_key_join(key, sizeof(key), path, "subscribe");
+        if (conf_node_present(values[ACL_SUBSCRIBE]))
+            conf_get_string_list(ld, values[ACL_SUBSCRIBE], key, pattern_expected,
+                                 access_pattern_check, &rule->subscribe, &rule->subscribe_count);
+        conf_key_join(key, sizeof(key), path, "deny_publish");
+        if (conf_node_present(values[ACL_DENY_PUBLISH]))
+            conf_get_string_list(ld, values[ACL_DENY_PUBLISH], key, deny_expected,
+                                 access_pattern_check, &rule->deny_publish,
+                                 &rule->deny_publish_count);
+        conf_key_join(key, sizeof(key), path, "deny_subscribe");
+        if (conf_node_present(values[ACL_DENY_SUBSCRIBE]))
+            conf_get_string_list(ld, values[ACL_DENY_SUBSCRIBE], key, deny_expected,
+                                 access_pattern_check, &rule->deny_subscribe,
+                                 &rule->deny_subscribe_count);
         /* "%c" with no child list would mean any child: allowed, but a
          * children list without "%c" anywhere is certainly a mistake. */
         if (rule->children_count > 0) {
@@ -1377,32 +418,35 @@ static void parse_acl(struct loader *ld, yaml_node_t *node)
                 used = used || strstr(rule->deny_publish[k], "%c") != NULL;
             for (size_t k = 0; k < rule->deny_subscribe_count; k++)
                 used = used || strstr(rule->deny_subscribe[k], "%c") != NULL;
-            key_join(key, sizeof(key), path, "children");
+            conf_key_join(key, sizeof(key), path, "children");
             if (!used)
-                report(ld, values[ACL_CHILDREN]->start_mark, key,
-                       "has no effect: no publish or subscribe pattern of this rule uses \"%%c\" "
-                       "(expected e.g. publish: [\"dev/%%c/#\"])");
+                conf_report(
+                    ld, values[ACL_CHILDREN]->start_mark, key,
+                    "has no effect: no publish or subscribe pattern of this rule uses \"%%c\" "
+                    "(expected e.g. publish: [\"dev/%%c/#\"])");
         }
     }
 }
 
 /* local.password_file: read and checked now, so a plain-text password or a
  * typo is an error of --check-config and of reload, not of the first login. */
-static void parse_password_file(struct loader *ld, yaml_node_t *node)
+static void parse_password_file(struct conf_loader *ld, yaml_node_t *node)
 {
     static const char expected[] = "a password file written by \"uplinkctl passwd\"";
     struct conf_local *local = &ld->conf->local;
     char why[512];
     int rc;
 
-    if (get_readable_file(ld, node, "local.password_file", expected, &local->password_file) < 0 ||
+    if (conf_get_readable_file(ld, node, "local.password_file", expected, &local->password_file) <
+            0 ||
         local->password_file == NULL)
         return;
     rc = access_passwords_load(local->password_file, &local->passwords, why, sizeof(why));
     if (rc == -ENOMEM)
         ld->oom = true;
     else if (rc < 0)
-        report(ld, node->start_mark, "local.password_file", "%s: %s", local->password_file, why);
+        conf_report(ld, node->start_mark, "local.password_file", "%s: %s", local->password_file,
+                    why);
 }
 
 enum {
@@ -1445,116 +489,117 @@ static const char *const local_keys[LOCAL_KEYS] = {
  * accept to a complete CONNECT. A per-uid budget above the per-listener one
  * could never be reached, which is a mistake worth saying.
  */
-static void parse_pending_limits(struct loader *ld, yaml_node_t *const *values)
+static void parse_pending_limits(struct conf_loader *ld, yaml_node_t *const *values)
 {
     struct conf_local *local = &ld->conf->local;
     yaml_node_t *per_uid = values[LOCAL_MAX_PENDING_PER_UID];
     uint64_t number;
 
-    if (node_present(values[LOCAL_MAX_PENDING_CONNECTS]) &&
-        get_uint(ld, values[LOCAL_MAX_PENDING_CONNECTS], "local.max_pending_connects",
-                 "a connection count", 1, 65536, &number) == 0)
+    if (conf_node_present(values[LOCAL_MAX_PENDING_CONNECTS]) &&
+        conf_get_uint(ld, values[LOCAL_MAX_PENDING_CONNECTS], "local.max_pending_connects",
+                      "a connection count", 1, 65536, &number) == 0)
         local->max_pending_connects = (unsigned)number;
-    if (node_present(per_uid) && get_uint(ld, per_uid, "local.max_pending_per_uid",
-                                          "a connection count", 1, 65536, &number) == 0) {
+    if (conf_node_present(per_uid) && conf_get_uint(ld, per_uid, "local.max_pending_per_uid",
+                                                    "a connection count", 1, 65536, &number) == 0) {
         local->max_pending_per_uid = (unsigned)number;
         if (number > local->max_pending_connects)
-            report(ld, per_uid->start_mark, "local.max_pending_per_uid",
-                   "%llu is above local.max_pending_connects (%u), so it would never apply "
-                   "(expected at most %u, or raise local.max_pending_connects)",
-                   (unsigned long long)number, local->max_pending_connects,
-                   local->max_pending_connects);
+            conf_report(ld, per_uid->start_mark, "local.max_pending_per_uid",
+                        "%llu is above local.max_pending_connects (%u), so it would never apply "
+                        "(expected at most %u, or raise local.max_pending_connects)",
+                        (unsigned long long)number, local->max_pending_connects,
+                        local->max_pending_connects);
     } else if (local->max_pending_per_uid > local->max_pending_connects) {
         local->max_pending_per_uid = local->max_pending_connects; /* the default, capped */
     }
     /* MQTT 3.1.1 §3.1: the server SHOULD close a connection that sends no
      * CONNECT within a reasonable time. A local app sends it at once; the
      * ceiling keeps a slowloris from holding a slot for long. */
-    if (node_present(values[LOCAL_CONNECT_DEADLINE]) &&
-        get_duration_ms(ld, values[LOCAL_CONNECT_DEADLINE], "local.connect_deadline", 100,
-                        300 * 1000, &number) == 0)
+    if (conf_node_present(values[LOCAL_CONNECT_DEADLINE]) &&
+        conf_get_duration_ms(ld, values[LOCAL_CONNECT_DEADLINE], "local.connect_deadline", 100,
+                             300 * 1000, &number) == 0)
         local->connect_deadline_ms = (unsigned)number;
 }
 
-static void parse_local(struct loader *ld, yaml_node_t *node)
+static void parse_local(struct conf_loader *ld, yaml_node_t *node)
 {
     yaml_node_t *values[LOCAL_KEYS] = {NULL};
     yaml_mark_t marks[LOCAL_KEYS];
     struct conf_local *local = &ld->conf->local;
     uint64_t number;
 
-    if (node_present(node) &&
-        !walk_mapping(ld, node, "local", local_keys, LOCAL_KEYS, values, marks))
+    if (conf_node_present(node) &&
+        !conf_walk_mapping(ld, node, "local", local_keys, LOCAL_KEYS, values, marks))
         return;
-    if (node_present(values[LOCAL_LISTEN]))
+    if (conf_node_present(values[LOCAL_LISTEN]))
         parse_listen(ld, values[LOCAL_LISTEN], "local.listen");
-    if (node_present(values[LOCAL_SOCKET_MODE]))
-        get_mode(ld, values[LOCAL_SOCKET_MODE], "local.socket_mode", &local->socket_mode);
-    if (node_present(values[LOCAL_SOCKET_GROUP])) {
+    if (conf_node_present(values[LOCAL_SOCKET_MODE]))
+        conf_get_mode(ld, values[LOCAL_SOCKET_MODE], "local.socket_mode", &local->socket_mode);
+    if (conf_node_present(values[LOCAL_SOCKET_GROUP])) {
         static const char expected[] = "a group name, e.g. \"uplinkd\"";
         yaml_node_t *group = values[LOCAL_SOCKET_GROUP];
-        if (get_text(ld, group, "local.socket_group", expected, 256, &local->socket_group) == 0 &&
+        if (conf_get_text(ld, group, "local.socket_group", expected, 256, &local->socket_group) ==
+                0 &&
             local->socket_group != NULL && strpbrk(local->socket_group, " :/,") != NULL) {
             char quoted[CONF_QUOTE_MAX];
-            report(ld, group->start_mark, "local.socket_group",
-                   "%s is not a group name (expected %s)",
-                   quote(local->socket_group, quoted, sizeof(quoted)), expected);
+            conf_report(ld, group->start_mark, "local.socket_group",
+                        "%s is not a group name (expected %s)",
+                        conf_quote(local->socket_group, quoted, sizeof(quoted)), expected);
         }
     }
     /* MQTT 3.1.1 §2.2.3: remaining length is at most 268,435,455 bytes,
      * plus up to 5 bytes of fixed header. Below 64 bytes hardly a real
      * CONNECT (client id, will, credentials) fits. */
-    if (node_present(values[LOCAL_MAX_PACKET_SIZE]) &&
-        get_size(ld, values[LOCAL_MAX_PACKET_SIZE], "local.max_packet_size", 64, 268435455 + 5,
-                 &number) == 0)
+    if (conf_node_present(values[LOCAL_MAX_PACKET_SIZE]) &&
+        conf_get_size(ld, values[LOCAL_MAX_PACKET_SIZE], "local.max_packet_size", 64, 268435455 + 5,
+                      &number) == 0)
         local->max_packet_size = (size_t)number;
-    if (node_present(values[LOCAL_MAX_CLIENTS]) &&
-        get_uint(ld, values[LOCAL_MAX_CLIENTS], "local.max_clients", "a client count", 1, 1000000,
-                 &number) == 0)
+    if (conf_node_present(values[LOCAL_MAX_CLIENTS]) &&
+        conf_get_uint(ld, values[LOCAL_MAX_CLIENTS], "local.max_clients", "a client count", 1,
+                      1000000, &number) == 0)
         local->max_clients = (unsigned)number;
     parse_pending_limits(ld, values);
-    if (node_present(values[LOCAL_TOPIC_PREFIX]))
-        get_topic_prefix(ld, values[LOCAL_TOPIC_PREFIX], "local.topic_prefix", true,
-                         &local->topic_prefix);
+    if (conf_node_present(values[LOCAL_TOPIC_PREFIX]))
+        conf_get_topic_prefix(ld, values[LOCAL_TOPIC_PREFIX], "local.topic_prefix", true,
+                              &local->topic_prefix);
     /* MQTT 3.1.1 packet ids are 16 bits (§2.3.1): at most 65535 in flight. */
-    if (node_present(values[LOCAL_MAX_INFLIGHT]) &&
-        get_uint(ld, values[LOCAL_MAX_INFLIGHT], "local.max_inflight", "a message count", 1, 65535,
-                 &number) == 0)
+    if (conf_node_present(values[LOCAL_MAX_INFLIGHT]) &&
+        conf_get_uint(ld, values[LOCAL_MAX_INFLIGHT], "local.max_inflight", "a message count", 1,
+                      65535, &number) == 0)
         local->max_inflight = (unsigned)number;
-    if (node_present(values[LOCAL_MAX_QUEUED]) &&
-        get_uint(ld, values[LOCAL_MAX_QUEUED], "local.max_queued", "a message count", 1, 10000000,
-                 &number) == 0)
+    if (conf_node_present(values[LOCAL_MAX_QUEUED]) &&
+        conf_get_uint(ld, values[LOCAL_MAX_QUEUED], "local.max_queued", "a message count", 1,
+                      10000000, &number) == 0)
         local->max_queued = (unsigned)number;
-    if (node_present(values[LOCAL_MAX_QUEUED_BYTES]) &&
-        get_size(ld, values[LOCAL_MAX_QUEUED_BYTES], "local.max_queued_bytes", 1024,
-                 (uint64_t)SIZE_MAX / 2, &number) == 0)
+    if (conf_node_present(values[LOCAL_MAX_QUEUED_BYTES]) &&
+        conf_get_size(ld, values[LOCAL_MAX_QUEUED_BYTES], "local.max_queued_bytes", 1024,
+                      (uint64_t)SIZE_MAX / 2, &number) == 0)
         local->max_queued_bytes = (size_t)number;
-    if (node_present(values[LOCAL_PASSWORD_FILE]))
+    if (conf_node_present(values[LOCAL_PASSWORD_FILE]))
         parse_password_file(ld, values[LOCAL_PASSWORD_FILE]);
-    if (node_present(values[LOCAL_ACL]))
+    if (conf_node_present(values[LOCAL_ACL]))
         parse_acl(ld, values[LOCAL_ACL]);
 }
 
 enum { CONTROL_SOCKET, CONTROL_KEYS };
 static const char *const control_keys[CONTROL_KEYS] = {[CONTROL_SOCKET] = "socket"};
 
-static void parse_control(struct loader *ld, yaml_node_t *node)
+static void parse_control(struct conf_loader *ld, yaml_node_t *node)
 {
     yaml_node_t *values[CONTROL_KEYS] = {NULL};
     yaml_mark_t marks[CONTROL_KEYS];
     struct sockaddr_un sun;
 
-    if (!walk_mapping(ld, node, "control", control_keys, CONTROL_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, "control", control_keys, CONTROL_KEYS, values, marks))
         return;
-    if (node_present(values[CONTROL_SOCKET]))
-        get_absolute_path(ld, values[CONTROL_SOCKET], "control.socket", "the control socket",
-                          sizeof(sun.sun_path) - 1, &ld->conf->control_socket);
+    if (conf_node_present(values[CONTROL_SOCKET]))
+        conf_get_absolute_path(ld, values[CONTROL_SOCKET], "control.socket", "the control socket",
+                               sizeof(sun.sun_path) - 1, &ld->conf->control_socket);
 }
 
 enum { LOG_LEVEL, LOG_KEYS };
 static const char *const log_keys[LOG_KEYS] = {[LOG_LEVEL] = "level"};
 
-static void parse_log(struct loader *ld, yaml_node_t *node)
+static void parse_log(struct conf_loader *ld, yaml_node_t *node)
 {
     static const char expected[] = "error, warning, notice, info or debug";
     yaml_node_t *values[LOG_KEYS] = {NULL};
@@ -1563,18 +608,18 @@ static void parse_log(struct loader *ld, yaml_node_t *node)
     const char *text;
     int level;
 
-    if (!walk_mapping(ld, node, "log", log_keys, LOG_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, "log", log_keys, LOG_KEYS, values, marks))
         return;
-    if (!node_present(values[LOG_LEVEL]))
+    if (!conf_node_present(values[LOG_LEVEL]))
         return;
-    text = scalar_text(ld, values[LOG_LEVEL], "log.level", expected);
+    text = conf_scalar_text(ld, values[LOG_LEVEL], "log.level", expected);
     if (text == NULL)
         return;
     level = log_level_parse(text);
     if (level < 0) {
-        report(ld, values[LOG_LEVEL]->start_mark, "log.level",
-               "%s is not a log level (expected %s)", quote(text, quoted, sizeof(quoted)),
-               expected);
+        conf_report(ld, values[LOG_LEVEL]->start_mark, "log.level",
+                    "%s is not a log level (expected %s)", conf_quote(text, quoted, sizeof(quoted)),
+                    expected);
         return;
     }
     ld->conf->log_level = level;
@@ -1595,129 +640,130 @@ static const char *const tls_keys[TLS_KEYS] = {
  * each). libmosquitto 2.0.11 puts exactly one name into the ClientHello
  * (lib/net_mosq.c net__init_ssl_ctx), so a longer list is refused rather
  * than silently cut. */
-static void parse_alpn(struct loader *ld, const yaml_node_t *node, const char *key,
+static void parse_alpn(struct conf_loader *ld, const yaml_node_t *node, const char *key,
                        struct conf_tls *tls)
 {
     static const char expected[] = "one ALPN protocol name, e.g. \"x-amzn-mqtt-ca\" or [\"mqtt\"]";
     const yaml_node_t *item = node;
     char item_key[CONF_KEY_MAX];
 
-    key_format(item_key, sizeof(item_key), "%s", key);
+    conf_key_format(item_key, sizeof(item_key), "%s", key);
     if (node->type == YAML_SEQUENCE_NODE) {
-        size_t n = sequence_length(node);
+        size_t n = conf_sequence_length(node);
         if (n == 0)
             return; /* an empty list offers nothing, like no key */
         if (n > 1) {
-            report(ld, node->start_mark, key,
-                   "has %zu protocols, but libmosquitto 2.0 offers only one in the TLS "
-                   "ClientHello (expected %s)",
-                   n, expected);
+            conf_report(ld, node->start_mark, key,
+                        "has %zu protocols, but libmosquitto 2.0 offers only one in the TLS "
+                        "ClientHello (expected %s)",
+                        n, expected);
             return;
         }
-        item = sequence_item(ld, node, 0);
-        key_format(item_key, sizeof(item_key), "%s[0]", key);
+        item = conf_sequence_item(ld, node, 0);
+        conf_key_format(item_key, sizeof(item_key), "%s[0]", key);
     }
-    get_text(ld, item, item_key, expected, 255, &tls->alpn);
+    conf_get_text(ld, item, item_key, expected, 255, &tls->alpn);
 }
 
-static void parse_tls(struct loader *ld, yaml_node_t *node, const char *path, struct conf_tls *tls)
+static void parse_tls(struct conf_loader *ld, yaml_node_t *node, const char *path,
+                      struct conf_tls *tls)
 {
     yaml_node_t *values[TLS_KEYS] = {NULL};
     yaml_mark_t marks[TLS_KEYS];
     char key[CONF_KEY_MAX];
     char other[CONF_KEY_MAX];
 
-    if (!walk_mapping(ld, node, path, tls_keys, TLS_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, tls_keys, TLS_KEYS, values, marks))
         return;
-    if (node_present(values[TLS_ENABLED])) {
-        key_join(key, sizeof(key), path, "enabled");
-        get_bool(ld, values[TLS_ENABLED], key, &tls->enabled);
+    if (conf_node_present(values[TLS_ENABLED])) {
+        conf_key_join(key, sizeof(key), path, "enabled");
+        conf_get_bool(ld, values[TLS_ENABLED], key, &tls->enabled);
     }
     if (!tls->enabled) {
         /* A certificate that is silently not used is worse than an error. */
         for (int i = TLS_CA; i < TLS_KEYS; i++) {
-            if (!node_present(values[i]))
+            if (!conf_node_present(values[i]))
                 continue;
-            key_join(key, sizeof(key), path, tls_keys[i]);
-            report(ld, values[i]->start_mark, key,
-                   "has no effect because %s.enabled is false (remove it, or set %s.enabled: "
-                   "true)",
-                   path, path);
+            conf_key_join(key, sizeof(key), path, tls_keys[i]);
+            conf_report(ld, values[i]->start_mark, key,
+                        "has no effect because %s.enabled is false (remove it, or set %s.enabled: "
+                        "true)",
+                        path, path);
         }
         return;
     }
-    if (node_present(values[TLS_CA])) {
+    if (conf_node_present(values[TLS_CA])) {
         const char *text;
-        key_join(key, sizeof(key), path, "ca");
-        text = scalar_text(ld, values[TLS_CA], key, "\"system\" or a path to a CA PEM file");
+        conf_key_join(key, sizeof(key), path, "ca");
+        text = conf_scalar_text(ld, values[TLS_CA], key, "\"system\" or a path to a CA PEM file");
         if (text != NULL && strcmp(text, "system") == 0) {
             tls->ca_system = true;
         } else if (text != NULL &&
-                   get_readable_file(ld, values[TLS_CA], key,
-                                     "\"system\" or a readable CA certificate PEM file",
-                                     &tls->ca_file) == 0) {
+                   conf_get_readable_file(ld, values[TLS_CA], key,
+                                          "\"system\" or a readable CA certificate PEM file",
+                                          &tls->ca_file) == 0) {
             tls->ca_system = false;
-            set_where(ld, values[TLS_CA], &tls->ca_at);
+            conf_set_where(ld, values[TLS_CA], &tls->ca_at);
         }
     }
-    if (node_present(values[TLS_CERT])) {
-        key_join(key, sizeof(key), path, "cert");
-        if (get_readable_file(ld, values[TLS_CERT], key, "a readable client certificate PEM file",
-                              &tls->cert) == 0)
-            set_where(ld, values[TLS_CERT], &tls->cert_at);
+    if (conf_node_present(values[TLS_CERT])) {
+        conf_key_join(key, sizeof(key), path, "cert");
+        if (conf_get_readable_file(ld, values[TLS_CERT], key,
+                                   "a readable client certificate PEM file", &tls->cert) == 0)
+            conf_set_where(ld, values[TLS_CERT], &tls->cert_at);
     }
-    if (node_present(values[TLS_KEY])) {
+    if (conf_node_present(values[TLS_KEY])) {
         const char *text;
-        key_join(key, sizeof(key), path, "key");
-        text = scalar_text(ld, values[TLS_KEY], key, "a PEM file or a pkcs11: URI");
+        conf_key_join(key, sizeof(key), path, "key");
+        text = conf_scalar_text(ld, values[TLS_KEY], key, "a PEM file or a pkcs11: URI");
         if (text != NULL && keys_is_uri(text)) {
             /* A token key: opened (PIN, object, match with tls.cert) by
              * tlscheck at start-up and by --check-config. Only the engine's
              * presence is checked here. */
             char err[KEYS_ERR_SIZE];
-            if (get_text(ld, values[TLS_KEY], key, "a pkcs11: URI", 4096, &tls->key) == 0 &&
+            if (conf_get_text(ld, values[TLS_KEY], key, "a pkcs11: URI", 4096, &tls->key) == 0 &&
                 keys_pkcs11_available(err, sizeof(err)) < 0)
-                report(ld, values[TLS_KEY]->start_mark, key, "%s", err);
+                conf_report(ld, values[TLS_KEY]->start_mark, key, "%s", err);
         } else if (text != NULL) {
-            get_readable_file(ld, values[TLS_KEY], key,
-                              "a readable private key PEM file or a pkcs11: URI", &tls->key);
+            conf_get_readable_file(ld, values[TLS_KEY], key,
+                                   "a readable private key PEM file or a pkcs11: URI", &tls->key);
         }
     }
-    if (node_present(values[TLS_MIN_VERSION])) {
+    if (conf_node_present(values[TLS_MIN_VERSION])) {
         const char *text;
-        key_join(key, sizeof(key), path, "min_version");
-        text = scalar_text(ld, values[TLS_MIN_VERSION], key, "tls1.2 or tls1.3");
+        conf_key_join(key, sizeof(key), path, "min_version");
+        text = conf_scalar_text(ld, values[TLS_MIN_VERSION], key, "tls1.2 or tls1.3");
         if (text != NULL && strcmp(text, "tls1.2") == 0) {
             tls->min_version = CONF_TLS_1_2;
         } else if (text != NULL && strcmp(text, "tls1.3") == 0) {
             tls->min_version = CONF_TLS_1_3;
         } else if (text != NULL) {
             char quoted[CONF_QUOTE_MAX];
-            report(ld, values[TLS_MIN_VERSION]->start_mark, key,
-                   "%s is not a TLS version uplinkd offers (expected tls1.2 or tls1.3; older "
-                   "versions are not supported)",
-                   quote(text, quoted, sizeof(quoted)));
+            conf_report(ld, values[TLS_MIN_VERSION]->start_mark, key,
+                        "%s is not a TLS version uplinkd offers (expected tls1.2 or tls1.3; older "
+                        "versions are not supported)",
+                        conf_quote(text, quoted, sizeof(quoted)));
         }
     }
-    if (node_present(values[TLS_ALPN])) {
-        key_join(key, sizeof(key), path, "alpn");
+    if (conf_node_present(values[TLS_ALPN])) {
+        conf_key_join(key, sizeof(key), path, "alpn");
         parse_alpn(ld, values[TLS_ALPN], key, tls);
     }
-    if (node_present(values[TLS_INSECURE])) {
-        key_join(key, sizeof(key), path, "insecure");
-        get_bool(ld, values[TLS_INSECURE], key, &tls->insecure);
+    if (conf_node_present(values[TLS_INSECURE])) {
+        conf_key_join(key, sizeof(key), path, "insecure");
+        conf_get_bool(ld, values[TLS_INSECURE], key, &tls->insecure);
     }
     /* Either one alone cannot authenticate: the key proves possession of
      * the certificate's public key (RFC 8446 §4.4.3 CertificateVerify). */
-    if (node_present(values[TLS_CERT]) != node_present(values[TLS_KEY])) {
-        int have = node_present(values[TLS_CERT]) ? TLS_CERT : TLS_KEY;
+    if (conf_node_present(values[TLS_CERT]) != conf_node_present(values[TLS_KEY])) {
+        int have = conf_node_present(values[TLS_CERT]) ? TLS_CERT : TLS_KEY;
         int lack = have == TLS_CERT ? TLS_KEY : TLS_CERT;
-        key_join(key, sizeof(key), path, tls_keys[have]);
-        key_join(other, sizeof(other), path, tls_keys[lack]);
-        report(ld, values[have]->start_mark, key,
-               "is set without %s (a client certificate needs "
-               "both cert and key; add %s or remove %s)",
-               other, other, key);
+        conf_key_join(key, sizeof(key), path, tls_keys[have]);
+        conf_key_join(other, sizeof(other), path, tls_keys[lack]);
+        conf_report(ld, values[have]->start_mark, key,
+                    "is set without %s (a client certificate needs "
+                    "both cert and key; add %s or remove %s)",
+                    other, other, key);
     }
 }
 
@@ -1762,7 +808,7 @@ static const char *const auth_keys[AUTH_KEYS] = {
 
 /* Read a password file: the whole content, minus one trailing newline
  * (echo and editors add one; a password never ends with it). */
-static void read_password_file(struct loader *ld, const yaml_node_t *node, const char *key,
+static void read_password_file(struct conf_loader *ld, const yaml_node_t *node, const char *key,
                                char **password)
 {
     static const char what[] = "a readable file that holds the password";
@@ -1770,16 +816,16 @@ static void read_password_file(struct loader *ld, const yaml_node_t *node, const
     char *path = NULL;
     char *content = NULL;
     size_t len = 0;
-    const char *text = scalar_text(ld, node, key, what);
+    const char *text = conf_scalar_text(ld, node, key, what);
     int rc;
 
     if (text == NULL)
         return;
     if (text[0] == '\0') {
-        report(ld, node->start_mark, key, "is empty (expected %s)", what);
+        conf_report(ld, node->start_mark, key, "is empty (expected %s)", what);
         return;
     }
-    if (resolve_path(ld, text, &path) < 0)
+    if (conf_resolve_path(ld, text, &path) < 0)
         return;
     rc = util_read_file(path, CONF_MQTT_STRING_MAX + 2, &content, &len);
     if (rc == -ENOMEM) {
@@ -1787,9 +833,9 @@ static void read_password_file(struct loader *ld, const yaml_node_t *node, const
         goto out;
     }
     if (rc < 0) {
-        report(ld, node->start_mark, key, "cannot read %s: %s (expected %s)",
-               quote(path, quoted, sizeof(quoted)), rc == -EFBIG ? "file too large" : strerror(-rc),
-               what);
+        conf_report(ld, node->start_mark, key, "cannot read %s: %s (expected %s)",
+                    conf_quote(path, quoted, sizeof(quoted)),
+                    rc == -EFBIG ? "file too large" : strerror(-rc), what);
         goto out;
     }
     if (len > 0 && content[len - 1] == '\n')
@@ -1797,12 +843,12 @@ static void read_password_file(struct loader *ld, const yaml_node_t *node, const
     if (len > 0 && content[len - 1] == '\r')
         content[--len] = '\0';
     if (len == 0 || strlen(content) != len || len > CONF_MQTT_STRING_MAX) {
-        report(ld, node->start_mark, key, "%s %s (expected %s)",
-               quote(path, quoted, sizeof(quoted)),
-               len == 0                 ? "is empty"
-               : strlen(content) != len ? "contains a NUL byte"
-                                        : "is longer than 65535 bytes",
-               what);
+        conf_report(ld, node->start_mark, key, "%s %s (expected %s)",
+                    conf_quote(path, quoted, sizeof(quoted)),
+                    len == 0                 ? "is empty"
+                    : strlen(content) != len ? "contains a NUL byte"
+                                             : "is longer than 65535 bytes",
+                    what);
         goto out;
     }
     *password = content;
@@ -1831,30 +877,12 @@ static uint32_t jwt_profile_max_lifetime(const char *profile)
     return JWT_GCP_MAX_LIFETIME_S;
 }
 
-/* A duration in whole seconds within [min_s, max_s]. */
-static int get_seconds(struct loader *ld, const yaml_node_t *node, const char *key, uint32_t min_s,
-                       uint32_t max_s, uint32_t *out)
-{
-    char quoted[CONF_QUOTE_MAX];
-    uint64_t ms;
-
-    if (get_duration_ms(ld, node, key, (uint64_t)min_s * 1000, (uint64_t)max_s * 1000, &ms) < 0)
-        return -EINVAL;
-    if (ms % 1000 != 0) {
-        report(ld, node->start_mark, key, "%s is not a whole number of seconds",
-               quote(node_text(node), quoted, sizeof(quoted)));
-        return -EINVAL;
-    }
-    *out = (uint32_t)(ms / 1000);
-    return 0;
-}
-
 /* auth.refresh: "80" or "80%". */
-static void get_refresh_percent(struct loader *ld, const yaml_node_t *node, const char *key,
+static void get_refresh_percent(struct conf_loader *ld, const yaml_node_t *node, const char *key,
                                 uint32_t *out)
 {
     char quoted[CONF_QUOTE_MAX];
-    const char *text = scalar_text(ld, node, key, "a percentage");
+    const char *text = conf_scalar_text(ld, node, key, "a percentage");
     unsigned value = 0;
     const char *p;
 
@@ -1864,17 +892,18 @@ static void get_refresh_percent(struct loader *ld, const yaml_node_t *node, cons
         value = value * 10 + (unsigned)(*p - '0');
     if (p == text || (p[0] != '\0' && strcmp(p, "%") != 0) || value < JWT_REFRESH_MIN_PCT ||
         value > JWT_REFRESH_MAX_PCT) {
-        report(ld, node->start_mark, key,
-               "%s is not a valid refresh point (expected a percentage of the token's "
-               "lifetime from %d to %d, e.g. 80 or \"80%%\")",
-               quote(text, quoted, sizeof(quoted)), JWT_REFRESH_MIN_PCT, JWT_REFRESH_MAX_PCT);
+        conf_report(ld, node->start_mark, key,
+                    "%s is not a valid refresh point (expected a percentage of the token's "
+                    "lifetime from %d to %d, e.g. 80 or \"80%%\")",
+                    conf_quote(text, quoted, sizeof(quoted)), JWT_REFRESH_MIN_PCT,
+                    JWT_REFRESH_MAX_PCT);
         return;
     }
     *out = value;
 }
 
 /* auth.claims: a mapping of claim name -> string value. */
-static void parse_jwt_claims(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_jwt_claims(struct conf_loader *ld, yaml_node_t *node, const char *path,
                              struct conf_jwt *jwt)
 {
     static const char expected[] = "a mapping of claim names to strings, e.g. {sub: gw-0001}";
@@ -1882,14 +911,14 @@ static void parse_jwt_claims(struct loader *ld, yaml_node_t *node, const char *p
     char quoted[CONF_QUOTE_MAX];
     size_t count;
 
-    if (!expect_kind(ld, node, path, YAML_MAPPING_NODE, expected))
+    if (!conf_expect_kind(ld, node, path, YAML_MAPPING_NODE, expected))
         return;
     count = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
     if (count == 0)
         return;
     if (count > CONF_JWT_MAX_CLAIMS) {
-        report(ld, node->start_mark, path, "has %zu claims (expected at most %d)", count,
-               CONF_JWT_MAX_CLAIMS);
+        conf_report(ld, node->start_mark, path, "has %zu claims (expected at most %d)", count,
+                    CONF_JWT_MAX_CLAIMS);
         return;
     }
     jwt->claims = calloc(count, sizeof(*jwt->claims));
@@ -1899,32 +928,32 @@ static void parse_jwt_claims(struct loader *ld, yaml_node_t *node, const char *p
     }
     for (yaml_node_pair_t *pair = node->data.mapping.pairs.start;
          pair < node->data.mapping.pairs.top; pair++) {
-        yaml_node_t *name_node = node_at(ld, pair->key);
-        yaml_node_t *value_node = node_at(ld, pair->value);
+        yaml_node_t *name_node = conf_node_at(ld, pair->key);
+        yaml_node_t *value_node = conf_node_at(ld, pair->value);
         struct conf_jwt_claim claim = {NULL, NULL};
         bool ok = true;
 
-        if (get_text(ld, name_node, path, "a claim name", 256, &claim.name) < 0 ||
+        if (conf_get_text(ld, name_node, path, "a claim name", 256, &claim.name) < 0 ||
             claim.name == NULL)
             continue;
-        key_join(key, sizeof(key), path, claim.name);
+        conf_key_join(key, sizeof(key), path, claim.name);
         /* RFC 7519 §4.1: iat, exp and aud are ours to set. */
         if (strcmp(claim.name, "iat") == 0 || strcmp(claim.name, "exp") == 0 ||
             strcmp(claim.name, "aud") == 0) {
-            report(ld, name_node->start_mark, key,
-                   "is set by uplinkd (iat and exp from the clock and auth.lifetime, aud from "
-                   "auth.aud); remove it");
+            conf_report(ld, name_node->start_mark, key,
+                        "is set by uplinkd (iat and exp from the clock and auth.lifetime, aud from "
+                        "auth.aud); remove it");
             ok = false;
         }
         for (size_t i = 0; ok && i < jwt->claim_count; i++) {
             if (strcmp(jwt->claims[i].name, claim.name) == 0) {
-                report(ld, name_node->start_mark, key, "%s is given twice",
-                       quote(claim.name, quoted, sizeof(quoted)));
+                conf_report(ld, name_node->start_mark, key, "%s is given twice",
+                            conf_quote(claim.name, quoted, sizeof(quoted)));
                 ok = false;
             }
         }
-        if (ok && (get_text(ld, value_node, key, "a string value", CONF_MQTT_STRING_MAX,
-                            &claim.value) < 0 ||
+        if (ok && (conf_get_text(ld, value_node, key, "a string value", CONF_MQTT_STRING_MAX,
+                                 &claim.value) < 0 ||
                    claim.value == NULL))
             ok = false;
         if (!ok) {
@@ -1951,7 +980,7 @@ void conf_jwt_claims(const struct conf_jwt *jwt, struct jwt_claim *extra, struct
                                .extra_count = jwt->claim_count};
 }
 
-static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t *const *values,
+static void jwt_load_key(struct conf_loader *ld, yaml_node_t *auth_node, yaml_node_t *const *values,
                          const char *path, struct conf_jwt *jwt)
 {
     struct keys_options options = {.passphrase_file = jwt->passphrase_file,
@@ -1966,21 +995,21 @@ static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t 
     char *token = NULL;
     int rc;
 
-    key_join(key, sizeof(key), path, "key");
+    conf_key_join(key, sizeof(key), path, "key");
     rc = keys_load_private(jwt->key, &options, &jwt->private_key, err, sizeof(err));
     if (rc == -ENOMEM) {
         ld->oom = true;
         return;
     }
     if (rc < 0) {
-        report(ld, values[AUTH_KEY]->start_mark, key, "%s", err);
+        conf_report(ld, values[AUTH_KEY]->start_mark, key, "%s", err);
         return;
     }
-    if (!node_present(alg_node) && jwt_alg_for_key(jwt->private_key, &jwt->alg) < 0) {
-        report(ld, values[AUTH_KEY]->start_mark, key,
-               "is a %s key, which cannot sign a JWT (expected RSA of 2048 bits or more for "
-               "RS256/PS256, or EC P-256/P-384 for ES256/ES384)",
-               keys_describe(jwt->private_key, described, sizeof(described)));
+    if (!conf_node_present(alg_node) && jwt_alg_for_key(jwt->private_key, &jwt->alg) < 0) {
+        conf_report(ld, values[AUTH_KEY]->start_mark, key,
+                    "is a %s key, which cannot sign a JWT (expected RSA of 2048 bits or more for "
+                    "RS256/PS256, or EC P-256/P-384 for ES256/ES384)",
+                    keys_describe(jwt->private_key, described, sizeof(described)));
         return;
     }
     rc = jwt_signer_new(jwt->private_key, jwt->alg, jwt->kid_mode, jwt->kid, &signer, err,
@@ -1990,9 +1019,9 @@ static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t 
         return;
     }
     if (rc < 0) {
-        key_join(key, sizeof(key), path, node_present(alg_node) ? "alg" : "key");
-        report(ld, (node_present(alg_node) ? alg_node : values[AUTH_KEY])->start_mark, key, "%s",
-               err);
+        conf_key_join(key, sizeof(key), path, conf_node_present(alg_node) ? "alg" : "key");
+        conf_report(ld, (conf_node_present(alg_node) ? alg_node : values[AUTH_KEY])->start_mark,
+                    key, "%s", err);
         return;
     }
     conf_jwt_claims(jwt, extra, &claims);
@@ -2002,7 +1031,7 @@ static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t 
     if (rc == -ENOMEM)
         ld->oom = true;
     else if (rc < 0)
-        report(ld, auth_node->start_mark, path, "cannot sign a test token: %s", err);
+        conf_report(ld, auth_node->start_mark, path, "cannot sign a test token: %s", err);
     if (token != NULL) {
         explicit_bzero(token, strlen(token));
         free(token);
@@ -2011,7 +1040,7 @@ static void jwt_load_key(struct loader *ld, yaml_node_t *auth_node, yaml_node_t 
 }
 
 /* The auth keys of type jwt; the username default is set by the caller. */
-static void parse_auth_jwt(struct loader *ld, yaml_node_t *node, yaml_node_t *const *values,
+static void parse_auth_jwt(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *const *values,
                            const char *path, const char *profile, struct conf_jwt *jwt)
 {
     char key[CONF_KEY_MAX];
@@ -2026,99 +1055,100 @@ static void parse_auth_jwt(struct loader *ld, yaml_node_t *node, yaml_node_t *co
     jwt->kid_mode = JWT_KID_NONE;
     jwt->clock_check = CONF_CLOCK_SYNC;
 
-    key_join(key, sizeof(key), path, "key");
-    if (!node_present(values[AUTH_KEY])) {
-        report(ld, values[AUTH_KEY] ? values[AUTH_KEY]->start_mark : node->start_mark, key,
-               "missing (required with type jwt: a private key PEM file or a pkcs11: URI)");
+    conf_key_join(key, sizeof(key), path, "key");
+    if (!conf_node_present(values[AUTH_KEY])) {
+        conf_report(ld, values[AUTH_KEY] ? values[AUTH_KEY]->start_mark : node->start_mark, key,
+                    "missing (required with type jwt: a private key PEM file or a pkcs11: URI)");
     } else {
-        text = scalar_text(ld, values[AUTH_KEY], key, "a PEM file or a pkcs11: URI");
+        text = conf_scalar_text(ld, values[AUTH_KEY], key, "a PEM file or a pkcs11: URI");
         if (text != NULL && keys_is_uri(text))
-            get_text(ld, values[AUTH_KEY], key, "a pkcs11: URI", 4096, &jwt->key);
+            conf_get_text(ld, values[AUTH_KEY], key, "a pkcs11: URI", 4096, &jwt->key);
         else if (text != NULL)
-            get_readable_file(ld, values[AUTH_KEY], key, "a readable private key PEM file",
-                              &jwt->key);
+            conf_get_readable_file(ld, values[AUTH_KEY], key, "a readable private key PEM file",
+                                   &jwt->key);
     }
-    if (node_present(values[AUTH_PASSPHRASE_FILE])) {
-        key_join(key, sizeof(key), path, "passphrase_file");
-        get_readable_file(ld, values[AUTH_PASSPHRASE_FILE], key,
-                          "a readable file whose first line is the passphrase or PIN",
-                          &jwt->passphrase_file);
+    if (conf_node_present(values[AUTH_PASSPHRASE_FILE])) {
+        conf_key_join(key, sizeof(key), path, "passphrase_file");
+        conf_get_readable_file(ld, values[AUTH_PASSPHRASE_FILE], key,
+                               "a readable file whose first line is the passphrase or PIN",
+                               &jwt->passphrase_file);
     }
-    if (node_present(values[AUTH_PKCS11_MODULE])) {
-        key_join(key, sizeof(key), path, "pkcs11_module");
-        get_readable_file(ld, values[AUTH_PKCS11_MODULE], key,
-                          "a readable PKCS#11 module (.so), e.g. "
-                          "/usr/lib/softhsm/libsofthsm2.so",
-                          &jwt->pkcs11_module);
+    if (conf_node_present(values[AUTH_PKCS11_MODULE])) {
+        conf_key_join(key, sizeof(key), path, "pkcs11_module");
+        conf_get_readable_file(ld, values[AUTH_PKCS11_MODULE], key,
+                               "a readable PKCS#11 module (.so), e.g. "
+                               "/usr/lib/softhsm/libsofthsm2.so",
+                               &jwt->pkcs11_module);
     }
-    if (node_present(values[AUTH_ALG])) {
+    if (conf_node_present(values[AUTH_ALG])) {
         static const char expected[] = "RS256, PS256, ES256 or ES384";
-        key_join(key, sizeof(key), path, "alg");
-        text = scalar_text(ld, values[AUTH_ALG], key, expected);
+        conf_key_join(key, sizeof(key), path, "alg");
+        text = conf_scalar_text(ld, values[AUTH_ALG], key, expected);
         if (text != NULL && jwt_alg_parse(text, &jwt->alg) < 0) {
             enum jwt_alg upper;
             char fixed[8] = "";
             for (size_t i = 0; i < sizeof(fixed) - 1 && text[i]; i++)
                 fixed[i] = (char)(text[i] >= 'a' && text[i] <= 'z' ? text[i] - 32 : text[i]);
             if (strlen(text) < sizeof(fixed) && jwt_alg_parse(fixed, &upper) == 0)
-                report(ld, values[AUTH_ALG]->start_mark, key,
-                       "%s is not an algorithm name (JWS names are case-sensitive: write %s)",
-                       quote(text, quoted, sizeof(quoted)), fixed);
+                conf_report(ld, values[AUTH_ALG]->start_mark, key,
+                            "%s is not an algorithm name (JWS names are case-sensitive: write %s)",
+                            conf_quote(text, quoted, sizeof(quoted)), fixed);
             else
-                report(ld, values[AUTH_ALG]->start_mark, key,
-                       "%s is not a supported algorithm (expected %s)",
-                       quote(text, quoted, sizeof(quoted)), expected);
+                conf_report(ld, values[AUTH_ALG]->start_mark, key,
+                            "%s is not a supported algorithm (expected %s)",
+                            conf_quote(text, quoted, sizeof(quoted)), expected);
         }
     }
-    if (node_present(values[AUTH_LIFETIME])) {
-        key_join(key, sizeof(key), path, "lifetime");
-        get_seconds(ld, values[AUTH_LIFETIME], key, JWT_LIFETIME_MIN_S, jwt->max_lifetime_s,
-                    &jwt->lifetime_s);
+    if (conf_node_present(values[AUTH_LIFETIME])) {
+        conf_key_join(key, sizeof(key), path, "lifetime");
+        conf_get_seconds(ld, values[AUTH_LIFETIME], key, JWT_LIFETIME_MIN_S, jwt->max_lifetime_s,
+                         &jwt->lifetime_s);
     }
-    if (node_present(values[AUTH_SKEW])) {
-        key_join(key, sizeof(key), path, "skew");
-        get_seconds(ld, values[AUTH_SKEW], key, 0, JWT_SKEW_MAX_S, &jwt->skew_s);
+    if (conf_node_present(values[AUTH_SKEW])) {
+        conf_key_join(key, sizeof(key), path, "skew");
+        conf_get_seconds(ld, values[AUTH_SKEW], key, 0, JWT_SKEW_MAX_S, &jwt->skew_s);
     }
-    if (node_present(values[AUTH_REFRESH])) {
-        key_join(key, sizeof(key), path, "refresh");
+    if (conf_node_present(values[AUTH_REFRESH])) {
+        conf_key_join(key, sizeof(key), path, "refresh");
         get_refresh_percent(ld, values[AUTH_REFRESH], key, &jwt->refresh_percent);
     }
-    key_join(key, sizeof(key), path, "aud");
-    if (node_present(values[AUTH_AUD]))
-        get_text(ld, values[AUTH_AUD], key, "the audience the cloud expects", CONF_MQTT_STRING_MAX,
-                 &jwt->aud);
+    conf_key_join(key, sizeof(key), path, "aud");
+    if (conf_node_present(values[AUTH_AUD]))
+        conf_get_text(ld, values[AUTH_AUD], key, "the audience the cloud expects",
+                      CONF_MQTT_STRING_MAX, &jwt->aud);
     else if (profile != NULL && strcmp(profile, "generic") == 0)
-        report(ld, values[AUTH_AUD] ? values[AUTH_AUD]->start_mark : node->start_mark, key,
-               "missing (required with type jwt and the generic profile: the audience the cloud "
-               "expects, e.g. the project id)");
-    if (node_present(values[AUTH_KID])) {
-        key_join(key, sizeof(key), path, "kid");
-        text = scalar_text(ld, values[AUTH_KID], key, "auto or a key id");
+        conf_report(
+            ld, values[AUTH_AUD] ? values[AUTH_AUD]->start_mark : node->start_mark, key,
+            "missing (required with type jwt and the generic profile: the audience the cloud "
+            "expects, e.g. the project id)");
+    if (conf_node_present(values[AUTH_KID])) {
+        conf_key_join(key, sizeof(key), path, "kid");
+        text = conf_scalar_text(ld, values[AUTH_KID], key, "auto or a key id");
         if (text != NULL && strcmp(text, "auto") == 0)
             jwt->kid_mode = JWT_KID_FINGERPRINT;
         else if (text != NULL &&
-                 get_text(ld, values[AUTH_KID], key,
-                          "\"auto\" (hex SHA-256 of the public key) or the key id to send", 1024,
-                          &jwt->kid) == 0)
+                 conf_get_text(ld, values[AUTH_KID], key,
+                               "\"auto\" (hex SHA-256 of the public key) or the key id to send",
+                               1024, &jwt->kid) == 0)
             jwt->kid_mode = JWT_KID_VALUE;
     }
-    if (node_present(values[AUTH_CLAIMS])) {
-        key_join(key, sizeof(key), path, "claims");
+    if (conf_node_present(values[AUTH_CLAIMS])) {
+        conf_key_join(key, sizeof(key), path, "claims");
         parse_jwt_claims(ld, values[AUTH_CLAIMS], key, jwt);
     }
-    if (node_present(values[AUTH_CLOCK_CHECK])) {
-        key_join(key, sizeof(key), path, "clock_check");
-        text = scalar_text(ld, values[AUTH_CLOCK_CHECK], key, "sync or build-date");
+    if (conf_node_present(values[AUTH_CLOCK_CHECK])) {
+        conf_key_join(key, sizeof(key), path, "clock_check");
+        text = conf_scalar_text(ld, values[AUTH_CLOCK_CHECK], key, "sync or build-date");
         if (text != NULL && strcmp(text, "sync") == 0)
             jwt->clock_check = CONF_CLOCK_SYNC;
         else if (text != NULL && strcmp(text, "build-date") == 0)
             jwt->clock_check = CONF_CLOCK_BUILD_DATE;
         else if (text != NULL)
-            report(ld, values[AUTH_CLOCK_CHECK]->start_mark, key,
-                   "%s is not a clock check (expected sync: wait until the kernel says the "
-                   "clock is NTP-synchronised, or build-date: only refuse a clock before the "
-                   "build date)",
-                   quote(text, quoted, sizeof(quoted)));
+            conf_report(ld, values[AUTH_CLOCK_CHECK]->start_mark, key,
+                        "%s is not a clock check (expected sync: wait until the kernel says the "
+                        "clock is NTP-synchronised, or build-date: only refuse a clock before the "
+                        "build date)",
+                        conf_quote(text, quoted, sizeof(quoted)));
     }
     /* Only a section without other errors is worth opening a key (or a
      * token) for. */
@@ -2126,20 +1156,20 @@ static void parse_auth_jwt(struct loader *ld, yaml_node_t *node, yaml_node_t *co
         jwt_load_key(ld, node, values, path, jwt);
 }
 
-static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path, const char *profile,
-                       struct conf_auth *auth)
+static void parse_auth(struct conf_loader *ld, yaml_node_t *node, const char *path,
+                       const char *profile, struct conf_auth *auth)
 {
     yaml_node_t *values[AUTH_KEYS] = {NULL};
     yaml_mark_t marks[AUTH_KEYS];
     char key[CONF_KEY_MAX];
     char quoted[CONF_QUOTE_MAX];
 
-    if (!walk_mapping(ld, node, path, auth_keys, AUTH_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, auth_keys, AUTH_KEYS, values, marks))
         return;
-    if (node_present(values[AUTH_TYPE])) {
+    if (conf_node_present(values[AUTH_TYPE])) {
         const char *text;
-        key_join(key, sizeof(key), path, "type");
-        text = scalar_text(ld, values[AUTH_TYPE], key, "none, basic or jwt");
+        conf_key_join(key, sizeof(key), path, "type");
+        text = conf_scalar_text(ld, values[AUTH_TYPE], key, "none, basic or jwt");
         if (text != NULL && strcmp(text, "none") == 0) {
             auth->type = CONF_AUTH_NONE;
         } else if (text != NULL && strcmp(text, "basic") == 0) {
@@ -2147,9 +1177,9 @@ static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path, c
         } else if (text != NULL && strcmp(text, "jwt") == 0) {
             auth->type = CONF_AUTH_JWT;
         } else if (text != NULL) {
-            report(ld, values[AUTH_TYPE]->start_mark, key,
-                   "%s is not an auth type (expected none, basic or jwt)",
-                   quote(text, quoted, sizeof(quoted)));
+            conf_report(ld, values[AUTH_TYPE]->start_mark, key,
+                        "%s is not an auth type (expected none, basic or jwt)",
+                        conf_quote(text, quoted, sizeof(quoted)));
             return; /* the checks below would only add noise */
         } else {
             return;
@@ -2157,71 +1187,72 @@ static void parse_auth(struct loader *ld, yaml_node_t *node, const char *path, c
     }
     if (auth->type == CONF_AUTH_NONE) {
         for (int i = AUTH_USERNAME; i < AUTH_KEYS; i++) {
-            if (!node_present(values[i]))
+            if (!conf_node_present(values[i]))
                 continue;
-            key_join(key, sizeof(key), path, auth_keys[i]);
-            report(ld, values[i]->start_mark, key,
-                   "is set but %s.type is none (add \"type: basic\" or remove it)", path);
+            conf_key_join(key, sizeof(key), path, auth_keys[i]);
+            conf_report(ld, values[i]->start_mark, key,
+                        "is set but %s.type is none (add \"type: basic\" or remove it)", path);
         }
         return;
     }
     if (auth->type == CONF_AUTH_JWT) {
         for (int i = AUTH_PASSWORD; i <= AUTH_PASSWORD_FILE; i++) {
-            if (!node_present(values[i]))
+            if (!conf_node_present(values[i]))
                 continue;
-            key_join(key, sizeof(key), path, auth_keys[i]);
-            report(ld, values[i]->start_mark, key,
-                   "is not used with type jwt: the password is a token signed with %s.key "
-                   "(remove it)",
-                   path);
+            conf_key_join(key, sizeof(key), path, auth_keys[i]);
+            conf_report(ld, values[i]->start_mark, key,
+                        "is not used with type jwt: the password is a token signed with %s.key "
+                        "(remove it)",
+                        path);
         }
-        key_join(key, sizeof(key), path, "username");
-        if (node_present(values[AUTH_USERNAME]))
-            get_text(ld, values[AUTH_USERNAME], key, "the MQTT user name", CONF_MQTT_STRING_MAX,
-                     &auth->username);
+        conf_key_join(key, sizeof(key), path, "username");
+        if (conf_node_present(values[AUTH_USERNAME]))
+            conf_get_text(ld, values[AUTH_USERNAME], key, "the MQTT user name",
+                          CONF_MQTT_STRING_MAX, &auth->username);
         else
-            set_string(ld, &auth->username, JWT_USERNAME_DEFAULT);
+            conf_set_string(ld, &auth->username, JWT_USERNAME_DEFAULT);
         parse_auth_jwt(ld, node, values, path, profile, &auth->jwt);
         return;
     }
     for (int i = AUTH_JWT_FIRST; i < AUTH_KEYS; i++) {
-        if (!node_present(values[i]))
+        if (!conf_node_present(values[i]))
             continue;
-        key_join(key, sizeof(key), path, auth_keys[i]);
-        report(ld, values[i]->start_mark, key,
-               "is only used with type jwt (set %s.type: jwt, or remove it)", path);
+        conf_key_join(key, sizeof(key), path, auth_keys[i]);
+        conf_report(ld, values[i]->start_mark, key,
+                    "is only used with type jwt (set %s.type: jwt, or remove it)", path);
     }
 
-    key_join(key, sizeof(key), path, "username");
-    if (!node_present(values[AUTH_USERNAME]))
-        report(ld, values[AUTH_USERNAME] ? values[AUTH_USERNAME]->start_mark : node->start_mark,
-               key, "missing (required with type basic: the MQTT user name)");
+    conf_key_join(key, sizeof(key), path, "username");
+    if (!conf_node_present(values[AUTH_USERNAME]))
+        conf_report(ld,
+                    values[AUTH_USERNAME] ? values[AUTH_USERNAME]->start_mark : node->start_mark,
+                    key, "missing (required with type basic: the MQTT user name)");
     else
-        get_text(ld, values[AUTH_USERNAME], key, "the MQTT user name", CONF_MQTT_STRING_MAX,
-                 &auth->username);
+        conf_get_text(ld, values[AUTH_USERNAME], key, "the MQTT user name", CONF_MQTT_STRING_MAX,
+                      &auth->username);
 
-    if (node_present(values[AUTH_PASSWORD]) && node_present(values[AUTH_PASSWORD_FILE])) {
-        key_join(key, sizeof(key), path, "password_file");
-        report(ld, values[AUTH_PASSWORD_FILE]->start_mark, key,
-               "is set together with %s.password (line %zu, column %zu); use only one", path,
-               values[AUTH_PASSWORD]->start_mark.line + 1,
-               values[AUTH_PASSWORD]->start_mark.column + 1);
+    if (conf_node_present(values[AUTH_PASSWORD]) && conf_node_present(values[AUTH_PASSWORD_FILE])) {
+        conf_key_join(key, sizeof(key), path, "password_file");
+        conf_report(ld, values[AUTH_PASSWORD_FILE]->start_mark, key,
+                    "is set together with %s.password (line %zu, column %zu); use only one", path,
+                    values[AUTH_PASSWORD]->start_mark.line + 1,
+                    values[AUTH_PASSWORD]->start_mark.column + 1);
         return;
     }
-    if (node_present(values[AUTH_PASSWORD])) {
+    if (conf_node_present(values[AUTH_PASSWORD])) {
         /* An MQTT password is binary data (§3.1.3.5), so only its length is
          * checked; an empty one is an explicit choice, keep it. */
         const char *text;
-        key_join(key, sizeof(key), path, "password");
-        text = scalar_text(ld, values[AUTH_PASSWORD], key, "the MQTT password");
+        conf_key_join(key, sizeof(key), path, "password");
+        text = conf_scalar_text(ld, values[AUTH_PASSWORD], key, "the MQTT password");
         if (text != NULL && strlen(text) > CONF_MQTT_STRING_MAX)
-            report(ld, values[AUTH_PASSWORD]->start_mark, key,
-                   "is longer than 65535 bytes (MQTT 3.1.1 §3.1.3.5)");
+            conf_report(ld, values[AUTH_PASSWORD]->start_mark, key,
+                        "is longer than 65535 bytes (MQTT 3.1.1 §3.1.3.5)");
         else if (text != NULL)
-            set_string(ld, &auth->password, text);
+            conf_set_string(ld, &auth->password, text);
     }
-    if (node_present(values[AUTH_PASSWORD_FILE])) {
-        key_join(key, sizeof(key), path, "password_file");
+    if (conf_node_present(values[AUTH_PASSWORD_FILE])) {
+        conf_key_join(key, sizeof(key), path, "password_file");
         read_password_file(ld, values[AUTH_PASSWORD_FILE], key, &auth->password);
     }
 }
@@ -2232,7 +1263,7 @@ static const char *const reconnect_keys[RECONNECT_KEYS] = {
     [RECONNECT_CAP] = "cap",
 };
 
-static void parse_reconnect(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_reconnect(struct conf_loader *ld, yaml_node_t *node, const char *path,
                             struct conf_uplink *uplink)
 {
     yaml_node_t *values[RECONNECT_KEYS] = {NULL};
@@ -2241,16 +1272,16 @@ static void parse_reconnect(struct loader *ld, yaml_node_t *node, const char *pa
     uint64_t ms;
     bool cap_ok = true;
 
-    if (!walk_mapping(ld, node, path, reconnect_keys, RECONNECT_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, reconnect_keys, RECONNECT_KEYS, values, marks))
         return;
-    if (node_present(values[RECONNECT_BASE])) {
-        key_join(key, sizeof(key), path, "base");
-        if (get_duration_ms(ld, values[RECONNECT_BASE], key, 100, 3600 * 1000, &ms) == 0)
+    if (conf_node_present(values[RECONNECT_BASE])) {
+        conf_key_join(key, sizeof(key), path, "base");
+        if (conf_get_duration_ms(ld, values[RECONNECT_BASE], key, 100, 3600 * 1000, &ms) == 0)
             uplink->reconnect_base_ms = (unsigned)ms;
     }
-    if (node_present(values[RECONNECT_CAP])) {
-        key_join(key, sizeof(key), path, "cap");
-        if (get_duration_ms(ld, values[RECONNECT_CAP], key, 100, 24 * 3600 * 1000, &ms) == 0)
+    if (conf_node_present(values[RECONNECT_CAP])) {
+        conf_key_join(key, sizeof(key), path, "cap");
+        if (conf_get_duration_ms(ld, values[RECONNECT_CAP], key, 100, 24 * 3600 * 1000, &ms) == 0)
             uplink->reconnect_cap_ms = (unsigned)ms;
         else
             cap_ok = false;
@@ -2258,32 +1289,12 @@ static void parse_reconnect(struct loader *ld, yaml_node_t *node, const char *pa
     if (cap_ok && uplink->reconnect_cap_ms < uplink->reconnect_base_ms) {
         char base[32], cap[32];
         yaml_node_t *at = values[RECONNECT_CAP] ? values[RECONNECT_CAP] : values[RECONNECT_BASE];
-        format_ms(base, sizeof(base), uplink->reconnect_base_ms);
-        format_ms(cap, sizeof(cap), uplink->reconnect_cap_ms);
-        key_join(key, sizeof(key), path, values[RECONNECT_CAP] ? "cap" : "base");
-        report(ld, at->start_mark, key, "cap (%s) is shorter than base (%s) (expected cap >= base)",
-               cap, base);
+        conf_format_ms(base, sizeof(base), uplink->reconnect_base_ms);
+        conf_format_ms(cap, sizeof(cap), uplink->reconnect_cap_ms);
+        conf_key_join(key, sizeof(key), path, values[RECONNECT_CAP] ? "cap" : "base");
+        conf_report(ld, at->start_mark, key,
+                    "cap (%s) is shorter than base (%s) (expected cap >= base)", cap, base);
     }
-}
-
-/* A scalar that must be one of @choices; *@out is its index. */
-static int get_keyword(struct loader *ld, const yaml_node_t *node, const char *key,
-                       const char *const *choices, size_t count, const char *expected, int *out)
-{
-    char quoted[CONF_QUOTE_MAX];
-    const char *text = scalar_text(ld, node, key, expected);
-
-    if (text == NULL)
-        return -EINVAL;
-    for (size_t i = 0; i < count; i++) {
-        if (strcmp(text, choices[i]) == 0) {
-            *out = (int)i;
-            return 0;
-        }
-    }
-    report(ld, node->start_mark, key, "%s is not valid (expected %s)",
-           quote(text, quoted, sizeof(quoted)), expected);
-    return -EINVAL;
 }
 
 enum {
@@ -2306,7 +1317,7 @@ static const char *const spool_keys[SPOOL_KEYS] = {
     [SPOOL_QOS0_OFFLINE] = "qos0_offline",
 };
 
-static void parse_spool(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_spool(struct conf_loader *ld, yaml_node_t *node, const char *path,
                         struct conf_spool *spool)
 {
     static const char *const durability[] = {"fsync", "none"};
@@ -2318,46 +1329,46 @@ static void parse_spool(struct loader *ld, yaml_node_t *node, const char *path,
     uint64_t number;
     int choice;
 
-    if (!walk_mapping(ld, node, path, spool_keys, SPOOL_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, spool_keys, SPOOL_KEYS, values, marks))
         return;
-    if (node_present(values[SPOOL_DURABILITY])) {
-        key_join(key, sizeof(key), path, "durability");
-        if (get_keyword(ld, values[SPOOL_DURABILITY], key, durability, 2, "fsync or none",
-                        &choice) == 0)
+    if (conf_node_present(values[SPOOL_DURABILITY])) {
+        conf_key_join(key, sizeof(key), path, "durability");
+        if (conf_get_keyword(ld, values[SPOOL_DURABILITY], key, durability, 2, "fsync or none",
+                             &choice) == 0)
             spool->durability = choice ? CONF_SPOOL_NONE : CONF_SPOOL_FSYNC;
     }
-    if (node_present(values[SPOOL_MAX_BYTES])) {
-        key_join(key, sizeof(key), path, "max_bytes");
+    if (conf_node_present(values[SPOOL_MAX_BYTES])) {
+        conf_key_join(key, sizeof(key), path, "max_bytes");
         /* At least 64 KiB: a segment's worth, so the bound means something. */
-        if (get_size(ld, values[SPOOL_MAX_BYTES], key, 64 * 1024, 1ULL << 50, &number) == 0)
+        if (conf_get_size(ld, values[SPOOL_MAX_BYTES], key, 64 * 1024, 1ULL << 50, &number) == 0)
             spool->max_bytes = number;
     }
-    if (node_present(values[SPOOL_MAX_AGE])) {
-        key_join(key, sizeof(key), path, "max_age");
-        if (get_duration_ms(ld, values[SPOOL_MAX_AGE], key, 1000, 3650ULL * 24 * 3600 * 1000,
-                            &number) == 0)
+    if (conf_node_present(values[SPOOL_MAX_AGE])) {
+        conf_key_join(key, sizeof(key), path, "max_age");
+        if (conf_get_duration_ms(ld, values[SPOOL_MAX_AGE], key, 1000, 3650ULL * 24 * 3600 * 1000,
+                                 &number) == 0)
             spool->max_age_ms = number;
     }
-    if (node_present(values[SPOOL_OVERFLOW])) {
-        key_join(key, sizeof(key), path, "overflow");
-        if (get_keyword(ld, values[SPOOL_OVERFLOW], key, overflow, 2, "block or drop-oldest",
-                        &choice) == 0)
+    if (conf_node_present(values[SPOOL_OVERFLOW])) {
+        conf_key_join(key, sizeof(key), path, "overflow");
+        if (conf_get_keyword(ld, values[SPOOL_OVERFLOW], key, overflow, 2, "block or drop-oldest",
+                             &choice) == 0)
             spool->overflow = choice ? CONF_SPOOL_DROP_OLDEST : CONF_SPOOL_BLOCK;
     }
-    if (node_present(values[SPOOL_COMMIT_INTERVAL])) {
-        key_join(key, sizeof(key), path, "commit_interval");
-        if (get_duration_ms(ld, values[SPOOL_COMMIT_INTERVAL], key, 0, 1000, &number) == 0)
+    if (conf_node_present(values[SPOOL_COMMIT_INTERVAL])) {
+        conf_key_join(key, sizeof(key), path, "commit_interval");
+        if (conf_get_duration_ms(ld, values[SPOOL_COMMIT_INTERVAL], key, 0, 1000, &number) == 0)
             spool->commit_interval_ms = (unsigned)number;
     }
-    if (node_present(values[SPOOL_COMMIT_GAP])) {
-        key_join(key, sizeof(key), path, "commit_gap");
-        if (get_duration_ms(ld, values[SPOOL_COMMIT_GAP], key, 0, 1000, &number) == 0)
+    if (conf_node_present(values[SPOOL_COMMIT_GAP])) {
+        conf_key_join(key, sizeof(key), path, "commit_gap");
+        if (conf_get_duration_ms(ld, values[SPOOL_COMMIT_GAP], key, 0, 1000, &number) == 0)
             spool->commit_gap_ms = (unsigned)number;
     }
-    if (node_present(values[SPOOL_QOS0_OFFLINE])) {
-        key_join(key, sizeof(key), path, "qos0_offline");
-        if (get_keyword(ld, values[SPOOL_QOS0_OFFLINE], key, qos0, 2, "drop or spool", &choice) ==
-            0)
+    if (conf_node_present(values[SPOOL_QOS0_OFFLINE])) {
+        conf_key_join(key, sizeof(key), path, "qos0_offline");
+        if (conf_get_keyword(ld, values[SPOOL_QOS0_OFFLINE], key, qos0, 2, "drop or spool",
+                             &choice) == 0)
             spool->qos0_offline_spool = choice == 1;
     }
 }
@@ -2368,7 +1379,7 @@ static const char *const rate_keys[RATE_KEYS] = {
     [RATE_MAX_BYTES] = "max_bytes_per_s",
 };
 
-static void parse_rate(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_rate(struct conf_loader *ld, yaml_node_t *node, const char *path,
                        struct conf_rate *rate)
 {
     yaml_node_t *values[RATE_KEYS] = {NULL};
@@ -2376,16 +1387,17 @@ static void parse_rate(struct loader *ld, yaml_node_t *node, const char *path,
     char key[CONF_KEY_MAX];
     uint64_t number;
 
-    if (!walk_mapping(ld, node, path, rate_keys, RATE_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, rate_keys, RATE_KEYS, values, marks))
         return;
-    if (node_present(values[RATE_MAX_MSGS])) {
-        key_join(key, sizeof(key), path, "max_msgs_per_s");
-        if (get_uint(ld, values[RATE_MAX_MSGS], key, "a message rate", 1, 1000000, &number) == 0)
+    if (conf_node_present(values[RATE_MAX_MSGS])) {
+        conf_key_join(key, sizeof(key), path, "max_msgs_per_s");
+        if (conf_get_uint(ld, values[RATE_MAX_MSGS], key, "a message rate", 1, 1000000, &number) ==
+            0)
             rate->max_msgs_per_s = (uint32_t)number;
     }
-    if (node_present(values[RATE_MAX_BYTES])) {
-        key_join(key, sizeof(key), path, "max_bytes_per_s");
-        if (get_size(ld, values[RATE_MAX_BYTES], key, 1024, 1ULL << 40, &number) == 0)
+    if (conf_node_present(values[RATE_MAX_BYTES])) {
+        conf_key_join(key, sizeof(key), path, "max_bytes_per_s");
+        if (conf_get_size(ld, values[RATE_MAX_BYTES], key, 1024, 1ULL << 40, &number) == 0)
             rate->max_bytes_per_s = number;
     }
 }
@@ -2431,18 +1443,18 @@ enum { RULE_LOCAL, RULE_CLOUD, RULE_QOS, RULE_KEYS };
 static const char *const rule_keys[RULE_KEYS] = {
     [RULE_LOCAL] = "local", [RULE_CLOUD] = "cloud", [RULE_QOS] = "qos"};
 
-static void parse_generic_rules(struct loader *ld, yaml_node_t *node, const char *key, bool up,
+static void parse_generic_rules(struct conf_loader *ld, yaml_node_t *node, const char *key, bool up,
                                 struct conf_generic_rule **out, size_t *count)
 {
     const char *expected_local = up ? "telemetry or state" : "config or commands";
     size_t n;
 
-    *out = sequence_alloc(ld, node, key,
-                          up ? "a sequence of {local, cloud, qos} rules"
-                             : "a sequence of {cloud, local, qos} rules",
-                          NULL, sizeof(**out), &n);
+    *out = conf_sequence_alloc(ld, node, key,
+                               up ? "a sequence of {local, cloud, qos} rules"
+                                  : "a sequence of {cloud, local, qos} rules",
+                               NULL, sizeof(**out), &n);
     for (size_t i = 0; i < n; i++) {
-        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *item = conf_sequence_item(ld, node, i);
         yaml_node_t *values[RULE_KEYS];
         yaml_mark_t marks[RULE_KEYS];
         struct conf_generic_rule *rule = &(*out)[*count];
@@ -2450,17 +1462,17 @@ static void parse_generic_rules(struct loader *ld, yaml_node_t *node, const char
         uint64_t number;
         bool ok = true;
 
-        key_format(path, sizeof(path), "%s[%zu]", key, i);
-        if (!walk_mapping(ld, item, path, rule_keys, RULE_KEYS, values, marks))
+        conf_key_format(path, sizeof(path), "%s[%zu]", key, i);
+        if (!conf_walk_mapping(ld, item, path, rule_keys, RULE_KEYS, values, marks))
             continue;
         rule->qos = -1;
-        key_join(k, sizeof(k), path, "local");
-        if (!node_present(values[RULE_LOCAL])) {
-            report(ld, values[RULE_LOCAL] ? values[RULE_LOCAL]->start_mark : item->start_mark, k,
-                   "missing (required: %s)", expected_local);
+        conf_key_join(k, sizeof(k), path, "local");
+        if (!conf_node_present(values[RULE_LOCAL])) {
+            conf_report(ld, values[RULE_LOCAL] ? values[RULE_LOCAL]->start_mark : item->start_mark,
+                        k, "missing (required: %s)", expected_local);
             ok = false;
         } else {
-            const char *text = scalar_text(ld, values[RULE_LOCAL], k, expected_local);
+            const char *text = conf_scalar_text(ld, values[RULE_LOCAL], k, expected_local);
             if (text == NULL)
                 ok = false;
             else if (up && strcmp(text, "telemetry") == 0)
@@ -2472,33 +1484,33 @@ static void parse_generic_rules(struct loader *ld, yaml_node_t *node, const char
             else if (!up && strcmp(text, "commands") == 0)
                 rule->channel = MAPPING_COMMANDS;
             else {
-                report(ld, values[RULE_LOCAL]->start_mark, k,
-                       "%s is not a channel here (expected %s)",
-                       quote(text, quoted, sizeof(quoted)), expected_local);
+                conf_report(ld, values[RULE_LOCAL]->start_mark, k,
+                            "%s is not a channel here (expected %s)",
+                            conf_quote(text, quoted, sizeof(quoted)), expected_local);
                 ok = false;
             }
         }
-        key_join(k, sizeof(k), path, "cloud");
-        if (!node_present(values[RULE_CLOUD])) {
-            report(ld, values[RULE_CLOUD] ? values[RULE_CLOUD]->start_mark : item->start_mark, k,
-                   "missing (required: a topic template such as \"gw/{child}/t/{sub}\")");
+        conf_key_join(k, sizeof(k), path, "cloud");
+        if (!conf_node_present(values[RULE_CLOUD])) {
+            conf_report(ld, values[RULE_CLOUD] ? values[RULE_CLOUD]->start_mark : item->start_mark,
+                        k, "missing (required: a topic template such as \"gw/{child}/t/{sub}\")");
             ok = false;
-        } else if (get_text(ld, values[RULE_CLOUD], k, "a topic template", CONF_TOPIC_PREFIX_MAX,
-                            &rule->cloud) < 0 ||
+        } else if (conf_get_text(ld, values[RULE_CLOUD], k, "a topic template",
+                                 CONF_TOPIC_PREFIX_MAX, &rule->cloud) < 0 ||
                    rule->cloud == NULL) {
             ok = false;
         } else {
             const char *why =
                 template_check(rule->cloud, !up, up || rule->channel != MAPPING_CONFIG);
             if (why) {
-                report(ld, values[RULE_CLOUD]->start_mark, k, "%s %s",
-                       quote(rule->cloud, quoted, sizeof(quoted)), why);
+                conf_report(ld, values[RULE_CLOUD]->start_mark, k, "%s %s",
+                            conf_quote(rule->cloud, quoted, sizeof(quoted)), why);
                 ok = false;
             }
         }
-        if (node_present(values[RULE_QOS])) {
-            key_join(k, sizeof(k), path, "qos");
-            if (get_uint(ld, values[RULE_QOS], k, "a QoS", 0, 2, &number) == 0)
+        if (conf_node_present(values[RULE_QOS])) {
+            conf_key_join(k, sizeof(k), path, "qos");
+            if (conf_get_uint(ld, values[RULE_QOS], k, "a QoS", 0, 2, &number) == 0)
                 rule->qos = (int)number;
             else
                 ok = false;
@@ -2516,25 +1528,25 @@ enum { GENERIC_TOPIC_PREFIX, GENERIC_UP, GENERIC_DOWN, GENERIC_KEYS };
 static const char *const generic_keys[GENERIC_KEYS] = {
     [GENERIC_TOPIC_PREFIX] = "topic_prefix", [GENERIC_UP] = "up", [GENERIC_DOWN] = "down"};
 
-static void parse_generic(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_generic(struct conf_loader *ld, yaml_node_t *node, const char *path,
                           struct conf_generic *generic)
 {
     yaml_node_t *values[GENERIC_KEYS];
     yaml_mark_t marks[GENERIC_KEYS];
     char key[CONF_KEY_MAX];
 
-    if (!walk_mapping(ld, node, path, generic_keys, GENERIC_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, generic_keys, GENERIC_KEYS, values, marks))
         return;
-    if (node_present(values[GENERIC_TOPIC_PREFIX])) {
-        key_join(key, sizeof(key), path, "topic_prefix");
-        get_topic_prefix(ld, values[GENERIC_TOPIC_PREFIX], key, false, &generic->topic_prefix);
+    if (conf_node_present(values[GENERIC_TOPIC_PREFIX])) {
+        conf_key_join(key, sizeof(key), path, "topic_prefix");
+        conf_get_topic_prefix(ld, values[GENERIC_TOPIC_PREFIX], key, false, &generic->topic_prefix);
     }
-    if (node_present(values[GENERIC_UP])) {
-        key_join(key, sizeof(key), path, "up");
+    if (conf_node_present(values[GENERIC_UP])) {
+        conf_key_join(key, sizeof(key), path, "up");
         parse_generic_rules(ld, values[GENERIC_UP], key, true, &generic->up, &generic->up_count);
     }
-    if (node_present(values[GENERIC_DOWN])) {
-        key_join(key, sizeof(key), path, "down");
+    if (conf_node_present(values[GENERIC_DOWN])) {
+        conf_key_join(key, sizeof(key), path, "down");
         parse_generic_rules(ld, values[GENERIC_DOWN], key, false, &generic->down,
                             &generic->down_count);
     }
@@ -2549,21 +1561,21 @@ static void parse_generic(struct loader *ld, yaml_node_t *node, const char *path
 /* A Cumulocity device id (also a child's parent): a child id of the local
  * contract (mapping_child_check) without ':' (the client id is
  * d:<device_id>[:<template>], Cumulocity "MQTT implementation"). */
-static void get_c8y_id(struct loader *ld, yaml_node_t *node, const char *key, char **dst)
+static void get_c8y_id(struct conf_loader *ld, yaml_node_t *node, const char *key, char **dst)
 {
     static const char expected[] = "a device id without ':', ',', '/', '+', '#', quotes or spaces";
     char quoted[CONF_QUOTE_MAX];
     char *value = NULL;
     const char *why;
 
-    if (get_text(ld, node, key, expected, MAPPING_CHILD_MAX, &value) < 0 || value == NULL)
+    if (conf_get_text(ld, node, key, expected, MAPPING_CHILD_MAX, &value) < 0 || value == NULL)
         return;
     why = strchr(value, ':') ? "contains ':' (Cumulocity's client id d:<device_id>[:<template>] "
                                "uses it as the separator)"
                              : mapping_child_check(value, strlen(value));
     if (why) {
-        report(ld, node->start_mark, key, "%s: %s (expected %s)",
-               quote(value, quoted, sizeof(quoted)), why, expected);
+        conf_report(ld, node->start_mark, key, "%s: %s (expected %s)",
+                    conf_quote(value, quoted, sizeof(quoted)), why, expected);
         free(value);
         return;
     }
@@ -2625,48 +1637,49 @@ static const char *const c8y_keys[C8Y_KEYS] = {
     [C8Y_TOKEN] = "token",
 };
 
-static void parse_c8y_children(struct loader *ld, yaml_node_t *node, const char *key,
+static void parse_c8y_children(struct conf_loader *ld, yaml_node_t *node, const char *key,
                                struct conf_cumulocity *c8y)
 {
     size_t n;
 
-    c8y->children = sequence_alloc(ld, node, key, "a sequence of {match, parent, name, type} rules",
-                                   NULL, sizeof(*c8y->children), &n);
+    c8y->children =
+        conf_sequence_alloc(ld, node, key, "a sequence of {match, parent, name, type} rules", NULL,
+                            sizeof(*c8y->children), &n);
     c8y->child_count = n;
     for (size_t i = 0; i < n; i++) {
-        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *item = conf_sequence_item(ld, node, i);
         yaml_node_t *values[C8Y_CHILD_KEYS];
         yaml_mark_t marks[C8Y_CHILD_KEYS];
         struct conf_c8y_child *child = &c8y->children[i];
         char path[CONF_KEY_MAX], k[CONF_KEY_MAX];
 
-        key_format(path, sizeof(path), "%s[%zu]", key, i);
-        if (!walk_mapping(ld, item, path, c8y_child_keys, C8Y_CHILD_KEYS, values, marks))
+        conf_key_format(path, sizeof(path), "%s[%zu]", key, i);
+        if (!conf_walk_mapping(ld, item, path, c8y_child_keys, C8Y_CHILD_KEYS, values, marks))
             continue;
-        key_join(k, sizeof(k), path, "match");
-        if (node_present(values[C8Y_CHILD_MATCH]))
-            get_text(ld, values[C8Y_CHILD_MATCH], k, "a glob of child ids, e.g. \"modbus-*\"", 256,
-                     &child->match);
-        key_join(k, sizeof(k), path, "parent");
-        if (node_present(values[C8Y_CHILD_PARENT]))
+        conf_key_join(k, sizeof(k), path, "match");
+        if (conf_node_present(values[C8Y_CHILD_MATCH]))
+            conf_get_text(ld, values[C8Y_CHILD_MATCH], k, "a glob of child ids, e.g. \"modbus-*\"",
+                          256, &child->match);
+        conf_key_join(k, sizeof(k), path, "parent");
+        if (conf_node_present(values[C8Y_CHILD_PARENT]))
             get_c8y_id(ld, values[C8Y_CHILD_PARENT], k, &child->parent);
-        key_join(k, sizeof(k), path, "name");
-        if (node_present(values[C8Y_CHILD_NAME]))
-            get_text(ld, values[C8Y_CHILD_NAME], k, "a device name ({child} is the child id)", 256,
-                     &child->name);
-        key_join(k, sizeof(k), path, "type");
-        if (node_present(values[C8Y_CHILD_TYPE]))
-            get_text(ld, values[C8Y_CHILD_TYPE], k, "a device type", 256, &child->type);
+        conf_key_join(k, sizeof(k), path, "name");
+        if (conf_node_present(values[C8Y_CHILD_NAME]))
+            conf_get_text(ld, values[C8Y_CHILD_NAME], k, "a device name ({child} is the child id)",
+                          256, &child->name);
+        conf_key_join(k, sizeof(k), path, "type");
+        if (conf_node_present(values[C8Y_CHILD_TYPE]))
+            conf_get_text(ld, values[C8Y_CHILD_TYPE], k, "a device type", 256, &child->type);
         if (child->match == NULL)
-            set_string(ld, &child->match, "*");
+            conf_set_string(ld, &child->match, "*");
         if (child->name == NULL)
-            set_string(ld, &child->name, "{child}");
+            conf_set_string(ld, &child->name, "{child}");
         if (child->type == NULL)
-            set_string(ld, &child->type, C8Y_DEFAULT_CHILD_TYPE);
+            conf_set_string(ld, &child->type, C8Y_DEFAULT_CHILD_TYPE);
     }
 }
 
-static void parse_c8y_bootstrap(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_c8y_bootstrap(struct conf_loader *ld, yaml_node_t *node, const char *path,
                                 struct conf_cumulocity *c8y)
 {
     yaml_node_t *values[C8Y_BS_KEYS];
@@ -2674,40 +1687,42 @@ static void parse_c8y_bootstrap(struct loader *ld, yaml_node_t *node, const char
     char k[CONF_KEY_MAX];
     uint64_t ms;
 
-    if (!walk_mapping(ld, node, path, c8y_bs_keys, C8Y_BS_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, c8y_bs_keys, C8Y_BS_KEYS, values, marks))
         return;
     c8y->bootstrap = true;
     c8y->bootstrap_interval_ms = 5000;
-    key_join(k, sizeof(k), path, "user");
-    if (node_present(values[C8Y_BS_USER]))
-        get_text(ld, values[C8Y_BS_USER], k, "the bootstrap user, e.g. management/devicebootstrap",
-                 CONF_MQTT_STRING_MAX, &c8y->bootstrap_user);
+    conf_key_join(k, sizeof(k), path, "user");
+    if (conf_node_present(values[C8Y_BS_USER]))
+        conf_get_text(ld, values[C8Y_BS_USER], k,
+                      "the bootstrap user, e.g. management/devicebootstrap", CONF_MQTT_STRING_MAX,
+                      &c8y->bootstrap_user);
     else
-        set_string(ld, &c8y->bootstrap_user, C8Y_DEFAULT_BOOTSTRAP);
-    if (node_present(values[C8Y_BS_PASSWORD]) && node_present(values[C8Y_BS_PASSWORD_FILE])) {
-        key_join(k, sizeof(k), path, "password_file");
-        report(ld, values[C8Y_BS_PASSWORD_FILE]->start_mark, k,
-               "give either password or password_file, not both");
-    } else if (node_present(values[C8Y_BS_PASSWORD])) {
-        key_join(k, sizeof(k), path, "password");
-        get_text(ld, values[C8Y_BS_PASSWORD], k, "the bootstrap password", CONF_MQTT_STRING_MAX,
-                 &c8y->bootstrap_password);
-    } else if (node_present(values[C8Y_BS_PASSWORD_FILE])) {
-        key_join(k, sizeof(k), path, "password_file");
+        conf_set_string(ld, &c8y->bootstrap_user, C8Y_DEFAULT_BOOTSTRAP);
+    if (conf_node_present(values[C8Y_BS_PASSWORD]) &&
+        conf_node_present(values[C8Y_BS_PASSWORD_FILE])) {
+        conf_key_join(k, sizeof(k), path, "password_file");
+        conf_report(ld, values[C8Y_BS_PASSWORD_FILE]->start_mark, k,
+                    "give either password or password_file, not both");
+    } else if (conf_node_present(values[C8Y_BS_PASSWORD])) {
+        conf_key_join(k, sizeof(k), path, "password");
+        conf_get_text(ld, values[C8Y_BS_PASSWORD], k, "the bootstrap password",
+                      CONF_MQTT_STRING_MAX, &c8y->bootstrap_password);
+    } else if (conf_node_present(values[C8Y_BS_PASSWORD_FILE])) {
+        conf_key_join(k, sizeof(k), path, "password_file");
         read_password_file(ld, values[C8Y_BS_PASSWORD_FILE], k, &c8y->bootstrap_password);
     } else {
-        key_join(k, sizeof(k), path, "password");
-        report(ld, node->start_mark, k,
-               "missing (required: the bootstrap password from Cumulocity, or password_file)");
+        conf_key_join(k, sizeof(k), path, "password");
+        conf_report(ld, node->start_mark, k,
+                    "missing (required: the bootstrap password from Cumulocity, or password_file)");
     }
-    if (node_present(values[C8Y_BS_INTERVAL])) {
-        key_join(k, sizeof(k), path, "interval");
-        if (get_duration_ms(ld, values[C8Y_BS_INTERVAL], k, 100, 3600 * 1000ULL, &ms) == 0)
+    if (conf_node_present(values[C8Y_BS_INTERVAL])) {
+        conf_key_join(k, sizeof(k), path, "interval");
+        if (conf_get_duration_ms(ld, values[C8Y_BS_INTERVAL], k, 100, 3600 * 1000ULL, &ms) == 0)
             c8y->bootstrap_interval_ms = (unsigned)ms;
     }
 }
 
-static void parse_c8y_will(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_c8y_will(struct conf_loader *ld, yaml_node_t *node, const char *path,
                            struct conf_cumulocity *c8y)
 {
     yaml_node_t *values[C8Y_WILL_KEYS];
@@ -2716,26 +1731,27 @@ static void parse_c8y_will(struct loader *ld, yaml_node_t *node, const char *pat
 
     if (node->type == YAML_SCALAR_NODE) {
         bool on = true;
-        if (get_bool(ld, node, path, &on) == 0 && on)
-            report(ld, node->start_mark, path,
-                   "true is the default (expected false, or {topic, message})");
+        if (conf_get_bool(ld, node, path, &on) == 0 && on)
+            conf_report(ld, node->start_mark, path,
+                        "true is the default (expected false, or {topic, message})");
         c8y->will = on;
         return;
     }
-    if (!walk_mapping(ld, node, path, c8y_will_keys, C8Y_WILL_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, c8y_will_keys, C8Y_WILL_KEYS, values, marks))
         return;
-    if (node_present(values[C8Y_WILL_TOPIC])) {
-        key_join(k, sizeof(k), path, "topic");
-        get_text(ld, values[C8Y_WILL_TOPIC], k, "a topic such as s/us", CONF_TOPIC_PREFIX_MAX,
-                 &c8y->will_topic);
+    if (conf_node_present(values[C8Y_WILL_TOPIC])) {
+        conf_key_join(k, sizeof(k), path, "topic");
+        conf_get_text(ld, values[C8Y_WILL_TOPIC], k, "a topic such as s/us", CONF_TOPIC_PREFIX_MAX,
+                      &c8y->will_topic);
     }
-    if (node_present(values[C8Y_WILL_MESSAGE])) {
-        key_join(k, sizeof(k), path, "message");
-        get_text(ld, values[C8Y_WILL_MESSAGE], k, "a SmartREST line", 16000, &c8y->will_message);
+    if (conf_node_present(values[C8Y_WILL_MESSAGE])) {
+        conf_key_join(k, sizeof(k), path, "message");
+        conf_get_text(ld, values[C8Y_WILL_MESSAGE], k, "a SmartREST line", 16000,
+                      &c8y->will_message);
     }
 }
 
-static void parse_cumulocity(struct loader *ld, yaml_node_t *node, const char *path,
+static void parse_cumulocity(struct conf_loader *ld, yaml_node_t *node, const char *path,
                              struct conf_uplink *uplink)
 {
     struct conf_cumulocity *c8y = &uplink->cumulocity;
@@ -2746,116 +1762,119 @@ static void parse_cumulocity(struct loader *ld, yaml_node_t *node, const char *p
 
     c8y->required_interval_min = -1;
     c8y->will = true;
-    if (node != NULL && !walk_mapping(ld, node, path, c8y_keys, C8Y_KEYS, values, marks))
+    if (node != NULL && !conf_walk_mapping(ld, node, path, c8y_keys, C8Y_KEYS, values, marks))
         return;
-    key_join(k, sizeof(k), path, "device_id");
-    if (node_present(values[C8Y_DEVICE_ID]))
+    conf_key_join(k, sizeof(k), path, "device_id");
+    if (conf_node_present(values[C8Y_DEVICE_ID]))
         get_c8y_id(ld, values[C8Y_DEVICE_ID], k, &c8y->device_id);
-    if (node_present(values[C8Y_TEMPLATE])) {
-        key_join(k, sizeof(k), path, "template");
-        if (get_text(ld, values[C8Y_TEMPLATE], k, "a SmartREST template collection id (X-ID)", 256,
-                     &c8y->template_id) == 0 &&
-            c8y->template_id && first_bad_char(c8y->template_id, "_-.") != NULL) {
-            report(ld, values[C8Y_TEMPLATE]->start_mark, k,
-                   "%s contains a character other than A-Z a-z 0-9 _ - . (it becomes part of the "
-                   "client id and of s/uc/<template>)",
-                   quote(c8y->template_id, quoted, sizeof(quoted)));
+    if (conf_node_present(values[C8Y_TEMPLATE])) {
+        conf_key_join(k, sizeof(k), path, "template");
+        if (conf_get_text(ld, values[C8Y_TEMPLATE], k, "a SmartREST template collection id (X-ID)",
+                          256, &c8y->template_id) == 0 &&
+            c8y->template_id && conf_first_bad_char(c8y->template_id, "_-.") != NULL) {
+            conf_report(
+                ld, values[C8Y_TEMPLATE]->start_mark, k,
+                "%s contains a character other than A-Z a-z 0-9 _ - . (it becomes part of the "
+                "client id and of s/uc/<template>)",
+                conf_quote(c8y->template_id, quoted, sizeof(quoted)));
         }
     }
-    if (node_present(values[C8Y_TENANT])) {
-        key_join(k, sizeof(k), path, "tenant");
-        if (get_text(ld, values[C8Y_TENANT], k, "a tenant id such as t12345", 256, &c8y->tenant) ==
-                0 &&
+    if (conf_node_present(values[C8Y_TENANT])) {
+        conf_key_join(k, sizeof(k), path, "tenant");
+        if (conf_get_text(ld, values[C8Y_TENANT], k, "a tenant id such as t12345", 256,
+                          &c8y->tenant) == 0 &&
             c8y->tenant && strchr(c8y->tenant, '/'))
-            report(ld, values[C8Y_TENANT]->start_mark, k, "%s contains '/' (expected a tenant id)",
-                   quote(c8y->tenant, quoted, sizeof(quoted)));
+            conf_report(ld, values[C8Y_TENANT]->start_mark, k,
+                        "%s contains '/' (expected a tenant id)",
+                        conf_quote(c8y->tenant, quoted, sizeof(quoted)));
     }
-    key_join(k, sizeof(k), path, "name");
-    if (node_present(values[C8Y_NAME]))
-        get_text(ld, values[C8Y_NAME], k, "the device name shown in Cumulocity", 256, &c8y->name);
-    key_join(k, sizeof(k), path, "type");
-    if (node_present(values[C8Y_TYPE]))
-        get_text(ld, values[C8Y_TYPE], k, "a device type", 256, &c8y->type);
+    conf_key_join(k, sizeof(k), path, "name");
+    if (conf_node_present(values[C8Y_NAME]))
+        conf_get_text(ld, values[C8Y_NAME], k, "the device name shown in Cumulocity", 256,
+                      &c8y->name);
+    conf_key_join(k, sizeof(k), path, "type");
+    if (conf_node_present(values[C8Y_TYPE]))
+        conf_get_text(ld, values[C8Y_TYPE], k, "a device type", 256, &c8y->type);
     else
-        set_string(ld, &c8y->type, C8Y_DEFAULT_TYPE);
-    if (node_present(values[C8Y_HARDWARE])) {
+        conf_set_string(ld, &c8y->type, C8Y_DEFAULT_TYPE);
+    if (conf_node_present(values[C8Y_HARDWARE])) {
         yaml_node_t *hw[C8Y_HW_KEYS];
         yaml_mark_t hw_marks[C8Y_HW_KEYS];
         char hw_path[CONF_KEY_MAX];
-        key_join(hw_path, sizeof(hw_path), path, "hardware");
-        if (walk_mapping(ld, values[C8Y_HARDWARE], hw_path, c8y_hw_keys, C8Y_HW_KEYS, hw,
-                         hw_marks)) {
+        conf_key_join(hw_path, sizeof(hw_path), path, "hardware");
+        if (conf_walk_mapping(ld, values[C8Y_HARDWARE], hw_path, c8y_hw_keys, C8Y_HW_KEYS, hw,
+                              hw_marks)) {
             char **dst[C8Y_HW_KEYS] = {&c8y->hardware_serial, &c8y->hardware_model,
                                        &c8y->hardware_revision};
             for (size_t i = 0; i < C8Y_HW_KEYS; i++) {
-                key_join(k, sizeof(k), hw_path, c8y_hw_keys[i]);
-                if (node_present(hw[i]))
-                    get_text(ld, hw[i], k, "text", 256, dst[i]);
+                conf_key_join(k, sizeof(k), hw_path, c8y_hw_keys[i]);
+                if (conf_node_present(hw[i]))
+                    conf_get_text(ld, hw[i], k, "text", 256, dst[i]);
                 else
-                    set_string(ld, dst[i], "");
+                    conf_set_string(ld, dst[i], "");
             }
         }
     }
-    if (node_present(values[C8Y_SUPPORTED_OPERATIONS])) {
-        key_join(k, sizeof(k), path, "supported_operations");
-        get_string_list(ld, values[C8Y_SUPPORTED_OPERATIONS], k,
-                        "a list of operation fragments, e.g. [c8y_Restart]", NULL,
-                        &c8y->supported_operations, &c8y->supported_operation_count);
+    if (conf_node_present(values[C8Y_SUPPORTED_OPERATIONS])) {
+        conf_key_join(k, sizeof(k), path, "supported_operations");
+        conf_get_string_list(ld, values[C8Y_SUPPORTED_OPERATIONS], k,
+                             "a list of operation fragments, e.g. [c8y_Restart]", NULL,
+                             &c8y->supported_operations, &c8y->supported_operation_count);
     }
-    if (node_present(values[C8Y_REQUIRED_INTERVAL])) {
-        key_join(k, sizeof(k), path, "required_interval");
-        if (get_uint(ld, values[C8Y_REQUIRED_INTERVAL], k, "a number of minutes", 0, 525600,
-                     &number) == 0)
+    if (conf_node_present(values[C8Y_REQUIRED_INTERVAL])) {
+        conf_key_join(k, sizeof(k), path, "required_interval");
+        if (conf_get_uint(ld, values[C8Y_REQUIRED_INTERVAL], k, "a number of minutes", 0, 525600,
+                          &number) == 0)
             c8y->required_interval_min = (int)number;
     }
-    if (node_present(values[C8Y_BOOTSTRAP])) {
-        key_join(k, sizeof(k), path, "bootstrap");
+    if (conf_node_present(values[C8Y_BOOTSTRAP])) {
+        conf_key_join(k, sizeof(k), path, "bootstrap");
         parse_c8y_bootstrap(ld, values[C8Y_BOOTSTRAP], k, c8y);
     }
-    if (node_present(values[C8Y_WILL])) {
-        key_join(k, sizeof(k), path, "will");
+    if (conf_node_present(values[C8Y_WILL])) {
+        conf_key_join(k, sizeof(k), path, "will");
         parse_c8y_will(ld, values[C8Y_WILL], k, c8y);
     }
     if (c8y->will && c8y->will_topic == NULL)
-        set_string(ld, &c8y->will_topic, C8Y_DEFAULT_WILL_TOPIC);
+        conf_set_string(ld, &c8y->will_topic, C8Y_DEFAULT_WILL_TOPIC);
     if (c8y->will && c8y->will_message == NULL)
-        set_string(ld, &c8y->will_message, C8Y_DEFAULT_WILL);
-    if (node_present(values[C8Y_CHILDREN])) {
-        key_join(k, sizeof(k), path, "children");
+        conf_set_string(ld, &c8y->will_message, C8Y_DEFAULT_WILL);
+    if (conf_node_present(values[C8Y_CHILDREN])) {
+        conf_key_join(k, sizeof(k), path, "children");
         parse_c8y_children(ld, values[C8Y_CHILDREN], k, c8y);
     }
-    if (node_present(values[C8Y_TOKEN])) {
-        key_join(k, sizeof(k), path, "token");
-        get_bool(ld, values[C8Y_TOKEN], k, &c8y->token);
+    if (conf_node_present(values[C8Y_TOKEN])) {
+        conf_key_join(k, sizeof(k), path, "token");
+        conf_get_bool(ld, values[C8Y_TOKEN], k, &c8y->token);
     }
 }
 
 /* After the whole uplink is read: the Cumulocity rules that tie profile,
  * auth and tls together (Cumulocity "MQTT implementation": user name
  * <tenant>/<user>, or a client certificate whose CN is the device id). */
-static void check_cumulocity(struct loader *ld, yaml_node_t *uplink_node, const char *path,
+static void check_cumulocity(struct conf_loader *ld, yaml_node_t *uplink_node, const char *path,
                              struct conf_uplink *uplink)
 {
     struct conf_cumulocity *c8y = &uplink->cumulocity;
     char k[CONF_KEY_MAX];
     bool cert = uplink->tls.enabled && uplink->tls.cert != NULL;
 
-    key_join(k, sizeof(k), path, "auth");
+    conf_key_join(k, sizeof(k), path, "auth");
     if (uplink->auth.type == CONF_AUTH_JWT) {
-        report(ld, uplink_node->start_mark, k,
-               "type jwt is not used by Cumulocity (expected basic, or none with a client "
-               "certificate in tls.cert or cumulocity.bootstrap)");
+        conf_report(ld, uplink_node->start_mark, k,
+                    "type jwt is not used by Cumulocity (expected basic, or none with a client "
+                    "certificate in tls.cert or cumulocity.bootstrap)");
     } else if (c8y->bootstrap && uplink->auth.type != CONF_AUTH_NONE) {
-        report(ld, uplink_node->start_mark, k,
-               "cumulocity.bootstrap fetches the credentials; leave auth out (or type none)");
+        conf_report(ld, uplink_node->start_mark, k,
+                    "cumulocity.bootstrap fetches the credentials; leave auth out (or type none)");
     } else if (uplink->auth.type == CONF_AUTH_BASIC && c8y->tenant == NULL &&
                (uplink->auth.username == NULL || strchr(uplink->auth.username, '/') == NULL)) {
-        report(ld, uplink_node->start_mark, k,
-               "username must be <tenant>/<user> for Cumulocity (or set cumulocity.tenant)");
+        conf_report(ld, uplink_node->start_mark, k,
+                    "username must be <tenant>/<user> for Cumulocity (or set cumulocity.tenant)");
     } else if (uplink->auth.type == CONF_AUTH_NONE && !cert && !c8y->bootstrap) {
-        report(ld, uplink_node->start_mark, k,
-               "missing: Cumulocity needs auth type basic (<tenant>/<user> and password), a "
-               "client certificate (tls.cert, CN = the device id) or cumulocity.bootstrap");
+        conf_report(ld, uplink_node->start_mark, k,
+                    "missing: Cumulocity needs auth type basic (<tenant>/<user> and password), a "
+                    "client certificate (tls.cert, CN = the device id) or cumulocity.bootstrap");
     }
 }
 
@@ -2882,23 +1901,24 @@ static const char *const gcp_keys[GCP_KEYS] = {
 
 /* A GCP device id (gcp_id_check) or, for @what, a project/region/registry
  * name: they become levels of the client id, so no '/'. */
-static void get_gcp_name(struct loader *ld, yaml_node_t *node, const char *key, bool device,
+static void get_gcp_name(struct conf_loader *ld, yaml_node_t *node, const char *key, bool device,
                          const char *expected, char **dst)
 {
     char quoted[CONF_QUOTE_MAX];
     char *value = NULL;
     const char *why = NULL;
 
-    if (get_text(ld, node, key, expected, device ? GCP_ID_MAX : 255, &value) < 0 || value == NULL)
+    if (conf_get_text(ld, node, key, expected, device ? GCP_ID_MAX : 255, &value) < 0 ||
+        value == NULL)
         return;
     if (device)
         why = gcp_id_check(value);
-    else if (first_bad_char(value, "-_.:") != NULL)
+    else if (conf_first_bad_char(value, "-_.:") != NULL)
         why = "contains a character other than A-Z a-z 0-9 - _ . : (it becomes a level of the "
               "client id projects/<project>/locations/<region>/registries/<registry>/...)";
     if (why) {
-        report(ld, node->start_mark, key, "%s: %s (expected %s)",
-               quote(value, quoted, sizeof(quoted)), why, expected);
+        conf_report(ld, node->start_mark, key, "%s: %s (expected %s)",
+                    conf_quote(value, quoted, sizeof(quoted)), why, expected);
         free(value);
         return;
     }
@@ -2907,32 +1927,33 @@ static void get_gcp_name(struct loader *ld, yaml_node_t *node, const char *key, 
 }
 
 /* The JWT rules both JWT clouds share: auth.type jwt is required. */
-static bool check_jwt_cloud(struct loader *ld, yaml_node_t *uplink_node, const char *path,
+static bool check_jwt_cloud(struct conf_loader *ld, yaml_node_t *uplink_node, const char *path,
                             struct conf_uplink *uplink, const char *cloud)
 {
     char k[CONF_KEY_MAX];
 
-    key_join(k, sizeof(k), path, "auth");
+    conf_key_join(k, sizeof(k), path, "auth");
     if (uplink->auth.type != CONF_AUTH_JWT) {
-        report(ld, uplink_node->start_mark, k,
-               "%s needs type jwt (a JWT signed with the device's private key is the MQTT "
-               "password: add auth: {type: jwt, key: /etc/uplinkd/device.key})",
-               cloud);
+        conf_report(ld, uplink_node->start_mark, k,
+                    "%s needs type jwt (a JWT signed with the device's private key is the MQTT "
+                    "password: add auth: {type: jwt, key: /etc/uplinkd/device.key})",
+                    cloud);
         return false;
     }
     /* GCP and akenza register RS256 and ES256 public keys only. */
     if (uplink->auth.jwt.alg != JWT_ALG_RS256 && uplink->auth.jwt.alg != JWT_ALG_ES256) {
-        key_join(k, sizeof(k), path, "auth.alg");
-        report(ld, uplink_node->start_mark, k,
-               "%s is not accepted by %s (expected RS256 with an RSA key or ES256 with a P-256 "
-               "key)",
-               jwt_alg_name(uplink->auth.jwt.alg), cloud);
+        conf_key_join(k, sizeof(k), path, "auth.alg");
+        conf_report(
+            ld, uplink_node->start_mark, k,
+            "%s is not accepted by %s (expected RS256 with an RSA key or ES256 with a P-256 "
+            "key)",
+            jwt_alg_name(uplink->auth.jwt.alg), cloud);
         return false;
     }
     return true;
 }
 
-static void parse_gcp(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+static void parse_gcp(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
                       const char *uplink_path, const char *path, struct conf_uplink *uplink)
 {
     struct conf_gcp *gcp = &uplink->gcp;
@@ -2943,61 +1964,61 @@ static void parse_gcp(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_
 
     gcp->attach_idle_ms = GCP_DEFAULT_ATTACH_IDLE_MS;
     if (node == NULL) {
-        report(ld, uplink_node->start_mark, path,
-               "missing (required with profile gcp: {project, region, registry})");
+        conf_report(ld, uplink_node->start_mark, path,
+                    "missing (required with profile gcp: {project, region, registry})");
         return;
     }
-    if (!walk_mapping(ld, node, path, gcp_keys, GCP_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, gcp_keys, GCP_KEYS, values, marks))
         return;
     static const char *const required[] = {"the Google Cloud project id",
                                            "the cloud region, e.g. us-central1",
                                            "the device registry id"};
     char **dst[] = {&gcp->project, &gcp->region, &gcp->registry};
     for (int i = GCP_PROJECT; i <= GCP_REGISTRY; i++) {
-        key_join(k, sizeof(k), path, gcp_keys[i]);
-        if (node_present(values[i]))
+        conf_key_join(k, sizeof(k), path, gcp_keys[i]);
+        if (conf_node_present(values[i]))
             get_gcp_name(ld, values[i], k, false, required[i], dst[i]);
         else
-            report(ld, node->start_mark, k, "missing (required: %s)", required[i]);
+            conf_report(ld, node->start_mark, k, "missing (required: %s)", required[i]);
     }
-    key_join(k, sizeof(k), path, "device");
-    if (node_present(values[GCP_DEVICE])) {
+    conf_key_join(k, sizeof(k), path, "device");
+    if (conf_node_present(values[GCP_DEVICE])) {
         get_gcp_name(ld, values[GCP_DEVICE], k, true, "the gateway's GCP device id", &gcp->device);
     } else if (gateway_id != NULL) {
         const char *why = gcp_id_check(gateway_id);
         if (why)
-            report(ld, node->start_mark, k,
-                   "missing, and gateway.id \"%s\" is not a GCP device id: %s (set %s)", gateway_id,
-                   why, k);
+            conf_report(ld, node->start_mark, k,
+                        "missing, and gateway.id \"%s\" is not a GCP device id: %s (set %s)",
+                        gateway_id, why, k);
         else
-            set_string(ld, &gcp->device, gateway_id);
+            conf_set_string(ld, &gcp->device, gateway_id);
     }
-    if (node_present(values[GCP_GATEWAY])) {
-        key_join(k, sizeof(k), path, "gateway");
-        get_bool(ld, values[GCP_GATEWAY], k, &gcp->gateway);
+    if (conf_node_present(values[GCP_GATEWAY])) {
+        conf_key_join(k, sizeof(k), path, "gateway");
+        conf_get_bool(ld, values[GCP_GATEWAY], k, &gcp->gateway);
     }
-    if (node_present(values[GCP_ATTACH_IDLE])) {
-        key_join(k, sizeof(k), path, "attach_idle");
-        get_duration_ms(ld, values[GCP_ATTACH_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
-                        &gcp->attach_idle_ms);
+    if (conf_node_present(values[GCP_ATTACH_IDLE])) {
+        conf_key_join(k, sizeof(k), path, "attach_idle");
+        conf_get_duration_ms(ld, values[GCP_ATTACH_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
+                             &gcp->attach_idle_ms);
     }
-    if (node_present(values[GCP_CHILD_KEY])) {
-        key_join(k, sizeof(k), path, "child_key");
-        if (get_text(ld, values[GCP_CHILD_KEY], k,
-                     "a key file pattern with %c for the child id, e.g. "
-                     "/etc/uplinkd/devices/%c.pem",
-                     4000, &gcp->child_key) == 0 &&
+    if (conf_node_present(values[GCP_CHILD_KEY])) {
+        conf_key_join(k, sizeof(k), path, "child_key");
+        if (conf_get_text(ld, values[GCP_CHILD_KEY], k,
+                          "a key file pattern with %c for the child id, e.g. "
+                          "/etc/uplinkd/devices/%c.pem",
+                          4000, &gcp->child_key) == 0 &&
             gcp->child_key != NULL && strstr(gcp->child_key, "%c") == NULL)
-            report(ld, values[GCP_CHILD_KEY]->start_mark, k,
-                   "has no %%c (expected a key file pattern with %%c for the child id, e.g. "
-                   "/etc/uplinkd/devices/%%c.pem)");
+            conf_report(ld, values[GCP_CHILD_KEY]->start_mark, k,
+                        "has no %%c (expected a key file pattern with %%c for the child id, e.g. "
+                        "/etc/uplinkd/devices/%%c.pem)");
         else if (gcp->child_key != NULL && gcp->child_key[0] != '/')
-            report(ld, values[GCP_CHILD_KEY]->start_mark, k,
-                   "must be an absolute path (expected e.g. /etc/uplinkd/devices/%%c.pem)");
+            conf_report(ld, values[GCP_CHILD_KEY]->start_mark, k,
+                        "must be an absolute path (expected e.g. /etc/uplinkd/devices/%%c.pem)");
     }
     if ((values[GCP_ATTACH_IDLE] || values[GCP_CHILD_KEY]) && !gcp->gateway) {
-        key_join(k, sizeof(k), path, values[GCP_CHILD_KEY] ? "child_key" : "attach_idle");
-        report(
+        conf_key_join(k, sizeof(k), path, values[GCP_CHILD_KEY] ? "child_key" : "attach_idle");
+        conf_report(
             ld,
             (values[GCP_CHILD_KEY] ? values[GCP_CHILD_KEY] : values[GCP_ATTACH_IDLE])->start_mark,
             k, "is only used with gateway: true");
@@ -3006,7 +2027,7 @@ static void parse_gcp(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_
         return;
     /* "Using JSON Web Tokens": aud is the project id. */
     if (uplink->auth.jwt.aud == NULL && gcp->project != NULL)
-        set_string(ld, &uplink->auth.jwt.aud, gcp->project);
+        conf_set_string(ld, &uplink->auth.jwt.aud, gcp->project);
     /* GCP quota: 100 incoming messages per second per connection, all
      * attached children together; the uplink's token bucket keeps to it.
      * Only rate.max_msgs_per_s replaces the default (parse_rate() ran
@@ -3027,7 +2048,7 @@ static const char *const akenza_keys[AKENZA_KEYS] = {
 
 #define AKENZA_AUD_PREFIX "https://akenza.io/devices/"
 
-static void parse_akenza(struct loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+static void parse_akenza(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
                          const char *uplink_path, const char *path, struct conf_uplink *uplink)
 {
     static const char expected[] = "the akenza device id (its MQTT client id)";
@@ -3038,45 +2059,45 @@ static void parse_akenza(struct loader *ld, yaml_node_t *node, yaml_node_t *upli
     char k[CONF_KEY_MAX], quoted[CONF_QUOTE_MAX];
 
     akenza->session_idle_ms = AKENZA_DEFAULT_SESSION_IDLE_MS;
-    if (node != NULL && !walk_mapping(ld, node, path, akenza_keys, AKENZA_KEYS, values, marks))
+    if (node != NULL && !conf_walk_mapping(ld, node, path, akenza_keys, AKENZA_KEYS, values, marks))
         return;
-    if (node_present(values[AKENZA_CHILD_KEY])) {
-        key_join(k, sizeof(k), path, "child_key");
-        if (get_text(ld, values[AKENZA_CHILD_KEY], k,
-                     "a key file pattern with %c for the child id, e.g. "
-                     "/etc/uplinkd/devices/%c.key",
-                     4000, &akenza->child_key) == 0 &&
+    if (conf_node_present(values[AKENZA_CHILD_KEY])) {
+        conf_key_join(k, sizeof(k), path, "child_key");
+        if (conf_get_text(ld, values[AKENZA_CHILD_KEY], k,
+                          "a key file pattern with %c for the child id, e.g. "
+                          "/etc/uplinkd/devices/%c.key",
+                          4000, &akenza->child_key) == 0 &&
             akenza->child_key != NULL &&
             (akenza->child_key[0] != '/' || strstr(akenza->child_key, "%c") == NULL))
-            report(ld, values[AKENZA_CHILD_KEY]->start_mark, k,
-                   "%s is not an absolute path with %%c (expected e.g. "
-                   "/etc/uplinkd/devices/%%c.key)",
-                   quote(akenza->child_key, quoted, sizeof(quoted)));
+            conf_report(ld, values[AKENZA_CHILD_KEY]->start_mark, k,
+                        "%s is not an absolute path with %%c (expected e.g. "
+                        "/etc/uplinkd/devices/%%c.key)",
+                        conf_quote(akenza->child_key, quoted, sizeof(quoted)));
     }
-    if (node_present(values[AKENZA_SESSION_IDLE])) {
-        key_join(k, sizeof(k), path, "session_idle");
+    if (conf_node_present(values[AKENZA_SESSION_IDLE])) {
+        conf_key_join(k, sizeof(k), path, "session_idle");
         if (akenza->child_key == NULL)
-            report(ld, values[AKENZA_SESSION_IDLE]->start_mark, k,
-                   "is only used with child_key (per-device sessions)");
+            conf_report(ld, values[AKENZA_SESSION_IDLE]->start_mark, k,
+                        "is only used with child_key (per-device sessions)");
         else
-            get_duration_ms(ld, values[AKENZA_SESSION_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
-                            &akenza->session_idle_ms);
+            conf_get_duration_ms(ld, values[AKENZA_SESSION_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
+                                 &akenza->session_idle_ms);
     }
-    key_join(k, sizeof(k), path, "device");
-    if (node_present(values[AKENZA_DEVICE])) {
-        if (get_text(ld, values[AKENZA_DEVICE], k, expected, MAPPING_CHILD_MAX, &akenza->device) ==
-                0 &&
+    conf_key_join(k, sizeof(k), path, "device");
+    if (conf_node_present(values[AKENZA_DEVICE])) {
+        if (conf_get_text(ld, values[AKENZA_DEVICE], k, expected, MAPPING_CHILD_MAX,
+                          &akenza->device) == 0 &&
             akenza->device != NULL) {
             const char *why = mapping_child_check(akenza->device, strlen(akenza->device));
             if (why) {
-                report(ld, values[AKENZA_DEVICE]->start_mark, k, "%s: %s (expected %s)",
-                       quote(akenza->device, quoted, sizeof(quoted)), why, expected);
+                conf_report(ld, values[AKENZA_DEVICE]->start_mark, k, "%s: %s (expected %s)",
+                            conf_quote(akenza->device, quoted, sizeof(quoted)), why, expected);
                 free(akenza->device);
                 akenza->device = NULL;
             }
         }
     } else if (ld->conf->gateway_id != NULL) {
-        set_string(ld, &akenza->device, ld->conf->gateway_id);
+        conf_set_string(ld, &akenza->device, ld->conf->gateway_id);
     }
     if (!check_jwt_cloud(ld, uplink_node, uplink_path, uplink, "akenza") || akenza->device == NULL)
         return;
@@ -3157,7 +2178,7 @@ static const char *const uplink_keys[UPLINK_KEYS] = {
     [UPLINK_AKENZA] = "akenza",
 };
 
-static void parse_uplink_name(struct loader *ld, yaml_node_t *node, yaml_node_t *map,
+static void parse_uplink_name(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *map,
                               const char *path, size_t index)
 {
     static const char expected[] = "1-64 characters from A-Z a-z 0-9 _ -, e.g. \"cloud\"";
@@ -3166,21 +2187,21 @@ static void parse_uplink_name(struct loader *ld, yaml_node_t *node, yaml_node_t 
     char quoted[CONF_QUOTE_MAX];
     const char *bad;
 
-    key_join(key, sizeof(key), path, "name");
-    if (!node_present(node)) {
-        report(ld, node ? node->start_mark : map->start_mark, key, "missing (required: %s)",
-               expected);
+    conf_key_join(key, sizeof(key), path, "name");
+    if (!conf_node_present(node)) {
+        conf_report(ld, node ? node->start_mark : map->start_mark, key, "missing (required: %s)",
+                    expected);
         return;
     }
-    if (get_text(ld, node, key, expected, CONF_UPLINK_NAME_MAX, &uplink->name) < 0 ||
+    if (conf_get_text(ld, node, key, expected, CONF_UPLINK_NAME_MAX, &uplink->name) < 0 ||
         uplink->name == NULL)
         return;
-    bad = first_bad_char(uplink->name, "_-");
+    bad = conf_first_bad_char(uplink->name, "_-");
     if (bad != NULL) {
         char what[48];
-        describe_char(what, sizeof(what), *bad);
-        report(ld, node->start_mark, key, "%s contains %s (expected %s)",
-               quote(uplink->name, quoted, sizeof(quoted)), what, expected);
+        conf_describe_char(what, sizeof(what), *bad);
+        conf_report(ld, node->start_mark, key, "%s contains %s (expected %s)",
+                    conf_quote(uplink->name, quoted, sizeof(quoted)), what, expected);
         free(uplink->name);
         uplink->name = NULL;
         return;
@@ -3188,17 +2209,18 @@ static void parse_uplink_name(struct loader *ld, yaml_node_t *node, yaml_node_t 
     for (size_t j = 0; j < index; j++) {
         const struct conf_uplink *other = &ld->conf->uplinks[j];
         if (other->name != NULL && strcmp(other->name, uplink->name) == 0) {
-            report(ld, node->start_mark, key,
-                   "%s is already the name of uplinks[%zu] at %s:%zu:%zu (names must be unique)",
-                   quote(uplink->name, quoted, sizeof(quoted)), j, ld->path,
-                   ld->uplink_name_marks[j].line + 1, ld->uplink_name_marks[j].column + 1);
+            conf_report(
+                ld, node->start_mark, key,
+                "%s is already the name of uplinks[%zu] at %s:%zu:%zu (names must be unique)",
+                conf_quote(uplink->name, quoted, sizeof(quoted)), j, ld->path,
+                ld->uplink_name_marks[j].line + 1, ld->uplink_name_marks[j].column + 1);
             break;
         }
     }
     ld->uplink_name_marks[index] = node->start_mark;
 }
 
-static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
+static void parse_uplink(struct conf_loader *ld, yaml_node_t *node, size_t index)
 {
     yaml_node_t *values[UPLINK_KEYS] = {NULL};
     yaml_mark_t marks[UPLINK_KEYS];
@@ -3208,7 +2230,7 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
     char quoted[CONF_QUOTE_MAX];
     uint64_t number;
 
-    key_format(path, sizeof(path), "uplinks[%zu]", index);
+    conf_key_format(path, sizeof(path), "uplinks[%zu]", index);
     uplink->keepalive_s = DEFAULT_KEEPALIVE_S;
     uplink->clean_session = true;
     uplink->tls.enabled = true;
@@ -3223,167 +2245,172 @@ static void parse_uplink(struct loader *ld, yaml_node_t *node, size_t index)
     uplink->spool.overflow = CONF_SPOOL_BLOCK;
     uplink->spool.commit_interval_ms = 5;
 
-    if (!walk_mapping(ld, node, path, uplink_keys, UPLINK_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, node, path, uplink_keys, UPLINK_KEYS, values, marks))
         return;
 
     parse_uplink_name(ld, values[UPLINK_NAME], node, path, index);
 
-    key_join(key, sizeof(key), path, "profile");
-    if (node_present(values[UPLINK_PROFILE])) {
-        const char *text = scalar_text(ld, values[UPLINK_PROFILE], key, "a profile name");
+    conf_key_join(key, sizeof(key), path, "profile");
+    if (conf_node_present(values[UPLINK_PROFILE])) {
+        const char *text = conf_scalar_text(ld, values[UPLINK_PROFILE], key, "a profile name");
         if (text != NULL && profile_spec_find(text) == NULL) {
             const char *const *names = profile_spec_names();
             size_t count = 0;
             char known[128];
             while (names[count])
                 count++;
-            join_names(known, sizeof(known), names, count);
-            report(ld, values[UPLINK_PROFILE]->start_mark, key,
-                   "%s is not a known profile (expected one of: %s)",
-                   quote(text, quoted, sizeof(quoted)), known);
+            conf_join_names(known, sizeof(known), names, count);
+            conf_report(ld, values[UPLINK_PROFILE]->start_mark, key,
+                        "%s is not a known profile (expected one of: %s)",
+                        conf_quote(text, quoted, sizeof(quoted)), known);
         } else if (text != NULL) {
-            set_string(ld, &uplink->profile, text);
+            conf_set_string(ld, &uplink->profile, text);
         }
     } else {
-        set_string(ld, &uplink->profile, DEFAULT_PROFILE);
+        conf_set_string(ld, &uplink->profile, DEFAULT_PROFILE);
     }
 
-    key_join(key, sizeof(key), path, "host");
-    if (!node_present(values[UPLINK_HOST])) {
-        report(ld, values[UPLINK_HOST] ? values[UPLINK_HOST]->start_mark : node->start_mark, key,
-               "missing (required: the broker's DNS name or IP address, e.g. "
-               "\"broker.example.com\")");
+    conf_key_join(key, sizeof(key), path, "host");
+    if (!conf_node_present(values[UPLINK_HOST])) {
+        conf_report(ld, values[UPLINK_HOST] ? values[UPLINK_HOST]->start_mark : node->start_mark,
+                    key,
+                    "missing (required: the broker's DNS name or IP address, e.g. "
+                    "\"broker.example.com\")");
     } else {
-        const char *text = scalar_text(ld, values[UPLINK_HOST], key, "a DNS name or IP address");
+        const char *text =
+            conf_scalar_text(ld, values[UPLINK_HOST], key, "a DNS name or IP address");
         char why[160];
-        int rc = text ? check_host(text, why, sizeof(why), &uplink->host) : 0;
+        int rc = text ? conf_check_host(text, why, sizeof(why), &uplink->host) : 0;
         if (rc == -ENOMEM)
             ld->oom = true;
         else if (rc < 0)
-            report(ld, values[UPLINK_HOST]->start_mark, key,
-                   "%s %s (expected a DNS name, an IPv4 address or an IPv6 address)",
-                   quote(text, quoted, sizeof(quoted)), why);
+            conf_report(ld, values[UPLINK_HOST]->start_mark, key,
+                        "%s %s (expected a DNS name, an IPv4 address or an IPv6 address)",
+                        conf_quote(text, quoted, sizeof(quoted)), why);
     }
 
     /* tls before port: the default port depends on tls.enabled. */
-    if (node_present(values[UPLINK_TLS])) {
-        key_join(key, sizeof(key), path, "tls");
+    if (conf_node_present(values[UPLINK_TLS])) {
+        conf_key_join(key, sizeof(key), path, "tls");
         parse_tls(ld, values[UPLINK_TLS], key, &uplink->tls);
     }
     uplink->port = uplink->tls.enabled ? DEFAULT_PORT_TLS : DEFAULT_PORT_PLAIN;
-    if (node_present(values[UPLINK_PORT])) {
-        key_join(key, sizeof(key), path, "port");
-        if (get_uint(ld, values[UPLINK_PORT], key, "a port", 1, 65535, &number) == 0)
+    if (conf_node_present(values[UPLINK_PORT])) {
+        conf_key_join(key, sizeof(key), path, "port");
+        if (conf_get_uint(ld, values[UPLINK_PORT], key, "a port", 1, 65535, &number) == 0)
             uplink->port = (uint16_t)number;
     }
 
-    if (node_present(values[UPLINK_CLIENT_ID])) {
-        key_join(key, sizeof(key), path, "client_id");
-        get_text(ld, values[UPLINK_CLIENT_ID], key, "an MQTT client id", CONF_MQTT_STRING_MAX,
-                 &uplink->client_id);
+    if (conf_node_present(values[UPLINK_CLIENT_ID])) {
+        conf_key_join(key, sizeof(key), path, "client_id");
+        conf_get_text(ld, values[UPLINK_CLIENT_ID], key, "an MQTT client id", CONF_MQTT_STRING_MAX,
+                      &uplink->client_id);
     }
 
     /* MQTT 3.1.1 §3.1.2.10: keep alive is a 16-bit number of seconds, 0
      * turns it off; libmosquitto refuses 1-4 s. */
-    if (node_present(values[UPLINK_KEEPALIVE])) {
-        key_join(key, sizeof(key), path, "keepalive");
-        if (get_duration_ms(ld, values[UPLINK_KEEPALIVE], key, 0, 65535 * 1000ULL, &number) == 0) {
+    if (conf_node_present(values[UPLINK_KEEPALIVE])) {
+        conf_key_join(key, sizeof(key), path, "keepalive");
+        if (conf_get_duration_ms(ld, values[UPLINK_KEEPALIVE], key, 0, 65535 * 1000ULL, &number) ==
+            0) {
             if (number % 1000 != 0 || (number > 0 && number < 5000))
-                report(ld, values[UPLINK_KEEPALIVE]->start_mark, key,
-                       "%s is not a valid keep alive (expected 0 to turn it off, or whole "
-                       "seconds from 5s to 65535s)",
-                       quote(node_text(values[UPLINK_KEEPALIVE]), quoted, sizeof(quoted)));
+                conf_report(
+                    ld, values[UPLINK_KEEPALIVE]->start_mark, key,
+                    "%s is not a valid keep alive (expected 0 to turn it off, or whole "
+                    "seconds from 5s to 65535s)",
+                    conf_quote(conf_node_text(values[UPLINK_KEEPALIVE]), quoted, sizeof(quoted)));
             else
                 uplink->keepalive_s = (unsigned)(number / 1000);
         }
     }
 
-    if (node_present(values[UPLINK_CLEAN_SESSION])) {
-        key_join(key, sizeof(key), path, "clean_session");
-        get_bool(ld, values[UPLINK_CLEAN_SESSION], key, &uplink->clean_session);
+    if (conf_node_present(values[UPLINK_CLEAN_SESSION])) {
+        conf_key_join(key, sizeof(key), path, "clean_session");
+        conf_get_bool(ld, values[UPLINK_CLEAN_SESSION], key, &uplink->clean_session);
     }
 
-    if (node_present(values[UPLINK_AUTH])) {
-        key_join(key, sizeof(key), path, "auth");
+    if (conf_node_present(values[UPLINK_AUTH])) {
+        conf_key_join(key, sizeof(key), path, "auth");
         parse_auth(ld, values[UPLINK_AUTH], key, uplink->profile, &uplink->auth);
     }
 
-    if (node_present(values[UPLINK_RECONNECT])) {
-        key_join(key, sizeof(key), path, "reconnect");
+    if (conf_node_present(values[UPLINK_RECONNECT])) {
+        conf_key_join(key, sizeof(key), path, "reconnect");
         parse_reconnect(ld, values[UPLINK_RECONNECT], key, uplink);
     }
 
-    if (node_present(values[UPLINK_MAX_QUEUED])) {
-        key_join(key, sizeof(key), path, "max_queued");
-        if (get_uint(ld, values[UPLINK_MAX_QUEUED], key, "a message count", 1, 10000000, &number) ==
-            0)
+    if (conf_node_present(values[UPLINK_MAX_QUEUED])) {
+        conf_key_join(key, sizeof(key), path, "max_queued");
+        if (conf_get_uint(ld, values[UPLINK_MAX_QUEUED], key, "a message count", 1, 10000000,
+                          &number) == 0)
             uplink->max_queued_messages = (size_t)number;
     }
 
-    if (node_present(values[UPLINK_MAX_INFLIGHT])) {
-        key_join(key, sizeof(key), path, "max_inflight");
-        if (get_uint(ld, values[UPLINK_MAX_INFLIGHT], key, "a message count", 1,
-                     MAX_UPLINK_MAX_INFLIGHT, &number) == 0)
+    if (conf_node_present(values[UPLINK_MAX_INFLIGHT])) {
+        conf_key_join(key, sizeof(key), path, "max_inflight");
+        if (conf_get_uint(ld, values[UPLINK_MAX_INFLIGHT], key, "a message count", 1,
+                          MAX_UPLINK_MAX_INFLIGHT, &number) == 0)
             uplink->max_inflight = (unsigned)number;
     }
 
-    if (node_present(values[UPLINK_SPOOL])) {
-        key_join(key, sizeof(key), path, "spool");
+    if (conf_node_present(values[UPLINK_SPOOL])) {
+        conf_key_join(key, sizeof(key), path, "spool");
         parse_spool(ld, values[UPLINK_SPOOL], key, &uplink->spool);
     }
-    if (node_present(values[UPLINK_RATE])) {
-        key_join(key, sizeof(key), path, "rate");
+    if (conf_node_present(values[UPLINK_RATE])) {
+        conf_key_join(key, sizeof(key), path, "rate");
         parse_rate(ld, values[UPLINK_RATE], key, &uplink->rate);
     }
 
-    if (node_present(values[UPLINK_GENERIC])) {
-        key_join(key, sizeof(key), path, "generic");
+    if (conf_node_present(values[UPLINK_GENERIC])) {
+        conf_key_join(key, sizeof(key), path, "generic");
         parse_generic(ld, values[UPLINK_GENERIC], key, &uplink->generic);
     }
 
-    key_join(key, sizeof(key), path, "cumulocity");
+    conf_key_join(key, sizeof(key), path, "cumulocity");
     if (uplink->profile != NULL && strcmp(uplink->profile, "cumulocity") == 0) {
-        parse_cumulocity(ld,
-                         node_present(values[UPLINK_CUMULOCITY]) ? values[UPLINK_CUMULOCITY] : NULL,
-                         key, uplink);
+        parse_cumulocity(
+            ld, conf_node_present(values[UPLINK_CUMULOCITY]) ? values[UPLINK_CUMULOCITY] : NULL,
+            key, uplink);
         check_cumulocity(ld, node, path, uplink);
-    } else if (node_present(values[UPLINK_CUMULOCITY])) {
-        report(ld, values[UPLINK_CUMULOCITY]->start_mark, key,
-               "is only used with profile: cumulocity");
+    } else if (conf_node_present(values[UPLINK_CUMULOCITY])) {
+        conf_report(ld, values[UPLINK_CUMULOCITY]->start_mark, key,
+                    "is only used with profile: cumulocity");
     }
 
     /* gcp and akenza build the client id from their own section. */
     bool is_gcp = uplink->profile != NULL && strcmp(uplink->profile, "gcp") == 0;
     bool is_akenza = uplink->profile != NULL && strcmp(uplink->profile, "akenza") == 0;
-    if ((is_gcp || is_akenza) && node_present(values[UPLINK_CLIENT_ID])) {
-        key_join(key, sizeof(key), path, "client_id");
-        report(ld, values[UPLINK_CLIENT_ID]->start_mark, key,
-               "is set by profile %s (from %s.%s); remove it", uplink->profile, uplink->profile,
-               is_gcp ? "project, region, registry and device" : "device");
+    if ((is_gcp || is_akenza) && conf_node_present(values[UPLINK_CLIENT_ID])) {
+        conf_key_join(key, sizeof(key), path, "client_id");
+        conf_report(ld, values[UPLINK_CLIENT_ID]->start_mark, key,
+                    "is set by profile %s (from %s.%s); remove it", uplink->profile,
+                    uplink->profile, is_gcp ? "project, region, registry and device" : "device");
     }
-    key_join(key, sizeof(key), path, "gcp");
+    conf_key_join(key, sizeof(key), path, "gcp");
     if (is_gcp)
-        parse_gcp(ld, node_present(values[UPLINK_GCP]) ? values[UPLINK_GCP] : NULL, node, path, key,
-                  uplink);
-    else if (node_present(values[UPLINK_GCP]))
-        report(ld, values[UPLINK_GCP]->start_mark, key, "is only used with profile: gcp");
-    key_join(key, sizeof(key), path, "akenza");
+        parse_gcp(ld, conf_node_present(values[UPLINK_GCP]) ? values[UPLINK_GCP] : NULL, node, path,
+                  key, uplink);
+    else if (conf_node_present(values[UPLINK_GCP]))
+        conf_report(ld, values[UPLINK_GCP]->start_mark, key, "is only used with profile: gcp");
+    conf_key_join(key, sizeof(key), path, "akenza");
     if (is_akenza)
-        parse_akenza(ld, node_present(values[UPLINK_AKENZA]) ? values[UPLINK_AKENZA] : NULL, node,
-                     path, key, uplink);
-    else if (node_present(values[UPLINK_AKENZA]))
-        report(ld, values[UPLINK_AKENZA]->start_mark, key, "is only used with profile: akenza");
+        parse_akenza(ld, conf_node_present(values[UPLINK_AKENZA]) ? values[UPLINK_AKENZA] : NULL,
+                     node, path, key, uplink);
+    else if (conf_node_present(values[UPLINK_AKENZA]))
+        conf_report(ld, values[UPLINK_AKENZA]->start_mark, key,
+                    "is only used with profile: akenza");
 }
 
-static void parse_uplinks(struct loader *ld, yaml_node_t *node)
+static void parse_uplinks(struct conf_loader *ld, yaml_node_t *node)
 {
     struct conf *conf = ld->conf;
     size_t count;
 
-    if (!expect_kind(ld, node, "uplinks", YAML_SEQUENCE_NODE,
-                     "a sequence of uplinks (each item starts with \"- name: ...\")"))
+    if (!conf_expect_kind(ld, node, "uplinks", YAML_SEQUENCE_NODE,
+                          "a sequence of uplinks (each item starts with \"- name: ...\")"))
         return;
-    count = sequence_length(node);
+    count = conf_sequence_length(node);
     if (count == 0)
         return;
     conf->uplinks = calloc(count, sizeof(*conf->uplinks));
@@ -3394,7 +2421,7 @@ static void parse_uplinks(struct loader *ld, yaml_node_t *node)
     }
     conf->uplink_count = count;
     for (size_t i = 0; i < count; i++)
-        parse_uplink(ld, sequence_item(ld, node, i), i);
+        parse_uplink(ld, conf_sequence_item(ld, node, i), i);
 }
 
 enum { ROUTE_CHILDREN, ROUTE_UPLINKS, ROUTE_KEYS };
@@ -3403,24 +2430,24 @@ static const char *const route_keys[ROUTE_KEYS] = {
     [ROUTE_UPLINKS] = "uplinks",
 };
 
-static void parse_route_uplinks(struct loader *ld, yaml_node_t *node, const char *key,
+static void parse_route_uplinks(struct conf_loader *ld, yaml_node_t *node, const char *key,
                                 struct conf_route *route)
 {
     struct conf *conf = ld->conf;
     size_t count;
 
-    route->uplinks = sequence_alloc(ld, node, key, "a sequence of uplink names, e.g. [cloud]",
-                                    "is empty (expected at least one uplink name)",
-                                    sizeof(*route->uplinks), &count);
+    route->uplinks = conf_sequence_alloc(ld, node, key, "a sequence of uplink names, e.g. [cloud]",
+                                         "is empty (expected at least one uplink name)",
+                                         sizeof(*route->uplinks), &count);
     for (size_t i = 0; i < count; i++) {
-        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *item = conf_sequence_item(ld, node, i);
         char item_key[CONF_KEY_MAX];
         char quoted[CONF_QUOTE_MAX];
         const char *name;
         size_t found;
 
-        key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
-        name = scalar_text(ld, item, item_key, "an uplink name");
+        conf_key_format(item_key, sizeof(item_key), "%s[%zu]", key, i);
+        name = conf_scalar_text(ld, item, item_key, "an uplink name");
         if (name == NULL)
             continue;
         for (found = 0; found < conf->uplink_count; found++) {
@@ -3441,27 +2468,27 @@ static void parse_route_uplinks(struct loader *ld, yaml_node_t *node, const char
                 if (conf->uplinks[j].name != NULL)
                     names[named++] = conf->uplinks[j].name;
             }
-            suggestion = closest(name, names, named);
-            join_names(known, sizeof(known), names, named);
+            suggestion = conf_closest(name, names, named);
+            conf_join_names(known, sizeof(known), names, named);
             if (suggestion != NULL)
-                report(ld, item->start_mark, item_key,
-                       "%s is not the name of an uplink (did you mean \"%s\"?)",
-                       quote(name, quoted, sizeof(quoted)), suggestion);
+                conf_report(ld, item->start_mark, item_key,
+                            "%s is not the name of an uplink (did you mean \"%s\"?)",
+                            conf_quote(name, quoted, sizeof(quoted)), suggestion);
             else if (named > 0)
-                report(ld, item->start_mark, item_key,
-                       "%s is not the name of an uplink (expected one of: %s)",
-                       quote(name, quoted, sizeof(quoted)), known);
+                conf_report(ld, item->start_mark, item_key,
+                            "%s is not the name of an uplink (expected one of: %s)",
+                            conf_quote(name, quoted, sizeof(quoted)), known);
             else
-                report(ld, item->start_mark, item_key,
-                       "%s is not the name of an uplink (no uplinks are configured)",
-                       quote(name, quoted, sizeof(quoted)));
+                conf_report(ld, item->start_mark, item_key,
+                            "%s is not the name of an uplink (no uplinks are configured)",
+                            conf_quote(name, quoted, sizeof(quoted)));
             free(names);
             continue;
         }
         for (size_t j = 0; j < route->uplink_count; j++) {
             if (route->uplinks[j] == found) {
-                report(ld, item->start_mark, item_key, "%s is listed twice in this route",
-                       quote(name, quoted, sizeof(quoted)));
+                conf_report(ld, item->start_mark, item_key, "%s is listed twice in this route",
+                            conf_quote(name, quoted, sizeof(quoted)));
                 found = SIZE_MAX;
                 break;
             }
@@ -3471,39 +2498,40 @@ static void parse_route_uplinks(struct loader *ld, yaml_node_t *node, const char
     }
 }
 
-static void parse_routes(struct loader *ld, yaml_node_t *node)
+static void parse_routes(struct conf_loader *ld, yaml_node_t *node)
 {
     struct conf *conf = ld->conf;
     size_t count;
 
-    conf->routes = sequence_alloc(ld, node, "routes",
-                                  "a sequence of routes (each item \"- children: GLOB\" with "
-                                  "\"uplinks: [NAME]\")",
-                                  NULL, sizeof(*conf->routes), &count);
+    conf->routes = conf_sequence_alloc(ld, node, "routes",
+                                       "a sequence of routes (each item \"- children: GLOB\" with "
+                                       "\"uplinks: [NAME]\")",
+                                       NULL, sizeof(*conf->routes), &count);
     conf->route_count = count;
     for (size_t i = 0; i < count; i++) {
-        yaml_node_t *item = sequence_item(ld, node, i);
+        yaml_node_t *item = conf_sequence_item(ld, node, i);
         yaml_node_t *values[ROUTE_KEYS];
         yaml_mark_t marks[ROUTE_KEYS];
         char path[CONF_KEY_MAX];
         char key[CONF_KEY_MAX];
 
-        key_format(path, sizeof(path), "routes[%zu]", i);
-        if (!walk_mapping(ld, item, path, route_keys, ROUTE_KEYS, values, marks))
+        conf_key_format(path, sizeof(path), "routes[%zu]", i);
+        if (!conf_walk_mapping(ld, item, path, route_keys, ROUTE_KEYS, values, marks))
             continue;
-        key_join(key, sizeof(key), path, "children");
-        if (!node_present(values[ROUTE_CHILDREN]))
-            report(ld,
-                   values[ROUTE_CHILDREN] ? values[ROUTE_CHILDREN]->start_mark : item->start_mark,
-                   key, "missing (required: a glob of child ids, e.g. \"*\" or \"modbus-*\")");
+        conf_key_join(key, sizeof(key), path, "children");
+        if (!conf_node_present(values[ROUTE_CHILDREN]))
+            conf_report(
+                ld, values[ROUTE_CHILDREN] ? values[ROUTE_CHILDREN]->start_mark : item->start_mark,
+                key, "missing (required: a glob of child ids, e.g. \"*\" or \"modbus-*\")");
         else
-            get_text(ld, values[ROUTE_CHILDREN], key,
-                     "a glob of child ids, e.g. \"*\" or \"modbus-*\"", 1024,
-                     &conf->routes[i].children);
-        key_join(key, sizeof(key), path, "uplinks");
-        if (!node_present(values[ROUTE_UPLINKS]))
-            report(ld, values[ROUTE_UPLINKS] ? values[ROUTE_UPLINKS]->start_mark : item->start_mark,
-                   key, "missing (required: the names of the uplinks, e.g. [cloud])");
+            conf_get_text(ld, values[ROUTE_CHILDREN], key,
+                          "a glob of child ids, e.g. \"*\" or \"modbus-*\"", 1024,
+                          &conf->routes[i].children);
+        conf_key_join(key, sizeof(key), path, "uplinks");
+        if (!conf_node_present(values[ROUTE_UPLINKS]))
+            conf_report(
+                ld, values[ROUTE_UPLINKS] ? values[ROUTE_UPLINKS]->start_mark : item->start_mark,
+                key, "missing (required: the names of the uplinks, e.g. [cloud])");
         else
             parse_route_uplinks(ld, values[ROUTE_UPLINKS], key, &conf->routes[i]);
     }
@@ -3529,16 +2557,16 @@ static const char *const root_keys[ROOT_KEYS] = {
     [ROOT_ROUTES] = "routes",
 };
 
-static void apply_defaults(struct loader *ld)
+static void apply_defaults(struct conf_loader *ld)
 {
     struct conf *conf = ld->conf;
 
     if (conf->state_dir == NULL)
-        set_string(ld, &conf->state_dir, DEFAULT_STATE_DIR);
+        conf_set_string(ld, &conf->state_dir, DEFAULT_STATE_DIR);
     if (conf->control_socket == NULL)
-        set_string(ld, &conf->control_socket, DEFAULT_CONTROL_SOCKET);
+        conf_set_string(ld, &conf->control_socket, DEFAULT_CONTROL_SOCKET);
     if (conf->local.topic_prefix == NULL)
-        set_string(ld, &conf->local.topic_prefix, DEFAULT_LOCAL_PREFIX);
+        conf_set_string(ld, &conf->local.topic_prefix, DEFAULT_LOCAL_PREFIX);
     if (conf->local.listen == NULL && conf->local.listen_count == 0)
         default_listen(ld);
     if (conf->gateway_id == NULL)
@@ -3546,45 +2574,45 @@ static void apply_defaults(struct loader *ld)
     for (size_t i = 0; i < conf->uplink_count; i++) {
         struct conf_uplink *uplink = &conf->uplinks[i];
         if (uplink->client_id == NULL)
-            set_string(ld, &uplink->client_id, conf->gateway_id);
+            conf_set_string(ld, &uplink->client_id, conf->gateway_id);
         if (uplink->generic.topic_prefix == NULL)
-            set_string(ld, &uplink->generic.topic_prefix, conf->gateway_id);
+            conf_set_string(ld, &uplink->generic.topic_prefix, conf->gateway_id);
         if (uplink->profile != NULL && strcmp(uplink->profile, "cumulocity") == 0) {
             struct conf_cumulocity *c8y = &uplink->cumulocity;
             if (c8y->device_id == NULL)
-                set_string(ld, &c8y->device_id, conf->gateway_id);
+                conf_set_string(ld, &c8y->device_id, conf->gateway_id);
             if (c8y->name == NULL && c8y->device_id != NULL)
-                set_string(ld, &c8y->name, c8y->device_id);
+                conf_set_string(ld, &c8y->name, c8y->device_id);
             /* X.509: Cumulocity takes the device from the certificate's CN. */
             if (uplink->tls.enabled && uplink->tls.cert != NULL && c8y->device_id != NULL)
-                set_string(ld, &uplink->cert_cn, c8y->device_id);
+                conf_set_string(ld, &uplink->cert_cn, c8y->device_id);
         }
     }
 }
 
-static void parse_root(struct loader *ld, yaml_node_t *root)
+static void parse_root(struct conf_loader *ld, yaml_node_t *root)
 {
     yaml_node_t *values[ROOT_KEYS];
     yaml_mark_t marks[ROOT_KEYS];
     struct conf *conf = ld->conf;
     uint64_t ms;
 
-    if (!walk_mapping(ld, root, "", root_keys, ROOT_KEYS, values, marks))
+    if (!conf_walk_mapping(ld, root, "", root_keys, ROOT_KEYS, values, marks))
         return;
     parse_gateway(ld, values[ROOT_GATEWAY], root->start_mark);
     parse_local(ld, values[ROOT_LOCAL]);
-    if (node_present(values[ROOT_CONTROL]))
+    if (conf_node_present(values[ROOT_CONTROL]))
         parse_control(ld, values[ROOT_CONTROL]);
-    if (node_present(values[ROOT_LOG]))
+    if (conf_node_present(values[ROOT_LOG]))
         parse_log(ld, values[ROOT_LOG]);
-    if (node_present(values[ROOT_SHUTDOWN_TIMEOUT]) &&
-        get_duration_ms(ld, values[ROOT_SHUTDOWN_TIMEOUT], "shutdown_timeout", 0, 3600 * 1000,
-                        &ms) == 0)
+    if (conf_node_present(values[ROOT_SHUTDOWN_TIMEOUT]) &&
+        conf_get_duration_ms(ld, values[ROOT_SHUTDOWN_TIMEOUT], "shutdown_timeout", 0, 3600 * 1000,
+                             &ms) == 0)
         conf->shutdown_timeout_ms = (unsigned)ms;
-    if (node_present(values[ROOT_UPLINKS]))
+    if (conf_node_present(values[ROOT_UPLINKS]))
         parse_uplinks(ld, values[ROOT_UPLINKS]);
     /* After uplinks: routes refer to uplinks by name. */
-    if (node_present(values[ROOT_ROUTES]))
+    if (conf_node_present(values[ROOT_ROUTES]))
         parse_routes(ld, values[ROOT_ROUTES]);
     apply_defaults(ld);
 }
@@ -3610,8 +2638,8 @@ static yaml_mark_t mark_from_offset(const char *text, size_t len, size_t offset)
     return mark;
 }
 
-static void report_syntax_error(struct loader *ld, const yaml_parser_t *parser, const char *text,
-                                size_t len)
+static void report_syntax_error(struct conf_loader *ld, const yaml_parser_t *parser,
+                                const char *text, size_t len)
 {
     yaml_mark_t mark = parser->problem_mark;
     const char *problem = parser->problem ? parser->problem : "unknown error";
@@ -3622,12 +2650,13 @@ static void report_syntax_error(struct loader *ld, const yaml_parser_t *parser, 
     }
     if (parser->error == YAML_READER_ERROR) {
         mark = mark_from_offset(text, len, parser->problem_offset);
-        report(ld, mark, NULL, "YAML syntax error: %s (the file must be UTF-8 text)", problem);
+        conf_report(ld, mark, NULL, "YAML syntax error: %s (the file must be UTF-8 text)", problem);
     } else if (parser->context != NULL) {
-        report(ld, mark, NULL, "YAML syntax error: %s (%s at line %zu, column %zu)", problem,
-               parser->context, parser->context_mark.line + 1, parser->context_mark.column + 1);
+        conf_report(ld, mark, NULL, "YAML syntax error: %s (%s at line %zu, column %zu)", problem,
+                    parser->context, parser->context_mark.line + 1,
+                    parser->context_mark.column + 1);
     } else {
-        report(ld, mark, NULL, "YAML syntax error: %s", problem);
+        conf_report(ld, mark, NULL, "YAML syntax error: %s", problem);
     }
 }
 
@@ -3651,7 +2680,7 @@ static char *config_dir(const char *path)
 
 int conf_load(const char *path, struct conf **out, char **errors)
 {
-    struct loader ld = {.path = path};
+    struct conf_loader ld = {.path = path};
     yaml_parser_t parser;
     yaml_document_t doc;
     yaml_document_t extra;
@@ -3712,8 +2741,9 @@ int conf_load(const char *path, struct conf **out, char **errors)
     root = yaml_document_get_root_node(&doc);
     if (root == NULL) {
         yaml_mark_t start = {0};
-        report(&ld, start, NULL,
-               "the file is empty (expected a mapping with at least \"gateway: { id: NAME }\")");
+        conf_report(
+            &ld, start, NULL,
+            "the file is empty (expected a mapping with at least \"gateway: { id: NAME }\")");
         goto finish_after_doc;
     }
     parse_root(&ld, root);
@@ -3724,9 +2754,9 @@ int conf_load(const char *path, struct conf **out, char **errors)
     } else {
         yaml_node_t *extra_root = yaml_document_get_root_node(&extra);
         if (extra_root != NULL)
-            report(&ld, extra.start_mark, NULL,
-                   "a second YAML document starts here (expected a single document; remove "
-                   "the \"---\" line and what follows, or merge it into the first)");
+            conf_report(&ld, extra.start_mark, NULL,
+                        "a second YAML document starts here (expected a single document; remove "
+                        "the \"---\" line and what follows, or merge it into the first)");
         yaml_document_delete(&extra);
     }
 
@@ -3744,7 +2774,7 @@ finish_after_parser:
             char more[64];
             snprintf(more, sizeof(more), "... and %u more errors",
                      ld.error_count - CONF_MAX_ERRORS);
-            errors_append(&ld, more);
+            conf_errors_append(&ld, more);
         }
         if (ld.oom) {
             rc = -ENOMEM;
@@ -3771,21 +2801,6 @@ err_after_read:
     return rc;
 }
 
-static void free_secret(char *secret)
-{
-    if (secret != NULL) {
-        explicit_bzero(secret, strlen(secret));
-        free(secret);
-    }
-}
-
-static void free_strings(char **strings, size_t count)
-{
-    for (size_t i = 0; i < count; i++)
-        free(strings[i]);
-    free(strings);
-}
-
 void conf_free(struct conf *conf)
 {
     if (conf == NULL)
@@ -3802,7 +2817,7 @@ void conf_free(struct conf *conf)
         free(uplink->tls.ca_at);
         free(uplink->tls.cert_at);
         free(uplink->auth.username);
-        free_secret(uplink->auth.password);
+        conf_free_secret(uplink->auth.password);
         free(uplink->tls.alpn);
         free(uplink->auth.jwt.key);
         free(uplink->auth.jwt.passphrase_file);
@@ -3831,9 +2846,9 @@ void conf_free(struct conf *conf)
         free(c8y->hardware_serial);
         free(c8y->hardware_model);
         free(c8y->hardware_revision);
-        free_strings(c8y->supported_operations, c8y->supported_operation_count);
+        conf_free_strings(c8y->supported_operations, c8y->supported_operation_count);
         free(c8y->bootstrap_user);
-        free_secret(c8y->bootstrap_password);
+        conf_free_secret(c8y->bootstrap_password);
         free(c8y->will_topic);
         free(c8y->will_message);
         for (size_t j = 0; j < c8y->child_count; j++) {
@@ -3868,11 +2883,11 @@ void conf_free(struct conf *conf)
     for (size_t i = 0; i < conf->local.acl_count; i++) {
         struct conf_acl_rule *rule = &conf->local.acl[i];
         free(rule->user);
-        free_strings(rule->children, rule->children_count);
-        free_strings(rule->publish, rule->publish_count);
-        free_strings(rule->subscribe, rule->subscribe_count);
-        free_strings(rule->deny_publish, rule->deny_publish_count);
-        free_strings(rule->deny_subscribe, rule->deny_subscribe_count);
+        conf_free_strings(rule->children, rule->children_count);
+        conf_free_strings(rule->publish, rule->publish_count);
+        conf_free_strings(rule->subscribe, rule->subscribe_count);
+        conf_free_strings(rule->deny_publish, rule->deny_publish_count);
+        conf_free_strings(rule->deny_subscribe, rule->deny_subscribe_count);
     }
     free(conf->local.acl);
     free(conf->control_socket);
@@ -3893,13 +2908,6 @@ const struct conf_uplink *conf_uplink_find(const struct conf *conf, const char *
     return NULL;
 }
 
-static bool str_equal(const char *a, const char *b)
-{
-    if (a == NULL || b == NULL)
-        return a == b;
-    return strcmp(a, b) == 0;
-}
-
 /* The JWT settings, and the key itself: a key file replaced under the same
  * path is a new identity, so reload reconnects with a token it signed.
  * Public parts are compared (EVP_PKEY_eq), which works for token keys. */
@@ -3908,30 +2916,31 @@ static bool jwt_equal(const struct conf_jwt *a, const struct conf_jwt *b)
     if (a->claim_count != b->claim_count)
         return false;
     for (size_t i = 0; i < a->claim_count; i++) {
-        if (!str_equal(a->claims[i].name, b->claims[i].name) ||
-            !str_equal(a->claims[i].value, b->claims[i].value))
+        if (!conf_str_equal(a->claims[i].name, b->claims[i].name) ||
+            !conf_str_equal(a->claims[i].value, b->claims[i].value))
             return false;
     }
     if ((a->private_key == NULL) != (b->private_key == NULL) ||
         (a->private_key != NULL && EVP_PKEY_eq(a->private_key, b->private_key) != 1))
         return false;
-    return a->alg == b->alg && str_equal(a->key, b->key) &&
-           str_equal(a->passphrase_file, b->passphrase_file) &&
-           str_equal(a->pkcs11_module, b->pkcs11_module) && a->lifetime_s == b->lifetime_s &&
+    return a->alg == b->alg && conf_str_equal(a->key, b->key) &&
+           conf_str_equal(a->passphrase_file, b->passphrase_file) &&
+           conf_str_equal(a->pkcs11_module, b->pkcs11_module) && a->lifetime_s == b->lifetime_s &&
            a->max_lifetime_s == b->max_lifetime_s && a->skew_s == b->skew_s &&
-           a->refresh_percent == b->refresh_percent && str_equal(a->aud, b->aud) &&
-           a->kid_mode == b->kid_mode && str_equal(a->kid, b->kid) &&
+           a->refresh_percent == b->refresh_percent && conf_str_equal(a->aud, b->aud) &&
+           a->kid_mode == b->kid_mode && conf_str_equal(a->kid, b->kid) &&
            a->clock_check == b->clock_check;
 }
 
 /* Cumulocity settings that go into CONNECT (client id, user name, will). */
 static bool c8y_session_equal(const struct conf_cumulocity *a, const struct conf_cumulocity *b)
 {
-    return str_equal(a->device_id, b->device_id) && str_equal(a->template_id, b->template_id) &&
-           str_equal(a->tenant, b->tenant) && a->bootstrap == b->bootstrap &&
-           str_equal(a->bootstrap_user, b->bootstrap_user) &&
-           str_equal(a->bootstrap_password, b->bootstrap_password) && a->will == b->will &&
-           str_equal(a->will_topic, b->will_topic) && str_equal(a->will_message, b->will_message);
+    return conf_str_equal(a->device_id, b->device_id) &&
+           conf_str_equal(a->template_id, b->template_id) && conf_str_equal(a->tenant, b->tenant) &&
+           a->bootstrap == b->bootstrap && conf_str_equal(a->bootstrap_user, b->bootstrap_user) &&
+           conf_str_equal(a->bootstrap_password, b->bootstrap_password) && a->will == b->will &&
+           conf_str_equal(a->will_topic, b->will_topic) &&
+           conf_str_equal(a->will_message, b->will_message);
 }
 
 /* Only what goes into the connection: the broker address, TLS, CONNECT
@@ -3944,18 +2953,20 @@ bool conf_uplink_equal(const struct conf_uplink *a, const struct conf_uplink *b)
 {
     if (a == NULL || b == NULL)
         return a == b;
-    return str_equal(a->name, b->name) && str_equal(a->profile, b->profile) &&
-           str_equal(a->host, b->host) && a->port == b->port &&
-           str_equal(a->client_id, b->client_id) && a->keepalive_s == b->keepalive_s &&
+    return conf_str_equal(a->name, b->name) && conf_str_equal(a->profile, b->profile) &&
+           conf_str_equal(a->host, b->host) && a->port == b->port &&
+           conf_str_equal(a->client_id, b->client_id) && a->keepalive_s == b->keepalive_s &&
            a->clean_session == b->clean_session && a->tls.enabled == b->tls.enabled &&
-           a->tls.ca_system == b->tls.ca_system && str_equal(a->tls.ca_file, b->tls.ca_file) &&
-           str_equal(a->tls.cert, b->tls.cert) && str_equal(a->tls.key, b->tls.key) &&
-           a->auth.type == b->auth.type && str_equal(a->auth.username, b->auth.username) &&
-           str_equal(a->auth.password, b->auth.password) &&
-           a->tls.min_version == b->tls.min_version && str_equal(a->tls.alpn, b->tls.alpn) &&
+           a->tls.ca_system == b->tls.ca_system && conf_str_equal(a->tls.ca_file, b->tls.ca_file) &&
+           conf_str_equal(a->tls.cert, b->tls.cert) && conf_str_equal(a->tls.key, b->tls.key) &&
+           a->auth.type == b->auth.type && conf_str_equal(a->auth.username, b->auth.username) &&
+           conf_str_equal(a->auth.password, b->auth.password) &&
+           a->tls.min_version == b->tls.min_version && conf_str_equal(a->tls.alpn, b->tls.alpn) &&
            a->tls.insecure == b->tls.insecure && jwt_equal(&a->auth.jwt, &b->auth.jwt) &&
            c8y_session_equal(&a->cumulocity, &b->cumulocity) &&
-           str_equal(a->gcp.project, b->gcp.project) && str_equal(a->gcp.region, b->gcp.region) &&
-           str_equal(a->gcp.registry, b->gcp.registry) && str_equal(a->gcp.device, b->gcp.device) &&
-           a->gcp.gateway == b->gcp.gateway && str_equal(a->akenza.device, b->akenza.device);
+           conf_str_equal(a->gcp.project, b->gcp.project) &&
+           conf_str_equal(a->gcp.region, b->gcp.region) &&
+           conf_str_equal(a->gcp.registry, b->gcp.registry) &&
+           conf_str_equal(a->gcp.device, b->gcp.device) && a->gcp.gateway == b->gcp.gateway &&
+           conf_str_equal(a->akenza.device, b->akenza.device);
 }
