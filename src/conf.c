@@ -21,7 +21,6 @@
 #include "jwt.h"
 #include "keys.h"
 #include "log.h"
-#include "profiles/gcp/rules.h"
 #include "profile_spec.h"
 #include "util.h"
 
@@ -806,61 +805,6 @@ static const char *const auth_keys[AUTH_KEYS] = {
     [AUTH_CLOCK_CHECK] = "clock_check",
 };
 
-/* Read a password file: the whole content, minus one trailing newline
- * (echo and editors add one; a password never ends with it). */
-static void read_password_file(struct conf_loader *ld, const yaml_node_t *node, const char *key,
-                               char **password)
-{
-    static const char what[] = "a readable file that holds the password";
-    char quoted[CONF_QUOTE_MAX];
-    char *path = NULL;
-    char *content = NULL;
-    size_t len = 0;
-    const char *text = conf_scalar_text(ld, node, key, what);
-    int rc;
-
-    if (text == NULL)
-        return;
-    if (text[0] == '\0') {
-        conf_report(ld, node->start_mark, key, "is empty (expected %s)", what);
-        return;
-    }
-    if (conf_resolve_path(ld, text, &path) < 0)
-        return;
-    rc = util_read_file(path, CONF_MQTT_STRING_MAX + 2, &content, &len);
-    if (rc == -ENOMEM) {
-        ld->oom = true;
-        goto out;
-    }
-    if (rc < 0) {
-        conf_report(ld, node->start_mark, key, "cannot read %s: %s (expected %s)",
-                    conf_quote(path, quoted, sizeof(quoted)),
-                    rc == -EFBIG ? "file too large" : strerror(-rc), what);
-        goto out;
-    }
-    if (len > 0 && content[len - 1] == '\n')
-        content[--len] = '\0';
-    if (len > 0 && content[len - 1] == '\r')
-        content[--len] = '\0';
-    if (len == 0 || strlen(content) != len || len > CONF_MQTT_STRING_MAX) {
-        conf_report(ld, node->start_mark, key, "%s %s (expected %s)",
-                    conf_quote(path, quoted, sizeof(quoted)),
-                    len == 0                 ? "is empty"
-                    : strlen(content) != len ? "contains a NUL byte"
-                                             : "is longer than 65535 bytes",
-                    what);
-        goto out;
-    }
-    *password = content;
-    content = NULL;
-out:
-    if (content != NULL) {
-        explicit_bzero(content, len);
-        free(content);
-    }
-    free(path);
-}
-
 /* JWT defaults and limits (docs/configuration.md, auth). */
 #define JWT_USERNAME_DEFAULT "unused" /* GCP ignores the user name; any value works */
 #define JWT_LIFETIME_MIN_S   10       /* shorter would reconnect all the time */
@@ -868,14 +812,9 @@ out:
 #define JWT_REFRESH_MIN_PCT  10
 #define JWT_REFRESH_MAX_PCT  99
 
-/* The profile's cap on exp - iat. GCP IoT Core and ClearBlade refuse more
- * than 24 h; the generic profile has no cloud rule of its own, and a token
- * that lives longer than a day is a risk, so it gets the same cap. */
-static uint32_t jwt_profile_max_lifetime(const char *profile)
-{
-    (void)profile;
-    return JWT_GCP_MAX_LIFETIME_S;
-}
+/* The cap on exp - iat without a profile rule: a token that lives longer
+ * than a day is a risk (GCP IoT Core and ClearBlade refuse more, too). */
+#define JWT_LIFETIME_MAX_S (24 * 3600)
 
 /* auth.refresh: "80" or "80%". */
 static void get_refresh_percent(struct conf_loader *ld, const yaml_node_t *node, const char *key,
@@ -1041,7 +980,7 @@ static void jwt_load_key(struct conf_loader *ld, yaml_node_t *auth_node, yaml_no
 
 /* The auth keys of type jwt; the username default is set by the caller. */
 static void parse_auth_jwt(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *const *values,
-                           const char *path, const char *profile, struct conf_jwt *jwt)
+                           const char *path, const struct profile_spec *spec, struct conf_jwt *jwt)
 {
     char key[CONF_KEY_MAX];
     char quoted[CONF_QUOTE_MAX];
@@ -1049,7 +988,8 @@ static void parse_auth_jwt(struct conf_loader *ld, yaml_node_t *node, yaml_node_
     const char *text;
 
     jwt->lifetime_s = JWT_DEFAULT_LIFETIME_S;
-    jwt->max_lifetime_s = jwt_profile_max_lifetime(profile);
+    jwt->max_lifetime_s =
+        spec && spec->jwt_max_lifetime_s ? spec->jwt_max_lifetime_s : JWT_LIFETIME_MAX_S;
     jwt->skew_s = JWT_DEFAULT_SKEW_S;
     jwt->refresh_percent = JWT_DEFAULT_REFRESH_PCT;
     jwt->kid_mode = JWT_KID_NONE;
@@ -1116,7 +1056,7 @@ static void parse_auth_jwt(struct conf_loader *ld, yaml_node_t *node, yaml_node_
     if (conf_node_present(values[AUTH_AUD]))
         conf_get_text(ld, values[AUTH_AUD], key, "the audience the cloud expects",
                       CONF_MQTT_STRING_MAX, &jwt->aud);
-    else if (profile != NULL && strcmp(profile, "generic") == 0)
+    else if (spec != NULL && spec->jwt_aud_required)
         conf_report(
             ld, values[AUTH_AUD] ? values[AUTH_AUD]->start_mark : node->start_mark, key,
             "missing (required with type jwt and the generic profile: the audience the cloud "
@@ -1157,7 +1097,7 @@ static void parse_auth_jwt(struct conf_loader *ld, yaml_node_t *node, yaml_node_
 }
 
 static void parse_auth(struct conf_loader *ld, yaml_node_t *node, const char *path,
-                       const char *profile, struct conf_auth *auth)
+                       const struct profile_spec *spec, struct conf_auth *auth)
 {
     yaml_node_t *values[AUTH_KEYS] = {NULL};
     yaml_mark_t marks[AUTH_KEYS];
@@ -1211,7 +1151,7 @@ static void parse_auth(struct conf_loader *ld, yaml_node_t *node, const char *pa
                           CONF_MQTT_STRING_MAX, &auth->username);
         else
             conf_set_string(ld, &auth->username, JWT_USERNAME_DEFAULT);
-        parse_auth_jwt(ld, node, values, path, profile, &auth->jwt);
+        parse_auth_jwt(ld, node, values, path, spec, &auth->jwt);
         return;
     }
     for (int i = AUTH_JWT_FIRST; i < AUTH_KEYS; i++) {
@@ -1253,7 +1193,7 @@ static void parse_auth(struct conf_loader *ld, yaml_node_t *node, const char *pa
     }
     if (conf_node_present(values[AUTH_PASSWORD_FILE])) {
         conf_key_join(key, sizeof(key), path, "password_file");
-        read_password_file(ld, values[AUTH_PASSWORD_FILE], key, &auth->password);
+        conf_read_password_file(ld, values[AUTH_PASSWORD_FILE], key, &auth->password);
     }
 }
 
@@ -1402,740 +1342,6 @@ static void parse_rate(struct conf_loader *ld, yaml_node_t *node, const char *pa
     }
 }
 
-/* ------------------------------------------------------------------------ */
-/* Profiles: generic rules, cumulocity                                       */
-
-/* A cloud topic template (profile.h): levels are literals, exactly
- * "{child}", or (last) "{sub}". Returns NULL or what is wrong. */
-static const char *template_check(const char *tmpl, bool need_child, bool allow_sub)
-{
-    bool child = false, sub = false;
-    const char *p = tmpl;
-
-    if (strpbrk(tmpl, "+#") != NULL)
-        return "contains '+' or '#' (use {child} and {sub})";
-    for (;;) {
-        const char *slash = strchr(p, '/');
-        size_t len = slash ? (size_t)(slash - p) : strlen(p);
-        if (sub)
-            return "{sub} must be the last level";
-        if (len == 7 && memcmp(p, "{child}", 7) == 0) {
-            if (child)
-                return "{child} appears twice";
-            child = true;
-        } else if (len == 5 && memcmp(p, "{sub}", 5) == 0) {
-            if (!allow_sub)
-                return "{sub} is not allowed here (config has no sub-topics)";
-            sub = true;
-        } else if (memchr(p, '{', len) != NULL || memchr(p, '}', len) != NULL) {
-            return "a level with '{' must be exactly {child} or {sub}";
-        }
-        if (!slash)
-            break;
-        p = slash + 1;
-    }
-    if (need_child && !child)
-        return "has no {child} level (needed to know which child a message is for)";
-    return NULL;
-}
-
-enum { RULE_LOCAL, RULE_CLOUD, RULE_QOS, RULE_KEYS };
-static const char *const rule_keys[RULE_KEYS] = {
-    [RULE_LOCAL] = "local", [RULE_CLOUD] = "cloud", [RULE_QOS] = "qos"};
-
-static void parse_generic_rules(struct conf_loader *ld, yaml_node_t *node, const char *key, bool up,
-                                struct conf_generic_rule **out, size_t *count)
-{
-    const char *expected_local = up ? "telemetry or state" : "config or commands";
-    size_t n;
-
-    *out = conf_sequence_alloc(ld, node, key,
-                               up ? "a sequence of {local, cloud, qos} rules"
-                                  : "a sequence of {cloud, local, qos} rules",
-                               NULL, sizeof(**out), &n);
-    for (size_t i = 0; i < n; i++) {
-        yaml_node_t *item = conf_sequence_item(ld, node, i);
-        yaml_node_t *values[RULE_KEYS];
-        yaml_mark_t marks[RULE_KEYS];
-        struct conf_generic_rule *rule = &(*out)[*count];
-        char path[CONF_KEY_MAX], k[CONF_KEY_MAX], quoted[CONF_QUOTE_MAX];
-        uint64_t number;
-        bool ok = true;
-
-        conf_key_format(path, sizeof(path), "%s[%zu]", key, i);
-        if (!conf_walk_mapping(ld, item, path, rule_keys, RULE_KEYS, values, marks))
-            continue;
-        rule->qos = -1;
-        conf_key_join(k, sizeof(k), path, "local");
-        if (!conf_node_present(values[RULE_LOCAL])) {
-            conf_report(ld, values[RULE_LOCAL] ? values[RULE_LOCAL]->start_mark : item->start_mark,
-                        k, "missing (required: %s)", expected_local);
-            ok = false;
-        } else {
-            const char *text = conf_scalar_text(ld, values[RULE_LOCAL], k, expected_local);
-            if (text == NULL)
-                ok = false;
-            else if (up && strcmp(text, "telemetry") == 0)
-                rule->channel = MAPPING_TELEMETRY;
-            else if (up && strcmp(text, "state") == 0)
-                rule->channel = MAPPING_STATE;
-            else if (!up && strcmp(text, "config") == 0)
-                rule->channel = MAPPING_CONFIG;
-            else if (!up && strcmp(text, "commands") == 0)
-                rule->channel = MAPPING_COMMANDS;
-            else {
-                conf_report(ld, values[RULE_LOCAL]->start_mark, k,
-                            "%s is not a channel here (expected %s)",
-                            conf_quote(text, quoted, sizeof(quoted)), expected_local);
-                ok = false;
-            }
-        }
-        conf_key_join(k, sizeof(k), path, "cloud");
-        if (!conf_node_present(values[RULE_CLOUD])) {
-            conf_report(ld, values[RULE_CLOUD] ? values[RULE_CLOUD]->start_mark : item->start_mark,
-                        k, "missing (required: a topic template such as \"gw/{child}/t/{sub}\")");
-            ok = false;
-        } else if (conf_get_text(ld, values[RULE_CLOUD], k, "a topic template",
-                                 CONF_TOPIC_PREFIX_MAX, &rule->cloud) < 0 ||
-                   rule->cloud == NULL) {
-            ok = false;
-        } else {
-            const char *why =
-                template_check(rule->cloud, !up, up || rule->channel != MAPPING_CONFIG);
-            if (why) {
-                conf_report(ld, values[RULE_CLOUD]->start_mark, k, "%s %s",
-                            conf_quote(rule->cloud, quoted, sizeof(quoted)), why);
-                ok = false;
-            }
-        }
-        if (conf_node_present(values[RULE_QOS])) {
-            conf_key_join(k, sizeof(k), path, "qos");
-            if (conf_get_uint(ld, values[RULE_QOS], k, "a QoS", 0, 2, &number) == 0)
-                rule->qos = (int)number;
-            else
-                ok = false;
-        }
-        if (!ok) {
-            free(rule->cloud);
-            rule->cloud = NULL;
-            continue;
-        }
-        (*count)++;
-    }
-}
-
-enum { GENERIC_TOPIC_PREFIX, GENERIC_UP, GENERIC_DOWN, GENERIC_KEYS };
-static const char *const generic_keys[GENERIC_KEYS] = {
-    [GENERIC_TOPIC_PREFIX] = "topic_prefix", [GENERIC_UP] = "up", [GENERIC_DOWN] = "down"};
-
-static void parse_generic(struct conf_loader *ld, yaml_node_t *node, const char *path,
-                          struct conf_generic *generic)
-{
-    yaml_node_t *values[GENERIC_KEYS];
-    yaml_mark_t marks[GENERIC_KEYS];
-    char key[CONF_KEY_MAX];
-
-    if (!conf_walk_mapping(ld, node, path, generic_keys, GENERIC_KEYS, values, marks))
-        return;
-    if (conf_node_present(values[GENERIC_TOPIC_PREFIX])) {
-        conf_key_join(key, sizeof(key), path, "topic_prefix");
-        conf_get_topic_prefix(ld, values[GENERIC_TOPIC_PREFIX], key, false, &generic->topic_prefix);
-    }
-    if (conf_node_present(values[GENERIC_UP])) {
-        conf_key_join(key, sizeof(key), path, "up");
-        parse_generic_rules(ld, values[GENERIC_UP], key, true, &generic->up, &generic->up_count);
-    }
-    if (conf_node_present(values[GENERIC_DOWN])) {
-        conf_key_join(key, sizeof(key), path, "down");
-        parse_generic_rules(ld, values[GENERIC_DOWN], key, false, &generic->down,
-                            &generic->down_count);
-    }
-}
-
-#define C8Y_DEFAULT_TYPE       "c8y_MQTTDevice"
-#define C8Y_DEFAULT_CHILD_TYPE "c8y_MQTTChildDevice"
-#define C8Y_DEFAULT_BOOTSTRAP  "management/devicebootstrap"
-#define C8Y_DEFAULT_WILL_TOPIC "s/us"
-#define C8Y_DEFAULT_WILL       "400,c8y_ConnectionEvent,\"Device connection was lost.\""
-
-/* A Cumulocity device id (also a child's parent): a child id of the local
- * contract (mapping_child_check) without ':' (the client id is
- * d:<device_id>[:<template>], Cumulocity "MQTT implementation"). */
-static void get_c8y_id(struct conf_loader *ld, yaml_node_t *node, const char *key, char **dst)
-{
-    static const char expected[] = "a device id without ':', ',', '/', '+', '#', quotes or spaces";
-    char quoted[CONF_QUOTE_MAX];
-    char *value = NULL;
-    const char *why;
-
-    if (conf_get_text(ld, node, key, expected, MAPPING_CHILD_MAX, &value) < 0 || value == NULL)
-        return;
-    why = strchr(value, ':') ? "contains ':' (Cumulocity's client id d:<device_id>[:<template>] "
-                               "uses it as the separator)"
-                             : mapping_child_check(value, strlen(value));
-    if (why) {
-        conf_report(ld, node->start_mark, key, "%s: %s (expected %s)",
-                    conf_quote(value, quoted, sizeof(quoted)), why, expected);
-        free(value);
-        return;
-    }
-    free(*dst);
-    *dst = value;
-}
-
-enum { C8Y_HW_SERIAL, C8Y_HW_MODEL, C8Y_HW_REVISION, C8Y_HW_KEYS };
-static const char *const c8y_hw_keys[C8Y_HW_KEYS] = {
-    [C8Y_HW_SERIAL] = "serial", [C8Y_HW_MODEL] = "model", [C8Y_HW_REVISION] = "revision"};
-
-enum { C8Y_BS_USER, C8Y_BS_PASSWORD, C8Y_BS_PASSWORD_FILE, C8Y_BS_INTERVAL, C8Y_BS_KEYS };
-static const char *const c8y_bs_keys[C8Y_BS_KEYS] = {
-    [C8Y_BS_USER] = "user",
-    [C8Y_BS_PASSWORD] = "password",
-    [C8Y_BS_PASSWORD_FILE] = "password_file",
-    [C8Y_BS_INTERVAL] = "interval",
-};
-
-enum { C8Y_WILL_TOPIC, C8Y_WILL_MESSAGE, C8Y_WILL_KEYS };
-static const char *const c8y_will_keys[C8Y_WILL_KEYS] = {
-    [C8Y_WILL_TOPIC] = "topic", [C8Y_WILL_MESSAGE] = "message"};
-
-enum { C8Y_CHILD_MATCH, C8Y_CHILD_PARENT, C8Y_CHILD_NAME, C8Y_CHILD_TYPE, C8Y_CHILD_KEYS };
-static const char *const c8y_child_keys[C8Y_CHILD_KEYS] = {
-    [C8Y_CHILD_MATCH] = "match",
-    [C8Y_CHILD_PARENT] = "parent",
-    [C8Y_CHILD_NAME] = "name",
-    [C8Y_CHILD_TYPE] = "type",
-};
-
-enum {
-    C8Y_DEVICE_ID,
-    C8Y_TEMPLATE,
-    C8Y_TENANT,
-    C8Y_NAME,
-    C8Y_TYPE,
-    C8Y_HARDWARE,
-    C8Y_SUPPORTED_OPERATIONS,
-    C8Y_REQUIRED_INTERVAL,
-    C8Y_BOOTSTRAP,
-    C8Y_WILL,
-    C8Y_CHILDREN,
-    C8Y_TOKEN,
-    C8Y_KEYS
-};
-static const char *const c8y_keys[C8Y_KEYS] = {
-    [C8Y_DEVICE_ID] = "device_id",
-    [C8Y_TEMPLATE] = "template",
-    [C8Y_TENANT] = "tenant",
-    [C8Y_NAME] = "name",
-    [C8Y_TYPE] = "type",
-    [C8Y_HARDWARE] = "hardware",
-    [C8Y_SUPPORTED_OPERATIONS] = "supported_operations",
-    [C8Y_REQUIRED_INTERVAL] = "required_interval",
-    [C8Y_BOOTSTRAP] = "bootstrap",
-    [C8Y_WILL] = "will",
-    [C8Y_CHILDREN] = "children",
-    [C8Y_TOKEN] = "token",
-};
-
-static void parse_c8y_children(struct conf_loader *ld, yaml_node_t *node, const char *key,
-                               struct conf_cumulocity *c8y)
-{
-    size_t n;
-
-    c8y->children =
-        conf_sequence_alloc(ld, node, key, "a sequence of {match, parent, name, type} rules", NULL,
-                            sizeof(*c8y->children), &n);
-    c8y->child_count = n;
-    for (size_t i = 0; i < n; i++) {
-        yaml_node_t *item = conf_sequence_item(ld, node, i);
-        yaml_node_t *values[C8Y_CHILD_KEYS];
-        yaml_mark_t marks[C8Y_CHILD_KEYS];
-        struct conf_c8y_child *child = &c8y->children[i];
-        char path[CONF_KEY_MAX], k[CONF_KEY_MAX];
-
-        conf_key_format(path, sizeof(path), "%s[%zu]", key, i);
-        if (!conf_walk_mapping(ld, item, path, c8y_child_keys, C8Y_CHILD_KEYS, values, marks))
-            continue;
-        conf_key_join(k, sizeof(k), path, "match");
-        if (conf_node_present(values[C8Y_CHILD_MATCH]))
-            conf_get_text(ld, values[C8Y_CHILD_MATCH], k, "a glob of child ids, e.g. \"modbus-*\"",
-                          256, &child->match);
-        conf_key_join(k, sizeof(k), path, "parent");
-        if (conf_node_present(values[C8Y_CHILD_PARENT]))
-            get_c8y_id(ld, values[C8Y_CHILD_PARENT], k, &child->parent);
-        conf_key_join(k, sizeof(k), path, "name");
-        if (conf_node_present(values[C8Y_CHILD_NAME]))
-            conf_get_text(ld, values[C8Y_CHILD_NAME], k, "a device name ({child} is the child id)",
-                          256, &child->name);
-        conf_key_join(k, sizeof(k), path, "type");
-        if (conf_node_present(values[C8Y_CHILD_TYPE]))
-            conf_get_text(ld, values[C8Y_CHILD_TYPE], k, "a device type", 256, &child->type);
-        if (child->match == NULL)
-            conf_set_string(ld, &child->match, "*");
-        if (child->name == NULL)
-            conf_set_string(ld, &child->name, "{child}");
-        if (child->type == NULL)
-            conf_set_string(ld, &child->type, C8Y_DEFAULT_CHILD_TYPE);
-    }
-}
-
-static void parse_c8y_bootstrap(struct conf_loader *ld, yaml_node_t *node, const char *path,
-                                struct conf_cumulocity *c8y)
-{
-    yaml_node_t *values[C8Y_BS_KEYS];
-    yaml_mark_t marks[C8Y_BS_KEYS];
-    char k[CONF_KEY_MAX];
-    uint64_t ms;
-
-    if (!conf_walk_mapping(ld, node, path, c8y_bs_keys, C8Y_BS_KEYS, values, marks))
-        return;
-    c8y->bootstrap = true;
-    c8y->bootstrap_interval_ms = 5000;
-    conf_key_join(k, sizeof(k), path, "user");
-    if (conf_node_present(values[C8Y_BS_USER]))
-        conf_get_text(ld, values[C8Y_BS_USER], k,
-                      "the bootstrap user, e.g. management/devicebootstrap", CONF_MQTT_STRING_MAX,
-                      &c8y->bootstrap_user);
-    else
-        conf_set_string(ld, &c8y->bootstrap_user, C8Y_DEFAULT_BOOTSTRAP);
-    if (conf_node_present(values[C8Y_BS_PASSWORD]) &&
-        conf_node_present(values[C8Y_BS_PASSWORD_FILE])) {
-        conf_key_join(k, sizeof(k), path, "password_file");
-        conf_report(ld, values[C8Y_BS_PASSWORD_FILE]->start_mark, k,
-                    "give either password or password_file, not both");
-    } else if (conf_node_present(values[C8Y_BS_PASSWORD])) {
-        conf_key_join(k, sizeof(k), path, "password");
-        conf_get_text(ld, values[C8Y_BS_PASSWORD], k, "the bootstrap password",
-                      CONF_MQTT_STRING_MAX, &c8y->bootstrap_password);
-    } else if (conf_node_present(values[C8Y_BS_PASSWORD_FILE])) {
-        conf_key_join(k, sizeof(k), path, "password_file");
-        read_password_file(ld, values[C8Y_BS_PASSWORD_FILE], k, &c8y->bootstrap_password);
-    } else {
-        conf_key_join(k, sizeof(k), path, "password");
-        conf_report(ld, node->start_mark, k,
-                    "missing (required: the bootstrap password from Cumulocity, or password_file)");
-    }
-    if (conf_node_present(values[C8Y_BS_INTERVAL])) {
-        conf_key_join(k, sizeof(k), path, "interval");
-        if (conf_get_duration_ms(ld, values[C8Y_BS_INTERVAL], k, 100, 3600 * 1000ULL, &ms) == 0)
-            c8y->bootstrap_interval_ms = (unsigned)ms;
-    }
-}
-
-static void parse_c8y_will(struct conf_loader *ld, yaml_node_t *node, const char *path,
-                           struct conf_cumulocity *c8y)
-{
-    yaml_node_t *values[C8Y_WILL_KEYS];
-    yaml_mark_t marks[C8Y_WILL_KEYS];
-    char k[CONF_KEY_MAX];
-
-    if (node->type == YAML_SCALAR_NODE) {
-        bool on = true;
-        if (conf_get_bool(ld, node, path, &on) == 0 && on)
-            conf_report(ld, node->start_mark, path,
-                        "true is the default (expected false, or {topic, message})");
-        c8y->will = on;
-        return;
-    }
-    if (!conf_walk_mapping(ld, node, path, c8y_will_keys, C8Y_WILL_KEYS, values, marks))
-        return;
-    if (conf_node_present(values[C8Y_WILL_TOPIC])) {
-        conf_key_join(k, sizeof(k), path, "topic");
-        conf_get_text(ld, values[C8Y_WILL_TOPIC], k, "a topic such as s/us", CONF_TOPIC_PREFIX_MAX,
-                      &c8y->will_topic);
-    }
-    if (conf_node_present(values[C8Y_WILL_MESSAGE])) {
-        conf_key_join(k, sizeof(k), path, "message");
-        conf_get_text(ld, values[C8Y_WILL_MESSAGE], k, "a SmartREST line", 16000,
-                      &c8y->will_message);
-    }
-}
-
-static void parse_cumulocity(struct conf_loader *ld, yaml_node_t *node, const char *path,
-                             struct conf_uplink *uplink)
-{
-    struct conf_cumulocity *c8y = &uplink->cumulocity;
-    yaml_node_t *values[C8Y_KEYS] = {NULL};
-    yaml_mark_t marks[C8Y_KEYS];
-    char k[CONF_KEY_MAX], quoted[CONF_QUOTE_MAX];
-    uint64_t number;
-
-    c8y->required_interval_min = -1;
-    c8y->will = true;
-    if (node != NULL && !conf_walk_mapping(ld, node, path, c8y_keys, C8Y_KEYS, values, marks))
-        return;
-    conf_key_join(k, sizeof(k), path, "device_id");
-    if (conf_node_present(values[C8Y_DEVICE_ID]))
-        get_c8y_id(ld, values[C8Y_DEVICE_ID], k, &c8y->device_id);
-    if (conf_node_present(values[C8Y_TEMPLATE])) {
-        conf_key_join(k, sizeof(k), path, "template");
-        if (conf_get_text(ld, values[C8Y_TEMPLATE], k, "a SmartREST template collection id (X-ID)",
-                          256, &c8y->template_id) == 0 &&
-            c8y->template_id && conf_first_bad_char(c8y->template_id, "_-.") != NULL) {
-            conf_report(
-                ld, values[C8Y_TEMPLATE]->start_mark, k,
-                "%s contains a character other than A-Z a-z 0-9 _ - . (it becomes part of the "
-                "client id and of s/uc/<template>)",
-                conf_quote(c8y->template_id, quoted, sizeof(quoted)));
-        }
-    }
-    if (conf_node_present(values[C8Y_TENANT])) {
-        conf_key_join(k, sizeof(k), path, "tenant");
-        if (conf_get_text(ld, values[C8Y_TENANT], k, "a tenant id such as t12345", 256,
-                          &c8y->tenant) == 0 &&
-            c8y->tenant && strchr(c8y->tenant, '/'))
-            conf_report(ld, values[C8Y_TENANT]->start_mark, k,
-                        "%s contains '/' (expected a tenant id)",
-                        conf_quote(c8y->tenant, quoted, sizeof(quoted)));
-    }
-    conf_key_join(k, sizeof(k), path, "name");
-    if (conf_node_present(values[C8Y_NAME]))
-        conf_get_text(ld, values[C8Y_NAME], k, "the device name shown in Cumulocity", 256,
-                      &c8y->name);
-    conf_key_join(k, sizeof(k), path, "type");
-    if (conf_node_present(values[C8Y_TYPE]))
-        conf_get_text(ld, values[C8Y_TYPE], k, "a device type", 256, &c8y->type);
-    else
-        conf_set_string(ld, &c8y->type, C8Y_DEFAULT_TYPE);
-    if (conf_node_present(values[C8Y_HARDWARE])) {
-        yaml_node_t *hw[C8Y_HW_KEYS];
-        yaml_mark_t hw_marks[C8Y_HW_KEYS];
-        char hw_path[CONF_KEY_MAX];
-        conf_key_join(hw_path, sizeof(hw_path), path, "hardware");
-        if (conf_walk_mapping(ld, values[C8Y_HARDWARE], hw_path, c8y_hw_keys, C8Y_HW_KEYS, hw,
-                              hw_marks)) {
-            char **dst[C8Y_HW_KEYS] = {&c8y->hardware_serial, &c8y->hardware_model,
-                                       &c8y->hardware_revision};
-            for (size_t i = 0; i < C8Y_HW_KEYS; i++) {
-                conf_key_join(k, sizeof(k), hw_path, c8y_hw_keys[i]);
-                if (conf_node_present(hw[i]))
-                    conf_get_text(ld, hw[i], k, "text", 256, dst[i]);
-                else
-                    conf_set_string(ld, dst[i], "");
-            }
-        }
-    }
-    if (conf_node_present(values[C8Y_SUPPORTED_OPERATIONS])) {
-        conf_key_join(k, sizeof(k), path, "supported_operations");
-        conf_get_string_list(ld, values[C8Y_SUPPORTED_OPERATIONS], k,
-                             "a list of operation fragments, e.g. [c8y_Restart]", NULL,
-                             &c8y->supported_operations, &c8y->supported_operation_count);
-    }
-    if (conf_node_present(values[C8Y_REQUIRED_INTERVAL])) {
-        conf_key_join(k, sizeof(k), path, "required_interval");
-        if (conf_get_uint(ld, values[C8Y_REQUIRED_INTERVAL], k, "a number of minutes", 0, 525600,
-                          &number) == 0)
-            c8y->required_interval_min = (int)number;
-    }
-    if (conf_node_present(values[C8Y_BOOTSTRAP])) {
-        conf_key_join(k, sizeof(k), path, "bootstrap");
-        parse_c8y_bootstrap(ld, values[C8Y_BOOTSTRAP], k, c8y);
-    }
-    if (conf_node_present(values[C8Y_WILL])) {
-        conf_key_join(k, sizeof(k), path, "will");
-        parse_c8y_will(ld, values[C8Y_WILL], k, c8y);
-    }
-    if (c8y->will && c8y->will_topic == NULL)
-        conf_set_string(ld, &c8y->will_topic, C8Y_DEFAULT_WILL_TOPIC);
-    if (c8y->will && c8y->will_message == NULL)
-        conf_set_string(ld, &c8y->will_message, C8Y_DEFAULT_WILL);
-    if (conf_node_present(values[C8Y_CHILDREN])) {
-        conf_key_join(k, sizeof(k), path, "children");
-        parse_c8y_children(ld, values[C8Y_CHILDREN], k, c8y);
-    }
-    if (conf_node_present(values[C8Y_TOKEN])) {
-        conf_key_join(k, sizeof(k), path, "token");
-        conf_get_bool(ld, values[C8Y_TOKEN], k, &c8y->token);
-    }
-}
-
-/* After the whole uplink is read: the Cumulocity rules that tie profile,
- * auth and tls together (Cumulocity "MQTT implementation": user name
- * <tenant>/<user>, or a client certificate whose CN is the device id). */
-static void check_cumulocity(struct conf_loader *ld, yaml_node_t *uplink_node, const char *path,
-                             struct conf_uplink *uplink)
-{
-    struct conf_cumulocity *c8y = &uplink->cumulocity;
-    char k[CONF_KEY_MAX];
-    bool cert = uplink->tls.enabled && uplink->tls.cert != NULL;
-
-    conf_key_join(k, sizeof(k), path, "auth");
-    if (uplink->auth.type == CONF_AUTH_JWT) {
-        conf_report(ld, uplink_node->start_mark, k,
-                    "type jwt is not used by Cumulocity (expected basic, or none with a client "
-                    "certificate in tls.cert or cumulocity.bootstrap)");
-    } else if (c8y->bootstrap && uplink->auth.type != CONF_AUTH_NONE) {
-        conf_report(ld, uplink_node->start_mark, k,
-                    "cumulocity.bootstrap fetches the credentials; leave auth out (or type none)");
-    } else if (uplink->auth.type == CONF_AUTH_BASIC && c8y->tenant == NULL &&
-               (uplink->auth.username == NULL || strchr(uplink->auth.username, '/') == NULL)) {
-        conf_report(ld, uplink_node->start_mark, k,
-                    "username must be <tenant>/<user> for Cumulocity (or set cumulocity.tenant)");
-    } else if (uplink->auth.type == CONF_AUTH_NONE && !cert && !c8y->bootstrap) {
-        conf_report(ld, uplink_node->start_mark, k,
-                    "missing: Cumulocity needs auth type basic (<tenant>/<user> and password), a "
-                    "client certificate (tls.cert, CN = the device id) or cumulocity.bootstrap");
-    }
-}
-
-/* ------------------------------------------------------------------------ */
-/* Profiles: gcp (Google Cloud IoT Core / ClearBlade IoT Core), akenza       */
-
-#define GCP_DEFAULT_ATTACH_IDLE_MS (30ULL * 60 * 1000)
-
-enum {
-    GCP_PROJECT,
-    GCP_REGION,
-    GCP_REGISTRY,
-    GCP_DEVICE,
-    GCP_GATEWAY,
-    GCP_ATTACH_IDLE,
-    GCP_CHILD_KEY,
-    GCP_KEYS
-};
-static const char *const gcp_keys[GCP_KEYS] = {
-    [GCP_PROJECT] = "project",     [GCP_REGION] = "region",   [GCP_REGISTRY] = "registry",
-    [GCP_DEVICE] = "device",       [GCP_GATEWAY] = "gateway", [GCP_ATTACH_IDLE] = "attach_idle",
-    [GCP_CHILD_KEY] = "child_key",
-};
-
-/* A GCP device id (gcp_id_check) or, for @what, a project/region/registry
- * name: they become levels of the client id, so no '/'. */
-static void get_gcp_name(struct conf_loader *ld, yaml_node_t *node, const char *key, bool device,
-                         const char *expected, char **dst)
-{
-    char quoted[CONF_QUOTE_MAX];
-    char *value = NULL;
-    const char *why = NULL;
-
-    if (conf_get_text(ld, node, key, expected, device ? GCP_ID_MAX : 255, &value) < 0 ||
-        value == NULL)
-        return;
-    if (device)
-        why = gcp_id_check(value);
-    else if (conf_first_bad_char(value, "-_.:") != NULL)
-        why = "contains a character other than A-Z a-z 0-9 - _ . : (it becomes a level of the "
-              "client id projects/<project>/locations/<region>/registries/<registry>/...)";
-    if (why) {
-        conf_report(ld, node->start_mark, key, "%s: %s (expected %s)",
-                    conf_quote(value, quoted, sizeof(quoted)), why, expected);
-        free(value);
-        return;
-    }
-    free(*dst);
-    *dst = value;
-}
-
-/* The JWT rules both JWT clouds share: auth.type jwt is required. */
-static bool check_jwt_cloud(struct conf_loader *ld, yaml_node_t *uplink_node, const char *path,
-                            struct conf_uplink *uplink, const char *cloud)
-{
-    char k[CONF_KEY_MAX];
-
-    conf_key_join(k, sizeof(k), path, "auth");
-    if (uplink->auth.type != CONF_AUTH_JWT) {
-        conf_report(ld, uplink_node->start_mark, k,
-                    "%s needs type jwt (a JWT signed with the device's private key is the MQTT "
-                    "password: add auth: {type: jwt, key: /etc/uplinkd/device.key})",
-                    cloud);
-        return false;
-    }
-    /* GCP and akenza register RS256 and ES256 public keys only. */
-    if (uplink->auth.jwt.alg != JWT_ALG_RS256 && uplink->auth.jwt.alg != JWT_ALG_ES256) {
-        conf_key_join(k, sizeof(k), path, "auth.alg");
-        conf_report(
-            ld, uplink_node->start_mark, k,
-            "%s is not accepted by %s (expected RS256 with an RSA key or ES256 with a P-256 "
-            "key)",
-            jwt_alg_name(uplink->auth.jwt.alg), cloud);
-        return false;
-    }
-    return true;
-}
-
-static void parse_gcp(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
-                      const char *uplink_path, const char *path, struct conf_uplink *uplink)
-{
-    struct conf_gcp *gcp = &uplink->gcp;
-    yaml_node_t *values[GCP_KEYS] = {NULL};
-    yaml_mark_t marks[GCP_KEYS];
-    char k[CONF_KEY_MAX];
-    const char *gateway_id = ld->conf->gateway_id;
-
-    gcp->attach_idle_ms = GCP_DEFAULT_ATTACH_IDLE_MS;
-    if (node == NULL) {
-        conf_report(ld, uplink_node->start_mark, path,
-                    "missing (required with profile gcp: {project, region, registry})");
-        return;
-    }
-    if (!conf_walk_mapping(ld, node, path, gcp_keys, GCP_KEYS, values, marks))
-        return;
-    static const char *const required[] = {"the Google Cloud project id",
-                                           "the cloud region, e.g. us-central1",
-                                           "the device registry id"};
-    char **dst[] = {&gcp->project, &gcp->region, &gcp->registry};
-    for (int i = GCP_PROJECT; i <= GCP_REGISTRY; i++) {
-        conf_key_join(k, sizeof(k), path, gcp_keys[i]);
-        if (conf_node_present(values[i]))
-            get_gcp_name(ld, values[i], k, false, required[i], dst[i]);
-        else
-            conf_report(ld, node->start_mark, k, "missing (required: %s)", required[i]);
-    }
-    conf_key_join(k, sizeof(k), path, "device");
-    if (conf_node_present(values[GCP_DEVICE])) {
-        get_gcp_name(ld, values[GCP_DEVICE], k, true, "the gateway's GCP device id", &gcp->device);
-    } else if (gateway_id != NULL) {
-        const char *why = gcp_id_check(gateway_id);
-        if (why)
-            conf_report(ld, node->start_mark, k,
-                        "missing, and gateway.id \"%s\" is not a GCP device id: %s (set %s)",
-                        gateway_id, why, k);
-        else
-            conf_set_string(ld, &gcp->device, gateway_id);
-    }
-    if (conf_node_present(values[GCP_GATEWAY])) {
-        conf_key_join(k, sizeof(k), path, "gateway");
-        conf_get_bool(ld, values[GCP_GATEWAY], k, &gcp->gateway);
-    }
-    if (conf_node_present(values[GCP_ATTACH_IDLE])) {
-        conf_key_join(k, sizeof(k), path, "attach_idle");
-        conf_get_duration_ms(ld, values[GCP_ATTACH_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
-                             &gcp->attach_idle_ms);
-    }
-    if (conf_node_present(values[GCP_CHILD_KEY])) {
-        conf_key_join(k, sizeof(k), path, "child_key");
-        if (conf_get_text(ld, values[GCP_CHILD_KEY], k,
-                          "a key file pattern with %c for the child id, e.g. "
-                          "/etc/uplinkd/devices/%c.pem",
-                          4000, &gcp->child_key) == 0 &&
-            gcp->child_key != NULL && strstr(gcp->child_key, "%c") == NULL)
-            conf_report(ld, values[GCP_CHILD_KEY]->start_mark, k,
-                        "has no %%c (expected a key file pattern with %%c for the child id, e.g. "
-                        "/etc/uplinkd/devices/%%c.pem)");
-        else if (gcp->child_key != NULL && gcp->child_key[0] != '/')
-            conf_report(ld, values[GCP_CHILD_KEY]->start_mark, k,
-                        "must be an absolute path (expected e.g. /etc/uplinkd/devices/%%c.pem)");
-    }
-    if ((values[GCP_ATTACH_IDLE] || values[GCP_CHILD_KEY]) && !gcp->gateway) {
-        conf_key_join(k, sizeof(k), path, values[GCP_CHILD_KEY] ? "child_key" : "attach_idle");
-        conf_report(
-            ld,
-            (values[GCP_CHILD_KEY] ? values[GCP_CHILD_KEY] : values[GCP_ATTACH_IDLE])->start_mark,
-            k, "is only used with gateway: true");
-    }
-    if (!check_jwt_cloud(ld, uplink_node, uplink_path, uplink, "GCP IoT Core"))
-        return;
-    /* "Using JSON Web Tokens": aud is the project id. */
-    if (uplink->auth.jwt.aud == NULL && gcp->project != NULL)
-        conf_set_string(ld, &uplink->auth.jwt.aud, gcp->project);
-    /* GCP quota: 100 incoming messages per second per connection, all
-     * attached children together; the uplink's token bucket keeps to it.
-     * Only rate.max_msgs_per_s replaces the default (parse_rate() ran
-     * already and takes no 0): a rate section with max_bytes_per_s alone
-     * must not lift it. */
-    if (uplink->rate.max_msgs_per_s == 0)
-        uplink->rate.max_msgs_per_s = GCP_MSGS_PER_S;
-}
-
-enum { AKENZA_DEVICE, AKENZA_CHILD_KEY, AKENZA_SESSION_IDLE, AKENZA_KEYS };
-static const char *const akenza_keys[AKENZA_KEYS] = {
-    [AKENZA_DEVICE] = "device",
-    [AKENZA_CHILD_KEY] = "child_key",
-    [AKENZA_SESSION_IDLE] = "session_idle",
-};
-
-#define AKENZA_DEFAULT_SESSION_IDLE_MS (10ULL * 60 * 1000)
-
-#define AKENZA_AUD_PREFIX "https://akenza.io/devices/"
-
-static void parse_akenza(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
-                         const char *uplink_path, const char *path, struct conf_uplink *uplink)
-{
-    static const char expected[] = "the akenza device id (its MQTT client id)";
-    struct conf_akenza *akenza = &uplink->akenza;
-    struct conf_jwt *jwt = &uplink->auth.jwt;
-    yaml_node_t *values[AKENZA_KEYS] = {NULL};
-    yaml_mark_t marks[AKENZA_KEYS];
-    char k[CONF_KEY_MAX], quoted[CONF_QUOTE_MAX];
-
-    akenza->session_idle_ms = AKENZA_DEFAULT_SESSION_IDLE_MS;
-    if (node != NULL && !conf_walk_mapping(ld, node, path, akenza_keys, AKENZA_KEYS, values, marks))
-        return;
-    if (conf_node_present(values[AKENZA_CHILD_KEY])) {
-        conf_key_join(k, sizeof(k), path, "child_key");
-        if (conf_get_text(ld, values[AKENZA_CHILD_KEY], k,
-                          "a key file pattern with %c for the child id, e.g. "
-                          "/etc/uplinkd/devices/%c.key",
-                          4000, &akenza->child_key) == 0 &&
-            akenza->child_key != NULL &&
-            (akenza->child_key[0] != '/' || strstr(akenza->child_key, "%c") == NULL))
-            conf_report(ld, values[AKENZA_CHILD_KEY]->start_mark, k,
-                        "%s is not an absolute path with %%c (expected e.g. "
-                        "/etc/uplinkd/devices/%%c.key)",
-                        conf_quote(akenza->child_key, quoted, sizeof(quoted)));
-    }
-    if (conf_node_present(values[AKENZA_SESSION_IDLE])) {
-        conf_key_join(k, sizeof(k), path, "session_idle");
-        if (akenza->child_key == NULL)
-            conf_report(ld, values[AKENZA_SESSION_IDLE]->start_mark, k,
-                        "is only used with child_key (per-device sessions)");
-        else
-            conf_get_duration_ms(ld, values[AKENZA_SESSION_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
-                                 &akenza->session_idle_ms);
-    }
-    conf_key_join(k, sizeof(k), path, "device");
-    if (conf_node_present(values[AKENZA_DEVICE])) {
-        if (conf_get_text(ld, values[AKENZA_DEVICE], k, expected, MAPPING_CHILD_MAX,
-                          &akenza->device) == 0 &&
-            akenza->device != NULL) {
-            const char *why = mapping_child_check(akenza->device, strlen(akenza->device));
-            if (why) {
-                conf_report(ld, values[AKENZA_DEVICE]->start_mark, k, "%s: %s (expected %s)",
-                            conf_quote(akenza->device, quoted, sizeof(quoted)), why, expected);
-                free(akenza->device);
-                akenza->device = NULL;
-            }
-        }
-    } else if (ld->conf->gateway_id != NULL) {
-        conf_set_string(ld, &akenza->device, ld->conf->gateway_id);
-    }
-    if (!check_jwt_cloud(ld, uplink_node, uplink_path, uplink, "akenza") || akenza->device == NULL)
-        return;
-    /* akenza "MQTT device connectivity" (JWT): aud https://akenza.io/devices/
-     * <device id> (older docs: the bare id, so auth.aud may say so), sub =
-     * the device id, kid = hex SHA-256 of the public key's DER. */
-    if (jwt->aud == NULL) {
-        size_t len = strlen(AKENZA_AUD_PREFIX) + strlen(akenza->device) + 1;
-        jwt->aud = malloc(len);
-        if (jwt->aud == NULL) {
-            ld->oom = true;
-            return;
-        }
-        snprintf(jwt->aud, len, "%s%s", AKENZA_AUD_PREFIX, akenza->device);
-    }
-    if (jwt->kid_mode == JWT_KID_NONE)
-        jwt->kid_mode = JWT_KID_FINGERPRINT;
-    for (size_t i = 0; i < jwt->claim_count; i++) {
-        if (strcmp(jwt->claims[i].name, "sub") == 0)
-            return; /* the operator's own */
-    }
-    struct conf_jwt_claim *grown = realloc(jwt->claims, (jwt->claim_count + 1) * sizeof(*grown));
-    if (grown == NULL) {
-        ld->oom = true;
-        return;
-    }
-    jwt->claims = grown;
-    grown[jwt->claim_count].name = strdup("sub");
-    grown[jwt->claim_count].value = strdup(akenza->device);
-    if (grown[jwt->claim_count].name == NULL || grown[jwt->claim_count].value == NULL) {
-        free(grown[jwt->claim_count].name);
-        free(grown[jwt->claim_count].value);
-        ld->oom = true;
-        return;
-    }
-    jwt->claim_count++;
-}
-
 enum {
     UPLINK_NAME,
     UPLINK_PROFILE,
@@ -2149,33 +1355,28 @@ enum {
     UPLINK_RECONNECT,
     UPLINK_MAX_QUEUED,
     UPLINK_MAX_INFLIGHT,
-    UPLINK_GENERIC,
     UPLINK_SPOOL,
     UPLINK_RATE,
-    UPLINK_CUMULOCITY,
-    UPLINK_GCP,
-    UPLINK_AKENZA,
-    UPLINK_KEYS
+    UPLINK_SECTIONS, /* then one key per profile, named after it, in the list's order */
+    UPLINK_KEYS = UPLINK_SECTIONS + PROFILE_COUNT
 };
-static const char *const uplink_keys[UPLINK_KEYS] = {
-    [UPLINK_NAME] = "name",
-    [UPLINK_PROFILE] = "profile",
-    [UPLINK_HOST] = "host",
-    [UPLINK_PORT] = "port",
-    [UPLINK_CLIENT_ID] = "client_id",
-    [UPLINK_KEEPALIVE] = "keepalive",
-    [UPLINK_CLEAN_SESSION] = "clean_session",
-    [UPLINK_TLS] = "tls",
-    [UPLINK_AUTH] = "auth",
-    [UPLINK_RECONNECT] = "reconnect",
-    [UPLINK_MAX_QUEUED] = "max_queued",
-    [UPLINK_MAX_INFLIGHT] = "max_inflight",
-    [UPLINK_GENERIC] = "generic",
-    [UPLINK_SPOOL] = "spool",
-    [UPLINK_RATE] = "rate",
-    [UPLINK_CUMULOCITY] = "cumulocity",
-    [UPLINK_GCP] = "gcp",
-    [UPLINK_AKENZA] = "akenza",
+static const char *const uplink_keys[UPLINK_KEYS] = {[UPLINK_NAME] = "name",
+                                                     [UPLINK_PROFILE] = "profile",
+                                                     [UPLINK_HOST] = "host",
+                                                     [UPLINK_PORT] = "port",
+                                                     [UPLINK_CLIENT_ID] = "client_id",
+                                                     [UPLINK_KEEPALIVE] = "keepalive",
+                                                     [UPLINK_CLEAN_SESSION] = "clean_session",
+                                                     [UPLINK_TLS] = "tls",
+                                                     [UPLINK_AUTH] = "auth",
+                                                     [UPLINK_RECONNECT] = "reconnect",
+                                                     [UPLINK_MAX_QUEUED] = "max_queued",
+                                                     [UPLINK_MAX_INFLIGHT] = "max_inflight",
+                                                     [UPLINK_SPOOL] = "spool",
+                                                     [UPLINK_RATE] = "rate",
+#define PROFILE_SECTION_KEY(name) #name,
+                                                     PROFILE_LIST(PROFILE_SECTION_KEY)
+#undef PROFILE_SECTION_KEY
 };
 
 static void parse_uplink_name(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *map,
@@ -2218,6 +1419,38 @@ static void parse_uplink_name(struct conf_loader *ld, yaml_node_t *node, yaml_no
         }
     }
     ld->uplink_name_marks[index] = node->start_mark;
+}
+
+/* uplinks[].<profile>: the uplink's own profile reads its section (also
+ * when absent, for its defaults and rules); a section of another profile
+ * is a mistake worth saying. */
+static void parse_sections(struct conf_loader *ld, yaml_node_t *node, const char *path,
+                           yaml_node_t *const *values, struct conf_uplink *uplink)
+{
+    const struct profile_spec *const *specs = profile_specs();
+    char key[CONF_KEY_MAX];
+
+    for (size_t i = 0; i < PROFILE_COUNT; i++) {
+        const struct profile_spec *spec = specs[i];
+        yaml_node_t *section = values[UPLINK_SECTIONS + i];
+
+        if (spec != uplink->spec) {
+            if (conf_node_present(section)) {
+                conf_key_join(key, sizeof(key), path, spec->name);
+                conf_report(ld, section->start_mark, key, "is only used with profile: %s",
+                            spec->name);
+            }
+            continue;
+        }
+        if (spec->client_id_from != NULL && conf_node_present(values[UPLINK_CLIENT_ID])) {
+            conf_key_join(key, sizeof(key), path, "client_id");
+            conf_report(ld, values[UPLINK_CLIENT_ID]->start_mark, key,
+                        "is set by profile %s (from %s.%s); remove it", spec->name, spec->name,
+                        spec->client_id_from);
+        }
+        if (spec->conf_parse != NULL)
+            spec->conf_parse(ld, conf_node_present(section) ? section : NULL, node, path, uplink);
+    }
 }
 
 static void parse_uplink(struct conf_loader *ld, yaml_node_t *node, size_t index)
@@ -2269,6 +1502,7 @@ static void parse_uplink(struct conf_loader *ld, yaml_node_t *node, size_t index
     } else {
         conf_set_string(ld, &uplink->profile, DEFAULT_PROFILE);
     }
+    uplink->spec = uplink->profile ? profile_spec_find(uplink->profile) : NULL;
 
     conf_key_join(key, sizeof(key), path, "host");
     if (!conf_node_present(values[UPLINK_HOST])) {
@@ -2331,7 +1565,7 @@ static void parse_uplink(struct conf_loader *ld, yaml_node_t *node, size_t index
 
     if (conf_node_present(values[UPLINK_AUTH])) {
         conf_key_join(key, sizeof(key), path, "auth");
-        parse_auth(ld, values[UPLINK_AUTH], key, uplink->profile, &uplink->auth);
+        parse_auth(ld, values[UPLINK_AUTH], key, uplink->spec, &uplink->auth);
     }
 
     if (conf_node_present(values[UPLINK_RECONNECT])) {
@@ -2362,44 +1596,7 @@ static void parse_uplink(struct conf_loader *ld, yaml_node_t *node, size_t index
         parse_rate(ld, values[UPLINK_RATE], key, &uplink->rate);
     }
 
-    if (conf_node_present(values[UPLINK_GENERIC])) {
-        conf_key_join(key, sizeof(key), path, "generic");
-        parse_generic(ld, values[UPLINK_GENERIC], key, &uplink->generic);
-    }
-
-    conf_key_join(key, sizeof(key), path, "cumulocity");
-    if (uplink->profile != NULL && strcmp(uplink->profile, "cumulocity") == 0) {
-        parse_cumulocity(
-            ld, conf_node_present(values[UPLINK_CUMULOCITY]) ? values[UPLINK_CUMULOCITY] : NULL,
-            key, uplink);
-        check_cumulocity(ld, node, path, uplink);
-    } else if (conf_node_present(values[UPLINK_CUMULOCITY])) {
-        conf_report(ld, values[UPLINK_CUMULOCITY]->start_mark, key,
-                    "is only used with profile: cumulocity");
-    }
-
-    /* gcp and akenza build the client id from their own section. */
-    bool is_gcp = uplink->profile != NULL && strcmp(uplink->profile, "gcp") == 0;
-    bool is_akenza = uplink->profile != NULL && strcmp(uplink->profile, "akenza") == 0;
-    if ((is_gcp || is_akenza) && conf_node_present(values[UPLINK_CLIENT_ID])) {
-        conf_key_join(key, sizeof(key), path, "client_id");
-        conf_report(ld, values[UPLINK_CLIENT_ID]->start_mark, key,
-                    "is set by profile %s (from %s.%s); remove it", uplink->profile,
-                    uplink->profile, is_gcp ? "project, region, registry and device" : "device");
-    }
-    conf_key_join(key, sizeof(key), path, "gcp");
-    if (is_gcp)
-        parse_gcp(ld, conf_node_present(values[UPLINK_GCP]) ? values[UPLINK_GCP] : NULL, node, path,
-                  key, uplink);
-    else if (conf_node_present(values[UPLINK_GCP]))
-        conf_report(ld, values[UPLINK_GCP]->start_mark, key, "is only used with profile: gcp");
-    conf_key_join(key, sizeof(key), path, "akenza");
-    if (is_akenza)
-        parse_akenza(ld, conf_node_present(values[UPLINK_AKENZA]) ? values[UPLINK_AKENZA] : NULL,
-                     node, path, key, uplink);
-    else if (conf_node_present(values[UPLINK_AKENZA]))
-        conf_report(ld, values[UPLINK_AKENZA]->start_mark, key,
-                    "is only used with profile: akenza");
+    parse_sections(ld, node, path, values, uplink);
 }
 
 static void parse_uplinks(struct conf_loader *ld, yaml_node_t *node)
@@ -2575,18 +1772,6 @@ static void apply_defaults(struct conf_loader *ld)
         struct conf_uplink *uplink = &conf->uplinks[i];
         if (uplink->client_id == NULL)
             conf_set_string(ld, &uplink->client_id, conf->gateway_id);
-        if (uplink->generic.topic_prefix == NULL)
-            conf_set_string(ld, &uplink->generic.topic_prefix, conf->gateway_id);
-        if (uplink->profile != NULL && strcmp(uplink->profile, "cumulocity") == 0) {
-            struct conf_cumulocity *c8y = &uplink->cumulocity;
-            if (c8y->device_id == NULL)
-                conf_set_string(ld, &c8y->device_id, conf->gateway_id);
-            if (c8y->name == NULL && c8y->device_id != NULL)
-                conf_set_string(ld, &c8y->name, c8y->device_id);
-            /* X.509: Cumulocity takes the device from the certificate's CN. */
-            if (uplink->tls.enabled && uplink->tls.cert != NULL && c8y->device_id != NULL)
-                conf_set_string(ld, &uplink->cert_cn, c8y->device_id);
-        }
     }
 }
 
@@ -2830,41 +2015,8 @@ void conf_free(struct conf *conf)
             free(uplink->auth.jwt.claims[j].value);
         }
         free(uplink->auth.jwt.claims);
-        free(uplink->generic.topic_prefix);
-        for (size_t j = 0; j < uplink->generic.up_count; j++)
-            free(uplink->generic.up[j].cloud);
-        free(uplink->generic.up);
-        for (size_t j = 0; j < uplink->generic.down_count; j++)
-            free(uplink->generic.down[j].cloud);
-        free(uplink->generic.down);
-        struct conf_cumulocity *c8y = &uplink->cumulocity;
-        free(c8y->device_id);
-        free(c8y->template_id);
-        free(c8y->tenant);
-        free(c8y->name);
-        free(c8y->type);
-        free(c8y->hardware_serial);
-        free(c8y->hardware_model);
-        free(c8y->hardware_revision);
-        conf_free_strings(c8y->supported_operations, c8y->supported_operation_count);
-        free(c8y->bootstrap_user);
-        conf_free_secret(c8y->bootstrap_password);
-        free(c8y->will_topic);
-        free(c8y->will_message);
-        for (size_t j = 0; j < c8y->child_count; j++) {
-            free(c8y->children[j].match);
-            free(c8y->children[j].parent);
-            free(c8y->children[j].name);
-            free(c8y->children[j].type);
-        }
-        free(c8y->children);
-        free(uplink->gcp.project);
-        free(uplink->gcp.region);
-        free(uplink->gcp.registry);
-        free(uplink->gcp.device);
-        free(uplink->gcp.child_key);
-        free(uplink->akenza.device);
-        free(uplink->akenza.child_key);
+        if (uplink->spec != NULL && uplink->spec->conf_free != NULL)
+            uplink->spec->conf_free(uplink->section);
         free(uplink->cert_cn);
     }
     free(conf->uplinks);
@@ -2932,15 +2084,14 @@ static bool jwt_equal(const struct conf_jwt *a, const struct conf_jwt *b)
            a->clock_check == b->clock_check;
 }
 
-/* Cumulocity settings that go into CONNECT (client id, user name, will). */
-static bool c8y_session_equal(const struct conf_cumulocity *a, const struct conf_cumulocity *b)
+/* The profile's section, as far as it goes into CONNECT (same profile). */
+static bool section_equal(const struct conf_uplink *a, const struct conf_uplink *b)
 {
-    return conf_str_equal(a->device_id, b->device_id) &&
-           conf_str_equal(a->template_id, b->template_id) && conf_str_equal(a->tenant, b->tenant) &&
-           a->bootstrap == b->bootstrap && conf_str_equal(a->bootstrap_user, b->bootstrap_user) &&
-           conf_str_equal(a->bootstrap_password, b->bootstrap_password) && a->will == b->will &&
-           conf_str_equal(a->will_topic, b->will_topic) &&
-           conf_str_equal(a->will_message, b->will_message);
+    if (a->spec == NULL || a->spec->conf_session_equal == NULL)
+        return true;
+    if (a->section == NULL || b->section == NULL)
+        return a->section == b->section;
+    return a->spec->conf_session_equal(a->section, b->section);
 }
 
 /* Only what goes into the connection: the broker address, TLS, CONNECT
@@ -2963,10 +2114,5 @@ bool conf_uplink_equal(const struct conf_uplink *a, const struct conf_uplink *b)
            conf_str_equal(a->auth.password, b->auth.password) &&
            a->tls.min_version == b->tls.min_version && conf_str_equal(a->tls.alpn, b->tls.alpn) &&
            a->tls.insecure == b->tls.insecure && jwt_equal(&a->auth.jwt, &b->auth.jwt) &&
-           c8y_session_equal(&a->cumulocity, &b->cumulocity) &&
-           conf_str_equal(a->gcp.project, b->gcp.project) &&
-           conf_str_equal(a->gcp.region, b->gcp.region) &&
-           conf_str_equal(a->gcp.registry, b->gcp.registry) &&
-           conf_str_equal(a->gcp.device, b->gcp.device) && a->gcp.gateway == b->gcp.gateway &&
-           conf_str_equal(a->akenza.device, b->akenza.device);
+           a->spec == b->spec && section_equal(a, b);
 }

@@ -978,3 +978,85 @@ bool conf_str_equal(const char *a, const char *b)
         return a == b;
     return strcmp(a, b) == 0;
 }
+
+void conf_read_password_file(struct conf_loader *ld, const yaml_node_t *node, const char *key,
+                             char **password)
+{
+    static const char what[] = "a readable file that holds the password";
+    char quoted[CONF_QUOTE_MAX];
+    char *path = NULL;
+    char *content = NULL;
+    size_t len = 0;
+    const char *text = conf_scalar_text(ld, node, key, what);
+    int rc;
+
+    if (text == NULL)
+        return;
+    if (text[0] == '\0') {
+        conf_report(ld, node->start_mark, key, "is empty (expected %s)", what);
+        return;
+    }
+    if (conf_resolve_path(ld, text, &path) < 0)
+        return;
+    rc = util_read_file(path, CONF_MQTT_STRING_MAX + 2, &content, &len);
+    if (rc == -ENOMEM) {
+        ld->oom = true;
+        goto out;
+    }
+    if (rc < 0) {
+        conf_report(ld, node->start_mark, key, "cannot read %s: %s (expected %s)",
+                    conf_quote(path, quoted, sizeof(quoted)),
+                    rc == -EFBIG ? "file too large" : strerror(-rc), what);
+        goto out;
+    }
+    if (len > 0 && content[len - 1] == '\n')
+        content[--len] = '\0';
+    if (len > 0 && content[len - 1] == '\r')
+        content[--len] = '\0';
+    if (len == 0 || strlen(content) != len || len > CONF_MQTT_STRING_MAX) {
+        conf_report(ld, node->start_mark, key, "%s %s (expected %s)",
+                    conf_quote(path, quoted, sizeof(quoted)),
+                    len == 0                 ? "is empty"
+                    : strlen(content) != len ? "contains a NUL byte"
+                                             : "is longer than 65535 bytes",
+                    what);
+        goto out;
+    }
+    *password = content;
+    content = NULL;
+out:
+    if (content != NULL) {
+        explicit_bzero(content, len);
+        free(content);
+    }
+    free(path);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Rules several profiles share                                              */
+
+bool conf_check_jwt_cloud(struct conf_loader *ld, yaml_node_t *uplink_node, const char *path,
+                          const struct conf_uplink *uplink, const char *cloud)
+{
+    char k[CONF_KEY_MAX];
+
+    conf_key_join(k, sizeof(k), path, "auth");
+    if (uplink->auth.type != CONF_AUTH_JWT) {
+        conf_report(ld, uplink_node->start_mark, k,
+                    "%s needs type jwt (a JWT signed with the device's private key is the MQTT "
+                    "password: add auth: {type: jwt, key: /etc/uplinkd/device.key})",
+                    cloud);
+        return false;
+    }
+    /* GCP and akenza register RS256 and ES256 public keys only. */
+    if (uplink->auth.jwt.alg != JWT_ALG_RS256 && uplink->auth.jwt.alg != JWT_ALG_ES256) {
+        conf_key_join(k, sizeof(k), path, "auth.alg");
+        conf_report(
+            ld, uplink_node->start_mark, k,
+            "%s is not accepted by %s (expected RS256 with an RSA key or ES256 with a P-256 "
+            "key)",
+            jwt_alg_name(uplink->auth.jwt.alg), cloud);
+        return false;
+    }
+    return true;
+}

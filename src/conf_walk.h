@@ -217,4 +217,16 @@ void conf_free_strings(char **strings, size_t count);
 /* Two optional strings are equal (both NULL, or the same text). */
 bool conf_str_equal(const char *a, const char *b);
 
+/* Read a password file: the whole content, minus one trailing newline
+ * (echo and editors add one; a password never ends with it). */
+void conf_read_password_file(struct conf_loader *ld, const yaml_node_t *node, const char *key,
+                             char **password);
+
+/* The rules both JWT clouds (gcp, akenza) share, for the uplink at @path
+ * (its @uplink_node for the mark): auth.type jwt, and RS256 or ES256, the
+ * only algorithms they register. Reports with @cloud's name and returns
+ * false when one is broken. */
+bool conf_check_jwt_cloud(struct conf_loader *ld, yaml_node_t *uplink_node, const char *path,
+                          const struct conf_uplink *uplink, const char *cloud);
+
 #endif

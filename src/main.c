@@ -624,7 +624,6 @@ static void daemon_reload(struct daemon *d)
         }
         if (uplinks[i] != NULL) {
             const struct conf_uplink *old = conf_uplink_find(d->conf, uc->name);
-            bool prefix_changed = strcmp(old->generic.topic_prefix, uc->generic.topic_prefix) != 0;
             bool same = conf_uplink_equal(old, uc);
             if (uplink_reconfigure(uplinks[i], uc) < 0)
                 log_uplink(LOG_ERR, uc->name, "could not apply the new settings");
@@ -634,10 +633,6 @@ static void daemon_reload(struct daemon *d)
             if (same) {
                 char report[1024];
                 uplink_reload_credentials(uplinks[i], report, sizeof(report));
-            }
-            if (prefix_changed) {
-                router_unsubscribe_device_topics(&d->router, uplinks[i], old->generic.topic_prefix);
-                fresh[fresh_count++] = uplinks[i];
             }
             continue;
         }
@@ -853,8 +848,7 @@ static int check_as_service_user(const char *path)
     pw = getpwnam(name);
     if (pw == NULL) {
         if (env == NULL) {
-            printf("note: service user %s does not exist here; files were checked as root\n",
-                   name);
+            printf("note: service user %s does not exist here; files were checked as root\n", name);
             return 0;
         }
         fprintf(stderr, "uplinkd: UPLINKD_SERVICE_USER=%s: no such user\n", name);

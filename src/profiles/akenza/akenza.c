@@ -38,6 +38,7 @@
 #include <openssl/crypto.h>
 
 #include "conf.h"
+#include "profiles/akenza/section.h"
 #include "json.h"
 #include "jwt.h"
 #include "keys.h"
@@ -165,12 +166,13 @@ struct akenza_session {
     char key_err[KEYS_ERR_SIZE];
     EVP_PKEY *key; /* owned, once loaded */
     enum jwt_alg alg;
-    char *key_path;            /* owned */
-    char *name;                /* "<uplink>.<child>", owned */
-    char *aud;                 /* owned */
-    char *spool_dir;           /* owned; NULL: memory spool */
-    struct conf_jwt_claim sub; /* "sub" = the child id (value points to id) */
-    uint64_t used_ms;          /* uv_now() of its last message */
+    char *key_path;             /* owned */
+    char *name;                 /* "<uplink>.<child>", owned */
+    char *aud;                  /* owned */
+    char *spool_dir;            /* owned; NULL: memory spool */
+    struct conf_jwt_claim sub;  /* "sub" = the child id (value points to id) */
+    struct conf_akenza section; /* conf->section: the uplink's, with the child's id */
+    uint64_t used_ms;           /* uv_now() of its last message */
     char id[];
 };
 
@@ -288,8 +290,7 @@ static void session_remove_dir(const struct akenza_session *s)
 /* The session's settings: the uplink's, with the child's identity; its
  * spool follows the uplink's spool settings (durability, max_bytes,
  * overflow, ...) in a directory of its own. */
-static struct conf_uplink *session_conf(const struct profile_instance *pi,
-                                        const struct akenza_session *s)
+static struct conf_uplink *session_conf(const struct profile_instance *pi, struct akenza_session *s)
 {
     struct conf_uplink *conf = malloc(sizeof(*conf));
 
@@ -298,8 +299,10 @@ static struct conf_uplink *session_conf(const struct profile_instance *pi,
     *conf = *pi->uc;
     conf->name = s->name;
     conf->client_id = (char *)s->id;
-    conf->akenza.device = (char *)s->id;
-    conf->akenza.child_key = NULL;
+    s->section = *akenza_conf(pi->uc);
+    s->section.device = (char *)s->id;
+    s->section.child_key = NULL;
+    conf->section = &s->section;
     conf->cert_cn = NULL;
     conf->auth.jwt.key = s->key_path;
     conf->auth.jwt.passphrase_file = NULL;
@@ -492,9 +495,9 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     int rc, n;
 
     *out = NULL;
-    if (profile_child_key_path(pi->uc->akenza.child_key, child, path, sizeof(path)) < 0 ||
-        akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "", pi->uc->akenza.device,
-                         child, aud, sizeof(aud)) < 0) {
+    if (profile_child_key_path(akenza_conf(pi->uc)->child_key, child, path, sizeof(path)) < 0 ||
+        akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "",
+                         akenza_conf(pi->uc)->device, child, aud, sizeof(aud)) < 0) {
         snprintf(pi->reason, sizeof(pi->reason), "the key path or aud for this child is too long");
         return -EINVAL;
     }
@@ -612,7 +615,8 @@ static void akenza_scan(struct profile_instance *pi)
     struct dirent *de;
     DIR *d;
 
-    if (!pi->uc->akenza.child_key || ak->scanned || pi->uc->spool.durability != CONF_SPOOL_FSYNC)
+    if (!akenza_conf(pi->uc)->child_key || ak->scanned ||
+        pi->uc->spool.durability != CONF_SPOOL_FSYNC)
         return;
     ak->scanned = true;
     if (devices_dir(pi, dir, sizeof(dir)) < 0 || !(d = opendir(dir)))
@@ -621,7 +625,7 @@ static void akenza_scan(struct profile_instance *pi)
         if (de->d_name[0] == '.')
             continue;
         if (akenza_dir_decode(de->d_name, child, sizeof(child)) < 0 ||
-            strcmp(child, pi->uc->akenza.device) == 0) {
+            strcmp(child, akenza_conf(pi->uc)->device) == 0) {
             log_uplink(LOG_WARNING, pi->uc->name, "%s/%s is not the spool of a child id; ignored",
                        dir, de->d_name);
             continue;
@@ -650,7 +654,7 @@ static void sweep_cb(uv_timer_t *timer)
     for (s = akenza_of(pi)->sessions; s; s = next) {
         struct uplink_stats stats;
         next = s->next;
-        if (now - s->used_ms < pi->uc->akenza.session_idle_ms)
+        if (now - s->used_ms < akenza_conf(pi->uc)->session_idle_ms)
             continue;
         if (s->state == SESSION_NO_KEY) {
             /* Its spool stays on disk; the next message or start retries. */
@@ -671,10 +675,10 @@ static void sweep_cb(uv_timer_t *timer)
 static void sweep_start(struct profile_instance *pi)
 {
     struct akenza *ak = akenza_of(pi);
-    uint64_t every = pi->uc->akenza.session_idle_ms / 2;
+    uint64_t every = akenza_conf(pi->uc)->session_idle_ms / 2;
 
     uv_timer_stop(&ak->sweep);
-    if (!pi->uc->akenza.child_key)
+    if (!akenza_conf(pi->uc)->child_key)
         return;
     every = every < AKENZA_SWEEP_MIN_MS ? AKENZA_SWEEP_MIN_MS : every;
     every = every > AKENZA_SWEEP_MAX_MS ? AKENZA_SWEEP_MAX_MS : every;
@@ -725,7 +729,7 @@ static void akenza_close_cb(struct profile_instance *pi)
 static void akenza_reconfigure_cb(struct profile_instance *pi)
 {
     sweep_start(pi);
-    if (!pi->uc->akenza.child_key) {
+    if (!akenza_conf(pi->uc)->child_key) {
         stop_all(pi, "akenza.child_key was removed");
         akenza_of(pi)->scanned = false;
         return;
@@ -736,7 +740,7 @@ static void akenza_reconfigure_cb(struct profile_instance *pi)
         char *old_aud = s->aud, *new_aud = NULL;
         struct conf_uplink *conf = NULL;
         if (akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "",
-                             pi->uc->akenza.device, s->id, aud, sizeof(aud)) >= 0 &&
+                             akenza_conf(pi->uc)->device, s->id, aud, sizeof(aud)) >= 0 &&
             (new_aud = strdup(aud)) != NULL) {
             s->aud = new_aud;
             conf = session_conf(pi, s);
@@ -771,7 +775,7 @@ static void akenza_status_json_cb(const struct profile_instance *pi, struct json
     size_t open = 0, online = 0, connecting = 0, backoff = 0, no_key = 0, stopping = 0;
     uint64_t queued = 0;
 
-    if (!ak || !pi->uc->akenza.child_key)
+    if (!ak || !akenza_conf(pi->uc)->child_key)
         return;
     for (const struct akenza_session *s = ak->sessions; s; s = s->next) {
         struct uplink_stats stats;
@@ -805,7 +809,7 @@ static void akenza_child_json_cb(const struct profile_instance *pi, const char *
     const struct akenza_session *s;
     struct uplink_stats stats;
 
-    if (!ak || !pi->uc->akenza.child_key || strcmp(child, pi->uc->akenza.device) == 0)
+    if (!ak || !akenza_conf(pi->uc)->child_key || strcmp(child, akenza_conf(pi->uc)->device) == 0)
         return;
     s = session_find(ak->sessions, child);
     if (!s) {
@@ -822,16 +826,16 @@ static void akenza_child_json_cb(const struct profile_instance *pi, const char *
 
 static void akenza_session_cb(struct profile_instance *pi, struct uplink_session *session)
 {
-    session->client_id = pi->uc->akenza.device;
+    session->client_id = akenza_conf(pi->uc)->device;
 }
 
 static void akenza_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)
 {
     char filter[PROFILE_TOPIC_MAX];
 
-    if (!pi->uc->akenza.device)
+    if (!akenza_conf(pi->uc)->device)
         return;
-    snprintf(filter, sizeof(filter), AKENZA_DOWN "%s/#", pi->uc->akenza.device);
+    snprintf(filter, sizeof(filter), AKENZA_DOWN "%s/#", akenza_conf(pi->uc)->device);
     profile_msgs_add(filters, filter, NULL, 0, 1, false);
 }
 
@@ -845,14 +849,14 @@ static int akenza_up_cb(struct profile_instance *pi, const struct mapping_local 
     int rc;
 
     (void)retain;
-    if (!pi->uc->akenza.device)
+    if (!akenza_conf(pi->uc)->device)
         return -EINVAL;
-    if (strcmp(m->child, pi->uc->akenza.device) != 0) {
-        if (!pi->uc->akenza.child_key) {
+    if (strcmp(m->child, akenza_conf(pi->uc)->device) != 0) {
+        if (!akenza_conf(pi->uc)->child_key) {
             snprintf(pi->reason, sizeof(pi->reason),
                      "akenza has no gateways and this uplink is the device %s alone: other "
                      "children need a session of their own (set akenza.child_key)",
-                     pi->uc->akenza.device);
+                     akenza_conf(pi->uc)->device);
             *reason = pi->reason;
             return -EINVAL;
         }
