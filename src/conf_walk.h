@@ -229,4 +229,24 @@ void conf_read_password_file(struct conf_loader *ld, const yaml_node_t *node, co
 bool conf_check_jwt_cloud(struct conf_loader *ld, yaml_node_t *uplink_node, const char *path,
                           const struct conf_uplink *uplink, const char *cloud);
 
+/* ------------------------------------------------------------------------ */
+/* The sections, by file (each reads its part of the struct conf)          */
+
+/* conf_local.c */
+/* Set the local defaults before anything is read. */
+void conf_local_init(struct conf_local *local);
+/* local: (@node may be NULL: the section is optional). */
+void conf_local_parse(struct conf_loader *ld, yaml_node_t *node);
+/* After the root is read: the default topic prefix and listeners. */
+void conf_local_finish(struct conf_loader *ld);
+/* Free what conf_local_parse() stored in @local (not @local itself). */
+void conf_local_free(struct conf_local *local);
+
+/* conf_uplink.c */
+/* uplinks: the sequence, each item into ld->conf->uplinks[]. */
+void conf_uplinks_parse(struct conf_loader *ld, yaml_node_t *node);
+/* Free what conf_uplinks_parse() stored in @uplink, with its profile
+ * section (not @uplink itself). */
+void conf_uplink_free(struct conf_uplink *uplink);
+
 #endif
