@@ -854,8 +854,14 @@ static void parse_sections(struct conf_loader *ld, yaml_node_t *node, const char
                         "is set by profile %s (from %s.%s); remove it", spec->name, spec->name,
                         spec->client_id_from);
         }
-        if (spec->conf_parse != NULL)
+        if (spec->conf_parse != NULL) {
             spec->conf_parse(ld, conf_node_present(section) ? section : NULL, node, path, uplink);
+        } else if (conf_node_present(section)) {
+            conf_key_join(key, sizeof(key), path, spec->name);
+            conf_report(ld, section->start_mark, key,
+                        "is not used: profile %s has no settings of its own (remove it)",
+                        spec->name);
+        }
     }
 }
 
