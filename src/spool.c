@@ -46,45 +46,21 @@
  * append. commit_gap (off by default) holds a small batch until that long
  * after the previous commit started: fewer fdatasyncs at a steady rate.
  *
- * The spool is three files around one private header, spool_int.h (its
- * table of contents): this one, spool_commit.c (the group commit) and
- * spool_recover.c (reading a directory back).
+ * The spool is three layered files around one private header, spool_int.h
+ * (its table of contents): this one, spool_recover.c (reading a directory
+ * back) and spool_seg.c (segments, damage, the cursor slots).
  */
 #include "spool_int.h"
 
-    /* --- little helpers -------------------------------------------------------- */
+static void maybe_commit(struct spool *spool);
+static void admit_blocked(struct spool *spool);
+static void spool_check_closed(struct spool *spool);
 
-    static uint64_t
-    realtime_ms(void)
+static uint64_t realtime_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-int spool_buf_reserve(struct spool_buf *buf, size_t more)
-{
-    size_t cap;
-    uint8_t *p;
-
-    if (buf->len + more <= buf->cap)
-        return 0;
-    cap = buf->cap ? buf->cap : 4096;
-    while (cap < buf->len + more)
-        cap *= 2;
-    p = realloc(buf->data, cap);
-    if (!p)
-        return -ENOMEM;
-    buf->data = p;
-    buf->cap = cap;
-    return 0;
-}
-
-void spool_buf_free(struct spool_buf *buf)
-{
-    free(buf->data);
-    buf->data = NULL;
-    buf->len = buf->cap = 0;
 }
 
 static int waiters_push(struct spool_waiters *w, void (*cb)(void *, int), void *arg, int status)
@@ -99,11 +75,6 @@ static int waiters_push(struct spool_waiters *w, void (*cb)(void *, int), void *
     }
     w->items[w->len++] = (struct spool_waiter){.cb = cb, .arg = arg, .status = status};
     return 0;
-}
-
-void spool_seg_path(const struct spool *spool, uint64_t first_seq, char *out, size_t size)
-{
-    snprintf(out, size, "%s/%016" PRIx64 ".seg", spool->dir, first_seq);
 }
 
 /* --- deferred callbacks ---------------------------------------------------- */
@@ -135,202 +106,15 @@ static void defer(struct spool *spool, void (*cb)(void *, int), void *arg, int s
         uv_timer_start(&spool->deferred_timer, deferred_cb, 0, 0);
 }
 
-/* --- segments ---------------------------------------------------------------- */
-
-struct spool_seg *spool_seg_new(uint64_t first_seq)
-{
-    struct spool_seg *seg = calloc(1, sizeof(*seg));
-    if (!seg)
-        return NULL;
-    seg->first_seq = first_seq;
-    seg->last_seq = first_seq - 1;
-    seg->fd = -1;
-    return seg;
-}
-
-void spool_seg_free(struct spool_seg *seg)
-{
-    if (seg->fd >= 0)
-        close(seg->fd);
-    spool_buf_free(&seg->flush);
-    spool_buf_free(&seg->fill);
-    free(seg->holes);
-    free(seg);
-}
-
-void spool_seg_link_tail(struct spool *spool, struct spool_seg *seg)
-{
-    seg->prev = spool->tail;
-    seg->next = NULL;
-    if (spool->tail)
-        spool->tail->next = seg;
-    else
-        spool->head = seg;
-    spool->tail = seg;
-}
-
-static void rb_drop(struct spool *spool)
-{
-    if (spool->rb_fd >= 0)
-        close(spool->rb_fd);
-    spool->rb_fd = -1;
-    spool->rb_seg = NULL;
-    spool->rb.len = 0;
-}
-
-static int queue_unlink(struct spool *spool, uint64_t first_seq)
-{
-    char path[4096];
-    char *copy;
-
-    if (spool->unlink_count == spool->unlink_cap) {
-        size_t cap = spool->unlink_cap ? spool->unlink_cap * 2 : 8;
-        char **items = realloc(spool->unlinks, cap * sizeof(*items));
-        if (!items)
-            return -ENOMEM;
-        spool->unlinks = items;
-        spool->unlink_cap = cap;
-    }
-    spool_seg_path(spool, first_seq, path, sizeof(path));
-    copy = strdup(path);
-    if (!copy)
-        return -ENOMEM;
-    spool->unlinks[spool->unlink_count++] = copy;
-    return 0;
-}
-
-/* Unlink @seg from the list and free it (its file is deleted by the next
- * commit). The reader and the out list must not point into it. */
-static void seg_retire(struct spool *spool, struct spool_seg *seg)
-{
-    if (spool->read.seg == seg) {
-        spool->read.seg = seg->next;
-        spool->read.off = SEG_HEADER_SIZE;
-    }
-    if (spool->rb_seg == seg)
-        rb_drop(spool);
-    if (seg->prev)
-        seg->prev->next = seg->next;
-    else
-        spool->head = seg->next;
-    if (seg->next)
-        seg->next->prev = seg->prev;
-    else
-        spool->tail = seg->prev;
-    spool->bytes -= seg->size;
-    spool->fill_bytes -= seg->fill.len;
-    if (spool->opts.durability == SPOOL_DURABLE && seg->size > 0 &&
-        queue_unlink(spool, seg->first_seq) < 0)
-        log_uplink(LOG_ERR, spool->name,
-                   "spool: out of memory; segment %016" PRIx64
-                   " stays on disk until the next start",
-                   seg->first_seq);
-    spool_seg_free(seg);
-}
-
-void spool_retire_acked(struct spool *spool)
-{
-    struct spool_seg *seg;
-
-    while (spool->head && spool->head != spool->tail && !spool->head->busy &&
-           spool->head->last_seq <= spool->acked_seq)
-        seg_retire(spool, spool->head);
-    /* The newest segment too, once all of it is acknowledged and written,
-     * when it is half full or appends wait for room: otherwise a spool
-     * whose bound is one segment could never free anything. (Not always:
-     * each new segment costs a file creation and a directory fsync.) */
-    seg = spool->head;
-    if (seg && seg == spool->tail && !seg->busy && seg->last_seq <= spool->acked_seq &&
-        (spool->opts.durability == SPOOL_MEMORY || (seg->fill.len == 0 && seg->flush.len == 0)) &&
-        (seg->size >= spool->segment_bytes / 2 || spool->blocked_head))
-        seg_retire(spool, seg);
-}
-
-static uint64_t seg_unacked(const struct spool *spool, const struct spool_seg *seg)
-{
-    uint64_t from = spool->acked_seq + 1 > seg->first_seq ? spool->acked_seq + 1 : seg->first_seq;
-    uint64_t count = seg->last_seq >= from ? seg->last_seq - from + 1 : 0;
-
-    /* Sequence numbers lost to damage found at start were never counted. */
-    for (size_t i = 0; i < seg->hole_count; i++) {
-        const struct spool_hole *hole = &seg->holes[i];
-        uint64_t first = hole->lost_first > from ? hole->lost_first : from;
-        if (!hole->in_depth && hole->lost_last >= first && hole->lost_last <= seg->last_seq)
-            count -= hole->lost_last - first + 1;
-    }
-    return count;
-}
-
-/* The offset to read at @off: past a damaged range that starts there. */
-static uint64_t seg_skip_hole(const struct spool_seg *seg, uint64_t off)
-{
-    for (size_t i = 0; i < seg->hole_count; i++)
-        if (seg->holes[i].from == off)
-            return seg->holes[i].to;
-    return off;
-}
-
-int spool_seg_damage(struct spool *spool, struct spool_seg *seg, uint64_t from, uint64_t to,
-                     const uint8_t *bytes, uint64_t lost_first, uint64_t lost_last, const char *why,
-                     const char *after, bool hole, bool in_depth)
-{
-    char path[4096], copy[4400], name[300];
-    uint64_t lost = lost_last >= lost_first ? lost_last - lost_first + 1 : 0;
-    uint64_t unacked_first = lost_first > spool->acked_seq ? lost_first : spool->acked_seq + 1;
-    uint64_t unacked = lost_last >= unacked_first ? lost_last - unacked_first + 1 : 0;
-    int rc;
-
-    spool_seg_path(spool, seg->first_seq, path, sizeof(path));
-    copy[0] = '\0';
-    if (spool->damaged_dir) {
-        snprintf(name, sizeof(name), "spool-%s-%016" PRIx64 ".seg", spool->name, seg->first_seq);
-        rc = record_keep_damaged(spool->damaged_dir, name, from, bytes, (size_t)(to - from), copy,
-                                 sizeof(copy));
-        if (rc < 0) {
-            log_uplink(LOG_WARNING, spool->name,
-                       "spool: cannot keep a copy of damaged bytes in %s: %s", spool->damaged_dir,
-                       strerror(-rc));
-            copy[0] = '\0';
-        }
-    }
-    spool->stats.dropped_corrupt += unacked;
-    if (lost)
-        log_uplink(LOG_WARNING, spool->name,
-                   "spool: %s is damaged at bytes %" PRIu64 "..%" PRIu64 " (%" PRIu64
-                   " byte(s), %s): %" PRIu64 " record(s) lost (seq %" PRIu64 "..%" PRIu64
-                   "%s), %s%s%s",
-                   path, from, to - 1, to - from, why, lost, lost_first, lost_last,
-                   unacked < lost ? ", some already acknowledged" : "", after,
-                   copy[0] ? "; damaged bytes kept in " : "", copy);
-    else
-        log_uplink(LOG_WARNING, spool->name,
-                   "spool: %s is damaged at bytes %" PRIu64 "..%" PRIu64 " (%" PRIu64
-                   " byte(s), %s): no record lost%s%s",
-                   path, from, to - 1, to - from, why, copy[0] ? "; damaged bytes kept in " : "",
-                   copy);
-    seg->damaged = true;
-    if (!hole)
-        return 0;
-    struct spool_hole *holes = realloc(seg->holes, (seg->hole_count + 1) * sizeof(*holes));
-    if (!holes)
-        return -ENOMEM;
-    seg->holes = holes;
-    holes[seg->hole_count++] = (struct spool_hole){.from = from,
-                                                   .to = to,
-                                                   .lost_first = lost_first,
-                                                   .lost_last = lost_last,
-                                                   .in_depth = in_depth};
-    return 0;
-}
-
-bool spool_drop_head(struct spool *spool, const char *why)
+/* overflow: drop-oldest. Returns false when the head cannot go. */
+static bool drop_head(struct spool *spool, const char *why)
 {
     struct spool_seg *seg = spool->head;
     uint64_t lost;
 
     if (!seg || seg == spool->tail || seg->busy)
         return false;
-    lost = seg_unacked(spool, seg);
+    lost = spool_seg_unacked(spool, seg);
     /* Handed-out records of that segment are forgotten: a late PUBACK for
      * them is ignored by spool_ack(). */
     while (spool->out_len && spool->outs[spool->out_head].pos.seg == seg) {
@@ -348,28 +132,328 @@ bool spool_drop_head(struct spool *spool, const char *why)
                    "spool: %s: dropped the oldest %" PRIu64 " record(s) (seq %" PRIu64 "..%" PRIu64
                    ", overflow: drop-oldest)",
                    why, lost, seg->last_seq - lost + 1, seg->last_seq);
-    seg_retire(spool, seg);
+    spool_seg_retire(spool, seg);
     return true;
 }
 
-/* --- cursor file ------------------------------------------------------------- */
+/* --- commit (threadpool) ---------------------------------------------------- */
 
-void spool_cursor_encode(uint8_t out[CURSOR_SLOT_SIZE], uint64_t gen, uint64_t seq)
+static int write_all(int fd, const uint8_t *p, size_t len, off_t off)
 {
-    memset(out, 0, CURSOR_SLOT_SIZE);
-    record_put_le(out, CURSOR_MAGIC, 4);
-    record_put_le(out + 8, gen, 8);
-    record_put_le(out + 16, seq, 8);
-    record_put_le(out + 24, record_crc32c(0, out, 24), 4);
+    while (len > 0) {
+        ssize_t n = pwrite(fd, p, len, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
 }
 
-bool spool_cursor_decode(const uint8_t *p, uint64_t *gen, uint64_t *seq)
+static void commit_fail(struct spool_commit *c, int err, const char *what, const char *path)
 {
-    if (record_get_le(p, 4) != CURSOR_MAGIC || record_get_le(p + 24, 4) != record_crc32c(0, p, 24))
-        return false;
-    *gen = record_get_le(p + 8, 8);
-    *seq = record_get_le(p + 16, 8);
-    return true;
+    if (c->err)
+        return;
+    c->err = err;
+    snprintf(c->err_what, sizeof(c->err_what), "%s %s", what, path);
+}
+
+static void commit_work_cb(uv_work_t *req)
+{
+    struct spool_commit *c = container_of(req, struct spool_commit, work);
+    struct spool *spool = c->spool;
+    char path[4096];
+    bool new_file = false;
+    uint64_t t0;
+    int rc;
+
+    /* Retired segments first: their records are acknowledged; if we crash
+     * before the cursor below is durable, the older cursor just points
+     * before the first remaining segment. */
+    for (size_t i = 0; i < c->unlink_count; i++)
+        if (unlink(c->unlinks[i]) < 0 && errno != ENOENT)
+            commit_fail(c, errno, "cannot delete", c->unlinks[i]);
+
+    for (size_t i = 0; i < c->seg_count && !c->err; i++) {
+        struct spool_seg *seg = c->segs[i];
+        spool_seg_path(spool, seg->first_seq, path, sizeof(path));
+        if (seg->fd < 0) {
+            seg->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+            if (seg->fd < 0) {
+                commit_fail(c, errno, "cannot create", path);
+                break;
+            }
+        }
+        if (seg->file_len == 0)
+            new_file = true;
+        rc = write_all(seg->fd, seg->flush.data, seg->flush.len, (off_t)seg->file_len);
+        if (rc < 0) {
+            commit_fail(c, -rc, "cannot write to", path);
+            /* Take back a partial write so the file ends on a whole record
+             * (recovery would cut it too, but the retry appends here). */
+            if (ftruncate(seg->fd, (off_t)seg->file_len) < 0)
+                (void)0;
+            break;
+        }
+    }
+    t0 = uv_hrtime();
+    for (size_t i = 0; i < c->seg_count && !c->err; i++) {
+        struct spool_seg *seg = c->segs[i];
+        if (fdatasync(seg->fd) < 0) {
+            spool_seg_path(spool, seg->first_seq, path, sizeof(path));
+            commit_fail(c, errno, "cannot fsync", path);
+        }
+    }
+    if (!c->err && new_file) {
+        /* A new file's directory entry must be durable too. */
+        int dfd = open(spool->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0 || fsync(dfd) < 0)
+            commit_fail(c, errno, "cannot fsync the directory", spool->dir);
+        if (dfd >= 0)
+            close(dfd);
+    }
+    if (!c->err && c->write_cursor) {
+        snprintf(path, sizeof(path), "%s/cursor", spool->dir);
+        rc = write_all(spool->cursor_fd, c->cursor_slot, CURSOR_SLOT_SIZE, c->cursor_off);
+        if (rc < 0)
+            commit_fail(c, -rc, "cannot write", path);
+        else if (fdatasync(spool->cursor_fd) < 0)
+            commit_fail(c, errno, "cannot fsync", path);
+    }
+    c->fsync_us = (uv_hrtime() - t0) / 1000;
+}
+
+static void commit_after_cb(uv_work_t *req, int status)
+{
+    struct spool_commit *c = container_of(req, struct spool_commit, work);
+    struct spool *spool = c->spool;
+    int result = c->err ? -c->err : 0;
+
+    spool->commit = NULL;
+    for (size_t i = 0; i < c->seg_count; i++) {
+        struct spool_seg *seg = c->segs[i];
+        seg->busy = false;
+        if (result == 0) {
+            seg->file_len += seg->flush.len;
+            seg->flush.len = 0;
+            if (seg->flush.cap > SPOOL_BATCH_BYTES * 2)
+                spool_buf_free(&seg->flush);
+        } else {
+            /* Not written: put the bytes back in front of what was appended
+             * since, to be written by the retry. */
+            struct spool_buf merged = seg->flush;
+            if (spool_buf_reserve(&merged, seg->fill.len) == 0) {
+                if (seg->fill.len)
+                    memcpy(merged.data + merged.len, seg->fill.data, seg->fill.len);
+                merged.len += seg->fill.len;
+                spool->fill_bytes += seg->flush.len;
+                free(seg->fill.data);
+                seg->fill = merged;
+                seg->flush = (struct spool_buf){0};
+            } else {
+                seg->flush = merged;
+                log_uplink(LOG_ERR, spool->name, "spool: out of memory keeping a failed batch");
+            }
+        }
+    }
+    for (size_t i = 0; i < c->unlink_count; i++)
+        free(c->unlinks[i]);
+    free(c->unlinks);
+    if (result == 0) {
+        spool->stats.commits++;
+        spool->stats.last_fsync_us = c->fsync_us;
+        if (c->write_cursor)
+            spool->persisted_seq = c->cursor_seq;
+        if (spool->io_error) {
+            log_uplink(LOG_NOTICE, spool->name, "spool: %s is writable again; accepting messages",
+                       spool->dir);
+            spool->io_error = 0;
+        }
+    } else {
+        if (spool->io_error == 0)
+            log_uplink(LOG_ERR, spool->name,
+                       "spool: %s: %s; local publishes are not acknowledged until it can be "
+                       "written again (retrying every %d s)",
+                       c->err_what, strerror(c->err), SPOOL_RETRY_MS / 1000);
+        spool->io_error = result;
+        spool->retry_at = uv_now(spool->loop) + SPOOL_RETRY_MS;
+        if (c->err == ENOSPC && spool->opts.overflow == SPOOL_DROP_OLDEST &&
+            drop_head(spool, "disk full")) {
+            spool->retry_at = uv_now(spool->loop); /* room was made: retry now */
+        }
+    }
+    for (size_t i = 0; i < c->waiters.len; i++)
+        if (c->waiters.items[i].cb)
+            c->waiters.items[i].cb(c->waiters.items[i].arg, result);
+    free(c->waiters.items);
+    free(c->segs);
+    free(c);
+    if (result == 0) {
+        spool_retire_acked(spool);
+        admit_blocked(spool);
+    }
+    maybe_commit(spool);
+    spool_check_closed(spool);
+}
+
+/* The loop has handled every read that was ready: what was appended in this
+ * turn is the batch; waiting longer would only add latency for publishers
+ * that wait for their acknowledgements (their window is full). */
+static void turn_end_cb(uv_check_t *check)
+{
+    struct spool *spool = container_of(check, struct spool, turn_end);
+
+    uv_check_stop(check);
+    spool->turn_end_active = false;
+    spool->batch_ready = true;
+    maybe_commit(spool);
+    spool->batch_ready = false;
+}
+
+static void commit_timer_cb(uv_timer_t *timer)
+{
+    struct spool *spool = container_of(timer, struct spool, commit_timer);
+
+    /* Due now (commit_interval or commit_gap has passed): a check handle
+     * does not end the poll phase, so waiting for the turn's end would
+     * wait for the next I/O or timer. */
+    spool->timer_armed = false;
+    spool->batch_ready = true;
+    maybe_commit(spool);
+    spool->batch_ready = false;
+}
+
+static void arm_timer(struct spool *spool, uint64_t delay)
+{
+    uint64_t due = uv_now(spool->loop) + delay;
+
+    if (spool->timer_armed && spool->timer_due <= due)
+        return;
+    spool->timer_armed = true;
+    spool->timer_due = due;
+    uv_timer_start(&spool->commit_timer, commit_timer_cb, delay, 0);
+}
+
+static void start_commit(struct spool *spool)
+{
+    struct spool_commit *c;
+    size_t n = 0;
+    int rc;
+
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        goto err_alloc;
+    for (struct spool_seg *seg = spool->head; seg; seg = seg->next)
+        n += seg->fill.len > 0;
+    c->segs = calloc(n ? n : 1, sizeof(*c->segs));
+    if (!c->segs)
+        goto err_alloc;
+    c->spool = spool;
+    for (struct spool_seg *seg = spool->head; seg; seg = seg->next) {
+        if (seg->fill.len == 0)
+            continue;
+        struct spool_buf swap = seg->flush;
+        seg->flush = seg->fill;
+        seg->fill = swap;
+        seg->fill.len = 0;
+        seg->busy = true;
+        c->segs[c->seg_count++] = seg;
+    }
+    spool->fill_bytes = 0;
+    c->waiters = spool->fill_waiters;
+    spool->fill_waiters = (struct spool_waiters){0};
+    /* The cursor goes with a batch only when it is due (SPOOL_CURSOR_DELAY_MS
+     * after the last one) or the spool is closing: at a steady rate every
+     * batch would otherwise pay a second pwrite and fdatasync for it, half
+     * the disk work of a commit. A cursor that lags only re-sends. */
+    if (spool->acked_seq != spool->persisted_seq &&
+        (c->seg_count == 0 || spool->closing ||
+         uv_now(spool->loop) - spool->cursor_written_ms >= SPOOL_CURSOR_DELAY_MS)) {
+        spool->cursor_written_ms = uv_now(spool->loop);
+        c->write_cursor = true;
+        c->cursor_seq = spool->acked_seq;
+        spool_cursor_encode(c->cursor_slot, ++spool->cursor_gen, spool->acked_seq);
+        c->cursor_off = (off_t)((spool->cursor_gen & 1) * CURSOR_SLOT_SIZE);
+    }
+    c->unlinks = spool->unlinks;
+    c->unlink_count = spool->unlink_count;
+    spool->unlinks = NULL;
+    spool->unlink_count = spool->unlink_cap = 0;
+    spool->commit = c;
+    spool->commit_started_ms = uv_now(spool->loop);
+    rc = uv_queue_work(spool->loop, &c->work, commit_work_cb, commit_after_cb);
+    if (rc < 0) {
+        /* Run it here rather than lose the batch: slow, but correct. */
+        log_uplink(LOG_WARNING, spool->name,
+                   "spool: cannot use the threadpool (%s); committing "
+                   "on the loop thread",
+                   uv_strerror(rc));
+        commit_work_cb(&c->work);
+        commit_after_cb(&c->work, 0);
+    }
+    return;
+
+err_alloc:
+    if (c)
+        free(c->segs);
+    free(c);
+    log_uplink(LOG_ERR, spool->name, "spool: out of memory starting a commit; retrying");
+    arm_timer(spool, SPOOL_RETRY_MS);
+}
+
+static void maybe_commit(struct spool *spool)
+{
+    uint64_t now, age;
+
+    if (spool->opts.durability != SPOOL_DURABLE || spool->commit || spool->closed)
+        return;
+    bool data = spool->fill_bytes > 0;
+    bool meta = spool->acked_seq != spool->persisted_seq || spool->unlink_count > 0;
+    if (!data && !meta)
+        return;
+    now = uv_now(spool->loop);
+    if (spool->io_error && now < spool->retry_at) {
+        arm_timer(spool, spool->retry_at - now);
+        return;
+    }
+    if (!spool->closing) {
+        if (data) {
+            age = now - spool->fill_since;
+            uint64_t since = now - spool->commit_started_ms;
+            bool small = spool->fill_bytes < SPOOL_BATCH_BYTES &&
+                         spool->fill_waiters.len < SPOOL_BATCH_RECORDS;
+            if (small && since < spool->opts.commit_gap_ms &&
+                age < spool->opts.commit_interval_ms) {
+                /* commit_gap: fewer, larger commits at a steady rate (one
+                 * fdatasync per gap, not per message), never later than
+                 * commit_interval after the first append. */
+                uint64_t wait = spool->opts.commit_gap_ms - since;
+                uint64_t left = spool->opts.commit_interval_ms - age;
+                arm_timer(spool, wait < left ? wait : left);
+                return;
+            }
+            if (!spool->batch_ready && age < spool->opts.commit_interval_ms && small) {
+                /* Commit at the end of this loop turn (or after
+                 * commit_interval at the latest, should the turn not end). */
+                if (!spool->turn_end_active) {
+                    spool->turn_end_active = true;
+                    uv_check_start(&spool->turn_end, turn_end_cb);
+                }
+                arm_timer(spool, spool->opts.commit_interval_ms - age);
+                return;
+            }
+        } else if (now - spool->cursor_written_ms < SPOOL_CURSOR_DELAY_MS) {
+            arm_timer(spool, SPOOL_CURSOR_DELAY_MS - (now - spool->cursor_written_ms));
+            return;
+        }
+    }
+    start_commit(spool);
 }
 
 /* --- appending ------------------------------------------------------------------ */
@@ -390,7 +474,7 @@ static void expire_head(struct spool *spool)
     while (spool->head && spool->head != spool->tail && !spool->head->busy &&
            spool->head->last_time_ms + spool->opts.max_age_ms < now) {
         struct spool_seg *seg = spool->head;
-        uint64_t lost = seg_unacked(spool, seg);
+        uint64_t lost = spool_seg_unacked(spool, seg);
         while (spool->out_len && spool->outs[spool->out_head].pos.seg == seg) {
             spool->out_head++;
             spool->out_len--;
@@ -402,7 +486,7 @@ static void expire_head(struct spool *spool)
         if (lost)
             log_uplink(LOG_WARNING, spool->name,
                        "spool: dropped %" PRIu64 " record(s) older than max_age", lost);
-        seg_retire(spool, seg);
+        spool_seg_retire(spool, seg);
     }
 }
 
@@ -458,7 +542,8 @@ static int append_record(struct spool *spool, const char *topic, size_t topic_le
     return 0;
 }
 
-void spool_admit_blocked(struct spool *spool)
+/* After room was made: admit blocked appends in order. */
+static void admit_blocked(struct spool *spool)
 {
     struct spool_blocked *b;
 
@@ -483,7 +568,7 @@ void spool_admit_blocked(struct spool *spool)
         free(b);
     }
     spool->stats.blocked = spool->blocked_count;
-    spool_maybe_commit(spool);
+    maybe_commit(spool);
 }
 
 int spool_append(struct spool *spool, const char *topic, size_t topic_len, const void *payload,
@@ -508,7 +593,7 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
     }
     if (!spool->blocked_head && !has_room(spool, size) &&
         spool->opts.overflow == SPOOL_DROP_OLDEST) {
-        while (!has_room(spool, size) && spool_drop_head(spool, "spool full (max_bytes)"))
+        while (!has_room(spool, size) && drop_head(spool, "spool full (max_bytes)"))
             ;
         /* Only the newest segment is left: accept a small overshoot. */
     } else if (spool->blocked_head || !has_room(spool, size)) {
@@ -558,7 +643,7 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
         defer(spool, done_cb, arg, -ENOMEM);
         return SPOOL_PENDING;
     }
-    spool_maybe_commit(spool);
+    maybe_commit(spool);
     return SPOOL_PENDING;
 }
 
@@ -613,7 +698,7 @@ static int read_at(struct spool *spool, const struct spool_pos *pos, struct reco
         char path[4096];
         from_file = true;
         if (spool->rb_seg != seg) {
-            rb_drop(spool);
+            spool_rb_drop(spool);
             spool_seg_path(spool, seg->first_seq, path, sizeof(path));
             spool->rb_fd = open(path, O_RDONLY | O_CLOEXEC);
             if (spool->rb_fd < 0)
@@ -702,8 +787,8 @@ static void out_pop_acked(struct spool *spool)
     if (moved) {
         /* Nothing handed out is pending: everything before the reader is acked. */
         spool_retire_acked(spool);
-        spool_admit_blocked(spool);
-        spool_maybe_commit(spool);
+        admit_blocked(spool);
+        maybe_commit(spool);
     }
 }
 
@@ -724,7 +809,7 @@ static int read_damaged(struct spool *spool, const struct spool_pos *pos, uint64
 
     if (!data)
         return -ENOMEM;
-    rb_drop(spool);
+    spool_rb_drop(spool);
     char path[4096];
     spool_seg_path(spool, seg->first_seq, path, sizeof(path));
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -782,7 +867,7 @@ int spool_next(struct spool *spool, struct spool_record *out)
         if (!pos.seg)
             return -EAGAIN;
         if (pos.seg->hole_count)
-            spool->read.off = pos.off = seg_skip_hole(pos.seg, pos.off);
+            spool->read.off = pos.off = spool_seg_skip_hole(pos.seg, pos.off);
         rc = read_at(spool, &pos, &h, &rec, &why);
         if (rc == -EAGAIN) {
             if (!pos.seg->next)
@@ -965,7 +1050,7 @@ err_free:
 void spool_set_limits(struct spool *spool, const struct spool_options *opts)
 {
     options_apply(spool, opts);
-    spool_admit_blocked(spool);
+    admit_blocked(spool);
 }
 
 bool spool_full(const struct spool *spool, size_t bytes)
@@ -995,13 +1080,13 @@ static void handle_closed_cb(uv_handle_t *handle)
         spool->done_cb(spool->done_arg);
 }
 
-void spool_check_closed(struct spool *spool)
+static void spool_check_closed(struct spool *spool)
 {
     if (!spool->closing || spool->closed || spool->commit)
         return;
     if (spool->opts.durability == SPOOL_DURABLE && !spool->io_error &&
         (spool->fill_bytes || spool->acked_seq != spool->persisted_seq || spool->unlink_count)) {
-        spool_maybe_commit(spool);
+        maybe_commit(spool);
         if (spool->commit)
             return;
     }
@@ -1058,7 +1143,7 @@ void spool_free(struct spool *spool)
         bn = b->next;
         free(b);
     }
-    rb_drop(spool);
+    spool_rb_drop(spool);
     spool_buf_free(&spool->rb);
     if (spool->cursor_fd >= 0)
         close(spool->cursor_fd);

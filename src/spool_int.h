@@ -1,14 +1,15 @@
 /* spool_int.h - the spool's internals, shared by its files and nothing else
  * (spool.h is the interface). The structs below are the whole state; the
  * prototypes are grouped by the file that defines them, so this header is
- * also the table of contents:
+ * also the table of contents. The files are layered: each calls only the
+ * ones below it.
  *
- *   spool.c          segments, the cursor, appending, reading, acknowledging,
- *                    opening and closing
- *   spool_commit.c   the group commit on the threadpool (write, fdatasync,
- *                    the cursor) and when it starts
+ *   spool.c          appending, the group commit, reading, acknowledging,
+ *                    opening and closing (the top: spool.h's calls)
  *   spool_recover.c  reading a spool directory back after a restart or a
  *                    crash: the cursor, every segment, damage and torn tails
+ *   spool_seg.c      segments and their files, damaged ranges, the cursor
+ *                    slots, buffers (the bottom)
  *
  * The file format and the reasons are in docs/design/spool.md and at the
  * top of spool.c.
@@ -193,6 +194,8 @@ struct spool {
 
 /* spool.c */
 
+/* spool_seg.c */
+
 /* Room for @more bytes at the end of @buf (it grows); 0 or -ENOMEM. */
 int spool_buf_reserve(struct spool_buf *buf, size_t more);
 
@@ -211,9 +214,22 @@ void spool_seg_free(struct spool_seg *seg);
 /* Append @seg to the spool's list as its newest segment. */
 void spool_seg_link_tail(struct spool *spool, struct spool_seg *seg);
 
+/* Forget the read buffer (its segment is going away). */
+void spool_rb_drop(struct spool *spool);
+
+/* Unlink @seg from the list and free it (its file is deleted by the next
+ * commit). The reader and the out list must not point into it. */
+void spool_seg_retire(struct spool *spool, struct spool_seg *seg);
+
 /* Retire fully acknowledged segments at the head (never the newest, which
  * takes the next appends). */
 void spool_retire_acked(struct spool *spool);
+
+/* Records of @seg not yet acknowledged. */
+uint64_t spool_seg_unacked(const struct spool *spool, const struct spool_seg *seg);
+
+/* The offset to read at @off: past a damaged range that starts there. */
+uint64_t spool_seg_skip_hole(const struct spool_seg *seg, uint64_t off);
 
 /* Damaged bytes [from, to) of @seg's file (@bytes, the damaged ones, for
  * the copy) with sequence numbers lost_first..lost_last in them: count,
@@ -223,25 +239,11 @@ int spool_seg_damage(struct spool *spool, struct spool_seg *seg, uint64_t from, 
                      const uint8_t *bytes, uint64_t lost_first, uint64_t lost_last, const char *why,
                      const char *after, bool hole, bool in_depth);
 
-/* overflow: drop-oldest. Returns false when the head cannot go. */
-bool spool_drop_head(struct spool *spool, const char *why);
-
 /* One cursor slot: magic, generation, acknowledged seq, CRC-32C. */
 void spool_cursor_encode(uint8_t out[CURSOR_SLOT_SIZE], uint64_t gen, uint64_t seq);
 
 /* Read a cursor slot; false when its magic or CRC is wrong. */
 bool spool_cursor_decode(const uint8_t *p, uint64_t *gen, uint64_t *seq);
-
-/* After room was made: admit blocked appends in order. */
-void spool_admit_blocked(struct spool *spool);
-
-/* spool_close() finishes once no commit runs and every handle is closed. */
-void spool_check_closed(struct spool *spool);
-
-/* spool_commit.c */
-
-/* Start a group commit now or arm its timer, as the batch and the gap say. */
-void spool_maybe_commit(struct spool *spool);
 
 /* spool_recover.c */
 
