@@ -204,7 +204,7 @@ struct conf_uplink {
     const struct profile_spec *spec; /* the profile's descriptor (static), NULL if unknown */
     void *section; /* owned: uplinks[].<profile>, the profile's own struct conf_<profile>
                       (src/profiles/<profile>/conf.h; read with <profile>_conf()), NULL
-                      when the profile has none; freed by its conf_free hook */
+                      when the profile has none; freed by its section_free hook */
     char *cert_cn; /* the CN tls.cert must carry (profile rule: Cumulocity's device_id),
                       NULL = any; checked by tlscheck_uplink() */
 };

@@ -854,8 +854,9 @@ static void parse_sections(struct conf_loader *ld, yaml_node_t *node, const char
                         "is set by profile %s (from %s.%s); remove it", spec->name, spec->name,
                         spec->client_id_from);
         }
-        if (spec->conf_parse != NULL) {
-            spec->conf_parse(ld, conf_node_present(section) ? section : NULL, node, path, uplink);
+        if (spec->section_parse != NULL) {
+            spec->section_parse(ld, conf_node_present(section) ? section : NULL, node, path,
+                                uplink);
         } else if (conf_node_present(section)) {
             conf_key_join(key, sizeof(key), path, spec->name);
             conf_report(ld, section->start_mark, key,
@@ -1060,11 +1061,11 @@ static bool jwt_equal(const struct conf_jwt *a, const struct conf_jwt *b)
 /* The profile's section, as far as it goes into CONNECT (same profile). */
 static bool section_equal(const struct conf_uplink *a, const struct conf_uplink *b)
 {
-    if (a->spec == NULL || a->spec->conf_session_equal == NULL)
+    if (a->spec == NULL || a->spec->section_equal == NULL)
         return true;
     if (a->section == NULL || b->section == NULL)
         return a->section == b->section;
-    return a->spec->conf_session_equal(a->section, b->section);
+    return a->spec->section_equal(a->section, b->section);
 }
 
 /* Only what goes into the connection: the broker address, TLS, CONNECT
@@ -1115,7 +1116,7 @@ void conf_uplink_free(struct conf_uplink *uplink)
         free(uplink->auth.jwt.claims[j].value);
     }
     free(uplink->auth.jwt.claims);
-    if (uplink->spec != NULL && uplink->spec->conf_free != NULL)
-        uplink->spec->conf_free(uplink->section);
+    if (uplink->spec != NULL && uplink->spec->section_free != NULL)
+        uplink->spec->section_free(uplink->section);
     free(uplink->cert_cn);
 }

@@ -1,6 +1,6 @@
 /* conf_walk.h - the YAML walker and the typed getters under every config
- * section: conf.c (the root, routes, loading), conf_local.c, conf_uplink.c
- * and each profile's src/profiles/<name>/conf.c. Private to the core
+ * section: conf_load.c (the root, routes, loading), conf_local.c,
+ * conf_uplink.c and each profile's src/profiles/<name>/section.c. Private to the core
  * library; nothing outside the configuration code includes it.
  *
  * How a section reads its mapping: conf_walk_mapping() checks the keys

@@ -1208,7 +1208,7 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
 
     /* What the daemon's profile sends (profile_spec.h): the client id, the user
      * name and clean session; the JWT's claims come from auth.jwt as in the
-     * daemon (conf.c set the profile's aud, sub and kid there). */
+     * daemon (the profile's section.c set its aud, sub and kid there). */
     profile_connect_id(uplink, &ids);
     if (ids.clean_session)
         connect.clean_session = true;

@@ -57,7 +57,7 @@
 #include "util.h"
 
 /* Pending connections (accepted, CONNECT not complete; see "pending
- * connections" below): defaults when the conf leaves them at 0 (conf.c has
+ * connections" below): defaults when the conf leaves them at 0 (conf_local.c has
  * the same), the quiet time that ends a burst of drops and the longest burst
  * summarised in one log line, and the file descriptors kept free for
  * everything else (uplink sockets, spool segments, control clients). */

@@ -30,7 +30,7 @@ struct yaml_node_s;
 /* What a profile's CONNECT carries that follows from the conf alone: the
  * daemon's session_cb and `uplinkctl diagnose` both use
  * profile_connect_id(), so diagnose sends what the daemon sends. JWT
- * claims (aud, sub, kid) need nothing here: conf.c sets the profile
+ * claims (aud, sub, kid) need nothing here: the profile's section.c sets its
  * defaults in auth.jwt, which both sign from. */
 #define PROFILE_CLIENT_ID_MAX 1024
 struct profile_connect_id {
@@ -63,17 +63,17 @@ struct profile_spec {
      * when @child is fine, else a static reason. */
     const char *(*child_check)(const char *child);
     /* uplinks[].<name>, the profile's own section (src/profiles/<name>/
-     * conf.c), read by conf.c after the uplink's common keys (tls, auth,
-     * rate ...), so it may check and default them too. conf_parse stores a
+     * section.c), read by conf_uplink.c after the uplink's common keys (tls, auth,
+     * rate ...), so it may check and default them too. section_parse stores a
      * new struct in uplink->section (also when @section is NULL: the
      * uplink has no such key) and reports through conf_report();
-     * conf_free frees it; conf_session_equal says whether two sections
+     * section_free frees it; section_equal says whether two sections
      * give the same CONNECT (reload reconnects when not; NULL: always). */
-    void (*conf_parse)(struct conf_loader *ld, struct yaml_node_s *section,
-                       struct yaml_node_s *uplink_node, const char *uplink_path,
-                       struct conf_uplink *uplink);
-    void (*conf_free)(void *section);
-    bool (*conf_session_equal)(const void *a, const void *b);
+    void (*section_parse)(struct conf_loader *ld, struct yaml_node_s *section,
+                          struct yaml_node_s *uplink_node, const char *uplink_path,
+                          struct conf_uplink *uplink);
+    void (*section_free)(void *section);
+    bool (*section_equal)(const void *a, const void *b);
 
     /* Non-NULL: the client id is built from these keys of the section, so
      * uplinks[].client_id is refused ("is set by profile gcp (from ...)"). */

@@ -525,7 +525,7 @@ static void test_c8y_bootstrap(void **unused)
     c8y_free(pi);
 }
 
-/* --- configuration (conf.c): generic rules and the cumulocity section ------- */
+/* --- configuration (conf_uplink.c, section.c): generic rules and the cumulocity section ------- */
 
 static int load_text(const char *text, struct conf **conf, char **errors)
 {

@@ -5,7 +5,7 @@
  * gateway.id), user name ignored, password a JWT (RS256 or ES256) with
  * aud https://akenza.io/devices/<id> (auth.aud may say otherwise: older
  * docs use the bare id), sub = the device id and the header kid = hex
- * SHA-256 of the public key's DER; conf.c fills those defaults.
+ * SHA-256 of the public key's DER; section.c fills those defaults.
  *
  * Topics:
  *   dev/<id>/telemetry[/<sub>] -> /up/device/id/<id>[/<sub>]

@@ -20,8 +20,8 @@ static const char *const akenza_keys[AKENZA_KEYS] = {
 
 #define AKENZA_AUD_PREFIX "https://akenza.io/devices/"
 
-void akenza_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
-                       const char *uplink_path, struct conf_uplink *uplink)
+void akenza_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+                          const char *uplink_path, struct conf_uplink *uplink)
 {
     static const char expected[] = "the akenza device id (its MQTT client id)";
     struct conf_akenza *akenza = calloc(1, sizeof(*akenza));
@@ -115,7 +115,7 @@ void akenza_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *u
     jwt->claim_count++;
 }
 
-void akenza_conf_free(void *section)
+void akenza_section_free(void *section)
 {
     struct conf_akenza *akenza = section;
 
@@ -126,7 +126,7 @@ void akenza_conf_free(void *section)
     free(akenza);
 }
 
-bool akenza_conf_session_equal(const void *section_a, const void *section_b)
+bool akenza_section_equal(const void *section_a, const void *section_b)
 {
     const struct conf_akenza *a = section_a, *b = section_b;
 

@@ -1,6 +1,6 @@
 /* akenza/section.h - uplinks[].akenza: the settings of profile akenza.
  *
- * The struct lives in uplinks[].section; conf.c calls the hooks below
+ * The struct lives in uplinks[].section; conf_uplink.c calls the hooks below
  * through profile_spec_akenza (spec.c), and nothing outside this folder
  * (and its tests) reads the struct.
  */
@@ -33,12 +33,12 @@ static inline const struct conf_akenza *akenza_conf(const struct conf_uplink *uc
 /* profile_spec hooks (profile_spec.h): read uplinks[].akenza (@section NULL
  * when the uplink has none) into a new uplink->section and check the rules
  * that tie it to the rest of the uplink at @uplink_path; free it. */
-void akenza_conf_parse(struct conf_loader *ld, struct yaml_node_s *section,
-                       struct yaml_node_s *uplink_node, const char *uplink_path,
-                       struct conf_uplink *uplink);
-void akenza_conf_free(void *section);
+void akenza_section_parse(struct conf_loader *ld, struct yaml_node_s *section,
+                          struct yaml_node_s *uplink_node, const char *uplink_path,
+                          struct conf_uplink *uplink);
+void akenza_section_free(void *section);
 
 /* What of the section goes into CONNECT: reload reconnects when false. */
-bool akenza_conf_session_equal(const void *a, const void *b);
+bool akenza_section_equal(const void *a, const void *b);
 
 #endif

@@ -46,8 +46,8 @@ const struct profile_spec profile_spec_akenza = {
     .connect_id = akenza_connect_id,
     .connack_text = akenza_spec_connack_text,
     .diagnose_refused = akenza_diagnose_refused,
-    .conf_parse = akenza_conf_parse,
-    .conf_free = akenza_conf_free,
-    .conf_session_equal = akenza_conf_session_equal,
+    .section_parse = akenza_section_parse,
+    .section_free = akenza_section_free,
+    .section_equal = akenza_section_equal,
     .client_id_from = "device",
 };

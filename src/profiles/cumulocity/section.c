@@ -335,8 +335,8 @@ static void check_uplink(struct conf_loader *ld, yaml_node_t *uplink_node, const
     }
 }
 
-void cumulocity_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
-                           const char *uplink_path, struct conf_uplink *uplink)
+void cumulocity_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+                              const char *uplink_path, struct conf_uplink *uplink)
 {
     struct conf_cumulocity *c8y = calloc(1, sizeof(*c8y));
     const char *gateway_id = ld->conf->gateway_id;
@@ -363,7 +363,7 @@ void cumulocity_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_
         conf_set_string(ld, &uplink->cert_cn, c8y->device_id);
 }
 
-void cumulocity_conf_free(void *section)
+void cumulocity_section_free(void *section)
 {
     struct conf_cumulocity *c8y = section;
 
@@ -393,7 +393,7 @@ void cumulocity_conf_free(void *section)
 }
 
 /* Cumulocity settings that go into CONNECT (client id, user name, will). */
-bool cumulocity_conf_session_equal(const void *section_a, const void *section_b)
+bool cumulocity_section_equal(const void *section_a, const void *section_b)
 {
     const struct conf_cumulocity *a = section_a, *b = section_b;
 

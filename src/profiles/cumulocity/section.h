@@ -1,6 +1,6 @@
 /* cumulocity/section.h - uplinks[].cumulocity: the settings of profile cumulocity.
  *
- * The struct lives in uplinks[].section; conf.c calls the hooks below
+ * The struct lives in uplinks[].section; conf_uplink.c calls the hooks below
  * through profile_spec_cumulocity (spec.c), and nothing outside this folder
  * (and its tests) reads the struct.
  */
@@ -60,12 +60,12 @@ static inline const struct conf_cumulocity *cumulocity_conf(const struct conf_up
 /* profile_spec hooks (profile_spec.h): read uplinks[].cumulocity (@section NULL
  * when the uplink has none) into a new uplink->section and check the rules
  * that tie it to the rest of the uplink at @uplink_path; free it. */
-void cumulocity_conf_parse(struct conf_loader *ld, struct yaml_node_s *section,
-                           struct yaml_node_s *uplink_node, const char *uplink_path,
-                           struct conf_uplink *uplink);
-void cumulocity_conf_free(void *section);
+void cumulocity_section_parse(struct conf_loader *ld, struct yaml_node_s *section,
+                              struct yaml_node_s *uplink_node, const char *uplink_path,
+                              struct conf_uplink *uplink);
+void cumulocity_section_free(void *section);
 
 /* What of the section goes into CONNECT: reload reconnects when false. */
-bool cumulocity_conf_session_equal(const void *a, const void *b);
+bool cumulocity_section_equal(const void *a, const void *b);
 
 #endif

@@ -77,7 +77,7 @@ const struct profile_spec profile_spec_cumulocity = {
     .connack_text = c8y_connack_text,
     .diagnose_refused = c8y_diagnose_refused,
     .child_check = c8y_child_check,
-    .conf_parse = cumulocity_conf_parse,
-    .conf_free = cumulocity_conf_free,
-    .conf_session_equal = cumulocity_conf_session_equal,
+    .section_parse = cumulocity_section_parse,
+    .section_free = cumulocity_section_free,
+    .section_equal = cumulocity_section_equal,
 };

@@ -3,7 +3,7 @@
  *
  * Session: client id projects/<p>/locations/<r>/registries/<g>/devices/<d>,
  * user name ignored by the server ("unused"), password a JWT whose aud is
- * the project id (conf.c makes that the default auth.aud) and whose life is
+ * the project id (section.c makes that the default auth.aud) and whose life is
  * at most 24 h (jwt.h JWT_GCP_MAX_LIFETIME_S; the uplink rotates it).
  *
  * Topics ("Publishing over the MQTT bridge"), for the gateway and for each

@@ -54,8 +54,8 @@ static void get_gcp_name(struct conf_loader *ld, yaml_node_t *node, const char *
     *dst = value;
 }
 
-void gcp_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
-                    const char *uplink_path, struct conf_uplink *uplink)
+void gcp_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+                       const char *uplink_path, struct conf_uplink *uplink)
 {
     struct conf_gcp *gcp = calloc(1, sizeof(*gcp));
     yaml_node_t *values[GCP_KEYS] = {NULL};
@@ -145,7 +145,7 @@ void gcp_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *upli
         uplink->rate.max_msgs_per_s = GCP_MSGS_PER_S;
 }
 
-void gcp_conf_free(void *section)
+void gcp_section_free(void *section)
 {
     struct conf_gcp *gcp = section;
 
@@ -159,7 +159,7 @@ void gcp_conf_free(void *section)
     free(gcp);
 }
 
-bool gcp_conf_session_equal(const void *section_a, const void *section_b)
+bool gcp_section_equal(const void *section_a, const void *section_b)
 {
     const struct conf_gcp *a = section_a, *b = section_b;
 

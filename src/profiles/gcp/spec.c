@@ -48,9 +48,9 @@ const struct profile_spec profile_spec_gcp = {
     .connack_text = gcp_connack_text,
     .diagnose_refused = gcp_diagnose_refused,
     .child_check = gcp_id_check,
-    .conf_parse = gcp_conf_parse,
-    .conf_free = gcp_conf_free,
-    .conf_session_equal = gcp_conf_session_equal,
+    .section_parse = gcp_section_parse,
+    .section_free = gcp_section_free,
+    .section_equal = gcp_section_equal,
     .client_id_from = "project, region, registry and device",
     .jwt_max_lifetime_s = JWT_GCP_MAX_LIFETIME_S,
 };

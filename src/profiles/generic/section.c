@@ -130,8 +130,8 @@ enum { GENERIC_TOPIC_PREFIX, GENERIC_UP, GENERIC_DOWN, GENERIC_KEYS };
 static const char *const generic_keys[GENERIC_KEYS] = {
     [GENERIC_TOPIC_PREFIX] = "topic_prefix", [GENERIC_UP] = "up", [GENERIC_DOWN] = "down"};
 
-void generic_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
-                        const char *uplink_path, struct conf_uplink *uplink)
+void generic_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
+                           const char *uplink_path, struct conf_uplink *uplink)
 {
     struct conf_generic *generic = calloc(1, sizeof(*generic));
     yaml_node_t *values[GENERIC_KEYS];
@@ -169,7 +169,7 @@ void generic_conf_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *
     }
 }
 
-void generic_conf_free(void *section)
+void generic_section_free(void *section)
 {
     struct conf_generic *generic = section;
 

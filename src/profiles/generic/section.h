@@ -1,6 +1,6 @@
 /* generic/section.h - uplinks[].generic: the topic mapping of profile generic.
  *
- * The struct lives in uplinks[].section; conf.c calls the hooks below
+ * The struct lives in uplinks[].section; conf_uplink.c calls the hooks below
  * through profile_spec_generic (spec.c), and nothing outside this folder
  * (and its tests) reads the struct.
  */
@@ -41,9 +41,9 @@ static inline const struct conf_generic *generic_conf(const struct conf_uplink *
 /* profile_spec hooks (profile_spec.h): read uplinks[].generic (@section NULL
  * when the uplink has none) into a new uplink->section and check the rules
  * that tie it to the rest of the uplink at @uplink_path; free it. */
-void generic_conf_parse(struct conf_loader *ld, struct yaml_node_s *section,
-                        struct yaml_node_s *uplink_node, const char *uplink_path,
-                        struct conf_uplink *uplink);
-void generic_conf_free(void *section);
+void generic_section_parse(struct conf_loader *ld, struct yaml_node_s *section,
+                           struct yaml_node_s *uplink_node, const char *uplink_path,
+                           struct conf_uplink *uplink);
+void generic_section_free(void *section);
 
 #endif

@@ -23,7 +23,7 @@ static const char *generic_connack_text(const struct conf_uplink *uc, int rc)
 const struct profile_spec profile_spec_generic = {
     .name = "generic",
     .connack_text = generic_connack_text,
-    .conf_parse = generic_conf_parse,
-    .conf_free = generic_conf_free,
+    .section_parse = generic_section_parse,
+    .section_free = generic_section_free,
     .jwt_aud_required = true,
 };

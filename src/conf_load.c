@@ -1,4 +1,4 @@
-/* conf.c - YAML configuration -> validated, immutable struct conf.
+/* conf_load.c - YAML configuration -> validated, immutable struct conf.
  *
  * The file is parsed with libyaml's document API (yaml_parser_load), which
  * keeps a start mark on every node, so each complaint can name
