@@ -52,6 +52,43 @@
  */
 #include "spool_int.h"
 
+static const struct sm_state spool_states[] = {
+    [SPOOL_OPEN] = {"OPEN", SM_TO(SPOOL_CLOSING)},
+    [SPOOL_CLOSING] = {"CLOSING", SM_TO(SPOOL_CLOSED)},
+    [SPOOL_CLOSED] = {"CLOSED", 0},
+};
+
+static const char *spool_sm_uplink(const struct sm *sm)
+{
+    return container_of(sm, struct spool, sm)->name;
+}
+
+/* A spool only closes its handles when no commit runs and nobody waits. */
+static bool spool_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct spool *spool = container_of(sm, struct spool, sm);
+
+    if (sm_state(sm) == SPOOL_CLOSED && (spool->commit || spool->fill_waiters.len)) {
+        snprintf(why, size, "closed with %s", spool->commit ? "a commit running" : "waiters");
+        return false;
+    }
+    return true;
+}
+
+static const struct sm_conf spool_sm = {
+    .states = spool_states,
+    .count = ARRAY_SIZE(spool_states),
+    .level = LOG_DEBUG,
+    .uplink = spool_sm_uplink,
+    .invariant = spool_sm_invariant,
+};
+
+/* Closing or closed: spool_close() was called. */
+static bool spool_closing(const struct spool *spool)
+{
+    return sm_state(&spool->sm) != SPOOL_OPEN;
+}
+
 static void maybe_commit(struct spool *spool);
 static void admit_blocked(struct spool *spool);
 static void spool_check_closed(struct spool *spool);
@@ -373,7 +410,7 @@ static void start_commit(struct spool *spool)
      * batch would otherwise pay a second pwrite and fdatasync for it, half
      * the disk work of a commit. A cursor that lags only re-sends. */
     if (spool->acked_seq != spool->persisted_seq &&
-        (c->seg_count == 0 || spool->closing ||
+        (c->seg_count == 0 || spool_closing(spool) ||
          uv_now(spool->loop) - spool->cursor_written_ms >= SPOOL_CURSOR_DELAY_MS)) {
         spool->cursor_written_ms = uv_now(spool->loop);
         c->write_cursor = true;
@@ -411,7 +448,8 @@ static void maybe_commit(struct spool *spool)
 {
     uint64_t now, age;
 
-    if (spool->opts.durability != SPOOL_DURABLE || spool->commit || spool->closed)
+    if (spool->opts.durability != SPOOL_DURABLE || spool->commit ||
+        (sm_state(&spool->sm) == SPOOL_CLOSED))
         return;
     bool data = spool->fill_bytes > 0;
     bool meta = spool->acked_seq != spool->persisted_seq || spool->unlink_count > 0;
@@ -422,7 +460,7 @@ static void maybe_commit(struct spool *spool)
         arm_timer(spool, spool->retry_at - now);
         return;
     }
-    if (!spool->closing) {
+    if (!spool_closing(spool)) {
         if (data) {
             age = now - spool->fill_since;
             uint64_t since = now - spool->commit_started_ms;
@@ -579,7 +617,7 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
     struct spool_blocked *b;
     int rc;
 
-    if (spool->closing)
+    if (spool_closing(spool))
         return -ESHUTDOWN;
     if (qos < 0 || qos > 2 || topic_len == 0 || topic_len > 65535)
         return -EINVAL;
@@ -997,6 +1035,7 @@ int spool_open(uv_loop_t *loop, const struct spool_options *opts, struct spool *
     if (!spool)
         return -ENOMEM;
     spool->loop = loop;
+    sm_init(&spool->sm, &spool_sm, SPOOL_OPEN);
     spool->cursor_fd = -1;
     spool->rb_fd = -1;
     spool->next_seq = 1;
@@ -1082,7 +1121,7 @@ static void handle_closed_cb(uv_handle_t *handle)
 
 static void spool_check_closed(struct spool *spool)
 {
-    if (!spool->closing || spool->closed || spool->commit)
+    if (sm_state(&spool->sm) != SPOOL_CLOSING || spool->commit)
         return;
     if (spool->opts.durability == SPOOL_DURABLE && !spool->io_error &&
         (spool->fill_bytes || spool->acked_seq != spool->persisted_seq || spool->unlink_count)) {
@@ -1097,7 +1136,7 @@ static void spool_check_closed(struct spool *spool)
     spool->fill_waiters.len = 0;
     if (spool->deferred.len)
         return; /* deferred_cb() comes back here once they have run */
-    spool->closed = true;
+    sm_move(&spool->sm, SPOOL_CLOSED, "the last commit is done");
     uv_timer_stop(&spool->commit_timer);
     uv_check_stop(&spool->turn_end);
     uv_close((uv_handle_t *)&spool->turn_end, handle_closed_cb);
@@ -1112,7 +1151,8 @@ void spool_close(struct spool *spool, void (*done_cb)(void *arg), void *arg)
 
     spool->done_cb = done_cb;
     spool->done_arg = arg;
-    spool->closing = true;
+    if (sm_state(&spool->sm) == SPOOL_OPEN)
+        sm_move(&spool->sm, SPOOL_CLOSING, "closing");
     while ((b = spool->blocked_head) != NULL) {
         spool->blocked_head = b->next;
         defer(spool, b->cb, b->arg, -ECANCELED);

@@ -31,6 +31,7 @@
 
 #include "log.h"
 #include "record.h"
+#include "sm.h"
 #include "util.h"
 
 #define SEG_HEADER_SIZE     RECORD_FILE_HEADER_SIZE
@@ -45,6 +46,14 @@
 #define SPOOL_CURSOR_DELAY_MS 200
 #define SPOOL_RETRY_MS        1000
 #define SPOOL_READ_CHUNK      (256u * 1024)
+
+/* OPEN --spool_close()--> CLOSING --last commit done, waiters answered--> CLOSED
+ * (its handles are closing; done_cb runs when the last one has). */
+enum spool_state {
+    SPOOL_OPEN,
+    SPOOL_CLOSING,
+    SPOOL_CLOSED,
+};
 
 struct spool_buf {
     uint8_t *data;
@@ -184,8 +193,7 @@ struct spool {
     uint64_t rb_start;
     struct spool_buf rb;
 
-    bool closing;
-    bool closed;
+    struct sm sm; /* enum spool_state, see spool_states in spool.c */
     void (*done_cb)(void *arg);
     void *done_arg;
 

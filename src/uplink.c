@@ -93,6 +93,7 @@
 #include "keys.h"
 #include "log.h"
 #include "record.h"
+#include "sm.h"
 #include "spool.h"
 #include "tlscheck.h"
 #include "util.h"
@@ -237,7 +238,7 @@ struct uplink {
     char *name;
     char *gateway_id;
     struct uplink_hooks hooks;
-    enum uplink_state state;
+    struct sm sm; /* enum uplink_state, see uplink_states */
     pthread_t loop_thread;
 
     uv_timer_t tick;   /* mosquitto_loop_misc() */
@@ -315,35 +316,83 @@ static size_t uplink_unsent(const struct uplink *uplink);
 
 /* --- state machine ------------------------------------------------------ */
 
-static const char *const state_names[] = {
-    [UPLINK_IDLE] = "IDLE",
-    [UPLINK_RESOLVING] = "RESOLVING",
-    [UPLINK_CONNECTING] = "CONNECTING",
-    [UPLINK_ONLINE] = "ONLINE",
-    [UPLINK_BACKOFF] = "BACKOFF",
-    [UPLINK_STOPPING] = "STOPPING",
-    [UPLINK_STOPPED] = "STOPPED",
+/* The uplink's states (uplink.h, enum uplink_state):
+ *
+ *     IDLE --> RESOLVING --> CONNECTING --> ONLINE
+ *       |          |              |           |
+ *       |          v              v           v
+ *       +------> BACKOFF <--------+-----------+
+ *                  |  ^
+ *                  |  +-- (every failure; then RESOLVING again)
+ *                  v
+ *     any state but STOPPED --> STOPPING --> STOPPED
+ *
+ * IDLE -> BACKOFF: a JWT uplink whose clock cannot be trusted yet. */
+static const struct sm_state uplink_states[] = {
+    [UPLINK_IDLE] = {"IDLE",
+                     SM_TO(UPLINK_RESOLVING) | SM_TO(UPLINK_BACKOFF) | SM_TO(UPLINK_STOPPING)},
+    [UPLINK_RESOLVING] = {"RESOLVING", SM_TO(UPLINK_CONNECTING) | SM_TO(UPLINK_BACKOFF) |
+                                           SM_TO(UPLINK_STOPPING)},
+    [UPLINK_CONNECTING] = {"CONNECTING",
+                           SM_TO(UPLINK_ONLINE) | SM_TO(UPLINK_BACKOFF) | SM_TO(UPLINK_STOPPING)},
+    [UPLINK_ONLINE] = {"ONLINE", SM_TO(UPLINK_BACKOFF) | SM_TO(UPLINK_STOPPING)},
+    [UPLINK_BACKOFF] = {"BACKOFF", SM_TO(UPLINK_RESOLVING) | SM_TO(UPLINK_STOPPING)},
+    [UPLINK_STOPPING] = {"STOPPING", SM_TO(UPLINK_STOPPED)},
+    [UPLINK_STOPPED] = {"STOPPED", 0},
 };
 
-/* allowed[from] is a bit set of the states reachable from it. */
-#define S(x) (1u << (x))
-static const unsigned state_allowed[] = {
-    /* IDLE -> BACKOFF: a JWT uplink whose clock cannot be trusted yet. */
-    [UPLINK_IDLE] = S(UPLINK_RESOLVING) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
-    [UPLINK_RESOLVING] = S(UPLINK_CONNECTING) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
-    [UPLINK_CONNECTING] = S(UPLINK_ONLINE) | S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
-    [UPLINK_ONLINE] = S(UPLINK_BACKOFF) | S(UPLINK_STOPPING),
-    [UPLINK_BACKOFF] = S(UPLINK_RESOLVING) | S(UPLINK_STOPPING),
-    [UPLINK_STOPPING] = S(UPLINK_STOPPED),
-    [UPLINK_STOPPED] = 0,
+static const char *uplink_sm_uplink(const struct sm *sm)
+{
+    return container_of(sm, struct uplink, sm)->name;
+}
+
+/* What each state promises about the connection attempt. */
+static bool uplink_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct uplink *uplink = container_of(sm, struct uplink, sm);
+    const struct uplink_conn *conn = uplink->conn;
+
+    switch ((enum uplink_state)sm_state(sm)) {
+    case UPLINK_RESOLVING:
+    case UPLINK_CONNECTING:
+        if (conn == NULL) {
+            snprintf(why, size, "no connection attempt");
+            return false;
+        }
+        return true;
+    case UPLINK_ONLINE:
+        if (conn == NULL || !conn->online || conn->work_pending) {
+            snprintf(why, size, "online without an online connection");
+            return false;
+        }
+        return true;
+    case UPLINK_STOPPED:
+        if (uplink->closing != 0) {
+            snprintf(why, size, "%u close callbacks still to come", uplink->closing);
+            return false;
+        }
+        return true;
+    default:
+        return true;
+    }
+}
+
+static const struct sm_conf uplink_sm = {
+    .states = uplink_states,
+    .count = ARRAY_SIZE(uplink_states),
+    .level = LOG_NOTICE,
+    .uplink = uplink_sm_uplink,
+    .invariant = uplink_sm_invariant,
 };
-#undef S
+
+static enum uplink_state state_of(const struct uplink *uplink)
+{
+    return (enum uplink_state)sm_state(&uplink->sm);
+}
 
 const char *uplink_state_name(enum uplink_state state)
 {
-    if ((unsigned)state >= ARRAY_SIZE(state_names) || !state_names[state])
-        return "UNKNOWN";
-    return state_names[state];
+    return sm_state_name(&uplink_sm, (unsigned)state);
 }
 
 /* Move to @to, logging the reason; an illegal move is a bug and is refused. */
@@ -353,21 +402,14 @@ static int uplink_set_state(struct uplink *uplink, enum uplink_state to, const c
 static int uplink_set_state(struct uplink *uplink, enum uplink_state to, const char *fmt, ...)
 {
     char reason[UPLINK_ERROR_MAX];
-    enum uplink_state from = uplink->state;
     va_list ap;
 
     va_start(ap, fmt);
     vsnprintf(reason, sizeof(reason), fmt, ap);
     va_end(ap);
 
-    if ((unsigned)from >= ARRAY_SIZE(state_allowed) || !(state_allowed[from] & (1u << to))) {
-        log_err("uplink %s: BUG: illegal state transition %s -> %s (%s) refused", uplink->name,
-                uplink_state_name(from), uplink_state_name(to), reason);
+    if (sm_move(&uplink->sm, to, reason) < 0)
         return -EINVAL;
-    }
-    uplink->state = to;
-    log_uplink(LOG_NOTICE, uplink->name, "state %s -> %s (%s)", uplink_state_name(from),
-               uplink_state_name(to), reason);
     if (uplink->hooks.state_cb)
         uplink->hooks.state_cb(uplink->hooks.arg, uplink, to);
     return 0;
@@ -1253,12 +1295,11 @@ static void conn_explain_closed(struct uplink_conn *conn, int err)
     else if (conn->online)
         conn_fail(conn, "connection to %s:%d lost: closed by the server%s", conn->host, conn->port,
                   why);
-    else if (err == ECONNREFUSED || err == ENETUNREACH || err == EHOSTUNREACH ||
-             err == ETIMEDOUT)
+    else if (err == ECONNREFUSED || err == ENETUNREACH || err == EHOSTUNREACH || err == ETIMEDOUT)
         /* The TCP connect itself failed: on loopback, mosquitto_connect_async()
          * already returns ECONNREFUSED; nothing was closed, nothing listened. */
-        conn_fail(conn, "connection to %s:%d failed: %s%s", conn->host, conn->port,
-                  strerror(err), errno_hint(err));
+        conn_fail(conn, "connection to %s:%d failed: %s%s", conn->host, conn->port, strerror(err),
+                  errno_hint(err));
     else
         conn_fail(conn,
                   "%s:%d closed the connection before CONNACK%s (wrong port, a TLS port without "
@@ -1603,7 +1644,7 @@ static bool uplink_clock_blocks(struct uplink *uplink)
     }
     uplink->clock_bad = true;
     uplink->clock_was_bad = true;
-    if (uplink->state == UPLINK_BACKOFF)
+    if (state_of(uplink) == UPLINK_BACKOFF)
         uv_timer_start(&uplink->timer, uplink_timer_cb, UPLINK_CLOCK_RECHECK_MS, 0);
     else
         uplink_backoff(uplink, UPLINK_CLOCK_RECHECK_MS,
@@ -1690,7 +1731,7 @@ static void conn_after_work_cb(uv_work_t *req, int status)
         uplink_service(uplink);
         return;
     }
-    if (uplink->state != UPLINK_RESOLVING || uplink->reconnect_requested || conn->failed) {
+    if (state_of(uplink) != UPLINK_RESOLVING || uplink->reconnect_requested || conn->failed) {
         /* Stopping, reconfigured, or set-up failed: uplink_service() decides. */
         uplink_service(uplink);
         return;
@@ -1738,7 +1779,7 @@ static void uplink_timer_cb(uv_timer_t *timer)
     struct uplink_conn *conn = uplink->conn;
     SSL *ssl;
 
-    switch (uplink->state) {
+    switch (state_of(uplink)) {
     case UPLINK_BACKOFF:
         uplink_connect(uplink, "backoff elapsed");
         break;
@@ -2127,9 +2168,9 @@ int uplink_publish_control(struct uplink *uplink, const char *topic, const void 
 
     if (!topic || qos < 0 || qos > 1 || mosquitto_pub_topic_check(topic) != MOSQ_ERR_SUCCESS)
         return -EINVAL;
-    if (uplink->state == UPLINK_STOPPING || uplink->state == UPLINK_STOPPED)
+    if (state_of(uplink) == UPLINK_STOPPING || state_of(uplink) == UPLINK_STOPPED)
         return -ESHUTDOWN;
-    if ((qos == 0 || (flags & UPLINK_CONTROL_CONNECTION)) && uplink->state != UPLINK_ONLINE)
+    if ((qos == 0 || (flags & UPLINK_CONTROL_CONNECTION)) && state_of(uplink) != UPLINK_ONLINE)
         return -ENOTCONN;
     c = calloc(1, sizeof(*c));
     if (!c)
@@ -2160,7 +2201,7 @@ int uplink_publish_control(struct uplink *uplink, const char *topic, const void 
 
 void uplink_reconnect(struct uplink *uplink, const char *reason)
 {
-    switch (uplink->state) {
+    switch (state_of(uplink)) {
     case UPLINK_BACKOFF:
         log_uplink(LOG_NOTICE, uplink->name, "%s; connecting now", reason);
         uplink->backoff_ms = 0;
@@ -2274,7 +2315,7 @@ static void uplink_conn_failed(struct uplink *uplink)
                   (conn->acked || uv_now(uplink->loop) - conn->online_since >= UPLINK_STABLE_MS);
     bool was_online = conn->online;
 
-    if (uplink->state == UPLINK_STOPPING) {
+    if (state_of(uplink) == UPLINK_STOPPING) {
         log_uplink(LOG_NOTICE, uplink->name, "%s", conn->error);
         uplink_drop_conn(uplink);
         return;
@@ -2294,7 +2335,7 @@ static void uplink_conn_failed(struct uplink *uplink)
     if (stable)
         uplink->backoff_ms = 0; /* the session worked: start the jitter from base again */
     uplink_backoff(uplink, -1, was_online ? "connection lost" : "connection attempt failed");
-    if (jwt_refused && uplink->state == UPLINK_BACKOFF) {
+    if (jwt_refused && state_of(uplink) == UPLINK_BACKOFF) {
         /* The clock that signed the refused token may be corrected during
          * the backoff (NTP stepping it): uplink_clock_watch(). The rotate
          * timer is free in BACKOFF (uplink_drop_conn stopped it). */
@@ -2316,7 +2357,7 @@ static void uplink_clock_watch(struct uplink *uplink)
 {
     int64_t wall_ms, mono_ms, step_ms;
 
-    if (uplink->state != UPLINK_BACKOFF) {
+    if (state_of(uplink) != UPLINK_BACKOFF) {
         uplink->clock_watch = false;
         uv_timer_stop(&uplink->rotate);
         return;
@@ -2351,7 +2392,7 @@ static void uplink_rotate_cb(uv_timer_t *timer)
         uplink_clock_watch(uplink); /* BACKOFF after a refused JWT */
         return;
     }
-    if (uplink->state != UPLINK_ONLINE || !conn || !conn->online)
+    if (state_of(uplink) != UPLINK_ONLINE || !conn || !conn->online)
         return;
     if (!uplink->rotating) {
         /* The drain must end before exp: the server may drop us there. */
@@ -2406,7 +2447,7 @@ static bool uplink_step(struct uplink *uplink)
         return true;
     }
 
-    switch (uplink->state) {
+    switch (state_of(uplink)) {
     case UPLINK_RESOLVING:
         if (conn && uplink->reconnect_requested) {
             uplink->reconnect_requested = false;
@@ -2427,7 +2468,7 @@ static bool uplink_step(struct uplink *uplink)
             uplink_backoff(uplink, 0, "configuration changed");
             return true;
         }
-        if (uplink->state == UPLINK_CONNECTING && conn->connack_seen && conn->connack_rc == 0 &&
+        if (state_of(uplink) == UPLINK_CONNECTING && conn->connack_seen && conn->connack_rc == 0 &&
             !conn->online) {
             conn->online = true;
             conn->online_since = uv_now(uplink->loop);
@@ -2446,7 +2487,7 @@ static bool uplink_step(struct uplink *uplink)
                 uplink->hooks.online_cb(uplink->hooks.arg, uplink);
             return true;
         }
-        if (uplink->state == UPLINK_ONLINE && uplink->rotating &&
+        if (state_of(uplink) == UPLINK_ONLINE && uplink->rotating &&
             (uplink->inflight == 0 || uv_now(uplink->loop) >= uplink->rotate_deadline)) {
             if (uplink->inflight)
                 log_uplink(LOG_WARNING, uplink->name,
@@ -2462,7 +2503,7 @@ static bool uplink_step(struct uplink *uplink)
             return true;
         }
         /* Control messages first; a gated one holds the spool back. */
-        if (uplink->state == UPLINK_ONLINE && !uplink->rotating && !conn_flush_control(conn) &&
+        if (state_of(uplink) == UPLINK_ONLINE && !uplink->rotating && !conn_flush_control(conn) &&
             !conn->hold_spool)
             conn_flush(conn);
         conn_write(conn);
@@ -2623,7 +2664,7 @@ int uplink_new(uv_loop_t *loop, const struct conf_uplink *conf, const char *gate
     uplink->rate_since = uv_now(loop);
     uplink->conf = conf;
     uplink->loop_thread = pthread_self();
-    uplink->state = UPLINK_IDLE;
+    sm_init(&uplink->sm, &uplink_sm, UPLINK_IDLE);
     if (hooks)
         uplink->hooks = *hooks;
     if (getrandom(&uplink->rng, sizeof(uplink->rng), GRND_NONBLOCK) != sizeof(uplink->rng))
@@ -2638,7 +2679,7 @@ int uplink_start(struct uplink *uplink)
 {
     int rc;
 
-    if (uplink->state != UPLINK_IDLE)
+    if (state_of(uplink) != UPLINK_IDLE)
         return -EALREADY;
     rc = uplink_handles_init(uplink);
     if (rc < 0)
@@ -2740,7 +2781,7 @@ int uplink_publish_async(struct uplink *uplink, const char *topic, const void *p
     size_t topic_len;
     int rc;
 
-    if (uplink->state == UPLINK_STOPPING || uplink->state == UPLINK_STOPPED)
+    if (state_of(uplink) == UPLINK_STOPPING || state_of(uplink) == UPLINK_STOPPED)
         return -ESHUTDOWN;
     if (qos < 0 || qos > 2 || !topic || (topic_len = strlen(topic)) > 65535)
         return -EINVAL;
@@ -2759,7 +2800,7 @@ int uplink_publish_async(struct uplink *uplink, const char *topic, const void *p
 
     if (qos == 0) {
         struct uplink_conn *conn = uplink->conn;
-        if (uplink->state == UPLINK_ONLINE && conn && !conn->failed && !uplink->rotating) {
+        if (state_of(uplink) == UPLINK_ONLINE && conn && !conn->failed && !uplink->rotating) {
             /* Straight upstream: QoS 0 promises nothing to wait for. */
             int mid;
             uplink->in_io = true;
@@ -2793,7 +2834,7 @@ int uplink_publish_async(struct uplink *uplink, const char *topic, const void *p
         uplink->stats.dropped++;
         return rc;
     }
-    if (uplink->state == UPLINK_ONLINE)
+    if (state_of(uplink) == UPLINK_ONLINE)
         uplink_service(uplink);
     return rc == SPOOL_PENDING ? UPLINK_PUBLISH_PENDING : 0;
 }
@@ -2838,7 +2879,7 @@ int uplink_subscribe(struct uplink *uplink, const char *filter, int qos)
         uplink->subs = sub;
     }
     sub->qos = qos;
-    if (uplink->state == UPLINK_ONLINE && uplink->conn && !uplink->conn->failed) {
+    if (state_of(uplink) == UPLINK_ONLINE && uplink->conn && !uplink->conn->failed) {
         rc = mosquitto_subscribe(uplink->conn->mosq, &sub->mid, sub->filter, sub->qos);
         if (rc)
             log_uplink(LOG_ERR, uplink->name, "cannot subscribe to \"%s\": %s", filter,
@@ -2859,7 +2900,7 @@ int uplink_unsubscribe(struct uplink *uplink, const char *filter)
     if (!sub)
         return -ENOENT;
     *link = sub->next;
-    if (uplink->state == UPLINK_ONLINE && uplink->conn && !uplink->conn->failed) {
+    if (state_of(uplink) == UPLINK_ONLINE && uplink->conn && !uplink->conn->failed) {
         mosquitto_unsubscribe(uplink->conn->mosq, NULL, sub->filter);
         uplink_service(uplink);
     }
@@ -2888,7 +2929,7 @@ int uplink_reconfigure(struct uplink *uplink, const struct conf_uplink *conf)
     }
     if (same)
         return 0;
-    switch (uplink->state) {
+    switch (state_of(uplink)) {
     case UPLINK_BACKOFF:
         log_uplink(LOG_NOTICE, uplink->name, "configuration changed; reconnecting now");
         uplink->backoff_ms = 0;
@@ -2994,8 +3035,8 @@ int uplink_reload_credentials(struct uplink *uplink, char *report, size_t report
     bool tls_changed = false, ca_changed = false, jwt_changed = false;
     int rc;
 
-    if (uplink->state == UPLINK_IDLE || uplink->state == UPLINK_STOPPING ||
-        uplink->state == UPLINK_STOPPED || !uplink->creds.taken) {
+    if (state_of(uplink) == UPLINK_IDLE || state_of(uplink) == UPLINK_STOPPING ||
+        state_of(uplink) == UPLINK_STOPPED || !uplink->creds.taken) {
         snprintf(report, report_size,
                  "credentials unchanged (no connection set up yet; the next attempt reads the "
                  "files)");
@@ -3105,7 +3146,7 @@ void uplink_stop(struct uplink *uplink, unsigned timeout_ms,
 {
     struct uplink_conn *conn = uplink->conn;
 
-    if (uplink->state == UPLINK_STOPPING || uplink->state == UPLINK_STOPPED) {
+    if (state_of(uplink) == UPLINK_STOPPING || state_of(uplink) == UPLINK_STOPPED) {
         log_uplink(LOG_WARNING, uplink->name, "uplink_stop() called twice; ignored");
         return;
     }
@@ -3117,7 +3158,7 @@ void uplink_stop(struct uplink *uplink, unsigned timeout_ms,
     uplink->done_arg = arg;
     uv_timer_stop(&uplink->timer);
     if (uplink_set_state(uplink, UPLINK_STOPPING, "stop requested%s",
-                         uplink->state == UPLINK_ONLINE && uplink_unsent(uplink)
+                         state_of(uplink) == UPLINK_ONLINE && uplink_unsent(uplink)
                              ? ", waiting for acknowledgements"
                              : "") < 0)
         return;
@@ -3136,10 +3177,10 @@ void uplink_free(struct uplink *uplink)
 
     if (!uplink)
         return;
-    if (uplink->handles_init && uplink->state != UPLINK_STOPPED) {
+    if (uplink->handles_init && state_of(uplink) != UPLINK_STOPPED) {
         log_err("uplink %s: BUG: uplink_free() in state %s before uplink_stop() finished; "
                 "leaking it",
-                uplink->name, uplink_state_name(uplink->state));
+                uplink->name, uplink_state_name(state_of(uplink)));
         return;
     }
     spool_free(uplink->spool);
@@ -3169,7 +3210,7 @@ const char *uplink_name(const struct uplink *uplink)
 
 enum uplink_state uplink_get_state(const struct uplink *uplink)
 {
-    return uplink->state;
+    return state_of(uplink);
 }
 
 const char *uplink_last_error(const struct uplink *uplink)

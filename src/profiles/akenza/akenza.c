@@ -46,6 +46,8 @@
 #include "profile.h"
 #include "akenza.h"
 #include "profile_spec.h"
+#include "sm.h"
+#include "util.h"
 #include "uplink.h"
 
 /* The idle sweep runs at session_idle / 2, within these bounds. */
@@ -142,23 +144,16 @@ enum session_state {
     SESSION_STOPPING,
 };
 
-static const char *const session_state_names[] = {
-    [SESSION_KEY_LOADING] = "loading-key",
-    [SESSION_RUNNING] = "running",
-    [SESSION_NO_KEY] = "no-key",
-    [SESSION_STOPPING] = "STOPPING",
-};
-
 struct akenza_session {
     struct akenza_session *next;
     struct profile_instance *pi;
     struct uplink *uplink;
     struct conf_uplink *conf; /* owned; borrowed by the uplink */
-    enum session_state state;
-    bool was_no_key;  /* stopped from NO_KEY: new messages are refused, not delayed */
-    bool work_busy;   /* key_work queued or running */
-    bool uplink_done; /* uplink stopped and freed (or never made) */
-    bool remove_dir;  /* the spool was empty at the end: delete its directory */
+    struct sm sm;             /* enum session_state, see session_states */
+    bool was_no_key;          /* stopped from NO_KEY: new messages are refused, not delayed */
+    bool work_busy;           /* key_work queued or running */
+    bool uplink_done;         /* uplink stopped and freed (or never made) */
+    bool remove_dir;          /* the spool was empty at the end: delete its directory */
     uv_work_t key_work;
     /* Written by the worker, read after it on the loop thread. */
     EVP_PKEY *loaded;
@@ -175,6 +170,59 @@ struct akenza_session {
     uint64_t used_ms;           /* uv_now() of its last message */
     char id[];
 };
+
+/* A child's session:
+ *
+ *     KEY_LOADING --key read, uplink started--> RUNNING
+ *          |                                       |
+ *          +--no usable key--> NO_KEY              |
+ *          |                     |                 |
+ *          +---------------------+-----------------+--> STOPPING
+ *
+ * The names are what `uplinkctl status` shows. */
+static const struct sm_state session_states[] = {
+    [SESSION_KEY_LOADING] = {"loading-key", SM_TO(SESSION_RUNNING) | SM_TO(SESSION_NO_KEY) |
+                                                SM_TO(SESSION_STOPPING)},
+    [SESSION_RUNNING] = {"running", SM_TO(SESSION_STOPPING)},
+    [SESSION_NO_KEY] = {"no-key", SM_TO(SESSION_STOPPING)},
+    [SESSION_STOPPING] = {"STOPPING", 0},
+};
+
+static void session_sm_describe(const struct sm *sm, char *buf, size_t size)
+{
+    snprintf(buf, size, "session %s", container_of(sm, struct akenza_session, sm)->id);
+}
+
+static const char *session_sm_uplink(const struct sm *sm)
+{
+    return container_of(sm, struct akenza_session, sm)->pi->uc->name;
+}
+
+/* RUNNING means the key is loaded and handed to the session's uplink. */
+static bool session_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct akenza_session *s = container_of(sm, struct akenza_session, sm);
+
+    if (sm_state(sm) == SESSION_RUNNING && (s->key == NULL || s->work_busy)) {
+        snprintf(why, size, "running %s", s->key == NULL ? "without a key" : "while loading one");
+        return false;
+    }
+    return true;
+}
+
+static const struct sm_conf session_sm = {
+    .states = session_states,
+    .count = ARRAY_SIZE(session_states),
+    .level = LOG_DEBUG,
+    .describe = session_sm_describe,
+    .uplink = session_sm_uplink,
+    .invariant = session_sm_invariant,
+};
+
+static enum session_state session_state_of(const struct akenza_session *s)
+{
+    return (enum session_state)sm_state(&s->sm);
+}
 
 struct akenza {
     struct akenza_session *sessions; /* open */
@@ -391,8 +439,8 @@ static void session_stop(struct profile_instance *pi, struct akenza_session *s, 
     session_unlink(&ak->sessions, s);
     s->next = ak->stopping;
     ak->stopping = s;
-    s->was_no_key = s->state == SESSION_NO_KEY;
-    s->state = SESSION_STOPPING;
+    s->was_no_key = session_state_of(s) == SESSION_NO_KEY;
+    sm_move(&s->sm, SESSION_STOPPING, NULL);
     if (s->work_busy)
         uv_cancel((uv_req_t *)&s->key_work); /* fails harmlessly once it runs */
     log_child(LOG_INFO, pi->uc->name, s->id, "closing its session: %s", why);
@@ -439,7 +487,7 @@ static void session_key_after_cb(uv_work_t *req, int status)
     int rc;
 
     s->work_busy = false;
-    if (s->state == SESSION_STOPPING || status < 0) {
+    if (session_state_of(s) == SESSION_STOPPING || status < 0) {
         session_release(s);
         return;
     }
@@ -452,7 +500,7 @@ static void session_key_after_cb(uv_work_t *req, int status)
     if (rc < 0) {
         struct uplink_stats stats;
         uplink_get_stats(s->uplink, &stats);
-        s->state = SESSION_NO_KEY;
+        sm_move(&s->sm, SESSION_NO_KEY, NULL);
         snprintf(reason, sizeof(reason),
                  "akenza needs a session and key per device, and this child has no usable key "
                  "(akenza.child_key): %.140s",
@@ -471,10 +519,10 @@ static void session_key_after_cb(uv_work_t *req, int status)
     rc = uplink_start(s->uplink);
     if (rc < 0) {
         log_child(LOG_ERR, pi->uc->name, s->id, "cannot start its session: %s", strerror(-rc));
-        s->state = SESSION_NO_KEY; /* retried when it is reopened */
+        sm_move(&s->sm, SESSION_NO_KEY, NULL); /* retried when it is reopened */
         return;
     }
-    s->state = SESSION_RUNNING;
+    sm_move(&s->sm, SESSION_RUNNING, NULL);
 }
 
 /* Open @child's session: spool (recovered now), uplink, subscription; the
@@ -517,7 +565,7 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     strcpy(s->id, child);
     s->pi = pi;
     s->uplink_done = true; /* until there is an uplink */
-    s->state = SESSION_KEY_LOADING;
+    sm_init(&s->sm, &session_sm, SESSION_KEY_LOADING);
     s->sub.name = "sub";
     s->sub.value = s->id;
     s->key_work.data = s;
@@ -575,7 +623,7 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     }
     rc = uv_queue_work(pi->loop, &s->key_work, session_key_work_cb, session_key_after_cb);
     if (rc < 0) {
-        s->state = SESSION_NO_KEY;
+        sm_move(&s->sm, SESSION_NO_KEY, NULL);
         snprintf(s->key_err, sizeof(s->key_err), "cannot queue the key load: %s", uv_strerror(rc));
     } else {
         s->work_busy = true;
@@ -656,12 +704,12 @@ static void sweep_cb(uv_timer_t *timer)
         next = s->next;
         if (now - s->used_ms < akenza_conf(pi->uc)->session_idle_ms)
             continue;
-        if (s->state == SESSION_NO_KEY) {
+        if (session_state_of(s) == SESSION_NO_KEY) {
             /* Its spool stays on disk; the next message or start retries. */
             session_stop(pi, s, "idle, without a usable key");
             continue;
         }
-        if (s->state != SESSION_RUNNING)
+        if (session_state_of(s) != SESSION_RUNNING)
             continue;
         /* Unsent messages keep it open until they are acknowledged, so a
          * session's spool never waits on disk for a message that may not
@@ -764,9 +812,9 @@ static void akenza_reconfigure_cb(struct profile_instance *pi)
 /* "state" of a session for status: the uplink's while running. */
 static const char *session_state_text(const struct akenza_session *s)
 {
-    if (s->state == SESSION_RUNNING)
+    if (session_state_of(s) == SESSION_RUNNING)
         return uplink_state_name(uplink_get_state(s->uplink));
-    return session_state_names[s->state];
+    return sm_state_name(&session_sm, sm_state(&s->sm));
 }
 
 static void akenza_status_json_cb(const struct profile_instance *pi, struct json_buf *out)
@@ -782,9 +830,9 @@ static void akenza_status_json_cb(const struct profile_instance *pi, struct json
         open++;
         uplink_get_stats(s->uplink, &stats);
         queued += stats.spool.depth;
-        if (s->state == SESSION_NO_KEY)
+        if (session_state_of(s) == SESSION_NO_KEY)
             no_key++;
-        else if (s->state != SESSION_RUNNING)
+        else if (session_state_of(s) != SESSION_RUNNING)
             connecting++;
         else if (uplink_get_state(s->uplink) == UPLINK_ONLINE)
             online++;
@@ -883,7 +931,7 @@ static int akenza_up_cb(struct profile_instance *pi, const struct mapping_local 
             return rc;
         }
         session->used_ms = uv_now(pi->loop);
-        if (session->state == SESSION_NO_KEY) {
+        if (session_state_of(session) == SESSION_NO_KEY) {
             /* Closing it lets the next message try the key again; what it
              * spooled stays on disk. */
             snprintf(pi->reason, sizeof(pi->reason),
