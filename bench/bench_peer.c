@@ -27,24 +27,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "access.h"
 
 #define RUNS 7
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-
-    return x < y ? -1 : x > y;
-}
 
 static void die(const char *what)
 {
@@ -96,23 +82,23 @@ static uint64_t run(enum mode mode, int listener, const struct sockaddr_in *addr
         if (mode == PEERCRED) {
             if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0)
                 die("socketpair");
-            t0 = now_ns();
+            t0 = bench_now_ns();
             if (access_peer_identity(sv[0], &id) < 0)
                 die("SO_PEERCRED");
-            spent += now_ns() - t0;
+            spent += bench_now_ns() - t0;
             close(sv[0]);
             close(sv[1]);
             continue;
         }
-        t0 = now_ns();
+        t0 = bench_now_ns();
         pair(listener, addr, &client, &server);
         if (mode == ACCEPT) {
             close(client);
             close(server);
-            spent += now_ns() - t0;
+            spent += bench_now_ns() - t0;
             continue;
         }
-        t0 = now_ns(); /* only the identification, as local.c adds it */
+        t0 = bench_now_ns(); /* only the identification, as local.c adds it */
         if (getsockname(server, (struct sockaddr *)&own, &own_len) < 0 ||
             getpeername(server, (struct sockaddr *)&peer, &peer_len) < 0)
             die("getsockname");
@@ -121,7 +107,7 @@ static uint64_t run(enum mode mode, int listener, const struct sockaddr_in *addr
             fprintf(stderr, "bench_peer: lookup failed: %s\n", why);
             exit(1);
         }
-        spent += now_ns() - t0;
+        spent += bench_now_ns() - t0;
         close(client);
         close(server);
     }
@@ -159,7 +145,7 @@ int main(int argc, char **argv)
     printf("bench_peer: %d connections per run, %d background connections, median of %d runs\n", n,
            background, RUNS);
     for (int m = 0; m < MODES; m++) {
-        qsort(results[m], RUNS, sizeof(results[m][0]), cmp_u64);
+        qsort(results[m], RUNS, sizeof(results[m][0]), bench_cmp_u64);
         printf("  %-9s %7.1f us per connection", mode_names[m], results[m][RUNS / 2] / 1000.0);
         if (m != ACCEPT)
             printf("  (%.2f x accept)", (double)results[m][RUNS / 2] / results[ACCEPT][RUNS / 2]);

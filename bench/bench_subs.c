@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench.h"
 #include "topic.h"
 
 #define RUNS 7
@@ -26,20 +27,6 @@ struct linear_sub {
     char *filter;
     size_t len;
 };
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
 
 static size_t matches;
 
@@ -150,21 +137,21 @@ int main(int argc, char **argv)
         uint64_t t0;
 
         matches = 0;
-        t0 = now_ns();
+        t0 = bench_now_ns();
         for (size_t i = 0; i < npub; i++)
             topic_table_match(&table, topics[i], strlen(topics[i]), count_cb, NULL);
-        tree_ns[run] = (now_ns() - t0) / npub;
+        tree_ns[run] = (bench_now_ns() - t0) / npub;
         tree_matches = matches;
 
         matches = 0;
-        t0 = now_ns();
+        t0 = bench_now_ns();
         for (size_t i = 0; i < npub / 10; i++) /* 10x fewer: it is slow */
             linear_match(linear, nsubs, topics[i], strlen(topics[i]));
-        linear_ns[run] = (now_ns() - t0) / (npub / 10);
+        linear_ns[run] = (bench_now_ns() - t0) / (npub / 10);
         linear_matches = matches;
     }
-    qsort(tree_ns, RUNS, sizeof(tree_ns[0]), cmp_u64);
-    qsort(linear_ns, RUNS, sizeof(linear_ns[0]), cmp_u64);
+    qsort(tree_ns, RUNS, sizeof(tree_ns[0]), bench_cmp_u64);
+    qsort(linear_ns, RUNS, sizeof(linear_ns[0]), bench_cmp_u64);
     printf("subscriptions: %zu (%zu owners), publishes per run: %zu tree / %zu linear, runs: %d\n",
            nsubs, (nsubs + 9) / 10, npub, npub / 10, RUNS);
     printf("deliveries per publish: tree %.2f, linear %.2f\n", (double)tree_matches / npub,

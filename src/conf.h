@@ -11,8 +11,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "jwt.h"     /* enum jwt_alg, enum jwt_kid_mode, EVP_PKEY */
-#include "mapping.h" /* enum mapping_channel */
+struct profile_spec;
+
+#include "jwt.h" /* enum jwt_alg, enum jwt_kid_mode, EVP_PKEY */
 
 enum conf_listen_kind {
     CONF_LISTEN_TCP,  /* tcp://HOST:PORT, HOST an IPv4/IPv6 literal or "localhost" */
@@ -157,81 +158,6 @@ struct conf_auth {
     struct conf_jwt jwt;      /* type jwt only */
 };
 
-/* Topic mapping of the generic profile: dev/<child>/<channel>[/<sub>] ->
- * <topic_prefix>/<child>/<channel>[/<sub>]. */
-struct conf_generic_rule {
-    enum mapping_channel channel; /* local: up telemetry|state, down config|commands */
-    char *cloud; /* cloud: topic template; levels may be {child} and (last) {sub} */
-    int qos;     /* qos: 0|1|2; -1 = up: as published locally, down: 1 */
-};
-
-struct conf_generic {
-    char *topic_prefix;           /* generic.topic_prefix, default "<gateway.id>" */
-    struct conf_generic_rule *up; /* generic.up: when given, only these rules go up */
-    size_t up_count;
-    struct conf_generic_rule *down; /* generic.down: when given, only these are subscribed */
-    size_t down_count;
-};
-
-/* cumulocity.children[]: how a child appears in Cumulocity (first match wins). */
-struct conf_c8y_child {
-    char *match;  /* match: fnmatch(3) glob on the child id, default "*" */
-    char *parent; /* parent: the child id it hangs below (nested: 101 on s/us/<parent>);
-                     NULL = the gateway */
-    char *name;   /* name: 101 name, "{child}" replaced; default the child id */
-    char *type;   /* type: 101 type, default "c8y_MQTTChildDevice" */
-};
-
-/* uplinks[].cumulocity (profile cumulocity). */
-struct conf_cumulocity {
-    char *device_id;   /* device_id: default gateway.id; no ':' (client id d:<id>[:<template>]) */
-    char *template_id; /* template: default SmartREST 2.0 template X-ID, NULL = none */
-    char *tenant;      /* tenant: basic auth user name becomes "<tenant>/<auth.username>" */
-    char *name;        /* name: 100 name, default device_id */
-    char *type;        /* type: 100 type, default "c8y_MQTTDevice" */
-    char *hardware_serial; /* hardware: {serial, model, revision} -> 110; NULL = no 110 */
-    char *hardware_model;
-    char *hardware_revision;
-    char **supported_operations; /* supported_operations: [...] -> 114; none = no 114 */
-    size_t supported_operation_count;
-    int required_interval_min;       /* required_interval (minutes) -> 117; -1 = no 117 */
-    bool bootstrap;                  /* bootstrap: present */
-    char *bootstrap_user;            /* bootstrap.user, default "management/devicebootstrap" */
-    char *bootstrap_password;        /* bootstrap.password (or password_file), required */
-    unsigned bootstrap_interval_ms;  /* bootstrap.interval: s/ucr period, default 5 s */
-    bool will;                       /* will: false turns the last will off */
-    char *will_topic;                /* will.topic, default "s/us" */
-    char *will_message;              /* will.message, default 400,c8y_ConnectionEvent,"Device
-                                    connection was lost." */
-    struct conf_c8y_child *children; /* children: [...] */
-    size_t child_count;
-    bool token; /* token: true: keep a device token (s/uat -> 71 on s/dat), refreshed at half
-                   its lifetime, retained locally on uplinkd/<uplink>/c8y/token */
-};
-
-/* uplinks[].gcp (profile gcp): Google Cloud IoT Core / ClearBlade IoT Core.
- * The client id is projects/<project>/locations/<region>/registries/
- * <registry>/devices/<device>. */
-struct conf_gcp {
-    char *project;           /* project: required; also the default auth.aud */
-    char *region;            /* region: required, e.g. us-central1 */
-    char *registry;          /* registry: required */
-    char *device;            /* device: this gateway's device id, default gateway.id */
-    bool gateway;            /* gateway: attach children (default false: the device alone) */
-    uint64_t attach_idle_ms; /* attach_idle: detach a child unused this long, default 30m */
-    char *child_key;         /* child_key: a child's own key file, "%c" = the child id;
-                                NULL = attach with {} (the gateway's auth) */
-};
-
-/* uplinks[].akenza (profile akenza). */
-struct conf_akenza {
-    char *device;             /* device: the akenza device id (= client id), default gateway.id */
-    char *child_key;          /* child_key: per-device sessions: a child's key file, "%c" = the
-                        child id; NULL = the device alone */
-    uint64_t session_idle_ms; /* session_idle: close a child's session unused this long,
-                                 default 10m */
-};
-
 /* uplinks[].spool: the store-and-forward queue (spool.h, docs/design/spool.md). */
 enum conf_spool_durability {
     CONF_SPOOL_FSYNC, /* durability: fsync (default): acknowledged means on disk */
@@ -261,7 +187,7 @@ struct conf_rate {
 
 struct conf_uplink {
     char *name;           /* uplinks[].name: required, unique, [A-Za-z0-9_-]{1,64} */
-    char *profile;        /* uplinks[].profile: "generic" (the only one so far) */
+    char *profile;        /* uplinks[].profile: default "generic" (profile_spec.h) */
     char *host;           /* uplinks[].host: required; also the TLS SNI and verified name */
     uint16_t port;        /* uplinks[].port: default 8883 with TLS, 1883 without */
     char *client_id;      /* uplinks[].client_id: default gateway.id */
@@ -275,10 +201,10 @@ struct conf_uplink {
     unsigned max_inflight;      /* uplinks[].max_inflight: QoS 1 publishes awaiting PUBACK, 100 */
     struct conf_spool spool;    /* uplinks[].spool (see spool.h) */
     struct conf_rate rate;      /* uplinks[].rate */
-    struct conf_generic generic;
-    struct conf_cumulocity cumulocity; /* profile cumulocity only */
-    struct conf_gcp gcp;               /* profile gcp only */
-    struct conf_akenza akenza;         /* profile akenza only */
+    const struct profile_spec *spec; /* the profile's descriptor (static), NULL if unknown */
+    void *section; /* owned: uplinks[].<profile>, the profile's own struct conf_<profile>
+                      (src/profiles/<profile>/conf.h; read with <profile>_conf()), NULL
+                      when the profile has none; freed by its section_free hook */
     char *cert_cn; /* the CN tls.cert must carry (profile rule: Cumulocity's device_id),
                       NULL = any; checked by tlscheck_uplink() */
 };

@@ -1030,66 +1030,56 @@ static int c8y_stored_credentials(const struct conf *conf, const struct conf_upl
     return 0;
 }
 
-static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
-                     const struct diagnose_options *options, struct diag_conn *conn,
-                     const struct tls_trace *trace, unsigned timeout_ms, FILE *out)
+/* The secrets step_mqtt() holds: a signed JWT, Cumulocity's stored device
+ * credentials (stored_len bytes). Cleansed when freed. */
+struct diag_secrets {
+    char *token;
+    char *stored;
+    size_t stored_len;
+};
+
+static void diag_secrets_free(struct diag_secrets *s)
 {
-    struct profile_connect_id ids;
-    const char *client_id = options->client_id;
-    const char *profile = uplink->profile ? uplink->profile : "generic";
-    struct mqtt_connect connect = {
-        .protocol_level = 4,
-        /* As configured: a persistent session stays as the daemon left it
-         * (clean_session 1 would discard it, §3.1.2.4). */
-        .clean_session = uplink->clean_session,
-        .keepalive_s = (uint16_t)(uplink->keepalive_s > 65535 ? 65535 : uplink->keepalive_s),
-    };
-    uint8_t *packet = NULL, buf[READ_BUF_SIZE];
-    size_t len = 0, have = 0;
-    char *token = NULL, *stored = NULL; /* stored: stored_len bytes, cleansed at the end */
-    size_t stored_len = 0;
-    int rc = -EPROTO;
+    if (s->stored != NULL) {
+        OPENSSL_cleanse(s->stored, s->stored_len);
+        free(s->stored);
+    }
+    if (s->token != NULL) {
+        OPENSSL_cleanse(s->token, strlen(s->token));
+        free(s->token);
+    }
+}
 
-    /* What the daemon's profile sends (profile_spec.h): the client id, the user
-     * name and clean session; the JWT's claims come from auth.jwt as in the
-     * daemon (conf.c set the profile's aud, sub and kid there). */
-    profile_connect_id(uplink, &ids);
-    if (ids.clean_session)
-        connect.clean_session = true;
-    if (client_id == NULL && ids.client_id[0] != '\0')
-        client_id = ids.client_id;
-    if (client_id == NULL)
-        client_id = uplink->client_id;
-    if (client_id == NULL)
-        client_id = conf->gateway_id;
-    connect.client_id = (struct mqtt_slice){(const uint8_t *)client_id, strlen(client_id)};
-    say(out, "  client id: %s%s%s%s", client_id,
-        options->client_id         ? " (from --client-id)"
-        : ids.client_id[0] != '\0' ? " (profile "
-                                   : "",
-        options->client_id == NULL && ids.client_id[0] != '\0' ? profile : "",
-        options->client_id == NULL && ids.client_id[0] != '\0' ? ")" : "");
-
-    if (jwt_token_get(uplink, &token, out) < 0)
-        goto out;
+/* CONNECT's user name and password as the daemon would send them: a JWT
+ * signed now, the profile's user (Cumulocity: the bootstrap's stored device
+ * credentials), auth.username/password, or none; said on @out. The secrets
+ * land in @s (diag_secrets_free()). Returns 0, or -EPROTO when no JWT could
+ * be signed (said). */
+static int mqtt_credentials(const struct conf *conf, const struct conf_uplink *uplink,
+                            const struct profile_connect_id *ids, const char *profile,
+                            struct mqtt_connect *connect, struct diag_secrets *s, FILE *out)
+{
+    if (jwt_token_get(uplink, &s->token, out) < 0)
+        return -EPROTO;
+    const char *token = s->token;
     if (token != NULL) {
         const char *username = uplink->auth.username ? uplink->auth.username : "unused";
-        connect.has_username = true;
-        connect.username = (struct mqtt_slice){(const uint8_t *)username, strlen(username)};
-        connect.has_password = true;
-        connect.password = (struct mqtt_slice){(const uint8_t *)token, strlen(token)};
+        connect->has_username = true;
+        connect->username = (struct mqtt_slice){(const uint8_t *)username, strlen(username)};
+        connect->has_password = true;
+        connect->password = (struct mqtt_slice){(const uint8_t *)token, strlen(token)};
         say(out, "  user name: %s, password: a JWT signed now with %s (%s):", username,
             uplink->auth.jwt.key, jwt_alg_name(uplink->auth.jwt.alg));
         diagnose_print_token(token, (long long)time(NULL), out);
-    } else if (ids.username[0] != '\0') {
-        const char *username = ids.username, *password = ids.password;
+    } else if (ids->username[0] != '\0') {
+        const char *username = ids->username, *password = ids->password;
         char path[4096], *stored_password = NULL;
         say(out, "  token: no JWT configured");
-        if (ids.c8y_bootstrap) {
-            int crc = c8y_stored_credentials(conf, uplink, path, sizeof(path), &stored, &stored_len,
-                                             &stored_password);
+        if (ids->c8y_bootstrap) {
+            int crc = c8y_stored_credentials(conf, uplink, path, sizeof(path), &s->stored,
+                                             &s->stored_len, &stored_password);
             if (crc == 0) {
-                username = stored;
+                username = s->stored;
                 password = stored_password;
                 say(out, "  credentials: the device's, stored by the bootstrap in %s", path);
             } else {
@@ -1099,53 +1089,49 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
                     path, crc == -EINVAL ? "not a credentials file" : strerror(-crc));
             }
         }
-        connect.has_username = true;
-        connect.username = (struct mqtt_slice){(const uint8_t *)username, strlen(username)};
-        connect.has_password = password != NULL;
+        connect->has_username = true;
+        connect->username = (struct mqtt_slice){(const uint8_t *)username, strlen(username)};
+        connect->has_password = password != NULL;
         if (password)
-            connect.password = (struct mqtt_slice){(const uint8_t *)password, strlen(password)};
+            connect->password = (struct mqtt_slice){(const uint8_t *)password, strlen(password)};
         say(out, "  user name: %s (profile %s), password: %s", username, profile,
             password ? "(set, not shown)" : "(none)");
     } else if (uplink->auth.type == CONF_AUTH_BASIC) {
         say(out, "  token: no JWT configured");
-        connect.has_username = uplink->auth.username != NULL;
-        if (connect.has_username)
-            connect.username = (struct mqtt_slice){(const uint8_t *)uplink->auth.username,
-                                                   strlen(uplink->auth.username)};
-        connect.has_password = uplink->auth.password != NULL && connect.has_username;
-        if (connect.has_password)
-            connect.password = (struct mqtt_slice){(const uint8_t *)uplink->auth.password,
-                                                   strlen(uplink->auth.password)};
+        connect->has_username = uplink->auth.username != NULL;
+        if (connect->has_username)
+            connect->username = (struct mqtt_slice){(const uint8_t *)uplink->auth.username,
+                                                    strlen(uplink->auth.username)};
+        connect->has_password = uplink->auth.password != NULL && connect->has_username;
+        if (connect->has_password)
+            connect->password = (struct mqtt_slice){(const uint8_t *)uplink->auth.password,
+                                                    strlen(uplink->auth.password)};
         say(out, "  user name: %s, password: %s",
             uplink->auth.username ? uplink->auth.username : "(none)",
-            connect.has_password ? "(set, not shown)" : "(none)");
+            connect->has_password ? "(set, not shown)" : "(none)");
     } else {
         say(out, "  token: no JWT configured");
         say(out, "  credentials: none (auth.type none%s)",
             uplink->tls.cert ? "; the client certificate identifies this gateway" : "");
     }
 
-    if (mqtt_encode_connect(NULL, 0, &connect, &len) != -ENOBUFS ||
-        (packet = malloc(len)) == NULL || mqtt_encode_connect(packet, len, &connect, &len) < 0) {
-        say(out, "MQTT: FAILED: cannot encode CONNECT (client id or credentials longer than "
-                 "65535 bytes?)");
-        goto out;
-    }
-    double started = now_ms();
-    int werr = conn_write(conn, packet, len);
-    if (werr < 0) {
-        say(out, "MQTT: FAILED: cannot send CONNECT: %s", strerror(-werr));
-        if (trace->alert_received[0] != '\0')
-            say(out, "  alert from the server: %s", trace->alert_received);
-        goto out;
-    }
-    say(out, "MQTT: OK: CONNECT sent (%zu bytes, MQTT 3.1.1, clean session %s, keepalive %u s)",
-        len, connect.clean_session ? "1" : "0", (unsigned)connect.keepalive_s);
+    return 0;
+}
+
+/* Read the server's first packet until @timeout_ms: 0 with a CONNACK in
+ * *@answer; otherwise what went wrong is said on @out and the result is
+ * -EKEYREJECTED (a TLS alert: the client certificate was refused) or
+ * -EPROTO. */
+static int await_connack(struct diag_conn *conn, const struct tls_trace *trace,
+                         const struct conf_uplink *uplink, unsigned timeout_ms,
+                         struct mqtt_packet *answer, FILE *out)
+{
+    uint8_t buf[READ_BUF_SIZE];
+    size_t have = 0;
 
     /* Bounded: each pass reads at least one byte into a fixed buffer or
      * returns. */
     double deadline = now_ms() + timeout_ms;
-    struct mqtt_packet answer;
     size_t consumed = 0;
     const char *reason = NULL;
     for (;;) {
@@ -1165,7 +1151,7 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
                         ? "the server requires a client certificate: set tls.cert and tls.key"
                         : "check that tls.cert is valid, registered with the cloud, and holds "
                           "the chain the server trusts");
-                rc = -EKEYREJECTED;
+                return -EKEYREJECTED;
             } else {
                 say(out, "CONNACK: FAILED: the server closed the connection without a CONNACK%s",
                     n == -ECONNRESET ? " (connection reset)" : "");
@@ -1173,7 +1159,7 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
                          "(another client with the same id?), the credentials, the client "
                          "certificate, and the broker's log");
             }
-            goto out;
+            return -EPROTO;
         }
         if (n == -ETIMEDOUT) {
             say(out, "CONNACK: FAILED: no CONNACK within %.1f s", timeout_ms / 1000.0);
@@ -1181,27 +1167,93 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
                 "  fix: the server accepted the connection but does not answer MQTT: check "
                 "that port %u is an MQTT port (not HTTP or WebSocket)",
                 (unsigned)uplink->port);
-            goto out;
+            return -EPROTO;
         }
         if (n < 0) {
             say(out, "CONNACK: FAILED: reading the answer: %s", strerror(-n));
-            goto out;
+            return -EPROTO;
         }
         have += (size_t)n;
-        int drc = mqtt_decode(buf, have, sizeof(buf), &answer, &consumed, &reason);
+        int drc = mqtt_decode(buf, have, sizeof(buf), answer, &consumed, &reason);
         if (drc == -EAGAIN && have < sizeof(buf))
             continue;
-        if (drc < 0 || answer.type != MQTT_CONNACK) {
+        if (drc < 0 || answer->type != MQTT_CONNACK) {
             say(out, "CONNACK: FAILED: the server's first packet is not a CONNACK (%s)",
                 drc < 0 ? (reason ? reason : strerror(-drc)) : "another packet type");
             say(out, "  fix: check that port %u is an MQTT broker", (unsigned)uplink->port);
-            goto out;
+            return -EPROTO;
         }
-        break;
+        return 0;
     }
+}
+
+static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
+                     const struct diagnose_options *options, struct diag_conn *conn,
+                     const struct tls_trace *trace, unsigned timeout_ms, FILE *out)
+{
+    struct profile_connect_id ids;
+    const char *client_id = options->client_id;
+    const char *profile = uplink->profile ? uplink->profile : "generic";
+    struct mqtt_connect connect = {
+        .protocol_level = 4,
+        /* As configured: a persistent session stays as the daemon left it
+         * (clean_session 1 would discard it, §3.1.2.4). */
+        .clean_session = uplink->clean_session,
+        .keepalive_s = (uint16_t)(uplink->keepalive_s > 65535 ? 65535 : uplink->keepalive_s),
+    };
+    uint8_t *packet = NULL;
+    size_t len = 0;
+    struct diag_secrets secrets = {0};
+    int rc = -EPROTO;
+
+    /* What the daemon's profile sends (profile_spec.h): the client id, the user
+     * name and clean session; the JWT's claims come from auth.jwt as in the
+     * daemon (the profile's section.c set its aud, sub and kid there). */
+    profile_connect_id(uplink, &ids);
+    if (ids.clean_session)
+        connect.clean_session = true;
+    if (client_id == NULL && ids.client_id[0] != '\0')
+        client_id = ids.client_id;
+    if (client_id == NULL)
+        client_id = uplink->client_id;
+    if (client_id == NULL)
+        client_id = conf->gateway_id;
+    connect.client_id = (struct mqtt_slice){(const uint8_t *)client_id, strlen(client_id)};
+    say(out, "  client id: %s%s%s%s", client_id,
+        options->client_id         ? " (from --client-id)"
+        : ids.client_id[0] != '\0' ? " (profile "
+                                   : "",
+        options->client_id == NULL && ids.client_id[0] != '\0' ? profile : "",
+        options->client_id == NULL && ids.client_id[0] != '\0' ? ")" : "");
+
+    if (mqtt_credentials(conf, uplink, &ids, profile, &connect, &secrets, out) < 0)
+        goto out;
+
+    if (mqtt_encode_connect(NULL, 0, &connect, &len) != -ENOBUFS ||
+        (packet = malloc(len)) == NULL || mqtt_encode_connect(packet, len, &connect, &len) < 0) {
+        say(out, "MQTT: FAILED: cannot encode CONNECT (client id or credentials longer than "
+                 "65535 bytes?)");
+        goto out;
+    }
+    double started = now_ms();
+    int werr = conn_write(conn, packet, len);
+    if (werr < 0) {
+        say(out, "MQTT: FAILED: cannot send CONNECT: %s", strerror(-werr));
+        if (trace->alert_received[0] != '\0')
+            say(out, "  alert from the server: %s", trace->alert_received);
+        goto out;
+    }
+    say(out, "MQTT: OK: CONNECT sent (%zu bytes, MQTT 3.1.1, clean session %s, keepalive %u s)",
+        len, connect.clean_session ? "1" : "0", (unsigned)connect.keepalive_s);
+
+    struct mqtt_packet answer;
+    rc = await_connack(conn, trace, uplink, timeout_ms, &answer, out);
+    if (rc < 0)
+        goto out;
+    rc = -EPROTO;
     double took = now_ms() - started;
     if (answer.u.connack.code != MQTT_CONNACK_ACCEPTED) {
-        explain_connack(answer.u.connack.code, uplink, client_id, token != NULL, out);
+        explain_connack(answer.u.connack.code, uplink, client_id, secrets.token != NULL, out);
         explain_connack_profile(answer.u.connack.code, uplink, client_id, out);
         goto out;
     }
@@ -1217,14 +1269,7 @@ static int step_mqtt(const struct conf *conf, const struct conf_uplink *uplink,
 
 out:
     free(packet);
-    if (stored != NULL) {
-        OPENSSL_cleanse(stored, stored_len);
-        free(stored);
-    }
-    if (token != NULL) {
-        OPENSSL_cleanse(token, strlen(token));
-        free(token);
-    }
+    diag_secrets_free(&secrets);
     return rc;
 }
 

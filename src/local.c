@@ -53,11 +53,12 @@
 #include "log.h"
 #include "mqtt_codec.h"
 #include "record.h"
+#include "sm.h"
 #include "topic.h"
 #include "util.h"
 
 /* Pending connections (accepted, CONNECT not complete; see "pending
- * connections" below): defaults when the conf leaves them at 0 (conf.c has
+ * connections" below): defaults when the conf leaves them at 0 (conf_local.c has
  * the same), the quiet time that ends a burst of drops and the longest burst
  * summarised in one log line, and the file descriptors kept free for
  * everything else (uplink sockets, spool segments, control clients). */
@@ -113,19 +114,6 @@ enum client_state {
     CLIENT_CLOSING,   /* flushing and/or closing handles; ignored by fan-out */
 };
 
-static const char *const client_state_names[] = {
-    [CLIENT_NEW] = "NEW",
-    [CLIENT_CONNECTED] = "CONNECTED",
-    [CLIENT_CLOSING] = "CLOSING",
-};
-
-/* Allowed moves; anything else is a bug in this file. */
-static const bool client_transitions[3][3] = {
-    [CLIENT_NEW] = {[CLIENT_CONNECTED] = true, [CLIENT_CLOSING] = true},
-    [CLIENT_CONNECTED] = {[CLIENT_CLOSING] = true},
-    [CLIENT_CLOSING] = {false},
-};
-
 enum close_mode {
     CLOSE_ABORT, /* drop queued output */
     CLOSE_FLUSH, /* write queued output first (bounded by LOCAL_FLUSH_TIMEOUT_MS) */
@@ -164,7 +152,7 @@ struct local_client {
     uv_timer_t timer;
     uv_write_t write_req;
     int open_handles;
-    enum client_state state;
+    struct sm sm; /* enum client_state, see client_states */
     /* While pending (NEW, in local.pending): the listener it came in on
      * (NULL if that listener was closed by a reload) and when. */
     struct listener *listener;
@@ -376,6 +364,52 @@ static void client_acks_orphan(struct local_client *client);
 static void session_free(struct local_session *session, bool notify);
 static void retained_changed(struct local *local);
 static void auth_check_cancel(struct auth_check *check);
+
+/* A connection's states:
+ *
+ *     NEW --(CONNECT accepted, CONNACK 0)--> CONNECTED
+ *      |                                        |
+ *      +----------> CLOSING <-------------------+
+ *
+ * CLOSING is final: the handles are closing and fan-out skips the client. */
+static const struct sm_state client_states[] = {
+    [CLIENT_NEW] = {"NEW", SM_TO(CLIENT_CONNECTED) | SM_TO(CLIENT_CLOSING)},
+    [CLIENT_CONNECTED] = {"CONNECTED", SM_TO(CLIENT_CLOSING)},
+    [CLIENT_CLOSING] = {"CLOSING", 0},
+};
+
+static void client_sm_describe(const struct sm *sm, char *buf, size_t size)
+{
+    const struct local_client *client = container_of(sm, struct local_client, sm);
+
+    snprintf(buf, size, CLIENT_FMT, CLIENT_ARGS(client));
+}
+
+/* CONNECTED means CONNECT was accepted: the client has its id and session;
+ * NEW means it is still counted as pending (a test client has no listener). */
+static bool client_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct local_client *client = container_of(sm, struct local_client, sm);
+
+    if (sm_state(sm) == CLIENT_CONNECTED && (client->id == NULL || client->session == NULL)) {
+        snprintf(why, size, "connected without %s", client->id == NULL ? "an id" : "a session");
+        return false;
+    }
+    return true;
+}
+
+static const struct sm_conf client_sm = {
+    .states = client_states,
+    .count = ARRAY_SIZE(client_states),
+    .level = LOG_DEBUG,
+    .describe = client_sm_describe,
+    .invariant = client_sm_invariant,
+};
+
+static enum client_state client_state_of(const struct local_client *client)
+{
+    return (enum client_state)sm_state(&client->sm);
+}
 
 /* --- small helpers ----------------------------------------------------------- */
 
@@ -602,22 +636,16 @@ static void local_drop_note(struct local *local, struct listener *listener, enum
 
 static void client_set_state(struct local_client *client, enum client_state to)
 {
-    enum client_state from = client->state;
+    enum client_state from = client_state_of(client);
 
-    if (!client_transitions[from][to]) {
-        log_err(CLIENT_FMT ": invalid state change %s -> %s (bug)", CLIENT_ARGS(client),
-                client_state_names[from], client_state_names[to]);
+    if (sm_move(&client->sm, to, NULL) < 0)
         return;
-    }
-    log_debug(CLIENT_FMT ": %s -> %s", CLIENT_ARGS(client), client_state_names[from],
-              client_state_names[to]);
     if (from == CLIENT_NEW)
         pending_unlink(client);
     if (from == CLIENT_CONNECTED)
         client->local->connected_count--;
     if (to == CLIENT_CONNECTED)
         client->local->connected_count++;
-    client->state = to;
 }
 
 static void local_dispatch(struct local *local, const char *topic, size_t topic_len,
@@ -715,9 +743,9 @@ static void client_flush_timeout_cb(uv_timer_t *timer)
 static void client_close(struct local_client *client, enum close_mode mode, bool abnormal,
                          const char *why)
 {
-    if (client->state == CLIENT_CLOSING)
+    if (client_state_of(client) == CLIENT_CLOSING)
         return;
-    if (client->state == CLIENT_CONNECTED)
+    if (client_state_of(client) == CLIENT_CONNECTED)
         log_info(CLIENT_FMT ": disconnected: %s", CLIENT_ARGS(client), why);
     else if (client->quiet_close)
         log_debug(CLIENT_FMT ": connection closed before CONNECT completed: %s",
@@ -729,7 +757,7 @@ static void client_close(struct local_client *client, enum close_mode mode, bool
      * once it is running); auth_after_work_cb frees it either way. */
     if (client->auth)
         auth_check_cancel(client->auth);
-    client->publish_will = abnormal && client->state == CLIENT_CONNECTED;
+    client->publish_will = abnormal && client_state_of(client) == CLIENT_CONNECTED;
     /* From now on messages for the session wait in its queue (persistent)
      * or are dropped (clean): a closing connection sends nothing more. */
     if (client->session && client->session->client == client)
@@ -753,7 +781,7 @@ static void client_protocol_error(struct local_client *client, const char *what,
     char why[256];
 
     snprintf(why, sizeof(why), "protocol error in %s: %s", what, reason);
-    if (client->state == CLIENT_NEW) {
+    if (client_state_of(client) == CLIENT_NEW) {
         /* Before CONNECT: anyone can cause this, as often as they like. */
         local_drop_note(client->local, client->listener, DROP_PROTOCOL, client->peer, why);
         client->quiet_close = true;
@@ -778,7 +806,7 @@ static void client_write_cb(uv_write_t *req, int status)
         client->writing.cap = 0;
     }
     if (status < 0) {
-        if (client->state == CLIENT_CLOSING) {
+        if (client_state_of(client) == CLIENT_CLOSING) {
             client_close_handles(client);
         } else {
             char why[128];
@@ -788,7 +816,7 @@ static void client_write_cb(uv_write_t *req, int status)
         return;
     }
     client_flush(client);
-    if (client->state == CLIENT_CLOSING && !client->write_active)
+    if (client_state_of(client) == CLIENT_CLOSING && !client->write_active)
         client_close_handles(client);
 }
 
@@ -813,7 +841,7 @@ static void client_flush(struct local_client *client)
 
         client->writing.len = 0;
         snprintf(why, sizeof(why), "write failed: %s", uv_strerror(rc));
-        if (client->state == CLIENT_CLOSING)
+        if (client_state_of(client) == CLIENT_CLOSING)
             client_close_handles(client);
         else
             client_close(client, CLOSE_ABORT, true, why);
@@ -834,7 +862,7 @@ static uint8_t *client_reserve(struct local_client *client, size_t len)
     size_t limit = local_out_limit(client->local);
     uint8_t *p;
 
-    if (client->state == CLIENT_CLOSING)
+    if (client_state_of(client) == CLIENT_CLOSING)
         return NULL;
     if (queued + len > limit) {
         char why[160];
@@ -911,7 +939,7 @@ static void client_write_publish(struct local_client *client, const char *topic,
     uint8_t *p;
     int rc;
 
-    if (client->state != CLIENT_CONNECTED)
+    if (client_state_of(client) != CLIENT_CONNECTED)
         return;
     rc = mqtt_encode_publish(NULL, 0, topic, topic_len, payload, len, qos, retain, dup, packet_id,
                              &size);
@@ -992,7 +1020,7 @@ static void msg_list_free(struct local *local, struct msg_list *list)
 
 static bool session_online(const struct local_session *session)
 {
-    return session->client && session->client->state == CLIENT_CONNECTED;
+    return session->client && client_state_of(session->client) == CLIENT_CONNECTED;
 }
 
 /* §2.3.1: a non-zero id not used by another message in flight. */
@@ -1839,7 +1867,7 @@ static void client_keepalive_cb(uv_timer_t *timer)
     struct local_client *client = container_of(timer, struct local_client, timer);
     char why[128];
 
-    if (client->state == CLIENT_NEW) {
+    if (client_state_of(client) == CLIENT_NEW) {
         snprintf(why, sizeof(why), "no complete CONNECT within local.connect_deadline (%u ms)",
                  local_connect_deadline_ms(client->local));
         local_drop_note(client->local, client->listener, DROP_DEADLINE, client->peer, why);
@@ -1856,7 +1884,7 @@ static void client_keepalive_cb(uv_timer_t *timer)
 
 static void client_arm_keepalive(struct local_client *client)
 {
-    if (client->state == CLIENT_CONNECTED && client->keepalive_s)
+    if (client_state_of(client) == CLIENT_CONNECTED && client->keepalive_s)
         uv_timer_start(&client->timer, client_keepalive_cb, client->keepalive_s * 1500ull, 0);
 }
 
@@ -1876,7 +1904,7 @@ static struct local_client *local_find_client(struct local *local, const char *i
                                               const struct local_client *except)
 {
     for (struct local_client *c = local->clients; c; c = c->next)
-        if (c != except && c->state == CLIENT_CONNECTED && strcmp(c->id, id) == 0)
+        if (c != except && client_state_of(c) == CLIENT_CONNECTED && strcmp(c->id, id) == 0)
             return c;
     return NULL;
 }
@@ -1944,7 +1972,7 @@ static void auth_after_work_cb(uv_work_t *req, int status)
         client_finish(client);
         return;
     }
-    if (client->state == CLIENT_CLOSING) {
+    if (client_state_of(client) == CLIENT_CLOSING) {
         auth_check_free(check);
         return;
     }
@@ -1952,7 +1980,7 @@ static void auth_after_work_cb(uv_work_t *req, int status)
     /* Second pass: client_check_access() now knows the answer. */
     client_handle_packet(client, check->packet, check->packet_len);
     auth_check_free(check);
-    if (client->state == CLIENT_CLOSING)
+    if (client_state_of(client) == CLIENT_CLOSING)
         return;
     if (uv_read_start(&client->conn.stream, client_alloc_cb, client_read_cb) < 0) {
         client_close(client, CLOSE_ABORT, true, "cannot read after authentication");
@@ -2251,7 +2279,8 @@ static void client_acks_pump(struct local_client *client)
 {
     struct local_ack *ack;
 
-    while ((ack = client->acks_head) != NULL && ack->done && client->state != CLIENT_CLOSING) {
+    while ((ack = client->acks_head) != NULL && ack->done &&
+           client_state_of(client) != CLIENT_CLOSING) {
         client->acks_head = ack->next;
         if (!client->acks_head)
             client->acks_tail = NULL;
@@ -2273,7 +2302,7 @@ static void client_acks_pump(struct local_client *client)
         free(ack);
     }
     if (client->acks_paused && client->acks_pending <= LOCAL_ACKS_PENDING_MAX / 2 &&
-        client->state == CLIENT_CONNECTED) {
+        client_state_of(client) == CLIENT_CONNECTED) {
         client->acks_paused = false;
         if (!client->detached &&
             uv_read_start(&client->conn.stream, client_alloc_cb, client_read_cb) < 0) {
@@ -2508,7 +2537,7 @@ static void client_handle_packet(struct local_client *client, const uint8_t *dat
     int rc;
 
     rc = mqtt_decode(data, len, 0, &pkt, &consumed, &reason);
-    if (rc == -EPROTONOSUPPORT && client->state == CLIENT_NEW) {
+    if (rc == -EPROTONOSUPPORT && client_state_of(client) == CLIENT_NEW) {
         /* §3.1.2.2: unsupported protocol level -> CONNACK 1, then close. */
         log_warn(CLIENT_FMT ": refusing CONNECT: %s (only MQTT 3.1.1 is supported); "
                             "CONNACK 1",
@@ -2524,7 +2553,7 @@ static void client_handle_packet(struct local_client *client, const uint8_t *dat
     /* §3.1.2.10: any control packet resets the keepalive deadline. */
     client_arm_keepalive(client);
 
-    if (client->state == CLIENT_NEW && pkt.type != MQTT_CONNECT) {
+    if (client_state_of(client) == CLIENT_NEW && pkt.type != MQTT_CONNECT) {
         /* §3.1.0-1: CONNECT must be the first packet. */
         client_protocol_error(client, mqtt_packet_type_name(pkt.type),
                               "first packet is not CONNECT (§3.1.0-1)");
@@ -2532,7 +2561,7 @@ static void client_handle_packet(struct local_client *client, const uint8_t *dat
     }
     switch (pkt.type) {
     case MQTT_CONNECT:
-        if (client->state != CLIENT_NEW)
+        if (client_state_of(client) != CLIENT_NEW)
             client_protocol_error(client, "CONNECT", "second CONNECT (§3.1.0-2)");
         else if (client_check_access(client, &pkt.u.connect, data, len) == 0)
             handle_connect(client, &pkt.u.connect);
@@ -2585,7 +2614,7 @@ static void client_process_input(struct local_client *client)
     size_t off = 0;
 
     client->rneed = 0;
-    while (client->state != CLIENT_CLOSING && !client->auth && !client->acks_paused &&
+    while (client_state_of(client) != CLIENT_CLOSING && !client->auth && !client->acks_paused &&
            off < client->rlen) {
         struct mqtt_fixed_header fh;
         const char *reason = "";
@@ -2652,7 +2681,7 @@ static void client_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b
 {
     struct local_client *client = container_of(stream, struct local_client, conn.stream);
 
-    if (nread == 0 || client->state == CLIENT_CLOSING)
+    if (nread == 0 || client_state_of(client) == CLIENT_CLOSING)
         return;
     if (nread < 0) {
         char why[128];
@@ -2662,7 +2691,7 @@ static void client_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b
             snprintf(why, sizeof(why), "read failed: %s", uv_strerror((int)nread));
         /* Anyone can open and close connections as fast as they like: before
          * CONNECT that is not worth a log line each. */
-        client->quiet_close = client->state == CLIENT_NEW;
+        client->quiet_close = client_state_of(client) == CLIENT_NEW;
         client_close(client, CLOSE_ABORT, true, why);
         return;
     }
@@ -2728,7 +2757,7 @@ static void client_describe_peer(struct local_client *client, enum conf_listen_k
 static void client_link(struct local *local, struct local_client *client)
 {
     client->open_handles = 2;
-    client->state = CLIENT_NEW;
+    sm_init(&client->sm, &client_sm, CLIENT_NEW);
     client->next = local->clients;
     if (local->clients)
         local->clients->prev = client;
@@ -2766,7 +2795,7 @@ static struct local_client *pending_victim(struct local *local, const struct lis
     for (struct local_client *c = local->pending_head; c; c = c->pending_next) {
         bool identified = c->identity.has_cred;
 
-        if (c->state != CLIENT_NEW || c->auth || (on && c->listener != on))
+        if (client_state_of(c) != CLIENT_NEW || c->auth || (on && c->listener != on))
             continue;
         if (uid && (!identified || c->identity.uid != *uid))
             continue;
@@ -3522,7 +3551,7 @@ void local_test_client_input(struct local_client *client, const void *data, size
     const uint8_t *p = data;
 
     /* The same path as socket reads: client_alloc_cb sizes the buffer. */
-    while (len > 0 && client->state != CLIENT_CLOSING) {
+    while (len > 0 && client_state_of(client) != CLIENT_CLOSING) {
         uv_buf_t buf;
         size_t n;
 
@@ -3557,5 +3586,5 @@ void local_test_client_lose(struct local_client *client)
 
 bool local_test_client_closing(const struct local_client *client)
 {
-    return client->state == CLIENT_CLOSING;
+    return client_state_of(client) == CLIENT_CLOSING;
 }

@@ -343,58 +343,28 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
 
 /* ---- uplinks ---------------------------------------------------------------- */
 
+/* The uplinks' hooks go straight to the router (arg: &d->router), which
+ * hands the profile's questions to the profile instance. Only a state
+ * change also concerns the daemon: its sd_notify status line. */
 static void uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state state)
 {
-    struct daemon *d = arg;
+    struct daemon *d = container_of(arg, struct daemon, router);
 
     router_uplink_state_cb(&d->router, uplink, state);
     notify_status(d);
-}
-
-static void uplink_message_cb(void *arg, struct uplink *uplink, const char *topic,
-                              const void *payload, size_t len, int qos, bool retain)
-{
-    struct daemon *d = arg;
-    router_uplink_message_cb(&d->router, uplink, topic, payload, len, qos, retain);
-}
-
-/* The profile hooks go to the router, which owns the profile instances. */
-static void uplink_session_cb(void *arg, struct uplink *uplink, struct uplink_session *session)
-{
-    struct daemon *d = arg;
-    router_uplink_session_cb(&d->router, uplink, session);
-}
-
-static void uplink_online_cb(void *arg, struct uplink *uplink)
-{
-    struct daemon *d = arg;
-    router_uplink_online_cb(&d->router, uplink);
-}
-
-static const char *uplink_connack_text_cb(void *arg, struct uplink *uplink, int rc)
-{
-    struct daemon *d = arg;
-    return router_uplink_connack_text_cb(&d->router, uplink, rc);
-}
-
-static const char *uplink_batch_cb(void *arg, struct uplink *uplink, const char *topic,
-                                   size_t *max_packet)
-{
-    struct daemon *d = arg;
-    return router_uplink_batch_cb(&d->router, uplink, topic, max_packet);
 }
 
 static int uplink_create(struct daemon *d, const char *gateway_id, const struct conf_uplink *uc,
                          struct uplink **out)
 {
     const struct uplink_hooks hooks = {
-        .session_cb = uplink_session_cb,
-        .online_cb = uplink_online_cb,
-        .connack_text_cb = uplink_connack_text_cb,
-        .batch_cb = uplink_batch_cb,
-        .message_cb = uplink_message_cb,
+        .session_cb = router_uplink_session_cb,
+        .online_cb = router_uplink_online_cb,
+        .connack_text_cb = router_uplink_connack_text_cb,
+        .batch_cb = router_uplink_batch_cb,
+        .message_cb = router_uplink_message_cb,
         .state_cb = uplink_state_cb,
-        .arg = d,
+        .arg = &d->router,
     };
     int rc = uplink_new(d->loop, uc, gateway_id, &hooks, out);
     if (rc < 0) {
@@ -624,7 +594,6 @@ static void daemon_reload(struct daemon *d)
         }
         if (uplinks[i] != NULL) {
             const struct conf_uplink *old = conf_uplink_find(d->conf, uc->name);
-            bool prefix_changed = strcmp(old->generic.topic_prefix, uc->generic.topic_prefix) != 0;
             bool same = conf_uplink_equal(old, uc);
             if (uplink_reconfigure(uplinks[i], uc) < 0)
                 log_uplink(LOG_ERR, uc->name, "could not apply the new settings");
@@ -634,10 +603,6 @@ static void daemon_reload(struct daemon *d)
             if (same) {
                 char report[1024];
                 uplink_reload_credentials(uplinks[i], report, sizeof(report));
-            }
-            if (prefix_changed) {
-                router_unsubscribe_device_topics(&d->router, uplinks[i], old->generic.topic_prefix);
-                fresh[fresh_count++] = uplinks[i];
             }
             continue;
         }
@@ -853,8 +818,7 @@ static int check_as_service_user(const char *path)
     pw = getpwnam(name);
     if (pw == NULL) {
         if (env == NULL) {
-            printf("note: service user %s does not exist here; files were checked as root\n",
-                   name);
+            printf("note: service user %s does not exist here; files were checked as root\n", name);
             return 0;
         }
         fprintf(stderr, "uplinkd: UPLINKD_SERVICE_USER=%s: no such user\n", name);

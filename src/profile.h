@@ -212,7 +212,7 @@ const struct profile *profile_find(const char *name);
  * profile_instance_new() - an instance of @uc->profile for @uplink.
  * @conf, @uc, @uplink, @loop: borrowed (see struct profile_instance).
  * Opens the child registry (<state_dir>/registry/<uplink>, see registry.h)
- * and calls new_cb. Returns 0, -ENOENT (unknown profile: conf.c prevents
+ * and calls new_cb. Returns 0, -ENOENT (unknown profile: conf_uplink.c prevents
  * it), -ENOMEM, or the registry's or new_cb's error (logged).
  */
 int profile_instance_new(uv_loop_t *loop, const struct conf *conf, const struct conf_uplink *uc,

@@ -18,16 +18,19 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "profiles/profile_list.h" /* PROFILE_LIST(X): meson's list of the profiles */
 
+struct conf_loader;
 struct conf_uplink;
+struct yaml_node_s;
 
 /* What a profile's CONNECT carries that follows from the conf alone: the
  * daemon's session_cb and `uplinkctl diagnose` both use
  * profile_connect_id(), so diagnose sends what the daemon sends. JWT
- * claims (aud, sub, kid) need nothing here: conf.c sets the profile
+ * claims (aud, sub, kid) need nothing here: the profile's section.c sets its
  * defaults in auth.jwt, which both sign from. */
 #define PROFILE_CLIENT_ID_MAX 1024
 struct profile_connect_id {
@@ -59,7 +62,34 @@ struct profile_spec {
     /* The cloud's rules for a child id beyond mapping_child_check(): NULL
      * when @child is fine, else a static reason. */
     const char *(*child_check)(const char *child);
+    /* uplinks[].<name>, the profile's own section (src/profiles/<name>/
+     * section.c), read by conf_uplink.c after the uplink's common keys (tls, auth,
+     * rate ...), so it may check and default them too. section_parse stores a
+     * new struct in uplink->section (also when @section is NULL: the
+     * uplink has no such key) and reports through conf_report();
+     * section_free frees it; section_equal says whether two sections
+     * give the same CONNECT (reload reconnects when not; NULL: always). */
+    void (*section_parse)(struct conf_loader *ld, struct yaml_node_s *section,
+                          struct yaml_node_s *uplink_node, const char *uplink_path,
+                          struct conf_uplink *uplink);
+    void (*section_free)(void *section);
+    bool (*section_equal)(const void *a, const void *b);
+
+    /* Non-NULL: the client id is built from these keys of the section, so
+     * uplinks[].client_id is refused ("is set by profile gcp (from ...)"). */
+    const char *client_id_from;
+
+    /* auth.type jwt: true when auth.aud must be given (nothing in the
+     * section supplies a default audience). */
+    bool jwt_aud_required;
+
+    /* auth.lifetime is capped at this many seconds; 0: 24 h. */
+    uint32_t jwt_max_lifetime_s;
 };
+
+#define PROFILE_ONE(name) +1
+enum { PROFILE_COUNT = 0 PROFILE_LIST(PROFILE_ONE) }; /* how many profiles the list names */
+#undef PROFILE_ONE
 
 #define PROFILE_SPEC_DECLARE(name) extern const struct profile_spec profile_spec_##name;
 PROFILE_LIST(PROFILE_SPEC_DECLARE)
@@ -70,6 +100,12 @@ PROFILE_LIST(PROFILE_SPEC_DECLARE)
  * or NULL when no profile has that name.
  */
 const struct profile_spec *profile_spec_find(const char *name);
+
+/**
+ * profile_specs() - the PROFILE_COUNT descriptors in the list's order
+ * (static).
+ */
+const struct profile_spec *const *profile_specs(void);
 
 /**
  * profile_spec_names() - the profile names in the list's order,

@@ -129,11 +129,6 @@ static struct uplink *find_uplink(const struct router *router, const char *name)
     return NULL;
 }
 
-void router_unsubscribe_device_topics(struct router *router, struct uplink *uplink,
-                                      const char *old_prefix)
-{
-}
-
 void router_set_uplinks(struct router *router, const struct conf *conf, struct uplink **uplinks,
                         size_t count, struct uplink **new_uplinks, size_t new_count)
 {

@@ -101,15 +101,6 @@ void router_deinit(struct router *router);
 void router_set_uplinks(struct router *router, const struct conf *conf, struct uplink **uplinks,
                         size_t count, struct uplink **new_uplinks, size_t new_count);
 
-/**
- * router_unsubscribe_device_topics() - kept for main.c: the subscriptions
- * of every uplink are now brought in line with its profile by
- * router_set_uplinks() (filters no longer wanted are dropped there), so
- * this does nothing.
- */
-void router_unsubscribe_device_topics(struct router *router, struct uplink *uplink,
-                                      const char *old_prefix);
-
 /* local_hooks callbacks; @arg is the struct router. */
 int router_local_publish_cb(void *arg, const char *client_id, const char *topic,
                             const void *payload, size_t len, int qos, bool retain);

@@ -45,215 +45,59 @@
  * the spool is closing, and at the latest commit_interval after its first
  * append. commit_gap (off by default) holds a small batch until that long
  * after the previous commit started: fewer fdatasyncs at a steady rate.
+ *
+ * The spool is three layered files around one private header, spool_int.h
+ * (its table of contents): this one, spool_recover.c (reading a directory
+ * back) and spool_seg.c (segments, damage, the cursor slots).
  */
-#include "spool.h"
+#include "spool_int.h"
 
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <inttypes.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
-
-#include "log.h"
-#include "record.h"
-#include "util.h"
-
-#define SEG_HEADER_SIZE     RECORD_FILE_HEADER_SIZE
-#define SEG_MAGIC           "UPLKSPL1"
-#define CURSOR_MAGIC        0x52435055u /* "UPCR" */
-#define CURSOR_SLOT_SIZE    32
-#define SEG_MIN_BYTES       (4u * 1024)
-#define SEG_MAX_BYTES       (16u * 1024 * 1024)
-#define SPOOL_BATCH_BYTES   (1024u * 1024)
-#define SPOOL_BATCH_RECORDS 2048u
-/* The cursor alone is not worth an fsync per acknowledgement. */
-#define SPOOL_CURSOR_DELAY_MS 200
-#define SPOOL_RETRY_MS        1000
-#define SPOOL_READ_CHUNK      (256u * 1024)
-
-struct spool_buf {
-    uint8_t *data;
-    size_t len, cap;
+static const struct sm_state spool_states[] = {
+    [SPOOL_OPEN] = {"OPEN", SM_TO(SPOOL_CLOSING)},
+    [SPOOL_CLOSING] = {"CLOSING", SM_TO(SPOOL_CLOSED)},
+    [SPOOL_CLOSED] = {"CLOSED", 0},
 };
 
-/* A damaged range inside a segment with good records after it: the reader
- * jumps from @from to @to (also after a rewind), so only the records that
- * were in it are lost. */
-struct spool_hole {
-    uint64_t from, to;   /* byte offsets in the segment file */
-    uint64_t lost_first; /* sequence numbers it held: lost_first..lost_last */
-    uint64_t lost_last;  /* (lost_last < lost_first: none) */
-    bool in_depth;       /* found by a read: its records were counted in depth */
+static const char *spool_sm_uplink(const struct sm *sm)
+{
+    return container_of(sm, struct spool, sm)->name;
+}
+
+/* A spool only closes its handles when no commit runs and nobody waits. */
+static bool spool_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct spool *spool = container_of(sm, struct spool, sm);
+
+    if (sm_state(sm) == SPOOL_CLOSED && (spool->commit || spool->fill_waiters.len)) {
+        snprintf(why, size, "closed with %s", spool->commit ? "a commit running" : "waiters");
+        return false;
+    }
+    return true;
+}
+
+static const struct sm_conf spool_sm = {
+    .states = spool_states,
+    .count = ARRAY_SIZE(spool_states),
+    .level = LOG_DEBUG,
+    .uplink = spool_sm_uplink,
+    .invariant = spool_sm_invariant,
 };
 
-struct spool_seg {
-    struct spool_seg *prev, *next;
-    uint64_t first_seq;
-    uint64_t last_seq; /* first_seq - 1 while empty */
-    uint64_t records;
-    uint64_t first_time_ms;
-    uint64_t last_time_ms;
-    uint64_t size;          /* valid bytes: file_len + flush.len + fill.len */
-    uint64_t file_len;      /* written by finished commits */
-    struct spool_buf flush; /* owned by the running commit */
-    struct spool_buf fill;  /* appended since */
-    bool busy;              /* part of the running commit */
-    bool damaged;           /* has damage (holes, a cut tail): never appended to */
-    int fd;                 /* write fd (worker thread while busy), -1 */
-    struct spool_hole *holes;
-    size_t hole_count;
-};
+/* Closing or closed: spool_close() was called. */
+static bool spool_closing(const struct spool *spool)
+{
+    return sm_state(&spool->sm) != SPOOL_OPEN;
+}
 
-struct spool_pos {
-    struct spool_seg *seg;
-    uint64_t off;
-};
-
-/* A record handed out by spool_next() and not yet retired. */
-struct spool_out {
-    uint64_t seq;   /* last sequence number it stands for */
-    uint64_t count; /* records it stands for (skipped ranges count many) */
-    struct spool_pos pos;
-    bool acked;
-};
-
-struct spool_waiter {
-    void (*cb)(void *arg, int status);
-    void *arg;
-    int status;
-};
-
-struct spool_waiters {
-    struct spool_waiter *items;
-    size_t len, cap;
-};
-
-/* An append waiting for room (overflow: block). */
-struct spool_blocked {
-    struct spool_blocked *next;
-    void (*cb)(void *arg, int status);
-    void *arg;
-    int qos;
-    bool retain;
-    size_t topic_len, len;
-    uint8_t data[]; /* topic then payload */
-};
-
-struct spool_commit {
-    uv_work_t work;
-    struct spool *spool;
-    struct spool_seg **segs;
-    size_t seg_count;
-    struct spool_waiters waiters;
-    bool write_cursor;
-    uint64_t cursor_seq;
-    uint8_t cursor_slot[CURSOR_SLOT_SIZE];
-    off_t cursor_off;
-    char **unlinks;
-    size_t unlink_count;
-    int err;             /* positive errno */
-    char err_what[4400]; /* what failed, with the path */
-    uint64_t fsync_us;
-};
-
-struct spool {
-    uv_loop_t *loop;
-    char *dir;
-    char *name;
-    char *damaged_dir;         /* copies of damaged bytes go here; NULL: none kept */
-    struct spool_options opts; /* dir/name point at the copies above */
-    uint64_t segment_bytes;
-
-    struct spool_seg *head, *tail;
-    uint64_t next_seq;
-    uint64_t acked_seq;     /* every seq <= this has left */
-    uint64_t persisted_seq; /* acked_seq as last written to the cursor file */
-    uint64_t cursor_gen;
-    int cursor_fd;
-    uint64_t bytes;
-
-    struct spool_pos read; /* next record to hand out (seg NULL: at the end) */
-    struct spool_out *outs;
-    size_t out_head, out_len, out_cap;
-
-    struct spool_waiters fill_waiters;
-    uint64_t fill_bytes;
-    uint64_t fill_since;        /* uv_now() of the first append in the fill buffers */
-    uint64_t commit_started_ms; /* uv_now() when the last commit started */
-
-    struct spool_blocked *blocked_head, *blocked_tail;
-    uint64_t blocked_bytes;
-    uint64_t blocked_count;
-
-    struct spool_waiters deferred; /* callbacks to run from the loop */
-    uv_timer_t commit_timer;
-    uv_check_t turn_end; /* runs after the loop turn's I/O: starts a batch */
-    bool turn_end_active;
-    uv_timer_t deferred_timer;
-    unsigned handles;
-    bool timer_armed;
-    bool batch_ready;   /* inside turn_end_cb */
-    uint64_t timer_due; /* uv_now() when the commit timer fires */
-
-    struct spool_commit *commit; /* running, or NULL */
-    char **unlinks;
-    size_t unlink_count, unlink_cap;
-    uint64_t cursor_written_ms; /* uv_now() when a commit last took the cursor */
-
-    int io_error; /* negative errno while writes fail */
-    uint64_t retry_at;
-
-    /* Read buffer over one segment file. */
-    struct spool_seg *rb_seg;
-    int rb_fd;
-    uint64_t rb_start;
-    struct spool_buf rb;
-
-    bool closing;
-    bool closed;
-    void (*done_cb)(void *arg);
-    void *done_arg;
-
-    struct spool_stats stats;
-};
-
-/* --- little helpers -------------------------------------------------------- */
+static void maybe_commit(struct spool *spool);
+static void admit_blocked(struct spool *spool);
+static void spool_check_closed(struct spool *spool);
 
 static uint64_t realtime_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static int buf_reserve(struct spool_buf *buf, size_t more)
-{
-    size_t cap;
-    uint8_t *p;
-
-    if (buf->len + more <= buf->cap)
-        return 0;
-    cap = buf->cap ? buf->cap : 4096;
-    while (cap < buf->len + more)
-        cap *= 2;
-    p = realloc(buf->data, cap);
-    if (!p)
-        return -ENOMEM;
-    buf->data = p;
-    buf->cap = cap;
-    return 0;
-}
-
-static void buf_free(struct spool_buf *buf)
-{
-    free(buf->data);
-    buf->data = NULL;
-    buf->len = buf->cap = 0;
 }
 
 static int waiters_push(struct spool_waiters *w, void (*cb)(void *, int), void *arg, int status)
@@ -270,14 +114,7 @@ static int waiters_push(struct spool_waiters *w, void (*cb)(void *, int), void *
     return 0;
 }
 
-static void seg_path(const struct spool *spool, uint64_t first_seq, char *out, size_t size)
-{
-    snprintf(out, size, "%s/%016" PRIx64 ".seg", spool->dir, first_seq);
-}
-
 /* --- deferred callbacks ---------------------------------------------------- */
-
-static void spool_check_closed(struct spool *spool);
 
 static void deferred_cb(uv_timer_t *timer)
 {
@@ -306,200 +143,6 @@ static void defer(struct spool *spool, void (*cb)(void *, int), void *arg, int s
         uv_timer_start(&spool->deferred_timer, deferred_cb, 0, 0);
 }
 
-/* --- segments ---------------------------------------------------------------- */
-
-static struct spool_seg *seg_new(uint64_t first_seq)
-{
-    struct spool_seg *seg = calloc(1, sizeof(*seg));
-    if (!seg)
-        return NULL;
-    seg->first_seq = first_seq;
-    seg->last_seq = first_seq - 1;
-    seg->fd = -1;
-    return seg;
-}
-
-static void seg_free(struct spool_seg *seg)
-{
-    if (seg->fd >= 0)
-        close(seg->fd);
-    buf_free(&seg->flush);
-    buf_free(&seg->fill);
-    free(seg->holes);
-    free(seg);
-}
-
-static void seg_link_tail(struct spool *spool, struct spool_seg *seg)
-{
-    seg->prev = spool->tail;
-    seg->next = NULL;
-    if (spool->tail)
-        spool->tail->next = seg;
-    else
-        spool->head = seg;
-    spool->tail = seg;
-}
-
-static void rb_drop(struct spool *spool)
-{
-    if (spool->rb_fd >= 0)
-        close(spool->rb_fd);
-    spool->rb_fd = -1;
-    spool->rb_seg = NULL;
-    spool->rb.len = 0;
-}
-
-static int queue_unlink(struct spool *spool, uint64_t first_seq)
-{
-    char path[4096];
-    char *copy;
-
-    if (spool->unlink_count == spool->unlink_cap) {
-        size_t cap = spool->unlink_cap ? spool->unlink_cap * 2 : 8;
-        char **items = realloc(spool->unlinks, cap * sizeof(*items));
-        if (!items)
-            return -ENOMEM;
-        spool->unlinks = items;
-        spool->unlink_cap = cap;
-    }
-    seg_path(spool, first_seq, path, sizeof(path));
-    copy = strdup(path);
-    if (!copy)
-        return -ENOMEM;
-    spool->unlinks[spool->unlink_count++] = copy;
-    return 0;
-}
-
-/* Unlink @seg from the list and free it (its file is deleted by the next
- * commit). The reader and the out list must not point into it. */
-static void seg_retire(struct spool *spool, struct spool_seg *seg)
-{
-    if (spool->read.seg == seg) {
-        spool->read.seg = seg->next;
-        spool->read.off = SEG_HEADER_SIZE;
-    }
-    if (spool->rb_seg == seg)
-        rb_drop(spool);
-    if (seg->prev)
-        seg->prev->next = seg->next;
-    else
-        spool->head = seg->next;
-    if (seg->next)
-        seg->next->prev = seg->prev;
-    else
-        spool->tail = seg->prev;
-    spool->bytes -= seg->size;
-    spool->fill_bytes -= seg->fill.len;
-    if (spool->opts.durability == SPOOL_DURABLE && seg->size > 0 &&
-        queue_unlink(spool, seg->first_seq) < 0)
-        log_uplink(LOG_ERR, spool->name,
-                   "spool: out of memory; segment %016" PRIx64
-                   " stays on disk until the next start",
-                   seg->first_seq);
-    seg_free(seg);
-}
-
-/* Retire fully acknowledged segments at the head (never the newest, which
- * takes the next appends). */
-static void retire_acked(struct spool *spool)
-{
-    struct spool_seg *seg;
-
-    while (spool->head && spool->head != spool->tail && !spool->head->busy &&
-           spool->head->last_seq <= spool->acked_seq)
-        seg_retire(spool, spool->head);
-    /* The newest segment too, once all of it is acknowledged and written,
-     * when it is half full or appends wait for room: otherwise a spool
-     * whose bound is one segment could never free anything. (Not always:
-     * each new segment costs a file creation and a directory fsync.) */
-    seg = spool->head;
-    if (seg && seg == spool->tail && !seg->busy && seg->last_seq <= spool->acked_seq &&
-        (spool->opts.durability == SPOOL_MEMORY || (seg->fill.len == 0 && seg->flush.len == 0)) &&
-        (seg->size >= spool->segment_bytes / 2 || spool->blocked_head))
-        seg_retire(spool, seg);
-}
-
-static uint64_t seg_unacked(const struct spool *spool, const struct spool_seg *seg)
-{
-    uint64_t from = spool->acked_seq + 1 > seg->first_seq ? spool->acked_seq + 1 : seg->first_seq;
-    uint64_t count = seg->last_seq >= from ? seg->last_seq - from + 1 : 0;
-
-    /* Sequence numbers lost to damage found at start were never counted. */
-    for (size_t i = 0; i < seg->hole_count; i++) {
-        const struct spool_hole *hole = &seg->holes[i];
-        uint64_t first = hole->lost_first > from ? hole->lost_first : from;
-        if (!hole->in_depth && hole->lost_last >= first && hole->lost_last <= seg->last_seq)
-            count -= hole->lost_last - first + 1;
-    }
-    return count;
-}
-
-/* The offset to read at @off: past a damaged range that starts there. */
-static uint64_t seg_skip_hole(const struct spool_seg *seg, uint64_t off)
-{
-    for (size_t i = 0; i < seg->hole_count; i++)
-        if (seg->holes[i].from == off)
-            return seg->holes[i].to;
-    return off;
-}
-
-/* Damaged bytes [from, to) of @seg's file (@bytes, the damaged ones, for
- * the copy) with sequence numbers lost_first..lost_last in them: count,
- * log, keep a copy for the operator, and remember the range as a hole when
- * good records follow it in this segment (@hole). Returns 0 or -ENOMEM. */
-static int seg_damage(struct spool *spool, struct spool_seg *seg, uint64_t from, uint64_t to,
-                      const uint8_t *bytes, uint64_t lost_first, uint64_t lost_last,
-                      const char *why, const char *after, bool hole, bool in_depth)
-{
-    char path[4096], copy[4400], name[300];
-    uint64_t lost = lost_last >= lost_first ? lost_last - lost_first + 1 : 0;
-    uint64_t unacked_first = lost_first > spool->acked_seq ? lost_first : spool->acked_seq + 1;
-    uint64_t unacked = lost_last >= unacked_first ? lost_last - unacked_first + 1 : 0;
-    int rc;
-
-    seg_path(spool, seg->first_seq, path, sizeof(path));
-    copy[0] = '\0';
-    if (spool->damaged_dir) {
-        snprintf(name, sizeof(name), "spool-%s-%016" PRIx64 ".seg", spool->name, seg->first_seq);
-        rc = record_keep_damaged(spool->damaged_dir, name, from, bytes, (size_t)(to - from), copy,
-                                 sizeof(copy));
-        if (rc < 0) {
-            log_uplink(LOG_WARNING, spool->name,
-                       "spool: cannot keep a copy of damaged bytes in %s: %s", spool->damaged_dir,
-                       strerror(-rc));
-            copy[0] = '\0';
-        }
-    }
-    spool->stats.dropped_corrupt += unacked;
-    if (lost)
-        log_uplink(LOG_WARNING, spool->name,
-                   "spool: %s is damaged at bytes %" PRIu64 "..%" PRIu64 " (%" PRIu64
-                   " byte(s), %s): %" PRIu64 " record(s) lost (seq %" PRIu64 "..%" PRIu64
-                   "%s), %s%s%s",
-                   path, from, to - 1, to - from, why, lost, lost_first, lost_last,
-                   unacked < lost ? ", some already acknowledged" : "", after,
-                   copy[0] ? "; damaged bytes kept in " : "", copy);
-    else
-        log_uplink(LOG_WARNING, spool->name,
-                   "spool: %s is damaged at bytes %" PRIu64 "..%" PRIu64 " (%" PRIu64
-                   " byte(s), %s): no record lost%s%s",
-                   path, from, to - 1, to - from, why, copy[0] ? "; damaged bytes kept in " : "",
-                   copy);
-    seg->damaged = true;
-    if (!hole)
-        return 0;
-    struct spool_hole *holes = realloc(seg->holes, (seg->hole_count + 1) * sizeof(*holes));
-    if (!holes)
-        return -ENOMEM;
-    seg->holes = holes;
-    holes[seg->hole_count++] = (struct spool_hole){.from = from,
-                                                   .to = to,
-                                                   .lost_first = lost_first,
-                                                   .lost_last = lost_last,
-                                                   .in_depth = in_depth};
-    return 0;
-}
-
 /* overflow: drop-oldest. Returns false when the head cannot go. */
 static bool drop_head(struct spool *spool, const char *why)
 {
@@ -508,7 +151,7 @@ static bool drop_head(struct spool *spool, const char *why)
 
     if (!seg || seg == spool->tail || seg->busy)
         return false;
-    lost = seg_unacked(spool, seg);
+    lost = spool_seg_unacked(spool, seg);
     /* Handed-out records of that segment are forgotten: a late PUBACK for
      * them is ignored by spool_ack(). */
     while (spool->out_len && spool->outs[spool->out_head].pos.seg == seg) {
@@ -526,27 +169,7 @@ static bool drop_head(struct spool *spool, const char *why)
                    "spool: %s: dropped the oldest %" PRIu64 " record(s) (seq %" PRIu64 "..%" PRIu64
                    ", overflow: drop-oldest)",
                    why, lost, seg->last_seq - lost + 1, seg->last_seq);
-    seg_retire(spool, seg);
-    return true;
-}
-
-/* --- cursor file ------------------------------------------------------------- */
-
-static void cursor_encode(uint8_t out[CURSOR_SLOT_SIZE], uint64_t gen, uint64_t seq)
-{
-    memset(out, 0, CURSOR_SLOT_SIZE);
-    record_put_le(out, CURSOR_MAGIC, 4);
-    record_put_le(out + 8, gen, 8);
-    record_put_le(out + 16, seq, 8);
-    record_put_le(out + 24, record_crc32c(0, out, 24), 4);
-}
-
-static bool cursor_decode(const uint8_t *p, uint64_t *gen, uint64_t *seq)
-{
-    if (record_get_le(p, 4) != CURSOR_MAGIC || record_get_le(p + 24, 4) != record_crc32c(0, p, 24))
-        return false;
-    *gen = record_get_le(p + 8, 8);
-    *seq = record_get_le(p + 16, 8);
+    spool_seg_retire(spool, seg);
     return true;
 }
 
@@ -596,7 +219,7 @@ static void commit_work_cb(uv_work_t *req)
 
     for (size_t i = 0; i < c->seg_count && !c->err; i++) {
         struct spool_seg *seg = c->segs[i];
-        seg_path(spool, seg->first_seq, path, sizeof(path));
+        spool_seg_path(spool, seg->first_seq, path, sizeof(path));
         if (seg->fd < 0) {
             seg->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
             if (seg->fd < 0) {
@@ -620,7 +243,7 @@ static void commit_work_cb(uv_work_t *req)
     for (size_t i = 0; i < c->seg_count && !c->err; i++) {
         struct spool_seg *seg = c->segs[i];
         if (fdatasync(seg->fd) < 0) {
-            seg_path(spool, seg->first_seq, path, sizeof(path));
+            spool_seg_path(spool, seg->first_seq, path, sizeof(path));
             commit_fail(c, errno, "cannot fsync", path);
         }
     }
@@ -643,10 +266,6 @@ static void commit_work_cb(uv_work_t *req)
     c->fsync_us = (uv_hrtime() - t0) / 1000;
 }
 
-static void maybe_commit(struct spool *spool);
-static void admit_blocked(struct spool *spool);
-static void spool_check_closed(struct spool *spool);
-
 static void commit_after_cb(uv_work_t *req, int status)
 {
     struct spool_commit *c = container_of(req, struct spool_commit, work);
@@ -661,12 +280,12 @@ static void commit_after_cb(uv_work_t *req, int status)
             seg->file_len += seg->flush.len;
             seg->flush.len = 0;
             if (seg->flush.cap > SPOOL_BATCH_BYTES * 2)
-                buf_free(&seg->flush);
+                spool_buf_free(&seg->flush);
         } else {
             /* Not written: put the bytes back in front of what was appended
              * since, to be written by the retry. */
             struct spool_buf merged = seg->flush;
-            if (buf_reserve(&merged, seg->fill.len) == 0) {
+            if (spool_buf_reserve(&merged, seg->fill.len) == 0) {
                 if (seg->fill.len)
                     memcpy(merged.data + merged.len, seg->fill.data, seg->fill.len);
                 merged.len += seg->fill.len;
@@ -713,7 +332,7 @@ static void commit_after_cb(uv_work_t *req, int status)
     free(c->segs);
     free(c);
     if (result == 0) {
-        retire_acked(spool);
+        spool_retire_acked(spool);
         admit_blocked(spool);
     }
     maybe_commit(spool);
@@ -791,12 +410,12 @@ static void start_commit(struct spool *spool)
      * batch would otherwise pay a second pwrite and fdatasync for it, half
      * the disk work of a commit. A cursor that lags only re-sends. */
     if (spool->acked_seq != spool->persisted_seq &&
-        (c->seg_count == 0 || spool->closing ||
+        (c->seg_count == 0 || spool_closing(spool) ||
          uv_now(spool->loop) - spool->cursor_written_ms >= SPOOL_CURSOR_DELAY_MS)) {
         spool->cursor_written_ms = uv_now(spool->loop);
         c->write_cursor = true;
         c->cursor_seq = spool->acked_seq;
-        cursor_encode(c->cursor_slot, ++spool->cursor_gen, spool->acked_seq);
+        spool_cursor_encode(c->cursor_slot, ++spool->cursor_gen, spool->acked_seq);
         c->cursor_off = (off_t)((spool->cursor_gen & 1) * CURSOR_SLOT_SIZE);
     }
     c->unlinks = spool->unlinks;
@@ -829,7 +448,8 @@ static void maybe_commit(struct spool *spool)
 {
     uint64_t now, age;
 
-    if (spool->opts.durability != SPOOL_DURABLE || spool->commit || spool->closed)
+    if (spool->opts.durability != SPOOL_DURABLE || spool->commit ||
+        (sm_state(&spool->sm) == SPOOL_CLOSED))
         return;
     bool data = spool->fill_bytes > 0;
     bool meta = spool->acked_seq != spool->persisted_seq || spool->unlink_count > 0;
@@ -840,7 +460,7 @@ static void maybe_commit(struct spool *spool)
         arm_timer(spool, spool->retry_at - now);
         return;
     }
-    if (!spool->closing) {
+    if (!spool_closing(spool)) {
         if (data) {
             age = now - spool->fill_since;
             uint64_t since = now - spool->commit_started_ms;
@@ -892,7 +512,7 @@ static void expire_head(struct spool *spool)
     while (spool->head && spool->head != spool->tail && !spool->head->busy &&
            spool->head->last_time_ms + spool->opts.max_age_ms < now) {
         struct spool_seg *seg = spool->head;
-        uint64_t lost = seg_unacked(spool, seg);
+        uint64_t lost = spool_seg_unacked(spool, seg);
         while (spool->out_len && spool->outs[spool->out_head].pos.seg == seg) {
             spool->out_head++;
             spool->out_len--;
@@ -904,7 +524,7 @@ static void expire_head(struct spool *spool)
         if (lost)
             log_uplink(LOG_WARNING, spool->name,
                        "spool: dropped %" PRIu64 " record(s) older than max_age", lost);
-        seg_retire(spool, seg);
+        spool_seg_retire(spool, seg);
     }
 }
 
@@ -917,10 +537,10 @@ static int append_record(struct spool *spool, const char *topic, size_t topic_le
     uint64_t now = realtime_ms();
 
     if (!seg || seg->damaged || (seg->records > 0 && seg->size + size > spool->segment_bytes)) {
-        seg = seg_new(spool->next_seq);
-        if (!seg || buf_reserve(&seg->fill, SEG_HEADER_SIZE + size) < 0) {
+        seg = spool_seg_new(spool->next_seq);
+        if (!seg || spool_buf_reserve(&seg->fill, SEG_HEADER_SIZE + size) < 0) {
             if (seg)
-                seg_free(seg);
+                spool_seg_free(seg);
             return -ENOMEM;
         }
         record_file_header(seg->fill.data, SEG_MAGIC, seg->first_seq);
@@ -928,12 +548,12 @@ static int append_record(struct spool *spool, const char *topic, size_t topic_le
         seg->size = SEG_HEADER_SIZE;
         spool->bytes += SEG_HEADER_SIZE;
         spool->fill_bytes += SEG_HEADER_SIZE;
-        seg_link_tail(spool, seg);
+        spool_seg_link_tail(spool, seg);
         if (!spool->read.seg) {
             spool->read.seg = seg;
             spool->read.off = SEG_HEADER_SIZE;
         }
-    } else if (buf_reserve(&seg->fill, size) < 0) {
+    } else if (spool_buf_reserve(&seg->fill, size) < 0) {
         return -ENOMEM;
     }
     if (spool->fill_bytes == 0)
@@ -997,7 +617,7 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
     struct spool_blocked *b;
     int rc;
 
-    if (spool->closing)
+    if (spool_closing(spool))
         return -ESHUTDOWN;
     if (qos < 0 || qos > 2 || topic_len == 0 || topic_len > 65535)
         return -EINVAL;
@@ -1007,7 +627,7 @@ int spool_append(struct spool *spool, const char *topic, size_t topic_len, const
         return spool->io_error;
     if (spool->blocked_head || !has_room(spool, size)) {
         expire_head(spool);
-        retire_acked(spool);
+        spool_retire_acked(spool);
     }
     if (!spool->blocked_head && !has_room(spool, size) &&
         spool->opts.overflow == SPOOL_DROP_OLDEST) {
@@ -1075,7 +695,7 @@ static int rb_fill(struct spool *spool, struct spool_seg *seg, uint64_t off, siz
     if (want > seg->file_len - off)
         want = (size_t)(seg->file_len - off);
     spool->rb.len = 0;
-    if (buf_reserve(&spool->rb, want) < 0)
+    if (spool_buf_reserve(&spool->rb, want) < 0)
         return -ENOMEM;
     while (got < want) {
         ssize_t n = pread(spool->rb_fd, spool->rb.data + got, want - got, (off_t)(off + got));
@@ -1116,8 +736,8 @@ static int read_at(struct spool *spool, const struct spool_pos *pos, struct reco
         char path[4096];
         from_file = true;
         if (spool->rb_seg != seg) {
-            rb_drop(spool);
-            seg_path(spool, seg->first_seq, path, sizeof(path));
+            spool_rb_drop(spool);
+            spool_seg_path(spool, seg->first_seq, path, sizeof(path));
             spool->rb_fd = open(path, O_RDONLY | O_CLOEXEC);
             if (spool->rb_fd < 0)
                 return -errno;
@@ -1204,7 +824,7 @@ static void out_pop_acked(struct spool *spool)
         spool->out_head = 0;
     if (moved) {
         /* Nothing handed out is pending: everything before the reader is acked. */
-        retire_acked(spool);
+        spool_retire_acked(spool);
         admit_blocked(spool);
         maybe_commit(spool);
     }
@@ -1227,9 +847,9 @@ static int read_damaged(struct spool *spool, const struct spool_pos *pos, uint64
 
     if (!data)
         return -ENOMEM;
-    rb_drop(spool);
+    spool_rb_drop(spool);
     char path[4096];
-    seg_path(spool, seg->first_seq, path, sizeof(path));
+    spool_seg_path(spool, seg->first_seq, path, sizeof(path));
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     while (fd >= 0 && got < len) {
         ssize_t n = pread(fd, data + got, len - got, (off_t)(pos->off + got));
@@ -1259,10 +879,10 @@ static int read_damaged(struct spool *spool, const struct spool_pos *pos, uint64
         if (read_at(spool, &next, &rec, &p, &ignored) == 0)
             lost_last = rec.seq - 1;
     }
-    rc = seg_damage(spool, seg, pos->off, to, data, expect, lost_last, why,
-                    to < seg->size ? "reading continues at the next valid record"
-                                   : "the rest of the segment is skipped",
-                    true, true);
+    rc = spool_seg_damage(spool, seg, pos->off, to, data, expect, lost_last, why,
+                          to < seg->size ? "reading continues at the next valid record"
+                                         : "the rest of the segment is skipped",
+                          true, true);
     free(data);
     if (rc < 0)
         return rc;
@@ -1285,7 +905,7 @@ int spool_next(struct spool *spool, struct spool_record *out)
         if (!pos.seg)
             return -EAGAIN;
         if (pos.seg->hole_count)
-            spool->read.off = pos.off = seg_skip_hole(pos.seg, pos.off);
+            spool->read.off = pos.off = spool_seg_skip_hole(pos.seg, pos.off);
         rc = read_at(spool, &pos, &h, &rec, &why);
         if (rc == -EAGAIN) {
             if (!pos.seg->next)
@@ -1394,316 +1014,6 @@ void spool_rewind(struct spool *spool)
     spool->out_head = 0;
 }
 
-/* --- recovery ----------------------------------------------------------------- */
-
-static int mkdir_p(const char *dir)
-{
-    char path[4096];
-
-    if (snprintf(path, sizeof(path), "%s", dir) >= (int)sizeof(path))
-        return -ENAMETOOLONG;
-    for (char *p = path + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(path, 0755) < 0 && errno != EEXIST)
-            return -errno;
-        *p = '/';
-    }
-    if (mkdir(path, 0700) < 0 && errno != EEXIST)
-        return -errno;
-    return 0;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static int read_whole(const char *path, uint8_t **out, size_t *len)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    uint8_t *data;
-    size_t got = 0;
-
-    if (fd < 0)
-        return -errno;
-    if (fstat(fd, &st) < 0) {
-        int err = -errno;
-        close(fd);
-        return err;
-    }
-    data = malloc(st.st_size ? (size_t)st.st_size : 1);
-    if (!data) {
-        close(fd);
-        return -ENOMEM;
-    }
-    while (got < (size_t)st.st_size) {
-        ssize_t n = read(fd, data + got, (size_t)st.st_size - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        got += (size_t)n;
-    }
-    close(fd);
-    *out = data;
-    *len = got;
-    return 0;
-}
-
-/* Scan one segment file and fill @seg. A damaged range with a valid record
- * after it is a hole (counted, logged, kept; the records after it stay).
- * *@valid is where the records end: @len, or the start of bytes after which
- * nothing validates (*@why says what was wrong there). Returns 0 or -ENOMEM. */
-static int scan_segment(struct spool *spool, struct spool_seg *seg, const uint8_t *data, size_t len,
-                        size_t *valid, const char **why)
-{
-    struct record_scan scan;
-    struct record rec;
-    enum record_scan_result result;
-    int rc;
-
-    *why = NULL;
-    record_scan_init(&scan, data, len, SEG_HEADER_SIZE, seg->first_seq);
-    for (;;) {
-        size_t off = scan.off;
-        result = record_scan_next(&scan, &rec);
-        if (result == RECORD_SCAN_END)
-            break;
-        if (result == RECORD_SCAN_TORN) {
-            *why = scan.why;
-            break;
-        }
-        if (result == RECORD_SCAN_DAMAGED) {
-            rc = seg_damage(spool, seg, scan.bad_from, scan.bad_to, data + scan.bad_from,
-                            scan.lost_first, scan.lost_last, scan.why,
-                            "reading continues at the next valid record", true, false);
-            if (rc < 0)
-                return rc;
-            off = scan.bad_to;
-        }
-        if (seg->records == 0)
-            seg->first_time_ms = rec.time_ms;
-        seg->records++;
-        seg->last_seq = rec.seq;
-        seg->last_time_ms = rec.time_ms;
-        if (rec.seq > spool->acked_seq) {
-            spool->stats.depth++;
-            if (!spool->read.seg) {
-                spool->read.seg = seg;
-                spool->read.off = off;
-            }
-        }
-    }
-    *valid = scan.off;
-    return 0;
-}
-
-static int spool_recover(struct spool *spool)
-{
-    char path[4096];
-    uint8_t slots[2 * CURSOR_SLOT_SIZE];
-    uint64_t *firsts = NULL;
-    size_t count = 0, cap = 0;
-    DIR *dir = NULL;
-    struct dirent *de;
-    ssize_t n;
-    int rc;
-
-    rc = mkdir_p(spool->dir);
-    if (rc < 0) {
-        log_uplink(LOG_ERR, spool->name, "spool: cannot create %s: %s", spool->dir, strerror(-rc));
-        return rc;
-    }
-    snprintf(path, sizeof(path), "%s/cursor", spool->dir);
-    spool->cursor_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (spool->cursor_fd < 0) {
-        rc = -errno;
-        log_uplink(LOG_ERR, spool->name, "spool: cannot open %s: %s", path, strerror(errno));
-        return rc;
-    }
-    memset(slots, 0, sizeof(slots));
-    n = pread(spool->cursor_fd, slots, sizeof(slots), 0);
-    for (int i = 0; i < 2 && n > 0; i++) {
-        uint64_t gen, seq;
-        if ((i + 1) * CURSOR_SLOT_SIZE <= n &&
-            cursor_decode(slots + i * CURSOR_SLOT_SIZE, &gen, &seq) && gen >= spool->cursor_gen) {
-            spool->cursor_gen = gen;
-            spool->acked_seq = seq;
-        }
-    }
-    spool->persisted_seq = spool->acked_seq;
-
-    dir = opendir(spool->dir);
-    if (!dir) {
-        rc = -errno;
-        log_uplink(LOG_ERR, spool->name, "spool: cannot read %s: %s", spool->dir, strerror(errno));
-        return rc;
-    }
-    while ((de = readdir(dir)) != NULL) {
-        char *end;
-        uint64_t first;
-        if (strlen(de->d_name) != 20 || strcmp(de->d_name + 16, ".seg") != 0)
-            continue;
-        errno = 0;
-        first = strtoull(de->d_name, &end, 16);
-        if (errno || end != de->d_name + 16)
-            continue;
-        if (count == cap) {
-            uint64_t *grown = realloc(firsts, (cap ? cap * 2 : 16) * sizeof(*grown));
-            if (!grown) {
-                closedir(dir);
-                free(firsts);
-                return -ENOMEM;
-            }
-            firsts = grown;
-            cap = cap ? cap * 2 : 16;
-        }
-        firsts[count++] = first;
-    }
-    closedir(dir);
-    if (count)
-        qsort(firsts, count, sizeof(*firsts), cmp_u64);
-
-    uint64_t prev_last = 0;
-    bool prev_damaged = false;
-    for (size_t i = 0; i < count; i++) {
-        bool last = i + 1 == count;
-        uint8_t *data = NULL;
-        size_t len = 0, valid = 0;
-        uint64_t header_first;
-        const char *why = NULL;
-        struct spool_seg *seg;
-        bool header_ok;
-
-        seg_path(spool, firsts[i], path, sizeof(path));
-        rc = read_whole(path, &data, &len);
-        if (rc < 0) {
-            log_uplink(LOG_ERR, spool->name, "spool: cannot read %s: %s", path, strerror(-rc));
-            free(firsts);
-            return rc;
-        }
-        if (len < SEG_HEADER_SIZE && last) {
-            /* Power loss while the segment was being created. */
-            log_uplink(LOG_WARNING, spool->name,
-                       "spool: torn tail: %s is %zu byte(s), shorter than a segment header; "
-                       "deleted (%zu byte(s) dropped)",
-                       path, len, len);
-            spool->stats.recovered_torn_bytes += len;
-            unlink(path);
-            free(data);
-            continue;
-        }
-        header_ok =
-            record_file_header_ok(data, len, SEG_MAGIC, &header_first) && header_first == firsts[i];
-        seg = seg_new(firsts[i]);
-        if (!seg) {
-            free(data);
-            free(firsts);
-            return -ENOMEM;
-        }
-        /* A damaged header does not make the records unreadable: the file's
-         * name says which seq they start at. */
-        rc = len < SEG_HEADER_SIZE ? 0 : scan_segment(spool, seg, data, len, &valid, &why);
-        if (rc == 0 && !header_ok && seg->records > 0)
-            rc = seg_damage(spool, seg, 0, SEG_HEADER_SIZE, data, 1, 0, "damaged segment header",
-                            "", false, false);
-        if (rc < 0) {
-            seg_free(seg);
-            free(data);
-            free(firsts);
-            return rc;
-        }
-        if (!header_ok && seg->records == 0) {
-            log_uplink(LOG_ERR, spool->name,
-                       "spool: %s has a damaged header and no valid record: the whole segment "
-                       "(%zu bytes) is skipped and kept as %s.corrupt for inspection",
-                       path, len, path);
-            char corrupt[4200];
-            snprintf(corrupt, sizeof(corrupt), "%s.corrupt", path);
-            if (rename(path, corrupt) < 0)
-                log_uplink(LOG_ERR, spool->name, "spool: cannot rename %s: %s", path,
-                           strerror(errno));
-            prev_damaged = true;
-            seg_free(seg);
-            free(data);
-            continue;
-        }
-        if (prev_damaged && prev_last && firsts[i] > prev_last + 1) {
-            uint64_t from = prev_last + 1 > spool->acked_seq ? prev_last + 1 : spool->acked_seq + 1;
-            uint64_t gap = firsts[i] > from ? firsts[i] - from : 0;
-            log_uplink(LOG_WARNING, spool->name,
-                       "spool: %" PRIu64 " record(s) (seq %" PRIu64 "..%" PRIu64
-                       ") were lost to the damaged segment(s) reported above",
-                       firsts[i] - prev_last - 1, prev_last + 1, firsts[i] - 1);
-            spool->stats.dropped_corrupt += gap;
-        }
-        prev_damaged = false;
-        if (valid < len && last) {
-            /* Nothing valid after @valid: a torn tail (power loss). */
-            log_uplink(LOG_WARNING, spool->name,
-                       "spool: torn tail in %s at offset %zu (%s): truncated, %zu byte(s) "
-                       "dropped; %" PRIu64 " whole record(s) before it are kept",
-                       path, valid, why, len - valid, seg->records);
-            spool->stats.recovered_torn_bytes += len - valid;
-            int fd = open(path, O_RDWR | O_CLOEXEC);
-            if (fd < 0 || ftruncate(fd, (off_t)valid) < 0 || fdatasync(fd) < 0) {
-                rc = -errno;
-                log_uplink(LOG_ERR, spool->name, "spool: cannot truncate %s: %s", path,
-                           strerror(errno));
-                if (fd >= 0)
-                    close(fd);
-                seg_free(seg);
-                free(data);
-                free(firsts);
-                return rc;
-            }
-            close(fd);
-        } else if (valid < len) {
-            /* Damage at the end of an older segment: the next segment's
-             * name says where the lost records end. Never replayed. */
-            rc = seg_damage(spool, seg, valid, len, data + valid, seg->last_seq + 1,
-                            firsts[i + 1] - 1, why, "the rest of the segment is skipped", false,
-                            false);
-            if (rc < 0) {
-                seg_free(seg);
-                free(data);
-                free(firsts);
-                return rc;
-            }
-        }
-        free(data);
-        seg->size = seg->file_len = valid;
-        prev_last = valid < len && !last ? firsts[i + 1] - 1 : seg->last_seq;
-        spool->bytes += seg->size;
-        if (seg->last_seq >= spool->next_seq)
-            spool->next_seq = seg->last_seq + 1;
-        if (seg->first_seq > spool->next_seq)
-            spool->next_seq = seg->first_seq;
-        seg_link_tail(spool, seg);
-    }
-    free(firsts);
-    if (spool->next_seq <= spool->acked_seq)
-        spool->next_seq = spool->acked_seq + 1;
-    /* Fully acknowledged segments left by the previous run. */
-    retire_acked(spool);
-    if (spool->head && spool->head == spool->tail && spool->head->last_seq <= spool->acked_seq &&
-        spool->head->records > 0)
-        spool->head->damaged = true; /* start a fresh segment; this one goes once acked */
-    if (spool->read.seg == NULL && spool->tail) {
-        spool->read.seg = spool->tail;
-        spool->read.off = spool->tail->size;
-    }
-    log_uplink(LOG_INFO, spool->name,
-               "spool %s recovered: %" PRIu64 " record(s) waiting (%" PRIu64
-               " bytes), next seq %" PRIu64 ", acknowledged up to %" PRIu64,
-               spool->dir, spool->stats.depth, spool->bytes, spool->next_seq, spool->acked_seq);
-    return 0;
-}
-
 /* --- life cycle ------------------------------------------------------------------ */
 
 static void options_apply(struct spool *spool, const struct spool_options *opts)
@@ -1725,6 +1035,7 @@ int spool_open(uv_loop_t *loop, const struct spool_options *opts, struct spool *
     if (!spool)
         return -ENOMEM;
     spool->loop = loop;
+    sm_init(&spool->sm, &spool_sm, SPOOL_OPEN);
     spool->cursor_fd = -1;
     spool->rb_fd = -1;
     spool->next_seq = 1;
@@ -1810,7 +1121,7 @@ static void handle_closed_cb(uv_handle_t *handle)
 
 static void spool_check_closed(struct spool *spool)
 {
-    if (!spool->closing || spool->closed || spool->commit)
+    if (sm_state(&spool->sm) != SPOOL_CLOSING || spool->commit)
         return;
     if (spool->opts.durability == SPOOL_DURABLE && !spool->io_error &&
         (spool->fill_bytes || spool->acked_seq != spool->persisted_seq || spool->unlink_count)) {
@@ -1825,7 +1136,7 @@ static void spool_check_closed(struct spool *spool)
     spool->fill_waiters.len = 0;
     if (spool->deferred.len)
         return; /* deferred_cb() comes back here once they have run */
-    spool->closed = true;
+    sm_move(&spool->sm, SPOOL_CLOSED, "the last commit is done");
     uv_timer_stop(&spool->commit_timer);
     uv_check_stop(&spool->turn_end);
     uv_close((uv_handle_t *)&spool->turn_end, handle_closed_cb);
@@ -1840,7 +1151,8 @@ void spool_close(struct spool *spool, void (*done_cb)(void *arg), void *arg)
 
     spool->done_cb = done_cb;
     spool->done_arg = arg;
-    spool->closing = true;
+    if (sm_state(&spool->sm) == SPOOL_OPEN)
+        sm_move(&spool->sm, SPOOL_CLOSING, "closing");
     while ((b = spool->blocked_head) != NULL) {
         spool->blocked_head = b->next;
         defer(spool, b->cb, b->arg, -ECANCELED);
@@ -1865,14 +1177,14 @@ void spool_free(struct spool *spool)
     }
     for (seg = spool->head; seg; seg = next) {
         next = seg->next;
-        seg_free(seg);
+        spool_seg_free(seg);
     }
     for (b = spool->blocked_head; b; b = bn) {
         bn = b->next;
         free(b);
     }
-    rb_drop(spool);
-    buf_free(&spool->rb);
+    spool_rb_drop(spool);
+    spool_buf_free(&spool->rb);
     if (spool->cursor_fd >= 0)
         close(spool->cursor_fd);
     for (size_t i = 0; i < spool->unlink_count; i++)

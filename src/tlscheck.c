@@ -282,7 +282,7 @@ int tlscheck_uplink(const struct conf_uplink *uplink, time_t now, const char *co
     if (uplink->tls.cert == NULL)
         return ca_rc;
     if (uplink->tls.key == NULL) {
-        /* conf.c requires both; say so anyway rather than crash on NULL. */
+        /* conf_uplink.c requires both; say so anyway rather than crash on NULL. */
         log_uplink(LOG_ERR, uplink->name, "%stls.cert %s is set but tls.key is not", context,
                    uplink->tls.cert);
         return ca_rc < 0 ? ca_rc : -EINVAL;

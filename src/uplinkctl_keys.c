@@ -251,8 +251,21 @@ static int jwt_for_uplink(const char *name, const char *config_path, const char 
     return rc;
 }
 
-int uplinkctl_jwt_main(int argc, char **argv, const char *socket_path, bool socket_given,
-                       bool json_output)
+/* Everything `uplinkctl jwt` was given. */
+struct jwt_cli {
+    const char *config_path;
+    const char *offline_option; /* one given, for "not with UPLINK" */
+    struct jwt_claim extra[MAX_EXTRA_CLAIMS];
+    struct jwt_claims claims;
+    struct keys_options key_options;
+    const char *key_spec, *alg_name, *kid;
+    bool require_sync, verbose, json_output;
+    time_t now;
+};
+
+/* Parse the options into @cli; returns -1 to go on, else the exit status
+ * (0 after --help, 2 for a usage error, said on stderr). */
+static int jwt_parse_options(int argc, char **argv, struct jwt_cli *cli)
 {
     static const struct option options[] = {
         {"key", required_argument, NULL, 'k'},
@@ -273,62 +286,48 @@ int uplinkctl_jwt_main(int argc, char **argv, const char *socket_path, bool sock
         {"json", no_argument, NULL, 'j'},
         {NULL, 0, NULL, 0},
     };
-    const char *config_path = UPLINKD_DEFAULT_CONFIG;
-    const char *offline_option = NULL; /* one given, for "not with UPLINK" */
-    struct jwt_claim extra[MAX_EXTRA_CLAIMS];
-    struct jwt_claims claims = {.skew_s = JWT_DEFAULT_SKEW_S, .extra = extra};
-    struct keys_options key_options = {0};
-    const char *key_spec = NULL, *alg_name = NULL, *kid = NULL;
-    bool require_sync = false, verbose = false;
-    time_t now = time(NULL);
-    char err[KEYS_ERR_SIZE];
-    EVP_PKEY *key = NULL;
-    struct jwt_signer *signer = NULL;
-    char *token = NULL;
-    time_t expires_at = 0;
-    enum jwt_alg alg;
-    int opt, rc;
+    int opt;
 
     optind = 0; /* GNU getopt: full re-initialisation for this argv */
     while ((opt = getopt_long(argc, argv, "k:a:A:l:m:c:p:vjh", options, NULL)) != -1) {
         for (const struct option *o = options; o->name && opt != 'v' && opt != 'F' && opt != 'j';
              o++)
             if (o->val == opt)
-                offline_option = o->name;
+                cli->offline_option = o->name;
         switch (opt) {
         case 'F':
-            config_path = optarg;
+            cli->config_path = optarg;
             break;
         case 'j':
-            json_output = true;
+            cli->json_output = true;
             break;
         case 'k':
-            key_spec = optarg;
+            cli->key_spec = optarg;
             break;
         case 'a':
-            alg_name = optarg;
+            cli->alg_name = optarg;
             break;
         case 'A':
-            claims.aud = optarg;
+            cli->claims.aud = optarg;
             break;
         case 'l':
-            if (parse_duration_s("--lifetime", optarg, &claims.lifetime_s) < 0)
+            if (parse_duration_s("--lifetime", optarg, &cli->claims.lifetime_s) < 0)
                 return 2;
-            if (claims.lifetime_s == 0) {
+            if (cli->claims.lifetime_s == 0) {
                 fprintf(stderr, "uplinkctl jwt: --lifetime must be at least 1s\n");
                 return 2;
             }
             break;
         case 'm':
-            if (parse_duration_s("--max-lifetime", optarg, &claims.max_lifetime_s) < 0)
+            if (parse_duration_s("--max-lifetime", optarg, &cli->claims.max_lifetime_s) < 0)
                 return 2;
             break;
         case 'S':
-            if (parse_duration_s("--skew", optarg, &claims.skew_s) < 0)
+            if (parse_duration_s("--skew", optarg, &cli->claims.skew_s) < 0)
                 return 2;
             break;
         case 'K':
-            kid = optarg;
+            cli->kid = optarg;
             break;
         case 'c': {
             char *eq = strchr(optarg, '=');
@@ -336,22 +335,23 @@ int uplinkctl_jwt_main(int argc, char **argv, const char *socket_path, bool sock
                 fprintf(stderr, "uplinkctl jwt: --claim \"%s\" is not NAME=VALUE\n", optarg);
                 return 2;
             }
-            if (claims.extra_count == MAX_EXTRA_CLAIMS) {
+            if (cli->claims.extra_count == MAX_EXTRA_CLAIMS) {
                 fprintf(stderr, "uplinkctl jwt: more than %d --claim options\n", MAX_EXTRA_CLAIMS);
                 return 2;
             }
             *eq = '\0'; /* argv strings are ours to modify (C11 §5.1.2.2.1) */
-            extra[claims.extra_count++] = (struct jwt_claim){.name = optarg, .value = eq + 1};
+            cli->extra[cli->claims.extra_count++] =
+                (struct jwt_claim){.name = optarg, .value = eq + 1};
             break;
         }
         case 'p':
-            key_options.passphrase_file = optarg;
+            cli->key_options.passphrase_file = optarg;
             break;
         case 'M':
-            key_options.pkcs11_module = optarg;
+            cli->key_options.pkcs11_module = optarg;
             break;
         case 'R':
-            require_sync = true;
+            cli->require_sync = true;
             break;
         case 'N': {
             char *end;
@@ -361,11 +361,11 @@ int uplinkctl_jwt_main(int argc, char **argv, const char *socket_path, bool sock
                 fprintf(stderr, "uplinkctl jwt: --now \"%s\" is not a number of seconds\n", optarg);
                 return 2;
             }
-            now = (time_t)value;
+            cli->now = (time_t)value;
             break;
         }
         case 'v':
-            verbose = true;
+            cli->verbose = true;
             break;
         case 'h':
             jwt_usage(stdout);
@@ -375,67 +375,68 @@ int uplinkctl_jwt_main(int argc, char **argv, const char *socket_path, bool sock
             return 2;
         }
     }
-    if (optind < argc) {
-        if (optind + 1 < argc) {
-            fprintf(stderr, "uplinkctl jwt: unexpected argument \"%s\"\n", argv[optind + 1]);
-            return 2;
-        }
-        if (offline_option != NULL) {
-            fprintf(stderr,
-                    "uplinkctl jwt: --%s signs from the options; with uplink \"%s\" the key and "
-                    "claims come from its configuration: give one or the other\n",
-                    offline_option, argv[optind]);
-            return 2;
-        }
-        return jwt_for_uplink(argv[optind], config_path, socket_path, socket_given, json_output,
-                              verbose);
-    }
-    if (key_spec == NULL) {
+    return -1;
+}
+
+/* Sign a token from the options alone (no uplink) and print it. */
+static int jwt_sign_offline(struct jwt_cli *cli)
+{
+    char err[KEYS_ERR_SIZE];
+    EVP_PKEY *key = NULL;
+    struct jwt_signer *signer = NULL;
+    char *token = NULL;
+    time_t expires_at = 0;
+    enum jwt_alg alg;
+    int rc;
+
+    if (cli->key_spec == NULL) {
         fprintf(stderr, "uplinkctl jwt: --key is required\n");
         jwt_usage(stderr);
         return 2;
     }
-    if (alg_name != NULL && jwt_alg_parse(alg_name, &alg) < 0) {
+    if (cli->alg_name != NULL && jwt_alg_parse(cli->alg_name, &alg) < 0) {
         fprintf(stderr, "uplinkctl jwt: unknown --alg \"%s\" (RS256, PS256, ES256, ES384)\n",
-                alg_name);
+                cli->alg_name);
         return 2;
     }
 
-    rc = keys_load_private(key_spec, &key_options, &key, err, sizeof(err));
+    rc = keys_load_private(cli->key_spec, &cli->key_options, &key, err, sizeof(err));
     if (rc < 0) {
         fprintf(stderr, "uplinkctl jwt: %s\n", err);
         return 1;
     }
-    if (alg_name == NULL && jwt_alg_for_key(key, &alg) < 0) {
-        fprintf(stderr, "uplinkctl jwt: the key %s is neither RSA nor EC; give --alg\n", key_spec);
+    if (cli->alg_name == NULL && jwt_alg_for_key(key, &alg) < 0) {
+        fprintf(stderr, "uplinkctl jwt: the key %s is neither RSA nor EC; give --alg\n",
+                cli->key_spec);
         rc = 1;
         goto out;
     }
+    const char *kid = cli->kid;
     enum jwt_kid_mode kid_mode = kid == NULL                ? JWT_KID_NONE
                                  : strcmp(kid, "auto") == 0 ? JWT_KID_FINGERPRINT
                                                             : JWT_KID_VALUE;
     rc = jwt_signer_new(key, alg, kid_mode, kid, &signer, err, sizeof(err));
     if (rc < 0) {
-        fprintf(stderr, "uplinkctl jwt: %s: %s\n", key_spec, err);
+        fprintf(stderr, "uplinkctl jwt: %s: %s\n", cli->key_spec, err);
         rc = 1;
         goto out;
     }
-    if (require_sync && jwt_clock_check(now, true, NULL, err, sizeof(err)) < 0) {
+    if (cli->require_sync && jwt_clock_check(cli->now, true, NULL, err, sizeof(err)) < 0) {
         fprintf(stderr, "uplinkctl jwt: %s\n", err);
         rc = 1;
         goto out;
     }
-    rc = jwt_sign(signer, &claims, now, &token, &expires_at, err, sizeof(err));
+    rc = jwt_sign(signer, &cli->claims, cli->now, &token, &expires_at, err, sizeof(err));
     if (rc < 0) {
         fprintf(stderr, "uplinkctl jwt: %s\n", err);
         rc = 1;
         goto out;
     }
-    if (verbose) {
+    if (cli->verbose) {
         const char *signer_kid = jwt_signer_kid(signer);
         fprintf(stderr, "alg: %s\nkid: %s\niat: %lld\nexp: %lld\n", jwt_alg_name(alg),
-                signer_kid ? signer_kid : "(none)", (long long)(now - (time_t)claims.skew_s),
-                (long long)expires_at);
+                signer_kid ? signer_kid : "(none)",
+                (long long)(cli->now - (time_t)cli->claims.skew_s), (long long)expires_at);
     }
     printf("%s\n", token);
     rc = fflush(stdout) == 0 ? 0 : 1;
@@ -445,6 +446,39 @@ out:
     jwt_signer_free(signer);
     EVP_PKEY_free(key);
     return rc;
+}
+
+int uplinkctl_jwt_main(int argc, char **argv, const char *socket_path, bool socket_given,
+                       bool json_output)
+{
+    struct jwt_cli cli = {
+        .config_path = UPLINKD_DEFAULT_CONFIG,
+        .claims = {.skew_s = JWT_DEFAULT_SKEW_S},
+        .json_output = json_output,
+        .now = time(NULL),
+    };
+    int rc;
+
+    cli.claims.extra = cli.extra;
+    rc = jwt_parse_options(argc, argv, &cli);
+    if (rc >= 0)
+        return rc;
+    if (optind < argc) {
+        if (optind + 1 < argc) {
+            fprintf(stderr, "uplinkctl jwt: unexpected argument \"%s\"\n", argv[optind + 1]);
+            return 2;
+        }
+        if (cli.offline_option != NULL) {
+            fprintf(stderr,
+                    "uplinkctl jwt: --%s signs from the options; with uplink \"%s\" the key and "
+                    "claims come from its configuration: give one or the other\n",
+                    cli.offline_option, argv[optind]);
+            return 2;
+        }
+        return jwt_for_uplink(argv[optind], cli.config_path, socket_path, socket_given,
+                              cli.json_output, cli.verbose);
+    }
+    return jwt_sign_offline(&cli);
 }
 
 /* --- keygen -------------------------------------------------------------- */

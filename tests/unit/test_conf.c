@@ -24,6 +24,10 @@
 
 #include "access.h"
 #include "conf.h"
+#include "profiles/akenza/section.h"
+#include "profiles/cumulocity/section.h"
+#include "profiles/gcp/section.h"
+#include "profiles/generic/section.h"
 #include "util.h"
 
 static const char *data_dir(void)
@@ -125,7 +129,7 @@ static void test_full(void **state)
     assert_int_equal(up->reconnect_cap_ms, 60000);
     assert_int_equal(up->max_queued_messages, 500);
     assert_int_equal(up->max_inflight, 1000);
-    assert_string_equal(up->generic.topic_prefix, "site/a");
+    assert_string_equal(generic_conf(up)->topic_prefix, "site/a");
 
     up = &conf->uplinks[1];
     assert_string_equal(up->name, "plain_local-2");
@@ -134,7 +138,7 @@ static void test_full(void **state)
     assert_false(up->tls.enabled);
     assert_int_equal(up->port, 1883); /* default without TLS */
     assert_string_equal(up->client_id, "gw-full.01");
-    assert_string_equal(up->generic.topic_prefix, "gw-full.01");
+    assert_string_equal(generic_conf(up)->topic_prefix, "gw-full.01");
     assert_int_equal(up->auth.type, CONF_AUTH_BASIC);
     assert_string_equal(up->auth.username, "u2");
     assert_string_equal(up->auth.password, "p: 2");
@@ -323,7 +327,7 @@ static void test_reference_config(void **state)
     assert_int_equal(up->max_queued_messages, 10000);
     assert_int_equal(up->max_inflight, 100);
     assert_string_equal(up->client_id, conf->gateway_id);
-    assert_string_equal(up->generic.topic_prefix, conf->gateway_id);
+    assert_string_equal(generic_conf(up)->topic_prefix, conf->gateway_id);
     assert_int_equal(conf->route_count, 0);
     conf_free(conf);
 }
@@ -791,7 +795,9 @@ static void test_uplink_find_and_equal(void **state)
     copy.reconnect_base_ms = 5;
     copy.reconnect_cap_ms = 7;
     copy.max_queued_messages = 1;
-    copy.generic.topic_prefix = other_password;
+    struct conf_generic generic = *generic_conf(up_a);
+    generic.topic_prefix = other_password;
+    copy.section = &generic;
     assert_true(conf_uplink_equal(up_a, &copy));
 
     /* Anything in the session does. */
@@ -832,23 +838,23 @@ static void test_gcp_akenza(void **state)
 
     (void)state;
     up = conf_uplink_find(conf, "gcp");
-    assert_string_equal(up->gcp.project, "my-project");
-    assert_string_equal(up->gcp.region, "europe-west1");
-    assert_string_equal(up->gcp.registry, "reg-1");
-    assert_string_equal(up->gcp.device, "gw-cloud"); /* gateway.id */
-    assert_true(up->gcp.gateway);
-    assert_int_equal(up->gcp.attach_idle_ms, 10 * 60 * 1000);
-    assert_string_equal(up->gcp.child_key, "/etc/uplinkd/devices/%c.pem");
+    assert_string_equal(gcp_conf(up)->project, "my-project");
+    assert_string_equal(gcp_conf(up)->region, "europe-west1");
+    assert_string_equal(gcp_conf(up)->registry, "reg-1");
+    assert_string_equal(gcp_conf(up)->device, "gw-cloud"); /* gateway.id */
+    assert_true(gcp_conf(up)->gateway);
+    assert_int_equal(gcp_conf(up)->attach_idle_ms, 10 * 60 * 1000);
+    assert_string_equal(gcp_conf(up)->child_key, "/etc/uplinkd/devices/%c.pem");
     assert_string_equal(up->auth.jwt.aud, "my-project"); /* aud = the project id */
     assert_string_equal(up->auth.username, "unused");
     assert_int_equal(up->auth.jwt.max_lifetime_s, 24 * 3600);
     assert_int_equal(up->rate.max_msgs_per_s, 100); /* GCP: 100 messages/s per connection */
 
     up = conf_uplink_find(conf, "clearblade");
-    assert_string_equal(up->gcp.device, "dev-2");
-    assert_false(up->gcp.gateway);
-    assert_int_equal(up->gcp.attach_idle_ms, 30 * 60 * 1000);
-    assert_null(up->gcp.child_key);
+    assert_string_equal(gcp_conf(up)->device, "dev-2");
+    assert_false(gcp_conf(up)->gateway);
+    assert_int_equal(gcp_conf(up)->attach_idle_ms, 30 * 60 * 1000);
+    assert_null(gcp_conf(up)->child_key);
     assert_string_equal(up->auth.jwt.aud, "explicit-aud");
     assert_int_equal(up->rate.max_msgs_per_s, 50); /* the operator's own */
 
@@ -858,19 +864,19 @@ static void test_gcp_akenza(void **state)
     assert_int_equal(up->rate.max_msgs_per_s, 100);
 
     up = conf_uplink_find(conf, "akenza");
-    assert_string_equal(up->akenza.device, "gw-cloud");
+    assert_string_equal(akenza_conf(up)->device, "gw-cloud");
     assert_string_equal(up->auth.jwt.aud, "https://akenza.io/devices/gw-cloud");
     assert_int_equal(up->auth.jwt.kid_mode, JWT_KID_FINGERPRINT);
     assert_int_equal(up->auth.jwt.claim_count, 1);
     assert_string_equal(up->auth.jwt.claims[0].name, "sub");
     assert_string_equal(up->auth.jwt.claims[0].value, "gw-cloud");
-    assert_string_equal(up->akenza.child_key, "/etc/uplinkd/devices/%c.key");
-    assert_int_equal(up->akenza.session_idle_ms, 5 * 60 * 1000);
+    assert_string_equal(akenza_conf(up)->child_key, "/etc/uplinkd/devices/%c.key");
+    assert_int_equal(akenza_conf(up)->session_idle_ms, 5 * 60 * 1000);
 
     up = conf_uplink_find(conf, "akenza-old");
-    assert_string_equal(up->akenza.device, "abc123");
-    assert_null(up->akenza.child_key);
-    assert_int_equal(up->akenza.session_idle_ms, 10 * 60 * 1000);
+    assert_string_equal(akenza_conf(up)->device, "abc123");
+    assert_null(akenza_conf(up)->child_key);
+    assert_int_equal(akenza_conf(up)->session_idle_ms, 10 * 60 * 1000);
     assert_string_equal(up->auth.jwt.aud, "abc123");
     assert_int_equal(up->auth.jwt.kid_mode, JWT_KID_VALUE);
     assert_int_equal(up->auth.jwt.claim_count, 1);
@@ -879,7 +885,7 @@ static void test_gcp_akenza(void **state)
     /* A changed gcp setting that goes into CONNECT forces a reconnect. */
     struct conf *again = load_ok("good-gcp.yaml");
     assert_true(conf_uplink_equal(&conf->uplinks[0], &again->uplinks[0]));
-    again->uplinks[0].gcp.gateway = false;
+    ((struct conf_gcp *)again->uplinks[0].section)->gateway = false;
     assert_false(conf_uplink_equal(&conf->uplinks[0], &again->uplinks[0]));
     conf_free(again);
     conf_free(conf);

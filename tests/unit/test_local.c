@@ -16,6 +16,8 @@
 
 #include <cmocka.h>
 
+#include "loop_step.h"
+
 #include "conf.h"
 #include "local.h"
 #include "log.h"
@@ -61,8 +63,7 @@ static void close_local(struct fixture *f)
     int done = 0;
 
     local_close(f->local, done_cb, &done);
-    for (int i = 0; i < 1000 && !done; i++)
-        uv_run(&f->loop, UV_RUN_ONCE);
+    LOOP_UNTIL(&f->loop, done, 1000);
     assert_true(done);
     local_free(f->local);
     f->local = NULL;

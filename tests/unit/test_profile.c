@@ -15,6 +15,11 @@
 #include <cmocka.h>
 
 #include "conf.h"
+#include "profiles/akenza/section.h"
+#include "profiles/cumulocity/section.h"
+#include "profiles/gcp/section.h"
+#include "profiles/generic/section.h"
+#include "profile_spec.h"
 #include "profile.h"
 #include "registry.h"
 #include "smartrest.h"
@@ -121,6 +126,8 @@ static void reset(void)
 
 static char state_dir[] = "/tmp/uplinkd-test-profile-XXXXXX";
 
+static struct conf_cumulocity c8y_section;
+
 static void conf_c8y(struct conf *conf, struct conf_uplink *uc)
 {
     static struct conf_c8y_child rules[] = {
@@ -130,6 +137,9 @@ static void conf_c8y(struct conf *conf, struct conf_uplink *uc)
 
     memset(conf, 0, sizeof(*conf));
     memset(uc, 0, sizeof(*uc));
+    memset(&c8y_section, 0, sizeof(c8y_section));
+    uc->spec = &profile_spec_cumulocity;
+    uc->section = &c8y_section;
     conf->gateway_id = "gw";
     conf->state_dir = state_dir;
     conf->local.topic_prefix = "dev";
@@ -139,19 +149,19 @@ static void conf_c8y(struct conf *conf, struct conf_uplink *uc)
     uc->auth.type = CONF_AUTH_BASIC;
     uc->auth.username = "user";
     uc->auth.password = "pw";
-    uc->cumulocity.device_id = "gw";
-    uc->cumulocity.template_id = "tmpl";
-    uc->cumulocity.tenant = "t1";
-    uc->cumulocity.name = "Gateway";
-    uc->cumulocity.type = "c8y_MQTTDevice";
-    uc->cumulocity.supported_operations = ops;
-    uc->cumulocity.supported_operation_count = 2;
-    uc->cumulocity.required_interval_min = 10;
-    uc->cumulocity.will = true;
-    uc->cumulocity.will_topic = "s/us";
-    uc->cumulocity.will_message = "400,c8y_ConnectionEvent,\"Device connection was lost.\"";
-    uc->cumulocity.children = rules;
-    uc->cumulocity.child_count = 1;
+    c8y_section.device_id = "gw";
+    c8y_section.template_id = "tmpl";
+    c8y_section.tenant = "t1";
+    c8y_section.name = "Gateway";
+    c8y_section.type = "c8y_MQTTDevice";
+    c8y_section.supported_operations = ops;
+    c8y_section.supported_operation_count = 2;
+    c8y_section.required_interval_min = 10;
+    c8y_section.will = true;
+    c8y_section.will_topic = "s/us";
+    c8y_section.will_message = "400,c8y_ConnectionEvent,\"Device connection was lost.\"";
+    c8y_section.children = rules;
+    c8y_section.child_count = 1;
 }
 
 static struct profile_instance *c8y_new(struct conf *conf, struct conf_uplink *uc)
@@ -469,10 +479,10 @@ static void test_c8y_bootstrap(void **unused)
 
     conf_c8y(&conf, &uc);
     uc.auth.type = CONF_AUTH_NONE;
-    uc.cumulocity.bootstrap = true;
-    uc.cumulocity.bootstrap_user = "management/devicebootstrap";
-    uc.cumulocity.bootstrap_password = "bs";
-    uc.cumulocity.bootstrap_interval_ms = 1000;
+    c8y_section.bootstrap = true;
+    c8y_section.bootstrap_user = "management/devicebootstrap";
+    c8y_section.bootstrap_password = "bs";
+    c8y_section.bootstrap_interval_ms = 1000;
     snprintf(path, sizeof(path), "%s/credentials/c8y", state_dir);
     unlink(path);
     reset();
@@ -515,7 +525,7 @@ static void test_c8y_bootstrap(void **unused)
     c8y_free(pi);
 }
 
-/* --- configuration (conf.c): generic rules and the cumulocity section ------- */
+/* --- configuration (conf_uplink.c, section.c): generic rules and the cumulocity section ------- */
 
 static int load_text(const char *text, struct conf **conf, char **errors)
 {
@@ -564,7 +574,7 @@ static void test_conf_generic_rules(void **unused)
                                "        - { cloud: \"cfg/{child}\", local: config }\n",
                                &conf, &errors),
                      0);
-    const struct conf_generic *g = &conf->uplinks[0].generic;
+    const struct conf_generic *g = generic_conf(&conf->uplinks[0]);
     assert_int_equal(g->up_count, 1);
     assert_int_equal(g->up[0].channel, MAPPING_TELEMETRY);
     assert_string_equal(g->up[0].cloud, "gw/{child}/t/{sub}");
@@ -611,7 +621,7 @@ static void test_conf_cumulocity(void **unused)
                                          "      children: [{ match: \"s-*\", parent: plc }]\n",
                                &conf, &errors),
                      0);
-    const struct conf_cumulocity *cc = &conf->uplinks[0].cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(&conf->uplinks[0]);
     assert_string_equal(cc->device_id, "gw-1");
     assert_string_equal(cc->name, "gw-1");
     assert_string_equal(cc->type, "c8y_MQTTDevice");
@@ -635,7 +645,7 @@ static void test_conf_cumulocity(void **unused)
                                          "      will: false\n",
                                &conf, &errors),
                      0);
-    cc = &conf->uplinks[0].cumulocity;
+    cc = cumulocity_conf(&conf->uplinks[0]);
     assert_true(cc->bootstrap);
     assert_string_equal(cc->bootstrap_user, "management/devicebootstrap");
     assert_int_equal(cc->bootstrap_interval_ms, 10000);
@@ -663,6 +673,14 @@ static void test_conf_cumulocity(void **unused)
     const char *const expect3[] = {"uplinks[0].cumulocity: is only used with profile: cumulocity",
                                    NULL};
     expect_errors(CONF_HEAD "    cumulocity: { tenant: t }\n", expect3);
+    /* The generic section is the generic profile's own, like the others:
+     * under another profile it would be ignored, so it is refused. */
+    const char *const expect5[] = {"uplinks[0].generic: is only used with profile: generic",
+                                   NULL};
+    expect_errors(CONF_HEAD "    profile: cumulocity\n"
+                            "    auth: { type: basic, username: t/u, password: p }\n"
+                            "    generic: { topic_prefix: site }\n",
+                  expect5);
 }
 
 static void test_registry_lookup(void **unused)
@@ -681,6 +699,10 @@ static void test_registry_lookup(void **unused)
     assert_int_equal(n, 4);
     assert_ptr_equal(profile_spec_find(NULL), profile_spec_find("generic"));
     assert_null(profile_spec_find("nope"));
+    /* profile_specs() is the same list, PROFILE_COUNT long. */
+    assert_int_equal(PROFILE_COUNT, 4);
+    for (size_t i = 0; i < PROFILE_COUNT; i++)
+        assert_ptr_equal(profile_specs()[i], profile_spec_find(profile_spec_names()[i]));
 }
 
 static int setup(void **unused)

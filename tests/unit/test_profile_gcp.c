@@ -17,6 +17,8 @@
 #include "profile.h"
 #include "profiles/akenza/akenza.h"
 #include "profiles/gcp/gcp.h"
+#include "profiles/gcp/section.h"
+#include "profile_spec.h"
 #include "registry.h"
 #include "uplink.h"
 
@@ -268,6 +270,7 @@ struct fixture {
     uv_loop_t loop;
     struct conf conf;
     struct conf_uplink uc;
+    struct conf_gcp gcp;
     struct profile_instance *pi;
     bool closed;
 };
@@ -289,12 +292,14 @@ static int setup(void **state)
     f->uc.profile = "gcp";
     f->uc.auth.type = CONF_AUTH_JWT;
     f->uc.auth.jwt.lifetime_s = 3600;
-    f->uc.gcp = (struct conf_gcp){.project = "p",
-                                  .region = "r",
-                                  .registry = "g",
-                                  .device = "gw-1",
-                                  .gateway = true,
-                                  .attach_idle_ms = 60000};
+    f->gcp = (struct conf_gcp){.project = "p",
+                               .region = "r",
+                               .registry = "g",
+                               .device = "gw-1",
+                               .gateway = true,
+                               .attach_idle_ms = 60000};
+    f->uc.spec = &profile_spec_gcp;
+    f->uc.section = &f->gcp;
     assert_int_equal(profile_instance_new(&f->loop, &f->conf, &f->uc, &fake, &f->pi), 0);
     *state = f;
     return 0;

@@ -5,6 +5,8 @@
 #include <stdint.h>
 
 #include <cmocka.h>
+
+#include "loop_step.h"
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -904,8 +906,7 @@ static void test_cursor_lazy(void **state)
     struct spool_record rec;
 
     append_n(spool, 0, 3, &done);
-    for (int i = 0; i < 1000 && done.ok < 3; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    LOOP_UNTIL(&loop, done.ok >= 3, 1000);
     assert_int_equal(done.ok, 3);
     /* Ack record 1: nothing was written yet, so the cursor is due now. */
     uv_update_time(&loop);
@@ -913,16 +914,14 @@ static void test_cursor_lazy(void **state)
     assert_int_equal(spool_next(spool, &rec), 0);
     spool_ack(spool, rec.seq);
     append_n(spool, 3, 1, &done);
-    for (int i = 0; i < 1000 && done.ok < 4; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    LOOP_UNTIL(&loop, done.ok >= 4, 1000);
     assert_int_equal(done.ok, 4);
     assert_int_equal(cursor_acked(dir), 1);
     /* Ack record 2 and commit a batch at once: the cursor is not due. */
     assert_int_equal(spool_next(spool, &rec), 0);
     spool_ack(spool, rec.seq);
     append_n(spool, 4, 1, &done);
-    for (int i = 0; i < 1000 && done.ok < 5; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    LOOP_UNTIL(&loop, done.ok >= 5, 1000);
     assert_int_equal(done.ok, 5);
     uv_update_time(&loop);
     if (uv_now(&loop) - t0 < 200) /* else a slow disk made it due: no claim */
@@ -967,8 +966,7 @@ static void test_commit_gap(void **state)
     uint64_t t0 = uv_now(&loop);
     /* The first append commits at the end of its turn: nothing ran before. */
     append_n(spool, 0, 1, &done);
-    for (int i = 0; i < 1000 && done.ok < 1; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    LOOP_UNTIL(&loop, done.ok >= 1, 1000);
     assert_int_equal(done.ok, 1);
     /* Ten appends, each in a loop turn of its own (a 10 ms timer between). */
     uv_timer_init(&loop, &tick);
@@ -984,8 +982,7 @@ static void test_commit_gap(void **state)
         assert_int_equal(st.commits, 1);
         assert_int_equal(done.ok, 1);
     }
-    for (int i = 0; i < 1000 && done.ok < 11; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    LOOP_UNTIL(&loop, done.ok >= 11, 1000);
     assert_int_equal(done.ok, 11);
     uv_update_time(&loop);
     assert_true(uv_now(&loop) - t0 >= 300); /* held until the gap had passed */
@@ -1164,8 +1161,7 @@ static void test_io_error_recovers(void **state)
     assert_int_equal(system(cmd), 0);
     append_n(spool, 5, 40, &done); /* rolls over to a new segment */
     uv_run(&loop, UV_RUN_ONCE);
-    for (int i = 0; i < 100 && done.failed == 0; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    LOOP_UNTIL(&loop, done.failed != 0, 100);
     assert_true(done.failed > 0);
     struct spool_stats st;
     spool_get_stats(spool, &st);

@@ -5,7 +5,7 @@
  * gateway.id), user name ignored, password a JWT (RS256 or ES256) with
  * aud https://akenza.io/devices/<id> (auth.aud may say otherwise: older
  * docs use the bare id), sub = the device id and the header kid = hex
- * SHA-256 of the public key's DER; conf.c fills those defaults.
+ * SHA-256 of the public key's DER; section.c fills those defaults.
  *
  * Topics:
  *   dev/<id>/telemetry[/<sub>] -> /up/device/id/<id>[/<sub>]
@@ -38,6 +38,7 @@
 #include <openssl/crypto.h>
 
 #include "conf.h"
+#include "profiles/akenza/section.h"
 #include "json.h"
 #include "jwt.h"
 #include "keys.h"
@@ -45,6 +46,8 @@
 #include "profile.h"
 #include "akenza.h"
 #include "profile_spec.h"
+#include "sm.h"
+#include "util.h"
 #include "uplink.h"
 
 /* The idle sweep runs at session_idle / 2, within these bounds. */
@@ -141,23 +144,16 @@ enum session_state {
     SESSION_STOPPING,
 };
 
-static const char *const session_state_names[] = {
-    [SESSION_KEY_LOADING] = "loading-key",
-    [SESSION_RUNNING] = "running",
-    [SESSION_NO_KEY] = "no-key",
-    [SESSION_STOPPING] = "STOPPING",
-};
-
 struct akenza_session {
     struct akenza_session *next;
     struct profile_instance *pi;
     struct uplink *uplink;
     struct conf_uplink *conf; /* owned; borrowed by the uplink */
-    enum session_state state;
-    bool was_no_key;  /* stopped from NO_KEY: new messages are refused, not delayed */
-    bool work_busy;   /* key_work queued or running */
-    bool uplink_done; /* uplink stopped and freed (or never made) */
-    bool remove_dir;  /* the spool was empty at the end: delete its directory */
+    struct sm sm;             /* enum session_state, see session_states */
+    bool was_no_key;          /* stopped from NO_KEY: new messages are refused, not delayed */
+    bool work_busy;           /* key_work queued or running */
+    bool uplink_done;         /* uplink stopped and freed (or never made) */
+    bool remove_dir;          /* the spool was empty at the end: delete its directory */
     uv_work_t key_work;
     /* Written by the worker, read after it on the loop thread. */
     EVP_PKEY *loaded;
@@ -165,14 +161,68 @@ struct akenza_session {
     char key_err[KEYS_ERR_SIZE];
     EVP_PKEY *key; /* owned, once loaded */
     enum jwt_alg alg;
-    char *key_path;            /* owned */
-    char *name;                /* "<uplink>.<child>", owned */
-    char *aud;                 /* owned */
-    char *spool_dir;           /* owned; NULL: memory spool */
-    struct conf_jwt_claim sub; /* "sub" = the child id (value points to id) */
-    uint64_t used_ms;          /* uv_now() of its last message */
+    char *key_path;             /* owned */
+    char *name;                 /* "<uplink>.<child>", owned */
+    char *aud;                  /* owned */
+    char *spool_dir;            /* owned; NULL: memory spool */
+    struct conf_jwt_claim sub;  /* "sub" = the child id (value points to id) */
+    struct conf_akenza section; /* conf->section: the uplink's, with the child's id */
+    uint64_t used_ms;           /* uv_now() of its last message */
     char id[];
 };
+
+/* A child's session:
+ *
+ *     KEY_LOADING --key read, uplink started--> RUNNING
+ *          |                                       |
+ *          +--no usable key--> NO_KEY              |
+ *          |                     |                 |
+ *          +---------------------+-----------------+--> STOPPING
+ *
+ * The names are what `uplinkctl status` shows. */
+static const struct sm_state session_states[] = {
+    [SESSION_KEY_LOADING] = {"loading-key", SM_TO(SESSION_RUNNING) | SM_TO(SESSION_NO_KEY) |
+                                                SM_TO(SESSION_STOPPING)},
+    [SESSION_RUNNING] = {"running", SM_TO(SESSION_STOPPING)},
+    [SESSION_NO_KEY] = {"no-key", SM_TO(SESSION_STOPPING)},
+    [SESSION_STOPPING] = {"STOPPING", 0},
+};
+
+static void session_sm_describe(const struct sm *sm, char *buf, size_t size)
+{
+    snprintf(buf, size, "session %s", container_of(sm, struct akenza_session, sm)->id);
+}
+
+static const char *session_sm_uplink(const struct sm *sm)
+{
+    return container_of(sm, struct akenza_session, sm)->pi->uc->name;
+}
+
+/* RUNNING means the key is loaded and handed to the session's uplink. */
+static bool session_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct akenza_session *s = container_of(sm, struct akenza_session, sm);
+
+    if (sm_state(sm) == SESSION_RUNNING && (s->key == NULL || s->work_busy)) {
+        snprintf(why, size, "running %s", s->key == NULL ? "without a key" : "while loading one");
+        return false;
+    }
+    return true;
+}
+
+static const struct sm_conf session_sm = {
+    .states = session_states,
+    .count = ARRAY_SIZE(session_states),
+    .level = LOG_DEBUG,
+    .describe = session_sm_describe,
+    .uplink = session_sm_uplink,
+    .invariant = session_sm_invariant,
+};
+
+static enum session_state session_state_of(const struct akenza_session *s)
+{
+    return (enum session_state)sm_state(&s->sm);
+}
 
 struct akenza {
     struct akenza_session *sessions; /* open */
@@ -288,8 +338,7 @@ static void session_remove_dir(const struct akenza_session *s)
 /* The session's settings: the uplink's, with the child's identity; its
  * spool follows the uplink's spool settings (durability, max_bytes,
  * overflow, ...) in a directory of its own. */
-static struct conf_uplink *session_conf(const struct profile_instance *pi,
-                                        const struct akenza_session *s)
+static struct conf_uplink *session_conf(const struct profile_instance *pi, struct akenza_session *s)
 {
     struct conf_uplink *conf = malloc(sizeof(*conf));
 
@@ -298,8 +347,10 @@ static struct conf_uplink *session_conf(const struct profile_instance *pi,
     *conf = *pi->uc;
     conf->name = s->name;
     conf->client_id = (char *)s->id;
-    conf->akenza.device = (char *)s->id;
-    conf->akenza.child_key = NULL;
+    s->section = *akenza_conf(pi->uc);
+    s->section.device = (char *)s->id;
+    s->section.child_key = NULL;
+    conf->section = &s->section;
     conf->cert_cn = NULL;
     conf->auth.jwt.key = s->key_path;
     conf->auth.jwt.passphrase_file = NULL;
@@ -388,8 +439,8 @@ static void session_stop(struct profile_instance *pi, struct akenza_session *s, 
     session_unlink(&ak->sessions, s);
     s->next = ak->stopping;
     ak->stopping = s;
-    s->was_no_key = s->state == SESSION_NO_KEY;
-    s->state = SESSION_STOPPING;
+    s->was_no_key = session_state_of(s) == SESSION_NO_KEY;
+    sm_move(&s->sm, SESSION_STOPPING, NULL);
     if (s->work_busy)
         uv_cancel((uv_req_t *)&s->key_work); /* fails harmlessly once it runs */
     log_child(LOG_INFO, pi->uc->name, s->id, "closing its session: %s", why);
@@ -436,7 +487,7 @@ static void session_key_after_cb(uv_work_t *req, int status)
     int rc;
 
     s->work_busy = false;
-    if (s->state == SESSION_STOPPING || status < 0) {
+    if (session_state_of(s) == SESSION_STOPPING || status < 0) {
         session_release(s);
         return;
     }
@@ -449,7 +500,7 @@ static void session_key_after_cb(uv_work_t *req, int status)
     if (rc < 0) {
         struct uplink_stats stats;
         uplink_get_stats(s->uplink, &stats);
-        s->state = SESSION_NO_KEY;
+        sm_move(&s->sm, SESSION_NO_KEY, NULL);
         snprintf(reason, sizeof(reason),
                  "akenza needs a session and key per device, and this child has no usable key "
                  "(akenza.child_key): %.140s",
@@ -468,10 +519,10 @@ static void session_key_after_cb(uv_work_t *req, int status)
     rc = uplink_start(s->uplink);
     if (rc < 0) {
         log_child(LOG_ERR, pi->uc->name, s->id, "cannot start its session: %s", strerror(-rc));
-        s->state = SESSION_NO_KEY; /* retried when it is reopened */
+        sm_move(&s->sm, SESSION_NO_KEY, NULL); /* retried when it is reopened */
         return;
     }
-    s->state = SESSION_RUNNING;
+    sm_move(&s->sm, SESSION_RUNNING, NULL);
 }
 
 /* Open @child's session: spool (recovered now), uplink, subscription; the
@@ -492,9 +543,9 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     int rc, n;
 
     *out = NULL;
-    if (profile_child_key_path(pi->uc->akenza.child_key, child, path, sizeof(path)) < 0 ||
-        akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "", pi->uc->akenza.device,
-                         child, aud, sizeof(aud)) < 0) {
+    if (profile_child_key_path(akenza_conf(pi->uc)->child_key, child, path, sizeof(path)) < 0 ||
+        akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "",
+                         akenza_conf(pi->uc)->device, child, aud, sizeof(aud)) < 0) {
         snprintf(pi->reason, sizeof(pi->reason), "the key path or aud for this child is too long");
         return -EINVAL;
     }
@@ -514,7 +565,7 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     strcpy(s->id, child);
     s->pi = pi;
     s->uplink_done = true; /* until there is an uplink */
-    s->state = SESSION_KEY_LOADING;
+    sm_init(&s->sm, &session_sm, SESSION_KEY_LOADING);
     s->sub.name = "sub";
     s->sub.value = s->id;
     s->key_work.data = s;
@@ -572,7 +623,7 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     }
     rc = uv_queue_work(pi->loop, &s->key_work, session_key_work_cb, session_key_after_cb);
     if (rc < 0) {
-        s->state = SESSION_NO_KEY;
+        sm_move(&s->sm, SESSION_NO_KEY, NULL);
         snprintf(s->key_err, sizeof(s->key_err), "cannot queue the key load: %s", uv_strerror(rc));
     } else {
         s->work_busy = true;
@@ -612,7 +663,8 @@ static void akenza_scan(struct profile_instance *pi)
     struct dirent *de;
     DIR *d;
 
-    if (!pi->uc->akenza.child_key || ak->scanned || pi->uc->spool.durability != CONF_SPOOL_FSYNC)
+    if (!akenza_conf(pi->uc)->child_key || ak->scanned ||
+        pi->uc->spool.durability != CONF_SPOOL_FSYNC)
         return;
     ak->scanned = true;
     if (devices_dir(pi, dir, sizeof(dir)) < 0 || !(d = opendir(dir)))
@@ -621,7 +673,7 @@ static void akenza_scan(struct profile_instance *pi)
         if (de->d_name[0] == '.')
             continue;
         if (akenza_dir_decode(de->d_name, child, sizeof(child)) < 0 ||
-            strcmp(child, pi->uc->akenza.device) == 0) {
+            strcmp(child, akenza_conf(pi->uc)->device) == 0) {
             log_uplink(LOG_WARNING, pi->uc->name, "%s/%s is not the spool of a child id; ignored",
                        dir, de->d_name);
             continue;
@@ -650,14 +702,14 @@ static void sweep_cb(uv_timer_t *timer)
     for (s = akenza_of(pi)->sessions; s; s = next) {
         struct uplink_stats stats;
         next = s->next;
-        if (now - s->used_ms < pi->uc->akenza.session_idle_ms)
+        if (now - s->used_ms < akenza_conf(pi->uc)->session_idle_ms)
             continue;
-        if (s->state == SESSION_NO_KEY) {
+        if (session_state_of(s) == SESSION_NO_KEY) {
             /* Its spool stays on disk; the next message or start retries. */
             session_stop(pi, s, "idle, without a usable key");
             continue;
         }
-        if (s->state != SESSION_RUNNING)
+        if (session_state_of(s) != SESSION_RUNNING)
             continue;
         /* Unsent messages keep it open until they are acknowledged, so a
          * session's spool never waits on disk for a message that may not
@@ -671,10 +723,10 @@ static void sweep_cb(uv_timer_t *timer)
 static void sweep_start(struct profile_instance *pi)
 {
     struct akenza *ak = akenza_of(pi);
-    uint64_t every = pi->uc->akenza.session_idle_ms / 2;
+    uint64_t every = akenza_conf(pi->uc)->session_idle_ms / 2;
 
     uv_timer_stop(&ak->sweep);
-    if (!pi->uc->akenza.child_key)
+    if (!akenza_conf(pi->uc)->child_key)
         return;
     every = every < AKENZA_SWEEP_MIN_MS ? AKENZA_SWEEP_MIN_MS : every;
     every = every > AKENZA_SWEEP_MAX_MS ? AKENZA_SWEEP_MAX_MS : every;
@@ -725,7 +777,7 @@ static void akenza_close_cb(struct profile_instance *pi)
 static void akenza_reconfigure_cb(struct profile_instance *pi)
 {
     sweep_start(pi);
-    if (!pi->uc->akenza.child_key) {
+    if (!akenza_conf(pi->uc)->child_key) {
         stop_all(pi, "akenza.child_key was removed");
         akenza_of(pi)->scanned = false;
         return;
@@ -736,7 +788,7 @@ static void akenza_reconfigure_cb(struct profile_instance *pi)
         char *old_aud = s->aud, *new_aud = NULL;
         struct conf_uplink *conf = NULL;
         if (akenza_child_aud(pi->uc->auth.jwt.aud ? pi->uc->auth.jwt.aud : "",
-                             pi->uc->akenza.device, s->id, aud, sizeof(aud)) >= 0 &&
+                             akenza_conf(pi->uc)->device, s->id, aud, sizeof(aud)) >= 0 &&
             (new_aud = strdup(aud)) != NULL) {
             s->aud = new_aud;
             conf = session_conf(pi, s);
@@ -760,9 +812,9 @@ static void akenza_reconfigure_cb(struct profile_instance *pi)
 /* "state" of a session for status: the uplink's while running. */
 static const char *session_state_text(const struct akenza_session *s)
 {
-    if (s->state == SESSION_RUNNING)
+    if (session_state_of(s) == SESSION_RUNNING)
         return uplink_state_name(uplink_get_state(s->uplink));
-    return session_state_names[s->state];
+    return sm_state_name(&session_sm, sm_state(&s->sm));
 }
 
 static void akenza_status_json_cb(const struct profile_instance *pi, struct json_buf *out)
@@ -771,16 +823,16 @@ static void akenza_status_json_cb(const struct profile_instance *pi, struct json
     size_t open = 0, online = 0, connecting = 0, backoff = 0, no_key = 0, stopping = 0;
     uint64_t queued = 0;
 
-    if (!ak || !pi->uc->akenza.child_key)
+    if (!ak || !akenza_conf(pi->uc)->child_key)
         return;
     for (const struct akenza_session *s = ak->sessions; s; s = s->next) {
         struct uplink_stats stats;
         open++;
         uplink_get_stats(s->uplink, &stats);
         queued += stats.spool.depth;
-        if (s->state == SESSION_NO_KEY)
+        if (session_state_of(s) == SESSION_NO_KEY)
             no_key++;
-        else if (s->state != SESSION_RUNNING)
+        else if (session_state_of(s) != SESSION_RUNNING)
             connecting++;
         else if (uplink_get_state(s->uplink) == UPLINK_ONLINE)
             online++;
@@ -805,7 +857,7 @@ static void akenza_child_json_cb(const struct profile_instance *pi, const char *
     const struct akenza_session *s;
     struct uplink_stats stats;
 
-    if (!ak || !pi->uc->akenza.child_key || strcmp(child, pi->uc->akenza.device) == 0)
+    if (!ak || !akenza_conf(pi->uc)->child_key || strcmp(child, akenza_conf(pi->uc)->device) == 0)
         return;
     s = session_find(ak->sessions, child);
     if (!s) {
@@ -822,16 +874,16 @@ static void akenza_child_json_cb(const struct profile_instance *pi, const char *
 
 static void akenza_session_cb(struct profile_instance *pi, struct uplink_session *session)
 {
-    session->client_id = pi->uc->akenza.device;
+    session->client_id = akenza_conf(pi->uc)->device;
 }
 
 static void akenza_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)
 {
     char filter[PROFILE_TOPIC_MAX];
 
-    if (!pi->uc->akenza.device)
+    if (!akenza_conf(pi->uc)->device)
         return;
-    snprintf(filter, sizeof(filter), AKENZA_DOWN "%s/#", pi->uc->akenza.device);
+    snprintf(filter, sizeof(filter), AKENZA_DOWN "%s/#", akenza_conf(pi->uc)->device);
     profile_msgs_add(filters, filter, NULL, 0, 1, false);
 }
 
@@ -845,14 +897,14 @@ static int akenza_up_cb(struct profile_instance *pi, const struct mapping_local 
     int rc;
 
     (void)retain;
-    if (!pi->uc->akenza.device)
+    if (!akenza_conf(pi->uc)->device)
         return -EINVAL;
-    if (strcmp(m->child, pi->uc->akenza.device) != 0) {
-        if (!pi->uc->akenza.child_key) {
+    if (strcmp(m->child, akenza_conf(pi->uc)->device) != 0) {
+        if (!akenza_conf(pi->uc)->child_key) {
             snprintf(pi->reason, sizeof(pi->reason),
                      "akenza has no gateways and this uplink is the device %s alone: other "
                      "children need a session of their own (set akenza.child_key)",
-                     pi->uc->akenza.device);
+                     akenza_conf(pi->uc)->device);
             *reason = pi->reason;
             return -EINVAL;
         }
@@ -879,7 +931,7 @@ static int akenza_up_cb(struct profile_instance *pi, const struct mapping_local 
             return rc;
         }
         session->used_ms = uv_now(pi->loop);
-        if (session->state == SESSION_NO_KEY) {
+        if (session_state_of(session) == SESSION_NO_KEY) {
             /* Closing it lets the next message try the key again; what it
              * spooled stays on disk. */
             snprintf(pi->reason, sizeof(pi->reason),

@@ -6,12 +6,13 @@
 
 #include "akenza.h"
 #include "conf.h"
+#include "profiles/akenza/section.h"
 #include "profile_spec.h"
 
 static void akenza_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out)
 {
-    if (uc->akenza.device)
-        snprintf(out->client_id, sizeof(out->client_id), "%s", uc->akenza.device);
+    if (akenza_conf(uc)->device)
+        snprintf(out->client_id, sizeof(out->client_id), "%s", akenza_conf(uc)->device);
 }
 
 const char *akenza_connack_text(int rc)
@@ -45,4 +46,8 @@ const struct profile_spec profile_spec_akenza = {
     .connect_id = akenza_connect_id,
     .connack_text = akenza_spec_connack_text,
     .diagnose_refused = akenza_diagnose_refused,
+    .section_parse = akenza_section_parse,
+    .section_free = akenza_section_free,
+    .section_equal = akenza_section_equal,
+    .client_id_from = "device",
 };

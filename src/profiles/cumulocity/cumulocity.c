@@ -32,6 +32,7 @@
 #include <jansson.h>
 
 #include "conf.h"
+#include "profiles/cumulocity/section.h"
 #include "jwt.h"
 #include "log.h"
 #include "measure.h"
@@ -75,7 +76,7 @@ static struct c8y *c8y_of(const struct profile_instance *pi)
 /* Is @child the gateway device itself (its data goes to plain s/us)? */
 static bool c8y_is_self(const struct profile_instance *pi, const char *child)
 {
-    return strcmp(child, pi->uc->cumulocity.device_id) == 0 ||
+    return strcmp(child, cumulocity_conf(pi->uc)->device_id) == 0 ||
            strcmp(child, pi->conf->gateway_id) == 0;
 }
 
@@ -165,7 +166,7 @@ static void c8y_timer_cb(uv_timer_t *timer)
         log_uplink(LOG_INFO, pi->uc->name,
                    "bootstrap: asked for device credentials on s/ucr (accept device \"%s\" in "
                    "Device management > Device registration)",
-                   pi->uc->cumulocity.device_id);
+                   cumulocity_conf(pi->uc)->device_id);
 }
 
 static void c8y_credentials_received(struct profile_instance *pi, const char *payload, size_t len)
@@ -220,7 +221,7 @@ static void c8y_credentials_received(struct profile_instance *pi, const char *pa
 
 static int c8y_new_cb(struct profile_instance *pi)
 {
-    const struct conf_cumulocity *cc = &pi->uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(pi->uc);
     struct c8y *c8y = calloc(1, sizeof(*c8y));
 
     if (!c8y)
@@ -364,7 +365,7 @@ static void c8y_token_received(struct profile_instance *pi, const char *line, si
 static void c8y_session_cb(struct profile_instance *pi, struct uplink_session *session)
 {
     const struct conf_uplink *uc = pi->uc;
-    const struct conf_cumulocity *cc = &uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(uc);
     struct c8y *c8y = c8y_of(pi);
 
     /* The same rule uplinkctl diagnose uses (profile_spec.h, spec.c). */
@@ -393,7 +394,7 @@ static void c8y_session_cb(struct profile_instance *pi, struct uplink_session *s
 
 static void c8y_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)
 {
-    const struct conf_cumulocity *cc = &pi->uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(pi->uc);
     char filter[PROFILE_TOPIC_MAX];
 
     if (c8y_of(pi)->bootstrapping) {
@@ -428,7 +429,7 @@ static void add_line(struct profile_instance *pi, struct profile_msgs *out, cons
 
 static void c8y_online_cb(struct profile_instance *pi, struct profile_msgs *first)
 {
-    const struct conf_cumulocity *cc = &pi->uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(pi->uc);
     struct c8y *c8y = c8y_of(pi);
 
     if (c8y->bootstrapping) {
@@ -475,7 +476,7 @@ static int c8y_up_cb(struct profile_instance *pi, const struct mapping_local *m,
                      const void *payload, size_t len, int qos, bool retain,
                      struct profile_msgs *out, const char **reason)
 {
-    const struct conf_cumulocity *cc = &pi->uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(pi->uc);
     struct smartrest_lines lines;
     char topic[PROFILE_TOPIC_MAX];
     char err[SMARTREST_ERR_LEN];
@@ -547,7 +548,7 @@ out:
 
 static const struct conf_c8y_child *child_rule(const struct profile_instance *pi, const char *child)
 {
-    const struct conf_cumulocity *cc = &pi->uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(pi->uc);
 
     for (size_t i = 0; i < cc->child_count; i++) {
         if (cc->children[i].match && fnmatch(cc->children[i].match, child, 0) == 0)
@@ -586,7 +587,7 @@ static int c8y_register_cb(struct profile_instance *pi, const char *child, struc
         if (rc < 0)
             return rc;
     }
-    up_topic(pi, parent ? parent : pi->uc->cumulocity.device_id, topic, sizeof(topic));
+    up_topic(pi, parent ? parent : cumulocity_conf(pi->uc)->device_id, topic, sizeof(topic));
     /* name: "{child}" stands for the child id. */
     const char *tmpl = rule && rule->name ? rule->name : "{child}";
     const char *at = strstr(tmpl, "{child}");
@@ -640,7 +641,7 @@ static void route_operation(struct profile_instance *pi, const char *topic, cons
 static void c8y_down_cb(struct profile_instance *pi, const char *topic, const void *payload,
                         size_t len, int qos, bool retain, struct profile_msgs *local)
 {
-    const struct conf_cumulocity *cc = &pi->uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(pi->uc);
     const char *line;
     size_t line_len, pos = 0;
     bool operations =

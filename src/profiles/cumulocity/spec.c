@@ -6,11 +6,12 @@
 #include <string.h>
 
 #include "conf.h"
+#include "profiles/cumulocity/section.h"
 #include "profile_spec.h"
 
 static void c8y_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out)
 {
-    const struct conf_cumulocity *cc = &uc->cumulocity;
+    const struct conf_cumulocity *cc = cumulocity_conf(uc);
 
     if (cc->template_id)
         snprintf(out->client_id, sizeof(out->client_id), "d:%s:%s", cc->device_id, cc->template_id);
@@ -76,4 +77,7 @@ const struct profile_spec profile_spec_cumulocity = {
     .connack_text = c8y_connack_text,
     .diagnose_refused = c8y_diagnose_refused,
     .child_check = c8y_child_check,
+    .section_parse = cumulocity_section_parse,
+    .section_free = cumulocity_section_free,
+    .section_equal = cumulocity_section_equal,
 };

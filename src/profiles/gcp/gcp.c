@@ -3,7 +3,7 @@
  *
  * Session: client id projects/<p>/locations/<r>/registries/<g>/devices/<d>,
  * user name ignored by the server ("unused"), password a JWT whose aud is
- * the project id (conf.c makes that the default auth.aud) and whose life is
+ * the project id (section.c makes that the default auth.aud) and whose life is
  * at most 24 h (jwt.h JWT_GCP_MAX_LIFETIME_S; the uplink rotates it).
  *
  * Topics ("Publishing over the MQTT bridge"), for the gateway and for each
@@ -50,6 +50,7 @@
 #include <openssl/crypto.h>
 
 #include "conf.h"
+#include "profiles/gcp/section.h"
 #include "json.h"
 #include "jwt.h"
 #include "keys.h"
@@ -230,7 +231,7 @@ static struct gcp *gcp_of(const struct profile_instance *pi)
 
 static bool is_self(const struct profile_instance *pi, const char *child)
 {
-    return pi->uc->gcp.device && strcmp(pi->uc->gcp.device, child) == 0;
+    return gcp_conf(pi->uc)->device && strcmp(gcp_conf(pi->uc)->device, child) == 0;
 }
 
 static struct gcp_child *child_find(struct gcp *gcp, const char *id)
@@ -402,7 +403,7 @@ static void child_unsubscribe(struct profile_instance *pi, struct gcp_child *chi
  * Returns 0, -ENAMETOOLONG (err set), -ENOMEM. */
 static int key_inputs(struct profile_instance *pi, struct gcp_child *child, struct gcp_key *key)
 {
-    const struct conf_gcp *cg = &pi->uc->gcp;
+    const struct conf_gcp *cg = gcp_conf(pi->uc);
     const struct conf_jwt *jwt = &pi->uc->auth.jwt;
     char path[sizeof(key->path)];
 
@@ -544,8 +545,8 @@ static void key_prepare(struct profile_instance *pi, struct gcp_child *child)
     struct gcp_key *key = &child->key;
     time_t now = time(NULL);
 
-    if (child->self || child->removed || pi->closing || !pi->uc->gcp.gateway ||
-        !pi->uc->gcp.child_key || key->busy)
+    if (child->self || child->removed || pi->closing || !gcp_conf(pi->uc)->gateway ||
+        !gcp_conf(pi->uc)->child_key || key->busy)
         return;
     if (key_inputs(pi, child, key) < 0) {
         key->status = -ENAMETOOLONG;
@@ -571,7 +572,7 @@ static int child_token(struct profile_instance *pi, struct gcp_child *child, cha
     int rc;
 
     *token = NULL;
-    if (!pi->uc->gcp.child_key)
+    if (!gcp_conf(pi->uc)->child_key)
         return 0;
     if (key->busy) {
         /* A job holds the cached key: sign with a copy of our own, once. */
@@ -674,7 +675,7 @@ static void known_load(struct profile_instance *pi)
         log_uplink(LOG_ERR, pi->uc->name, "out of memory: the attached children are not kept");
         return;
     }
-    if (!pi->uc->gcp.gateway)
+    if (!gcp_conf(pi->uc)->gateway)
         return;
     rc = util_read_file(gcp->known_path, GCP_KNOWN_FILE_MAX, &text, &len);
     if (rc == -ENOENT)
@@ -741,7 +742,7 @@ static int gcp_register_cb(struct profile_instance *pi, const char *id, struct p
     char *payload;
     int rc;
 
-    if (is_self(pi, id) || !pi->uc->gcp.gateway)
+    if (is_self(pi, id) || !gcp_conf(pi->uc)->gateway)
         return 0;
     /* An attachment lives as long as the connection: one made now would
      * fail, and gcp_online_cb attaches every recent child at the next
@@ -844,7 +845,7 @@ static void sweep_cb(uv_timer_t *timer)
         if (child->self)
             continue;
         if (!child->unrouted &&
-            (child->state_payload || now - child->used_ms < pi->uc->gcp.attach_idle_ms)) {
+            (child->state_payload || now - child->used_ms < gcp_conf(pi->uc)->attach_idle_ms)) {
             key_prepare(pi, child);
             continue;
         }
@@ -855,11 +856,11 @@ static void sweep_cb(uv_timer_t *timer)
             continue;
         if (child->unrouted)
             snprintf(why, sizeof(why), "%s",
-                     pi->uc->gcp.gateway ? "the routes no longer send it to this uplink"
-                                         : "gcp.gateway is false now");
+                     gcp_conf(pi->uc)->gateway ? "the routes no longer send it to this uplink"
+                                               : "gcp.gateway is false now");
         else
             snprintf(why, sizeof(why), "idle for %llu s",
-                     (unsigned long long)(pi->uc->gcp.attach_idle_ms / 1000));
+                     (unsigned long long)(gcp_conf(pi->uc)->attach_idle_ms / 1000));
         child_detach(pi, child, why);
     }
 }
@@ -867,7 +868,7 @@ static void sweep_cb(uv_timer_t *timer)
 static void sweep_start(struct profile_instance *pi)
 {
     struct gcp *gcp = gcp_of(pi);
-    uint64_t every = pi->uc->gcp.attach_idle_ms / 2, first;
+    uint64_t every = gcp_conf(pi->uc)->attach_idle_ms / 2, first;
     bool children = false, unrouted = false;
 
     if (!gcp->sweep_init)
@@ -879,7 +880,7 @@ static void sweep_start(struct profile_instance *pi)
     }
     /* Without gateway mode only children left over from before a reload
      * need it (to be detached). */
-    if (!pi->uc->gcp.gateway && !children)
+    if (!gcp_conf(pi->uc)->gateway && !children)
         return;
     if (every < GCP_SWEEP_MIN_MS)
         every = GCP_SWEEP_MIN_MS;
@@ -977,11 +978,12 @@ static int gcp_new_cb(struct profile_instance *pi)
     gcp->sweep_init = true;
     known_load(pi);
     sweep_start(pi);
-    if (pi->uc->gcp.gateway)
+    if (gcp_conf(pi->uc)->gateway)
         log_uplink(LOG_INFO, pi->uc->name,
                    "GCP gateway %s: children are attached on their first message and detached "
                    "after %llu s idle",
-                   pi->uc->gcp.device, (unsigned long long)(pi->uc->gcp.attach_idle_ms / 1000));
+                   gcp_conf(pi->uc)->device,
+                   (unsigned long long)(gcp_conf(pi->uc)->attach_idle_ms / 1000));
     return 0;
 }
 
@@ -1038,7 +1040,7 @@ static void gcp_reconfigure_cb(struct profile_instance *pi)
      * (key_inputs()). */
     for (struct gcp_child *child = gcp_of(pi)->children; child; child = child->next) {
         if (!child->self)
-            child->unrouted = !pi->uc->gcp.gateway || !child_routed(pi, child->id);
+            child->unrouted = !gcp_conf(pi->uc)->gateway || !child_routed(pi, child->id);
     }
     sweep_start(pi);
 }
@@ -1062,7 +1064,7 @@ static void gcp_online_cb(struct profile_instance *pi, struct profile_msgs *firs
     size_t count = 0;
 
     (void)first;
-    if (!pi->uc->gcp.gateway)
+    if (!gcp_conf(pi->uc)->gateway)
         return;
     /* Attachments died with the last connection: attach again every child
      * used within attach_idle, before any of their spooled data. */
@@ -1083,7 +1085,7 @@ static void gcp_online_cb(struct profile_instance *pi, struct profile_msgs *firs
 
 static void gcp_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)
 {
-    const char *device = pi->uc->gcp.device;
+    const char *device = gcp_conf(pi->uc)->device;
     char filter[PROFILE_TOPIC_MAX];
 
     if (!device)
@@ -1092,7 +1094,7 @@ static void gcp_subscriptions_cb(struct profile_instance *pi, struct profile_msg
     profile_msgs_add(filters, filter, NULL, 0, 1, false);
     snprintf(filter, sizeof(filter), "/devices/%s/commands/#", device);
     profile_msgs_add(filters, filter, NULL, 0, 1, false);
-    if (pi->uc->gcp.gateway) {
+    if (gcp_conf(pi->uc)->gateway) {
         snprintf(filter, sizeof(filter), "/devices/%s/errors", device);
         profile_msgs_add(filters, filter, NULL, 0, 0, false);
     }
@@ -1102,7 +1104,7 @@ static int gcp_up_cb(struct profile_instance *pi, const struct mapping_local *m,
                      const void *payload, size_t len, int qos, bool retain,
                      struct profile_msgs *out, const char **reason)
 {
-    const struct conf_gcp *cg = &pi->uc->gcp;
+    const struct conf_gcp *cg = gcp_conf(pi->uc);
     char topic[PROFILE_TOPIC_MAX];
     struct gcp_child *child;
     size_t max;

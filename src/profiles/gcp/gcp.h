@@ -1,4 +1,4 @@
-/* gcp.h - the pure rules of the gcp profile, for conf.c (config-time
+/* gcp.h - the pure rules of the gcp profile, for section.c (config-time
  * checks) and the unit tests. The profile itself is `profile_gcp` (gcp.c)
  * and `profile_spec_gcp` (spec.c).
  *

@@ -1,7 +1,7 @@
 /* rules.h - Google Cloud IoT Core's limits and device id rule, header
- * only: conf.c checks ids and sets the rate default with them at load
- * time, and both halves of the profile (spec.c, gcp.c) use them, without
- * conf.c depending on the profile's code.
+ * only: section.c checks ids and sets the rate default with them at load
+ * time, and both halves of the profile (spec.c, gcp.c) use them, so the
+ * pure half needs nothing of the daemon half.
  */
 #ifndef UPLINKD_PROFILES_GCP_RULES_H
 #define UPLINKD_PROFILES_GCP_RULES_H
@@ -23,7 +23,7 @@
  * gcp_id_check() - does @id follow GCP's device id rule
  * [a-zA-Z][-a-zA-Z0-9._+~%]{2,254} and not start with "goog"?
  * Returns NULL when it does, else a static reason in words.
- * Inline so conf.c, spec.c and gcp.c share one definition.
+ * Inline so section.c, spec.c and gcp.c share one definition.
  */
 static inline const char *gcp_id_check(const char *id)
 {

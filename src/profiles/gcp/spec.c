@@ -5,6 +5,7 @@
 #include <stdio.h>
 
 #include "conf.h"
+#include "profiles/gcp/section.h"
 #include "jwt.h"
 #include "profile_spec.h"
 #include "rules.h"
@@ -12,8 +13,8 @@
 static void gcp_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out)
 {
     snprintf(out->client_id, sizeof(out->client_id),
-             "projects/%s/locations/%s/registries/%s/devices/%s", uc->gcp.project, uc->gcp.region,
-             uc->gcp.registry, uc->gcp.device);
+             "projects/%s/locations/%s/registries/%s/devices/%s", gcp_conf(uc)->project,
+             gcp_conf(uc)->region, gcp_conf(uc)->registry, gcp_conf(uc)->device);
 }
 
 static const char *gcp_connack_text(const struct conf_uplink *uc, int rc)
@@ -37,8 +38,8 @@ static void gcp_diagnose_refused(const struct conf_uplink *uc, const char *clien
             "\"%s\"), %s must match a public key registered for device %s in registry %s "
             "(%s), exp at most 24 h after iat, and the clock right; the client id %s must name "
             "an existing device\n",
-            jwt->aud ? jwt->aud : "(none)", uc->gcp.project, jwt_alg_name(jwt->alg), uc->gcp.device,
-            uc->gcp.registry, uc->gcp.region, client_id);
+            jwt->aud ? jwt->aud : "(none)", gcp_conf(uc)->project, jwt_alg_name(jwt->alg),
+            gcp_conf(uc)->device, gcp_conf(uc)->registry, gcp_conf(uc)->region, client_id);
 }
 
 const struct profile_spec profile_spec_gcp = {
@@ -47,4 +48,9 @@ const struct profile_spec profile_spec_gcp = {
     .connack_text = gcp_connack_text,
     .diagnose_refused = gcp_diagnose_refused,
     .child_check = gcp_id_check,
+    .section_parse = gcp_section_parse,
+    .section_free = gcp_section_free,
+    .section_equal = gcp_section_equal,
+    .client_id_from = "project, region, registry and device",
+    .jwt_max_lifetime_s = JWT_GCP_MAX_LIFETIME_S,
 };

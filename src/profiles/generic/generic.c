@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "conf.h"
+#include "profiles/generic/section.h"
 #include "profile.h"
 
 #define CHILD_LEVEL "{child}"
@@ -168,7 +169,7 @@ static int generic_up_cb(struct profile_instance *pi, const struct mapping_local
                          const void *payload, size_t len, int qos, bool retain,
                          struct profile_msgs *out, const char **reason)
 {
-    const struct conf_generic *g = &pi->uc->generic;
+    const struct conf_generic *g = generic_conf(pi->uc);
     char topic[PROFILE_TOPIC_MAX];
     int n;
 
@@ -196,7 +197,7 @@ static int generic_up_cb(struct profile_instance *pi, const struct mapping_local
 
 static void generic_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)
 {
-    const struct conf_generic *g = &pi->uc->generic;
+    const struct conf_generic *g = generic_conf(pi->uc);
     char filter[PROFILE_TOPIC_MAX];
 
     if (g->down_count == 0) {
@@ -218,7 +219,7 @@ static void generic_subscriptions_cb(struct profile_instance *pi, struct profile
 static void generic_down_cb(struct profile_instance *pi, const char *topic, const void *payload,
                             size_t len, int qos, bool retain, struct profile_msgs *local)
 {
-    const struct conf_generic *g = &pi->uc->generic;
+    const struct conf_generic *g = generic_conf(pi->uc);
     const char *local_prefix = pi->conf->local.topic_prefix;
     char local_topic[PROFILE_TOPIC_MAX];
     int n;

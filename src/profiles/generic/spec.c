@@ -4,6 +4,7 @@
 #include <stddef.h>
 
 #include "conf.h"
+#include "profiles/generic/section.h"
 #include "profile_spec.h"
 
 /* Managed brokers (HiveMQ Cloud, AWS IoT) answer a client they will not
@@ -22,4 +23,7 @@ static const char *generic_connack_text(const struct conf_uplink *uc, int rc)
 const struct profile_spec profile_spec_generic = {
     .name = "generic",
     .connack_text = generic_connack_text,
+    .section_parse = generic_section_parse,
+    .section_free = generic_section_free,
+    .jwt_aud_required = true,
 };
