@@ -1299,11 +1299,38 @@ static int session_take_identity(struct local_session *session, const struct loc
     return 0;
 }
 
+/* Who a session or client is, for the log: "user alice", "uid 1001" or "an
+ * unidentified peer". */
+static void identity_describe(const struct access_identity *id, char *buf, size_t size)
+{
+    if (id->username)
+        snprintf(buf, size, "user %s", id->username);
+    else if (id->has_cred)
+        snprintf(buf, size, "uid %lu", (unsigned long)id->uid);
+    else
+        snprintf(buf, size, "an unidentified peer");
+}
+
+/* The same local identity: the same authenticated user, or without one the
+ * same known uid (or both unidentified). Groups may change between
+ * connections; the identity does not. */
+static bool identity_same(const struct access_identity *a, const struct access_identity *b)
+{
+    if ((a->username == NULL) != (b->username == NULL))
+        return false;
+    if (a->username)
+        return strcmp(a->username, b->username) == 0;
+    return a->has_cred == b->has_cred && (!a->has_cred || a->uid == b->uid);
+}
+
 /*
  * CONNECT accepted: give @client its session (§3.1.2.4). A clean CONNECT
  * discards any previous session of that id; a persistent one resumes the
- * previous persistent session (*present = true) or starts a new one. Any
- * other connection with this id has already been closed (takeover).
+ * previous persistent session (*present = true) or starts a new one. A
+ * persistent session never changes hands: one left by another identity is
+ * discarded, as its subscriptions were granted by local.acl to that
+ * identity and its queue holds what that identity may read. Any other
+ * connection with this id has already been closed (takeover).
  * Returns 0, -ENOMEM or -EUSERS (too many sessions).
  */
 static int session_attach(struct local_client *client, bool clean, bool *present)
@@ -1311,8 +1338,20 @@ static int session_attach(struct local_client *client, bool clean, bool *present
     struct local *local = client->local;
     struct local_session *session = session_find(local, client->id);
 
+    bool discard = clean, handed_over = false;
+
     *present = false;
-    if (session && (clean || session->clean)) {
+    if (session && !clean && !session->clean &&
+        !identity_same(&session->identity, &client->identity)) {
+        char was[160], now[160];
+        identity_describe(&session->identity, was, sizeof(was));
+        identity_describe(&client->identity, now, sizeof(now));
+        log_notice(SESSION_FMT ": discarding the persistent session of %s: this CONNECT is "
+                               "from %s, and a session never changes hands",
+                   SESSION_ARGS(session), was, now);
+        discard = handed_over = true; /* below, like one a clean CONNECT ends */
+    }
+    if (session && (discard || session->clean)) {
         /* Discarded. Still referenced by a closing connection? Then that
          * connection's client_finish() frees it (marked clean, unlinked). */
         bool referenced = false;
@@ -1322,7 +1361,7 @@ static int session_attach(struct local_client *client, bool clean, bool *present
         if (referenced) {
             session->clean = true;
         } else {
-            if (!session->clean)
+            if (!session->clean && !handed_over)
                 log_info(SESSION_FMT ": discarding the persistent session (clean session 1, "
                                      "§3.1.2.4)",
                          SESSION_ARGS(session));

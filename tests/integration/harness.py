@@ -951,6 +951,7 @@ class MqttClient:
             if rc == 0:
                 self._connected = True
                 self.connects += 1
+                self.session_present = bool(flags.get("session present"))
             self.connect_rc = rc
             self._cond.notify_all()
 

@@ -454,6 +454,41 @@ def test_password_auth_tcp(hx):
     bob.wait("users/bob/y", "unix")
 
 
+def test_persistent_session_never_changes_hands(hx):
+    """A clean-session-0 session left by alice is not resumed by bob with the same
+    client id: its subscription was granted to alice (local.acl), its queue is hers."""
+    path = make_passwd(hx, {"alice": "a-secret", "bob": "b-secret"})
+    conf = acl_config(hx, [{"user": "alice", "publish": ["users/%u/#"],
+                            "subscribe": ["users/%u/#"]},
+                           {"user": "bob", "publish": ["users/%u/#"],
+                            "subscribe": ["users/%u/#"]},
+                           {"uid": 0, "publish": ["users/bob/sync"]}],
+                      password_file=path)
+    d = hx.uplinkd(conf)
+    port = h.local_tcp_port(conf)
+    alice = dict(username="alice", password="a-secret")
+    first = hx.client("127.0.0.1", port, client_id="shared", clean_session=False, **alice)
+    first.subscribe("users/alice/#")
+    first.close()
+    # Alice herself resumes it: the control case.
+    again = hx.client("127.0.0.1", port, client_id="shared", clean_session=False, **alice)
+    assert again.session_present
+    again.close()
+
+    bob = hx.client("127.0.0.1", port, client_id="shared", clean_session=False,
+                    username="bob", password="b-secret")
+    assert not bob.session_present
+    d.wait_log(r"session shared: discarding the persistent session of user alice: this "
+               r"CONNECT is from user bob, and a session never changes hands")
+    bob.subscribe("users/bob/#")
+    writer = hx.client("127.0.0.1", port, **alice)
+    writer.publish("users/alice/x", "private")
+    h.mosquitto_pub("--unix", h.local_unix_path(conf), "-t", "users/bob/sync", "-m", "sync",
+                    "-q", "1")
+    bob.wait("users/bob/sync", "sync")  # delivered after alice's message, in order
+    assert bob.received("users/alice/x") == []
+
+
 def test_plaintext_password_file_refused(hx):
     path = os.path.join(hx.dir, "plain.passwd")
     with open(path, "w") as f:
