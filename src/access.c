@@ -237,6 +237,15 @@ void access_identity_describe(const struct access_identity *id, char *buf, size_
         snprintf(buf, size, "anonymous");
 }
 
+bool access_identity_same(const struct access_identity *a, const struct access_identity *b)
+{
+    if ((a->username == NULL) != (b->username == NULL))
+        return false;
+    if (a->username)
+        return strcmp(a->username, b->username) == 0;
+    return a->has_cred == b->has_cred && (!a->has_cred || a->uid == b->uid);
+}
+
 /* --- passwords ------------------------------------------------------------------- */
 
 /* Standard base64 (RFC 4648 §4) with padding into @out (at most @max bytes).

@@ -272,4 +272,12 @@ int access_acl_check(const struct conf_local *local, const struct access_identit
  */
 void access_identity_describe(const struct access_identity *id, char *buf, size_t size);
 
+/**
+ * access_identity_same() - the same local identity: the same authenticated
+ * username, or without one the same known uid (or both unidentified).
+ * Groups, gid and pid may change between connections; the identity does
+ * not. A persistent session is resumed only by the same identity.
+ */
+bool access_identity_same(const struct access_identity *a, const struct access_identity *b);
+
 #endif

@@ -644,7 +644,10 @@ int conf_get_absolute_path(struct conf_loader *ld, const yaml_node_t *node, cons
     return 0;
 }
 
-int conf_resolve_path(struct conf_loader *ld, const char *text, char **out)
+/* Relative paths are taken relative to the configuration file's directory,
+ * not the working directory: under systemd that is "/", which is never what
+ * "certs/ca.pem" meant. */
+static int conf_resolve_path(struct conf_loader *ld, const char *text, char **out)
 {
     size_t len;
 

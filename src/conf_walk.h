@@ -158,11 +158,6 @@ int conf_get_mode(struct conf_loader *ld, const yaml_node_t *node, const char *k
 int conf_get_absolute_path(struct conf_loader *ld, const yaml_node_t *node, const char *key,
                            const char *what, size_t max_len, char **dst);
 
-/* Relative paths are taken relative to the configuration file's directory,
- * not the working directory: under systemd that is "/", which is never what
- * "certs/ca.pem" meant. */
-int conf_resolve_path(struct conf_loader *ld, const char *text, char **out);
-
 /* "FILE:LINE:COL" of @node, malloc'd into *@dst (for messages written after
  * loading: tlscheck). */
 void conf_set_where(struct conf_loader *ld, const yaml_node_t *node, char **dst);

@@ -990,7 +990,7 @@ static void explain_connack(int code, const struct conf_uplink *uplink, const ch
 static void explain_connack_profile(int code, const struct conf_uplink *uplink,
                                     const char *client_id, FILE *out)
 {
-    const struct profile_spec *spec = profile_spec_find(uplink->profile);
+    const struct profile_spec *spec = uplink->spec; /* set by conf_load() */
 
     if (code != MQTT_CONNACK_BAD_CREDENTIALS && code != MQTT_CONNACK_NOT_AUTHORIZED)
         return;

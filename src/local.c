@@ -1299,30 +1299,6 @@ static int session_take_identity(struct local_session *session, const struct loc
     return 0;
 }
 
-/* Who a session or client is, for the log: "user alice", "uid 1001" or "an
- * unidentified peer". */
-static void identity_describe(const struct access_identity *id, char *buf, size_t size)
-{
-    if (id->username)
-        snprintf(buf, size, "user %s", id->username);
-    else if (id->has_cred)
-        snprintf(buf, size, "uid %lu", (unsigned long)id->uid);
-    else
-        snprintf(buf, size, "an unidentified peer");
-}
-
-/* The same local identity: the same authenticated user, or without one the
- * same known uid (or both unidentified). Groups may change between
- * connections; the identity does not. */
-static bool identity_same(const struct access_identity *a, const struct access_identity *b)
-{
-    if ((a->username == NULL) != (b->username == NULL))
-        return false;
-    if (a->username)
-        return strcmp(a->username, b->username) == 0;
-    return a->has_cred == b->has_cred && (!a->has_cred || a->uid == b->uid);
-}
-
 /*
  * CONNECT accepted: give @client its session (§3.1.2.4). A clean CONNECT
  * discards any previous session of that id; a persistent one resumes the
@@ -1337,15 +1313,14 @@ static int session_attach(struct local_client *client, bool clean, bool *present
 {
     struct local *local = client->local;
     struct local_session *session = session_find(local, client->id);
-
     bool discard = clean, handed_over = false;
 
     *present = false;
     if (session && !clean && !session->clean &&
-        !identity_same(&session->identity, &client->identity)) {
+        !access_identity_same(&session->identity, &client->identity)) {
         char was[160], now[160];
-        identity_describe(&session->identity, was, sizeof(was));
-        identity_describe(&client->identity, now, sizeof(now));
+        access_identity_describe(&session->identity, was, sizeof(was));
+        access_identity_describe(&client->identity, now, sizeof(now));
         log_notice(SESSION_FMT ": discarding the persistent session of %s: this CONNECT is "
                                "from %s, and a session never changes hands",
                    SESSION_ARGS(session), was, now);

@@ -46,6 +46,15 @@ void profile_msgs_deinit(struct profile_msgs *msgs)
     profile_msgs_init(msgs);
 }
 
+int profile_topic_result(int n, size_t cap, const char **reason)
+{
+    if (n < 0 || (size_t)n >= cap) {
+        *reason = "the cloud topic would be longer than 1024 bytes";
+        return -ENAMETOOLONG;
+    }
+    return n;
+}
+
 int profile_msgs_add(struct profile_msgs *msgs, const char *topic, const void *payload, size_t len,
                      int qos, bool retain)
 {

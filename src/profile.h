@@ -77,6 +77,13 @@ void profile_msgs_init(struct profile_msgs *msgs);
 void profile_msgs_deinit(struct profile_msgs *msgs);
 
 /**
+ * profile_topic_result() - the end of building a cloud topic with
+ * snprintf(3): @n (its return) when the topic fit into @cap bytes, else
+ * -ENAMETOOLONG with *@reason saying so.
+ */
+int profile_topic_result(int n, size_t cap, const char **reason);
+
+/**
  * profile_msgs_add() - append a copy of @topic and @payload (@len bytes).
  * Returns 0 or -ENOMEM (then msgs->failed is set).
  */

@@ -449,7 +449,7 @@ static void maybe_commit(struct spool *spool)
     uint64_t now, age;
 
     if (spool->opts.durability != SPOOL_DURABLE || spool->commit ||
-        (sm_state(&spool->sm) == SPOOL_CLOSED))
+        sm_state(&spool->sm) == SPOOL_CLOSED)
         return;
     bool data = spool->fill_bytes > 0;
     bool meta = spool->acked_seq != spool->persisted_seq || spool->unlink_count > 0;

@@ -299,8 +299,11 @@ struct uplink_control {
 /* The uplink's state table (enum uplink_state) and its invariant. */
 extern const struct sm_conf uplink_sm;
 
-/* The current state. */
-enum uplink_state uplink_state_of(const struct uplink *uplink);
+/* The current state (read on every send: inline). */
+static inline enum uplink_state uplink_state_of(const struct uplink *uplink)
+{
+    return (enum uplink_state)sm_state(&uplink->sm);
+}
 
 /* Move to @to (checked against uplink_states, logged with the reason @fmt);
  * returns 0, or -EINVAL for a move the table forbids (a bug, logged). */

@@ -82,11 +82,6 @@ const struct sm_conf uplink_sm = {
     .invariant = uplink_sm_invariant,
 };
 
-enum uplink_state uplink_state_of(const struct uplink *uplink)
-{
-    return (enum uplink_state)sm_state(&uplink->sm);
-}
-
 const char *uplink_state_name(enum uplink_state state)
 {
     return sm_state_name(&uplink_sm, (unsigned)state);

@@ -478,8 +478,9 @@ def test_persistent_session_never_changes_hands(hx):
     bob = hx.client("127.0.0.1", port, client_id="shared", clean_session=False,
                     username="bob", password="b-secret")
     assert not bob.session_present
-    d.wait_log(r"session shared: discarding the persistent session of user alice: this "
-               r"CONNECT is from user bob, and a session never changes hands")
+    d.wait_log(r"session shared: discarding the persistent session of uid 0 \(tcp\) user "
+               r"alice: this CONNECT is from uid 0 \(tcp\) user bob, and a session never "
+               r"changes hands")
     bob.subscribe("users/bob/#")
     writer = hx.client("127.0.0.1", port, **alice)
     writer.publish("users/alice/x", "private")

@@ -685,9 +685,32 @@ static void test_tcp_peer_identity(void **state)
     }
 }
 
+/* Who may resume a persistent session (local.c session_attach). */
+static void test_identity_same(void **state)
+{
+    struct access_identity alice = {.has_cred = true, .uid = 0, .gid = 0, .username = "alice"};
+    struct access_identity alice2 = {
+        .has_cred = true, .uid = 0, .gid = 5, .pid = 9, .username = "alice"};
+    struct access_identity bob = {.has_cred = true, .uid = 0, .username = "bob"};
+    struct access_identity uid1001 = {.has_cred = true, .uid = 1001};
+    struct access_identity uid1001b = {.has_cred = true, .uid = 1001, .gid = 7, .pid = 3};
+    struct access_identity uid1002 = {.has_cred = true, .uid = 1002};
+    struct access_identity nobody = {0}, nobody2 = {0};
+
+    (void)state;
+    assert_true(access_identity_same(&alice, &alice2)); /* gid and pid do not count */
+    assert_false(access_identity_same(&alice, &bob));   /* same uid, other user */
+    assert_false(access_identity_same(&alice, &uid1001));
+    assert_true(access_identity_same(&uid1001, &uid1001b));
+    assert_false(access_identity_same(&uid1001, &uid1002));
+    assert_false(access_identity_same(&uid1001, &nobody));
+    assert_true(access_identity_same(&nobody, &nobody2));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_identity_same),
         cmocka_unit_test(test_passwd_known_vector),
         cmocka_unit_test(test_passwd_refused),
         cmocka_unit_test(test_passwd_line_roundtrip),

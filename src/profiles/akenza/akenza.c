@@ -74,11 +74,7 @@ int akenza_up_topic(const struct mapping_local *m, char *buf, size_t cap, const 
         *reason = "the akenza profile carries the telemetry and state channels only";
         return -EINVAL;
     }
-    if (n < 0 || (size_t)n >= cap) {
-        *reason = "the cloud topic would be longer than 1024 bytes";
-        return -ENAMETOOLONG;
-    }
-    return n;
+    return profile_topic_result(n, cap, reason);
 }
 
 int akenza_down_topic(const char *local_prefix, const char *topic, char *buf, size_t cap,

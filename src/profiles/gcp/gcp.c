@@ -91,11 +91,7 @@ int gcp_up_topic(const struct mapping_local *m, char *buf, size_t cap, const cha
         *reason = "the gcp profile carries the telemetry and state channels only";
         return -EINVAL;
     }
-    if (n < 0 || (size_t)n >= cap) {
-        *reason = "the cloud topic would be longer than 1024 bytes";
-        return -ENAMETOOLONG;
-    }
-    return n;
+    return profile_topic_result(n, cap, reason);
 }
 
 enum gcp_down_kind gcp_down_parse(const char *topic, char *id, const char **sub)
