@@ -75,9 +75,7 @@ static size_t uplink_batch_take(struct uplink *uplink, const struct spool_record
     *payload = first->payload;
     *len = first->len;
     *last_seq = first->seq;
-    if (!uplink->hooks.batch_cb)
-        return 1;
-    sep = uplink->hooks.batch_cb(uplink->hooks.arg, uplink, uplink->topic_buf, &max_packet);
+    sep = uplink_ask_batch(uplink, uplink->topic_buf, &max_packet);
     if (!sep)
         return 1;
     if (!max_packet || max_packet > UPLINK_BATCH_MAX_BYTES)
