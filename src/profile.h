@@ -225,7 +225,7 @@ struct profile {
      * joined by "\n" while the whole PUBLISH stays within
      * limits.max_packet)? Returns the separator to put between payloads (a
      * static string), or NULL when records must go one by one. The uplink
-     * asks through uplink_hooks.batch_cb (router_uplink_batch_cb) and joins
+     * asks through profile_instance_batch() (uplink_ask.c) and joins
      * only records already queued (uplink.c, uplink_batch_take). */
     const char *(*batch_separator_cb)(const struct profile_instance *pi, const char *topic);
 

@@ -44,7 +44,7 @@
  * a time (the same number is libmosquitto's send quota, so libmosquitto never
  * holds back a message we count as sent), within the rate limit. A record
  * leaves the spool only on on_publish() (PUBACK) for its mid (spool_ack).
- * When the profile allows it (uplink_hooks.batch_cb, Cumulocity SmartREST)
+ * When the profile allows it (batch_separator_cb, Cumulocity SmartREST)
  * a run of records already queued for one topic goes out as one PUBLISH;
  * its PUBACK then releases them all (uplink_batch_take, spool_ack_range).
  * QoS 0 messages go straight to libmosquitto while ONLINE; offline they are

@@ -100,7 +100,7 @@ int uplink_open_spool(struct uplink *uplink, const char *state_dir);
  */
 int uplink_open_spool_dir(struct uplink *uplink, const char *dir);
 
-/* Joined publishes (uplink_hooks.batch_cb): at most this many records, and
+/* Joined publishes (its profile's batch_separator_cb): at most this many records, and
  * this many bytes when the hook states no packet limit. */
 #define UPLINK_BATCH_MAX_RECORDS 64
 #define UPLINK_BATCH_MAX_BYTES   (64 * 1024)
