@@ -343,8 +343,8 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
 
 /* ---- uplinks ---------------------------------------------------------------- */
 
-/* The uplinks' hooks go straight to the router (arg: &d->router), which
- * hands the profile's questions to the profile instance. Only a state
+/* An uplink owns its profile instance and asks it itself; its hooks are
+ * the router's (arg: &d->router): cloud messages and state changes. A state
  * change also concerns the daemon: its sd_notify status line. */
 static void uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state state)
 {
@@ -354,19 +354,15 @@ static void uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state 
     notify_status(d);
 }
 
-static int uplink_create(struct daemon *d, const char *gateway_id, const struct conf_uplink *uc,
+static int uplink_create(struct daemon *d, const struct conf *conf, const struct conf_uplink *uc,
                          struct uplink **out)
 {
     const struct uplink_hooks hooks = {
-        .session_cb = router_uplink_session_cb,
-        .online_cb = router_uplink_online_cb,
-        .connack_text_cb = router_uplink_connack_text_cb,
-        .batch_cb = router_uplink_batch_cb,
         .message_cb = router_uplink_message_cb,
         .state_cb = uplink_state_cb,
         .arg = &d->router,
     };
-    int rc = uplink_new(d->loop, uc, gateway_id, &hooks, out);
+    int rc = uplink_new(d->loop, uc, conf->gateway_id, &hooks, out);
     if (rc < 0) {
         log_uplink(LOG_ERR, uc->name, "cannot create the uplink: %s", strerror(-rc));
         return rc;
@@ -374,6 +370,8 @@ static int uplink_create(struct daemon *d, const char *gateway_id, const struct 
     /* Spool recovery runs here, before READY=1 (DESIGN.md). Without its
      * spool the uplink cannot keep the durability promise: fatal. */
     rc = uplink_open_spool(*out, d->conf->state_dir);
+    if (rc == 0)
+        rc = router_attach_uplink(&d->router, conf, *out); /* its profile, before it connects */
     if (rc < 0) {
         uplink_free(*out);
         *out = NULL;
@@ -472,7 +470,6 @@ static void daemon_stop(struct daemon *d, const char *why)
     local_stop_accepting(d->local);
     ctl_close(d->ctl);
     d->ctl = NULL;
-    router_close_profiles(&d->router); /* their timers (Cumulocity bootstrap) */
     /* The uplinks get shutdown_timeout to drain their in-flight publishes;
      * the backstop timer only fires if a close callback never comes. */
     uv_timer_init(d->loop, &d->shutdown_timer);
@@ -607,7 +604,7 @@ static void daemon_reload(struct daemon *d)
             continue;
         }
         log_uplink(LOG_NOTICE, uc->name, "added by reload");
-        if (uplink_create(d, next->gateway_id, uc, &uplinks[i]) < 0)
+        if (uplink_create(d, next, uc, &uplinks[i]) < 0)
             continue;
         fresh[fresh_count++] = uplinks[i];
     }
@@ -749,8 +746,7 @@ static int daemon_start(struct daemon *d)
     if (d->uplinks == NULL)
         return -ENOMEM;
     for (size_t i = 0; i < d->conf->uplink_count; i++) {
-        rc = uplink_create(d, d->conf->gateway_id, &d->conf->uplinks[i],
-                           &d->uplinks[d->uplink_count]);
+        rc = uplink_create(d, d->conf, &d->conf->uplinks[i], &d->uplinks[d->uplink_count]);
         if (rc < 0)
             return rc;
         d->uplink_count++;

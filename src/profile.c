@@ -1,6 +1,7 @@
-/* profile.c - the profile registry and what every profile shares
- * (see profile.h): instances, child registration, on-connect messages,
- * subscriptions. */
+/* profile.c - what every profile shares (see profile.h): instances, child
+ * registration, on-connect messages, subscriptions. It reaches the uplink
+ * only through the instance's port (pi->port); the list of profiles is
+ * profile_table.c. */
 #include "profile.h"
 
 #include <errno.h>
@@ -13,21 +14,6 @@
 #include "json.h"
 #include "log.h"
 #include "registry.h"
-#include "uplink.h"
-
-/* One entry per PROFILE_LIST name (src/profiles/meson.build). */
-#define PROFILE_ENTRY(name) &profile_##name,
-static const struct profile *const profiles[] = {PROFILE_LIST(PROFILE_ENTRY)};
-#undef PROFILE_ENTRY
-
-const struct profile *profile_find(const char *name)
-{
-    for (size_t i = 0; i < sizeof(profiles) / sizeof(profiles[0]); i++) {
-        if (strcmp(profiles[i]->name, name) == 0)
-            return profiles[i];
-    }
-    return NULL;
-}
 
 /* --- message lists ---------------------------------------------------------- */
 
@@ -147,7 +133,7 @@ static void registration_done_cb(void *arg, int status)
     pending_unlink(pending);
     if (!pi->closing) {
         if (pending->status == 0) {
-            log_child(LOG_INFO, uplink_name(pi->uplink), pending->child,
+            log_child(LOG_INFO, pi->uc->name, pending->child,
                       "registration acknowledged by the cloud");
             registry_set(pi->registry, pending->child, REGISTRY_DONE, pending->persist);
         } else if (pending->status != -ECANCELED) {
@@ -198,17 +184,17 @@ static int register_queue(struct profile_instance *pi, const char *child, const 
         const struct profile_msg *msg = &msgs.msg[i];
         unsigned flags = (how.wait_ack ? UPLINK_CONTROL_GATE : 0) |
                          (how.per_connection ? UPLINK_CONTROL_CONNECTION : 0);
-        int qrc = uplink_publish_control(pi->uplink, msg->topic, msg->payload, msg->len,
-                                         msg->qos ? 1 : 0, flags, registration_done_cb, pending);
+        int qrc = pi->port->send_first(pi->uplink, msg->topic, msg->payload, msg->len,
+                                       msg->qos ? 1 : 0, flags, registration_done_cb, pending);
         if (qrc < 0) {
-            log_child(LOG_WARNING, uplink_name(pi->uplink), child,
+            log_child(LOG_WARNING, pi->uc->name, child,
                       "cannot queue the registration on \"%s\": %s", msg->topic, strerror(-qrc));
             if (pending->status == 0)
                 pending->status = qrc;
             continue;
         }
         pending->outstanding++;
-        log_child(LOG_INFO, uplink_name(pi->uplink), child, "registering: \"%s\" on %s",
+        log_child(LOG_INFO, pi->uc->name, child, "registering: \"%s\" on %s",
                   (const char *)msg->payload, msg->topic);
     }
     registration_done_cb(pending, 0); /* drop ours */
@@ -242,12 +228,12 @@ static int registry_path(const struct conf *conf, const struct conf_uplink *uc, 
 }
 
 int profile_instance_new(uv_loop_t *loop, const struct conf *conf, const struct conf_uplink *uc,
-                         struct uplink *uplink, struct profile_instance **out)
+                         const struct profile *profile, struct uplink *uplink,
+                         const struct profile_port *port, struct profile_instance **out)
 {
     struct profile_instance_full *full;
     struct profile_instance *pi;
-    const struct profile *profile = profile_find(uc->profile ? uc->profile : "generic");
-    const struct profile_spec *spec = profile_spec_find(uc->profile);
+    const struct profile_spec *spec = profile ? profile_spec_find(profile->name) : NULL;
     char path[4096];
     int rc;
 
@@ -261,6 +247,7 @@ int profile_instance_new(uv_loop_t *loop, const struct conf *conf, const struct 
     pi->spec = spec;
     pi->loop = loop;
     pi->uplink = uplink;
+    pi->port = port;
     pi->conf = conf;
     pi->uc = uc;
     profile_msgs_init(&full->shared.subscribed);
@@ -324,6 +311,7 @@ void profile_instance_reconfigure(struct profile_instance *pi, const struct conf
 
 void profile_instance_closed(struct profile_instance *pi)
 {
+    pi->closed = true;
     if (pi->closed_cb)
         pi->closed_cb(pi);
 }
@@ -368,22 +356,45 @@ void profile_instance_online(struct profile_instance *pi)
     pi->profile->online_cb(pi, &first);
     for (size_t i = 0; i < first.count; i++) {
         const struct profile_msg *msg = &first.msg[i];
-        int rc = uplink_publish_control(
+        int rc = pi->port->send_first(
             pi->uplink, msg->topic, msg->payload, msg->len, msg->qos ? 1 : 0,
             UPLINK_CONTROL_CONNECTION | UPLINK_CONTROL_GATE | UPLINK_CONTROL_FRONT, NULL, NULL);
         if (rc < 0)
-            log_uplink(LOG_WARNING, uplink_name(pi->uplink),
-                       "cannot queue the start-up message on \"%s\": %s", msg->topic,
-                       strerror(-rc));
+            log_uplink(LOG_WARNING, pi->uc->name, "cannot queue the start-up message on \"%s\": %s",
+                       msg->topic, strerror(-rc));
     }
     if (first.failed)
-        log_uplink(LOG_ERR, uplink_name(pi->uplink), "out of memory building start-up messages");
+        log_uplink(LOG_ERR, pi->uc->name, "out of memory building start-up messages");
     profile_msgs_deinit(&first);
 }
 
 void profile_instance_offline(struct profile_instance *pi)
 {
     registry_forget_volatile(pi->registry);
+}
+
+void profile_instance_session(struct profile_instance *pi, struct uplink_session *session)
+{
+    if (!pi->closing && pi->profile->session_cb)
+        pi->profile->session_cb(pi, session);
+}
+
+const char *profile_instance_connack_text(const struct profile_instance *pi, int rc)
+{
+    return pi->spec->connack_text ? pi->spec->connack_text(pi->uc, rc) : NULL;
+}
+
+const char *profile_instance_batch(const struct profile_instance *pi, const char *topic,
+                                   size_t *max_packet)
+{
+    const char *separator;
+
+    if (!pi->profile->batch_separator_cb)
+        return NULL;
+    separator = pi->profile->batch_separator_cb(pi, topic);
+    if (separator)
+        *max_packet = pi->profile->limits.max_packet;
+    return separator;
 }
 
 static bool msgs_has_topic(const struct profile_msgs *msgs, const char *topic, int qos)
@@ -405,23 +416,23 @@ void profile_instance_subscribe(struct profile_instance *pi)
     if (pi->profile->subscriptions_cb && !pi->closing)
         pi->profile->subscriptions_cb(pi, &wanted);
     if (wanted.failed) {
-        log_uplink(LOG_ERR, uplink_name(pi->uplink), "out of memory listing subscriptions");
+        log_uplink(LOG_ERR, pi->uc->name, "out of memory listing subscriptions");
         profile_msgs_deinit(&wanted);
         return;
     }
     for (size_t i = 0; i < shared->subscribed.count; i++) {
         const char *filter = shared->subscribed.msg[i].topic;
         if (!msgs_has_topic(&wanted, filter, -1))
-            uplink_unsubscribe(pi->uplink, filter);
+            pi->port->unsubscribe(pi->uplink, filter);
     }
     for (size_t i = 0; i < wanted.count; i++) {
         const struct profile_msg *msg = &wanted.msg[i];
         if (msgs_has_topic(&shared->subscribed, msg->topic, msg->qos))
             continue;
-        int rc = uplink_subscribe(pi->uplink, msg->topic, msg->qos);
+        int rc = pi->port->subscribe(pi->uplink, msg->topic, msg->qos);
         if (rc < 0)
-            log_uplink(LOG_ERR, uplink_name(pi->uplink), "cannot subscribe to \"%s\": %s",
-                       msg->topic, strerror(-rc));
+            log_uplink(LOG_ERR, pi->uc->name, "cannot subscribe to \"%s\": %s", msg->topic,
+                       strerror(-rc));
     }
     profile_msgs_deinit(&shared->subscribed);
     shared->subscribed = wanted;

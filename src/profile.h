@@ -14,12 +14,19 @@
  * hints) is the folder's `struct profile_spec`. The router (router.c) only
  * dispatches through the table; it never asks which cloud it is talking to.
  *
- * Lifetime: the router creates one struct profile_instance per uplink
- * (profile_instance_new(), the first time it meets the uplink) and frees it
- * when the uplink goes away (profile_instance_close(), asynchronous because a
- * profile may own libuv handles such as a bootstrap timer). The instance
- * points to the live conf; a reload updates the pointers
- * (profile_instance_reconfigure()) before the next callback runs.
+ * Lifetime: every uplink owns one struct profile_instance
+ * (uplink_set_profile(): profile_instance_new() before the uplink starts);
+ * the uplink asks it for each session, CONNACK text, batch and on-connect
+ * messages, and the profile asks the uplink for what it sends itself only
+ * through the instance's port (struct profile_port). The router reaches the
+ * instance through uplink_profile() for up_cb and down_cb. A reload that
+ * changes the profile retires the old instance (closed at once, freed with
+ * the uplink, because queued registrations still point at it); stopping
+ * the uplink closes its instances (profile_instance_close(), asynchronous
+ * because a profile may own libuv handles such as a bootstrap timer or
+ * per-device sessions), and the uplink is STOPPED only once they are
+ * closed. The instance points to the live conf; a reload updates the
+ * pointers (profile_instance_reconfigure()) before the next callback runs.
  *
  * Threading: everything runs on the loop thread.
  */
@@ -36,6 +43,7 @@
 #include "conf.h"
 #include "mapping.h"
 #include "profile_spec.h" /* the pure half: descriptors, PROFILE_LIST */
+#include "uplink_types.h" /* states, sessions, hooks, stats: words shared with the uplink */
 
 struct conf;
 struct conf_uplink;
@@ -109,6 +117,47 @@ struct profile_registration {
 
 struct profile_instance;
 
+/*
+ * The port: all that a profile may ask of an uplink. The uplink that owns
+ * the instance fills it (uplink_profile.c) and calls the instance; the
+ * profile never calls uplink.h itself, so the two do not depend on each
+ * other in a circle. Its own uplink (pi->uplink, first argument):
+ *   send_first  - a message ahead of the spool: registration, start-up,
+ *                 bootstrap (uplink_publish_control() semantics and flags);
+ *   publish     - a message through the spool (GCP device state);
+ *   subscribe / unsubscribe - a cloud filter, re-sent after every reconnect;
+ *   reconnect   - drop the connection and connect again at once (new
+ *                 credentials); state / stats - what it is doing.
+ * Per-device sessions (akenza; Azure and AWS things next): a session of its
+ * own per child is an uplink without a profile, driven by @hooks that the
+ * profile passes; the profile owns it from session_new to session_free:
+ *   session_new (+ session_open_spool before session_start), session_stop
+ *   (graceful, @done_cb once closed), session_free, session_reconfigure,
+ *   and subscribe/state/stats as for its own uplink.
+ * Every function runs on the loop thread; returns as uplink.h documents.
+ */
+struct profile_port {
+    int (*send_first)(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                      int qos, unsigned flags, void (*done_cb)(void *arg, int status), void *arg);
+    int (*publish)(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                   int qos, bool retain);
+    int (*subscribe)(struct uplink *uplink, const char *filter, int qos);
+    int (*unsubscribe)(struct uplink *uplink, const char *filter);
+    void (*reconnect)(struct uplink *uplink, const char *reason);
+    enum uplink_state (*state)(const struct uplink *uplink);
+    const char *(*state_name)(enum uplink_state state);
+    void (*stats)(const struct uplink *uplink, struct uplink_stats *out);
+
+    int (*session_new)(uv_loop_t *loop, const struct conf_uplink *conf, const char *gateway_id,
+                       const struct uplink_hooks *hooks, struct uplink **out);
+    int (*session_open_spool)(struct uplink *session, const char *dir);
+    int (*session_start)(struct uplink *session);
+    void (*session_stop)(struct uplink *session, unsigned timeout_ms,
+                         void (*done_cb)(struct uplink *session, void *arg), void *arg);
+    void (*session_free)(struct uplink *session);
+    int (*session_reconfigure)(struct uplink *session, const struct conf_uplink *conf);
+};
+
 /* The table. Every callback is optional unless marked required. Callbacks
  * get the instance; pi->state is the profile's own per-uplink data. */
 struct profile {
@@ -176,7 +225,7 @@ struct profile {
      * joined by "\n" while the whole PUBLISH stays within
      * limits.max_packet)? Returns the separator to put between payloads (a
      * static string), or NULL when records must go one by one. The uplink
-     * asks through uplink_hooks.batch_cb (router_uplink_batch_cb) and joins
+     * asks through profile_instance_batch() (uplink_ask.c) and joins
      * only records already queued (uplink.c, uplink_batch_take). */
     const char *(*batch_separator_cb)(const struct profile_instance *pi, const char *topic);
 
@@ -191,12 +240,13 @@ struct profile {
     struct profile_limits limits;
 };
 
-/* One uplink's profile: created and owned by the router. */
+/* One uplink's profile: created and owned by its uplink (uplink_set_profile()). */
 struct profile_instance {
     const struct profile *profile;
     const struct profile_spec *spec; /* the pure half: child id rules, CONNACK texts */
     uv_loop_t *loop;                 /* borrowed */
-    struct uplink *uplink;           /* borrowed; outlives the instance */
+    struct uplink *uplink;           /* the owner; only through @port */
+    const struct profile_port *port; /* what the profile may ask of an uplink */
     const struct conf *conf;         /* borrowed, the live conf */
     const struct conf_uplink *uc;    /* borrowed, this uplink's section of it */
     struct registry *registry;       /* children registered with this uplink's cloud; owned */
@@ -207,23 +257,29 @@ struct profile_instance {
                     bool retain);
     void *deliver_arg;
     bool closing;
+    bool closed;                                    /* every handle closed */
     void (*closed_cb)(struct profile_instance *pi); /* set by profile_instance_close() */
+    struct profile_instance *retired_next;          /* the owner's list of replaced instances */
 };
 
 /**
- * profile_find() - the profile registered under @name, or NULL.
+ * profile_find() - the profile registered under @name (NULL: "generic"), or
+ * NULL when there is none (profile_table.c, the one list of the daemon
+ * halves).
  */
 const struct profile *profile_find(const char *name);
 
 /**
- * profile_instance_new() - an instance of @uc->profile for @uplink.
- * @conf, @uc, @uplink, @loop: borrowed (see struct profile_instance).
+ * profile_instance_new() - an instance of @profile for @uplink, which owns
+ * it (uplink_set_profile()) and reaches it through @port.
+ * @conf, @uc, @uplink, @port, @loop: borrowed (see struct profile_instance).
  * Opens the child registry (<state_dir>/registry/<uplink>, see registry.h)
- * and calls new_cb. Returns 0, -ENOENT (unknown profile: conf_uplink.c prevents
- * it), -ENOMEM, or the registry's or new_cb's error (logged).
+ * and calls new_cb. Returns 0, -ENOENT (@profile NULL: conf_uplink.c
+ * prevents it), -ENOMEM, or the registry's or new_cb's error (logged).
  */
 int profile_instance_new(uv_loop_t *loop, const struct conf *conf, const struct conf_uplink *uc,
-                         struct uplink *uplink, struct profile_instance **out);
+                         const struct profile *profile, struct uplink *uplink,
+                         const struct profile_port *port, struct profile_instance **out);
 
 /** profile_instance_reconfigure() - adopt a reloaded conf (same uplink name). */
 void profile_instance_reconfigure(struct profile_instance *pi, const struct conf *conf,
@@ -277,6 +333,18 @@ void profile_instance_online(struct profile_instance *pi);
 
 /** profile_instance_offline() - the connection ended: forget per-connection registrations. */
 void profile_instance_offline(struct profile_instance *pi);
+
+/* What the owning uplink asks its instance (uplink_int.h): */
+/** profile_instance_session() - session_cb for the next attempt (not while closing). */
+void profile_instance_session(struct profile_instance *pi, struct uplink_session *session);
+/** profile_instance_connack_text() - CONNACK @rc in the cloud's words, or NULL. */
+const char *profile_instance_connack_text(const struct profile_instance *pi, int rc);
+/**
+ * profile_instance_batch() - batch_separator_cb for @topic; with a separator
+ * *@max_packet is set to limits.max_packet. NULL: one record per publish.
+ */
+const char *profile_instance_batch(const struct profile_instance *pi, const char *topic,
+                                   size_t *max_packet);
 
 /**
  * profile_instance_subscribe() - bring the uplink's cloud subscriptions in

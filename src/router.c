@@ -36,18 +36,11 @@ void router_deinit(struct router *router)
     free(router->raw_subs);
     router->raw_subs = NULL;
     router->raw_sub_count = 0;
-    for (size_t i = 0; i < router->profile_count; i++)
-        profile_instance_free(router->profiles[i]);
-    free(router->profiles);
-    free(router->profile_uplinks);
     for (size_t i = 0; i < router->child_count; i++)
         free(router->children[i].id);
     free(router->children);
     router->children = NULL;
     router->child_count = router->child_cap = 0;
-    router->profiles = NULL;
-    router->profile_uplinks = NULL;
-    router->profile_count = 0;
 }
 
 static void profile_deliver_cb(void *arg, const char *topic, const void *payload, size_t len,
@@ -58,66 +51,11 @@ static void profile_deliver_cb(void *arg, const char *topic, const void *payload
     local_deliver(router->local, topic, payload, len, qos, retain);
 }
 
-/* The profile instance of @uplink. @create: make it on first use (the
- * uplink asks for its session before router_set_uplinks() has seen it).
- * NULL when there is none, memory runs out or the registry cannot be read
- * (logged). */
-static struct profile_instance *router_profile_get(struct router *router, struct uplink *uplink,
-                                                   bool create)
+int router_attach_uplink(struct router *router, const struct conf *conf, struct uplink *uplink)
 {
-    struct profile_instance *pi;
-    size_t n = router->profile_count;
+    const struct conf_uplink *uc = uplink_get_conf(uplink);
 
-    /* An open instance first: a closed one's uplink may have been freed and
-     * its address reused by a new uplink. */
-    for (size_t i = 0; i < n; i++) {
-        if (router->profile_uplinks[i] == uplink && !router->profiles[i]->closing)
-            return router->profiles[i];
-    }
-    if (!create) {
-        /* A removed uplink still draining, or the daemon stopping. */
-        for (size_t i = 0; i < n; i++) {
-            if (router->profile_uplinks[i] == uplink)
-                return router->profiles[i];
-        }
-        return NULL;
-    }
-    struct uplink **uplinks = realloc(router->profile_uplinks, (n + 1) * sizeof(*uplinks));
-    if (!uplinks)
-        return NULL;
-    router->profile_uplinks = uplinks;
-    struct profile_instance **profiles = realloc(router->profiles, (n + 1) * sizeof(*profiles));
-    if (!profiles)
-        return NULL;
-    router->profiles = profiles;
-    int rc = profile_instance_new(uplink_loop(uplink), router->conf, uplink_get_conf(uplink),
-                                  uplink, &pi);
-    if (rc < 0) {
-        log_uplink(LOG_ERR, uplink_name(uplink), "cannot set up the profile: %s", strerror(-rc));
-        return NULL;
-    }
-    pi->deliver = profile_deliver_cb;
-    pi->deliver_arg = router;
-    router->profile_uplinks[n] = uplink;
-    router->profiles[n] = pi;
-    router->profile_count++;
-    return pi;
-}
-
-static struct profile_instance *router_profile(struct router *router, struct uplink *uplink)
-{
-    return router_profile_get(router, uplink, false);
-}
-
-static void profile_closed_cb(struct profile_instance *pi)
-{
-    /* Freed by router_deinit(): its uplink may still call back meanwhile. */
-}
-
-void router_close_profiles(struct router *router)
-{
-    for (size_t i = 0; i < router->profile_count; i++)
-        profile_instance_close(router->profiles[i], profile_closed_cb);
+    return uplink_set_profile(uplink, profile_find(uc->profile), conf, profile_deliver_cb, router);
 }
 
 static struct uplink *find_uplink(const struct router *router, const char *name)
@@ -135,34 +73,12 @@ void router_set_uplinks(struct router *router, const struct conf *conf, struct u
     router->conf = conf;
     router->uplinks = uplinks;
     router->uplink_count = count;
-    /* Instances whose uplink is gone (reload removed it) stop now. */
-    for (size_t i = 0; i < router->profile_count; i++) {
-        bool kept = false;
-        for (size_t j = 0; j < count && !kept; j++)
-            kept = uplinks[j] == router->profile_uplinks[i];
-        if (!kept)
-            profile_instance_close(router->profiles[i], profile_closed_cb);
-    }
-    /* Every uplink: adopt the conf, then subscribe what its profile wants
-     * now (and drop what it no longer wants, after a reload). */
+    /* Every uplink: its profile instance adopts the conf (or is replaced,
+     * when a reload changed the profile) and subscribes what it wants now.
+     * An uplink a reload removed closes its instance as it stops. */
     for (size_t i = 0; i < count; i++) {
-        if (uplinks[i] == NULL)
-            continue;
-        struct profile_instance *pi = router_profile_get(router, uplinks[i], true);
-        const struct conf_uplink *uc = uplink_get_conf(uplinks[i]);
-        if (pi != NULL && pi->profile != profile_find(uc->profile)) {
-            /* Reload changed the profile: a new instance (the uplink
-             * reconnects, conf_uplink_equal() compares the profile). */
-            log_uplink(LOG_NOTICE, uc->name, "profile changed from %s to %s", pi->profile->name,
-                       uc->profile);
-            profile_instance_close(pi, profile_closed_cb);
-            profile_instance_subscribe(pi); /* drops its filters */
-            pi = router_profile_get(router, uplinks[i], true);
-        }
-        if (pi == NULL)
-            continue;
-        profile_instance_reconfigure(pi, conf, uplink_get_conf(uplinks[i]));
-        profile_instance_subscribe(pi);
+        if (uplinks[i] != NULL)
+            router_attach_uplink(router, conf, uplinks[i]);
     }
     for (size_t i = 0; i < new_count; i++) {
         struct uplink *uplink = new_uplinks[i];
@@ -284,7 +200,7 @@ static int route_to_profile(struct router *router, struct uplink *uplink, const 
                             const char *topic, const struct mapping_local *m, const void *payload,
                             size_t len, int qos, bool retain, struct router_pending *pending)
 {
-    struct profile_instance *pi = router_profile(router, uplink);
+    struct profile_instance *pi = uplink_profile(uplink);
     struct profile_msgs out;
     const char *reason = NULL;
     int rc, result = 0;
@@ -398,11 +314,9 @@ void router_children_json(const struct router *router, struct json_buf *out)
         size_t count = select_uplinks(router, child->id, targets, 32);
         for (size_t t = 0; t < count; t++) {
             enum registry_state state = REGISTRY_UNKNOWN;
-            const struct profile_instance *pi = NULL;
-            for (size_t p = 0; p < router->profile_count; p++) {
-                if (router->profile_uplinks[p] == targets[t] && !router->profiles[p]->closing)
-                    pi = router->profiles[p];
-            }
+            const struct profile_instance *pi = uplink_profile(targets[t]);
+            if (pi && pi->closing)
+                pi = NULL;
             if (pi && pi->registry)
                 state = registry_get(pi->registry, child->id);
             json_append_raw(out, t ? ",{\"name\":" : "{\"name\":");
@@ -421,11 +335,11 @@ void router_children_json(const struct router *router, struct json_buf *out)
 void router_uplink_status_json(const struct router *router, const struct uplink *uplink,
                                struct json_buf *out)
 {
-    for (size_t p = 0; p < router->profile_count; p++) {
-        const struct profile_instance *pi = router->profiles[p];
-        if (router->profile_uplinks[p] == uplink && !pi->closing && pi->profile->status_json_cb)
-            pi->profile->status_json_cb(pi, out);
-    }
+    const struct profile_instance *pi = uplink_profile(uplink);
+
+    (void)router;
+    if (pi && !pi->closing && pi->profile->status_json_cb)
+        pi->profile->status_json_cb(pi, out);
 }
 
 /* Both hooks: @pending NULL for the synchronous one. */
@@ -584,7 +498,7 @@ void router_uplink_message_cb(void *arg, struct uplink *uplink, const char *topi
                               const void *payload, size_t len, int qos, bool retain)
 {
     struct router *router = arg;
-    struct profile_instance *pi = router_profile(router, uplink);
+    struct profile_instance *pi = uplink_profile(uplink);
     const char *name = uplink_name(uplink);
     char local_topic[ROUTER_TOPIC_MAX];
 
@@ -626,48 +540,4 @@ void router_uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state 
     if (!json.failed)
         local_deliver(router->local, topic, json.data, json.len, 0, true);
     json_buf_deinit(&json);
-    if (state != UPLINK_ONLINE) {
-        struct profile_instance *pi = router_profile(router, uplink);
-        if (pi != NULL)
-            profile_instance_offline(pi);
-    }
-}
-
-void router_uplink_session_cb(void *arg, struct uplink *uplink, struct uplink_session *session)
-{
-    struct profile_instance *pi = router_profile_get(arg, uplink, true);
-
-    if (pi != NULL && !pi->closing && pi->profile->session_cb)
-        pi->profile->session_cb(pi, session);
-}
-
-void router_uplink_online_cb(void *arg, struct uplink *uplink)
-{
-    struct profile_instance *pi = router_profile(arg, uplink);
-
-    if (pi != NULL)
-        profile_instance_online(pi);
-}
-
-const char *router_uplink_connack_text_cb(void *arg, struct uplink *uplink, int rc)
-{
-    struct profile_instance *pi = router_profile(arg, uplink);
-
-    if (pi == NULL || !pi->spec->connack_text)
-        return NULL;
-    return pi->spec->connack_text(pi->uc, rc);
-}
-
-const char *router_uplink_batch_cb(void *arg, struct uplink *uplink, const char *topic,
-                                   size_t *max_packet)
-{
-    struct profile_instance *pi = router_profile(arg, uplink);
-    const char *separator;
-
-    if (pi == NULL || !pi->profile->batch_separator_cb)
-        return NULL;
-    separator = pi->profile->batch_separator_cb(pi, topic);
-    if (separator)
-        *max_packet = pi->profile->limits.max_packet;
-    return separator;
 }

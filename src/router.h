@@ -49,13 +49,6 @@ struct router {
     uint64_t forwarded; /* messages handed to at least one uplink */
     uint64_t rejected;  /* refused local input (bad child id, channel, ...) */
     uint64_t unrouted;  /* device messages no route selected */
-    /* One profile instance per uplink (profile.h), made the first time the
-     * router meets the uplink; parallel arrays. Instances of uplinks removed
-     * by a reload are closed but kept until router_deinit(): their uplink
-     * may still call back while it drains. */
-    struct uplink **profile_uplinks;
-    struct profile_instance **profiles;
-    size_t profile_count;
     /* Children seen, sorted by id for binary search (router_child_seen). */
     struct router_child *children;
     size_t child_count;
@@ -83,13 +76,17 @@ void router_uplink_status_json(const struct router *router, const struct uplink 
 /** router_init() - empty router for @conf and @local (both borrowed). */
 void router_init(struct router *router, const struct conf *conf, struct local *local);
 
-/** router_close_profiles() - shutdown: close every profile instance's
- * handles (freed by router_deinit()). */
-void router_close_profiles(struct router *router);
-
-/** router_deinit() - free the raw subscription list and the profile
- * instances. Call it after every uplink was freed. */
+/** router_deinit() - free the raw subscription list and the children. */
 void router_deinit(struct router *router);
+
+/**
+ * router_attach_uplink() - give @uplink (of @conf) its profile instance, or
+ * bring the instance up to date after a reload (uplink_set_profile() with
+ * the profile its section names; local messages of the instance go to
+ * local_deliver()). Call it before uplink_start(). Returns as
+ * uplink_set_profile().
+ */
+int router_attach_uplink(struct router *router, const struct conf *conf, struct uplink *uplink);
 
 /**
  * router_set_uplinks() - adopt a (new) conf and its uplinks after start-up or
@@ -118,12 +115,5 @@ void router_local_unsubscribe_cb(void *arg, const char *filter);
 void router_uplink_message_cb(void *arg, struct uplink *uplink, const char *topic,
                               const void *payload, size_t len, int qos, bool retain);
 void router_uplink_state_cb(void *arg, struct uplink *uplink, enum uplink_state state);
-/* The profile hooks (uplink_hooks.session_cb, online_cb, connack_text_cb,
- * batch_cb: profile.batch_separator_cb and limits.max_packet). */
-void router_uplink_session_cb(void *arg, struct uplink *uplink, struct uplink_session *session);
-void router_uplink_online_cb(void *arg, struct uplink *uplink);
-const char *router_uplink_connack_text_cb(void *arg, struct uplink *uplink, int rc);
-const char *router_uplink_batch_cb(void *arg, struct uplink *uplink, const char *topic,
-                                   size_t *max_packet);
 
 #endif

@@ -34,7 +34,7 @@ int sm_move_at(struct sm *sm, unsigned to, const char *reason, const char *file,
                const char *func)
 {
     const struct sm_conf *conf = sm->conf;
-    const char *uplink = conf->uplink ? conf->uplink(sm) : NULL;
+    const char *name = conf->log_name ? conf->log_name(sm) : NULL;
     const char *from = sm_state_name(conf, sm->state);
     char who[256] = "";
     char why[256];
@@ -45,21 +45,21 @@ int sm_move_at(struct sm *sm, unsigned to, const char *reason, const char *file,
     }
     if (!sm_can(sm, to)) {
         sm->bugs++;
-        log_emit(LOG_ERR, file, line, func, uplink, NULL,
+        log_emit(LOG_ERR, file, line, func, name, NULL,
                  "%sBUG: illegal state transition %s -> %s (%s) refused", who, from,
                  sm_state_name(conf, to), reason ? reason : "no reason given");
         return -EINVAL;
     }
     sm->state = to;
     if (reason)
-        log_emit(conf->level, file, line, func, uplink, NULL, "%sstate %s -> %s (%s)", who, from,
+        log_emit(conf->level, file, line, func, name, NULL, "%sstate %s -> %s (%s)", who, from,
                  sm_state_name(conf, to), reason);
     else
-        log_emit(conf->level, file, line, func, uplink, NULL, "%sstate %s -> %s", who, from,
+        log_emit(conf->level, file, line, func, name, NULL, "%sstate %s -> %s", who, from,
                  sm_state_name(conf, to));
     if (conf->invariant && !conf->invariant(sm, why, sizeof(why))) {
         sm->bugs++;
-        log_emit(LOG_ERR, file, line, func, uplink, NULL, "%sBUG: in state %s: %s", who,
+        log_emit(LOG_ERR, file, line, func, name, NULL, "%sBUG: in state %s: %s", who,
                  sm_state_name(conf, to), why);
     }
     return 0;

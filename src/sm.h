@@ -49,8 +49,8 @@ struct sm_conf {
     /* Optional: who the object is, for the log line ("client gw [pid 12]");
      * without it the line starts with "state". */
     void (*describe)(const struct sm *sm, char *buf, size_t size);
-    /* Optional: the uplink the object belongs to (the journal's UPLINK=). */
-    const char *(*uplink)(const struct sm *sm);
+    /* Optional: the name of the uplink the object belongs to (the journal's UPLINK=). */
+    const char *(*log_name)(const struct sm *sm);
     /* Optional: true when the object is consistent in its (new) state;
      * otherwise @why says what is wrong. Called after every move. */
     bool (*invariant)(const struct sm *sm, char *why, size_t size);

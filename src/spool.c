@@ -79,7 +79,7 @@ static const struct sm_conf spool_sm = {
     .states = spool_states,
     .count = ARRAY_SIZE(spool_states),
     .level = LOG_DEBUG,
-    .uplink = spool_sm_uplink,
+    .log_name = spool_sm_uplink,
     .invariant = spool_sm_invariant,
 };
 

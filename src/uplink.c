@@ -44,7 +44,7 @@
  * a time (the same number is libmosquitto's send quota, so libmosquitto never
  * holds back a message we count as sent), within the rate limit. A record
  * leaves the spool only on on_publish() (PUBACK) for its mid (spool_ack).
- * When the profile allows it (uplink_hooks.batch_cb, Cumulocity SmartREST)
+ * When the profile allows it (batch_separator_cb, Cumulocity SmartREST)
  * a run of records already queued for one topic goes out as one PUBLISH;
  * its PUBACK then releases them all (uplink_batch_take, spool_ack_range).
  * QoS 0 messages go straight to libmosquitto while ONLINE; offline they are
@@ -70,6 +70,7 @@
  * uplink_explain.c. A file calls only the ones below it; libmosquitto's
  * callbacks are handed down to the set-up in struct uplink_mosq_cbs.
  */
+#include "profile.h"
 #include "uplink_int.h"
 
 int uplink_publish_control(struct uplink *uplink, const char *topic, const void *payload,
@@ -645,6 +646,12 @@ void uplink_free(struct uplink *uplink)
         uplink->controls = c->next;
         uplink_control_free(c); /* no done_cb: the owner may be gone already */
     }
+    profile_instance_free(uplink->profile);
+    while (uplink->retired_profiles) {
+        struct profile_instance *pi = uplink->retired_profiles;
+        uplink->retired_profiles = pi->retired_next;
+        profile_instance_free(pi);
+    }
     EVP_PKEY_free(uplink->jwt_key);
     free(uplink->name);
     free(uplink->gateway_id);
@@ -679,4 +686,66 @@ void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
     /* A rate window older than two seconds means no traffic since. */
     out->rate_in = now - uplink->rate_since > 2000 ? 0 : uplink->rate_in;
     out->rate_out = now - uplink->rate_since > 2000 ? 0 : uplink->rate_out;
+}
+
+/* --- the profile it owns ---------------------------------------------------------- */
+
+/* All that a profile may ask of an uplink (profile.h, struct profile_port). */
+static const struct profile_port uplink_port = {
+    .send_first = uplink_publish_control,
+    .publish = uplink_publish,
+    .subscribe = uplink_subscribe,
+    .unsubscribe = uplink_unsubscribe,
+    .reconnect = uplink_reconnect,
+    .state = uplink_get_state,
+    .state_name = uplink_state_name,
+    .stats = uplink_get_stats,
+    .session_new = uplink_new,
+    .session_open_spool = uplink_open_spool_dir,
+    .session_start = uplink_start,
+    .session_stop = uplink_stop,
+    .session_free = uplink_free,
+    .session_reconfigure = uplink_reconfigure,
+};
+
+int uplink_set_profile(struct uplink *uplink, const struct profile *profile,
+                       const struct conf *conf,
+                       void (*deliver)(void *arg, const char *topic, const void *payload,
+                                       size_t len, int qos, bool retain),
+                       void *deliver_arg)
+{
+    struct profile_instance *pi = uplink->profile;
+    int rc;
+
+    if (pi != NULL && pi->profile == profile) {
+        profile_instance_reconfigure(pi, conf, uplink->conf);
+    } else {
+        if (pi != NULL) {
+            /* A reload changed the profile: a new instance (the uplink
+             * reconnects, conf_uplink_equal() compares the profile). */
+            log_uplink(LOG_NOTICE, uplink->name, "profile changed from %s to %s", pi->profile->name,
+                       profile ? profile->name : "?");
+            profile_instance_close(pi, uplink_profile_closed_cb);
+            profile_instance_subscribe(pi); /* drops its filters */
+            pi->retired_next = uplink->retired_profiles;
+            uplink->retired_profiles = pi;
+            uplink->profile = NULL;
+        }
+        rc = profile_instance_new(uplink->loop, conf, uplink->conf, profile, uplink, &uplink_port,
+                                  &pi);
+        if (rc < 0) {
+            log_uplink(LOG_ERR, uplink->name, "cannot set up the profile: %s", strerror(-rc));
+            return rc;
+        }
+        pi->deliver = deliver;
+        pi->deliver_arg = deliver_arg;
+        uplink->profile = pi;
+    }
+    profile_instance_subscribe(pi);
+    return 0;
+}
+
+struct profile_instance *uplink_profile(const struct uplink *uplink)
+{
+    return uplink->profile;
 }

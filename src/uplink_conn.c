@@ -102,14 +102,14 @@ int uplink_conn_copy_jwt(struct uplink_conn *conn, const struct conf_jwt *jwt)
 }
 
 /* Loop thread: let the profile set client id, credentials, will and clean
- * session for this attempt (uplink_hooks.session_cb). */
+ * session for this attempt (its profile instance, or uplink_hooks.session_cb). */
 static int conn_apply_session(struct uplink_conn *conn)
 {
     struct uplink *uplink = conn->uplink;
     struct uplink_session session;
 
     memset(&session, 0, sizeof(session));
-    uplink->hooks.session_cb(uplink->hooks.arg, uplink, &session);
+    uplink_ask_session(uplink, &session);
     if (session.client_id) {
         free(conn->client_id);
         if (!(conn->client_id = strdup(session.client_id)))
@@ -209,7 +209,7 @@ struct uplink_conn *uplink_conn_new(struct uplink *uplink, const struct uplink_m
         if (uplink_conn_copy_jwt(conn, &conf->auth.jwt) < 0)
             goto err;
     }
-    if (uplink->hooks.session_cb && conn_apply_session(conn) < 0)
+    if (uplink_asks_session(uplink) && conn_apply_session(conn) < 0)
         goto err;
     return conn;
 

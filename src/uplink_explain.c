@@ -165,10 +165,7 @@ const char *uplink_format_utc(time_t t, char *buf, size_t size)
 static void conn_explain_jwt_refused(struct uplink_conn *conn)
 {
     struct uplink *uplink = conn->uplink;
-    const char *text =
-        uplink->hooks.connack_text_cb
-            ? uplink->hooks.connack_text_cb(uplink->hooks.arg, uplink, conn->connack_rc)
-            : NULL;
+    const char *text = uplink_ask_connack_text(uplink, conn->connack_rc);
     char iat[40], exp[40], clock[40];
 
     uplink_conn_fail(
@@ -228,10 +225,7 @@ void uplink_conn_explain_rc(struct uplink_conn *conn, int rc, int err)
         conn_explain_jwt_refused(conn);
     } else if (conn->connack_seen && conn->connack_rc != 0) {
         /* The profile may know what this cloud means by the code. */
-        const char *text = conn->uplink->hooks.connack_text_cb
-                               ? conn->uplink->hooks.connack_text_cb(conn->uplink->hooks.arg,
-                                                                     conn->uplink, conn->connack_rc)
-                               : NULL;
+        const char *text = uplink_ask_connack_text(conn->uplink, conn->connack_rc);
         uplink_conn_fail(conn, "broker %s:%d refused the connection: CONNACK %d %s", conn->host,
                          conn->port, conn->connack_rc,
                          text ? text : connack_text(conn->connack_rc));

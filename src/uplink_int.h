@@ -207,7 +207,13 @@ struct uplink {
     const struct conf_uplink *conf;
     char *name;
     char *gateway_id;
-    struct uplink_hooks hooks;
+    struct uplink_hooks hooks; /* the owner's (router: messages, state) or, without a
+                                  profile, a per-device session's owner's */
+    /* The profile instance it owns (uplink_set_profile()), NULL for a
+     * per-device session; instances a reload replaced, closed and kept
+     * until uplink_free() because queued registrations point at them. */
+    struct profile_instance *profile;
+    struct profile_instance *retired_profiles;
     struct sm sm; /* enum uplink_state, see uplink_states */
     pthread_t loop_thread;
 
@@ -438,5 +444,20 @@ void uplink_conn_explain_rc(struct uplink_conn *conn, int rc, int err);
 
 /* After any libmosquitto call on a live connection. */
 void uplink_conn_check(struct uplink_conn *conn, int rc, int err);
+
+/* uplink_ask.c: what the uplink asks its profile instance when it has one
+ * (every configured uplink), else its hooks (a per-device session, whose
+ * profile drives it from outside). */
+bool uplink_asks_session(const struct uplink *uplink);
+void uplink_ask_session(struct uplink *uplink, struct uplink_session *session);
+void uplink_tell_online(struct uplink *uplink);
+void uplink_tell_offline(struct uplink *uplink);
+const char *uplink_ask_connack_text(struct uplink *uplink, int rc);
+const char *uplink_ask_batch(struct uplink *uplink, const char *topic, size_t *max_packet);
+
+/* uplink_machine.c: close the instances when the uplink stops (counted in
+ * uplink->closing), and the close callback of every instance it closes. */
+void uplink_profiles_close(struct uplink *uplink);
+void uplink_profile_closed_cb(struct profile_instance *pi);
 
 #endif

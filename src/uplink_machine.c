@@ -4,6 +4,7 @@
  * backoff, JWT rotation and the clock checks, and stopping. The
  * workarounds for libmosquitto are explained at the top of uplink.c.
  */
+#include "profile.h"
 #include "uplink_int.h"
 
 static void conn_poll_cb(uv_poll_t *handle, int status, int events);
@@ -78,7 +79,7 @@ const struct sm_conf uplink_sm = {
     .states = uplink_states,
     .count = ARRAY_SIZE(uplink_states),
     .level = LOG_NOTICE,
-    .uplink = uplink_sm_uplink,
+    .log_name = uplink_sm_uplink,
     .invariant = uplink_sm_invariant,
 };
 
@@ -102,6 +103,8 @@ int uplink_set_state(struct uplink *uplink, enum uplink_state to, const char *fm
         return -EINVAL;
     if (uplink->hooks.state_cb)
         uplink->hooks.state_cb(uplink->hooks.arg, uplink, to);
+    if (to != UPLINK_ONLINE)
+        uplink_tell_offline(uplink);
     return 0;
 }
 
@@ -737,6 +740,30 @@ static void uplink_spool_closed_cb(void *arg)
     uplink_closed_one(arg);
 }
 
+/* An instance closes on its own when a reload retires it, or here when the
+ * uplink stops; only the closes still to come once the uplink's handles are
+ * closing are counted (uplink_profiles_close()). Its timers were counted
+ * first, so uplink->closing cannot reach 0 inside uplink_profiles_close(). */
+void uplink_profile_closed_cb(struct profile_instance *pi)
+{
+    struct uplink *uplink = pi->uplink;
+
+    if (uplink->handles_closing)
+        uplink_closed_one(uplink);
+}
+
+void uplink_profiles_close(struct uplink *uplink)
+{
+    struct profile_instance *pi;
+
+    for (pi = uplink->retired_profiles; pi; pi = pi->retired_next)
+        uplink->closing += !pi->closed;
+    if (uplink->profile == NULL)
+        return;
+    uplink->closing++;
+    profile_instance_close(uplink->profile, uplink_profile_closed_cb);
+}
+
 /* A JWT refused with CONNACK 4/5 right after a clock step, or after the
  * clock check had failed, was most likely signed with the old time: sign
  * again at once instead of waiting out the backoff. Once; after that the
@@ -937,8 +964,7 @@ static bool uplink_step(struct uplink *uplink)
                 return false;
             uplink_arm_rotation(uplink, conn);
             uplink_conn_subscribe_all(conn);
-            if (uplink->hooks.online_cb)
-                uplink->hooks.online_cb(uplink->hooks.arg, uplink);
+            uplink_tell_online(uplink);
             return true;
         }
         if (uplink_state_of(uplink) == UPLINK_ONLINE && uplink->rotating &&
@@ -997,6 +1023,7 @@ static bool uplink_step(struct uplink *uplink)
             uv_close((uv_handle_t *)&uplink->tick, uplink_handle_close_cb);
             uv_close((uv_handle_t *)&uplink->timer, uplink_handle_close_cb);
             uv_close((uv_handle_t *)&uplink->rotate, uplink_handle_close_cb);
+            uplink_profiles_close(uplink);
             if (uplink->spool && !uplink->spool_closing) {
                 /* Commits what is pending and persists the cursor. */
                 uplink->spool_closing = true;

@@ -57,7 +57,7 @@ static size_t publish_packet_size(size_t topic_len, size_t payload_len, int qos)
 
 /* The publish that starts with @first (just taken from the spool; its topic
  * is in topic_buf) may carry the records queued right behind it when the
- * profile allows (uplink_hooks.batch_cb): consecutive records with the same
+ * profile allows (profile.batch_separator_cb): consecutive records with the same
  * topic, QoS and retain flag, payloads joined by its separator, while the
  * whole packet stays within its limit. Only what is already queued is
  * joined: a lone record goes out at once. A batch is a run of consecutive
@@ -75,9 +75,7 @@ static size_t uplink_batch_take(struct uplink *uplink, const struct spool_record
     *payload = first->payload;
     *len = first->len;
     *last_seq = first->seq;
-    if (!uplink->hooks.batch_cb)
-        return 1;
-    sep = uplink->hooks.batch_cb(uplink->hooks.arg, uplink, uplink->topic_buf, &max_packet);
+    sep = uplink_ask_batch(uplink, uplink->topic_buf, &max_packet);
     if (!sep)
         return 1;
     if (!max_packet || max_packet > UPLINK_BATCH_MAX_BYTES)

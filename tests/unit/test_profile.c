@@ -23,6 +23,7 @@
 #include "profile.h"
 #include "registry.h"
 #include "smartrest.h"
+#include "fake_port.h"
 #include "uplink.h"
 
 /* --- uplink stubs --------------------------------------------------------- */
@@ -44,9 +45,8 @@ static size_t subscribed_count;
 static int reconnects;
 static enum uplink_state fake_state = UPLINK_ONLINE;
 
-int uplink_publish_control(struct uplink *uplink, const char *topic, const void *payload,
-                           size_t len, int qos, unsigned flags,
-                           void (*done_cb)(void *arg, int status), void *arg)
+int fake_publish_control(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                         int qos, unsigned flags, void (*done_cb)(void *arg, int status), void *arg)
 {
     struct sent *s = &sent[sent_count++];
     assert_true(sent_count <= 64);
@@ -61,13 +61,13 @@ int uplink_publish_control(struct uplink *uplink, const char *topic, const void 
     return 0;
 }
 
-int uplink_subscribe(struct uplink *uplink, const char *filter, int qos)
+int fake_subscribe(struct uplink *uplink, const char *filter, int qos)
 {
     snprintf(subscribed[subscribed_count++], 256, "%s", filter);
     return 0;
 }
 
-int uplink_unsubscribe(struct uplink *uplink, const char *filter)
+int fake_unsubscribe(struct uplink *uplink, const char *filter)
 {
     for (size_t i = 0; i < subscribed_count; i++) {
         if (strcmp(subscribed[i], filter) == 0) {
@@ -78,29 +78,24 @@ int uplink_unsubscribe(struct uplink *uplink, const char *filter)
     return -ENOENT;
 }
 
-const char *uplink_name(const struct uplink *uplink)
-{
-    return "c8y";
-}
-
-enum uplink_state uplink_get_state(const struct uplink *uplink)
+enum uplink_state fake_get_state(const struct uplink *uplink)
 {
     return fake_state;
 }
 
-void uplink_reconnect(struct uplink *uplink, const char *reason)
+void fake_reconnect(struct uplink *uplink, const char *reason)
 {
     reconnects++;
 }
 
 /* Called only by other profiles linked into this test (profiles/gcp/gcp.c). */
-int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
-                   int qos, bool retain)
+int fake_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len, int qos,
+                 bool retain)
 {
     return -ENOTSUP;
 }
 
-void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
+void fake_get_stats(const struct uplink *uplink, struct uplink_stats *out)
 {
     memset(out, 0, sizeof(*out));
 }
@@ -170,7 +165,8 @@ static struct profile_instance *c8y_new(struct conf *conf, struct conf_uplink *u
 
     conf_c8y(conf, uc);
     reset();
-    assert_int_equal(profile_instance_new(uv_default_loop(), conf, uc, (struct uplink *)conf, &pi),
+    assert_int_equal(profile_instance_new(uv_default_loop(), conf, uc, profile_find(uc->profile),
+                                          (struct uplink *)conf, &fake_port, &pi),
                      0);
     pi->deliver = deliver_cb;
     return pi;
@@ -486,8 +482,9 @@ static void test_c8y_bootstrap(void **unused)
     snprintf(path, sizeof(path), "%s/credentials/c8y", state_dir);
     unlink(path);
     reset();
-    assert_int_equal(
-        profile_instance_new(uv_default_loop(), &conf, &uc, (struct uplink *)&conf, &pi), 0);
+    assert_int_equal(profile_instance_new(uv_default_loop(), &conf, &uc, profile_find(uc.profile),
+                                          (struct uplink *)&conf, &fake_port, &pi),
+                     0);
     pi->deliver = deliver_cb;
     memset(&s, 0, sizeof(s));
     pi->profile->session_cb(pi, &s);
@@ -517,8 +514,9 @@ static void test_c8y_bootstrap(void **unused)
 
     /* A restart reads the stored credentials. */
     reset();
-    assert_int_equal(
-        profile_instance_new(uv_default_loop(), &conf, &uc, (struct uplink *)&conf, &pi), 0);
+    assert_int_equal(profile_instance_new(uv_default_loop(), &conf, &uc, profile_find(uc.profile),
+                                          (struct uplink *)&conf, &fake_port, &pi),
+                     0);
     memset(&s, 0, sizeof(s));
     pi->profile->session_cb(pi, &s);
     assert_string_equal(s.username, "t9/device_gw");
@@ -675,8 +673,7 @@ static void test_conf_cumulocity(void **unused)
     expect_errors(CONF_HEAD "    cumulocity: { tenant: t }\n", expect3);
     /* The generic section is the generic profile's own, like the others:
      * under another profile it would be ignored, so it is refused. */
-    const char *const expect5[] = {"uplinks[0].generic: is only used with profile: generic",
-                                   NULL};
+    const char *const expect5[] = {"uplinks[0].generic: is only used with profile: generic", NULL};
     expect_errors(CONF_HEAD "    profile: cumulocity\n"
                             "    auth: { type: basic, username: t/u, password: p }\n"
                             "    generic: { topic_prefix: site }\n",

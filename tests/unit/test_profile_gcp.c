@@ -20,6 +20,7 @@
 #include "profiles/gcp/section.h"
 #include "profile_spec.h"
 #include "registry.h"
+#include "fake_port.h"
 #include "uplink.h"
 
 /* --- a recording uplink ------------------------------------------------------------- */
@@ -44,9 +45,8 @@ static size_t published; /* uplink_publish() calls (coalesced state) */
 static char last_published[256];
 static long subscriptions; /* subscribed minus unsubscribed filters */
 
-int uplink_publish_control(struct uplink *uplink, const char *topic, const void *payload,
-                           size_t len, int qos, unsigned flags,
-                           void (*done_cb)(void *arg, int status), void *arg)
+int fake_publish_control(struct uplink *uplink, const char *topic, const void *payload, size_t len,
+                         int qos, unsigned flags, void (*done_cb)(void *arg, int status), void *arg)
 {
     struct sent *s = &sent[sent_count++];
 
@@ -61,8 +61,8 @@ int uplink_publish_control(struct uplink *uplink, const char *topic, const void 
     return 0;
 }
 
-int uplink_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len,
-                   int qos, bool retain)
+int fake_publish(struct uplink *uplink, const char *topic, const void *payload, size_t len, int qos,
+                 bool retain)
 {
     (void)uplink;
     (void)qos;
@@ -73,7 +73,7 @@ int uplink_publish(struct uplink *uplink, const char *topic, const void *payload
     return 0;
 }
 
-int uplink_subscribe(struct uplink *uplink, const char *filter, int qos)
+int fake_subscribe(struct uplink *uplink, const char *filter, int qos)
 {
     (void)uplink;
     (void)filter;
@@ -82,7 +82,7 @@ int uplink_subscribe(struct uplink *uplink, const char *filter, int qos)
     return 0;
 }
 
-int uplink_unsubscribe(struct uplink *uplink, const char *filter)
+int fake_unsubscribe(struct uplink *uplink, const char *filter)
 {
     (void)uplink;
     (void)filter;
@@ -90,25 +90,19 @@ int uplink_unsubscribe(struct uplink *uplink, const char *filter)
     return 0;
 }
 
-const char *uplink_name(const struct uplink *uplink)
-{
-    (void)uplink;
-    return "gcp";
-}
-
-enum uplink_state uplink_get_state(const struct uplink *uplink)
+enum uplink_state fake_get_state(const struct uplink *uplink)
 {
     return uplink->state;
 }
 
-void uplink_get_stats(const struct uplink *uplink, struct uplink_stats *out)
+void fake_get_stats(const struct uplink *uplink, struct uplink_stats *out)
 {
     (void)uplink;
     memset(out, 0, sizeof(*out));
 }
 
 /* cumulocity.c is linked in through profile.c's registry; never called here. */
-void uplink_reconnect(struct uplink *uplink, const char *reason)
+void fake_reconnect(struct uplink *uplink, const char *reason)
 {
     (void)uplink;
     (void)reason;
@@ -300,7 +294,9 @@ static int setup(void **state)
                                .attach_idle_ms = 60000};
     f->uc.spec = &profile_spec_gcp;
     f->uc.section = &f->gcp;
-    assert_int_equal(profile_instance_new(&f->loop, &f->conf, &f->uc, &fake, &f->pi), 0);
+    assert_int_equal(profile_instance_new(&f->loop, &f->conf, &f->uc, profile_find("gcp"), &fake,
+                                          &fake_port, &f->pi),
+                     0);
     *state = f;
     return 0;
 }

@@ -48,7 +48,6 @@
 #include "profile_spec.h"
 #include "sm.h"
 #include "util.h"
-#include "uplink.h"
 
 /* The idle sweep runs at session_idle / 2, within these bounds. */
 #define AKENZA_SWEEP_MIN_MS 500u
@@ -211,7 +210,7 @@ static const struct sm_conf session_sm = {
     .count = ARRAY_SIZE(session_states),
     .level = LOG_DEBUG,
     .describe = session_sm_describe,
-    .uplink = session_sm_uplink,
+    .log_name = session_sm_uplink,
     .invariant = session_sm_invariant,
 };
 
@@ -413,14 +412,14 @@ static void session_stopped_cb(struct uplink *uplink, void *arg)
     struct akenza_session *s = arg;
     struct uplink_stats stats;
 
-    uplink_get_stats(uplink, &stats);
+    s->pi->port->stats(uplink, &stats);
     s->remove_dir = stats.spool.depth == 0 && stats.spool.io_error == 0;
     if (!s->remove_dir && s->spool_dir)
         log_child(LOG_INFO, s->pi->uc->name, s->id,
                   "%llu message(s) stay in %s and are sent when its session opens again "
                   "(its next message or the next start)",
                   (unsigned long long)stats.spool.depth, s->spool_dir);
-    uplink_free(uplink);
+    s->pi->port->session_free(uplink);
     s->uplink = NULL;
     s->uplink_done = true;
     session_release(s);
@@ -440,7 +439,7 @@ static void session_stop(struct profile_instance *pi, struct akenza_session *s, 
     if (s->work_busy)
         uv_cancel((uv_req_t *)&s->key_work); /* fails harmlessly once it runs */
     log_child(LOG_INFO, pi->uc->name, s->id, "closing its session: %s", why);
-    uplink_stop(s->uplink, timeout_ms, session_stopped_cb, s);
+    pi->port->session_stop(s->uplink, timeout_ms, session_stopped_cb, s);
 }
 
 /* One key file load at a time: an OpenSSL engine (a pkcs11: pattern) is not
@@ -495,7 +494,7 @@ static void session_key_after_cb(uv_work_t *req, int status)
     }
     if (rc < 0) {
         struct uplink_stats stats;
-        uplink_get_stats(s->uplink, &stats);
+        s->pi->port->stats(s->uplink, &stats);
         sm_move(&s->sm, SESSION_NO_KEY, NULL);
         snprintf(reason, sizeof(reason),
                  "akenza needs a session and key per device, and this child has no usable key "
@@ -512,7 +511,7 @@ static void session_key_after_cb(uv_work_t *req, int status)
     s->loaded = NULL;
     s->conf->auth.jwt.private_key = s->key;
     s->conf->auth.jwt.alg = s->alg;
-    rc = uplink_start(s->uplink);
+    rc = s->pi->port->session_start(s->uplink);
     if (rc < 0) {
         log_child(LOG_ERR, pi->uc->name, s->id, "cannot start its session: %s", strerror(-rc));
         sm_move(&s->sm, SESSION_NO_KEY, NULL); /* retried when it is reopened */
@@ -595,23 +594,23 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
         goto err;
     }
     hooks.arg = s;
-    rc = uplink_new(pi->loop, s->conf, pi->conf->gateway_id, &hooks, &s->uplink);
+    rc = pi->port->session_new(pi->loop, s->conf, pi->conf->gateway_id, &hooks, &s->uplink);
     if (rc < 0)
         goto err;
     s->uplink_done = false;
     snprintf(filter, sizeof(filter), AKENZA_DOWN "%s/#", child);
-    if ((rc = uplink_open_spool_dir(s->uplink, s->spool_dir)) < 0) {
+    if ((rc = pi->port->session_open_spool(s->uplink, s->spool_dir)) < 0) {
         snprintf(pi->reason, sizeof(pi->reason), "cannot open the child's spool in %.150s: %s",
                  s->spool_dir ? s->spool_dir : "memory", strerror(-rc));
         rc = -EINVAL;
         goto err_after_uplink;
     }
-    if ((rc = uplink_subscribe(s->uplink, filter, 1)) < 0)
+    if ((rc = pi->port->subscribe(s->uplink, filter, 1)) < 0)
         goto err_after_uplink;
     s->used_ms = uv_now(pi->loop);
     s->next = ak->sessions;
     ak->sessions = s;
-    uplink_get_stats(s->uplink, &stats);
+    s->pi->port->stats(s->uplink, &stats);
     if (recovered && stats.spool.depth == 0) {
         /* Nothing to send: close it again, which deletes the directory. */
         session_stop(pi, s, "its spool holds nothing to send");
@@ -635,7 +634,7 @@ static int session_open(struct profile_instance *pi, const char *child, bool rec
     return 0;
 
 err_after_uplink:
-    uplink_free(s->uplink);
+    pi->port->session_free(s->uplink);
 err:
     if (rc == -ENOMEM)
         snprintf(pi->reason, sizeof(pi->reason), "out of memory");
@@ -710,7 +709,7 @@ static void sweep_cb(uv_timer_t *timer)
         /* Unsent messages keep it open until they are acknowledged, so a
          * session's spool never waits on disk for a message that may not
          * come; an idle, empty session holds no fds. */
-        uplink_get_stats(s->uplink, &stats);
+        s->pi->port->stats(s->uplink, &stats);
         if (stats.queued == 0)
             session_stop(pi, s, "idle");
     }
@@ -798,7 +797,7 @@ static void akenza_reconfigure_cb(struct profile_instance *pi)
         }
         /* The uplink compares the old settings with the new ones, so the
          * old conf and aud are freed only after it has adopted them. */
-        uplink_reconfigure(s->uplink, conf);
+        s->pi->port->session_reconfigure(s->uplink, conf);
         free(s->conf);
         free(old_aud);
         s->conf = conf;
@@ -809,7 +808,7 @@ static void akenza_reconfigure_cb(struct profile_instance *pi)
 static const char *session_state_text(const struct akenza_session *s)
 {
     if (session_state_of(s) == SESSION_RUNNING)
-        return uplink_state_name(uplink_get_state(s->uplink));
+        return s->pi->port->state_name(s->pi->port->state(s->uplink));
     return sm_state_name(&session_sm, sm_state(&s->sm));
 }
 
@@ -824,15 +823,15 @@ static void akenza_status_json_cb(const struct profile_instance *pi, struct json
     for (const struct akenza_session *s = ak->sessions; s; s = s->next) {
         struct uplink_stats stats;
         open++;
-        uplink_get_stats(s->uplink, &stats);
+        s->pi->port->stats(s->uplink, &stats);
         queued += stats.spool.depth;
         if (session_state_of(s) == SESSION_NO_KEY)
             no_key++;
         else if (session_state_of(s) != SESSION_RUNNING)
             connecting++;
-        else if (uplink_get_state(s->uplink) == UPLINK_ONLINE)
+        else if (s->pi->port->state(s->uplink) == UPLINK_ONLINE)
             online++;
-        else if (uplink_get_state(s->uplink) == UPLINK_BACKOFF)
+        else if (s->pi->port->state(s->uplink) == UPLINK_BACKOFF)
             backoff++;
         else
             connecting++;
@@ -860,7 +859,7 @@ static void akenza_child_json_cb(const struct profile_instance *pi, const char *
         json_append_raw(out, ",\"session\":null");
         return;
     }
-    uplink_get_stats(s->uplink, &stats);
+    s->pi->port->stats(s->uplink, &stats);
     json_append_raw(out, ",\"session\":{\"state\":");
     json_append_string(out, session_state_text(s));
     json_append_fmt(out, ",\"queued\":%llu,\"published\":%llu,\"connects\":%llu}",

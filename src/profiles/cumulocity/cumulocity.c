@@ -39,7 +39,6 @@
 #include "profile.h"
 #include "registry.h"
 #include "smartrest.h"
-#include "uplink.h"
 #include "util.h"
 
 #define C8Y_UP            "s/us"
@@ -154,12 +153,12 @@ static void c8y_timer_cb(uv_timer_t *timer)
         c8y->timer_running = false;
         return;
     }
-    if (uplink_get_state(pi->uplink) != UPLINK_ONLINE)
+    if (pi->port->state(pi->uplink) != UPLINK_ONLINE)
         return;
     /* An empty message asks for the credentials (Cumulocity "Device
      * integration using MQTT", "Device bootstrap"). */
-    int rc = uplink_publish_control(pi->uplink, C8Y_CREDS_REQUEST, NULL, 0, 0,
-                                    UPLINK_CONTROL_CONNECTION, NULL, NULL);
+    int rc = pi->port->send_first(pi->uplink, C8Y_CREDS_REQUEST, NULL, 0, 0,
+                                  UPLINK_CONTROL_CONNECTION, NULL, NULL);
     if (rc < 0)
         log_uplink(LOG_DEBUG, pi->uc->name, "bootstrap request not sent: %s", strerror(-rc));
     else
@@ -208,7 +207,7 @@ static void c8y_credentials_received(struct profile_instance *pi, const char *pa
                        "bootstrap: received device credentials for user %s (stored in %s)",
                        c8y->username, c8y->creds_path);
             c8y->bootstrapping = false;
-            uplink_reconnect(pi->uplink, "bootstrap done");
+            pi->port->reconnect(pi->uplink, "bootstrap done");
             return;
         }
         log_uplink(LOG_DEBUG, pi->uc->name, "bootstrap: ignoring a line on s/dcr with id %s",
@@ -289,8 +288,8 @@ static void c8y_close_cb(struct profile_instance *pi)
 
 static void c8y_token_request(struct profile_instance *pi)
 {
-    int rc = uplink_publish_control(pi->uplink, C8Y_TOKEN_REQUEST, NULL, 0, 0,
-                                    UPLINK_CONTROL_CONNECTION, NULL, NULL);
+    int rc = pi->port->send_first(pi->uplink, C8Y_TOKEN_REQUEST, NULL, 0, 0,
+                                  UPLINK_CONTROL_CONNECTION, NULL, NULL);
     if (rc < 0)
         log_uplink(LOG_DEBUG, pi->uc->name, "device token request not sent: %s", strerror(-rc));
 }
@@ -300,7 +299,7 @@ static void c8y_token_timer_cb(uv_timer_t *timer)
     struct profile_instance *pi = timer->data;
 
     /* Offline: the next CONNACK asks anyway (online_cb). */
-    if (!pi->closing && uplink_get_state(pi->uplink) == UPLINK_ONLINE)
+    if (!pi->closing && pi->port->state(pi->uplink) == UPLINK_ONLINE)
         c8y_token_request(pi);
 }
 

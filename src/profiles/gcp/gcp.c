@@ -59,7 +59,6 @@
 #include "gcp.h"
 #include "profile_spec.h"
 #include "registry.h"
-#include "uplink.h"
 #include "util.h"
 
 /* The sweep for idle children runs at attach_idle / 2, within these bounds. */
@@ -370,8 +369,8 @@ static void child_unsubscribe(struct profile_instance *pi, struct gcp_child *chi
     if (!child->subscribed)
         return;
     child_filters(child->id, config, commands, sizeof(config));
-    uplink_unsubscribe(pi->uplink, config);
-    uplink_unsubscribe(pi->uplink, commands);
+    pi->port->unsubscribe(pi->uplink, config);
+    pi->port->unsubscribe(pi->uplink, commands);
     child->subscribed = false;
 }
 
@@ -743,7 +742,7 @@ static int gcp_register_cb(struct profile_instance *pi, const char *id, struct p
     /* An attachment lives as long as the connection: one made now would
      * fail, and gcp_online_cb attaches every recent child at the next
      * CONNACK anyway. Its token is signed meanwhile, off the loop. */
-    if (uplink_get_state(pi->uplink) != UPLINK_ONLINE) {
+    if (pi->port->state(pi->uplink) != UPLINK_ONLINE) {
         if (child)
             key_prepare(pi, child);
         return 0;
@@ -783,8 +782,8 @@ static void gcp_registered_cb(struct profile_instance *pi, const char *id, int s
     /* After the attach: the bridge refuses subscriptions for devices that
      * are not attached. No narrower filter than commands/# is allowed. */
     child_filters(id, config, commands, sizeof(config));
-    uplink_subscribe(pi->uplink, config, 1);
-    uplink_subscribe(pi->uplink, commands, 1);
+    pi->port->subscribe(pi->uplink, config, 1);
+    pi->port->subscribe(pi->uplink, commands, 1);
     child->subscribed = true;
 }
 
@@ -814,10 +813,10 @@ static void child_detach(struct profile_instance *pi, struct gcp_child *child, c
     char topic[PROFILE_TOPIC_MAX];
 
     if (registry_get(pi->registry, child->id) == REGISTRY_DONE &&
-        uplink_get_state(pi->uplink) == UPLINK_ONLINE) {
+        pi->port->state(pi->uplink) == UPLINK_ONLINE) {
         snprintf(topic, sizeof(topic), "/devices/%s/detach", child->id);
-        if (uplink_publish_control(pi->uplink, topic, "{}", 2, 1, UPLINK_CONTROL_CONNECTION, NULL,
-                                   NULL) == 0)
+        if (pi->port->send_first(pi->uplink, topic, "{}", 2, 1, UPLINK_CONTROL_CONNECTION, NULL,
+                                 NULL) == 0)
             log_child(LOG_INFO, pi->uc->name, child->id, "detaching: %s", why);
     }
     child_unsubscribe(pi, child);
@@ -835,7 +834,7 @@ static void sweep_cb(uv_timer_t *timer)
     struct gcp_child *child, *next;
     char why[96];
 
-    uplink_get_stats(pi->uplink, &stats);
+    pi->port->stats(pi->uplink, &stats);
     for (child = gcp->children; child; child = next) {
         next = child->next;
         if (child->self)
@@ -900,8 +899,8 @@ static void state_send(struct profile_instance *pi, struct gcp_child *child)
     if (rc < 0) {
         profile_report_error(pi, topic, reason ? reason : "cannot attach the device");
     } else {
-        rc = uplink_publish(pi->uplink, topic, child->state_payload, child->state_len,
-                            child->state_qos, false);
+        rc = pi->port->publish(pi->uplink, topic, child->state_payload, child->state_len,
+                               child->state_qos, false);
         if (rc < 0)
             log_child(LOG_WARNING, pi->uc->name, child->id,
                       "the coalesced state update could not be queued: %s", strerror(-rc));
