@@ -53,7 +53,8 @@ struct daemon {
     uv_signal_t sigterm, sigint, sighup;
     uv_timer_t watchdog_timer;
     uv_timer_t shutdown_timer;
-    unsigned pending_stops; /* shutdown: uplinks and local still closing */
+    unsigned pending_stops;    /* shutdown: uplinks and local still closing */
+    unsigned retiring_uplinks; /* removed by a reload and still stopping */
     int exit_code;
     /* The last SIGHUP: "none" yet, "done" or "refused" (then why, in a few
      * words; the log has the details), for STATUS= and uplinkctl status. */

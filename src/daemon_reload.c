@@ -24,6 +24,7 @@
 /* A conf replaced by a reload stays alive until the uplinks that were removed
  * by that reload (and still point into it) have finished stopping. */
 struct retired_conf {
+    struct daemon *daemon;
     struct conf *conf;
     unsigned pending_stops;
 };
@@ -33,6 +34,7 @@ static void retired_uplink_done_cb(struct uplink *uplink, void *arg)
     struct retired_conf *retired = arg;
 
     uplink_free(uplink);
+    retired->daemon->retiring_uplinks--;
     if (--retired->pending_stops == 0) {
         conf_free(retired->conf);
         free(retired);
@@ -132,12 +134,14 @@ void daemon_reload(struct daemon *d)
         fresh[fresh_count++] = uplinks[i];
     }
 
+    retired->daemon = d;
     retired->conf = d->conf;
     for (size_t j = 0; j < d->uplink_count; j++) {
         if (d->uplinks[j] == NULL)
             continue;
         log_uplink(LOG_NOTICE, uplink_name(d->uplinks[j]), "removed by reload; stopping");
         retired->pending_stops++;
+        d->retiring_uplinks++;
         uplink_stop(d->uplinks[j], d->conf->shutdown_timeout_ms, retired_uplink_done_cb, retired);
     }
 
