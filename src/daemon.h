@@ -138,8 +138,10 @@ int daemon_ctl_open(struct daemon *d);
  * take their new section, new ones are created, removed ones stop (their
  * old conf lives until they have). A file that does not validate, or a
  * credential check that fails, refuses the reload and keeps the old conf
- * (reload_result "refused"). Only an uplink that cannot be created stops
- * the daemon with exit code 1 (systemd restarts it). Ends with READY=1.
+ * (reload_result "refused"). A control socket or local listener that
+ * cannot be opened at its new place stays at the old one (logged). Only an
+ * uplink that cannot be created stops the daemon with exit code 1 (systemd
+ * restarts it). Ends with READY=1.
  */
 void daemon_reload(struct daemon *d);
 

@@ -162,11 +162,17 @@ void daemon_reload(struct daemon *d)
     free(fresh);
     log_set_level(daemon_effective_level(d, next->log_level));
 
-    if (strcmp(old_conf->control_socket, next->control_socket) != 0) {
-        ctl_close(d->ctl);
-        d->ctl = NULL;
+    /* The new control socket first, then the old one closed: if the new one
+     * cannot be opened (its directory, memory), uplinkctl still reaches the
+     * daemon at the old path, as the local listeners keep theirs, and the
+     * next reload tries again (it compares with where the socket is). */
+    if (d->ctl == NULL || strcmp(ctl_path(d->ctl), next->control_socket) != 0) {
+        struct ctl *old_ctl = d->ctl;
         daemon_prepare_socket_dirs(next);
-        daemon_ctl_open(d);
+        if (daemon_ctl_open(d) == 0)
+            ctl_close(old_ctl);
+        else if (old_ctl != NULL)
+            log_err("reload: the control socket stays at %s", ctl_path(old_ctl));
     }
     if (retired->pending_stops == 0) {
         conf_free(old_conf);
