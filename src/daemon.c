@@ -53,7 +53,6 @@ void daemon_notify_status(struct daemon *d)
     sd_notifyf(0, "STATUS=%s", status);
 }
 
-
 /* Configurations that are valid but whose local.acl a local process could
  * get around (access_acl_sidestep()): said at --check-config, start and
  * reload. Returns how many warnings were logged. */

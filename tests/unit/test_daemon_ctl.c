@@ -229,7 +229,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_jwt_without_jwt, setup, daemon_fixture_teardown),
         cmocka_unit_test_setup_teardown(test_reload_credentials, setup, daemon_fixture_teardown),
         cmocka_unit_test_setup_teardown(test_children, setup, daemon_fixture_teardown),
-        cmocka_unit_test_setup_teardown(test_stop_closes_the_socket, setup, daemon_fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_stop_closes_the_socket, setup,
+                                        daemon_fixture_teardown),
     };
 
     return cmocka_run_group_tests(tests, daemon_fixture_group_setup, daemon_fixture_group_teardown);

@@ -39,28 +39,21 @@
     "    tls: {enabled: false}\n"                                                                  \
     "    reconnect: {base: 1h, cap: 1h}\n"
 
+/* The control socket at @socket, then the uplinks. */
+#define CONF(socket, uplinks) HEAD "control:\n  socket: " socket "\nuplinks:\n" uplinks
+
 /* A: keep and gone. B: keep and fresh. */
-static const char conf_a[] = HEAD "control:\n"
-                                  "  socket: @DIR@/control.sock\n"
-                                  "uplinks:\n" UPLINK("keep") UPLINK("gone");
-static const char conf_b[] = HEAD "control:\n"
-                                  "  socket: @DIR@/control.sock\n"
-                                  "uplinks:\n" UPLINK("keep") UPLINK("fresh");
+static const char conf_a[] = CONF("@DIR@/control.sock", UPLINK("keep") UPLINK("gone"));
+static const char conf_b[] = CONF("@DIR@/control.sock", UPLINK("keep") UPLINK("fresh"));
 /* B with the control socket elsewhere, in a directory that does not exist
  * yet (the reload makes it). */
-static const char conf_b_moved[] = HEAD "control:\n"
-                                        "  socket: @DIR@/run/ctl2.sock\n"
-                                        "uplinks:\n" UPLINK("keep") UPLINK("fresh");
+static const char conf_b_moved[] = CONF("@DIR@/run/ctl2.sock", UPLINK("keep") UPLINK("fresh"));
 /* B with the control socket under a regular file: it cannot be made. */
-static const char conf_b_unmovable[] = HEAD "control:\n"
-                                            "  socket: @DIR@/afile/ctl2.sock\n"
-                                            "uplinks:\n" UPLINK("keep") UPLINK("fresh");
+static const char conf_b_unmovable[] =
+    CONF("@DIR@/afile/ctl2.sock", UPLINK("keep") UPLINK("fresh"));
 /* An uplink without its host: conf_load() refuses the file. */
-static const char conf_invalid[] = HEAD "control:\n"
-                                        "  socket: @DIR@/control.sock\n"
-                                        "uplinks:\n"
-                                        "  - name: keep\n"
-                                        "    port: @PORT@\n";
+static const char conf_invalid[] = CONF("@DIR@/control.sock", "  - name: keep\n"
+                                                              "    port: @PORT@\n");
 
 static int setup(void **state)
 {
@@ -210,8 +203,8 @@ static void test_control_socket_cannot_move(void **state)
  * allocation inside an uplink's start, the router or a profile instance is
  * tolerated there (a start retries, a status message is skipped) and is
  * not looked into here. */
-static void assert_consistent(struct daemon_fixture *f, struct conf *old_conf,
-                              struct uplink *keep, size_t i)
+static void assert_consistent(struct daemon_fixture *f, struct conf *old_conf, struct uplink *keep,
+                              size_t i)
 {
     struct daemon *d = &f->daemon;
 
