@@ -185,6 +185,11 @@ err_after_init:
     return rc;
 }
 
+const char *ctl_path(const struct ctl *ctl)
+{
+    return ctl->path;
+}
+
 void ctl_close(struct ctl *ctl)
 {
     if (ctl == NULL)

@@ -18,6 +18,9 @@ typedef void (*ctl_command_cb)(void *arg, const char *command, struct json_buf *
 int ctl_new(uv_loop_t *loop, const char *path, ctl_command_cb command_cb, void *arg,
             struct ctl **out);
 
+/** ctl_path() - the path @ctl listens on (borrowed from @ctl). */
+const char *ctl_path(const struct ctl *ctl);
+
 /**
  * ctl_close() - stop listening, drop open requests, unlink the socket, and
  * free everything once the handles are closed. NULL is allowed.

@@ -2,6 +2,7 @@
 #include "fail_alloc.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,9 +21,15 @@ char *__wrap_strndup(const char *s, size_t n);
 static size_t fail_at; /* 0: never */
 static size_t count;   /* allocations since fail_alloc_at() */
 static int fired;
+/* The thread that called fail_alloc_at(): only its allocations count. A
+ * daemon under test also allocates in work it puts on libuv's threadpool
+ * (an uplink's connection set-up), at that thread's own pace; counting
+ * those would make the Nth allocation a different one from run to run. */
+static pthread_t owner;
 
 void fail_alloc_at(size_t n)
 {
+    owner = pthread_self();
     fail_at = n;
     count = 0;
     fired = 0;
@@ -41,6 +48,8 @@ int fail_alloc_fired(void)
 /* true when this allocation is the one to fail. */
 static int should_fail(void)
 {
+    if (!pthread_equal(pthread_self(), owner))
+        return 0;
     count++;
     if (fail_at != 0 && count == fail_at) {
         fired = 1;

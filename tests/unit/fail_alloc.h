@@ -11,6 +11,8 @@
  *
  * Only the code linked into the test program is wrapped: allocations
  * inside shared libraries (libyaml, OpenSSL) are not counted or failed.
+ * Only the allocations of the thread that called fail_alloc_at() count:
+ * those of libuv's threadpool run at their own pace.
  */
 #ifndef UPLINKD_TEST_FAIL_ALLOC_H
 #define UPLINKD_TEST_FAIL_ALLOC_H
