@@ -18,7 +18,7 @@
  *    the TCP connect is still in progress, and a refused connect later shows
  *    up in SSL_connect() as SSL_ERROR_SYSCALL, which net__socket_connect_tls()
  *    treats as "try again". So we poll for WRITABLE first and read SO_ERROR
- *    ourselves (conn->tcp_pending).
+ *    ourselves (the attempt's TCP phase, enum conn_phase).
  *  - the TLS handshake: it continues only inside mosquitto_loop_read() (when
  *    mosq->want_connect is set); mosquitto_loop_write() does nothing while the
  *    handshake runs. mosquitto_want_write() can stay true from an earlier

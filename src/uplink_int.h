@@ -123,6 +123,26 @@ struct uplink_mosq_cbs {
     void (*subscribe)(struct mosquitto *mosq, void *obj, int mid, int count, const int *granted);
 };
 
+/* How far a connection attempt got (conn_sm in uplink_conn.c):
+ *
+ *   SETUP --(worker connected)--> TCP --(SO_ERROR 0, TLS still to do)--> TLS
+ *                                  |                                      |
+ *                                  +--(plain, or handshake done)--> MQTT <+
+ *   MQTT --(CONNACK)--> CONNACKED --(CONNACK 0 taken)--> ONLINE
+ *
+ * A failure ends the attempt in whatever phase it reached (conn->failed and
+ * its words in conn->error): the explanation and the backoff ask how far it
+ * got. Whether the threadpool holds the libmosquitto object is a separate
+ * question (work_pending), true only during SETUP. */
+enum conn_phase {
+    CONN_SETUP,     /* made on the loop thread; the worker resolves and connects */
+    CONN_TCP,       /* the non-blocking connect is not confirmed by SO_ERROR yet */
+    CONN_TLS,       /* TCP is up; the TLS handshake runs */
+    CONN_MQTT,      /* the transport is up; CONNECT goes out, CONNACK awaited */
+    CONN_CONNACKED, /* CONNACK arrived (connack_rc), accepted or refused */
+    CONN_ONLINE,    /* CONNACK 0 taken: the session is up */
+};
+
 /* One connection attempt: lives from RESOLVING until its poll handle closed. */
 struct uplink_conn {
     struct uplink *uplink;
@@ -188,19 +208,37 @@ struct uplink_conn {
     char captured[UPLINK_CAPTURE_MAX];
     size_t captured_len;
 
-    bool tcp_pending;          /* non-blocking connect not yet confirmed by SO_ERROR */
-    bool tls_done;             /* handshake finished (logged once) */
+    struct sm sm;              /* enum conn_phase, see above */
     unsigned handshake_events; /* guard against a handshake that never progresses */
-    bool connack_seen;
-    int connack_rc;
-    bool online;
-    uint64_t online_since; /* uv_now() */
-    bool acked;            /* at least one PUBACK in this session */
-    int disconnect_rc;     /* from on_disconnect, -1 = none */
+    int connack_rc;            /* from CONNACKED on */
+    uint64_t online_since;     /* uv_now() when ONLINE */
+    bool acked;                /* at least one PUBACK in this session */
+    int disconnect_rc;         /* from on_disconnect, -1 = none */
 
     bool failed;
     char error[UPLINK_ERROR_MAX];
 };
+
+static inline enum conn_phase conn_phase_of(const struct uplink_conn *conn)
+{
+    return (enum conn_phase)sm_state(&conn->sm);
+}
+
+/* The session is up (CONNACK 0 taken). */
+static inline bool conn_online(const struct uplink_conn *conn)
+{
+    return conn_phase_of(conn) == CONN_ONLINE;
+}
+
+/* A CONNACK arrived on this attempt (connack_rc is its code). */
+static inline bool conn_connacked(const struct uplink_conn *conn)
+{
+    return conn_phase_of(conn) >= CONN_CONNACKED;
+}
+
+/* uplink_conn.c: move @conn to @to (checked against conn_sm and logged at
+ * debug level with @reason). */
+#define uplink_conn_move(conn, to, reason) sm_move(&(conn)->sm, (to), (reason))
 
 struct uplink {
     uv_loop_t *loop;

@@ -59,7 +59,7 @@ static bool uplink_sm_invariant(const struct sm *sm, char *why, size_t size)
         }
         return true;
     case UPLINK_ONLINE:
-        if (conn == NULL || !conn->online || conn->work_pending) {
+        if (conn == NULL || !conn_online(conn) || conn->work_pending) {
             snprintf(why, size, "online without an online connection");
             return false;
         }
@@ -150,7 +150,11 @@ static void uplink_conn_connect_cb(struct mosquitto *mosq, void *obj, int rc)
 {
     struct uplink_conn *conn = obj;
 
-    conn->connack_seen = true;
+    /* A handshake that finished inside a read elsewhere is done too. */
+    if (conn_phase_of(conn) == CONN_TLS)
+        uplink_conn_move(conn, CONN_MQTT, "TLS handshake finished");
+    if (conn_phase_of(conn) == CONN_MQTT)
+        uplink_conn_move(conn, CONN_CONNACKED, "CONNACK");
     conn->connack_rc = rc;
 }
 
@@ -257,7 +261,7 @@ static void conn_update_poll(struct uplink_conn *conn)
     if (!conn->poll_init || conn->failed || mosquitto_socket(conn->mosq) == -1)
         return;
     ssl = mosquitto_ssl_get(conn->mosq);
-    if (conn->tcp_pending) {
+    if (conn_phase_of(conn) == CONN_TCP) {
         events = UV_WRITABLE; /* connect() completion (or its error) */
     } else if (ssl && !SSL_is_init_finished(ssl)) {
         /* UV_DISCONNECT (EPOLLRDHUP): a peer that hangs up mid-handshake
@@ -297,7 +301,7 @@ static bool conn_handshake(struct uplink_conn *conn, SSL *ssl, int events)
         return false;
     }
     if (SSL_is_init_finished(ssl)) {
-        conn->tls_done = true;
+        uplink_conn_move(conn, CONN_MQTT, "TLS handshake finished");
         log_uplink(LOG_INFO, uplink->name, "TLS %s with %s:%d established (%s)",
                    SSL_get_version(ssl), conn->host, conn->port, SSL_get_cipher_name(ssl));
         return true;
@@ -334,7 +338,7 @@ static void conn_socket_error(struct uplink_conn *conn, int err)
                 conn->host, conn->port);
         else
             uplink_conn_explain_closed(conn, err);
-    } else if (conn->tcp_pending) {
+    } else if (conn_phase_of(conn) == CONN_TCP) {
         uplink_conn_fail(conn, "connection to %s:%d failed: %s%s", conn->host, conn->port,
                          strerror(err), uplink_errno_hint(err));
     } else {
@@ -364,7 +368,7 @@ static void conn_poll_cb(uv_poll_t *handle, int status, int events)
             conn_socket_error(conn, err);
         goto out;
     }
-    if (conn->tcp_pending) {
+    if (conn_phase_of(conn) == CONN_TCP) {
         if (getsockopt(mosquitto_socket(conn->mosq), SOL_SOCKET, SO_ERROR, &err, &len) < 0)
             err = errno;
         if (err) {
@@ -381,9 +385,11 @@ static void conn_poll_cb(uv_poll_t *handle, int status, int events)
             conn_socket_error(conn, err);
             goto out;
         }
-        conn->tcp_pending = false;
         log_uplink(LOG_DEBUG, uplink->name, "TCP connection to %s:%d established", conn->host,
                    conn->port);
+        ssl = mosquitto_ssl_get(conn->mosq);
+        uplink_conn_move(conn, ssl && !SSL_is_init_finished(ssl) ? CONN_TLS : CONN_MQTT,
+                         "SO_ERROR 0");
     }
     ssl = mosquitto_ssl_get(conn->mosq);
     if (ssl && !SSL_is_init_finished(ssl)) {
@@ -633,7 +639,7 @@ static void conn_after_work_cb(uv_work_t *req, int status)
         return;
     }
     conn->poll_init = true;
-    conn->tcp_pending = true;
+    uplink_conn_move(conn, CONN_TCP, "the worker connected");
     if (conn->token_expires_at) {
         char exp[40];
         uplink->stats.token_expires_at = conn->token_expires_at;
@@ -665,7 +671,7 @@ void uplink_timer_cb(uv_timer_t *timer)
         if (!conn)
             break;
         ssl = conn->mosq ? mosquitto_ssl_get(conn->mosq) : NULL;
-        if (conn->tcp_pending)
+        if (conn_phase_of(conn) == CONN_TCP)
             uplink_conn_fail(conn,
                              "TCP connect to %s:%d timed out after %d s (wrong host, or a firewall "
                              "drops the packets)",
@@ -773,7 +779,7 @@ static bool uplink_jwt_resign_now(struct uplink *uplink, const struct uplink_con
     int64_t wall_ms, mono_ms;
     bool stepped;
 
-    if (!conn->token_expires_at || !conn->connack_seen ||
+    if (!conn->token_expires_at || !conn_connacked(conn) ||
         (conn->connack_rc != 4 && conn->connack_rc != 5) || uplink->resigned_at_once)
         return false;
     wall_ms = ((int64_t)time(NULL) - (int64_t)conn->token_signed_at) * 1000;
@@ -792,9 +798,9 @@ static bool uplink_jwt_resign_now(struct uplink *uplink, const struct uplink_con
 static void uplink_conn_failed(struct uplink *uplink)
 {
     struct uplink_conn *conn = uplink->conn;
-    bool stable = conn->online &&
+    bool stable = conn_online(conn) &&
                   (conn->acked || uv_now(uplink->loop) - conn->online_since >= UPLINK_STABLE_MS);
-    bool was_online = conn->online;
+    bool was_online = conn_online(conn);
 
     if (uplink_state_of(uplink) == UPLINK_STOPPING) {
         log_uplink(LOG_NOTICE, uplink->name, "%s", conn->error);
@@ -808,7 +814,7 @@ static void uplink_conn_failed(struct uplink *uplink)
         uplink_backoff(uplink, 0, "signing a new JWT at once because the clock changed");
         return;
     }
-    bool jwt_refused = conn->token_expires_at && conn->connack_seen &&
+    bool jwt_refused = conn->token_expires_at && conn_connacked(conn) &&
                        (conn->connack_rc == 4 || conn->connack_rc == 5);
     time_t signed_at = conn->token_signed_at;
     uint64_t signed_mono_ms = conn->token_signed_mono_ms;
@@ -873,7 +879,7 @@ static void uplink_rotate_cb(uv_timer_t *timer)
         uplink_clock_watch(uplink); /* BACKOFF after a refused JWT */
         return;
     }
-    if (uplink_state_of(uplink) != UPLINK_ONLINE || !conn || !conn->online)
+    if (uplink_state_of(uplink) != UPLINK_ONLINE || !conn || !conn_online(conn))
         return;
     if (!uplink->rotating) {
         /* The drain must end before exp: the server may drop us there. */
@@ -943,15 +949,15 @@ static bool uplink_step(struct uplink *uplink)
             break;
         if (uplink->reconnect_requested) {
             uplink->reconnect_requested = false;
-            if (conn->online)
+            if (conn_online(conn))
                 mosquitto_disconnect(conn->mosq); /* sends DISCONNECT if the socket takes it */
             uplink_drop_conn(uplink);
             uplink_backoff(uplink, 0, "configuration changed");
             return true;
         }
-        if (uplink_state_of(uplink) == UPLINK_CONNECTING && conn->connack_seen &&
-            conn->connack_rc == 0 && !conn->online) {
-            conn->online = true;
+        if (uplink_state_of(uplink) == UPLINK_CONNECTING && conn_phase_of(conn) == CONN_CONNACKED &&
+            conn->connack_rc == 0) {
+            uplink_conn_move(conn, CONN_ONLINE, "CONNACK 0");
             conn->online_since = uv_now(uplink->loop);
             uplink->clock_was_bad = false;
             uplink->resigned_at_once = false;
@@ -994,7 +1000,7 @@ static bool uplink_step(struct uplink *uplink)
     case UPLINK_STOPPING:
         if (conn) {
             /* hold_spool (bootstrap session): nothing may go, so no wait. */
-            if (conn->online && !conn->hold_spool && uplink_unsent(uplink) > 0 &&
+            if (conn_online(conn) && !conn->hold_spool && uplink_unsent(uplink) > 0 &&
                 !uplink->stop_deadline_passed) {
                 /* Use the grace period to collect the acks of what is in
                  * flight (fewer duplicates after the restart) and, with a
@@ -1006,7 +1012,7 @@ static bool uplink_step(struct uplink *uplink)
                 conn_update_poll(conn);
                 break;
             }
-            if (conn->online) {
+            if (conn_online(conn)) {
                 /* MQTT 3.1.1 §3.14: DISCONNECT tells the broker not to send the will. */
                 mosquitto_disconnect(conn->mosq);
             }
