@@ -208,6 +208,7 @@ int uplink_new(uv_loop_t *loop, const struct conf_uplink *conf, const char *gate
     uplink->conf = conf;
     uplink->loop_thread = pthread_self();
     sm_init(&uplink->sm, &uplink_sm, UPLINK_IDLE);
+    sm_init(&uplink->rotate_sm, &uplink_rotate_sm, ROTATE_IDLE);
     if (hooks)
         uplink->hooks = *hooks;
     if (getrandom(&uplink->rng, sizeof(uplink->rng), GRND_NONBLOCK) != sizeof(uplink->rng))
@@ -322,7 +323,7 @@ int uplink_publish_async(struct uplink *uplink, const char *topic, const void *p
     if (qos == 0) {
         struct uplink_conn *conn = uplink->conn;
         if (uplink_state_of(uplink) == UPLINK_ONLINE && conn && !conn->failed &&
-            !uplink->rotating) {
+            !uplink_draining(uplink)) {
             /* Straight upstream: QoS 0 promises nothing to wait for. */
             int mid;
             uplink->in_io = true;

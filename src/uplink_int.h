@@ -143,6 +143,24 @@ enum conn_phase {
     CONN_ONLINE,    /* CONNACK 0 taken: the session is up */
 };
 
+/* What the uplink's rotate timer is for (rotate_sm in uplink_machine.c):
+ *
+ *   IDLE --(CONNACK 0 with a JWT)--> REFRESH --(refresh point)--> DRAINING
+ *     ^  \                              |                            |
+ *     |   +--(JWT refused)--> CLOCK_WATCH  +----(connection dropped)---+
+ *     +------(backoff ends, clock stepped, stopping)--+--> IDLE
+ *
+ * REFRESH: ONLINE, waiting for the token's refresh point. DRAINING: ONLINE
+ * but sending nothing new until the in-flight publishes are acknowledged or
+ * the drain deadline passes, then a reconnect with a new token. CLOCK_WATCH:
+ * BACKOFF after a refused JWT, watching for a wall-clock step. */
+enum rotate_job {
+    ROTATE_IDLE,
+    ROTATE_REFRESH,
+    ROTATE_DRAINING,
+    ROTATE_CLOCK_WATCH,
+};
+
 /* One connection attempt: lives from RESOLVING until its poll handle closed. */
 struct uplink_conn {
     struct uplink *uplink;
@@ -275,15 +293,13 @@ struct uplink {
     uint64_t backoff_ms; /* previous sleep, for decorrelated jitter */
 
     /* JWT (see uplink_rotate_cb and uplink_clock_blocks). */
-    bool rotating;            /* ONLINE but draining: nothing new is sent */
+    struct sm rotate_sm;      /* enum rotate_job: what the rotate timer is for */
     uint64_t rotate_deadline; /* uv_now() when the drain gives up */
     bool clock_bad;           /* the last clock check failed (logged once) */
     bool clock_was_bad;       /* it failed since the last CONNACK 0 */
     bool resigned_at_once;    /* the one immediate re-sign after a rejection is used */
-    /* After a refused JWT: the rotate timer watches for a wall-clock step
-     * while in BACKOFF (uplink_clock_watch); the refused token's signing
+    /* After a refused JWT (ROTATE_CLOCK_WATCH): the refused token's signing
      * moment on both clocks. */
-    bool clock_watch;
     time_t refused_signed_at;
     uint64_t refused_signed_mono_ms;
     /* Credentials (uplink_reload_credentials): what the last connection
@@ -342,6 +358,18 @@ struct uplink_control {
 
 /* The uplink's state table (enum uplink_state) and its invariant. */
 extern const struct sm_conf uplink_sm;
+extern const struct sm_conf uplink_rotate_sm;
+
+static inline enum rotate_job uplink_rotate_job(const struct uplink *uplink)
+{
+    return (enum rotate_job)sm_state(&uplink->rotate_sm);
+}
+
+/* ONLINE but draining for a JWT rotation: nothing new is sent. */
+static inline bool uplink_draining(const struct uplink *uplink)
+{
+    return uplink_rotate_job(uplink) == ROTATE_DRAINING;
+}
 
 /* The current state (read on every send: inline). */
 static inline enum uplink_state uplink_state_of(const struct uplink *uplink)

@@ -83,6 +83,68 @@ const struct sm_conf uplink_sm = {
     .invariant = uplink_sm_invariant,
 };
 
+/* The rotate timer's jobs (the diagram is above enum rotate_job). */
+static const struct sm_state rotate_jobs[] = {
+    [ROTATE_IDLE] = {"IDLE", SM_TO(ROTATE_REFRESH) | SM_TO(ROTATE_CLOCK_WATCH)},
+    [ROTATE_REFRESH] = {"REFRESH", SM_TO(ROTATE_DRAINING) | SM_TO(ROTATE_IDLE)},
+    [ROTATE_DRAINING] = {"DRAINING", SM_TO(ROTATE_IDLE)},
+    [ROTATE_CLOCK_WATCH] = {"CLOCK_WATCH", SM_TO(ROTATE_IDLE)},
+};
+
+static void rotate_sm_describe(const struct sm *sm, char *buf, size_t size)
+{
+    (void)sm;
+    snprintf(buf, size, "JWT rotation");
+}
+
+static const char *rotate_sm_uplink(const struct sm *sm)
+{
+    return container_of(sm, struct uplink, rotate_sm)->name;
+}
+
+/* REFRESH and DRAINING belong to an online session, CLOCK_WATCH to BACKOFF. */
+static bool rotate_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct uplink *uplink = container_of(sm, struct uplink, rotate_sm);
+    enum uplink_state state = uplink_state_of(uplink);
+
+    switch ((enum rotate_job)sm_state(sm)) {
+    case ROTATE_REFRESH:
+    case ROTATE_DRAINING:
+        if (state != UPLINK_ONLINE) {
+            snprintf(why, size, "a token rotation while %s", uplink_state_name(state));
+            return false;
+        }
+        return true;
+    case ROTATE_CLOCK_WATCH:
+        if (state != UPLINK_BACKOFF) {
+            snprintf(why, size, "a clock watch while %s", uplink_state_name(state));
+            return false;
+        }
+        return true;
+    default:
+        return true;
+    }
+}
+
+const struct sm_conf uplink_rotate_sm = {
+    .states = rotate_jobs,
+    .count = ARRAY_SIZE(rotate_jobs),
+    .level = LOG_DEBUG,
+    .describe = rotate_sm_describe,
+    .log_name = rotate_sm_uplink,
+    .invariant = rotate_sm_invariant,
+};
+
+/* Stop the rotate timer and give it back (any job ends). */
+static void uplink_rotate_idle(struct uplink *uplink, const char *why)
+{
+    if (uplink->handles_init)
+        uv_timer_stop(&uplink->rotate);
+    if (uplink_rotate_job(uplink) != ROTATE_IDLE)
+        sm_move(&uplink->rotate_sm, ROTATE_IDLE, why);
+}
+
 const char *uplink_state_name(enum uplink_state state)
 {
     return sm_state_name(&uplink_sm, (unsigned)state);
@@ -468,11 +530,9 @@ static void uplink_drop_conn(struct uplink *uplink)
     if (!conn)
         return;
     uplink->conn = NULL;
-    if (uplink->handles_init) {
+    if (uplink->handles_init)
         uv_timer_stop(&uplink->tick);
-        uv_timer_stop(&uplink->rotate);
-    }
-    uplink->rotating = false;
+    uplink_rotate_idle(uplink, "the connection was dropped");
     uplink->stats.token_refresh_at = 0;
     if (uplink->spool)
         spool_rewind(uplink->spool);
@@ -540,11 +600,8 @@ void uplink_connect(struct uplink *uplink, const char *reason)
     struct uplink_conn *conn;
     int rc;
 
-    if (uplink->clock_watch) {
-        /* Leaving BACKOFF: the rotate timer is the session's again. */
-        uplink->clock_watch = false;
-        uv_timer_stop(&uplink->rotate);
-    }
+    if (uplink_rotate_job(uplink) == ROTATE_CLOCK_WATCH)
+        uplink_rotate_idle(uplink, "leaving BACKOFF: the timer is the session's again");
     if (uplink_clock_blocks(uplink))
         return;
     if (uplink->conf->tls.enabled && uplink->conf->tls.insecure)
@@ -826,11 +883,11 @@ static void uplink_conn_failed(struct uplink *uplink)
         /* The clock that signed the refused token may be corrected during
          * the backoff (NTP stepping it): uplink_clock_watch(). The rotate
          * timer is free in BACKOFF (uplink_drop_conn stopped it). */
-        uplink->clock_watch = true;
         uplink->refused_signed_at = signed_at;
         uplink->refused_signed_mono_ms = signed_mono_ms;
         uv_timer_start(&uplink->rotate, uplink_rotate_cb, UPLINK_CLOCK_WATCH_MS,
                        UPLINK_CLOCK_WATCH_MS);
+        sm_move(&uplink->rotate_sm, ROTATE_CLOCK_WATCH, "the JWT was refused");
     }
 }
 
@@ -845,8 +902,7 @@ static void uplink_clock_watch(struct uplink *uplink)
     int64_t wall_ms, mono_ms, step_ms;
 
     if (uplink_state_of(uplink) != UPLINK_BACKOFF) {
-        uplink->clock_watch = false;
-        uv_timer_stop(&uplink->rotate);
+        uplink_rotate_idle(uplink, "no longer in BACKOFF");
         return;
     }
     wall_ms = ((int64_t)time(NULL) - (int64_t)uplink->refused_signed_at) * 1000;
@@ -854,8 +910,7 @@ static void uplink_clock_watch(struct uplink *uplink)
     step_ms = wall_ms - mono_ms;
     if (step_ms <= UPLINK_CLOCK_STEP_MS && step_ms >= -UPLINK_CLOCK_STEP_MS)
         return;
-    uplink->clock_watch = false;
-    uv_timer_stop(&uplink->rotate);
+    uplink_rotate_idle(uplink, "the clock was stepped");
     log_uplink(LOG_NOTICE, uplink->name,
                "the wall clock was stepped by %+.0f s since the refused JWT was signed; signing "
                "a new JWT now instead of waiting out the backoff",
@@ -875,19 +930,19 @@ static void uplink_rotate_cb(uv_timer_t *timer)
     uint64_t drain_ms;
     char exp[40];
 
-    if (uplink->clock_watch) {
+    if (uplink_rotate_job(uplink) == ROTATE_CLOCK_WATCH) {
         uplink_clock_watch(uplink); /* BACKOFF after a refused JWT */
         return;
     }
     if (uplink_state_of(uplink) != UPLINK_ONLINE || !conn || !conn_online(conn))
         return;
-    if (!uplink->rotating) {
+    if (uplink_rotate_job(uplink) == ROTATE_REFRESH) {
         /* The drain must end before exp: the server may drop us there. */
         left_ms = ((int64_t)conn->token_expires_at - (int64_t)time(NULL)) * 1000 - 1000;
         drain_ms = left_ms <= 0                       ? 0
                    : left_ms < UPLINK_ROTATE_DRAIN_MS ? (uint64_t)left_ms
                                                       : UPLINK_ROTATE_DRAIN_MS;
-        uplink->rotating = true;
+        sm_move(&uplink->rotate_sm, ROTATE_DRAINING, "the refresh point");
         uplink->rotate_deadline = uv_now(uplink->loop) + drain_ms;
         log_uplink(LOG_NOTICE, uplink->name,
                    "rotating the JWT that expires at %s: waiting up to %.1f s for %zu in-flight "
@@ -920,6 +975,7 @@ static void uplink_arm_rotation(struct uplink *uplink, const struct uplink_conn 
     log_uplink(LOG_INFO, uplink->name, "the JWT will be replaced in %.1f s",
                (double)delay_ms / 1000.0);
     uv_timer_start(&uplink->rotate, uplink_rotate_cb, (uint64_t)delay_ms, 0);
+    sm_move(&uplink->rotate_sm, ROTATE_REFRESH, "CONNACK 0 with a JWT");
 }
 
 static bool uplink_step(struct uplink *uplink)
@@ -973,7 +1029,7 @@ static bool uplink_step(struct uplink *uplink)
             uplink_tell_online(uplink);
             return true;
         }
-        if (uplink_state_of(uplink) == UPLINK_ONLINE && uplink->rotating &&
+        if (uplink_state_of(uplink) == UPLINK_ONLINE && uplink_draining(uplink) &&
             (uplink->inflight == 0 || uv_now(uplink->loop) >= uplink->rotate_deadline)) {
             if (uplink->inflight)
                 log_uplink(LOG_WARNING, uplink->name,
@@ -989,7 +1045,7 @@ static bool uplink_step(struct uplink *uplink)
             return true;
         }
         /* Control messages first; a gated one holds the spool back. */
-        if (uplink_state_of(uplink) == UPLINK_ONLINE && !uplink->rotating &&
+        if (uplink_state_of(uplink) == UPLINK_ONLINE && !uplink_draining(uplink) &&
             !uplink_conn_flush_control(conn) && !conn->hold_spool)
             uplink_conn_flush(conn);
         uplink_conn_write(conn);
@@ -1024,7 +1080,7 @@ static bool uplink_step(struct uplink *uplink)
             uplink->handles_closing = true;
             uv_timer_stop(&uplink->tick);
             uv_timer_stop(&uplink->timer);
-            uv_timer_stop(&uplink->rotate);
+            uplink_rotate_idle(uplink, "stopping");
             uplink->closing += 3;
             uv_close((uv_handle_t *)&uplink->tick, uplink_handle_close_cb);
             uv_close((uv_handle_t *)&uplink->timer, uplink_handle_close_cb);
