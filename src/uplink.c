@@ -18,7 +18,7 @@
  *    the TCP connect is still in progress, and a refused connect later shows
  *    up in SSL_connect() as SSL_ERROR_SYSCALL, which net__socket_connect_tls()
  *    treats as "try again". So we poll for WRITABLE first and read SO_ERROR
- *    ourselves (conn->tcp_pending).
+ *    ourselves (the attempt's TCP phase, enum conn_phase).
  *  - the TLS handshake: it continues only inside mosquitto_loop_read() (when
  *    mosq->want_connect is set); mosquitto_loop_write() does nothing while the
  *    handshake runs. mosquitto_want_write() can stay true from an earlier
@@ -208,6 +208,7 @@ int uplink_new(uv_loop_t *loop, const struct conf_uplink *conf, const char *gate
     uplink->conf = conf;
     uplink->loop_thread = pthread_self();
     sm_init(&uplink->sm, &uplink_sm, UPLINK_IDLE);
+    sm_init(&uplink->rotate_sm, &uplink_rotate_sm, ROTATE_IDLE);
     if (hooks)
         uplink->hooks = *hooks;
     if (getrandom(&uplink->rng, sizeof(uplink->rng), GRND_NONBLOCK) != sizeof(uplink->rng))
@@ -322,7 +323,7 @@ int uplink_publish_async(struct uplink *uplink, const char *topic, const void *p
     if (qos == 0) {
         struct uplink_conn *conn = uplink->conn;
         if (uplink_state_of(uplink) == UPLINK_ONLINE && conn && !conn->failed &&
-            !uplink->rotating) {
+            !uplink_draining(uplink)) {
             /* Straight upstream: QoS 0 promises nothing to wait for. */
             int mid;
             uplink->in_io = true;

@@ -145,6 +145,49 @@ static int conn_apply_session(struct uplink_conn *conn)
     return 0;
 }
 
+/* The attempt's phases (the diagram is above enum conn_phase, uplink_int.h). */
+static const struct sm_state conn_phases[] = {
+    [CONN_SETUP] = {"SETUP", SM_TO(CONN_TCP)},
+    [CONN_TCP] = {"TCP", SM_TO(CONN_TLS) | SM_TO(CONN_MQTT)},
+    [CONN_TLS] = {"TLS", SM_TO(CONN_MQTT)},
+    [CONN_MQTT] = {"MQTT", SM_TO(CONN_CONNACKED)},
+    [CONN_CONNACKED] = {"CONNACKED", SM_TO(CONN_ONLINE)},
+    [CONN_ONLINE] = {"ONLINE", 0},
+};
+
+static void conn_sm_describe(const struct sm *sm, char *buf, size_t size)
+{
+    const struct uplink_conn *conn = container_of(sm, struct uplink_conn, sm);
+
+    snprintf(buf, size, "connection to %s:%d", conn->host, conn->port);
+}
+
+static const char *conn_sm_log_name(const struct sm *sm)
+{
+    return container_of(sm, struct uplink_conn, sm)->uplink->name;
+}
+
+/* The worker owns the libmosquitto object only while setting up. */
+static bool conn_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct uplink_conn *conn = container_of(sm, struct uplink_conn, sm);
+
+    if (conn->work_pending && sm_state(sm) != CONN_SETUP) {
+        snprintf(why, size, "the threadpool still holds the connection");
+        return false;
+    }
+    return true;
+}
+
+static const struct sm_conf conn_sm = {
+    .states = conn_phases,
+    .count = ARRAY_SIZE(conn_phases),
+    .level = LOG_DEBUG,
+    .describe = conn_sm_describe,
+    .log_name = conn_sm_log_name,
+    .invariant = conn_sm_invariant,
+};
+
 struct uplink_conn *uplink_conn_new(struct uplink *uplink, const struct uplink_mosq_cbs *cbs)
 {
     const struct conf_uplink *conf = uplink->conf;
@@ -155,6 +198,7 @@ struct uplink_conn *uplink_conn_new(struct uplink *uplink, const struct uplink_m
         return NULL;
     conn->uplink = uplink;
     conn->cbs = cbs;
+    sm_init(&conn->sm, &conn_sm, CONN_SETUP);
     conn->port = conf->port;
     conn->keepalive = (int)conf->keepalive_s;
     conn->window = conf->max_inflight ? conf->max_inflight : 100;

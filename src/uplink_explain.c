@@ -189,14 +189,14 @@ void uplink_conn_explain_closed(struct uplink_conn *conn, int err)
 
     if (err && err != EPROTO)
         snprintf(why, sizeof(why), " (%s)", strerror(err));
-    if (conn->online && conn->token_expires_at && time(NULL) >= conn->token_expires_at)
+    if (conn_online(conn) && conn->token_expires_at && time(NULL) >= conn->token_expires_at)
         uplink_conn_fail(
             conn,
             "connection to %s:%d lost: closed by the server%s after the JWT expired at %s "
             "(JWT clouds drop a session at exp; the token was not rotated in time)",
             conn->host, conn->port, why,
             uplink_format_utc(conn->token_expires_at, exp, sizeof(exp)));
-    else if (conn->online)
+    else if (conn_online(conn))
         uplink_conn_fail(conn, "connection to %s:%d lost: closed by the server%s", conn->host,
                          conn->port, why);
     else if (err == ECONNREFUSED || err == ENETUNREACH || err == EHOSTUNREACH || err == ETIMEDOUT)
@@ -220,19 +220,20 @@ void uplink_conn_explain_rc(struct uplink_conn *conn, int rc, int err)
     if (rc == MOSQ_ERR_SUCCESS && conn->disconnect_rc > 0)
         rc = conn->disconnect_rc;
 
-    if (conn->connack_seen && (conn->connack_rc == 4 || conn->connack_rc == 5) &&
+    if (conn_connacked(conn) && (conn->connack_rc == 4 || conn->connack_rc == 5) &&
         conn->token_expires_at) {
         conn_explain_jwt_refused(conn);
-    } else if (conn->connack_seen && conn->connack_rc != 0) {
+    } else if (conn_connacked(conn) && conn->connack_rc != 0) {
         /* The profile may know what this cloud means by the code. */
         const char *text = uplink_ask_connack_text(conn->uplink, conn->connack_rc);
         uplink_conn_fail(conn, "broker %s:%d refused the connection: CONNACK %d %s", conn->host,
                          conn->port, conn->connack_rc,
                          text ? text : connack_text(conn->connack_rc));
-    } else if (rc == MOSQ_ERR_TLS || (strstr(conn->captured, "OpenSSL Error") && !conn->online)) {
+    } else if (rc == MOSQ_ERR_TLS ||
+               (strstr(conn->captured, "OpenSSL Error") && !conn_online(conn))) {
         uplink_conn_explain_tls(conn);
     } else if (rc == MOSQ_ERR_KEEPALIVE) {
-        if (conn->online)
+        if (conn_online(conn))
             uplink_conn_fail(conn,
                              "connection to %s:%d lost: no answer to PINGREQ within keepalive %d s",
                              conn->host, conn->port, conn->keepalive);

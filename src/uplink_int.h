@@ -123,6 +123,44 @@ struct uplink_mosq_cbs {
     void (*subscribe)(struct mosquitto *mosq, void *obj, int mid, int count, const int *granted);
 };
 
+/* How far a connection attempt got (conn_sm in uplink_conn.c):
+ *
+ *   SETUP --(worker connected)--> TCP --(SO_ERROR 0, TLS still to do)--> TLS
+ *                                  |                                      |
+ *                                  +--(plain, or handshake done)--> MQTT <+
+ *   MQTT --(CONNACK)--> CONNACKED --(CONNACK 0 taken)--> ONLINE
+ *
+ * A failure ends the attempt in whatever phase it reached (conn->failed and
+ * its words in conn->error): the explanation and the backoff ask how far it
+ * got. Whether the threadpool holds the libmosquitto object is a separate
+ * question (work_pending), true only during SETUP. */
+enum conn_phase {
+    CONN_SETUP,     /* made on the loop thread; the worker resolves and connects */
+    CONN_TCP,       /* the non-blocking connect is not confirmed by SO_ERROR yet */
+    CONN_TLS,       /* TCP is up; the TLS handshake runs */
+    CONN_MQTT,      /* the transport is up; CONNECT goes out, CONNACK awaited */
+    CONN_CONNACKED, /* CONNACK arrived (connack_rc), accepted or refused */
+    CONN_ONLINE,    /* CONNACK 0 taken: the session is up */
+};
+
+/* What the uplink's rotate timer is for (rotate_sm in uplink_machine.c):
+ *
+ *   IDLE --(CONNACK 0 with a JWT)--> REFRESH --(refresh point)--> DRAINING
+ *     ^  \                              |                            |
+ *     |   +--(JWT refused)--> CLOCK_WATCH  +----(connection dropped)---+
+ *     +------(backoff ends, clock stepped, stopping)--+--> IDLE
+ *
+ * REFRESH: ONLINE, waiting for the token's refresh point. DRAINING: ONLINE
+ * but sending nothing new until the in-flight publishes are acknowledged or
+ * the drain deadline passes, then a reconnect with a new token. CLOCK_WATCH:
+ * BACKOFF after a refused JWT, watching for a wall-clock step. */
+enum rotate_job {
+    ROTATE_IDLE,
+    ROTATE_REFRESH,
+    ROTATE_DRAINING,
+    ROTATE_CLOCK_WATCH,
+};
+
 /* One connection attempt: lives from RESOLVING until its poll handle closed. */
 struct uplink_conn {
     struct uplink *uplink;
@@ -188,19 +226,37 @@ struct uplink_conn {
     char captured[UPLINK_CAPTURE_MAX];
     size_t captured_len;
 
-    bool tcp_pending;          /* non-blocking connect not yet confirmed by SO_ERROR */
-    bool tls_done;             /* handshake finished (logged once) */
+    struct sm sm;              /* enum conn_phase, see above */
     unsigned handshake_events; /* guard against a handshake that never progresses */
-    bool connack_seen;
-    int connack_rc;
-    bool online;
-    uint64_t online_since; /* uv_now() */
-    bool acked;            /* at least one PUBACK in this session */
-    int disconnect_rc;     /* from on_disconnect, -1 = none */
+    int connack_rc;            /* from CONNACKED on */
+    uint64_t online_since;     /* uv_now() when ONLINE */
+    bool acked;                /* at least one PUBACK in this session */
+    int disconnect_rc;         /* from on_disconnect, -1 = none */
 
     bool failed;
     char error[UPLINK_ERROR_MAX];
 };
+
+static inline enum conn_phase conn_phase_of(const struct uplink_conn *conn)
+{
+    return (enum conn_phase)sm_state(&conn->sm);
+}
+
+/* The session is up (CONNACK 0 taken). */
+static inline bool conn_online(const struct uplink_conn *conn)
+{
+    return conn_phase_of(conn) == CONN_ONLINE;
+}
+
+/* A CONNACK arrived on this attempt (connack_rc is its code). */
+static inline bool conn_connacked(const struct uplink_conn *conn)
+{
+    return conn_phase_of(conn) >= CONN_CONNACKED;
+}
+
+/* uplink_conn.c: move @conn to @to (checked against conn_sm and logged at
+ * debug level with @reason). */
+#define uplink_conn_move(conn, to, reason) sm_move(&(conn)->sm, (to), (reason))
 
 struct uplink {
     uv_loop_t *loop;
@@ -237,15 +293,13 @@ struct uplink {
     uint64_t backoff_ms; /* previous sleep, for decorrelated jitter */
 
     /* JWT (see uplink_rotate_cb and uplink_clock_blocks). */
-    bool rotating;            /* ONLINE but draining: nothing new is sent */
+    struct sm rotate_sm;      /* enum rotate_job: what the rotate timer is for */
     uint64_t rotate_deadline; /* uv_now() when the drain gives up */
     bool clock_bad;           /* the last clock check failed (logged once) */
     bool clock_was_bad;       /* it failed since the last CONNACK 0 */
     bool resigned_at_once;    /* the one immediate re-sign after a rejection is used */
-    /* After a refused JWT: the rotate timer watches for a wall-clock step
-     * while in BACKOFF (uplink_clock_watch); the refused token's signing
+    /* After a refused JWT (ROTATE_CLOCK_WATCH): the refused token's signing
      * moment on both clocks. */
-    bool clock_watch;
     time_t refused_signed_at;
     uint64_t refused_signed_mono_ms;
     /* Credentials (uplink_reload_credentials): what the last connection
@@ -304,6 +358,18 @@ struct uplink_control {
 
 /* The uplink's state table (enum uplink_state) and its invariant. */
 extern const struct sm_conf uplink_sm;
+extern const struct sm_conf uplink_rotate_sm;
+
+static inline enum rotate_job uplink_rotate_job(const struct uplink *uplink)
+{
+    return (enum rotate_job)sm_state(&uplink->rotate_sm);
+}
+
+/* ONLINE but draining for a JWT rotation: nothing new is sent. */
+static inline bool uplink_draining(const struct uplink *uplink)
+{
+    return uplink_rotate_job(uplink) == ROTATE_DRAINING;
+}
 
 /* The current state (read on every send: inline). */
 static inline enum uplink_state uplink_state_of(const struct uplink *uplink)

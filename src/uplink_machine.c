@@ -59,7 +59,7 @@ static bool uplink_sm_invariant(const struct sm *sm, char *why, size_t size)
         }
         return true;
     case UPLINK_ONLINE:
-        if (conn == NULL || !conn->online || conn->work_pending) {
+        if (conn == NULL || !conn_online(conn) || conn->work_pending) {
             snprintf(why, size, "online without an online connection");
             return false;
         }
@@ -82,6 +82,68 @@ const struct sm_conf uplink_sm = {
     .log_name = uplink_sm_uplink,
     .invariant = uplink_sm_invariant,
 };
+
+/* The rotate timer's jobs (the diagram is above enum rotate_job). */
+static const struct sm_state rotate_jobs[] = {
+    [ROTATE_IDLE] = {"IDLE", SM_TO(ROTATE_REFRESH) | SM_TO(ROTATE_CLOCK_WATCH)},
+    [ROTATE_REFRESH] = {"REFRESH", SM_TO(ROTATE_DRAINING) | SM_TO(ROTATE_IDLE)},
+    [ROTATE_DRAINING] = {"DRAINING", SM_TO(ROTATE_IDLE)},
+    [ROTATE_CLOCK_WATCH] = {"CLOCK_WATCH", SM_TO(ROTATE_IDLE)},
+};
+
+static void rotate_sm_describe(const struct sm *sm, char *buf, size_t size)
+{
+    (void)sm;
+    snprintf(buf, size, "JWT rotation");
+}
+
+static const char *rotate_sm_uplink(const struct sm *sm)
+{
+    return container_of(sm, struct uplink, rotate_sm)->name;
+}
+
+/* REFRESH and DRAINING belong to an online session, CLOCK_WATCH to BACKOFF. */
+static bool rotate_sm_invariant(const struct sm *sm, char *why, size_t size)
+{
+    const struct uplink *uplink = container_of(sm, struct uplink, rotate_sm);
+    enum uplink_state state = uplink_state_of(uplink);
+
+    switch ((enum rotate_job)sm_state(sm)) {
+    case ROTATE_REFRESH:
+    case ROTATE_DRAINING:
+        if (state != UPLINK_ONLINE) {
+            snprintf(why, size, "a token rotation while %s", uplink_state_name(state));
+            return false;
+        }
+        return true;
+    case ROTATE_CLOCK_WATCH:
+        if (state != UPLINK_BACKOFF) {
+            snprintf(why, size, "a clock watch while %s", uplink_state_name(state));
+            return false;
+        }
+        return true;
+    default:
+        return true;
+    }
+}
+
+const struct sm_conf uplink_rotate_sm = {
+    .states = rotate_jobs,
+    .count = ARRAY_SIZE(rotate_jobs),
+    .level = LOG_DEBUG,
+    .describe = rotate_sm_describe,
+    .log_name = rotate_sm_uplink,
+    .invariant = rotate_sm_invariant,
+};
+
+/* Stop the rotate timer and give it back (any job ends). */
+static void uplink_rotate_idle(struct uplink *uplink, const char *why)
+{
+    if (uplink->handles_init)
+        uv_timer_stop(&uplink->rotate);
+    if (uplink_rotate_job(uplink) != ROTATE_IDLE)
+        sm_move(&uplink->rotate_sm, ROTATE_IDLE, why);
+}
 
 const char *uplink_state_name(enum uplink_state state)
 {
@@ -150,7 +212,11 @@ static void uplink_conn_connect_cb(struct mosquitto *mosq, void *obj, int rc)
 {
     struct uplink_conn *conn = obj;
 
-    conn->connack_seen = true;
+    /* A handshake that finished inside a read elsewhere is done too. */
+    if (conn_phase_of(conn) == CONN_TLS)
+        uplink_conn_move(conn, CONN_MQTT, "TLS handshake finished");
+    if (conn_phase_of(conn) == CONN_MQTT)
+        uplink_conn_move(conn, CONN_CONNACKED, "CONNACK");
     conn->connack_rc = rc;
 }
 
@@ -257,7 +323,7 @@ static void conn_update_poll(struct uplink_conn *conn)
     if (!conn->poll_init || conn->failed || mosquitto_socket(conn->mosq) == -1)
         return;
     ssl = mosquitto_ssl_get(conn->mosq);
-    if (conn->tcp_pending) {
+    if (conn_phase_of(conn) == CONN_TCP) {
         events = UV_WRITABLE; /* connect() completion (or its error) */
     } else if (ssl && !SSL_is_init_finished(ssl)) {
         /* UV_DISCONNECT (EPOLLRDHUP): a peer that hangs up mid-handshake
@@ -297,7 +363,7 @@ static bool conn_handshake(struct uplink_conn *conn, SSL *ssl, int events)
         return false;
     }
     if (SSL_is_init_finished(ssl)) {
-        conn->tls_done = true;
+        uplink_conn_move(conn, CONN_MQTT, "TLS handshake finished");
         log_uplink(LOG_INFO, uplink->name, "TLS %s with %s:%d established (%s)",
                    SSL_get_version(ssl), conn->host, conn->port, SSL_get_cipher_name(ssl));
         return true;
@@ -334,7 +400,7 @@ static void conn_socket_error(struct uplink_conn *conn, int err)
                 conn->host, conn->port);
         else
             uplink_conn_explain_closed(conn, err);
-    } else if (conn->tcp_pending) {
+    } else if (conn_phase_of(conn) == CONN_TCP) {
         uplink_conn_fail(conn, "connection to %s:%d failed: %s%s", conn->host, conn->port,
                          strerror(err), uplink_errno_hint(err));
     } else {
@@ -364,7 +430,7 @@ static void conn_poll_cb(uv_poll_t *handle, int status, int events)
             conn_socket_error(conn, err);
         goto out;
     }
-    if (conn->tcp_pending) {
+    if (conn_phase_of(conn) == CONN_TCP) {
         if (getsockopt(mosquitto_socket(conn->mosq), SOL_SOCKET, SO_ERROR, &err, &len) < 0)
             err = errno;
         if (err) {
@@ -381,9 +447,11 @@ static void conn_poll_cb(uv_poll_t *handle, int status, int events)
             conn_socket_error(conn, err);
             goto out;
         }
-        conn->tcp_pending = false;
         log_uplink(LOG_DEBUG, uplink->name, "TCP connection to %s:%d established", conn->host,
                    conn->port);
+        ssl = mosquitto_ssl_get(conn->mosq);
+        uplink_conn_move(conn, ssl && !SSL_is_init_finished(ssl) ? CONN_TLS : CONN_MQTT,
+                         "SO_ERROR 0");
     }
     ssl = mosquitto_ssl_get(conn->mosq);
     if (ssl && !SSL_is_init_finished(ssl)) {
@@ -462,11 +530,9 @@ static void uplink_drop_conn(struct uplink *uplink)
     if (!conn)
         return;
     uplink->conn = NULL;
-    if (uplink->handles_init) {
+    if (uplink->handles_init)
         uv_timer_stop(&uplink->tick);
-        uv_timer_stop(&uplink->rotate);
-    }
-    uplink->rotating = false;
+    uplink_rotate_idle(uplink, "the connection was dropped");
     uplink->stats.token_refresh_at = 0;
     if (uplink->spool)
         spool_rewind(uplink->spool);
@@ -534,11 +600,8 @@ void uplink_connect(struct uplink *uplink, const char *reason)
     struct uplink_conn *conn;
     int rc;
 
-    if (uplink->clock_watch) {
-        /* Leaving BACKOFF: the rotate timer is the session's again. */
-        uplink->clock_watch = false;
-        uv_timer_stop(&uplink->rotate);
-    }
+    if (uplink_rotate_job(uplink) == ROTATE_CLOCK_WATCH)
+        uplink_rotate_idle(uplink, "leaving BACKOFF: the timer is the session's again");
     if (uplink_clock_blocks(uplink))
         return;
     if (uplink->conf->tls.enabled && uplink->conf->tls.insecure)
@@ -633,7 +696,7 @@ static void conn_after_work_cb(uv_work_t *req, int status)
         return;
     }
     conn->poll_init = true;
-    conn->tcp_pending = true;
+    uplink_conn_move(conn, CONN_TCP, "the worker connected");
     if (conn->token_expires_at) {
         char exp[40];
         uplink->stats.token_expires_at = conn->token_expires_at;
@@ -665,7 +728,7 @@ void uplink_timer_cb(uv_timer_t *timer)
         if (!conn)
             break;
         ssl = conn->mosq ? mosquitto_ssl_get(conn->mosq) : NULL;
-        if (conn->tcp_pending)
+        if (conn_phase_of(conn) == CONN_TCP)
             uplink_conn_fail(conn,
                              "TCP connect to %s:%d timed out after %d s (wrong host, or a firewall "
                              "drops the packets)",
@@ -773,7 +836,7 @@ static bool uplink_jwt_resign_now(struct uplink *uplink, const struct uplink_con
     int64_t wall_ms, mono_ms;
     bool stepped;
 
-    if (!conn->token_expires_at || !conn->connack_seen ||
+    if (!conn->token_expires_at || !conn_connacked(conn) ||
         (conn->connack_rc != 4 && conn->connack_rc != 5) || uplink->resigned_at_once)
         return false;
     wall_ms = ((int64_t)time(NULL) - (int64_t)conn->token_signed_at) * 1000;
@@ -792,9 +855,9 @@ static bool uplink_jwt_resign_now(struct uplink *uplink, const struct uplink_con
 static void uplink_conn_failed(struct uplink *uplink)
 {
     struct uplink_conn *conn = uplink->conn;
-    bool stable = conn->online &&
+    bool stable = conn_online(conn) &&
                   (conn->acked || uv_now(uplink->loop) - conn->online_since >= UPLINK_STABLE_MS);
-    bool was_online = conn->online;
+    bool was_online = conn_online(conn);
 
     if (uplink_state_of(uplink) == UPLINK_STOPPING) {
         log_uplink(LOG_NOTICE, uplink->name, "%s", conn->error);
@@ -808,7 +871,7 @@ static void uplink_conn_failed(struct uplink *uplink)
         uplink_backoff(uplink, 0, "signing a new JWT at once because the clock changed");
         return;
     }
-    bool jwt_refused = conn->token_expires_at && conn->connack_seen &&
+    bool jwt_refused = conn->token_expires_at && conn_connacked(conn) &&
                        (conn->connack_rc == 4 || conn->connack_rc == 5);
     time_t signed_at = conn->token_signed_at;
     uint64_t signed_mono_ms = conn->token_signed_mono_ms;
@@ -820,11 +883,11 @@ static void uplink_conn_failed(struct uplink *uplink)
         /* The clock that signed the refused token may be corrected during
          * the backoff (NTP stepping it): uplink_clock_watch(). The rotate
          * timer is free in BACKOFF (uplink_drop_conn stopped it). */
-        uplink->clock_watch = true;
         uplink->refused_signed_at = signed_at;
         uplink->refused_signed_mono_ms = signed_mono_ms;
         uv_timer_start(&uplink->rotate, uplink_rotate_cb, UPLINK_CLOCK_WATCH_MS,
                        UPLINK_CLOCK_WATCH_MS);
+        sm_move(&uplink->rotate_sm, ROTATE_CLOCK_WATCH, "the JWT was refused");
     }
 }
 
@@ -839,8 +902,7 @@ static void uplink_clock_watch(struct uplink *uplink)
     int64_t wall_ms, mono_ms, step_ms;
 
     if (uplink_state_of(uplink) != UPLINK_BACKOFF) {
-        uplink->clock_watch = false;
-        uv_timer_stop(&uplink->rotate);
+        uplink_rotate_idle(uplink, "no longer in BACKOFF");
         return;
     }
     wall_ms = ((int64_t)time(NULL) - (int64_t)uplink->refused_signed_at) * 1000;
@@ -848,8 +910,7 @@ static void uplink_clock_watch(struct uplink *uplink)
     step_ms = wall_ms - mono_ms;
     if (step_ms <= UPLINK_CLOCK_STEP_MS && step_ms >= -UPLINK_CLOCK_STEP_MS)
         return;
-    uplink->clock_watch = false;
-    uv_timer_stop(&uplink->rotate);
+    uplink_rotate_idle(uplink, "the clock was stepped");
     log_uplink(LOG_NOTICE, uplink->name,
                "the wall clock was stepped by %+.0f s since the refused JWT was signed; signing "
                "a new JWT now instead of waiting out the backoff",
@@ -869,19 +930,19 @@ static void uplink_rotate_cb(uv_timer_t *timer)
     uint64_t drain_ms;
     char exp[40];
 
-    if (uplink->clock_watch) {
+    if (uplink_rotate_job(uplink) == ROTATE_CLOCK_WATCH) {
         uplink_clock_watch(uplink); /* BACKOFF after a refused JWT */
         return;
     }
-    if (uplink_state_of(uplink) != UPLINK_ONLINE || !conn || !conn->online)
+    if (uplink_state_of(uplink) != UPLINK_ONLINE || !conn || !conn_online(conn))
         return;
-    if (!uplink->rotating) {
+    if (uplink_rotate_job(uplink) == ROTATE_REFRESH) {
         /* The drain must end before exp: the server may drop us there. */
         left_ms = ((int64_t)conn->token_expires_at - (int64_t)time(NULL)) * 1000 - 1000;
         drain_ms = left_ms <= 0                       ? 0
                    : left_ms < UPLINK_ROTATE_DRAIN_MS ? (uint64_t)left_ms
                                                       : UPLINK_ROTATE_DRAIN_MS;
-        uplink->rotating = true;
+        sm_move(&uplink->rotate_sm, ROTATE_DRAINING, "the refresh point");
         uplink->rotate_deadline = uv_now(uplink->loop) + drain_ms;
         log_uplink(LOG_NOTICE, uplink->name,
                    "rotating the JWT that expires at %s: waiting up to %.1f s for %zu in-flight "
@@ -914,6 +975,7 @@ static void uplink_arm_rotation(struct uplink *uplink, const struct uplink_conn 
     log_uplink(LOG_INFO, uplink->name, "the JWT will be replaced in %.1f s",
                (double)delay_ms / 1000.0);
     uv_timer_start(&uplink->rotate, uplink_rotate_cb, (uint64_t)delay_ms, 0);
+    sm_move(&uplink->rotate_sm, ROTATE_REFRESH, "CONNACK 0 with a JWT");
 }
 
 static bool uplink_step(struct uplink *uplink)
@@ -943,15 +1005,15 @@ static bool uplink_step(struct uplink *uplink)
             break;
         if (uplink->reconnect_requested) {
             uplink->reconnect_requested = false;
-            if (conn->online)
+            if (conn_online(conn))
                 mosquitto_disconnect(conn->mosq); /* sends DISCONNECT if the socket takes it */
             uplink_drop_conn(uplink);
             uplink_backoff(uplink, 0, "configuration changed");
             return true;
         }
-        if (uplink_state_of(uplink) == UPLINK_CONNECTING && conn->connack_seen &&
-            conn->connack_rc == 0 && !conn->online) {
-            conn->online = true;
+        if (uplink_state_of(uplink) == UPLINK_CONNECTING && conn_phase_of(conn) == CONN_CONNACKED &&
+            conn->connack_rc == 0) {
+            uplink_conn_move(conn, CONN_ONLINE, "CONNACK 0");
             conn->online_since = uv_now(uplink->loop);
             uplink->clock_was_bad = false;
             uplink->resigned_at_once = false;
@@ -967,7 +1029,7 @@ static bool uplink_step(struct uplink *uplink)
             uplink_tell_online(uplink);
             return true;
         }
-        if (uplink_state_of(uplink) == UPLINK_ONLINE && uplink->rotating &&
+        if (uplink_state_of(uplink) == UPLINK_ONLINE && uplink_draining(uplink) &&
             (uplink->inflight == 0 || uv_now(uplink->loop) >= uplink->rotate_deadline)) {
             if (uplink->inflight)
                 log_uplink(LOG_WARNING, uplink->name,
@@ -983,7 +1045,7 @@ static bool uplink_step(struct uplink *uplink)
             return true;
         }
         /* Control messages first; a gated one holds the spool back. */
-        if (uplink_state_of(uplink) == UPLINK_ONLINE && !uplink->rotating &&
+        if (uplink_state_of(uplink) == UPLINK_ONLINE && !uplink_draining(uplink) &&
             !uplink_conn_flush_control(conn) && !conn->hold_spool)
             uplink_conn_flush(conn);
         uplink_conn_write(conn);
@@ -994,7 +1056,7 @@ static bool uplink_step(struct uplink *uplink)
     case UPLINK_STOPPING:
         if (conn) {
             /* hold_spool (bootstrap session): nothing may go, so no wait. */
-            if (conn->online && !conn->hold_spool && uplink_unsent(uplink) > 0 &&
+            if (conn_online(conn) && !conn->hold_spool && uplink_unsent(uplink) > 0 &&
                 !uplink->stop_deadline_passed) {
                 /* Use the grace period to collect the acks of what is in
                  * flight (fewer duplicates after the restart) and, with a
@@ -1006,7 +1068,7 @@ static bool uplink_step(struct uplink *uplink)
                 conn_update_poll(conn);
                 break;
             }
-            if (conn->online) {
+            if (conn_online(conn)) {
                 /* MQTT 3.1.1 §3.14: DISCONNECT tells the broker not to send the will. */
                 mosquitto_disconnect(conn->mosq);
             }
@@ -1018,7 +1080,7 @@ static bool uplink_step(struct uplink *uplink)
             uplink->handles_closing = true;
             uv_timer_stop(&uplink->tick);
             uv_timer_stop(&uplink->timer);
-            uv_timer_stop(&uplink->rotate);
+            uplink_rotate_idle(uplink, "stopping");
             uplink->closing += 3;
             uv_close((uv_handle_t *)&uplink->tick, uplink_handle_close_cb);
             uv_close((uv_handle_t *)&uplink->timer, uplink_handle_close_cb);

@@ -345,7 +345,8 @@ void uplink_conn_write(struct uplink_conn *conn)
 {
     int rc, err;
 
-    if (conn->failed || conn->tcp_pending || !conn->mosq || !mosquitto_want_write(conn->mosq))
+    if (conn->failed || conn_phase_of(conn) == CONN_TCP || !conn->mosq ||
+        !mosquitto_want_write(conn->mosq))
         return;
     conn->uplink->in_io = true;
     errno = 0;
