@@ -1,5 +1,5 @@
 /* fuzz_session.c - libFuzzer target for the local server's per-client state
- * machine (src/local.c), fed through the socket-less seam in local.h
+ * machine (src/local*.c), fed through the socket-less seam in local.h
  * (local_test_client_*). Several clients share one server, so sessions,
  * takeover, subscriptions, retained messages, queues and QoS 2 state all
  * interact. The daemon's limits are set low so the fuzzer reaches them.

@@ -181,7 +181,7 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
     struct local_stats ls;
     local_get_stats(d->local, &ls);
     /* Connections that had not completed CONNECT: pending now, and closed
-     * by the pre-authentication policy since start (local.c). */
+     * by the pre-authentication policy since start (local_listen.c). */
     json_append_fmt(out,
                     "},\"local_clients\":%zu,\"local_pending\":{\"now\":%zu,\"evicted\":%llu,"
                     "\"refused\":%llu,\"deadline\":%llu,\"max_clients\":%llu,\"other\":%llu},"

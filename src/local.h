@@ -119,7 +119,7 @@ void local_free(struct local *local);
 /** local_client_count() - connected clients (for status). */
 size_t local_client_count(const struct local *local);
 
-/* Connections closed before CONNECT completed, by reason (see local.c,
+/* Connections closed before CONNECT completed, by reason (see local_listen.c,
  * "pending connections"), counted since start. */
 struct local_stats {
     size_t connected;     /* clients that completed CONNECT (local.max_clients) */

@@ -1,5 +1,5 @@
 /* record.h - the record framing both on-disk logs share: spool segments
- * (spool.c) and the retained store (local.c).
+ * (spool.c) and the retained store (local_retain.c).
  *
  * A file is a 24-byte header (an 8-byte magic, a u64 value, CRC-32C of those
  * 16 bytes, 4 zero bytes) followed by records, all little-endian:
