@@ -278,6 +278,10 @@ def test_full_spool_blocks_then_drains(hx):
     of it is delivered."""
     broker = hx.broker(start=False)
     conf = spool_conf(hx, broker, durability="fsync", max_bytes="64KiB", overflow="block")
+    # The uplink waits in BACKOFF until the test asks it to reconnect, once
+    # the cloud subscriber below is subscribed: what it sent earlier would
+    # reach a broker with nobody subscribed, and be gone.
+    conf["uplinks"][0]["reconnect"] = {"base": "1h", "cap": "1h"}
     hx.uplinkd(conf)
     pub = Publisher(h.local_tcp_port(conf), 4000, window=50).start()
     hx.add_closer(pub.close)
@@ -291,6 +295,7 @@ def test_full_spool_blocks_then_drains(hx):
     broker.start()
     cloud = hx.cloud_client(broker, client_id="spool-watch")
     cloud.subscribe("gw-test/+/telemetry", qos=0)
+    h.uplinkctl(conf["control"]["socket"], "reconnect", "cloud", json_output=False)
     h.wait_for(lambda: pub.acked_count() == 4000, timeout=10 * h.TIMEOUT,
                what=lambda: "all 4000 acknowledged after the cloud came up (have %d)"
                % pub.acked_count())
