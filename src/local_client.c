@@ -71,7 +71,7 @@ static void client_protocol_error(struct local_client *client, const char *what,
     char why[256];
 
     snprintf(why, sizeof(why), "protocol error in %s: %s", what, reason);
-    if (client_state_of(client) == CLIENT_NEW) {
+    if (client_before_connect(client)) {
         /* Before CONNECT: anyone can cause this, as often as they like. */
         local_drop_note(client->local, client->listener, DROP_PROTOCOL, client->peer, why);
         client->quiet_close = true;
@@ -147,7 +147,7 @@ static void auth_after_work_cb(uv_work_t *req, int status)
         auth_check_free(check);
         return;
     }
-    client->auth_state = status == 0 && check->ok ? AUTH_OK : AUTH_FAILED;
+    client->auth_ok = status == 0 && check->ok;
     /* Second pass: client_check_access() now knows the answer. */
     client_handle_packet(client, check->packet, check->packet_len);
     auth_check_free(check);
@@ -207,6 +207,7 @@ static int client_start_auth_check(struct local_client *client, const struct mqt
     }
     client->auth = check;
     client->open_handles++;
+    client_set_state(client, CLIENT_AUTHENTICATING);
     uv_read_stop(&client->conn.stream);
     /* The CONNECT is complete: local.connect_deadline is met. The check
      * ends by itself; meanwhile the connection stays pending, not evictable. */
@@ -230,24 +231,26 @@ static int client_check_access(struct local_client *client, const struct mqtt_co
     const struct conf_local *conf = &client->local->conf->local;
     int rule;
 
-    if (client->auth_state == AUTH_FAILED) {
+    bool authenticating = client_state_of(client) == CLIENT_AUTHENTICATING;
+
+    if (authenticating && !client->auth_ok) {
         client_refuse(client, MQTT_CONNACK_BAD_CREDENTIALS, "wrong username or password");
         return -1;
     }
-    if (client->auth_state == AUTH_NONE && conf->passwords && c->has_username) {
+    if (!authenticating && conf->passwords && c->has_username) {
         if (!c->has_password) {
             client_refuse(client, MQTT_CONNACK_BAD_CREDENTIALS, "username without a password");
             return -1;
         }
         return client_start_auth_check(client, c, packet, len);
     }
-    if (client->auth_state == AUTH_NONE && conf->passwords && client->kind == CONF_LISTEN_TCP) {
+    if (!authenticating && conf->passwords && client->kind == CONF_LISTEN_TCP) {
         client_refuse(client, MQTT_CONNACK_NOT_AUTHORIZED,
                       "no username and password, which this TCP listener requires "
                       "(local.password_file is set)");
         return -1;
     }
-    if (client->auth_state == AUTH_OK && !client->username) {
+    if (authenticating && !client->username) {
         client->username = slice_strdup(&c->username);
         if (!client->username) {
             client_refuse(client, MQTT_CONNACK_SERVER_UNAVAILABLE, "out of memory");
@@ -686,7 +689,7 @@ static void client_handle_packet(struct local_client *client, const uint8_t *dat
     int rc;
 
     rc = mqtt_decode(data, len, 0, &pkt, &consumed, &reason);
-    if (rc == -EPROTONOSUPPORT && client_state_of(client) == CLIENT_NEW) {
+    if (rc == -EPROTONOSUPPORT && client_before_connect(client)) {
         /* §3.1.2.2: unsupported protocol level -> CONNACK 1, then close. */
         log_warn(CLIENT_FMT ": refusing CONNECT: %s (only MQTT 3.1.1 is supported); "
                             "CONNACK 1",
@@ -702,7 +705,7 @@ static void client_handle_packet(struct local_client *client, const uint8_t *dat
     /* §3.1.2.10: any control packet resets the keepalive deadline. */
     client_arm_keepalive(client);
 
-    if (client_state_of(client) == CLIENT_NEW && pkt.type != MQTT_CONNECT) {
+    if (client_before_connect(client) && pkt.type != MQTT_CONNECT) {
         /* §3.1.0-1: CONNECT must be the first packet. */
         client_protocol_error(client, mqtt_packet_type_name(pkt.type),
                               "first packet is not CONNECT (§3.1.0-1)");
@@ -710,7 +713,7 @@ static void client_handle_packet(struct local_client *client, const uint8_t *dat
     }
     switch (pkt.type) {
     case MQTT_CONNECT:
-        if (client_state_of(client) != CLIENT_NEW)
+        if (!client_before_connect(client))
             client_protocol_error(client, "CONNECT", "second CONNECT (§3.1.0-2)");
         else if (client_check_access(client, &pkt.u.connect, data, len) == 0)
             handle_connect(client, &pkt.u.connect);
@@ -840,7 +843,7 @@ void client_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
             snprintf(why, sizeof(why), "read failed: %s", uv_strerror((int)nread));
         /* Anyone can open and close connections as fast as they like: before
          * CONNECT that is not worth a log line each. */
-        client->quiet_close = client_state_of(client) == CLIENT_NEW;
+        client->quiet_close = client_before_connect(client);
         client_close(client, CLOSE_ABORT, true, why);
         return;
     }

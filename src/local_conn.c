@@ -36,13 +36,21 @@ static const char *const local_drop_names[DROP_KINDS] = {
 
 /* A connection's states:
  *
- *     NEW --(CONNECT accepted, CONNACK 0)--> CONNECTED
- *      |                                        |
- *      +----------> CLOSING <-------------------+
+ *     NEW --(CONNECT accepted, CONNACK 0)----------------> CONNECTED
+ *      |  \                                                 ^     |
+ *      |   +--(CONNECT with a password)--> AUTHENTICATING --+     |
+ *      |                                        |                 |
+ *      +----------> CLOSING <-------------------+-----------------+
  *
- * CLOSING is final: the handles are closing and fan-out skips the client. */
+ * AUTHENTICATING: the password check runs on the threadpool; the client
+ * reads nothing meanwhile, its CONNECT deadline is met and it stays pending
+ * (not evictable); when the check ends, its CONNECT is handled again with
+ * the verdict (auth_ok). CLOSING is final: the handles are closing and
+ * fan-out skips the client. */
 static const struct sm_state client_states[] = {
-    [CLIENT_NEW] = {"NEW", SM_TO(CLIENT_CONNECTED) | SM_TO(CLIENT_CLOSING)},
+    [CLIENT_NEW] = {"NEW",
+                    SM_TO(CLIENT_AUTHENTICATING) | SM_TO(CLIENT_CONNECTED) | SM_TO(CLIENT_CLOSING)},
+    [CLIENT_AUTHENTICATING] = {"AUTHENTICATING", SM_TO(CLIENT_CONNECTED) | SM_TO(CLIENT_CLOSING)},
     [CLIENT_CONNECTED] = {"CONNECTED", SM_TO(CLIENT_CLOSING)},
     [CLIENT_CLOSING] = {"CLOSING", 0},
 };
@@ -55,10 +63,16 @@ static void client_sm_describe(const struct sm *sm, char *buf, size_t size)
 }
 
 /* CONNECTED means CONNECT was accepted: the client has its id and session;
- * NEW means it is still counted as pending (a test client has no listener). */
+ * NEW means it is still counted as pending (a test client has no listener);
+ * AUTHENTICATING starts with a password check queued. */
 static bool client_sm_invariant(const struct sm *sm, char *why, size_t size)
 {
     const struct local_client *client = container_of(sm, struct local_client, sm);
+
+    if (sm_state(sm) == CLIENT_AUTHENTICATING && client->auth == NULL) {
+        snprintf(why, size, "authenticating without a password check");
+        return false;
+    }
 
     if (sm_state(sm) == CLIENT_CONNECTED && (client->id == NULL || client->session == NULL)) {
         snprintf(why, size, "connected without %s", client->id == NULL ? "an id" : "a session");
@@ -198,8 +212,8 @@ void client_set_state(struct local_client *client, enum client_state to)
 
     if (sm_move(&client->sm, to, NULL) < 0)
         return;
-    if (from == CLIENT_NEW)
-        pending_unlink(client);
+    if ((from == CLIENT_NEW || from == CLIENT_AUTHENTICATING) && to != CLIENT_AUTHENTICATING)
+        pending_unlink(client); /* an authenticating client stays pending */
     if (from == CLIENT_CONNECTED)
         client->local->connected_count--;
     if (to == CLIENT_CONNECTED)

@@ -101,9 +101,10 @@
 #define LOCAL_ERRORS_TOPIC "uplinkd/local/errors"
 
 enum client_state {
-    CLIENT_NEW,       /* accepted, waiting for CONNECT */
-    CLIENT_CONNECTED, /* CONNACK 0 sent */
-    CLIENT_CLOSING,   /* flushing and/or closing handles; ignored by fan-out */
+    CLIENT_NEW,            /* accepted, waiting for CONNECT */
+    CLIENT_AUTHENTICATING, /* CONNECT read; its password is checked on the threadpool */
+    CLIENT_CONNECTED,      /* CONNACK 0 sent */
+    CLIENT_CLOSING,        /* flushing and/or closing handles; ignored by fan-out */
 };
 
 enum close_mode {
@@ -144,12 +145,6 @@ struct out_buf {
     size_t cap;
 };
 
-/* Password check of a CONNECT (see client_check_access()). */
-enum auth_state {
-    AUTH_NONE,   /* no check done (none needed, or not yet) */
-    AUTH_OK,     /* the password matched local.password_file */
-    AUTH_FAILED, /* it did not, or the user is unknown */
-};
 struct auth_check;
 
 struct local_client {
@@ -178,7 +173,7 @@ struct local_client {
     struct access_identity identity; /* peer credentials; .username once logged in */
     char *username;                  /* authenticated username (identity.username) */
     struct auth_check *auth;         /* password check on the threadpool, or NULL */
-    enum auth_state auth_state;
+    bool auth_ok; /* AUTHENTICATING, check done: the password matched local.password_file */
     uint16_t keepalive_s;
 
     uint8_t *rbuf; /* unparsed input */
@@ -370,6 +365,14 @@ struct local {
 static inline enum client_state client_state_of(const struct local_client *client)
 {
     return (enum client_state)sm_state(&client->sm);
+}
+
+/* Before CONNECT completed: still pending, and its closes are not worth a
+ * log line each (anyone can cause them). */
+static inline bool client_before_connect(const struct local_client *client)
+{
+    return client_state_of(client) == CLIENT_NEW ||
+           client_state_of(client) == CLIENT_AUTHENTICATING;
 }
 
 /* True for a filter the router is told about (LOCAL_CLOUD_PREFIX). */

@@ -139,7 +139,7 @@ static struct local_client *pending_victim(struct local *local, const struct lis
     for (struct local_client *c = local->pending_head; c; c = c->pending_next) {
         bool identified = c->identity.has_cred;
 
-        if (client_state_of(c) != CLIENT_NEW || c->auth || (on && c->listener != on))
+        if (client_state_of(c) != CLIENT_NEW || (on && c->listener != on))
             continue;
         if (uid && (!identified || c->identity.uid != *uid))
             continue;
