@@ -64,6 +64,26 @@ void json_append_fmt(struct json_buf *buf, const char *fmt, ...)
     buf->len += (size_t)n;
 }
 
+/* The length of the well-formed UTF-8 sequence at @p (RFC 3629 §4), or 0. */
+static size_t utf8_sequence(const unsigned char *p)
+{
+    if (p[0] < 0x80)
+        return 1;
+    if (p[0] >= 0xc2 && p[0] <= 0xdf)
+        return (p[1] & 0xc0) == 0x80 ? 2 : 0;
+    if (p[0] >= 0xe0 && p[0] <= 0xef) {
+        unsigned char lo = p[0] == 0xe0 ? 0xa0 : 0x80; /* no overlong form */
+        unsigned char hi = p[0] == 0xed ? 0x9f : 0xbf; /* no surrogate */
+        return p[1] >= lo && p[1] <= hi && (p[2] & 0xc0) == 0x80 ? 3 : 0;
+    }
+    if (p[0] >= 0xf0 && p[0] <= 0xf4) {
+        unsigned char lo = p[0] == 0xf0 ? 0x90 : 0x80; /* no overlong form */
+        unsigned char hi = p[0] == 0xf4 ? 0x8f : 0xbf; /* nothing above U+10FFFF */
+        return p[1] >= lo && p[1] <= hi && (p[2] & 0xc0) == 0x80 && (p[3] & 0xc0) == 0x80 ? 4 : 0;
+    }
+    return 0;
+}
+
 void json_append_string(struct json_buf *buf, const char *text)
 {
     if (text == NULL) {
@@ -94,7 +114,15 @@ void json_append_string(struct json_buf *buf, const char *text)
                 snprintf(esc, sizeof(esc), "\\u%04x", *p);
                 append_bytes(buf, esc, 6);
             } else {
-                append_bytes(buf, (const char *)p, 1);
+                /* The checks stop at the terminating NUL: a continuation
+                 * byte is never 0. */
+                size_t n = utf8_sequence(p);
+                if (n == 0) {
+                    append_bytes(buf, "\\ufffd", 6);
+                } else {
+                    append_bytes(buf, (const char *)p, n);
+                    p += n - 1;
+                }
             }
         }
     }

@@ -28,7 +28,11 @@ void json_append_fmt(struct json_buf *buf, const char *fmt, ...)
 
 /**
  * json_append_string() - append @text as a JSON string literal with quotes,
- * escaping '"', '\\' and control characters (RFC 8259 §7). NULL gives null.
+ * escaping '"', '\\' and control characters (RFC 8259 §7). JSON text is
+ * UTF-8 (RFC 8259 §8.1): a byte that does not start a well-formed UTF-8
+ * sequence (RFC 3629 §4: no overlong forms, no surrogates, nothing above
+ * U+10FFFF) becomes U+FFFD, so a stray byte in an error text or a file name
+ * cannot make the whole status unreadable. NULL gives null.
  */
 void json_append_string(struct json_buf *buf, const char *text);
 
