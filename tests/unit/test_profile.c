@@ -240,45 +240,6 @@ static void test_template_filter_and_match(void **unused)
     assert_int_equal(profile_template_match("cfg/{child}", "cfg/a,b", child, &sub), -EINVAL);
 }
 
-/* --- registry ------------------------------------------------------------- */
-
-static void test_registry_persists(void **unused)
-{
-    char path[256];
-    struct registry *reg;
-    struct stat st;
-
-    snprintf(path, sizeof(path), "%s/reg-test", state_dir);
-    unlink(path);
-    assert_int_equal(registry_open(path, "t", &reg), 0);
-    assert_int_equal(registry_get(reg, "a"), REGISTRY_UNKNOWN);
-    assert_int_equal(registry_set(reg, "a", REGISTRY_PENDING, true), 0);
-    assert_int_equal(registry_set(reg, "b", REGISTRY_DONE, true), 0);
-    assert_int_equal(registry_set(reg, "v", REGISTRY_DONE, false), 0);
-    assert_int_equal(registry_set(reg, "bad id", REGISTRY_DONE, true), -EINVAL);
-    assert_int_equal(stat(path, &st), 0);
-    assert_int_equal(st.st_mode & 0777, 0600);
-    registry_forget_volatile(reg);
-    assert_int_equal(registry_get(reg, "v"), REGISTRY_UNKNOWN);
-    registry_free(reg);
-
-    assert_int_equal(registry_open(path, "t", &reg), 0);
-    assert_int_equal(registry_get(reg, "a"), REGISTRY_PENDING);
-    assert_int_equal(registry_get(reg, "b"), REGISTRY_DONE);
-    assert_int_equal(registry_count(reg), 2);
-    assert_int_equal(registry_set(reg, "a", REGISTRY_UNKNOWN, true), 0);
-    registry_free(reg);
-    assert_int_equal(registry_open(path, "t", &reg), 0);
-    assert_int_equal(registry_count(reg), 1);
-    registry_free(reg);
-
-    FILE *f = fopen(path, "w");
-    fputs("# uplinkd child registry 1\nmaybe x\n", f);
-    fclose(f);
-    assert_int_equal(registry_open(path, "t", &reg), -EINVAL);
-    unlink(path);
-}
-
 /* --- Cumulocity -------------------------------------------------------------- */
 
 static void test_c8y_session(void **unused)
@@ -719,7 +680,6 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_template_expand),
         cmocka_unit_test(test_template_filter_and_match),
-        cmocka_unit_test(test_registry_persists),
         cmocka_unit_test(test_registry_lookup),
         cmocka_unit_test(test_c8y_session),
         cmocka_unit_test(test_c8y_startup_messages),
