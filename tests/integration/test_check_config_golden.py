@@ -8,7 +8,9 @@ folders must not change one character an operator sees.
 
 Machine-specific parts are normalised before the comparison: the absolute
 path of the checkout becomes ROOT, a process id in "uplinkd[PID]" becomes
-PID. conf/demo.yaml is rendered the way scripts/demo renders it, with fixed
+PID, and the list of profiles (src/profiles/meson.build, as "expected one
+of" messages print it) becomes PROFILES, so adding a profile changes no
+expected file. conf/demo.yaml is rendered the way scripts/demo renders it, with fixed
 values for its placeholders.
 
 After an intended change of a message, rewrite the expected files with
@@ -36,8 +38,17 @@ def config_files():
     return [os.path.relpath(f, h.REPO) for f in files]
 
 
+def profile_names():
+    """The one list of profiles, from src/profiles/meson.build."""
+    with open(os.path.join(h.REPO, "src", "profiles", "meson.build")) as f:
+        match = re.search(r"^profile_names = \[([^\]]*)\]", f.read(), re.M)
+    assert match, "no profile_names list in src/profiles/meson.build"
+    return re.findall(r"'([^']+)'", match.group(1))
+
+
 def normalise(text):
     text = text.replace(h.REPO, "ROOT")
+    text = text.replace(", ".join(profile_names()), "PROFILES")
     return re.sub(r"uplinkd\[\d+\]", "uplinkd[PID]", text)
 
 

@@ -466,7 +466,7 @@ static const struct bad_case bad_cases[] = {
      {"bad-duplicate-key.yaml:7:5: uplinks[0].host: duplicate key (first set at line 5, column "
       "5"}},
     {"bad-profile.yaml",
-     {"bad-profile.yaml:5:14: uplinks[0].profile: \"azure\" is not a known profile "
+     {"bad-profile.yaml:5:14: uplinks[0].profile: \"nonesuch\" is not a known profile "
       "(expected one of: generic, cumulocity"}},
     {"bad-uplink-name.yaml",
      {"bad-uplink-name.yaml:4:11: uplinks[0].name: \"my cloud\" contains a space (expected 1-64 "
