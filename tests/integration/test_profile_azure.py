@@ -39,12 +39,13 @@ def azure_config(hx, cloud, key_path, port=None, **azure):
     return conf
 
 
-def start(hx, **azure):
+def start(hx, subscribe=(), **azure):
     key_path, raw = fakecloud.device_key(hx.dir, DEVICE)
     cloud = fakecloud.start_hub(hx, HUB, {DEVICE: key_path})
     conf = azure_config(hx, cloud, key_path, **azure)
     observer = hx.cloud_client(cloud)
-    observer.subscribe("devices/%s/messages/events/#" % DEVICE, qos=1)
+    for topic in ("devices/%s/messages/events/#" % DEVICE,) + tuple(subscribe):
+        observer.subscribe(topic, qos=1)
     daemon = hx.uplinkd(conf)
     line = cloud.wait_event("connect", client_id=DEVICE, result="accepted")
     return cloud, daemon, conf, observer, raw, line
@@ -147,10 +148,6 @@ def test_d2c_and_c2d(hx):
     local.publish("dev/other/telemetry", b"x", qos=1)
     _, payload, _, _ = errors.wait("uplinkd/cloud/errors")
     assert "IoT Hub takes one device per connection" in json.loads(payload)["error"]
-    local.publish("dev/%s/state" % DEVICE, b'{"a":1}', qos=1)
-    h.wait_for(lambda: any("telemetry (device-to-cloud messages) only" in json.loads(m[1])["error"]
-                           for m in errors.messages()),
-               what=lambda: "the state refusal on uplinkd/cloud/errors: %s" % errors.messages())
 
     # Cloud to device: the property bag is the local sub-topic.
     sub = hx.local_sub(gw(conf), "dev/%s/commands/#" % DEVICE)
@@ -228,3 +225,68 @@ def test_token_renewed_before_expiry_without_loss(hx):
     assert up["auth"] == "token"
     assert up["token_rotations"] >= 2
     assert up["token_expires_at"] > up["token_refresh_at"] > 0
+
+
+def test_twin_and_direct_methods(hx):
+    """The hub side is the observer: it answers the twin GET, takes reported patches (204,
+    then a 400), sends a desired-properties update and calls a direct method."""
+    cloud, daemon, conf, observer, _, _ = start(
+        hx, subscribe=("$iothub/twin/GET/#", "$iothub/twin/PATCH/properties/reported/#",
+                       "$iothub/methods/res/#"))
+
+    def first(prefix):
+        return h.wait_for(lambda: next((m for m in observer.received()
+                                        if m[0].startswith(prefix)), None),
+                          what=lambda: "a message on %s... (have %s)"
+                          % (prefix, [m[0] for m in observer.received()]))
+
+    # After CONNACK: the twin GET, answered with the document -> config/twin, retained.
+    get = first("$iothub/twin/GET/?$rid=")
+    assert get[1] == b""
+    rid = get[0].split("$rid=", 1)[1]
+    twin = b'{"desired":{"interval":5,"$version":3},"reported":{"$version":1}}'
+    sub = hx.local_sub(gw(conf), "dev/%s/config/#" % DEVICE)
+    observer.publish("$iothub/twin/res/200/?$rid=%s" % rid, twin, qos=0)
+    sub.wait("dev/%s/config/twin" % DEVICE, twin.decode())
+    late = hx.local_sub(gw(conf), "dev/%s/config/twin" % DEVICE)
+    assert late.wait("dev/%s/config/twin" % DEVICE, twin.decode())[3]  # retained locally
+
+    # Desired-property updates.
+    observer.publish("$iothub/twin/PATCH/properties/desired/?$version=4", b'{"interval":10}',
+                     qos=0)
+    sub.wait("dev/%s/config/desired" % DEVICE, '{"interval":10}')
+
+    # Reported properties from dev/<device>/state; a refused patch is reported.
+    errors = hx.local_sub(gw(conf), "uplinkd/cloud/errors")
+    local = hx.local_client(gw(conf))
+    local.publish("dev/%s/state" % DEVICE, b'{"fw":"1.2"}', qos=1)
+    patch = first("$iothub/twin/PATCH/properties/reported/?$rid=")
+    assert patch[1] == b'{"fw":"1.2"}'
+    observer.publish("$iothub/twin/res/204/?$rid=%s&$version=2" % patch[0].split("$rid=")[1],
+                     b"", qos=0)
+    local.publish("dev/%s/state" % DEVICE, b'{"fw":"bad"}', qos=1)
+    h.wait_for(lambda: len([m for m in observer.received()
+                            if m[0].startswith("$iothub/twin/PATCH/")]) == 2,
+               what="the second reported patch")
+    second = [m for m in observer.received() if m[0].startswith("$iothub/twin/PATCH/")][1]
+    assert second[0] != patch[0]  # a new request id
+    observer.publish("$iothub/twin/res/400/?$rid=%s" % second[0].split("$rid=")[1],
+                     b'{"message":"bad"}', qos=0)
+    _, payload, _, _ = errors.wait("uplinkd/cloud/errors")
+    assert "IoT Hub answered 400 to the twin reported-properties patch" in \
+        json.loads(payload)["error"]
+    local.publish("dev/%s/state" % DEVICE, b"not an object", qos=1)
+    h.wait_for(lambda: any("must be a JSON object" in json.loads(m[1])["error"]
+                           for m in errors.messages()),
+               what=lambda: "the refusal of a non-object patch: %s" % errors.messages())
+
+    # A direct method and its answer.
+    calls = hx.local_sub(gw(conf), "dev/%s/commands/methods/#" % DEVICE)
+    observer.publish("$iothub/methods/POST/reboot/?$rid=42", b'{"delay":1}', qos=0)
+    calls.wait("dev/%s/commands/methods/reboot/42" % DEVICE, '{"delay":1}')
+    local.publish("dev/%s/state/methods/42/200" % DEVICE, b'{"ok":true}', qos=1)
+    answer = first("$iothub/methods/res/")
+    assert answer[0] == "$iothub/methods/res/200/?$rid=42"
+    assert answer[1] == b'{"ok":true}'
+    # Nothing of this went to the telemetry topic.
+    assert not [m for m in observer.received() if m[0].startswith("devices/")]

@@ -124,12 +124,58 @@ static void test_d2c_topic(void **state)
     assert_int_equal(azure_d2c_topic("gw", "t", true, topic, 40), -ENAMETOOLONG);
 }
 
+static void test_twin_and_method_topics(void **state)
+{
+    char rid[64], name[128];
+    int status = 0;
+
+    (void)state;
+    assert_true(azure_json_object(" {\"a\":1}\n", 8));
+    assert_false(azure_json_object("[1]", 3));
+    assert_false(azure_json_object("{", 1));
+    assert_false(azure_json_object("", 0));
+
+    assert_int_equal(azure_method_answer("methods/7/200", rid, sizeof(rid), &status), 0);
+    assert_string_equal(rid, "7");
+    assert_int_equal(status, 200);
+    assert_int_equal(azure_method_answer("methods/abc-1/404", rid, sizeof(rid), &status), 0);
+    assert_int_equal(status, 404);
+    assert_int_equal(azure_method_answer("methods/7/20", rid, sizeof(rid), &status), -EINVAL);
+    assert_int_equal(azure_method_answer("methods/7/600", rid, sizeof(rid), &status), -EINVAL);
+    assert_int_equal(azure_method_answer("methods//200", rid, sizeof(rid), &status), -EINVAL);
+    assert_int_equal(azure_method_answer("methods/a&b/200", rid, sizeof(rid), &status), -EINVAL);
+    assert_int_equal(azure_method_answer("other/7/200", rid, sizeof(rid), &status), -EINVAL);
+    assert_int_equal(azure_method_answer("methods/7", rid, sizeof(rid), &status), -EINVAL);
+
+    assert_int_equal(azure_twin_response("200/?$rid=g12", &status, rid, sizeof(rid)), 0);
+    assert_int_equal(status, 200);
+    assert_string_equal(rid, "g12");
+    assert_int_equal(azure_twin_response("204/?$rid=p3&$version=5", &status, rid, sizeof(rid)), 0);
+    assert_int_equal(status, 204);
+    assert_string_equal(rid, "p3");
+    assert_int_equal(azure_twin_response("200?$rid=1", &status, rid, sizeof(rid)), -EINVAL);
+    assert_int_equal(azure_twin_response("200/?rid=1", &status, rid, sizeof(rid)), -EINVAL);
+
+    assert_int_equal(azure_method_request("reboot/?$rid=9", name, sizeof(name), rid, sizeof(rid)),
+                     0);
+    assert_string_equal(name, "reboot");
+    assert_string_equal(rid, "9");
+    assert_int_equal(azure_method_request("re+boot/?$rid=9", name, sizeof(name), rid, sizeof(rid)),
+                     -EINVAL);
+    assert_int_equal(azure_method_request("reboot/?$rid=", name, sizeof(name), rid, sizeof(rid)),
+                     -EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_url_encode), cmocka_unit_test(test_key_decode),
-        cmocka_unit_test(test_sas_token),  cmocka_unit_test(test_derive_device_key),
-        cmocka_unit_test(test_device_id),  cmocka_unit_test(test_d2c_topic),
+        cmocka_unit_test(test_url_encode),
+        cmocka_unit_test(test_key_decode),
+        cmocka_unit_test(test_sas_token),
+        cmocka_unit_test(test_derive_device_key),
+        cmocka_unit_test(test_device_id),
+        cmocka_unit_test(test_d2c_topic),
+        cmocka_unit_test(test_twin_and_method_topics),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

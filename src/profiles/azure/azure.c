@@ -19,6 +19,16 @@
  *   devices/<device>/messages/devicebound/<props> -> dev/<device>/commands[/<props>]
  *       (cloud-to-device messages; the property bag, URL-encoded as IoT Hub
  *       sends it, is the sub-topic)
+ *   device twin: after every CONNACK the twin is fetched ($iothub/twin/GET)
+ *       and its document delivered on dev/<device>/config/twin (retained
+ *       locally); desired-property updates arrive on
+ *       dev/<device>/config/desired; dev/<device>/state (a JSON object)
+ *       patches the reported properties ($iothub/twin/PATCH/properties/
+ *       reported); a refused patch is reported on uplinkd/<uplink>/errors
+ *   direct methods: $iothub/methods/POST/<name>/?$rid=<rid> ->
+ *       dev/<device>/commands/methods/<name>/<rid>; the local app answers on
+ *       dev/<device>/state/methods/<rid>/<status> -> $iothub/methods/res/
+ *       <status>/?$rid=<rid>
  * QoS 2 becomes 1 and retain is dropped: IoT Hub takes neither.
  */
 #include <errno.h>
@@ -37,14 +47,22 @@
 #include "profile.h"
 #include "profiles/azure/section.h"
 
-#define AZURE_D2C          "devices/%s/messages/events/"
 #define AZURE_C2D          "devices/%s/messages/devicebound/"
+#define AZURE_TWIN_GET     "$iothub/twin/GET/"
+#define AZURE_TWIN_RES     "$iothub/twin/res/"
+#define AZURE_TWIN_DESIRED "$iothub/twin/PATCH/properties/desired/"
+#define AZURE_TWIN_PATCH   "$iothub/twin/PATCH/properties/reported/"
+#define AZURE_METHODS_POST "$iothub/methods/POST/"
+#define AZURE_METHODS_RES  "$iothub/methods/res/"
 #define AZURE_KEY_FILE_MAX 4096
 
 struct azure {
     char username[600];
     char token[AZURE_SAS_MAX];
     char key_error[256]; /* the last key file problem, logged once per change */
+    /* Twin request ids: "g<n>" for a GET, "p<n>" for a reported patch; the
+     * start is the time of day, so ids do not repeat across restarts soon. */
+    unsigned long long next_rid;
 };
 
 static struct azure *azure_of(const struct profile_instance *pi)
@@ -54,8 +72,13 @@ static struct azure *azure_of(const struct profile_instance *pi)
 
 static int azure_new_cb(struct profile_instance *pi)
 {
-    pi->state = calloc(1, sizeof(struct azure));
-    return pi->state ? 0 : -ENOMEM;
+    struct azure *az = calloc(1, sizeof(struct azure));
+
+    if (!az)
+        return -ENOMEM;
+    az->next_rid = (unsigned long long)time(NULL) % 100000 * 1000;
+    pi->state = az;
+    return 0;
 }
 
 static void azure_free_cb(struct profile_instance *pi)
@@ -148,6 +171,18 @@ static void azure_subscriptions_cb(struct profile_instance *pi, struct profile_m
         return;
     snprintf(filter, sizeof(filter), AZURE_C2D "#", device);
     profile_msgs_add(filters, filter, NULL, 0, 1, false);
+    profile_msgs_add(filters, AZURE_TWIN_RES "#", NULL, 0, 0, false);
+    profile_msgs_add(filters, AZURE_TWIN_DESIRED "#", NULL, 0, 0, false);
+    profile_msgs_add(filters, AZURE_METHODS_POST "#", NULL, 0, 0, false);
+}
+
+/* Every connection: fetch the twin (its document answers on $iothub/twin/res). */
+static void azure_online_cb(struct profile_instance *pi, struct profile_msgs *first)
+{
+    char topic[PROFILE_TOPIC_MAX];
+
+    snprintf(topic, sizeof(topic), AZURE_TWIN_GET "?$rid=g%llu", azure_of(pi)->next_rid++);
+    profile_msgs_add(first, topic, NULL, 0, 0, false);
 }
 
 /* A JSON document (object or array) by its first byte, as IoT Hub's
@@ -160,6 +195,37 @@ static bool looks_like_json(const void *payload, size_t len)
     while (i < len && (p[i] == ' ' || p[i] == '\t' || p[i] == '\r' || p[i] == '\n'))
         i++;
     return i < len && (p[i] == '{' || p[i] == '[');
+}
+
+/* dev/<device>/state: a reported-properties patch (a JSON object), or with
+ * the sub-topic methods/<rid>/<status> the answer to a direct method. */
+static int azure_state_up(struct profile_instance *pi, const char *sub, const void *payload,
+                          size_t len, int qos, struct profile_msgs *out, const char **reason)
+{
+    char topic[PROFILE_TOPIC_MAX];
+    int n;
+
+    if (sub == NULL) {
+        if (!azure_json_object(payload, len)) {
+            *reason = "a twin patch (dev/<device>/state) must be a JSON object of reported "
+                      "properties";
+            return -EINVAL;
+        }
+        n = snprintf(topic, sizeof(topic), AZURE_TWIN_PATCH "?$rid=p%llu",
+                     azure_of(pi)->next_rid++);
+    } else {
+        char rid[64];
+        int status;
+        if (azure_method_answer(sub, rid, sizeof(rid), &status) < 0) {
+            *reason = "a state sub-topic must be methods/<request id>/<status> (the answer to "
+                      "a direct method, status 100-599)";
+            return -EINVAL;
+        }
+        n = snprintf(topic, sizeof(topic), AZURE_METHODS_RES "%d/?$rid=%s", status, rid);
+    }
+    if (profile_topic_result(n, sizeof(topic), reason) < 0)
+        return -EINVAL;
+    return profile_msgs_add(out, topic, payload, len, qos > 1 ? 1 : qos, false);
 }
 
 static int azure_up_cb(struct profile_instance *pi, const struct mapping_local *m,
@@ -181,9 +247,11 @@ static int azure_up_cb(struct profile_instance *pi, const struct mapping_local *
         *reason = pi->reason;
         return -EINVAL;
     }
+    if (m->channel == MAPPING_STATE)
+        return azure_state_up(pi, m->sub, payload, len, qos, out, reason);
     if (m->channel != MAPPING_TELEMETRY) {
-        *reason = "profile azure sends telemetry (device-to-cloud messages) only; the device "
-                  "twin's reported properties are not supported yet";
+        *reason = "profile azure takes telemetry (device-to-cloud messages) and state (twin "
+                  "reported properties, method answers) only";
         return -EINVAL;
     }
     if (len > AZURE_MAX_MESSAGE) {
@@ -194,6 +262,49 @@ static int azure_up_cb(struct profile_instance *pi, const struct mapping_local *
     if (profile_topic_result(n, sizeof(topic), reason) < 0)
         return -EINVAL;
     return profile_msgs_add(out, topic, payload, len, qos > 1 ? 1 : qos, false);
+}
+
+/* $iothub/...: twin responses and desired updates, direct methods. */
+static void azure_iothub_down(struct profile_instance *pi, const char *topic, const void *payload,
+                              size_t len, struct profile_msgs *local)
+{
+    const char *device = azure_conf(pi->uc)->device_id;
+    const char *prefix = pi->conf->local.topic_prefix;
+    char local_topic[PROFILE_TOPIC_MAX], rid[64], name[128], why[256];
+    int status, n = -1;
+    bool retain = false;
+
+    if (strncmp(topic, AZURE_TWIN_RES, strlen(AZURE_TWIN_RES)) == 0) {
+        if (azure_twin_response(topic + strlen(AZURE_TWIN_RES), &status, rid, sizeof(rid)) < 0)
+            return;
+        if (rid[0] == 'g' && status == 200) {
+            n = snprintf(local_topic, sizeof(local_topic), "%s/%s/config/twin", prefix, device);
+            retain = true; /* the whole document: what a late subscriber wants first */
+        } else if (status < 200 || status > 299) {
+            snprintf(why, sizeof(why), "IoT Hub answered %d to the twin %s (request %.60s): %.*s",
+                     status, rid[0] == 'g' ? "GET" : "reported-properties patch", rid,
+                     (int)(len > 120 ? 120 : len), (const char *)payload);
+            profile_report_error(pi, topic, why);
+            return;
+        } else {
+            return; /* 204: a reported patch was taken */
+        }
+    } else if (strncmp(topic, AZURE_TWIN_DESIRED, strlen(AZURE_TWIN_DESIRED)) == 0) {
+        n = snprintf(local_topic, sizeof(local_topic), "%s/%s/config/desired", prefix, device);
+    } else if (strncmp(topic, AZURE_METHODS_POST, strlen(AZURE_METHODS_POST)) == 0) {
+        if (azure_method_request(topic + strlen(AZURE_METHODS_POST), name, sizeof(name), rid,
+                                 sizeof(rid)) < 0) {
+            profile_report_error(pi, topic,
+                                 "a direct method the local topics cannot carry "
+                                 "(its name or request id); not delivered");
+            return;
+        }
+        n = snprintf(local_topic, sizeof(local_topic), "%s/%s/commands/methods/%s/%s", prefix,
+                     device, name, rid);
+    }
+    if (n < 0 || (size_t)n >= sizeof(local_topic))
+        return;
+    profile_msgs_add(local, local_topic, payload, len, 0, retain);
 }
 
 static void azure_down_cb(struct profile_instance *pi, const char *topic, const void *payload,
@@ -207,6 +318,10 @@ static void azure_down_cb(struct profile_instance *pi, const char *topic, const 
     (void)retain;
     if (!device)
         return;
+    if (strncmp(topic, "$iothub/", 8) == 0) {
+        azure_iothub_down(pi, topic, payload, len, local);
+        return;
+    }
     n = snprintf(prefix, sizeof(prefix), AZURE_C2D, device);
     plen = (size_t)n;
     if (n < 0 || plen >= sizeof(prefix) || strncmp(topic, prefix, plen) != 0)
@@ -233,6 +348,7 @@ const struct profile profile_azure = {
     .free_cb = azure_free_cb,
     .session_cb = azure_session_cb,
     .subscriptions_cb = azure_subscriptions_cb,
+    .online_cb = azure_online_cb,
     .up_cb = azure_up_cb,
     .down_cb = azure_down_cb,
     .limits = {.max_payload = AZURE_MAX_MESSAGE},

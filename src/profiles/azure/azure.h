@@ -80,4 +80,31 @@ int azure_derive_device_key(const uint8_t *group_key, size_t group_len, const ch
  */
 int azure_d2c_topic(const char *device, const char *sub, bool json, char *buf, size_t cap);
 
+/**
+ * azure_json_object() - does @payload look like a JSON object (first and
+ * last non-blank bytes '{' and '}')? The hub checks the rest and answers
+ * a bad patch with 400.
+ */
+bool azure_json_object(const void *payload, size_t len);
+
+/**
+ * azure_method_answer() - parse the state sub-topic "methods/<rid>/<status>"
+ * of a direct method's answer: @rid (@cap bytes) and *@status (100-599).
+ * A request id is 1-63 bytes without / + # & or blanks. Returns 0 or -EINVAL.
+ */
+int azure_method_answer(const char *sub, char *rid, size_t cap, int *status);
+
+/**
+ * azure_twin_response() - parse what follows $iothub/twin/res/:
+ * "<status>/?$rid=<rid>[&$version=<n>]". Returns 0 or -EINVAL.
+ */
+int azure_twin_response(const char *rest, int *status, char *rid, size_t cap);
+
+/**
+ * azure_method_request() - parse what follows $iothub/methods/POST/:
+ * "<name>/?$rid=<rid>"; the name (1-127 bytes) and the request id must be
+ * usable as local topic levels. Returns 0 or -EINVAL.
+ */
+int azure_method_request(const char *rest, char *name, size_t name_cap, char *rid, size_t rid_cap);
+
 #endif

@@ -163,3 +163,93 @@ int azure_d2c_topic(const char *device, const char *sub, bool json, char *buf, s
     }
     return n;
 }
+
+bool azure_json_object(const void *payload, size_t len)
+{
+    const char *p = payload;
+    size_t a = 0, b = len;
+
+    while (a < b && isspace((unsigned char)p[a]))
+        a++;
+    while (b > a && isspace((unsigned char)p[b - 1]))
+        b--;
+    return b - a >= 2 && p[a] == '{' && p[b - 1] == '}';
+}
+
+/* A request id or method name as one local topic level: no / + # & and
+ * nothing below 0x21. */
+static bool level_ok(const char *s, size_t len, size_t max)
+{
+    if (len == 0 || len > max)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        if ((unsigned char)s[i] <= ' ' || strchr("/+#&", s[i]))
+            return false;
+    }
+    return true;
+}
+
+static int copy_level(const char *s, size_t len, size_t max, char *out, size_t cap)
+{
+    if (!level_ok(s, len, max) || len >= cap)
+        return -EINVAL;
+    memcpy(out, s, len);
+    out[len] = '\0';
+    return 0;
+}
+
+/* "<digits>" of 3 characters in 100-599 at @s (ending at @end or NUL). */
+static int parse_status(const char *s, size_t len, int *status)
+{
+    if (len != 3)
+        return -EINVAL;
+    for (size_t i = 0; i < 3; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -EINVAL;
+    }
+    *status = (s[0] - '0') * 100 + (s[1] - '0') * 10 + (s[2] - '0');
+    return *status >= 100 && *status <= 599 ? 0 : -EINVAL;
+}
+
+int azure_method_answer(const char *sub, char *rid, size_t cap, int *status)
+{
+    const char *p, *slash;
+
+    if (strncmp(sub, "methods/", 8) != 0)
+        return -EINVAL;
+    p = sub + 8;
+    slash = strchr(p, '/');
+    if (!slash || copy_level(p, (size_t)(slash - p), 63, rid, cap) < 0)
+        return -EINVAL;
+    return parse_status(slash + 1, strlen(slash + 1), status);
+}
+
+/* "?$rid=<rid>[&...]" at @q into @rid. */
+static int parse_rid(const char *q, char *rid, size_t cap)
+{
+    size_t len;
+
+    if (strncmp(q, "?$rid=", 6) != 0)
+        return -EINVAL;
+    q += 6;
+    len = strcspn(q, "&");
+    return copy_level(q, len, 63, rid, cap);
+}
+
+int azure_twin_response(const char *rest, int *status, char *rid, size_t cap)
+{
+    const char *slash = strchr(rest, '/');
+
+    if (!slash || parse_status(rest, (size_t)(slash - rest), status) < 0)
+        return -EINVAL;
+    return parse_rid(slash + 1, rid, cap);
+}
+
+int azure_method_request(const char *rest, char *name, size_t name_cap, char *rid, size_t rid_cap)
+{
+    const char *slash = strchr(rest, '/');
+
+    if (!slash || copy_level(rest, (size_t)(slash - rest), 127, name, name_cap) < 0)
+        return -EINVAL;
+    return parse_rid(slash + 1, rid, rid_cap);
+}
