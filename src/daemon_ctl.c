@@ -245,6 +245,13 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
                             (long long)stats.token_expires_at, (long long)stats.token_refresh_at,
                             (unsigned long long)stats.rotations);
             json_append_string(out, stats.clock ? stats.clock : "unknown");
+        } else if (stats.token_expires_at) {
+            /* A token the profile makes (Azure SAS), rotated the same way. */
+            json_append_fmt(out,
+                            ",\"auth\":\"token\",\"token_expires_at\":%lld,"
+                            "\"token_refresh_at\":%lld,\"token_rotations\":%llu",
+                            (long long)stats.token_expires_at, (long long)stats.token_refresh_at,
+                            (unsigned long long)stats.rotations);
         }
         router_uplink_status_json(&d->router, d->uplinks[i], out); /* akenza "sessions" */
         json_append_raw(out, "}");

@@ -128,6 +128,14 @@ static int conn_apply_session(struct uplink_conn *conn)
             return -ENOMEM;
         if (session.password && !(conn->password = strdup(session.password)))
             return -ENOMEM;
+        if (session.password && session.password_expires_at) {
+            /* Rotated like a JWT (uplink_arm_rotation), signed now. */
+            conn->token_signed_at = time(NULL);
+            conn->token_signed_mono_ms = util_now_ms();
+            conn->token_expires_at = session.password_expires_at;
+            conn->refresh_percent =
+                session.password_refresh_percent ? session.password_refresh_percent : 80;
+        }
     }
     if (session.will_topic) {
         if (!(conn->will_topic = strdup(session.will_topic)))

@@ -221,8 +221,20 @@ void uplink_conn_explain_rc(struct uplink_conn *conn, int rc, int err)
         rc = conn->disconnect_rc;
 
     if (conn_connacked(conn) && (conn->connack_rc == 4 || conn->connack_rc == 5) &&
-        conn->token_expires_at) {
+        conn->token_expires_at && conn->signer) {
         conn_explain_jwt_refused(conn);
+    } else if (conn_connacked(conn) && (conn->connack_rc == 4 || conn->connack_rc == 5) &&
+               conn->token_expires_at) {
+        /* A token the profile made (Azure SAS): its words, and the clocks. */
+        const char *text = uplink_ask_connack_text(conn->uplink, conn->connack_rc);
+        char exp[40], clock[40];
+        uplink_conn_fail(conn,
+                         "broker %s:%d refused the token (CONNACK %d): %s (it expires at %s; "
+                         "local clock %s)",
+                         conn->host, conn->port, conn->connack_rc,
+                         text ? text : connack_text(conn->connack_rc),
+                         uplink_format_utc(conn->token_expires_at, exp, sizeof(exp)),
+                         uplink_format_utc(time(NULL), clock, sizeof(clock)));
     } else if (conn_connacked(conn) && conn->connack_rc != 0) {
         /* The profile may know what this cloud means by the code. */
         const char *text = uplink_ask_connack_text(conn->uplink, conn->connack_rc);

@@ -700,11 +700,15 @@ static void conn_after_work_cb(uv_work_t *req, int status)
     if (conn->token_expires_at) {
         char exp[40];
         uplink->stats.token_expires_at = conn->token_expires_at;
-        log_uplink(LOG_INFO, uplink->name, "signed a new JWT (%s%s%s), expires at %s",
-                   jwt_alg_name(jwt_signer_alg(conn->signer)),
-                   jwt_signer_kid(conn->signer) ? ", kid " : "",
-                   jwt_signer_kid(conn->signer) ? jwt_signer_kid(conn->signer) : "",
-                   uplink_format_utc(conn->token_expires_at, exp, sizeof(exp)));
+        if (conn->signer)
+            log_uplink(LOG_INFO, uplink->name, "signed a new JWT (%s%s%s), expires at %s",
+                       jwt_alg_name(jwt_signer_alg(conn->signer)),
+                       jwt_signer_kid(conn->signer) ? ", kid " : "",
+                       jwt_signer_kid(conn->signer) ? jwt_signer_kid(conn->signer) : "",
+                       uplink_format_utc(conn->token_expires_at, exp, sizeof(exp)));
+        else
+            log_uplink(LOG_INFO, uplink->name, "the profile made a new token, expires at %s",
+                       uplink_format_utc(conn->token_expires_at, exp, sizeof(exp)));
     }
     if (uplink_set_state(uplink, UPLINK_CONNECTING, "%s resolved, connecting to port %d%s",
                          conn->host, conn->port, conn->tls ? " with TLS" : "") < 0)

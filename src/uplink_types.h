@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "spool.h" /* struct spool_stats */
 
@@ -44,6 +45,13 @@ struct uplink_session {
     bool will_retain;
     bool hold_spool; /* send nothing from the spool on this connection
                         (e.g. Cumulocity bootstrap: only control messages) */
+    /* A password the profile made that expires (an Azure SAS token): when
+     * it stops being valid, 0 = never. The uplink then rotates as for a
+     * JWT: at @password_refresh_percent of its life (0: 80) it stops
+     * sending, waits for what is in flight, and reconnects with a new
+     * session, so the cloud never has to drop an expired one. */
+    time_t password_expires_at;
+    unsigned password_refresh_percent;
 };
 
 struct uplink_hooks {

@@ -189,10 +189,15 @@ static void print_status(json_t *root)
         const char *error = json_str(uplink, "last_error");
         if (error[0])
             printf("%s: last error: %s\n", json_str(uplink, "name"), error);
-        if (json_object_get(uplink, "token_expires_at") != NULL)
+        if (json_object_get(uplink, "token_expires_at") != NULL &&
+            strcmp(json_str(uplink, "auth"), "jwt") == 0)
             printf("%s: JWT clock %s, token expires at %lld, %lld rotation(s)\n",
                    json_str(uplink, "name"), json_str(uplink, "clock"),
                    json_num(uplink, "token_expires_at"), json_num(uplink, "token_rotations"));
+        else if (json_object_get(uplink, "token_expires_at") != NULL)
+            printf("%s: token expires at %lld, renewed at %lld, %lld rotation(s)\n",
+                   json_str(uplink, "name"), json_num(uplink, "token_expires_at"),
+                   json_num(uplink, "token_refresh_at"), json_num(uplink, "token_rotations"));
     }
 }
 

@@ -9,6 +9,13 @@
  * its token passes exp + skew is kicked, as GCP does. Every decision is appended to a JSON-lines
  * log for the tests. See README.md beside this file for the options and the log format.
  *
+ * With plugin_opt_hub it plays Azure IoT Hub instead: each CONNECT must carry the user name
+ * "<hub>/<client id>/?api-version=<v>" and a shared access signature as the password
+ * ("SharedAccessSignature sr=...&sig=...&se=..."), which is checked against the device keys of
+ * plugin_opt_sas_keys: the resource is <hub>/devices/<client id>, the signature HMAC-SHA256 of
+ * the URL-encoded resource, "\n" and the expiry, and the expiry in the future. A refused
+ * CONNECT gets CONNACK 5; a session whose token expired is kicked, as IoT Hub does.
+ *
  * This is test code loaded into a test broker; it still refuses anything malformed rather than
  * guessing, because its job is to catch the classic client bugs (padding, DER ECDSA signatures,
  * wrong aud, tokens never rotated).
@@ -29,6 +36,7 @@
 
 #include <jansson.h>
 #include <openssl/bn.h>
+#include <openssl/crypto.h>
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -40,6 +48,8 @@
 #define FAKECLOUD_DEFAULT_MAX_LIFETIME 86400 /* GCP: a token lives at most 24 h (+ skew) */
 #define FAKECLOUD_MAX_KEYS             16
 #define FAKECLOUD_MIN_RSA_BITS         2048
+#define FAKECLOUD_MAX_SAS_DEVICES      16
+#define FAKECLOUD_SAS_KEY_MAX          128
 
 enum fakecloud_key_type {
     FAKECLOUD_KEY_RSA,
@@ -81,8 +91,18 @@ struct fakecloud_session {
     long long exp;
 };
 
+/* A device the fake IoT Hub knows, with its symmetric key (decoded). */
+struct fakecloud_sas_device {
+    char *id;
+    unsigned char key[FAKECLOUD_SAS_KEY_MAX];
+    size_t key_len;
+};
+
 struct fakecloud {
     mosquitto_plugin_id_t *plugin_id;
+    char *hub; /* set: the fake IoT Hub (SAS tokens), not the JWT cloud */
+    struct fakecloud_sas_device sas[FAKECLOUD_MAX_SAS_DEVICES];
+    size_t sas_count;
     struct fakecloud_key keys[FAKECLOUD_MAX_KEYS];
     size_t key_count;
     char *aud;
@@ -613,13 +633,137 @@ static void fakecloud_session_free(struct fakecloud_session *session)
     free(session);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* The fake IoT Hub: shared access signatures                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+static int fakecloud_hex(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decodes `in` (`len` bytes) into `out` (at least len + 1 bytes); -EINVAL on a bad
+ * escape. */
+static int fakecloud_url_decode(const char *in, size_t len, char *out)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < len; i++) {
+        if (in[i] == '%') {
+            int hi, lo;
+            if (i + 2 >= len)
+                return -EINVAL;
+            hi = fakecloud_hex(in[i + 1]);
+            lo = fakecloud_hex(in[i + 2]);
+            if (hi < 0 || lo < 0)
+                return -EINVAL;
+            out[n++] = (char)(hi << 4 | lo);
+            i += 2;
+        } else {
+            out[n++] = in[i];
+        }
+    }
+    out[n] = '\0';
+    return (int)n;
+}
+
+/* The value of `name` in a SAS token's "k=v&k=v" list, or NULL; *len its length. */
+static const char *fakecloud_sas_field(const char *fields, const char *name, size_t *len)
+{
+    size_t name_len = strlen(name);
+    const char *p = fields;
+
+    while (*p) {
+        const char *end = strchr(p, '&');
+        size_t field_len = end ? (size_t)(end - p) : strlen(p);
+        if (field_len > name_len && strncmp(p, name, name_len) == 0 && p[name_len] == '=') {
+            *len = field_len - name_len - 1;
+            return p + name_len + 1;
+        }
+        if (!end)
+            break;
+        p = end + 1;
+    }
+    return NULL;
+}
+
+static const struct fakecloud_sas_device *fakecloud_sas_device(const struct fakecloud *fc,
+                                                               const char *id)
+{
+    for (size_t i = 0; i < fc->sas_count; i++) {
+        if (strcmp(fc->sas[i].id, id) == 0)
+            return &fc->sas[i];
+    }
+    return NULL;
+}
+
+static int fakecloud_judge_sas(struct fakecloud *fc, const char *client_id, const char *username,
+                               const char *password, struct fakecloud_verdict *verdict,
+                               long long *exp)
+{
+    static const char prefix[] = "SharedAccessSignature ";
+    char expected_user[512], resource[512], decoded[1024], sig_decoded[256], to_sign[1100];
+    unsigned char mac[32], mac_b64[64];
+    const struct fakecloud_sas_device *device;
+    const char *sr, *sig, *se, *fields;
+    size_t sr_len = 0, sig_len = 0, se_len = 0, mac_len = 0;
+    char *end;
+
+    verdict->alg = "SAS";
+    if (client_id == NULL || (device = fakecloud_sas_device(fc, client_id)) == NULL)
+        return fakecloud_refuse(verdict, "unknown device", "no device %.100s in this hub",
+                                client_id ? client_id : "(no client id)");
+    snprintf(expected_user, sizeof(expected_user), "%s/%s/?api-version=", fc->hub, client_id);
+    if (username == NULL || strncmp(username, expected_user, strlen(expected_user)) != 0 ||
+        username[strlen(expected_user)] == '\0')
+        return fakecloud_refuse(verdict, "bad username", "user name %.150s, expected %s<version>",
+                                username ? username : "(none)", expected_user);
+    if (password == NULL || strncmp(password, prefix, strlen(prefix)) != 0)
+        return fakecloud_refuse(verdict, "not a SAS token",
+                                "the password must start with \"SharedAccessSignature \"");
+    fields = password + strlen(prefix);
+    sr = fakecloud_sas_field(fields, "sr", &sr_len);
+    sig = fakecloud_sas_field(fields, "sig", &sig_len);
+    se = fakecloud_sas_field(fields, "se", &se_len);
+    if (!sr || !sig || !se || sr_len >= sizeof(decoded) || sig_len >= sizeof(sig_decoded) ||
+        se_len == 0 || se_len > 20)
+        return fakecloud_refuse(verdict, "malformed SAS", "sr, sig and se are all required");
+    snprintf(resource, sizeof(resource), "%s/devices/%s", fc->hub, client_id);
+    if (fakecloud_url_decode(sr, sr_len, decoded) < 0 || strcmp(decoded, resource) != 0)
+        return fakecloud_refuse(verdict, "wrong resource", "sr %.*s, expected (encoded) %s",
+                                (int)(sr_len > 200 ? 200 : sr_len), sr, resource);
+    *exp = strtoll(se, &end, 10);
+    if (end != se + se_len || *exp <= 0)
+        return fakecloud_refuse(verdict, "malformed SAS", "se is not Unix seconds");
+    if (*exp + fc->skew <= verdict->now)
+        return fakecloud_refuse(verdict, "expired", "se %lld is in the past (now %lld)", *exp,
+                                verdict->now);
+    /* The string to sign: the encoded resource as sent, a newline, the expiry. */
+    int n = snprintf(to_sign, sizeof(to_sign), "%.*s\n%.*s", (int)sr_len, sr, (int)se_len, se);
+    if (EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, device->key, device->key_len,
+                  (const unsigned char *)to_sign, (size_t)n, mac, sizeof(mac), &mac_len) == NULL)
+        return -ENOMEM;
+    EVP_EncodeBlock(mac_b64, mac, (int)mac_len);
+    if (fakecloud_url_decode(sig, sig_len, sig_decoded) < 0 ||
+        strcmp(sig_decoded, (const char *)mac_b64) != 0)
+        return fakecloud_refuse(verdict, "bad signature",
+                                "sig does not match HMAC-SHA256 of sr and se with the device key");
+    return 0;
+}
+
 static int fakecloud_basic_auth_cb(int event, void *event_data, void *userdata)
 {
     struct mosquitto_evt_basic_auth *auth = event_data;
     struct fakecloud *fc = userdata;
     struct fakecloud_verdict verdict = {0};
     const char *client_id = mosquitto_client_id(auth->client);
-    long long iat = 0, exp = 0;
+    long long iat = 0, exp = 0, sas_exp = 0;
     bool have_iat, have_exp;
     json_t *line, *aud;
     int rc;
@@ -633,6 +777,8 @@ static int fakecloud_basic_auth_cb(int event, void *event_data, void *userdata)
         } else {
             rc = fakecloud_refuse(&verdict, "observer password", "wrong observer password");
         }
+    } else if (fc->hub != NULL) {
+        rc = fakecloud_judge_sas(fc, client_id, auth->username, auth->password, &verdict, &sas_exp);
     } else {
         rc = fakecloud_judge(fc, auth->password, &verdict);
     }
@@ -644,7 +790,11 @@ static int fakecloud_basic_auth_cb(int event, void *event_data, void *userdata)
 
     have_iat = verdict.claims != NULL && fakecloud_claim_time(verdict.claims, "iat", &iat);
     have_exp = verdict.claims != NULL && fakecloud_claim_time(verdict.claims, "exp", &exp);
-    if (rc == 0 && verdict.claims != NULL && client_id != NULL) {
+    if (sas_exp != 0) {
+        exp = sas_exp;
+        have_exp = true;
+    }
+    if (rc == 0 && (verdict.claims != NULL || sas_exp != 0) && client_id != NULL) {
         if (fakecloud_session_put(fc, client_id, auth->client, exp) < 0) {
             json_decref(verdict.header);
             json_decref(verdict.claims);
@@ -657,7 +807,8 @@ static int fakecloud_basic_auth_cb(int event, void *event_data, void *userdata)
     json_object_set_new(line, "result", json_string(rc == 0 ? "accepted" : "refused"));
     json_object_set_new(
         line, "reason",
-        json_string(rc == 0 ? (verdict.claims != NULL ? "ok" : "observer") : verdict.reason));
+        json_string(rc == 0 ? (verdict.claims != NULL || sas_exp != 0 ? "ok" : "observer")
+                            : verdict.reason));
     json_object_set_new(line, "detail", fakecloud_json_str(rc == 0 ? NULL : verdict.detail));
     json_object_set_new(line, "now", json_integer(verdict.now));
     json_object_set_new(line, "client_id", fakecloud_json_str(client_id));
@@ -896,10 +1047,69 @@ static int fakecloud_parse_seconds(const char *key, const char *value, long long
     return 0;
 }
 
+/* plugin_opt_sas_keys: "device=path,device=path", each file holding the device's key in
+ * base64 as the Azure portal shows it. */
+static int fakecloud_sas_keys_load(struct fakecloud *fc, const char *list)
+{
+    char *copy = strdup(list), *save = NULL;
+
+    if (copy == NULL)
+        return -ENOMEM;
+    for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(item, '='), text[512];
+        struct fakecloud_sas_device *device;
+        size_t len;
+        FILE *f;
+        int n;
+
+        if (eq == NULL || fc->sas_count == FAKECLOUD_MAX_SAS_DEVICES) {
+            mosquitto_log_printf(MOSQ_LOG_ERR,
+                                 "fakecloud: plugin_opt_sas_keys: %s is not "
+                                 "device=path (or too many)",
+                                 item);
+            free(copy);
+            return -EINVAL;
+        }
+        *eq = '\0';
+        f = fopen(eq + 1, "r");
+        if (f == NULL || fgets(text, sizeof(text), f) == NULL) {
+            mosquitto_log_printf(MOSQ_LOG_ERR, "fakecloud: cannot read SAS key %s", eq + 1);
+            if (f)
+                fclose(f);
+            free(copy);
+            return -EINVAL;
+        }
+        fclose(f);
+        len = strcspn(text, " \t\r\n");
+        text[len] = '\0';
+        device = &fc->sas[fc->sas_count];
+        unsigned char buf[FAKECLOUD_SAS_KEY_MAX + 3];
+        n = len % 4 == 0 && len / 4 * 3 <= sizeof(buf)
+                ? EVP_DecodeBlock(buf, (unsigned char *)text, (int)len)
+                : -1;
+        if (n <= 0) {
+            mosquitto_log_printf(MOSQ_LOG_ERR, "fakecloud: SAS key %s is not base64", eq + 1);
+            free(copy);
+            return -EINVAL;
+        }
+        n -= (len > 0 && text[len - 1] == '=') + (len > 1 && text[len - 2] == '=');
+        memcpy(device->key, buf, (size_t)n);
+        device->key_len = (size_t)n;
+        device->id = strdup(item);
+        if (device->id == NULL) {
+            free(copy);
+            return -ENOMEM;
+        }
+        fc->sas_count++;
+    }
+    free(copy);
+    return 0;
+}
+
 static int fakecloud_conf_parse(struct fakecloud *fc, struct mosquitto_opt *options,
                                 int option_count)
 {
-    const char *keys = NULL, *log_path = NULL;
+    const char *keys = NULL, *log_path = NULL, *sas_keys = NULL;
     int rc;
 
     fc->skew = FAKECLOUD_DEFAULT_SKEW;
@@ -910,6 +1120,10 @@ static int fakecloud_conf_parse(struct fakecloud *fc, struct mosquitto_opt *opti
 
         if (strcmp(key, "keys") == 0) {
             keys = value;
+        } else if (strcmp(key, "hub") == 0) {
+            target = &fc->hub;
+        } else if (strcmp(key, "sas_keys") == 0) {
+            sas_keys = value;
         } else if (strcmp(key, "aud") == 0) {
             target = &fc->aud;
         } else if (strcmp(key, "log") == 0) {
@@ -947,7 +1161,17 @@ static int fakecloud_conf_parse(struct fakecloud *fc, struct mosquitto_opt *opti
             }
         }
     }
-    if (keys == NULL || fc->aud == NULL) {
+    if (fc->hub != NULL) {
+        if (sas_keys == NULL || keys != NULL || fc->aud != NULL) {
+            mosquitto_log_printf(MOSQ_LOG_ERR,
+                                 "fakecloud: plugin_opt_hub takes plugin_opt_sas_keys "
+                                 "(and no JWT keys or aud)");
+            return -EINVAL;
+        }
+        rc = fakecloud_sas_keys_load(fc, sas_keys);
+        if (rc < 0)
+            return rc;
+    } else if (keys == NULL || fc->aud == NULL) {
         mosquitto_log_printf(MOSQ_LOG_ERR, "fakecloud: plugin_opt_keys and plugin_opt_aud are "
                                            "required");
         return -EINVAL;
@@ -957,13 +1181,15 @@ static int fakecloud_conf_parse(struct fakecloud *fc, struct mosquitto_opt *opti
                                            "plugin_opt_observer_password go together");
         return -EINVAL;
     }
-    rc = fakecloud_keys_load(fc, keys);
-    if (rc < 0) {
-        return rc;
-    }
-    if (fc->key_count == 0) {
-        mosquitto_log_printf(MOSQ_LOG_ERR, "fakecloud: plugin_opt_keys lists no key");
-        return -EINVAL;
+    if (fc->hub == NULL) {
+        rc = fakecloud_keys_load(fc, keys);
+        if (rc < 0) {
+            return rc;
+        }
+        if (fc->key_count == 0) {
+            mosquitto_log_printf(MOSQ_LOG_ERR, "fakecloud: plugin_opt_keys lists no key");
+            return -EINVAL;
+        }
     }
     if (log_path != NULL) {
         fc->log = fopen(log_path, "a");
@@ -992,6 +1218,11 @@ static void fakecloud_free(struct fakecloud *fc)
     if (fc->log != NULL) {
         fclose(fc->log);
     }
+    for (size_t i = 0; i < fc->sas_count; i++) {
+        free(fc->sas[i].id);
+        OPENSSL_cleanse(fc->sas[i].key, sizeof(fc->sas[i].key));
+    }
+    free(fc->hub);
     free(fc->aud);
     free(fc->observer_user);
     free(fc->observer_password);

@@ -1,0 +1,71 @@
+/* azure/spec.c - what Azure IoT Hub asks of a connection, from the conf
+ * alone (learn.microsoft.com, "Communicate with an IoT hub using the MQTT
+ * protocol": client id = the device id, user name
+ * "<hub>/<device>/?api-version=<v>"; the SAS token password is made at
+ * connect time by azure.c). The daemon half is azure.c. */
+#include <stdio.h>
+
+#include "azure.h"
+#include "conf.h"
+#include "profile_spec.h"
+#include "profiles/azure/section.h"
+
+static void azure_connect_id(const struct conf_uplink *uc, struct profile_connect_id *out)
+{
+    const struct conf_azure *azure = azure_conf(uc);
+
+    if (azure->device_id == NULL || azure->hub == NULL)
+        return;
+    snprintf(out->client_id, sizeof(out->client_id), "%s", azure->device_id);
+    snprintf(out->username, sizeof(out->username), "%s/%s/?api-version=%s", azure->hub,
+             azure->device_id, azure->api_version ? azure->api_version : AZURE_API_VERSION);
+}
+
+/* IoT Hub's CONNACK codes ("Communicate with an IoT hub using the MQTT
+ * protocol", "Using the MQTT protocol directly (as a device)"). */
+static const char *azure_connack_text(const struct conf_uplink *uc, int rc)
+{
+    (void)uc;
+    switch (rc) {
+    case 2:
+        return "IoT Hub refused the client id: it must be the device id (azure.device_id)";
+    case 3:
+        return "IoT Hub is unavailable or throttling this device (the hub's quota of "
+               "connections or messages per unit): it retries with backoff";
+    case 4:
+        return "IoT Hub refused the credentials: the user name must be "
+               "<hub>/<device>/?api-version=..., the SAS token signed with the device's key "
+               "(azure.key_file: its primary or secondary key, base64) for "
+               "<hub>/devices/<device>, and not expired (check the clock)";
+    case 5:
+        return "IoT Hub did not authorise the device: it is not registered in this hub, it is "
+               "disabled, or the key or certificate is not the one registered for it";
+    default:
+        return NULL;
+    }
+}
+
+static void azure_diagnose_refused(const struct conf_uplink *uc, const char *client_id, FILE *out)
+{
+    const struct conf_azure *azure = azure_conf(uc);
+
+    fprintf(out,
+            "  azure: the device \"%s\" must exist and be enabled in hub %s; with a SAS token, "
+            "azure.key_file must hold its primary or secondary key (base64, as the portal "
+            "shows it); with X.509, the registered thumbprint or CA must match tls.cert "
+            "(client id sent: %s)\n",
+            azure->device_id ? azure->device_id : "(none)", azure->hub ? azure->hub : "(none)",
+            client_id);
+}
+
+const struct profile_spec profile_spec_azure = {
+    .name = "azure",
+    .connect_id = azure_connect_id,
+    .connack_text = azure_connack_text,
+    .diagnose_refused = azure_diagnose_refused,
+    .child_check = azure_device_id_check,
+    .section_parse = azure_section_parse,
+    .section_free = azure_section_free,
+    .section_equal = azure_section_equal,
+    .client_id_from = "device_id",
+};
