@@ -1095,7 +1095,18 @@ static int mqtt_credentials(const struct conf *conf, const struct conf_uplink *u
         if (password)
             connect->password = (struct mqtt_slice){(const uint8_t *)password, strlen(password)};
         say(out, "  user name: %s (profile %s), password: %s", username, profile,
-            password ? "(set, not shown)" : "(none)");
+            ids->token[0] ? "a token made now (not shown)"
+            : password    ? "(set, not shown)"
+                          : "(none)");
+        if (ids->token[0]) {
+            char when[40];
+            time_t exp = (time_t)ids->token_expires_at;
+            struct tm tm;
+            strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&exp, &tm));
+            say(out, "  token: expires at %lld = %s", ids->token_expires_at, when);
+        } else if (ids->token_error[0]) {
+            say(out, "  token: none could be made: %s", ids->token_error);
+        }
     } else if (uplink->auth.type == CONF_AUTH_BASIC) {
         say(out, "  token: no JWT configured");
         connect->has_username = uplink->auth.username != NULL;

@@ -38,7 +38,14 @@ struct profile_connect_id {
     char username[512];                    /* "" = auth.username as configured (jwt: "unused") */
     const char *password; /* with a username: the password to send (borrowed from the conf) */
     bool clean_session;   /* true: clean session 1 whatever the conf says (Cumulocity) */
-    bool c8y_bootstrap;   /* Cumulocity bootstrap: the device's user and password are in
+    /* A password the profile made now from the conf's files (Azure: a SAS
+     * token from azure.key_file): @password points here, @token_expires_at
+     * is when it stops being valid; @token_error says why none could be
+     * made ("" = none needed or made). */
+    char token[1400];
+    long long token_expires_at;
+    char token_error[256];
+    bool c8y_bootstrap; /* Cumulocity bootstrap: the device's user and password are in
                              <state_dir>/credentials/<uplink> once received, else the
                              bootstrap user's are used (username/password above) */
 };

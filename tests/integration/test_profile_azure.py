@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import ssl
 import subprocess
 import time
@@ -290,3 +291,28 @@ def test_twin_and_direct_methods(hx):
     assert answer[1] == b'{"ok":true}'
     # Nothing of this went to the telemetry topic.
     assert not [m for m in observer.received() if m[0].startswith("devices/")]
+
+
+def run_diagnose(hx, conf):
+    path = hx.write_config(conf, "diagnose.yaml")
+    proc = subprocess.run([h.UPLINKCTL_BIN, "diagnose", "-c", path, "--timeout", "5", "cloud"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=h.TIMEOUT + 30)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_diagnose_sends_the_same_token(hx):
+    key_path, _ = fakecloud.device_key(hx.dir, DEVICE)
+    other_path, _ = fakecloud.device_key(hx.dir, "other")
+    cloud = fakecloud.start_hub(hx, HUB, {DEVICE: key_path})
+    rc, out = run_diagnose(hx, azure_config(hx, cloud, key_path))
+    assert rc == 0, out
+    assert "password: a token made now (not shown)" in out, out
+    assert re.search(r"token: expires at \d+ = \d{4}-", out), out
+    assert "SharedAccessSignature" not in out and "sig=" not in out, out
+    cloud.wait_event("connect", client_id=DEVICE, result="accepted")
+    # With the wrong key the hub refuses, and diagnose says what IoT Hub checks.
+    rc, out = run_diagnose(hx, azure_config(hx, cloud, other_path))
+    assert rc == 13, out  # the MQTT step failed
+    assert 'azure: the device "%s" must exist and be enabled in hub %s' % (DEVICE, HUB) in out, out
+    cloud.wait_event("connect", client_id=DEVICE, result="refused", reason="bad signature")

@@ -54,12 +54,10 @@
 #define AZURE_TWIN_PATCH   "$iothub/twin/PATCH/properties/reported/"
 #define AZURE_METHODS_POST "$iothub/methods/POST/"
 #define AZURE_METHODS_RES  "$iothub/methods/res/"
-#define AZURE_KEY_FILE_MAX 4096
 
 struct azure {
-    char username[600];
-    char token[AZURE_SAS_MAX];
-    char key_error[256]; /* the last key file problem, logged once per change */
+    struct profile_connect_id id; /* this attempt's user name and token (session_cb) */
+    char key_error[256];          /* the last key file problem, logged once per change */
     /* Twin request ids: "g<n>" for a GET, "p<n>" for a reported patch; the
      * start is the time of day, so ids do not repeat across restarts soon. */
     unsigned long long next_rid;
@@ -86,80 +84,36 @@ static void azure_free_cb(struct profile_instance *pi)
     struct azure *az = azure_of(pi);
 
     if (az)
-        OPENSSL_cleanse(az->token, sizeof(az->token));
+        OPENSSL_cleanse(az->id.token, sizeof(az->id.token));
     free(az);
-}
-
-/* The device key from @path into @key; its length, or -errno with @why. */
-static int read_key(const char *path, uint8_t key[AZURE_KEY_MAX], char *why, size_t why_size)
-{
-    char text[AZURE_KEY_FILE_MAX + 1];
-    ssize_t n;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    int rc;
-
-    if (fd < 0) {
-        rc = -errno;
-        snprintf(why, why_size, "cannot open %s: %s", path, strerror(errno));
-        return rc;
-    }
-    n = read(fd, text, AZURE_KEY_FILE_MAX);
-    rc = n < 0 ? -errno : 0;
-    close(fd);
-    if (n < 0) {
-        snprintf(why, why_size, "cannot read %s: %s", path, strerror(-rc));
-        return rc;
-    }
-    text[n] = '\0';
-    rc = azure_key_decode(text, key);
-    OPENSSL_cleanse(text, sizeof(text));
-    if (rc < 0)
-        snprintf(why, why_size,
-                 "%s does not hold a key: expected the device's primary or secondary key as "
-                 "the portal shows it (base64, e.g. \"Q2hh...bmc=\"), on one line",
-                 path);
-    return rc;
 }
 
 static void azure_session_cb(struct profile_instance *pi, struct uplink_session *session)
 {
     const struct conf_azure *conf = azure_conf(pi->uc);
     struct azure *az = azure_of(pi);
-    struct profile_connect_id id;
-    uint8_t key[AZURE_KEY_MAX];
-    char why[256];
-    int len;
 
-    memset(&id, 0, sizeof(id));
-    profile_connect_id(pi->uc, &id);
-    if (!id.client_id[0])
+    /* The same user name and token uplinkctl diagnose sends (spec.c). */
+    OPENSSL_cleanse(az->id.token, sizeof(az->id.token));
+    profile_connect_id(pi->uc, &az->id);
+    if (!az->id.client_id[0])
         return; /* no device id: the conf check reported it */
     session->client_id = conf->device_id;
-    snprintf(az->username, sizeof(az->username), "%s", id.username);
-    session->username = az->username;
-    if (conf->key_file == NULL)
-        return; /* X.509: the certificate is the credential */
-    len = read_key(conf->key_file, key, why, sizeof(why));
-    if (len < 0) {
-        if (strcmp(why, az->key_error) != 0)
+    session->username = az->id.username;
+    if (az->id.token_error[0]) {
+        if (strcmp(az->id.token_error, az->key_error) != 0)
             log_uplink(LOG_ERR, pi->uc->name,
                        "azure.key_file: %s; connecting without a SAS token, which IoT Hub "
                        "refuses",
-                       why);
-        snprintf(az->key_error, sizeof(az->key_error), "%s", why);
+                       az->id.token_error);
+        snprintf(az->key_error, sizeof(az->key_error), "%s", az->id.token_error);
         return;
     }
     az->key_error[0] = '\0';
-    time_t expiry = time(NULL) + (time_t)(conf->token_life_ms / 1000);
-    int n = azure_sas_token(key, (size_t)len, conf->hub, conf->device_id, conf->policy, expiry,
-                            az->token, sizeof(az->token));
-    OPENSSL_cleanse(key, sizeof(key));
-    if (n < 0) {
-        log_uplink(LOG_ERR, pi->uc->name, "cannot make a SAS token: %s", strerror(-n));
-        return;
+    if (az->id.token[0]) {
+        session->password = az->id.token;
+        session->password_expires_at = (time_t)az->id.token_expires_at;
     }
-    session->password = az->token;
-    session->password_expires_at = expiry;
 }
 
 static void azure_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)

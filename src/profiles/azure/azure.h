@@ -55,6 +55,13 @@ int azure_url_encode(const char *in, char *out, size_t cap);
 int azure_key_decode(const char *text, uint8_t key[AZURE_KEY_MAX]);
 
 /**
+ * azure_key_read() - the key in the file @path (azure_key_decode()) into
+ * @key. Returns its length, or a negative errno with @why (@why_size
+ * bytes) saying what is wrong with the file, in words for the log.
+ */
+int azure_key_read(const char *path, uint8_t key[AZURE_KEY_MAX], char *why, size_t why_size);
+
+/**
  * azure_sas_token() - the SAS token for @hub/devices/@device, valid until
  * @expiry, signed with @key; @policy non-NULL adds skn=. Into @out (@cap
  * bytes). Returns the length, -ENAMETOOLONG, or -EIO (OpenSSL failed).

@@ -4,11 +4,16 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
+
+#define AZURE_KEY_FILE_MAX 4096
 
 const char *azure_device_id_check(const char *id)
 {
@@ -252,4 +257,34 @@ int azure_method_request(const char *rest, char *name, size_t name_cap, char *ri
     if (!slash || copy_level(rest, (size_t)(slash - rest), 127, name, name_cap) < 0)
         return -EINVAL;
     return parse_rid(slash + 1, rid, rid_cap);
+}
+
+int azure_key_read(const char *path, uint8_t key[AZURE_KEY_MAX], char *why, size_t why_size)
+{
+    char text[AZURE_KEY_FILE_MAX + 1];
+    ssize_t n;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc;
+
+    if (fd < 0) {
+        rc = -errno;
+        snprintf(why, why_size, "cannot open %s: %s", path, strerror(errno));
+        return rc;
+    }
+    n = read(fd, text, AZURE_KEY_FILE_MAX);
+    rc = n < 0 ? -errno : 0;
+    close(fd);
+    if (n < 0) {
+        snprintf(why, why_size, "cannot read %s: %s", path, strerror(-rc));
+        return rc;
+    }
+    text[n] = '\0';
+    rc = azure_key_decode(text, key);
+    OPENSSL_cleanse(text, sizeof(text));
+    if (rc < 0)
+        snprintf(why, why_size,
+                 "%s does not hold a key: expected the device's primary or secondary key as "
+                 "the portal shows it (base64, e.g. \"Q2hh...bmc=\"), on one line",
+                 path);
+    return rc;
 }

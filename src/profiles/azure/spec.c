@@ -3,7 +3,12 @@
  * protocol": client id = the device id, user name
  * "<hub>/<device>/?api-version=<v>"; the SAS token password is made at
  * connect time by azure.c). The daemon half is azure.c. */
+#include <stdint.h>
 #include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/crypto.h>
 
 #include "azure.h"
 #include "conf.h"
@@ -19,6 +24,26 @@ static void azure_connect_id(const struct conf_uplink *uc, struct profile_connec
     snprintf(out->client_id, sizeof(out->client_id), "%s", azure->device_id);
     snprintf(out->username, sizeof(out->username), "%s/%s/?api-version=%s", azure->hub,
              azure->device_id, azure->api_version ? azure->api_version : AZURE_API_VERSION);
+    if (azure->key_file == NULL)
+        return; /* X.509: no password */
+    /* A SAS token made now from the key file, read every time (a replaced
+     * key is used at once), for the daemon and uplinkctl diagnose alike. */
+    uint8_t key[AZURE_KEY_MAX];
+    int len = azure_key_read(azure->key_file, key, out->token_error, sizeof(out->token_error));
+    if (len < 0)
+        return;
+    time_t expiry = time(NULL) + (time_t)(azure->token_life_ms / 1000);
+    int n = azure_sas_token(key, (size_t)len, azure->hub, azure->device_id, azure->policy, expiry,
+                            out->token, sizeof(out->token));
+    OPENSSL_cleanse(key, sizeof(key));
+    if (n < 0) {
+        snprintf(out->token_error, sizeof(out->token_error), "cannot make a SAS token: %s",
+                 strerror(-n));
+        out->token[0] = '\0';
+        return;
+    }
+    out->password = out->token;
+    out->token_expires_at = (long long)expiry;
 }
 
 /* IoT Hub's CONNACK codes ("Communicate with an IoT hub using the MQTT
