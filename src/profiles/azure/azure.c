@@ -32,12 +32,10 @@
  * QoS 2 becomes 1 and retain is dropped: IoT Hub takes neither.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include <openssl/crypto.h>
 
@@ -139,18 +137,6 @@ static void azure_online_cb(struct profile_instance *pi, struct profile_msgs *fi
     profile_msgs_add(first, topic, NULL, 0, 0, false);
 }
 
-/* A JSON document (object or array) by its first byte, as IoT Hub's
- * routing needs $.ct and $.ce to read the body. */
-static bool looks_like_json(const void *payload, size_t len)
-{
-    const char *p = payload;
-    size_t i = 0;
-
-    while (i < len && (p[i] == ' ' || p[i] == '\t' || p[i] == '\r' || p[i] == '\n'))
-        i++;
-    return i < len && (p[i] == '{' || p[i] == '[');
-}
-
 /* dev/<device>/state: a reported-properties patch (a JSON object), or with
  * the sub-topic methods/<rid>/<status> the answer to a direct method. */
 static int azure_state_up(struct profile_instance *pi, const char *sub, const void *payload,
@@ -212,7 +198,7 @@ static int azure_up_cb(struct profile_instance *pi, const struct mapping_local *
         *reason = "IoT Hub takes device-to-cloud messages of at most 256 KiB";
         return -EINVAL;
     }
-    n = azure_d2c_topic(device, m->sub, looks_like_json(payload, len), topic, sizeof(topic));
+    n = azure_d2c_topic(device, m->sub, azure_json_document(payload, len), topic, sizeof(topic));
     if (profile_topic_result(n, sizeof(topic), reason) < 0)
         return -EINVAL;
     return profile_msgs_add(out, topic, payload, len, qos > 1 ? 1 : qos, false);
