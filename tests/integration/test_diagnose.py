@@ -103,15 +103,7 @@ class HaproxySniFront:
 
 def mtls_broker(hx, name="mtls"):
     """A broker whose TLS listeners require a client certificate from the test CA."""
-    broker = hx.broker(name=name, start=False)
-    with open(broker.conf_path) as f:
-        text = f.read()
-    key_line = "keyfile %s\n" % hx.pki.path("server.key")
-    text = text.replace(key_line, key_line + "cafile %s\nrequire_certificate true\n"
-                        % hx.pki.ca)
-    with open(broker.conf_path, "w") as f:
-        f.write(text)
-    return broker.start()
+    return hx.broker(name=name, client_cert=True)
 
 
 def write_client_cert(hx, name, not_before, not_after, cn="gw-test"):
