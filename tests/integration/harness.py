@@ -182,21 +182,28 @@ def terminate(proc, timeout=10):
         return False
 
 
-def listen_loopback(backlog=16):
-    """Listening TCP sockets on one free port of every loopback address, for the
-    test's own servers (a TLS front, a throttling proxy). Returns (port, sockets)."""
+def listen_loopback(backlog=16, port=None):
+    """Listening TCP sockets on one free port (or `port`) of every loopback address, for
+    the test's own servers (a TLS front, a throttling proxy). Returns (port, sockets);
+    raises OSError when `port` cannot be bound (in use, or below 1024 without root)."""
     addresses = loopback_addresses()
-    port = free_port(addresses)
+    if port is None:
+        port = free_port(addresses)
     listeners = []
-    for addr in addresses:
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((addr, port))
-        s.listen(backlog)
-        listeners.append(s)
+    try:
+        for addr in addresses:
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            listeners.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr, port))
+            s.listen(backlog)
+    except OSError:
+        for s in listeners:
+            s.close()
+        raise
     return port, listeners
 
 
@@ -473,7 +480,7 @@ class SniFront:
     it requires a client certificate from the test CA and records its CN.
     """
 
-    def __init__(self, pki, backend_port, cert="server", alpn=None, client_cert=False):
+    def __init__(self, pki, backend_port, cert="server", alpn=None, client_cert=False, port=None):
         self.backend_port = backend_port
         self.server_names = []  # one entry per handshake: str, or None when no SNI was sent
         self.alpn = []  # one entry per handshake: the protocol agreed, or None
@@ -494,7 +501,7 @@ class SniFront:
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(pki.ca)
         self._ctx = ctx
-        self.port, self._listeners = listen_loopback()
+        self.port, self._listeners = listen_loopback(port=port)
         self._thread = threading.Thread(target=self._accept_loop, name="sni-front", daemon=True)
         self._thread.start()
 

@@ -9,6 +9,8 @@ records the protocol and the client certificate's CN of each handshake.
 
 import json
 
+import pytest
+
 import fakeaws
 import harness as h
 
@@ -72,6 +74,21 @@ def test_mutual_tls_behind_alpn_front(hx):
     observer.wait("dt/%s/%s" % (THING, THING), "21.5")
     assert front.alpn and set(front.alpn) == {"x-amzn-mqtt-ca"}, front.alpn
     assert front.peers and set(front.peers) == {"gw-test"}, front.peers  # client.pem's CN
+
+
+def test_port_443_offers_alpn_by_default(hx):
+    """port: 443 and no tls.alpn: uplinkd offers x-amzn-mqtt-ca by itself (AWS serves HTTPS
+    on 443 too and picks MQTT by ALPN). Needs port 443 on loopback: root, and free."""
+    broker = hx.broker(name="aws", client_cert=True)
+    try:
+        front = hx.sni_front(broker, alpn=ALPN, client_cert=True, port=443)
+    except OSError as e:
+        pytest.skip("cannot listen on loopback port 443: %s" % e)
+    conf = aws_config(hx, broker, port=443)
+    assert "alpn" not in conf["uplinks"][0]["tls"]
+    daemon = hx.uplinkd(conf)
+    daemon.wait_log(r"state \w+ -> ONLINE")
+    assert front.alpn and set(front.alpn) == {ALPN}, front.alpn
 
 
 def test_telemetry_commands_and_topic_rules(hx):
