@@ -149,6 +149,14 @@ static int conn_apply_session(struct uplink_conn *conn)
         conn->will_qos = session.will_qos;
         conn->will_retain = session.will_retain;
     }
+    if (session.cert && session.key && conn->tls) {
+        free(conn->cert);
+        free(conn->key);
+        conn->cert = strdup(session.cert);
+        conn->key = strdup(session.key);
+        if (!conn->cert || !conn->key)
+            return -ENOMEM;
+    }
     conn->hold_spool = session.hold_spool;
     return 0;
 }

@@ -52,6 +52,11 @@ struct uplink_session {
      * session, so the cloud never has to drop an expired one. */
     time_t password_expires_at;
     unsigned password_refresh_percent;
+    /* Non-NULL: the client certificate (chain) and key files for this
+     * attempt instead of tls.cert and tls.key (AWS fleet provisioning: the
+     * certificate AWS issued replaces the claim certificate). */
+    const char *cert;
+    const char *key;
 };
 
 struct uplink_hooks {

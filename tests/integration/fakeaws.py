@@ -12,16 +12,60 @@ MQTT API operations"), independently of uplinkd's code:
 - shadow update: a document with a "state" object is merged (null deletes a key), answered on
   update/accepted, and update/delta carries the desired keys that reported does not match;
   anything else is answered on update/rejected {"code":400,...};
+- fleet provisioning (enable_provisioning()): $aws/certificates/create/json issues a new key
+  and a certificate signed by the test CA (so the broker accepts it) with a one-time
+  certificateOwnershipToken; $aws/provisioning-templates/<t>/provision/json checks the token
+  and the template and answers {"thingName": parameters["ThingName"]};
 - jobs: $next/get answers {"execution": ...} (or {} when nothing is queued), start-next moves
   the next job to IN_PROGRESS, <id>/update with a terminal status removes it and sends
   notify-next with the job after it.
 """
 
+import datetime
 import json
+import secrets
 import threading
 import time
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 import harness as h
+
+
+def make_cert(pki, directory, cn):
+    """A client certificate for `cn` signed by the test CA (a claim certificate): writes
+    <cn>.pem and <cn>.key into `directory` and returns their paths."""
+    cert_pem, key_pem = _signed(pki, cn)
+    paths = []
+    for ext, text in (("pem", cert_pem), ("key", key_pem)):
+        path = "%s/%s.%s" % (directory, cn, ext)
+        with open(path, "w") as f:
+            f.write(text)
+        paths.append(path)
+    return tuple(paths)
+
+
+def _signed(pki, cn):
+    with open(pki.path("ca.pem"), "rb") as f:
+        ca = x509.load_pem_x509_certificate(f.read())
+    with open(pki.path("ca.key"), "rb") as f:
+        ca_key = serialization.load_pem_private_key(f.read(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(ca_key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.TraditionalOpenSSL,
+                              serialization.NoEncryption()).decode())
 
 
 def _merge(into, patch):
@@ -55,6 +99,9 @@ class AwsServices:
         self.shadows = {}  # (thing, name or "") -> {"reported": {}, "desired": {}, "version": n}
         self.jobs = {}  # thing -> list of {"jobId", "status", "jobDocument"}
         self.requests = []
+        self.issued = {}  # certificateOwnershipToken -> certificateId, until used
+        self.registered = []  # (template, parameters, thingName) of every RegisterThing
+        self._pki = self._template = None
         self._lock = threading.Lock()
         self.client = h.MqttClient("127.0.0.1", broker.plain_port).connect()
         self.client.client.on_message = self._on_message
@@ -65,6 +112,12 @@ class AwsServices:
             self.client.subscribe(filt, qos=1)
 
     # -- what the tests set and read ------------------------------------------
+
+    def enable_provisioning(self, pki, template):
+        """Answer CreateKeysAndCertificate and RegisterThing for `template`."""
+        self._pki, self._template = pki, template
+        self.client.subscribe("$aws/certificates/create/json", qos=1)
+        self.client.subscribe("$aws/provisioning-templates/+/provision/json", qos=1)
 
     def set_desired(self, thing, desired, name=""):
         with self._lock:
@@ -133,6 +186,9 @@ class AwsServices:
             payload = msg.payload
         self.requests.append((msg.topic, payload))
         levels = msg.topic.split("/")
+        if levels[1] in ("certificates", "provisioning-templates"):
+            self._provisioning_request(levels, payload)
+            return
         thing = levels[2]
         if levels[3] == "shadow":
             name = levels[5] if levels[4] == "name" else ""
@@ -217,3 +273,31 @@ class AwsServices:
                 with self._lock:
                     self.jobs[thing] = [j for j in self.jobs[thing] if j["jobId"] != job_id]
                 self._notify_next(thing)
+
+    # -- fleet provisioning ------------------------------------------------------
+
+    def _provisioning_request(self, levels, payload):
+        if levels[1] == "certificates":
+            cert_id = secrets.token_hex(8)
+            pem, key_pem = _signed(self._pki, "issued-" + cert_id)
+            token = secrets.token_urlsafe(24)
+            with self._lock:
+                self.issued[token] = cert_id
+            self._publish("$aws/certificates/create/json/accepted",
+                          {"certificateId": cert_id, "certificatePem": pem,
+                           "privateKey": key_pem, "certificateOwnershipToken": token})
+            return
+        template = levels[2]
+        base = "$aws/provisioning-templates/%s/provision/json" % template
+        token = payload.get("certificateOwnershipToken") if isinstance(payload, dict) else None
+        params = payload.get("parameters", {}) if isinstance(payload, dict) else {}
+        with self._lock:
+            known = self.issued.pop(token, None) if token else None
+        if template != self._template or known is None or "ThingName" not in params:
+            self._publish(base + "/rejected",
+                          {"statusCode": 400, "errorCode": "InvalidParameters",
+                           "errorMessage": "unknown template, token or no ThingName"})
+            return
+        self.registered.append((template, params, params["ThingName"]))
+        self._publish(base + "/accepted",
+                      {"deviceConfiguration": {}, "thingName": params["ThingName"]})

@@ -8,6 +8,9 @@ records the protocol and the client certificate's CN of each handshake.
 """
 
 import json
+import os
+import re
+import stat
 
 import pytest
 
@@ -111,6 +114,8 @@ def test_telemetry_commands_and_topic_rules(hx):
     wait_error(errors, "at most 128 KiB")
     local.publish("cloud/cloud/plain/big", b"x" * (128 * 1024 + 1), qos=1)
     wait_error(errors, "larger than this cloud takes")
+    local.publish("dev/%s/state/jobs" % THING, b"{}", qos=1)
+    wait_error(errors, "aws.jobs is false")
     local.publish("cloud/cloud/plain/raw", b"raw ok", qos=1)
     observer.wait("plain/raw", "raw ok")
     assert sorted(m[0] for m in observer.received()) == [
@@ -235,3 +240,90 @@ def test_child_shadow_through_gateway(hx):
 
     local.publish("dev/valve-1/state/shadow/x", b"{}", qos=1)
     wait_error(errors, "named shadows and jobs are the gateway's")
+
+
+def test_child_shadows_off(hx):
+    """aws.child_shadows: false, for a policy that allows the gateway's own shadow only: a
+    child's telemetry goes up and nothing under $aws/things/<child>/ is sent."""
+    broker, services, observer, conf, daemon = start(hx, jobs=False, child_shadows=False)
+    local = hx.local_client(gw(conf))
+    errors = hx.local_sub(gw(conf), "uplinkd/cloud/errors")
+    local.publish("dev/valve-1/telemetry", b"1", qos=1)
+    local.publish("dev/valve-1/state", b'{"open": true}', qos=1)
+    wait_error(errors, "aws.child_shadows is false")
+    local.publish("dev/valve-1/telemetry", b"2", qos=1)
+    observer.wait("dt/%s/valve-1" % THING, "2")
+    assert not [r for r in services.requests if "/valve-1/" in r[0]], services.requests
+    assert "$aws/things/valve-1/" not in broker.log_text()
+
+
+def provisioning_setup(hx, template):
+    broker = hx.broker(name="aws", client_cert=True)
+    services = fakeaws.AwsServices(broker)
+    hx.add_closer(services.close)
+    services.enable_provisioning(hx.pki, "fleet-1")
+    observer = hx.cloud_client(broker)
+    observer.subscribe("dt/#", qos=1)
+    conf = aws_config(hx, broker, provisioning={"template": template})
+    claim_cert, claim_key = fakeaws.make_cert(hx.pki, hx.dir, "claim")
+    conf["uplinks"][0]["tls"].update({"cert": claim_cert, "key": claim_key})
+    return broker, services, observer, conf
+
+
+def test_fleet_provisioning(hx):
+    """Claim certificate -> CreateKeysAndCertificate -> RegisterThing -> the issued
+    certificate, stored 0600 and used from then on; data published meanwhile waits."""
+    broker, services, observer, conf = provisioning_setup(hx, "fleet-1")
+    daemon = hx.uplinkd(conf)
+    local = hx.local_client(gw(conf))
+    local.publish("dev/%s/telemetry" % THING, b"early", qos=1)  # while claiming: spooled
+    daemon.wait_log(r"fleet provisioning: thing gw-test has its own certificate")
+    observer.wait("dt/%s/%s" % (THING, THING), "early")
+    assert services.registered == [("fleet-1", {"ThingName": THING}, THING)]
+
+    log = broker.log_text()
+    issued = re.search(r"New client connected .* as gw-test .*u'issued-", log)
+    assert issued, "no connection with the issued certificate:\n" + broker.log_tail()
+    # Nothing but provisioning went out with the claim certificate.
+    assert log.index("'dt/gw-test/gw-test'") > issued.start()
+    assert log.index("'$aws/things/gw-test/shadow/get'") > issued.start()
+    assert "'$aws/certificates/create/json'" in log[:issued.start()]
+
+    state = os.path.join(conf["gateway"]["state_dir"], "provisioned", "cloud")
+    for name in ("certificate.pem", "private.key", "thing"):
+        mode = stat.S_IMODE(os.stat(os.path.join(state, name)).st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    with open(os.path.join(state, "thing")) as f:
+        assert f.read() == THING + "\n"
+    status = json.loads(h.uplinkctl(conf["control"]["socket"], "--json", "status").stdout)
+    assert status["uplinks"][0]["provisioning"] == {"template": "fleet-1", "state": "DONE",
+                                                    "thing": THING}
+
+    # A restart uses the stored certificate at once: no second CreateKeysAndCertificate.
+    mark = daemon.log_size()
+    daemon.stop()
+    daemon.start()
+    daemon.wait_log(r"using the certificate issued for thing gw-test", since=mark)
+    daemon.wait_log(r"state \w+ -> ONLINE", since=mark)
+    local = hx.local_client(gw(conf))
+    local.publish("dev/%s/telemetry" % THING, b"after restart", qos=1)
+    observer.wait("dt/%s/%s" % (THING, THING), "after restart")
+    creates = [r for r in services.requests if r[0] == "$aws/certificates/create/json"]
+    assert len(creates) == 1, creates
+
+
+def test_fleet_provisioning_refused(hx):
+    """A template AWS does not know: the refusal is reported, the data stays spooled."""
+    broker, services, observer, conf = provisioning_setup(hx, "no-such-template")
+    daemon = hx.uplinkd(conf)
+    errors = hx.local_sub(gw(conf), "uplinkd/cloud/errors")
+    local = hx.local_client(gw(conf))
+    local.publish("dev/%s/telemetry" % THING, b"kept", qos=1)
+    wait_error(errors, "AWS IoT Core refused fleet provisioning (RegisterThing, template "
+                       "no-such-template)")
+    status = json.loads(h.uplinkctl(conf["control"]["socket"], "--json", "status").stdout)
+    up = status["uplinks"][0]
+    assert up["provisioning"]["state"] == "CLAIM"
+    assert observer.received() == []
+    assert not os.path.exists(os.path.join(conf["gateway"]["state_dir"], "provisioned", "cloud",
+                                           "thing"))

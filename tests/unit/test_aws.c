@@ -18,6 +18,7 @@
 #include <cmocka.h>
 
 #include "conf.h"
+#include "json.h"
 #include "profile_spec.h"
 #include "profiles/aws/aws.h"
 #include "profiles/aws/section.h"
@@ -127,6 +128,41 @@ static void test_reserved_parse(void **state)
                      -EINVAL);
 }
 
+/* Fleet provisioning's JSON: read with libyaml, written with json_buf. */
+static void test_fleet_json(void **state)
+{
+    static const char answer[] =
+        "{\"certificateId\":\"c1\",\"certificatePem\":\"-----BEGIN CERTIFICATE-----\\nAB\\n"
+        "-----END CERTIFICATE-----\\n\",\"privateKey\":\"k\\u00e9\\/x\",\"n\":7,"
+        "\"o\":{\"certificateOwnershipToken\":\"nested\"},\"certificateOwnershipToken\":\"t0\"}";
+    static const char *const names[] = {"certificatePem", "privateKey", "certificateOwnershipToken",
+                                        "n", "missing"};
+    char *values[5];
+    struct json_buf out;
+
+    (void)state;
+    assert_int_equal(aws_json_strings(answer, sizeof(answer) - 1, names, values, 5), 0);
+    assert_string_equal(values[0], "-----BEGIN CERTIFICATE-----\nAB\n-----END CERTIFICATE-----\n");
+    assert_string_equal(values[1], "k\xc3\xa9/x"); /* \u00e9 and \/ decoded */
+    assert_string_equal(values[2], "t0");          /* the top level's, not the nested one */
+    assert_null(values[3]);                        /* a number is not a string */
+    assert_null(values[4]);
+    for (int i = 0; i < 5; i++)
+        free(values[i]);
+    assert_int_equal(aws_json_strings("[1,2]", 5, names, values, 1), -EINVAL);
+    assert_int_equal(aws_json_strings("{\"a\":", 5, names, values, 1), -EINVAL);
+    assert_int_equal(aws_json_strings("certificatePem: x", 17, names, values, 1), -EINVAL);
+    assert_null(values[0]);
+
+    struct conf_aws_param params[] = {{"ThingName", "gw-1"}, {"Serial", "a\"b"}};
+    json_buf_init(&out);
+    aws_provision_request("tok", params, 2, &out);
+    assert_false(out.failed);
+    assert_string_equal(out.data, "{\"certificateOwnershipToken\":\"tok\",\"parameters\":"
+                                  "{\"ThingName\":\"gw-1\",\"Serial\":\"a\\\"b\"}}");
+    json_buf_deinit(&out);
+}
+
 /* --- uplinks[].aws ---------------------------------------------------------- */
 
 static char dir[] = "/tmp/test_aws.XXXXXX";
@@ -212,6 +248,8 @@ static void test_section(void **state)
     const struct conf_uplink *up = &conf->uplinks[0];
     assert_string_equal(aws_conf(up)->thing, "gw-1");
     assert_true(aws_conf(up)->jobs);
+    assert_true(aws_conf(up)->child_shadows);
+    assert_null(aws_conf(up)->template_name);
     assert_int_equal(aws_conf(up)->shadow_count, 0);
     assert_int_equal(up->port, 8883);
     assert_null(up->tls.alpn);
@@ -255,7 +293,44 @@ static void test_section(void **state)
     expect_error(CERT, "      thing: \"a b\"\n", "uplinks[0].aws.thing: \"a b\"");
     expect_error(CERT, "      shadows: [ok, \"a/b\"]\n", "uplinks[0].aws.shadows[1]");
     expect_error(CERT, "      jobs: maybe\n", "uplinks[0].aws.jobs");
+    expect_error(CERT, "      child_shadows: 2\n", "uplinks[0].aws.child_shadows");
     expect_error(CERT, "      thingname: x\n", "uplinks[0].aws.thingname");
+    expect_error(CERT, "      provisioning: {parameters: {a: b}}\n",
+                 "uplinks[0].aws.provisioning.template: missing");
+    expect_error(CERT, "      provisioning: {template: \"a b\"}\n",
+                 "a template name is 1 to 36 characters");
+    expect_error("    auth:\n      type: basic\n      username: u\n      password: p\n",
+                 "      provisioning: {template: t}\n", "needs the claim certificate in tls.cert");
+}
+
+/* provisioning: the template, and its parameters (default {ThingName: thing}). */
+static void test_section_provisioning(void **state)
+{
+    char *errors = NULL;
+    struct conf *conf = load_aws(CERT, "      provisioning:\n        template: fleet-1\n", &errors);
+
+    (void)state;
+    if (!conf)
+        fail_msg("%s", errors);
+    const struct conf_aws *aws = aws_conf(&conf->uplinks[0]);
+    assert_string_equal(aws->template_name, "fleet-1");
+    assert_int_equal(aws->param_count, 1);
+    assert_string_equal(aws->params[0].name, "ThingName");
+    assert_string_equal(aws->params[0].value, "gw-1");
+    conf_free(conf);
+
+    conf = load_aws(CERT,
+                    "      provisioning:\n        template: fleet-1\n"
+                    "        parameters: {SerialNumber: \"0001\", ThingName: plant-7}\n",
+                    &errors);
+    if (!conf)
+        fail_msg("%s", errors);
+    aws = aws_conf(&conf->uplinks[0]);
+    assert_int_equal(aws->param_count, 2);
+    assert_string_equal(aws->params[0].name, "SerialNumber");
+    assert_string_equal(aws->params[0].value, "0001");
+    assert_string_equal(aws->params[1].value, "plant-7");
+    conf_free(conf);
 }
 
 /* A changed thing, shadow list or jobs switch reconnects on reload. */
@@ -281,9 +356,14 @@ static void test_section_equal(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_names),        cmocka_unit_test(test_topic_rules),
-        cmocka_unit_test(test_built_topics), cmocka_unit_test(test_reserved_parse),
-        cmocka_unit_test(test_section),      cmocka_unit_test(test_section_equal),
+        cmocka_unit_test(test_names),
+        cmocka_unit_test(test_topic_rules),
+        cmocka_unit_test(test_built_topics),
+        cmocka_unit_test(test_reserved_parse),
+        cmocka_unit_test(test_fleet_json),
+        cmocka_unit_test(test_section),
+        cmocka_unit_test(test_section_provisioning),
+        cmocka_unit_test(test_section_equal),
     };
     return cmocka_run_group_tests(tests, setup_dir, remove_dir);
 }

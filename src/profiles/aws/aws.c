@@ -42,6 +42,39 @@
 #include "log.h"
 #include "profile.h"
 #include "profiles/aws/section.h"
+#include "provision.h"
+
+struct aws {
+    struct aws_fleet *fleet; /* aws.provisioning: fleet provisioning by claim, else NULL */
+};
+
+static struct aws_fleet *fleet_of(const struct profile_instance *pi)
+{
+    const struct aws *aws = pi->state;
+
+    return aws ? aws->fleet : NULL;
+}
+
+static int aws_new_cb(struct profile_instance *pi)
+{
+    struct aws *aws = calloc(1, sizeof(*aws));
+
+    if (!aws)
+        return -ENOMEM;
+    pi->state = aws;
+    if (aws_conf(pi->uc)->template_name)
+        return aws_fleet_new(pi, &aws->fleet);
+    return 0;
+}
+
+static void aws_free_cb(struct profile_instance *pi)
+{
+    struct aws *aws = pi->state;
+
+    if (aws)
+        aws_fleet_free(aws->fleet);
+    free(aws);
+}
 
 /* The thing name of local child @child: the gateway's thing for the
  * gateway itself (gateway.id or aws.thing), else the child's id. */
@@ -88,7 +121,8 @@ static void thing_filters(const char *thing, bool named, bool jobs, struct profi
     }
 }
 
-static void aws_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)
+/* The gateway's own filters: its commands, shadows and jobs. */
+static void gateway_filters(const struct profile_instance *pi, struct profile_msgs *filters)
 {
     const struct conf_aws *aws = aws_conf(pi->uc);
     char filter[PROFILE_TOPIC_MAX];
@@ -100,6 +134,32 @@ static void aws_subscriptions_cb(struct profile_instance *pi, struct profile_msg
     thing_filters(aws->thing, true, aws->jobs, filters);
 }
 
+static void aws_subscriptions_cb(struct profile_instance *pi, struct profile_msgs *filters)
+{
+    /* With fleet provisioning, session_cb subscribes them once the thing
+     * has its certificate: the claim policy allows provisioning only. */
+    if (!fleet_of(pi))
+        gateway_filters(pi, filters);
+}
+
+static void aws_session_cb(struct profile_instance *pi, struct uplink_session *session)
+{
+    struct profile_msgs filters;
+
+    if (!fleet_of(pi))
+        return;
+    profile_msgs_init(&filters);
+    gateway_filters(pi, &filters);
+    aws_fleet_session(pi, fleet_of(pi), &filters, session);
+    profile_msgs_deinit(&filters);
+}
+
+static void aws_status_json_cb(const struct profile_instance *pi, struct json_buf *out)
+{
+    if (fleet_of(pi))
+        aws_fleet_status(pi, fleet_of(pi), out);
+}
+
 /* Every connection: the shadows and the next job, whose answers come on
  * the filters above. */
 static void aws_online_cb(struct profile_instance *pi, struct profile_msgs *first)
@@ -109,6 +169,10 @@ static void aws_online_cb(struct profile_instance *pi, struct profile_msgs *firs
 
     if (!aws->thing)
         return;
+    if (!aws_fleet_done(fleet_of(pi))) {
+        aws_fleet_online(pi, fleet_of(pi), first);
+        return;
+    }
     aws_shadow_topic(aws->thing, NULL, "get", topic, sizeof(topic));
     profile_msgs_add(first, topic, "{}", 2, 1, false);
     for (size_t i = 0; i < aws->shadow_count; i++) {
@@ -131,8 +195,10 @@ static int aws_register_cb(struct profile_instance *pi, const char *child, struc
     char topic[PROFILE_TOPIC_MAX];
 
     (void)reason;
-    if (is_gateway(pi, child) || !aws_conf(pi->uc)->thing)
-        return 0;
+    const struct conf_aws *aws = aws_conf(pi->uc);
+    if (is_gateway(pi, child) || !aws->thing || !aws->child_shadows ||
+        !aws_fleet_done(fleet_of(pi)))
+        return 0; /* while claiming, nothing but provisioning may be sent */
     profile_msgs_init(&filters);
     thing_filters(child, false, false, &filters);
     for (size_t i = 0; i < filters.count; i++)
@@ -225,6 +291,10 @@ static int aws_state_up(struct profile_instance *pi, const struct mapping_local 
 {
     const char *thing = thing_of(pi, m->child), *sub = m->sub;
 
+    if (sub == NULL && !is_gateway(pi, m->child) && !aws_conf(pi->uc)->child_shadows) {
+        *reason = "aws.child_shadows is false: children send telemetry only";
+        return -EINVAL;
+    }
     if (sub == NULL)
         return shadow_update(pi, thing, NULL, payload, len, qos, out, reason);
     if (!is_gateway(pi, m->child)) {
@@ -237,10 +307,14 @@ static int aws_state_up(struct profile_instance *pi, const struct mapping_local 
             return -EINVAL;
         return shadow_update(pi, thing, sub + 7, payload, len, qos, out, reason);
     }
-    if (strcmp(sub, "jobs") == 0)
-        return job_update(pi, thing, NULL, payload, len, qos, out, reason);
-    if (strncmp(sub, "jobs/", 5) == 0)
-        return job_update(pi, thing, sub + 5, payload, len, qos, out, reason);
+    if (strcmp(sub, "jobs") == 0 || strncmp(sub, "jobs/", 5) == 0) {
+        if (!aws_conf(pi->uc)->jobs) {
+            *reason = "aws.jobs is false: this gateway takes no part in AWS IoT Jobs (its "
+                      "policy may not allow the jobs topics)";
+            return -EINVAL;
+        }
+        return job_update(pi, thing, sub[4] ? sub + 5 : NULL, payload, len, qos, out, reason);
+    }
     *reason = "a state sub-topic must be shadow/<name> (a named shadow), jobs (start the next "
               "job) or jobs/<job id> (update a job)";
     return -EINVAL;
@@ -349,6 +423,8 @@ static void aws_down_cb(struct profile_instance *pi, const char *topic, const vo
     (void)retain;
     if (!thing)
         return;
+    if (fleet_of(pi) && aws_fleet_down(pi, fleet_of(pi), topic, payload, len))
+        return;
     if (strncmp(topic, "$aws/", 5) == 0) {
         aws_reserved_down(pi, topic, payload, len, qos, local);
         return;
@@ -383,6 +459,10 @@ static void aws_down_cb(struct profile_instance *pi, const char *topic, const vo
 
 const struct profile profile_aws = {
     .name = "aws",
+    .new_cb = aws_new_cb,
+    .free_cb = aws_free_cb,
+    .session_cb = aws_session_cb,
+    .status_json_cb = aws_status_json_cb,
     .subscriptions_cb = aws_subscriptions_cb,
     .online_cb = aws_online_cb,
     .register_cb = aws_register_cb,

@@ -97,4 +97,29 @@ int aws_reserved_parse(const char *topic, struct aws_reserved *out);
  */
 const char *aws_job_id_check(const char *id);
 
+/* Fleet provisioning by claim ("Device provisioning MQTT API"): the
+ * topics, and reading AWS's JSON answers. */
+#define AWS_CREATE_CERT      "$aws/certificates/create/json"
+#define AWS_PROVISION_FORMAT "$aws/provisioning-templates/%s/provision/json"
+
+struct json_buf;
+struct conf_aws_param;
+
+/**
+ * aws_json_strings() - the string members @names[0..@n) of the JSON object
+ * @payload (@len bytes), each copied into @values[i] (malloc'd; NULL when
+ * absent or not a string). JSON is read with libyaml (JSON's syntax is
+ * YAML's flow style; escapes such as \n in a PEM are decoded), not by hand.
+ * Returns 0, -EINVAL (not a JSON object; @values all NULL), -ENOMEM.
+ */
+int aws_json_strings(const void *payload, size_t len, const char *const *names, char **values,
+                     size_t n);
+
+/**
+ * aws_provision_request() - the RegisterThing request
+ * {"certificateOwnershipToken":@token,"parameters":{...}} into @out.
+ */
+void aws_provision_request(const char *token, const struct conf_aws_param *params, size_t count,
+                           struct json_buf *out);
+
 #endif

@@ -15,13 +15,31 @@
 struct conf_loader;
 struct yaml_node_s;
 
+/* One provisioning.parameters entry: a template parameter and its value. */
+struct conf_aws_param {
+    char *name;
+    char *value;
+};
+
 /* uplinks[].aws (profile aws). */
 struct conf_aws {
-    char *thing;    /* thing: the gateway's thing name, default gateway.id; also the
-                           client id unless uplinks[].client_id says otherwise */
+    /* thing: the gateway's thing name, default gateway.id; also the client
+     * id unless uplinks[].client_id says otherwise */
+    char *thing;
     char **shadows; /* shadows: named shadows of the thing fetched on every connect */
     size_t shadow_count;
     bool jobs; /* jobs: take part in AWS IoT Jobs (default true) */
+    /* child_shadows: a child's first message on each connection fetches its
+     * classic shadow and subscribes to its answers, and dev/<child>/state
+     * updates it (default true); false: children send telemetry only, for
+     * a policy that allows the gateway's own shadow only. */
+    bool child_shadows;
+    /* provisioning.template: fleet provisioning by claim, NULL = off; then
+     * tls.cert and tls.key are the claim certificate, and the certificate
+     * AWS issues is kept in <state_dir>/credentials/<uplink>/ (provision.c). */
+    char *template_name;
+    struct conf_aws_param *params; /* provisioning.parameters, default {ThingName: thing} */
+    size_t param_count;
 };
 
 /* The section of @uc, an uplink of this profile (borrowed from it). */

@@ -12,8 +12,8 @@
 /* AWS IoT Core answers CONNACK 5 for a certificate it does not know or
  * has not activated and for a policy that does not allow iot:Connect with
  * this client id; it often closes the connection without a CONNACK
- * instead (the uplink then says so), also when a second connection uses
- * the same client id. */
+ * instead (the uplink then says so). A second connection with the same
+ * client id makes AWS close the first one. */
 static const char *aws_connack_text(const struct conf_uplink *uc, int rc)
 {
     (void)uc;
