@@ -515,6 +515,8 @@ void uplink_conn_work_cb(uv_work_t *req)
     struct uplink_conn *conn = container_of(req, struct uplink_conn, work);
 
     uplink_conn_take_creds(conn);
+    if (conn->tls && conn->cert)
+        conn->cert_not_after = tlscheck_cert_not_after(conn->cert);
     conn_setup(conn);
     /* OpenSSL keeps per-thread state (error queue, DRBG) for this threadpool
      * thread; libuv's threads never exit before the process does, so release

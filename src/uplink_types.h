@@ -113,6 +113,9 @@ struct uplink_stats {
     double rate_out;       /* messages/s acknowledged (or written, QoS 0) upstream */
     struct spool_stats spool;
     uint64_t connects; /* successful CONNACKs */
+    /* The client certificate (tls.cert, or the one a profile chose) of the
+     * current or last connection attempt: its notAfter, 0 = none. */
+    int64_t cert_expires_at;
     /* auth.type jwt only (0 / NULL otherwise): */
     int64_t token_expires_at; /* "exp" of the token of the current or last connection */
     int64_t token_refresh_at; /* when the session rotates to a new token (while ONLINE) */
