@@ -17,6 +17,7 @@
 #include "json.h"
 #include "keys.h"
 #include "local.h"
+#include "tlscheck.h"
 #include "uplink.h"
 
 static void ctl_error(struct json_buf *out, const char *words)
@@ -252,6 +253,18 @@ static void daemon_ctl_command_cb(void *arg, const char *command, struct json_bu
                             "\"token_refresh_at\":%lld,\"token_rotations\":%llu",
                             (long long)stats.token_expires_at, (long long)stats.token_refresh_at,
                             (unsigned long long)stats.rotations);
+        }
+        if (stats.cert_expires_at) {
+            /* The client certificate of the current or last attempt; within
+             * TLSCHECK_WARN_DAYS a warning in words, as the log says it. */
+            int64_t left = stats.cert_expires_at - (int64_t)time(NULL);
+            json_append_fmt(out, ",\"cert_expires_at\":%lld", (long long)stats.cert_expires_at);
+            if (left < (int64_t)TLSCHECK_WARN_DAYS * 24 * 3600)
+                json_append_fmt(out,
+                                left > 0 ? ",\"cert_warning\":\"expires in %lld day(s): renew "
+                                           "it\""
+                                         : ",\"cert_warning\":\"expired %lld day(s) ago\"",
+                                (long long)((left > 0 ? left : -left) / (24 * 3600)));
         }
         router_uplink_status_json(&d->router, d->uplinks[i], out); /* akenza "sessions" */
         json_append_raw(out, "}");

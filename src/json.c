@@ -128,3 +128,38 @@ void json_append_string(struct json_buf *buf, const char *text)
     }
     append_bytes(buf, "\"", 1);
 }
+
+/* RFC 8259 §2: the blanks around a JSON value. */
+static bool json_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* @payload without its leading and trailing blanks: [*a, *b). */
+static void json_trim(const char *p, size_t len, size_t *a, size_t *b)
+{
+    *a = 0;
+    *b = len;
+    while (*a < *b && json_blank(p[*a]))
+        (*a)++;
+    while (*b > *a && json_blank(p[*b - 1]))
+        (*b)--;
+}
+
+bool json_shape_object(const void *payload, size_t len)
+{
+    const char *p = payload;
+    size_t a, b;
+
+    json_trim(p, len, &a, &b);
+    return b - a >= 2 && p[a] == '{' && p[b - 1] == '}';
+}
+
+bool json_shape_document(const void *payload, size_t len)
+{
+    const char *p = payload;
+    size_t a, b;
+
+    json_trim(p, len, &a, &b);
+    return a < b && (p[a] == '{' || p[a] == '[');
+}

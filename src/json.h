@@ -36,4 +36,22 @@ void json_append_fmt(struct json_buf *buf, const char *fmt, ...)
  */
 void json_append_string(struct json_buf *buf, const char *text);
 
+/* Shape checks, not parsing: enough to decide how to label or wrap a
+ * payload that the cloud parses and checks itself. */
+
+/**
+ * json_shape_object() - does @payload look like a JSON object (its first
+ * and last non-blank bytes '{' and '}', RFC 8259 §2)? The cloud checks the
+ * rest (IoT Hub answers a bad twin patch with 400, AWS a bad shadow update
+ * on .../rejected).
+ */
+bool json_shape_object(const void *payload, size_t len);
+
+/**
+ * json_shape_document() - does @payload start (after blanks) like a JSON
+ * object or array? (IoT Hub's routing reads a body only when the topic says
+ * it is JSON.)
+ */
+bool json_shape_document(const void *payload, size_t len);
+
 #endif

@@ -69,6 +69,11 @@ struct profile_spec {
     /* The cloud's rules for a child id beyond mapping_child_check(): NULL
      * when @child is fine, else a static reason. */
     const char *(*child_check)(const char *child);
+    /* The cloud's rules for a topic a device publishes to, for raw
+     * cloud/<uplink>/<topic> pass-through (the profile checks the topics it
+     * builds itself): NULL when the cloud takes it, else a static reason.
+     * NULL hook: MQTT's rules only. */
+    const char *(*cloud_topic_check)(const char *topic);
     /* uplinks[].<name>, the profile's own section (src/profiles/<name>/
      * section.c), read by conf_uplink.c after the uplink's common keys (tls, auth,
      * rate ...), so it may check and default them too. section_parse stores a

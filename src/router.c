@@ -363,6 +363,17 @@ static int route_publish(struct router *router, const char *client_id, const cha
             report_rejected(router, client_id, topic, "no uplink with that name is configured");
             return 0;
         }
+        const struct profile_instance *pi = uplink_profile(uplink);
+        const char *why =
+            pi && pi->spec->cloud_topic_check ? pi->spec->cloud_topic_check(m.cloud_topic) : NULL;
+        if (why == NULL && pi && pi->profile->limits.max_payload &&
+            len > pi->profile->limits.max_payload)
+            why = "the payload is larger than this cloud takes (the profile's message size "
+                  "limit, docs/profiles.md)";
+        if (why) {
+            report_rejected(router, client_id, topic, why);
+            return 0; /* permanent, as a refused mapping */
+        }
         result = forward(router, uplink, m.cloud_topic, payload, len, qos, retain, pending);
         if (result == 0)
             router->forwarded++;

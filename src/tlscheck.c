@@ -126,6 +126,24 @@ static int check_chain(const char *cert_path, const X509 *leaf, STACK_OF(X509) *
     return 0;
 }
 
+time_t tlscheck_cert_not_after(const char *cert_path)
+{
+    char err[TLSCHECK_MSG_SIZE];
+    X509 *leaf = NULL;
+    STACK_OF(X509) *chain = NULL;
+    time_t not_after = 0;
+
+    if (keys_load_cert_chain(cert_path, &leaf, &chain, err, sizeof(err)) == 0) {
+        not_after = asn1_to_time(X509_get0_notAfter(leaf));
+        if (not_after == (time_t)-1)
+            not_after = 0;
+    }
+    sk_X509_pop_free(chain, X509_free);
+    X509_free(leaf);
+    ERR_clear_error();
+    return not_after;
+}
+
 int tlscheck_client_cert(const char *cert_path, const char *key_spec,
                          const struct tlscheck_options *options, time_t now,
                          struct tlscheck_info *info, char *err, size_t err_size, char *warning,

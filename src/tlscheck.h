@@ -29,8 +29,9 @@
 struct conf;
 struct conf_uplink;
 
-/* A certificate that expires within this many days draws a warning. */
-#define TLSCHECK_WARN_DAYS 14u
+/* A certificate that expires within this many days draws a warning: at
+ * load, and from a running uplink once a day in the log and in status. */
+#define TLSCHECK_WARN_DAYS 30u
 
 /* Size of a buffer that holds any tlscheck message. */
 #define TLSCHECK_MSG_SIZE 768
@@ -79,6 +80,13 @@ struct tlscheck_info {
  * passphrase), -EKEYEXPIRED (expired), -ERANGE (not yet valid), -EPERM
  * (CN differs), -ENOKEY/-ENOTSUP (see keys_load_private()), -ENOMEM.
  */
+/**
+ * tlscheck_cert_not_after() - when the first certificate in @cert_path (a
+ * PEM file) stops being valid, as Unix seconds; 0 when it cannot be read.
+ * Any thread.
+ */
+time_t tlscheck_cert_not_after(const char *cert_path);
+
 int tlscheck_client_cert(const char *cert_path, const char *key_spec,
                          const struct tlscheck_options *options, time_t now,
                          struct tlscheck_info *info, char *err, size_t err_size, char *warning,

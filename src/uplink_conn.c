@@ -149,6 +149,14 @@ static int conn_apply_session(struct uplink_conn *conn)
         conn->will_qos = session.will_qos;
         conn->will_retain = session.will_retain;
     }
+    if (session.cert && session.key && conn->tls) {
+        free(conn->cert);
+        free(conn->key);
+        conn->cert = strdup(session.cert);
+        conn->key = strdup(session.key);
+        if (!conn->cert || !conn->key)
+            return -ENOMEM;
+    }
     conn->hold_spool = session.hold_spool;
     return 0;
 }
@@ -507,6 +515,8 @@ void uplink_conn_work_cb(uv_work_t *req)
     struct uplink_conn *conn = container_of(req, struct uplink_conn, work);
 
     uplink_conn_take_creds(conn);
+    if (conn->tls && conn->cert)
+        conn->cert_not_after = tlscheck_cert_not_after(conn->cert);
     conn_setup(conn);
     /* OpenSSL keeps per-thread state (error queue, DRBG) for this threadpool
      * thread; libuv's threads never exit before the process does, so release

@@ -212,6 +212,7 @@ struct uplink_conn {
     time_t token_signed_at;        /* wall clock given to jwt_sign() */
     uint64_t token_signed_mono_ms; /* util_now_ms() at the same moment */
     time_t token_expires_at;       /* the token's exp; 0 = no token */
+    time_t cert_not_after;         /* the client certificate's notAfter (worker); 0 = none */
     /* Fingerprints of the credential files this attempt uses: jwt on the
      * loop thread (uplink_conn_copy_jwt), the TLS files by the worker just before
      * libmosquitto reads them. */
@@ -336,6 +337,7 @@ struct uplink {
 
     char last_error[UPLINK_ERROR_MAX];
     struct uplink_stats stats;
+    uint64_t cert_warned_ms; /* util_now_ms() of the last "certificate expires" warning, 0 = none */
 };
 
 /* A message of uplink_publish_control(), sent ahead of the spool. */

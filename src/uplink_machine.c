@@ -657,6 +657,35 @@ static void uplink_backoff(struct uplink *uplink, int64_t delay_ms, const char *
     uv_timer_start(&uplink->timer, uplink_timer_cb, sleep_ms, 0);
 }
 
+/* The client certificate this attempt uses: its expiry for status, and a
+ * warning in the log, at most once a day, within TLSCHECK_WARN_DAYS (the
+ * load-time check says so only at start and reload; a gateway runs for
+ * months). */
+static void uplink_note_cert_expiry(struct uplink *uplink, const struct uplink_conn *conn)
+{
+    static const uint64_t day_ms = 24ULL * 3600 * 1000;
+    time_t now = time(NULL), left;
+    char date[40];
+
+    uplink->stats.cert_expires_at = conn->cert_not_after;
+    if (!conn->cert_not_after)
+        return;
+    left = conn->cert_not_after - now;
+    if (left >= (time_t)TLSCHECK_WARN_DAYS * 24 * 3600)
+        return;
+    if (uplink->cert_warned_ms && util_now_ms() - uplink->cert_warned_ms < day_ms)
+        return;
+    uplink->cert_warned_ms = util_now_ms();
+    log_uplink(LOG_WARNING, uplink->name,
+               "client certificate %s %s %s (%s%ld day%s); renew it (uplinkctl "
+               "reload-credentials %s after replacing the file) or the cloud will refuse the "
+               "connection",
+               conn->cert, left > 0 ? "expires at" : "expired at",
+               uplink_format_utc(conn->cert_not_after, date, sizeof(date)), left > 0 ? "in " : "",
+               (long)((left > 0 ? left : -left) / (24 * 3600)),
+               (left > 0 ? left : -left) / (24 * 3600) == 1 ? "" : "s", uplink->name);
+}
+
 static void conn_after_work_cb(uv_work_t *req, int status)
 {
     struct uplink_conn *conn = container_of(req, struct uplink_conn, work);
@@ -697,6 +726,7 @@ static void conn_after_work_cb(uv_work_t *req, int status)
     }
     conn->poll_init = true;
     uplink_conn_move(conn, CONN_TCP, "the worker connected");
+    uplink_note_cert_expiry(uplink, conn);
     if (conn->token_expires_at) {
         char exp[40];
         uplink->stats.token_expires_at = conn->token_expires_at;

@@ -52,6 +52,11 @@ struct uplink_session {
      * session, so the cloud never has to drop an expired one. */
     time_t password_expires_at;
     unsigned password_refresh_percent;
+    /* Non-NULL: the client certificate (chain) and key files for this
+     * attempt instead of tls.cert and tls.key (AWS fleet provisioning: the
+     * certificate AWS issued replaces the claim certificate). */
+    const char *cert;
+    const char *key;
 };
 
 struct uplink_hooks {
@@ -108,6 +113,9 @@ struct uplink_stats {
     double rate_out;       /* messages/s acknowledged (or written, QoS 0) upstream */
     struct spool_stats spool;
     uint64_t connects; /* successful CONNACKs */
+    /* The client certificate (tls.cert, or the one a profile chose) of the
+     * current or last connection attempt: its notAfter, 0 = none. */
+    int64_t cert_expires_at;
     /* auth.type jwt only (0 / NULL otherwise): */
     int64_t token_expires_at; /* "exp" of the token of the current or last connection */
     int64_t token_refresh_at; /* when the session rotates to a new token (while ONLINE) */

@@ -189,6 +189,9 @@ static void print_status(json_t *root)
         const char *error = json_str(uplink, "last_error");
         if (error[0])
             printf("%s: last error: %s\n", json_str(uplink, "name"), error);
+        if (json_str(uplink, "cert_warning")[0])
+            printf("%s: client certificate %s (it is valid until %lld)\n", json_str(uplink, "name"),
+                   json_str(uplink, "cert_warning"), json_num(uplink, "cert_expires_at"));
         if (json_object_get(uplink, "token_expires_at") != NULL &&
             strcmp(json_str(uplink, "auth"), "jwt") == 0)
             printf("%s: JWT clock %s, token expires at %lld, %lld rotation(s)\n",

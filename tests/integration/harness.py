@@ -182,21 +182,28 @@ def terminate(proc, timeout=10):
         return False
 
 
-def listen_loopback(backlog=16):
-    """Listening TCP sockets on one free port of every loopback address, for the
-    test's own servers (a TLS front, a throttling proxy). Returns (port, sockets)."""
+def listen_loopback(backlog=16, port=None):
+    """Listening TCP sockets on one free port (or `port`) of every loopback address, for
+    the test's own servers (a TLS front, a throttling proxy). Returns (port, sockets);
+    raises OSError when `port` cannot be bound (in use, or below 1024 without root)."""
     addresses = loopback_addresses()
-    port = free_port(addresses)
+    if port is None:
+        port = free_port(addresses)
     listeners = []
-    for addr in addresses:
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((addr, port))
-        s.listen(backlog)
-        listeners.append(s)
+    try:
+        for addr in addresses:
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            listeners.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr, port))
+            s.listen(backlog)
+    except OSError:
+        for s in listeners:
+            s.close()
+        raise
     return port, listeners
 
 
@@ -327,11 +334,12 @@ class Broker:
     same ports.
     """
 
-    def __init__(self, workdir, pki, name="cloud", cert="server", users=None):
+    def __init__(self, workdir, pki, name="cloud", cert="server", users=None, client_cert=False):
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.pki = pki
         self.cert = cert
+        self.client_cert = client_cert  # TLS listeners require a certificate from the test CA
         self.users = dict(users or {})
         self.addresses = loopback_addresses()
         self.tls_port = free_port(self.addresses)
@@ -370,6 +378,9 @@ class Broker:
                 "certfile %s" % self.pki.path(self.cert + ".pem"),
                 "keyfile %s" % self.pki.path(self.cert + ".key"),
             ]
+            if self.client_cert:
+                lines += ["cafile %s" % self.pki.ca, "require_certificate true",
+                          "use_identity_as_username true"]
         lines.append("listener %d 127.0.0.1" % self.plain_port)
         with open(self.conf_path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -464,12 +475,18 @@ class SniFront:
     relays the decrypted bytes to a plain TCP backend (the broker's plain
     listener). It is the "broker-side" view of what uplinkd sends: Python's
     ssl sni_callback sees exactly the server_name extension of ClientHello.
+    With `alpn`, it serves only a client that offers that protocol (as AWS IoT
+    Core does on port 443) and records what was agreed; with `client_cert`,
+    it requires a client certificate from the test CA and records its CN.
     """
 
-    def __init__(self, pki, backend_port, cert="server"):
+    def __init__(self, pki, backend_port, cert="server", alpn=None, client_cert=False, port=None):
         self.backend_port = backend_port
         self.server_names = []  # one entry per handshake: str, or None when no SNI was sent
+        self.alpn = []  # one entry per handshake: the protocol agreed, or None
+        self.peers = []  # one entry per handshake with client_cert: the client's CN
         self.handshakes = 0
+        self._require_alpn = alpn
         self.errors = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -477,8 +494,14 @@ class SniFront:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(pki.path(cert + ".pem"), pki.path(cert + ".key"))
         ctx.sni_callback = self._sni_cb
+        if alpn:
+            # Like AWS IoT Core on 443: only a client offering this protocol is served.
+            ctx.set_alpn_protocols([alpn])
+        if client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(pki.ca)
         self._ctx = ctx
-        self.port, self._listeners = listen_loopback()
+        self.port, self._listeners = listen_loopback(port=port)
         self._thread = threading.Thread(target=self._accept_loop, name="sni-front", daemon=True)
         self._thread.start()
 
@@ -497,8 +520,14 @@ class SniFront:
         try:
             conn.settimeout(TIMEOUT)
             tls = self._ctx.wrap_socket(conn, server_side=True)
+            peer = tls.getpeercert()
             with self._lock:
                 self.handshakes += 1
+                self.alpn.append(tls.selected_alpn_protocol())
+                if peer:
+                    self.peers.append(dict(x[0] for x in peer["subject"]).get("commonName"))
+            if self._require_alpn and tls.selected_alpn_protocol() != self._require_alpn:
+                return
             plain = socket.create_connection(("127.0.0.1", self.backend_port), timeout=TIMEOUT)
             with self._lock:
                 self._conns += [tls, plain]

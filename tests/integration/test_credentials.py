@@ -37,15 +37,7 @@ def replace_file(src, dst):
 
 def identity_broker(hx):
     """A broker that requires a client certificate from the test CA; user name = its CN."""
-    broker = hx.broker(name="mtls", start=False)
-    with open(broker.conf_path) as f:
-        text = f.read()
-    key_line = "keyfile %s\n" % hx.pki.path("server.key")
-    text = text.replace(key_line, key_line + "cafile %s\nrequire_certificate true\n"
-                        "use_identity_as_username true\n" % hx.pki.ca)
-    with open(broker.conf_path, "w") as f:
-        f.write(text)
-    return broker.start()
+    return hx.broker(name="mtls", client_cert=True)
 
 
 def uplink(conf, name="cloud"):

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 from cryptography import x509
@@ -103,15 +104,7 @@ class HaproxySniFront:
 
 def mtls_broker(hx, name="mtls"):
     """A broker whose TLS listeners require a client certificate from the test CA."""
-    broker = hx.broker(name=name, start=False)
-    with open(broker.conf_path) as f:
-        text = f.read()
-    key_line = "keyfile %s\n" % hx.pki.path("server.key")
-    text = text.replace(key_line, key_line + "cafile %s\nrequire_certificate true\n"
-                        % hx.pki.ca)
-    with open(broker.conf_path, "w") as f:
-        f.write(text)
-    return broker.start()
+    return hx.broker(name=name, client_cert=True)
 
 
 def write_client_cert(hx, name, not_before, not_after, cn="gw-test"):
@@ -330,14 +323,37 @@ def test_client_key_does_not_match(hx):
 
 
 def test_certificate_expiring_soon_is_a_warning(hx):
+    """Within 30 days: a warning at start, from the running uplink in the log, and in status."""
     broker = mtls_broker(hx)
-    cert, key = write_client_cert(hx, "soon", utc(-30), utc(5))
+    cert, key = write_client_cert(hx, "soon", utc(-30), utc(20))
     conf = hx.config(broker, uplink={"tls": {"ca": hx.pki.ca, "cert": cert, "key": key}})
     daemon = hx.uplinkd(conf)
-    daemon.wait_log(r"warning: .*soon\.pem expires on %s" % utc(5).strftime("%Y-%m-%d"))
+    daemon.wait_log(r"warning: .*soon\.pem expires on %s" % utc(20).strftime("%Y-%m-%d"))
+    daemon.wait_log(r"warning: uplink cloud: client certificate .*soon\.pem expires at %s"
+                    r".* \(in (19|20) days\); renew it" % utc(20).strftime("%Y-%m-%d"))
+    daemon.wait_log(r"state \w+ -> ONLINE")
+    status = json.loads(h.uplinkctl(conf["control"]["socket"], "--json", "status").stdout)
+    up = status["uplinks"][0]
+    assert abs(up["cert_expires_at"] - (time.time() + 20 * 86400)) < 120, up
+    assert re.fullmatch(r"expires in (19|20) day\(s\): renew it", up["cert_warning"]), up
+    text = h.uplinkctl(conf["control"]["socket"], "status", json_output=False).stdout
+    assert "cloud: client certificate %s" % up["cert_warning"] in text, text
     rc, out = diagnose(hx, conf, "--client-id", "gw-diag", "cloud")
     assert rc == EXIT_OK, out
     line(out, r"warning: certificate .*soon\.pem expires on")
+
+
+def test_certificate_expiry_in_status(hx):
+    """Far from expiry: the date in status, and no warning anywhere."""
+    broker = mtls_broker(hx)
+    cert, key = write_client_cert(hx, "later", utc(-1), utc(60))
+    conf = hx.config(broker, uplink={"tls": {"ca": hx.pki.ca, "cert": cert, "key": key}})
+    daemon = hx.uplinkd(conf)
+    daemon.wait_log(r"state \w+ -> ONLINE")
+    up = json.loads(h.uplinkctl(conf["control"]["socket"], "--json", "status").stdout)["uplinks"][0]
+    assert abs(up["cert_expires_at"] - (time.time() + 60 * 86400)) < 120, up
+    assert "cert_warning" not in up
+    assert "expires" not in daemon.log_text()
 
 
 # --------------------------------------------------------------------------

@@ -32,29 +32,26 @@ def akenza_uplink(key, **auth):
 
 
 class ConnectCapture:
-    """A TCP listener that reads one MQTT CONNECT, keeps its fields and hangs up."""
+    """A TCP listener on every loopback address (localhost may resolve to ::1 first, as it
+    does on a fresh Debian) that reads one MQTT CONNECT per connection, keeps its fields and
+    hangs up."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.port = self.sock.getsockname()[1]
+        self.port, self._listeners = h.listen_loopback(4)
+        self._stop = threading.Event()
         self.connects = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread = threading.Thread(target=h.accept_loop,
+                                       args=(self._listeners, self._stop, self._serve),
+                                       daemon=True)
         self.thread.start()
 
-    def _serve(self):
-        while True:
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(h.TIMEOUT)
             try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(h.TIMEOUT)
-                try:
-                    self.connects.append(self._read_connect(conn))
-                except (OSError, ValueError):
-                    pass
+                self.connects.append(self._read_connect(conn))
+            except (OSError, ValueError):
+                pass
 
     @staticmethod
     def _read_exact(conn, n):
@@ -100,7 +97,10 @@ class ConnectCapture:
         return fields
 
     def close(self):
-        self.sock.close()
+        self._stop.set()
+        self.thread.join(5)
+        for s in self._listeners:
+            s.close()
 
 
 def test_token_verified_by_pyjwt(hx):

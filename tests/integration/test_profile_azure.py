@@ -65,18 +65,13 @@ class TlsCapture(ConnectCapture):
         self.ctx.load_cert_chain(pki.path("server.pem"), pki.path("server.key"))
         super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            raw.settimeout(h.TIMEOUT)
-            try:
-                with self.ctx.wrap_socket(raw, server_side=True) as conn:
-                    self.connects.append(self._read_connect(conn))
-            except (OSError, ValueError):
-                raw.close()
+    def _serve(self, raw):
+        raw.settimeout(h.TIMEOUT)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as conn:
+                self.connects.append(self._read_connect(conn))
+        except (OSError, ValueError):
+            raw.close()
 
 
 def test_sas_token_verified_by_python(hx):

@@ -112,6 +112,22 @@ static void test_out_of_memory(void **state)
     fail_alloc_at(0);
 }
 
+/* The shape checks: first and last non-blank bytes only. */
+static void test_shapes(void **state)
+{
+    (void)state;
+    assert_true(json_shape_object(" {\"a\":1}\n", 8));
+    assert_true(json_shape_object("{}", 2));
+    assert_false(json_shape_object("[1]", 3));
+    assert_false(json_shape_object("{", 1));
+    assert_false(json_shape_object("", 0));
+    assert_false(json_shape_object(" \t\r\n", 4));
+    assert_true(json_shape_document("\n[1,2]", 6));
+    assert_true(json_shape_document("{\"a\"", 4));
+    assert_false(json_shape_document("21.5", 4));
+    assert_false(json_shape_document("  ", 2));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -119,6 +135,7 @@ int main(void)
         cmocka_unit_test(test_utf8),
         cmocka_unit_test(test_raw_fmt_and_growth),
         cmocka_unit_test(test_out_of_memory),
+        cmocka_unit_test(test_shapes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -41,6 +41,7 @@
 
 #include "azure.h"
 #include "conf.h"
+#include "json.h"
 #include "log.h"
 #include "profile.h"
 #include "profiles/azure/section.h"
@@ -146,7 +147,7 @@ static int azure_state_up(struct profile_instance *pi, const char *sub, const vo
     int n;
 
     if (sub == NULL) {
-        if (!azure_json_object(payload, len)) {
+        if (!json_shape_object(payload, len)) {
             *reason = "a twin patch (dev/<device>/state) must be a JSON object of reported "
                       "properties";
             return -EINVAL;
@@ -198,7 +199,7 @@ static int azure_up_cb(struct profile_instance *pi, const struct mapping_local *
         *reason = "IoT Hub takes device-to-cloud messages of at most 256 KiB";
         return -EINVAL;
     }
-    n = azure_d2c_topic(device, m->sub, azure_json_document(payload, len), topic, sizeof(topic));
+    n = azure_d2c_topic(device, m->sub, json_shape_document(payload, len), topic, sizeof(topic));
     if (profile_topic_result(n, sizeof(topic), reason) < 0)
         return -EINVAL;
     return profile_msgs_add(out, topic, payload, len, qos > 1 ? 1 : qos, false);

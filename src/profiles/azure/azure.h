@@ -88,20 +88,6 @@ int azure_derive_device_key(const uint8_t *group_key, size_t group_len, const ch
 int azure_d2c_topic(const char *device, const char *sub, bool json, char *buf, size_t cap);
 
 /**
- * azure_json_object() - does @payload look like a JSON object (first and
- * last non-blank bytes '{' and '}')? The hub checks the rest and answers
- * a bad patch with 400.
- */
-bool azure_json_object(const void *payload, size_t len);
-
-/**
- * azure_json_document() - does @payload start (after blanks) like a JSON
- * object or array? Then the device-to-cloud topic says so ($.ct, $.ce), as
- * IoT Hub's routing needs that to read the body.
- */
-bool azure_json_document(const void *payload, size_t len);
-
-/**
  * azure_method_answer() - parse the state sub-topic "methods/<rid>/<status>"
  * of a direct method's answer: @rid (@cap bytes) and *@status (100-599).
  * A request id is 1-63 bytes without / + # & or blanks. Returns 0 or -EINVAL.

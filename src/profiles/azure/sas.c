@@ -169,41 +169,6 @@ int azure_d2c_topic(const char *device, const char *sub, bool json, char *buf, s
     return n;
 }
 
-/* RFC 8259 §2: the blanks around a JSON value. */
-static bool json_blank(char c)
-{
-    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
-}
-
-/* @payload without its leading and trailing blanks: [*a, *b). */
-static void json_trim(const char *p, size_t len, size_t *a, size_t *b)
-{
-    *a = 0;
-    *b = len;
-    while (*a < *b && json_blank(p[*a]))
-        (*a)++;
-    while (*b > *a && json_blank(p[*b - 1]))
-        (*b)--;
-}
-
-bool azure_json_object(const void *payload, size_t len)
-{
-    const char *p = payload;
-    size_t a, b;
-
-    json_trim(p, len, &a, &b);
-    return b - a >= 2 && p[a] == '{' && p[b - 1] == '}';
-}
-
-bool azure_json_document(const void *payload, size_t len)
-{
-    const char *p = payload;
-    size_t a, b;
-
-    json_trim(p, len, &a, &b);
-    return a < b && (p[a] == '{' || p[a] == '[');
-}
-
 /* A request id or method name as one local topic level: no / + # & and
  * nothing below 0x21. */
 static bool level_ok(const char *s, size_t len, size_t max)
