@@ -23,6 +23,7 @@
 #include "config.h"
 #include "diagnose.h"
 #include "uplinkctl_ask.h"
+#include "uplinkctl_cert.h"
 #include "uplinkctl_keys.h"
 #include "uplinkctl_passwd.h"
 #include "uplinkd/ctl.h"
@@ -43,6 +44,8 @@ static void usage(FILE *out)
                  "  jwt UPLINK print the token the uplink would send now (jwt --help; also\n"
                  "             offline: jwt --key KEY ...)\n"
                  "  keygen     write a new key pair, print its public key and kid\n"
+                 "  cert       create a device key and certificate or CSR, show a certificate\n"
+                 "             (cert --help)\n"
                  "  passwd     add or change a user of local.password_file (passwd FILE USER)\n\n"
                  "Options:\n"
                  "  -s, --socket PATH  control socket (default " UPLINKD_CTL_DEFAULT_SOCKET ")\n"
@@ -89,7 +92,7 @@ static int build_request(int argc, char **argv, bool *json_output, char *out, si
     }
     fprintf(stderr,
             "uplinkctl: unknown command \"%s\" (known: status, children, reconnect, rotate, "
-            "reload-credentials, diagnose, jwt, keygen, passwd)\n",
+            "reload-credentials, diagnose, jwt, keygen, cert, passwd)\n",
             command);
     return -1;
 }
@@ -347,6 +350,8 @@ int main(int argc, char **argv)
                                   json_output);
     if (strcmp(command, "keygen") == 0)
         return uplinkctl_keygen_main(argc - optind, argv + optind);
+    if (strcmp(command, "cert") == 0)
+        return uplinkctl_cert_main(argc - optind, argv + optind);
     if (strcmp(command, "passwd") == 0)
         return uplinkctl_passwd_main(argc - optind, argv + optind);
     char request[UPLINKD_CTL_MAX_REQUEST];
