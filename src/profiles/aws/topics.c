@@ -5,20 +5,14 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Every byte of @name in [A-Za-z0-9] or @extra, and 1 to @max bytes. */
+#include "conf_walk.h"
+
+/* 1 to @max bytes, each in [A-Za-z0-9] or @extra (conf_first_bad_char()). */
 static bool name_ok(const char *name, size_t max, const char *extra)
 {
     size_t len = strlen(name);
 
-    if (len == 0 || len > max)
-        return false;
-    for (size_t i = 0; i < len; i++) {
-        char c = name[i];
-        bool alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
-        if (!alnum && strchr(extra, c) == NULL)
-            return false;
-    }
-    return true;
+    return len > 0 && len <= max && conf_first_bad_char(name, extra) == NULL;
 }
 
 const char *aws_thing_name_check(const char *name)
