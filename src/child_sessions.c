@@ -140,6 +140,11 @@ struct uplink *child_session_uplink(const struct child_session *s)
     return s->uplink;
 }
 
+const struct conf_uplink *child_session_conf(const struct child_session *s)
+{
+    return s->conf;
+}
+
 void *child_session_data(const struct child_session *s)
 {
     return s->data;

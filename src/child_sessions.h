@@ -132,6 +132,7 @@ const char *child_session_id(const struct child_session *s);
 const char *child_session_name(const struct child_session *s); /* "<uplink>.<child>" */
 struct profile_instance *child_session_pi(const struct child_session *s);
 struct uplink *child_session_uplink(const struct child_session *s);
+const struct conf_uplink *child_session_conf(const struct child_session *s); /* ops->conf's */
 void *child_session_data(const struct child_session *s);
 
 #endif

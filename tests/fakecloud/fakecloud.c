@@ -113,6 +113,10 @@ struct fakecloud {
     char *observer_password;
     FILE *log;
     struct fakecloud_session *sessions;
+    /* Hub mode: the device the next cloud-side $iothub messages go to (the
+     * last "fakehub/to/<id>" published), as IoT Hub answers on the one
+     * connection of the device concerned. */
+    char iothub_to[256];
 };
 
 /* What one CONNECT was judged; reason == NULL means accepted. */
@@ -915,6 +919,43 @@ static int fakecloud_disconnect_cb(int event, void *event_data, void *userdata)
     return MOSQ_ERR_SUCCESS;
 }
 
+/* Hub mode: IoT Hub's $iothub topics belong to one connection, a plain broker's to everyone
+ * subscribed. A test names the device first ("fakehub/to/<id>", any payload); the
+ * hub-to-device families are then delivered to that client only. What a device publishes on
+ * $iothub is logged with its client id ("iothub" lines), so a test can tell whose it was. */
+static bool fakecloud_iothub_down(const char *topic)
+{
+    return strncmp(topic, "$iothub/twin/res/", 17) == 0 ||
+           strncmp(topic, "$iothub/twin/PATCH/properties/desired/", 38) == 0 ||
+           strncmp(topic, "$iothub/methods/POST/", 21) == 0;
+}
+
+static int fakecloud_acl_cb(int event, void *event_data, void *userdata)
+{
+    struct mosquitto_evt_acl_check *acl = event_data;
+    struct fakecloud *fc = userdata;
+    const char *client_id = mosquitto_client_id(acl->client);
+
+    (void)event;
+    if (acl->topic == NULL || client_id == NULL) {
+        return MOSQ_ERR_SUCCESS;
+    }
+    if (acl->access == MOSQ_ACL_WRITE && strncmp(acl->topic, "fakehub/to/", 11) == 0) {
+        snprintf(fc->iothub_to, sizeof(fc->iothub_to), "%s", acl->topic + 11);
+    } else if (acl->access == MOSQ_ACL_WRITE && strncmp(acl->topic, "$iothub/", 8) == 0 &&
+               !fakecloud_iothub_down(acl->topic)) {
+        json_t *line = json_object();
+        json_object_set_new(line, "event", json_string("iothub"));
+        json_object_set_new(line, "client_id", fakecloud_json_str(client_id));
+        json_object_set_new(line, "topic", fakecloud_json_str(acl->topic));
+        fakecloud_log_write(fc, line);
+    } else if (acl->access == MOSQ_ACL_READ && fakecloud_iothub_down(acl->topic) &&
+               strcmp(client_id, fc->iothub_to) != 0) {
+        return MOSQ_ERR_ACL_DENIED;
+    }
+    return MOSQ_ERR_SUCCESS;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Configuration                                                                               */
 /* ------------------------------------------------------------------------------------------ */
@@ -1290,6 +1331,11 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
                                     fc) != MOSQ_ERR_SUCCESS) {
         goto err_after_tick;
     }
+    if (fc->hub != NULL &&
+        mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, fakecloud_acl_cb, NULL, fc) !=
+            MOSQ_ERR_SUCCESS) {
+        goto err_after_disconnect;
+    }
     fakecloud_log_start(fc);
     mosquitto_log_printf(MOSQ_LOG_INFO,
                          "fakecloud: %zu key(s), aud \"%s\", skew %lld s, max lifetime %lld s",
@@ -1297,6 +1343,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
     *userdata = fc;
     return MOSQ_ERR_SUCCESS;
 
+err_after_disconnect:
+    mosquitto_callback_unregister(identifier, MOSQ_EVT_DISCONNECT, fakecloud_disconnect_cb, NULL);
 err_after_tick:
     mosquitto_callback_unregister(identifier, MOSQ_EVT_TICK, fakecloud_tick_cb, NULL);
 err_after_basic_auth:
@@ -1318,6 +1366,9 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
     mosquitto_callback_unregister(fc->plugin_id, MOSQ_EVT_TICK, fakecloud_tick_cb, NULL);
     mosquitto_callback_unregister(fc->plugin_id, MOSQ_EVT_DISCONNECT, fakecloud_disconnect_cb,
                                   NULL);
+    if (fc->hub != NULL) {
+        mosquitto_callback_unregister(fc->plugin_id, MOSQ_EVT_ACL_CHECK, fakecloud_acl_cb, NULL);
+    }
     fakecloud_free(fc);
     return MOSQ_ERR_SUCCESS;
 }
