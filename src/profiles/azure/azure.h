@@ -27,6 +27,8 @@
  * - . + % _ # * ? ! ( ) , : = @ $ ' */
 #define AZURE_DEVICE_ID_MAX   128
 #define AZURE_DEVICE_ID_EXTRA "-.+%_#*?!(),:=@$'"
+/* Unacknowledged QoS 1 publishes per connection: the default max_inflight. */
+#define AZURE_MAX_INFLIGHT 16
 /* A device-to-cloud message: at most 256 KiB. */
 #define AZURE_MAX_MESSAGE (256 * 1024)
 /* The longest key this code takes (decoded; IoT Hub's are 32 or 64 bytes). */

@@ -127,4 +127,8 @@ const struct profile_spec profile_spec_azure = {
     .section_free = azure_section_free,
     .section_equal = azure_section_equal,
     .client_id_from = "device_id",
+    /* "Receive Maximum ... is 16" (IoT Hub MQTT 5 support, the one place
+     * IoT Hub states its limit of unacknowledged device-to-cloud QoS 1
+     * publishes per connection). */
+    .max_inflight_default = AZURE_MAX_INFLIGHT,
 };
