@@ -410,6 +410,53 @@ static int session_subscribe(struct child_session *s)
     return rc;
 }
 
+/* The session uplink's hooks: @arg is the struct child_session. */
+static void session_online_cb(void *arg, struct uplink *uplink)
+{
+    struct child_session *s = arg;
+    struct profile_instance *pi = s->set->pi;
+    struct profile_msgs first = {0};
+
+    if (!s->set->ops->first)
+        return;
+    s->set->ops->first(s, &first);
+    for (size_t i = 0; i < first.count; i++) {
+        const struct profile_msg *msg = &first.msg[i];
+        if (pi->port->send_first(uplink, msg->topic, msg->payload, msg->len, msg->qos ? 1 : 0,
+                                 UPLINK_CONTROL_CONNECTION | UPLINK_CONTROL_GATE |
+                                     UPLINK_CONTROL_FRONT,
+                                 NULL, NULL) < 0)
+            log_child(LOG_WARNING, pi->uc->name, s->id, "cannot queue \"%s\" on its session",
+                      msg->topic);
+    }
+    if (first.failed)
+        log_child(LOG_ERR, pi->uc->name, s->id, "out of memory building its first messages");
+    profile_msgs_deinit(&first);
+}
+
+static const char *session_connack_text_cb(void *arg, struct uplink *uplink, int rc)
+{
+    const struct profile_instance *pi = ((struct child_session *)arg)->set->pi;
+
+    (void)uplink;
+    return pi->spec && pi->spec->connack_text ? pi->spec->connack_text(pi->uc, rc) : NULL;
+}
+
+static void session_message_cb(void *arg, struct uplink *uplink, const char *topic,
+                               const void *payload, size_t len, int qos, bool retain)
+{
+    struct child_session *s = arg;
+    struct profile_instance *pi = s->set->pi;
+    struct profile_msgs local = {0};
+
+    (void)uplink;
+    s->set->ops->down(s, topic, payload, len, qos, retain, &local);
+    for (size_t i = 0; i < local.count; i++)
+        profile_deliver(pi, local.msg[i].topic, local.msg[i].payload, local.msg[i].len,
+                        local.msg[i].qos, local.msg[i].retain);
+    profile_msgs_deinit(&local);
+}
+
 /* Open @child's session: spool (recovered now), uplink, subscriptions; the
  * credential is loaded on the threadpool and the uplink starts after it.
  * With @recovered (start-up scan) only when its spool holds something to
@@ -422,9 +469,9 @@ static int session_open(struct child_sessions *set, const char *child, bool reco
     const struct child_session_ops *ops = set->ops;
     struct uplink_hooks hooks = {
         .session_cb = ops->session_cb,
-        .online_cb = ops->online_cb,
-        .connack_text_cb = ops->connack_text_cb,
-        .message_cb = ops->message_cb,
+        .online_cb = session_online_cb,
+        .connack_text_cb = session_connack_text_cb,
+        .message_cb = session_message_cb,
     };
     char why[CHILD_SESSION_ERR_MAX];
     struct uplink_stats stats;

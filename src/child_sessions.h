@@ -76,12 +76,18 @@ struct child_session_ops {
     void (*data_free)(void *data);
     /* Bytes of child_session_data(), zeroed at open. */
     size_t data_size;
-    /* The session uplink's hooks, with @arg the struct child_session. */
+    /* Before each connection attempt of the session (uplink_hooks
+     * .session_cb, @arg the struct child_session): what the conf alone does
+     * not say (Azure: the SAS token). Optional. */
     void (*session_cb)(void *arg, struct uplink *uplink, struct uplink_session *session);
-    void (*online_cb)(void *arg, struct uplink *uplink);
-    const char *(*connack_text_cb)(void *arg, struct uplink *uplink, int rc);
-    void (*message_cb)(void *arg, struct uplink *uplink, const char *topic, const void *payload,
-                       size_t len, int qos, bool retain);
+    /* After each CONNACK 0: messages to send first on this connection
+     * (shadow or twin GET), ahead of the spool. Optional. */
+    void (*first)(struct child_session *s, struct profile_msgs *first);
+    /* A message from the cloud on the session -> local messages in @local,
+     * which the set delivers. Required. */
+    void (*down)(struct child_session *s, const char *topic, const void *payload, size_t len,
+                 int qos, bool retain, struct profile_msgs *local);
+    /* CONNACK texts are the profile's (profile_spec.connack_text). */
 };
 
 /**

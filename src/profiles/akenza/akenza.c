@@ -269,29 +269,21 @@ static void akenza_session_data_free(void *data)
     EVP_PKEY_free(((struct akenza_session *)data)->key);
 }
 
-static void session_message_cb(void *arg, struct uplink *uplink, const char *topic,
-                               const void *payload, size_t len, int qos, bool retain)
+static void akenza_session_down(struct child_session *s, const char *topic, const void *payload,
+                                size_t len, int qos, bool retain, struct profile_msgs *local)
 {
-    struct profile_instance *pi = child_session_pi(arg);
+    struct profile_instance *pi = child_session_pi(s);
     char local_topic[PROFILE_TOPIC_MAX];
     bool config;
     int n = akenza_down_topic(pi->conf->local.topic_prefix, topic, local_topic, sizeof(local_topic),
                               &config);
 
-    (void)uplink;
     if (n == -EINVAL)
         profile_report_error(pi, topic,
                              "cloud message names a device id the local topics "
                              "cannot carry; dropped");
     if (n > 0)
-        profile_deliver(pi, local_topic, payload, len, qos > 1 ? 1 : qos, retain || config);
-}
-
-static const char *session_connack_text_cb(void *arg, struct uplink *uplink, int rc)
-{
-    (void)arg;
-    (void)uplink;
-    return akenza_connack_text(rc);
+        profile_msgs_add(local, local_topic, payload, len, qos > 1 ? 1 : qos, retain || config);
 }
 
 static const struct child_session_ops akenza_session_ops = {
@@ -307,8 +299,7 @@ static const struct child_session_ops akenza_session_ops = {
     .credential = akenza_session_credential,
     .data_free = akenza_session_data_free,
     .data_size = sizeof(struct akenza_session),
-    .connack_text_cb = session_connack_text_cb,
-    .message_cb = session_message_cb,
+    .down = akenza_session_down,
 };
 
 static struct child_sessions *sessions_of(const struct profile_instance *pi)

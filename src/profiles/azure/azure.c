@@ -275,41 +275,16 @@ static void azure_child_session_cb(void *arg, struct uplink *uplink, struct upli
     azure_fill_session(child_session_conf(s), &c->connect, child_session_id(s), session);
 }
 
-static void azure_child_online_cb(void *arg, struct uplink *uplink)
+static void azure_child_first(struct child_session *s, struct profile_msgs *first)
 {
-    struct profile_instance *pi = child_session_pi(arg);
-    struct profile_msgs first = {0};
-
-    if (azure_twin_get(pi, &first) == 0 &&
-        pi->port->send_first(uplink, first.msg[0].topic, NULL, 0, 0,
-                             UPLINK_CONTROL_CONNECTION | UPLINK_CONTROL_GATE | UPLINK_CONTROL_FRONT,
-                             NULL, NULL) < 0)
-        log_child(LOG_WARNING, pi->uc->name, child_session_id(arg),
-                  "cannot queue the twin GET on its session");
-    profile_msgs_deinit(&first);
+    azure_twin_get(child_session_pi(s), first);
 }
 
-static const char *azure_child_connack_text_cb(void *arg, struct uplink *uplink, int rc)
+static void azure_child_down(struct child_session *s, const char *topic, const void *payload,
+                             size_t len, int qos, bool retain, struct profile_msgs *local)
 {
-    const struct profile_instance *pi = child_session_pi(arg);
-
-    (void)uplink;
-    return pi->spec && pi->spec->connack_text ? pi->spec->connack_text(pi->uc, rc) : NULL;
-}
-
-static void azure_child_message_cb(void *arg, struct uplink *uplink, const char *topic,
-                                   const void *payload, size_t len, int qos, bool retain)
-{
-    struct profile_instance *pi = child_session_pi(arg);
-    struct profile_msgs local = {0};
-
-    (void)uplink;
-    (void)retain;
-    azure_down(pi, child_session_id(arg), topic, payload, len, qos, &local);
-    for (size_t i = 0; i < local.count; i++)
-        profile_deliver(pi, local.msg[i].topic, local.msg[i].payload, local.msg[i].len,
-                        local.msg[i].qos, local.msg[i].retain);
-    profile_msgs_deinit(&local);
+    (void)retain; /* IoT Hub keeps no retained messages */
+    azure_down(child_session_pi(s), child_session_id(s), topic, payload, len, qos, local);
 }
 
 static const struct child_session_ops azure_child_ops = {
@@ -326,9 +301,8 @@ static const struct child_session_ops azure_child_ops = {
     .data_free = azure_child_data_free,
     .data_size = sizeof(struct azure_child),
     .session_cb = azure_child_session_cb,
-    .online_cb = azure_child_online_cb,
-    .connack_text_cb = azure_child_connack_text_cb,
-    .message_cb = azure_child_message_cb,
+    .first = azure_child_first,
+    .down = azure_child_down,
 };
 
 /* --- the instance ---------------------------------------------------------------------- */
