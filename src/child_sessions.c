@@ -329,7 +329,7 @@ static void no_key_reason(const struct child_session *s)
 {
     struct profile_instance *pi = s->set->pi;
 
-    snprintf(pi->reason, sizeof(pi->reason), "%.110s: %.140s", s->set->ops->need, s->err);
+    snprintf(pi->reason, sizeof(pi->reason), "%.130s: %.120s", s->set->ops->need, s->err);
 }
 
 static void load_after_cb(uv_work_t *req, int status)
@@ -483,7 +483,7 @@ static int session_open(struct child_sessions *set, const char *child, bool reco
     /* Refuse a child without a credential before taking its data; whether
      * it is usable is learnt on the threadpool. */
     if (!recovered && ops->check && ops->check(pi, child, why, sizeof(why)) < 0) {
-        snprintf(pi->reason, sizeof(pi->reason), "%.110s: %.140s", ops->need, why);
+        snprintf(pi->reason, sizeof(pi->reason), "%.130s: %.120s", ops->need, why);
         return -EINVAL;
     }
     s = calloc(1, sizeof(*s) + strlen(child) + 1);

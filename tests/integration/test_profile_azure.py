@@ -364,7 +364,8 @@ def test_children_have_sessions_of_their_own(hx):
     local.publish("dev/valve-2/telemetry", b"x", qos=1)
     _, payload, _, _ = errors.wait("uplinkd/cloud/errors")
     error = json.loads(payload)["error"]
-    assert "IoT Hub takes one device per connection" in error and "cannot read" in error, error
+    assert ("IoT Hub takes one device per connection, and this child has no usable key for its "
+            "own (azure.child_key or azure.group_key_file): cannot read " in error), error
     assert cloud.decisions("valve-2") == []
 
     # Cloud to device, on the child's own connection.

@@ -22,9 +22,11 @@
  * key (the file the pattern names), aud and sub, opened on the child's
  * first message and stopped after akenza.session_idle without messages.
  * Their messages leave through the router like any other (profile_msg
- * .uplink names the session), but their queues are in memory: a restart
- * loses what they had not sent. Reconnects after an outage are spread by
- * each session's own decorrelated-jitter backoff (uplink.c). Without
+ * .uplink names the session); their spools are on disk (child_sessions.c,
+ * with spool.durability fsync) and reopened at start-up. The machinery is
+ * child_sessions.c's; this file holds what is akenza's. Reconnects after
+ * an outage are spread by each session's own decorrelated-jitter backoff
+ * (uplink.c). Without
  * child_key other children are refused with the reason.
  */
 #include <errno.h>
