@@ -21,22 +21,29 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include "keys.h"
 #include "tlscheck.h"
+#include "uplinkctl_p11.h"
 
 static void cert_usage(FILE *out)
 {
-    fprintf(out, "Usage: uplinkctl cert create --cn ID --out DIR [--days N] [--csr] [--force]\n"
-                 "       uplinkctl cert show FILE\n\n"
-                 "create: a new EC P-256 key DIR/ID.key (mode 0600) and a self-signed certificate\n"
-                 "DIR/ID.pem for CN=ID (valid N days, default 365), or with --csr a signing\n"
-                 "request DIR/ID.csr for a CA to sign. The CN is what the cloud expects:\n"
-                 "  cumulocity  the device id (cumulocity.device_id, default gateway.id)\n"
-                 "  azure       the device id (azure.device_id)\n"
-                 "  aws         the thing name (aws.thing), by convention\n"
-                 "Existing files are kept unless --force. Then set tls.cert and tls.key.\n"
-                 "show: subject, issuer, validity, days left and the SHA-1 and SHA-256\n"
-                 "thumbprints of a certificate file (the first certificate in it), and what to\n"
-                 "register where.\n");
+    fprintf(out,
+            "Usage: uplinkctl cert create --cn ID --out DIR [--days N] [--csr] [--force]\n"
+            "                              [--key pkcs11:URI [--pin-file FILE] [--module SO]]\n"
+            "       uplinkctl cert show FILE\n\n"
+            "create: a new EC P-256 key DIR/ID.key (mode 0600) and a self-signed certificate\n"
+            "DIR/ID.pem for CN=ID (valid N days, default 365), or with --csr a signing\n"
+            "request DIR/ID.csr for a CA to sign. With --key the key is made inside the\n"
+            "PKCS#11 token the URI names (or the one it already holds there is used), and\n"
+            "never leaves it: no key file, tls.key is the URI. The CN is what the cloud\n"
+            "expects:\n"
+            "  cumulocity  the device id (cumulocity.device_id, default gateway.id)\n"
+            "  azure       the device id (azure.device_id)\n"
+            "  aws         the thing name (aws.thing), by convention\n"
+            "Existing files are kept unless --force. Then set tls.cert and tls.key.\n"
+            "show: subject, issuer, validity, days left and the SHA-1 and SHA-256\n"
+            "thumbprints of a certificate file (the first certificate in it), and what to\n"
+            "register where.\n");
 }
 
 /* The certificate's thumbprint with @md as upper-case hex (Azure's form). */
@@ -229,21 +236,19 @@ static bool cn_ok(const char *cn)
 static int cert_create(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"cn", required_argument, NULL, 'n'},
-        {"out", required_argument, NULL, 'o'},
-        {"days", required_argument, NULL, 'd'},
-        {"csr", no_argument, NULL, 'r'},
-        {"force", no_argument, NULL, 'f'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"cn", required_argument, NULL, 'n'},       {"out", required_argument, NULL, 'o'},
+        {"days", required_argument, NULL, 'd'},     {"csr", no_argument, NULL, 'r'},
+        {"force", no_argument, NULL, 'f'},          {"key", required_argument, NULL, 'k'},
+        {"pin-file", required_argument, NULL, 'p'}, {"module", required_argument, NULL, 'm'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
     };
-    const char *cn = NULL, *dir = NULL;
+    const char *cn = NULL, *dir = NULL, *token_key = NULL, *pin_file = NULL, *module = NULL;
     long days = 365;
     bool csr = false, force = false;
     int opt;
 
     optind = 0;
-    while ((opt = getopt_long(argc, argv, "n:o:d:rfh", options, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "n:o:d:rfk:p:m:h", options, NULL)) != -1) {
         char *end;
         switch (opt) {
         case 'n':
@@ -266,6 +271,15 @@ static int cert_create(int argc, char **argv)
         case 'f':
             force = true;
             break;
+        case 'k':
+            token_key = optarg;
+            break;
+        case 'p':
+            pin_file = optarg;
+            break;
+        case 'm':
+            module = optarg;
+            break;
         case 'h':
             cert_usage(stdout);
             return 0;
@@ -285,24 +299,65 @@ static int cert_create(int argc, char **argv)
                 cn);
         return 2;
     }
+    if (token_key && !keys_is_uri(token_key)) {
+        fprintf(stderr,
+                "uplinkctl cert create: --key \"%s\" is not a pkcs11: URI (without --key the "
+                "key is made in DIR/ID.key)\n",
+                token_key);
+        return 2;
+    }
+    if ((pin_file || module) && !token_key) {
+        fprintf(stderr,
+                "uplinkctl cert create: --pin-file and --module go with --key pkcs11:URI\n");
+        return 2;
+    }
     char key_path[4096], out_path[4096];
     snprintf(key_path, sizeof(key_path), "%s/%s.key", dir, cn);
     snprintf(out_path, sizeof(out_path), "%s/%s.%s", dir, cn, csr ? "csr" : "pem");
 
-    EVP_PKEY *key = EVP_EC_gen("P-256");
+    EVP_PKEY *key = NULL;
     X509 *cert = NULL;
     X509_REQ *req = NULL;
-    int rc = 1;
+    int rc = 1, made = 0;
+    if (token_key) {
+        char err[KEYS_ERR_SIZE], found[4096];
+        made =
+            p11_ensure_ec_key(token_key, module, pin_file, found, sizeof(found), err, sizeof(err));
+        /* Signed through the module that holds the token (not p11-kit's
+         * proxy, which keeps every registered module loaded to the end). */
+        const struct keys_options opts = {.passphrase_file = pin_file,
+                                          .pkcs11_module = module     ? module
+                                                           : found[0] ? found
+                                                                      : NULL};
+        if (made < 0) {
+            fprintf(stderr, "uplinkctl cert create: %s\n", err);
+            goto out;
+        }
+        if (keys_load_private(token_key, &opts, &key, err, sizeof(err)) < 0) {
+            fprintf(stderr, "uplinkctl cert create: %s\n", err);
+            goto out;
+        }
+    } else {
+        key = EVP_EC_gen("P-256");
+    }
     if (!key || sign(key, cn, days, csr, &cert, &req) < 0) {
         fprintf(stderr, "uplinkctl cert create: OpenSSL could not make the key or certificate\n");
         goto out;
     }
-    if (write_pem(key_path, 0600, force, write_key, key) != 0)
+    if (!token_key && write_pem(key_path, 0600, force, write_key, key) != 0)
         goto out;
     if (write_pem(out_path, 0644, force, csr ? write_csr : write_cert,
                   csr ? (void *)req : (void *)cert) != 0)
         goto out;
-    printf("key          %s (EC P-256, mode 0600)\n", key_path);
+    if (token_key) {
+        /* The URI as given may carry pin-value=: not printed. */
+        snprintf(key_path, sizeof(key_path), "%s",
+                 strstr(token_key, "pin-value=") ? "the --key URI" : token_key);
+        printf("key          %s (%s; it never leaves the token)\n", key_path,
+               made ? "EC P-256, generated in the token" : "already in the token, used as it is");
+    } else {
+        printf("key          %s (EC P-256, mode 0600)\n", key_path);
+    }
     if (csr) {
         printf("request      %s (CN=%s): have it signed by a CA the cloud trusts, then set\n"
                "             tls.cert to the signed certificate and tls.key to the key\n",
@@ -318,6 +373,8 @@ out:
     X509_free(cert);
     X509_REQ_free(req);
     EVP_PKEY_free(key);
+    if (token_key)
+        keys_pkcs11_release();
     return rc;
 }
 
