@@ -436,3 +436,42 @@ def test_group_key_children_rotate_without_loss(hx):
     h.wait_for(lambda: set(sent) <= {m[1].decode() for m in observer.received()},
                what="every message of the child at the hub")
     assert cloud.kicks("sensor-7") == []
+
+
+def test_x509_device_ca_signed_or_by_thumbprint(hx):
+    """X.509 instead of a SAS token: the fake hub takes the client certificate (its chain
+    verified by the broker against the test CA) and checks what IoT Hub checks: a CA-signed
+    certificate's CN is the device id, or the certificate has the registered thumbprint
+    (computed here with Python's cryptography). No password is sent. A wrong thumbprint is
+    refused and explained."""
+    import fakeaws
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import hashes
+
+    cert_path, key_path = fakeaws.make_cert(hx.pki, hx.dir, DEVICE)
+    with open(cert_path, "rb") as f:
+        thumb = cx509.load_pem_x509_certificate(f.read()).fingerprint(hashes.SHA256()).hex()
+    for i, (registered, result) in enumerate([("x509:ca", "accepted"),
+                                              ("x509:" + thumb.upper(), "accepted"),
+                                              ("x509:" + "00" * 32, "refused")]):
+        cloud = fakecloud.start_hub(hx, HUB, {DEVICE: registered}, client_cert="require",
+                                    name="hub%d" % i)
+        conf = hx.config(cloud, uplink={"profile": "azure", "azure": {"hub": HUB},
+                                        "tls": {"ca": hx.pki.ca, "cert": cert_path,
+                                                "key": key_path}})
+        del conf["uplinks"][0]["generic"]
+        conf["uplinks"][0].pop("auth", None)
+        observer = hx.cloud_client(cloud)
+        observer.subscribe("devices/%s/messages/events/#" % DEVICE, qos=1)
+        daemon = hx.uplinkd(conf, name="uplinkd%d" % i)
+        line = cloud.wait_event("connect", client_id=DEVICE, result=result)
+        assert line["alg"] == "X509", line
+        assert line["username"].startswith("%s/%s/?api-version=" % (HUB, DEVICE)), line
+        if result == "accepted":
+            local = hx.local_client(gw(conf))
+            local.publish("dev/%s/telemetry" % DEVICE, b"x509 %d" % i, qos=1)
+            observer.wait("devices/%s/messages/events/" % DEVICE, "x509 %d" % i)
+        else:
+            assert line["reason"] == "bad thumbprint", line
+            daemon.wait_log(r"IoT Hub did not authorise the device")
+        daemon.stop()
