@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -23,7 +24,7 @@
 
 #include "keys.h"
 #include "tlscheck.h"
-#include "uplinkctl_p11.h"
+#include "p11.h"
 
 static void cert_usage(FILE *out)
 {
@@ -320,19 +321,24 @@ static int cert_create(int argc, char **argv)
     X509_REQ *req = NULL;
     int rc = 1, made = 0;
     if (token_key) {
-        char err[KEYS_ERR_SIZE], found[4096];
-        made =
-            p11_ensure_ec_key(token_key, module, pin_file, found, sizeof(found), err, sizeof(err));
+        char err[KEYS_ERR_SIZE], found[4096] = "";
+        struct p11 *p11;
+        made = p11_open(token_key, module, pin_file, &p11, err, sizeof(err));
+        if (made == 0) {
+            snprintf(found, sizeof(found), "%s", p11_module_file(p11));
+            made = p11_ensure_ec_key(p11, err, sizeof(err));
+            p11_close(p11);
+        }
+        if (made < 0) {
+            fprintf(stderr, "uplinkctl cert create: %s\n", err);
+            goto out;
+        }
         /* Signed through the module that holds the token (not p11-kit's
          * proxy, which keeps every registered module loaded to the end). */
         const struct keys_options opts = {.passphrase_file = pin_file,
                                           .pkcs11_module = module     ? module
                                                            : found[0] ? found
                                                                       : NULL};
-        if (made < 0) {
-            fprintf(stderr, "uplinkctl cert create: %s\n", err);
-            goto out;
-        }
         if (keys_load_private(token_key, &opts, &key, err, sizeof(err)) < 0) {
             fprintf(stderr, "uplinkctl cert create: %s\n", err);
             goto out;
@@ -378,12 +384,91 @@ out:
     return rc;
 }
 
+/* cert import-secret: a base64 key file into a token's secret key. */
+static int import_secret(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"from", required_argument, NULL, 'i'},     {"key", required_argument, NULL, 'k'},
+        {"pin-file", required_argument, NULL, 'p'}, {"module", required_argument, NULL, 'm'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
+    };
+    const char *from = NULL, *uri = NULL, *pin_file = NULL, *module = NULL;
+    unsigned char text[1024], key[768];
+    char err[KEYS_ERR_SIZE];
+    struct p11 *p11;
+    int opt, len, rc;
+
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "i:k:p:m:h", options, NULL)) != -1) {
+        switch (opt) {
+        case 'i':
+            from = optarg;
+            break;
+        case 'k':
+            uri = optarg;
+            break;
+        case 'p':
+            pin_file = optarg;
+            break;
+        case 'm':
+            module = optarg;
+            break;
+        case 'h':
+            cert_usage(stdout);
+            return 0;
+        default:
+            cert_usage(stderr);
+            return 2;
+        }
+    }
+    if (!from || !uri || optind != argc || !keys_is_uri(uri)) {
+        fprintf(stderr, "uplinkctl cert import-secret: --from FILE and --key pkcs11:URI are "
+                        "required\n");
+        return 2;
+    }
+    FILE *f = fopen(from, "r");
+    size_t n = f ? fread(text, 1, sizeof(text) - 1, f) : 0;
+    if (f)
+        fclose(f);
+    text[n] = '\0';
+    n = strcspn((char *)text, " \t\r\n");
+    len = n > 0 && n % 4 == 0 ? EVP_DecodeBlock(key, text, (int)n) : -1;
+    if (len > 0)
+        len -= (text[n - 1] == '=') + (n > 1 && text[n - 2] == '=');
+    OPENSSL_cleanse(text, sizeof(text));
+    if (!f || len <= 0) {
+        fprintf(stderr,
+                "uplinkctl cert import-secret: %s %s (expected the key in base64 on one line, "
+                "as the portal shows it)\n",
+                from, f ? "does not hold a base64 key" : "cannot be read");
+        OPENSSL_cleanse(key, sizeof(key));
+        return 1;
+    }
+    rc = p11_open(uri, module, pin_file, &p11, err, sizeof(err));
+    if (rc == 0) {
+        rc = p11_import_secret(p11, key, (size_t)len, err, sizeof(err));
+        p11_close(p11);
+    }
+    OPENSSL_cleanse(key, sizeof(key));
+    if (rc < 0) {
+        fprintf(stderr, "uplinkctl cert import-secret: %s\n", err);
+        return 1;
+    }
+    printf("secret       %d-byte key from %s stored in the token (never extractable)\n"
+           "             set azure.key_file: \"%s\"\n"
+           "             (with pin-source=file:/PATH in the URI: uplinkd reads the PIN there)\n",
+           len, from, strstr(uri, "pin-value=") ? "<the --key URI>" : uri);
+    return 0;
+}
+
 int uplinkctl_cert_main(int argc, char **argv)
 {
     if (argc >= 2 && strcmp(argv[1], "create") == 0)
         return cert_create(argc - 1, argv + 1);
     if (argc == 3 && strcmp(argv[1], "show") == 0)
         return uplinkctl_cert_show(argv[2]);
+    if (argc >= 2 && strcmp(argv[1], "import-secret") == 0)
+        return import_secret(argc - 1, argv + 1);
     if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
         cert_usage(stdout);
         return 0;

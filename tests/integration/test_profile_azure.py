@@ -475,3 +475,38 @@ def test_x509_device_ca_signed_or_by_thumbprint(hx):
             assert line["reason"] == "bad thumbprint", line
             daemon.wait_log(r"IoT Hub did not authorise the device")
         daemon.stop()
+
+
+def test_sas_key_inside_a_pkcs11_token(hx):
+    """azure.key_file as a pkcs11: URI: the device key is imported into a softhsm2 token
+    (uplinkctl cert import-secret) and every SAS token is signed there (CKM_SHA256_HMAC); the
+    fake hub checks it with the key file it was given, and a renewed token is signed again."""
+    from test_pkcs11 import SoftHsm
+    token = SoftHsm(hx.dir)
+    key_path, _ = fakecloud.device_key(hx.dir, DEVICE)
+    uri = "pkcs11:token=gw;object=hub-key"
+    imported = subprocess.run([h.UPLINKCTL_BIN, "cert", "import-secret", "--from", key_path,
+                               "--key", uri, "--pin-file", token.pin_path], capture_output=True,
+                              text=True, env=dict(os.environ, **token.env),
+                              stdin=subprocess.DEVNULL, timeout=h.TIMEOUT)
+    assert imported.returncode == 0, imported.stderr
+    assert "stored in the token" in imported.stdout
+    listing = token.run("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
+                        "--token-label", "gw", "--login", "--pin", "1234",
+                        "--list-objects").stdout
+    assert "Secret Key Object; Generic secret length 32" in listing, listing
+
+    cloud = fakecloud.start_hub(hx, HUB, {DEVICE: key_path})
+    conf = azure_config(hx, cloud, key_path, token_lifetime="12s")
+    conf["uplinks"][0]["azure"]["key_file"] = "%s;pin-source=file:%s" % (uri, token.pin_path)
+    observer = hx.cloud_client(cloud)
+    observer.subscribe("devices/%s/messages/events/#" % DEVICE, qos=1)
+    hx.uplinkd(conf, env=token.env)
+    cloud.wait_event("connect", client_id=DEVICE, result="accepted")
+    local = hx.local_client(gw(conf))
+    local.publish("dev/%s/telemetry" % DEVICE, b"signed in the token", qos=1)
+    observer.wait("devices/%s/messages/events/" % DEVICE, "signed in the token")
+    second = cloud.wait_event("connect", client_id=DEVICE, result="accepted", since=1,
+                              timeout=30)
+    assert second["exp"] != cloud.decisions(DEVICE)[0]["exp"]
+    assert [d for d in cloud.decisions(DEVICE) if d["result"] != "accepted"] == []

@@ -10,6 +10,7 @@
 
 #include "azure.h"
 #include "conf_walk.h"
+#include "keys.h"
 #include "mapping.h"
 
 enum {
@@ -169,9 +170,19 @@ void azure_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t 
     get_device_id(ld, values[AZURE_DEVICE_ID], path, azure);
     if (conf_node_present(values[AZURE_KEY_FILE])) {
         conf_key_join(k, sizeof(k), path, "key_file");
-        conf_get_readable_file(ld, values[AZURE_KEY_FILE], k,
-                               "a readable file holding the device's primary key (base64)",
-                               &azure->key_file);
+        const char *text = values[AZURE_KEY_FILE]->type == YAML_SCALAR_NODE
+                               ? conf_node_text(values[AZURE_KEY_FILE])
+                               : NULL;
+        if (text && keys_is_uri(text))
+            /* The key inside a PKCS#11 token (uplinkctl secret import): the
+             * token signs, the PIN comes with the URI. */
+            conf_get_text(ld, values[AZURE_KEY_FILE], k,
+                          "a pkcs11: URI of the device key in a token", 4000, &azure->key_file);
+        else
+            conf_get_readable_file(ld, values[AZURE_KEY_FILE], k,
+                                   "a readable file holding the device's primary key (base64), or "
+                                   "a pkcs11: URI of it inside a token",
+                                   &azure->key_file);
     }
     if (conf_node_present(values[AZURE_POLICY])) {
         conf_key_join(k, sizeof(k), path, "policy");
