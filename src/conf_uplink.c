@@ -916,6 +916,8 @@ static void parse_uplink(struct conf_loader *ld, yaml_node_t *node, size_t index
         conf_set_string(ld, &uplink->profile, DEFAULT_PROFILE);
     }
     uplink->spec = uplink->profile ? profile_spec_find(uplink->profile) : NULL;
+    if (uplink->spec && uplink->spec->max_inflight_default)
+        uplink->max_inflight = uplink->spec->max_inflight_default;
 
     conf_key_join(key, sizeof(key), path, "host");
     if (!conf_node_present(values[UPLINK_HOST])) {

@@ -725,6 +725,27 @@ int conf_get_readable_file(struct conf_loader *ld, const yaml_node_t *node, cons
     return 0;
 }
 
+int conf_get_file_pattern(struct conf_loader *ld, const yaml_node_t *node, const char *key,
+                          const char *example, char **dst)
+{
+    char quoted[CONF_QUOTE_MAX], what[300];
+    char *text = NULL;
+
+    snprintf(what, sizeof(what), "a file pattern with %%c for the child id, e.g. %s", example);
+    if (conf_get_text(ld, node, key, what, 4000, &text) < 0 || text == NULL)
+        return -EINVAL;
+    if (text[0] != '/' || strstr(text, "%c") == NULL) {
+        conf_report(ld, node->start_mark, key,
+                    "%s is not an absolute path with %%c (expected e.g. %s)",
+                    conf_quote(text, quoted, sizeof(quoted)), example);
+        free(text);
+        return -EINVAL;
+    }
+    free(*dst);
+    *dst = text;
+    return 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Syntax checks of names, hosts, topics                                     */
 

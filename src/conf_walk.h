@@ -167,6 +167,13 @@ void conf_set_where(struct conf_loader *ld, const yaml_node_t *node, char **dst)
 int conf_get_readable_file(struct conf_loader *ld, const yaml_node_t *node, const char *key,
                            const char *what, char **dst);
 
+/* A per-child file pattern (akenza.child_key, azure.child_key): an absolute
+ * path with %c for the child id (profile_child_key_path()); @example
+ * completes "expected e.g. ..." in the message. Its files are looked at when
+ * a child's session opens, not now. */
+int conf_get_file_pattern(struct conf_loader *ld, const yaml_node_t *node, const char *key,
+                          const char *example, char **dst);
+
 /* A-Z a-z 0-9 in the C locale, whatever the process locale says. */
 bool conf_is_alnum(char c);
 

@@ -723,6 +723,19 @@ out:
     return rc;
 }
 
+void keys_pkcs11_release(void)
+{
+#ifndef OPENSSL_NO_ENGINE
+    pthread_mutex_lock(&pkcs11_lock);
+    if (pkcs11_engine != NULL)
+        ENGINE_finish(pkcs11_engine); /* the functional reference pkcs11_engine_get() kept */
+    pkcs11_engine = NULL;
+    free(pkcs11_engine_module);
+    pkcs11_engine_module = NULL;
+    pthread_mutex_unlock(&pkcs11_lock);
+#endif
+}
+
 int keys_pkcs11_available(char *err, size_t err_size)
 {
 #ifndef OPENSSL_NO_ENGINE

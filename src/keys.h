@@ -142,6 +142,14 @@ int keys_use_client_cert(SSL_CTX *ctx, const char *cert_path, const char *key_sp
 int keys_pkcs11_available(char *err, size_t err_size);
 
 /**
+ * keys_pkcs11_release() - let go of the PKCS#11 engine and its module (the
+ * module's C_Finalize), for a one-shot program that is done with every
+ * token key (uplinkctl): keys loaded through it must be freed first. The
+ * daemon keeps it for its life.
+ */
+void keys_pkcs11_release(void);
+
+/**
  * keys_check_cert_validity() - check notBefore <= @now <= notAfter.
  * Returns 0, -EKEYEXPIRED (expired: @err gives the date) or -ERANGE (not yet
  * valid: @err gives the date and suggests checking the clock).

@@ -66,7 +66,7 @@ struct profile_msg {
     int qos;
     bool retain;
     /* up_cb only: the session to send it on, when not the instance's own
-     * uplink (per-device sessions, profiles/akenza/akenza.c); NULL (what
+     * uplink (per-device sessions, child_sessions.h); NULL (what
      * profile_msgs_add() sets) = pi->uplink. Borrowed. */
     struct uplink *uplink;
 };

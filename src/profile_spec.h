@@ -97,6 +97,11 @@ struct profile_spec {
 
     /* auth.lifetime is capped at this many seconds; 0: 24 h. */
     uint32_t jwt_max_lifetime_s;
+
+    /* The default of uplinks[].max_inflight when it is not set: the
+     * cloud's limit of unacknowledged QoS 1 publishes (IoT Hub: 16); 0:
+     * the generic default, 100. */
+    unsigned max_inflight_default;
 };
 
 #define PROFILE_ONE(name) +1

@@ -94,7 +94,7 @@ int uplink_open_spool(struct uplink *uplink, const char *state_dir);
 /**
  * uplink_open_spool_dir() - uplink_open_spool() with the spool directory
  * given (@dir, borrowed, created when missing) instead of derived from the
- * uplink's name: per-device sessions (profiles/akenza/akenza.c) keep theirs under
+ * uplink's name: per-device sessions (child_sessions.c) keep theirs under
  * their uplink's. @dir NULL, or spool.durability none: in memory.
  * Returns as uplink_open_spool().
  */

@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -21,22 +22,29 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include "keys.h"
 #include "tlscheck.h"
+#include "p11.h"
 
 static void cert_usage(FILE *out)
 {
-    fprintf(out, "Usage: uplinkctl cert create --cn ID --out DIR [--days N] [--csr] [--force]\n"
-                 "       uplinkctl cert show FILE\n\n"
-                 "create: a new EC P-256 key DIR/ID.key (mode 0600) and a self-signed certificate\n"
-                 "DIR/ID.pem for CN=ID (valid N days, default 365), or with --csr a signing\n"
-                 "request DIR/ID.csr for a CA to sign. The CN is what the cloud expects:\n"
-                 "  cumulocity  the device id (cumulocity.device_id, default gateway.id)\n"
-                 "  azure       the device id (azure.device_id)\n"
-                 "  aws         the thing name (aws.thing), by convention\n"
-                 "Existing files are kept unless --force. Then set tls.cert and tls.key.\n"
-                 "show: subject, issuer, validity, days left and the SHA-1 and SHA-256\n"
-                 "thumbprints of a certificate file (the first certificate in it), and what to\n"
-                 "register where.\n");
+    fprintf(out,
+            "Usage: uplinkctl cert create --cn ID --out DIR [--days N] [--csr] [--force]\n"
+            "                              [--key pkcs11:URI [--pin-file FILE] [--module SO]]\n"
+            "       uplinkctl cert show FILE\n\n"
+            "create: a new EC P-256 key DIR/ID.key (mode 0600) and a self-signed certificate\n"
+            "DIR/ID.pem for CN=ID (valid N days, default 365), or with --csr a signing\n"
+            "request DIR/ID.csr for a CA to sign. With --key the key is made inside the\n"
+            "PKCS#11 token the URI names (or the one it already holds there is used), and\n"
+            "never leaves it: no key file, tls.key is the URI. The CN is what the cloud\n"
+            "expects:\n"
+            "  cumulocity  the device id (cumulocity.device_id, default gateway.id)\n"
+            "  azure       the device id (azure.device_id)\n"
+            "  aws         the thing name (aws.thing), by convention\n"
+            "Existing files are kept unless --force. Then set tls.cert and tls.key.\n"
+            "show: subject, issuer, validity, days left and the SHA-1 and SHA-256\n"
+            "thumbprints of a certificate file (the first certificate in it), and what to\n"
+            "register where.\n");
 }
 
 /* The certificate's thumbprint with @md as upper-case hex (Azure's form). */
@@ -229,21 +237,19 @@ static bool cn_ok(const char *cn)
 static int cert_create(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"cn", required_argument, NULL, 'n'},
-        {"out", required_argument, NULL, 'o'},
-        {"days", required_argument, NULL, 'd'},
-        {"csr", no_argument, NULL, 'r'},
-        {"force", no_argument, NULL, 'f'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"cn", required_argument, NULL, 'n'},       {"out", required_argument, NULL, 'o'},
+        {"days", required_argument, NULL, 'd'},     {"csr", no_argument, NULL, 'r'},
+        {"force", no_argument, NULL, 'f'},          {"key", required_argument, NULL, 'k'},
+        {"pin-file", required_argument, NULL, 'p'}, {"module", required_argument, NULL, 'm'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
     };
-    const char *cn = NULL, *dir = NULL;
+    const char *cn = NULL, *dir = NULL, *token_key = NULL, *pin_file = NULL, *module = NULL;
     long days = 365;
     bool csr = false, force = false;
     int opt;
 
     optind = 0;
-    while ((opt = getopt_long(argc, argv, "n:o:d:rfh", options, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "n:o:d:rfk:p:m:h", options, NULL)) != -1) {
         char *end;
         switch (opt) {
         case 'n':
@@ -266,6 +272,15 @@ static int cert_create(int argc, char **argv)
         case 'f':
             force = true;
             break;
+        case 'k':
+            token_key = optarg;
+            break;
+        case 'p':
+            pin_file = optarg;
+            break;
+        case 'm':
+            module = optarg;
+            break;
         case 'h':
             cert_usage(stdout);
             return 0;
@@ -285,24 +300,70 @@ static int cert_create(int argc, char **argv)
                 cn);
         return 2;
     }
+    if (token_key && !keys_is_uri(token_key)) {
+        fprintf(stderr,
+                "uplinkctl cert create: --key \"%s\" is not a pkcs11: URI (without --key the "
+                "key is made in DIR/ID.key)\n",
+                token_key);
+        return 2;
+    }
+    if ((pin_file || module) && !token_key) {
+        fprintf(stderr,
+                "uplinkctl cert create: --pin-file and --module go with --key pkcs11:URI\n");
+        return 2;
+    }
     char key_path[4096], out_path[4096];
     snprintf(key_path, sizeof(key_path), "%s/%s.key", dir, cn);
     snprintf(out_path, sizeof(out_path), "%s/%s.%s", dir, cn, csr ? "csr" : "pem");
 
-    EVP_PKEY *key = EVP_EC_gen("P-256");
+    EVP_PKEY *key = NULL;
     X509 *cert = NULL;
     X509_REQ *req = NULL;
-    int rc = 1;
+    int rc = 1, made = 0;
+    if (token_key) {
+        char err[KEYS_ERR_SIZE], found[4096] = "";
+        struct p11 *p11;
+        made = p11_open(token_key, module, pin_file, &p11, err, sizeof(err));
+        if (made == 0) {
+            snprintf(found, sizeof(found), "%s", p11_module_file(p11));
+            made = p11_ensure_ec_key(p11, err, sizeof(err));
+            p11_close(p11);
+        }
+        if (made < 0) {
+            fprintf(stderr, "uplinkctl cert create: %s\n", err);
+            goto out;
+        }
+        /* Signed through the module that holds the token (not p11-kit's
+         * proxy, which keeps every registered module loaded to the end). */
+        const struct keys_options opts = {.passphrase_file = pin_file,
+                                          .pkcs11_module = module     ? module
+                                                           : found[0] ? found
+                                                                      : NULL};
+        if (keys_load_private(token_key, &opts, &key, err, sizeof(err)) < 0) {
+            fprintf(stderr, "uplinkctl cert create: %s\n", err);
+            goto out;
+        }
+    } else {
+        key = EVP_EC_gen("P-256");
+    }
     if (!key || sign(key, cn, days, csr, &cert, &req) < 0) {
         fprintf(stderr, "uplinkctl cert create: OpenSSL could not make the key or certificate\n");
         goto out;
     }
-    if (write_pem(key_path, 0600, force, write_key, key) != 0)
+    if (!token_key && write_pem(key_path, 0600, force, write_key, key) != 0)
         goto out;
     if (write_pem(out_path, 0644, force, csr ? write_csr : write_cert,
                   csr ? (void *)req : (void *)cert) != 0)
         goto out;
-    printf("key          %s (EC P-256, mode 0600)\n", key_path);
+    if (token_key) {
+        /* The URI as given may carry pin-value=: not printed. */
+        snprintf(key_path, sizeof(key_path), "%s",
+                 strstr(token_key, "pin-value=") ? "the --key URI" : token_key);
+        printf("key          %s (%s; it never leaves the token)\n", key_path,
+               made ? "EC P-256, generated in the token" : "already in the token, used as it is");
+    } else {
+        printf("key          %s (EC P-256, mode 0600)\n", key_path);
+    }
     if (csr) {
         printf("request      %s (CN=%s): have it signed by a CA the cloud trusts, then set\n"
                "             tls.cert to the signed certificate and tls.key to the key\n",
@@ -318,7 +379,86 @@ out:
     X509_free(cert);
     X509_REQ_free(req);
     EVP_PKEY_free(key);
+    if (token_key)
+        keys_pkcs11_release();
     return rc;
+}
+
+/* cert import-secret: a base64 key file into a token's secret key. */
+static int import_secret(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"from", required_argument, NULL, 'i'},     {"key", required_argument, NULL, 'k'},
+        {"pin-file", required_argument, NULL, 'p'}, {"module", required_argument, NULL, 'm'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
+    };
+    const char *from = NULL, *uri = NULL, *pin_file = NULL, *module = NULL;
+    unsigned char text[1024], key[768];
+    char err[KEYS_ERR_SIZE];
+    struct p11 *p11;
+    int opt, len, rc;
+
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "i:k:p:m:h", options, NULL)) != -1) {
+        switch (opt) {
+        case 'i':
+            from = optarg;
+            break;
+        case 'k':
+            uri = optarg;
+            break;
+        case 'p':
+            pin_file = optarg;
+            break;
+        case 'm':
+            module = optarg;
+            break;
+        case 'h':
+            cert_usage(stdout);
+            return 0;
+        default:
+            cert_usage(stderr);
+            return 2;
+        }
+    }
+    if (!from || !uri || optind != argc || !keys_is_uri(uri)) {
+        fprintf(stderr, "uplinkctl cert import-secret: --from FILE and --key pkcs11:URI are "
+                        "required\n");
+        return 2;
+    }
+    FILE *f = fopen(from, "r");
+    size_t n = f ? fread(text, 1, sizeof(text) - 1, f) : 0;
+    if (f)
+        fclose(f);
+    text[n] = '\0';
+    n = strcspn((char *)text, " \t\r\n");
+    len = n > 0 && n % 4 == 0 ? EVP_DecodeBlock(key, text, (int)n) : -1;
+    if (len > 0)
+        len -= (text[n - 1] == '=') + (n > 1 && text[n - 2] == '=');
+    OPENSSL_cleanse(text, sizeof(text));
+    if (!f || len <= 0) {
+        fprintf(stderr,
+                "uplinkctl cert import-secret: %s %s (expected the key in base64 on one line, "
+                "as the portal shows it)\n",
+                from, f ? "does not hold a base64 key" : "cannot be read");
+        OPENSSL_cleanse(key, sizeof(key));
+        return 1;
+    }
+    rc = p11_open(uri, module, pin_file, &p11, err, sizeof(err));
+    if (rc == 0) {
+        rc = p11_import_secret(p11, key, (size_t)len, err, sizeof(err));
+        p11_close(p11);
+    }
+    OPENSSL_cleanse(key, sizeof(key));
+    if (rc < 0) {
+        fprintf(stderr, "uplinkctl cert import-secret: %s\n", err);
+        return 1;
+    }
+    printf("secret       %d-byte key from %s stored in the token (never extractable)\n"
+           "             set azure.key_file: \"%s\"\n"
+           "             (with pin-source=file:/PATH in the URI: uplinkd reads the PIN there)\n",
+           len, from, strstr(uri, "pin-value=") ? "<the --key URI>" : uri);
+    return 0;
 }
 
 int uplinkctl_cert_main(int argc, char **argv)
@@ -327,6 +467,8 @@ int uplinkctl_cert_main(int argc, char **argv)
         return cert_create(argc - 1, argv + 1);
     if (argc == 3 && strcmp(argv[1], "show") == 0)
         return uplinkctl_cert_show(argv[2]);
+    if (argc >= 2 && strcmp(argv[1], "import-secret") == 0)
+        return import_secret(argc - 1, argv + 1);
     if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
         cert_usage(stdout);
         return 0;

@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 /* mosquitto_plugin.h uses mosquitto_plugin_id_t from mosquitto_broker.h without including it. */
@@ -96,6 +97,10 @@ struct fakecloud_sas_device {
     char *id;
     unsigned char key[FAKECLOUD_SAS_KEY_MAX];
     size_t key_len;
+    /* X.509 device ("device=x509:..."): "ca" (CA-signed: the chain verified by the broker, the
+     * CN must be the device id) or the registered thumbprint, SHA-1 or SHA-256 in hex; "" for
+     * a SAS device. */
+    char x509[80];
 };
 
 struct fakecloud {
@@ -113,6 +118,10 @@ struct fakecloud {
     char *observer_password;
     FILE *log;
     struct fakecloud_session *sessions;
+    /* Hub mode: the device the next cloud-side $iothub messages go to (the
+     * last "fakehub/to/<id>" published), as IoT Hub answers on the one
+     * connection of the device concerned. */
+    char iothub_to[256];
 };
 
 /* What one CONNECT was judged; reason == NULL means accepted. */
@@ -703,9 +712,44 @@ static const struct fakecloud_sas_device *fakecloud_sas_device(const struct fake
     return NULL;
 }
 
-static int fakecloud_judge_sas(struct fakecloud *fc, const char *client_id, const char *username,
-                               const char *password, struct fakecloud_verdict *verdict,
-                               long long *exp)
+/* An X.509 device: the client certificate (mosquitto verified its chain against cafile, as
+ * the hub does against a verified CA) is the credential; a CA-signed one must carry the device
+ * id as CN, a self-signed one must have the registered thumbprint. No password needed. */
+static int fakecloud_judge_x509(struct mosquitto *client, const struct fakecloud_sas_device *device,
+                                const char *client_id, struct fakecloud_verdict *verdict)
+{
+    X509 *cert = mosquitto_client_certificate(client);
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    char hex[2 * EVP_MAX_MD_SIZE + 1], cn[256] = "";
+    unsigned int len = 0;
+    bool sha256 = strlen(device->x509) == 64;
+    int rc = 0;
+
+    verdict->alg = "X509";
+    if (cert == NULL)
+        return fakecloud_refuse(verdict, "no certificate", "device %s authenticates by X.509",
+                                client_id);
+    if (strcmp(device->x509, "ca") == 0) {
+        X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, cn, sizeof(cn));
+        if (strcmp(cn, client_id) != 0)
+            rc = fakecloud_refuse(verdict, "wrong CN", "CN %s, expected the device id %s", cn,
+                                  client_id);
+    } else if (!X509_digest(cert, sha256 ? EVP_sha256() : EVP_sha1(), digest, &len)) {
+        rc = -ENOMEM;
+    } else {
+        for (unsigned int i = 0; i < len; i++)
+            snprintf(hex + 2 * i, 3, "%02X", digest[i]);
+        if (strcasecmp(hex, device->x509) != 0)
+            rc = fakecloud_refuse(verdict, "bad thumbprint", "thumbprint %s, registered %s", hex,
+                                  device->x509);
+    }
+    X509_free(cert);
+    return rc;
+}
+
+static int fakecloud_judge_sas(struct fakecloud *fc, struct mosquitto *client,
+                               const char *client_id, const char *username, const char *password,
+                               struct fakecloud_verdict *verdict, long long *exp)
 {
     static const char prefix[] = "SharedAccessSignature ";
     char expected_user[512], resource[512], decoded[1024], sig_decoded[256], to_sign[1100];
@@ -724,6 +768,8 @@ static int fakecloud_judge_sas(struct fakecloud *fc, const char *client_id, cons
         username[strlen(expected_user)] == '\0')
         return fakecloud_refuse(verdict, "bad username", "user name %.150s, expected %s<version>",
                                 username ? username : "(none)", expected_user);
+    if (device->x509[0] != '\0')
+        return fakecloud_judge_x509(client, device, client_id, verdict);
     if (password == NULL || strncmp(password, prefix, strlen(prefix)) != 0)
         return fakecloud_refuse(verdict, "not a SAS token",
                                 "the password must start with \"SharedAccessSignature \"");
@@ -778,7 +824,8 @@ static int fakecloud_basic_auth_cb(int event, void *event_data, void *userdata)
             rc = fakecloud_refuse(&verdict, "observer password", "wrong observer password");
         }
     } else if (fc->hub != NULL) {
-        rc = fakecloud_judge_sas(fc, client_id, auth->username, auth->password, &verdict, &sas_exp);
+        rc = fakecloud_judge_sas(fc, auth->client, client_id, auth->username, auth->password,
+                                 &verdict, &sas_exp);
     } else {
         rc = fakecloud_judge(fc, auth->password, &verdict);
     }
@@ -807,7 +854,9 @@ static int fakecloud_basic_auth_cb(int event, void *event_data, void *userdata)
     json_object_set_new(line, "result", json_string(rc == 0 ? "accepted" : "refused"));
     json_object_set_new(
         line, "reason",
-        json_string(rc == 0 ? (verdict.claims != NULL || sas_exp != 0 ? "ok" : "observer")
+        json_string(rc == 0 ? (verdict.claims != NULL || sas_exp != 0 || verdict.alg != NULL
+                                   ? "ok"
+                                   : "observer")
                             : verdict.reason));
     json_object_set_new(line, "detail", fakecloud_json_str(rc == 0 ? NULL : verdict.detail));
     json_object_set_new(line, "now", json_integer(verdict.now));
@@ -911,6 +960,43 @@ static int fakecloud_disconnect_cb(int event, void *event_data, void *userdata)
         fakecloud_log_write(fc, line);
         fakecloud_session_free(session);
         break;
+    }
+    return MOSQ_ERR_SUCCESS;
+}
+
+/* Hub mode: IoT Hub's $iothub topics belong to one connection, a plain broker's to everyone
+ * subscribed. A test names the device first ("fakehub/to/<id>", any payload); the
+ * hub-to-device families are then delivered to that client only. What a device publishes on
+ * $iothub is logged with its client id ("iothub" lines), so a test can tell whose it was. */
+static bool fakecloud_iothub_down(const char *topic)
+{
+    return strncmp(topic, "$iothub/twin/res/", 17) == 0 ||
+           strncmp(topic, "$iothub/twin/PATCH/properties/desired/", 38) == 0 ||
+           strncmp(topic, "$iothub/methods/POST/", 21) == 0;
+}
+
+static int fakecloud_acl_cb(int event, void *event_data, void *userdata)
+{
+    struct mosquitto_evt_acl_check *acl = event_data;
+    struct fakecloud *fc = userdata;
+    const char *client_id = mosquitto_client_id(acl->client);
+
+    (void)event;
+    if (acl->topic == NULL || client_id == NULL) {
+        return MOSQ_ERR_SUCCESS;
+    }
+    if (acl->access == MOSQ_ACL_WRITE && strncmp(acl->topic, "fakehub/to/", 11) == 0) {
+        snprintf(fc->iothub_to, sizeof(fc->iothub_to), "%s", acl->topic + 11);
+    } else if (acl->access == MOSQ_ACL_WRITE && strncmp(acl->topic, "$iothub/", 8) == 0 &&
+               !fakecloud_iothub_down(acl->topic)) {
+        json_t *line = json_object();
+        json_object_set_new(line, "event", json_string("iothub"));
+        json_object_set_new(line, "client_id", fakecloud_json_str(client_id));
+        json_object_set_new(line, "topic", fakecloud_json_str(acl->topic));
+        fakecloud_log_write(fc, line);
+    } else if (acl->access == MOSQ_ACL_READ && fakecloud_iothub_down(acl->topic) &&
+               strcmp(client_id, fc->iothub_to) != 0) {
+        return MOSQ_ERR_ACL_DENIED;
     }
     return MOSQ_ERR_SUCCESS;
 }
@@ -1071,6 +1157,17 @@ static int fakecloud_sas_keys_load(struct fakecloud *fc, const char *list)
             return -EINVAL;
         }
         *eq = '\0';
+        if (strncmp(eq + 1, "x509:", 5) == 0) {
+            device = &fc->sas[fc->sas_count];
+            snprintf(device->x509, sizeof(device->x509), "%s", eq + 6);
+            device->id = strdup(item);
+            if (device->id == NULL) {
+                free(copy);
+                return -ENOMEM;
+            }
+            fc->sas_count++;
+            continue;
+        }
         f = fopen(eq + 1, "r");
         if (f == NULL || fgets(text, sizeof(text), f) == NULL) {
             mosquitto_log_printf(MOSQ_LOG_ERR, "fakecloud: cannot read SAS key %s", eq + 1);
@@ -1290,6 +1387,11 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
                                     fc) != MOSQ_ERR_SUCCESS) {
         goto err_after_tick;
     }
+    if (fc->hub != NULL &&
+        mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, fakecloud_acl_cb, NULL, fc) !=
+            MOSQ_ERR_SUCCESS) {
+        goto err_after_disconnect;
+    }
     fakecloud_log_start(fc);
     mosquitto_log_printf(MOSQ_LOG_INFO,
                          "fakecloud: %zu key(s), aud \"%s\", skew %lld s, max lifetime %lld s",
@@ -1297,6 +1399,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
     *userdata = fc;
     return MOSQ_ERR_SUCCESS;
 
+err_after_disconnect:
+    mosquitto_callback_unregister(identifier, MOSQ_EVT_DISCONNECT, fakecloud_disconnect_cb, NULL);
 err_after_tick:
     mosquitto_callback_unregister(identifier, MOSQ_EVT_TICK, fakecloud_tick_cb, NULL);
 err_after_basic_auth:
@@ -1318,6 +1422,9 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
     mosquitto_callback_unregister(fc->plugin_id, MOSQ_EVT_TICK, fakecloud_tick_cb, NULL);
     mosquitto_callback_unregister(fc->plugin_id, MOSQ_EVT_DISCONNECT, fakecloud_disconnect_cb,
                                   NULL);
+    if (fc->hub != NULL) {
+        mosquitto_callback_unregister(fc->plugin_id, MOSQ_EVT_ACL_CHECK, fakecloud_acl_cb, NULL);
+    }
     fakecloud_free(fc);
     return MOSQ_ERR_SUCCESS;
 }

@@ -180,7 +180,8 @@ class FakeCloud(h.Broker):
     """
 
     def __init__(self, workdir, pki, keys, aud, name="fakecloud", cert="server", skew=None,
-                 max_lifetime=None, require_kid=False, plugin=None, extra_options=None):
+                 max_lifetime=None, require_kid=False, plugin=None, extra_options=None,
+                 client_cert=False):
         self.plugin = plugin or plugin_path()
         if not os.path.exists(self.plugin):
             raise h.HarnessError(
@@ -196,7 +197,7 @@ class FakeCloud(h.Broker):
         self.observer = ("observer", "observer-%d" % os.getpid())
         # Broker.__init__ writes the config, so everything _write_conf needs is set first.
         self.plugin_log_path = os.path.join(workdir, name, "fakecloud.jsonl")
-        super().__init__(workdir, pki, name=name, cert=cert)
+        super().__init__(workdir, pki, name=name, cert=cert, client_cert=client_cert)
 
     # -- configuration ------------------------------------------------------
 
@@ -372,7 +373,9 @@ class FakeHub(FakeCloud):
     "<hub>/<client id>/?api-version=..." and a SAS token signed with that device's key from
     `devices` ({device id: path of a file with its base64 key}); the plugin verifies it with
     its own HMAC-SHA256, refuses with CONNACK 5 and kicks a session whose token expired (after
-    `skew` seconds). The log lines are FakeCloud's, with alg "SAS" and exp = the token's se."""
+    `skew` seconds). The log lines are FakeCloud's, with alg "SAS" and exp = the token's se.
+    A device given as "x509:ca" or "x509:<thumbprint>" instead of a key file authenticates by
+    its client certificate (with client_cert="require": the TLS listener asks for one)."""
 
     def __init__(self, workdir, pki, hub, devices, name="fakehub", skew=0, **kwargs):
         self.hub = hub

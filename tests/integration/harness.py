@@ -339,7 +339,9 @@ class Broker:
         os.makedirs(self.dir, exist_ok=True)
         self.pki = pki
         self.cert = cert
-        self.client_cert = client_cert  # TLS listeners require a certificate from the test CA
+        # TLS listeners require a certificate from the test CA; True: and its CN is the
+        # user name (use_identity_as_username), "require": the CONNECT's user name is kept.
+        self.client_cert = client_cert
         self.users = dict(users or {})
         self.addresses = loopback_addresses()
         self.tls_port = free_port(self.addresses)
@@ -379,8 +381,9 @@ class Broker:
                 "keyfile %s" % self.pki.path(self.cert + ".key"),
             ]
             if self.client_cert:
-                lines += ["cafile %s" % self.pki.ca, "require_certificate true",
-                          "use_identity_as_username true"]
+                lines += ["cafile %s" % self.pki.ca, "require_certificate true"]
+            if self.client_cert is True:  # "require": the CONNECT's user name stays the client's
+                lines.append("use_identity_as_username true")
         lines.append("listener %d 127.0.0.1" % self.plain_port)
         with open(self.conf_path, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -140,9 +140,12 @@ def test_device_shadow(hx):
     config = hx.local_sub(gw(conf), "dev/%s/config/#" % THING)
 
     # The document fetched on connect, retained locally for late subscribers.
-    _, doc, _, retained = config.wait("dev/%s/config/shadow" % THING)
+    _, doc, _, _ = config.wait("dev/%s/config/shadow" % THING)
     assert json.loads(doc)["state"]["desired"] == {"interval": 10}
-    assert retained
+    # (The first subscriber may have been there before the document came, and then gets it
+    # live, without the retain flag: a subscriber made after it must get the retained copy.)
+    late = hx.local_sub(gw(conf), "dev/%s/config/shadow" % THING)
+    assert late.wait("dev/%s/config/shadow" % THING, doc)[3]
     # The named shadow does not exist yet: no error, a line in the log.
     daemon.wait_log(r"the thing gw-test has no config shadow yet")
 
@@ -327,3 +330,58 @@ def test_fleet_provisioning_refused(hx):
     assert observer.received() == []
     assert not os.path.exists(os.path.join(conf["gateway"]["state_dir"], "provisioned", "cloud",
                                            "thing"))
+
+
+def test_child_with_its_own_certificate_is_a_thing_of_its_own(hx):
+    """aws.child_cert/child_key: a child whose certificate exists connects as its own thing
+    (the broker sees its certificate's CN), with telemetry, commands, its shadow and its jobs
+    on its own connection; a child without one still goes through the gateway; a child whose
+    certificate is unusable is refused with the reason."""
+    things = os.path.join(hx.dir, "things")
+    os.makedirs(things)
+    fakeaws.make_cert(hx.pki, things, "valve-1")
+    for ext in ("pem", "key"):
+        with open(os.path.join(things, "bad-1." + ext), "w") as f:
+            f.write("not PEM\n")
+    broker, services, observer, conf, daemon = start(
+        hx, child_cert=os.path.join(things, "%c.pem"), child_key=os.path.join(things, "%c.key"),
+        before=lambda s: s.add_job("valve-1", "job-v", {"op": "open"}))
+    local = hx.local_client(gw(conf))
+    errors = hx.local_sub(gw(conf), "uplinkd/cloud/errors")
+    config = hx.local_sub(gw(conf), "dev/valve-1/config/#")
+    commands = hx.local_sub(gw(conf), "dev/valve-1/commands/#")
+
+    local.publish("dev/valve-1/telemetry", b"7", qos=1)
+    observer.wait("dt/valve-1/valve-1", "7")
+    h.wait_for(lambda: re.search(r"as valve-1 \(.*u'valve-1'\)", broker.log_text()),
+               what="the child's connection, authenticated by its own certificate")
+    local.publish("dev/valve-2/telemetry", b"8", qos=1)
+    observer.wait("dt/%s/valve-2" % THING, "8")
+
+    # Its shadow and its jobs, on its own connection.
+    services.wait_request("$aws/things/valve-1/shadow/get")
+    services.set_desired("valve-1", {"open": True})
+    config.wait("dev/valve-1/config/delta")
+    local.publish("dev/valve-1/state", b'{"open":true}', qos=1)
+    h.wait_for(lambda: services.reported("valve-1") == {"open": True},
+               what=lambda: "the child's reported state (%s)" % services.reported("valve-1"))
+    h.wait_for(lambda: any(json.loads(m[1]).get("execution", {}).get("jobId") == "job-v"
+                           for m in commands.messages()
+                           if m[0] == "dev/valve-1/commands/jobs/next"),
+               what=lambda: "job-v as the child's next job (%s)" % commands.messages())
+    local.publish("dev/valve-1/state/jobs/job-v", b'{"status": "SUCCEEDED"}', qos=1)
+    h.wait_for(lambda: services.job_status("valve-1", "job-v") is None,
+               what="the child's job done")
+    observer.publish("cmd/valve-1/valve-1/close", b"now", qos=1)
+    commands.wait("dev/valve-1/commands/close", "now")
+    local.publish("dev/valve-1/state/shadow/extra", b"{}", qos=1)
+    wait_error(errors, "named shadows are the gateway's")
+
+    # A certificate that cannot be used: refused, with the reason.
+    local.publish("dev/bad-1/telemetry", b"x", qos=1)
+    wait_error(errors, "AWS IoT Core authenticates each thing by its certificate, and this "
+                       "child's cannot be used")
+    assert not [m for m in observer.received() if m[0].endswith("/bad-1")]
+    status = json.loads(h.uplinkctl(conf["control"]["socket"], "--json", "status").stdout)
+    sessions = status["uplinks"][0]["sessions"]
+    assert sessions["online"] == 1 and sessions["no_key"] == 1, sessions

@@ -110,6 +110,15 @@ def test_bad_azure_sections_refused(hx, tmp_path):
          'azure.device_id: "bad id": an IoT Hub device id holds only'),
         ({"azure": {"hub": HUB, "key_file": key_path, "token_lifetime": "1s"}},
          "azure.token_lifetime"),
+        ({"azure": {"hub": HUB, "key_file": key_path, "child_key": "keys/%c.key"}},
+         'azure.child_key: "keys/%c.key" is not an absolute path with %c'),
+        ({"azure": {"hub": HUB, "key_file": key_path, "child_key": "/k/%c.key",
+                    "group_key_file": key_path}},
+         "set either azure.child_key (a key file per child) or azure.group_key_file"),
+        ({"azure": {"hub": HUB, "key_file": key_path, "group_key_file": key_path + ".none"}},
+         "azure.group_key_file: cannot read"),
+        ({"azure": {"hub": HUB, "key_file": key_path, "session_idle": "1m"}},
+         "azure.session_idle: is only used with child_key or group_key_file"),
     ]
     for i, (change, words) in enumerate(cases):
         conf = azure_config(hx, None, key_path, port=8883)
@@ -237,6 +246,7 @@ def test_twin_and_direct_methods(hx):
                           % (prefix, [m[0] for m in observer.received()]))
 
     # After CONNACK: the twin GET, answered with the document -> config/twin, retained.
+    observer.publish("fakehub/to/%s" % DEVICE, b"", qos=0)  # the hub's answers: to this device
     get = first("$iothub/twin/GET/?$rid=")
     assert get[1] == b""
     rid = get[0].split("$rid=", 1)[1]
@@ -311,3 +321,192 @@ def test_diagnose_sends_the_same_token(hx):
     assert rc == 13, out  # the MQTT step failed
     assert 'azure: the device "%s" must exist and be enabled in hub %s' % (DEVICE, HUB) in out, out
     cloud.wait_event("connect", client_id=DEVICE, result="refused", reason="bad signature")
+
+
+def child_key(hx, child):
+    """A key file for `child` where azure.child_key (<dir>/children/%c.key) looks."""
+    os.makedirs(os.path.join(hx.dir, "children"), exist_ok=True)
+    return fakecloud.device_key(os.path.join(hx.dir, "children"), child)[0]
+
+
+def iothub_from(cloud, client_id, prefix):
+    """The $iothub topics `client_id` published that start with `prefix` (the fake hub logs
+    them with the sender)."""
+    return [e["topic"] for e in cloud.events("iothub", client_id=client_id)
+            if e["topic"].startswith(prefix)]
+
+
+def test_children_have_sessions_of_their_own(hx):
+    """IoT Hub takes one device per connection: a child with a key file is a session of its
+    own, authenticated by the hub with that key, with the whole contract (D2C, C2D, twin,
+    direct methods) on its own dev/<child>/ topics; a child without a key is refused."""
+    gw_key, _ = fakecloud.device_key(hx.dir, DEVICE)
+    valve_key = child_key(hx, "valve-1")
+    cloud = fakecloud.start_hub(hx, HUB, {DEVICE: gw_key, "valve-1": valve_key})
+    conf = azure_config(hx, cloud, gw_key,
+                        child_key=os.path.join(hx.dir, "children", "%c.key"))
+    observer = hx.cloud_client(cloud)
+    observer.subscribe("devices/+/messages/events/#", qos=1)
+    daemon = hx.uplinkd(conf)
+    cloud.wait_event("connect", client_id=DEVICE, result="accepted")
+    local = hx.local_client(gw(conf))
+    config = hx.local_sub(gw(conf), "dev/+/config/#")
+    errors = hx.local_sub(gw(conf), "uplinkd/cloud/errors")
+
+    local.publish("dev/valve-1/telemetry", b'{"open":true}', qos=1)
+    cloud.wait_event("connect", client_id="valve-1", result="accepted")
+    observer.wait("devices/valve-1/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8",
+                  '{"open":true}')
+    daemon.wait_log(r"child valve-1: opening a session of its own as cloud.valve-1 \(key .*"
+                    r"children/valve-1.key\)")
+
+    # A child without a key file: refused with the reason, nothing sent.
+    local.publish("dev/valve-2/telemetry", b"x", qos=1)
+    _, payload, _, _ = errors.wait("uplinkd/cloud/errors")
+    error = json.loads(payload)["error"]
+    assert ("IoT Hub takes one device per connection, and this child has no usable key for its "
+            "own (azure.child_key or azure.group_key_file): cannot read " in error), error
+    assert cloud.decisions("valve-2") == []
+
+    # Cloud to device, on the child's own connection.
+    commands = hx.local_sub(gw(conf), "dev/+/commands/#")
+    h.wait_for(lambda: "devices/valve-1/messages/devicebound/#" in cloud.log_text(),
+               what="the child's session subscribed to its cloud-to-device messages")
+    observer.publish("devices/valve-1/messages/devicebound/k=v", b"close", qos=1)
+    commands.wait("dev/valve-1/commands/k=v", "close")
+
+    # The child's twin: its session asks for it; the answer goes to that connection only.
+    get = h.wait_for(lambda: iothub_from(cloud, "valve-1", "$iothub/twin/GET/?$rid="),
+                     what="the child's twin GET")[0]
+    twin = b'{"desired":{"limit":7},"reported":{}}'
+    observer.publish("fakehub/to/valve-1", b"", qos=0)
+    observer.publish("$iothub/twin/res/200/?$rid=%s" % get.split("$rid=")[1], twin, qos=0)
+    config.wait("dev/valve-1/config/twin", twin.decode())
+
+    # A direct method for the child and its answer, on the child's connection.
+    observer.publish("$iothub/methods/POST/close/?$rid=77", b"{}", qos=0)
+    commands.wait("dev/valve-1/commands/methods/close/77", "{}")
+    local.publish("dev/valve-1/state/methods/77/200", b'{"done":1}', qos=1)
+    h.wait_for(lambda: iothub_from(cloud, "valve-1", "$iothub/methods/res/200/?$rid=77"),
+               what="the method's answer from the child's session")
+    local.publish("dev/valve-1/state", b'{"position":3}', qos=1)
+    h.wait_for(lambda: iothub_from(cloud, "valve-1", "$iothub/twin/PATCH/properties/reported/"),
+               what="the child's reported patch from its own session")
+
+    # Nothing of the child's went through the gateway's connection, nor to its topics.
+    assert not iothub_from(cloud, DEVICE, "$iothub/methods/res/")
+    assert not iothub_from(cloud, DEVICE, "$iothub/twin/PATCH/")
+    assert not [m for m in config.messages() if m[0].startswith("dev/%s/" % DEVICE)]
+    assert not [m for m in commands.messages() if m[0].startswith("dev/%s/" % DEVICE)]
+    status = json.loads(h.uplinkctl(conf["control"]["socket"], "--json", "status").stdout)
+    sessions = status["uplinks"][0]["sessions"]
+    assert sessions["open"] == 1 and sessions["online"] == 1, sessions
+
+
+def test_group_key_children_rotate_without_loss(hx):
+    """azure.group_key_file: each child's key is HMAC-SHA256(group key, child id), derived
+    here with Python's hmac for the fake hub. Its 12 s tokens are renewed at 80 % of their
+    life under a QoS 1 stream: nothing lost, no kick."""
+    gw_key, _ = fakecloud.device_key(hx.dir, DEVICE)
+    group_path, group_raw = fakecloud.device_key(hx.dir, "group")
+    derived = os.path.join(hx.dir, "sensor-7.derived")
+    with open(derived, "w") as f:
+        f.write(base64.b64encode(hmac.new(group_raw, b"sensor-7", hashlib.sha256).digest())
+                .decode() + "\n")
+    cloud = fakecloud.start_hub(hx, HUB, {DEVICE: gw_key, "sensor-7": derived})
+    conf = azure_config(hx, cloud, gw_key, group_key_file=group_path, token_lifetime="12s")
+    observer = hx.cloud_client(cloud)
+    observer.subscribe("devices/sensor-7/messages/events/#", qos=1)
+    hx.uplinkd(conf)
+    local = hx.local_client(gw(conf))
+    sent = []
+    deadline = time.monotonic() + 60
+    while (len([d for d in cloud.decisions("sensor-7") if d["result"] == "accepted"]) < 2
+           and time.monotonic() < deadline):
+        for _ in range(20):
+            payload = b"s%d" % len(sent)
+            local.publish("dev/sensor-7/telemetry", payload, qos=1)
+            sent.append(payload.decode())
+        h.wait_for(lambda: len(observer.received()) >= len(sent),
+                   what=lambda: "the child's stream keeps flowing (%d sent, %d at the hub)"
+                   % (len(sent), len(observer.received())))
+    accepted = [d for d in cloud.decisions("sensor-7") if d["result"] == "accepted"]
+    assert len(accepted) >= 2 and accepted[0]["exp"] != accepted[1]["exp"], accepted
+    assert [d for d in cloud.decisions("sensor-7") if d["result"] != "accepted"] == []
+    h.wait_for(lambda: set(sent) <= {m[1].decode() for m in observer.received()},
+               what="every message of the child at the hub")
+    assert cloud.kicks("sensor-7") == []
+
+
+def test_x509_device_ca_signed_or_by_thumbprint(hx):
+    """X.509 instead of a SAS token: the fake hub takes the client certificate (its chain
+    verified by the broker against the test CA) and checks what IoT Hub checks: a CA-signed
+    certificate's CN is the device id, or the certificate has the registered thumbprint
+    (computed here with Python's cryptography). No password is sent. A wrong thumbprint is
+    refused and explained."""
+    import fakeaws
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import hashes
+
+    cert_path, key_path = fakeaws.make_cert(hx.pki, hx.dir, DEVICE)
+    with open(cert_path, "rb") as f:
+        thumb = cx509.load_pem_x509_certificate(f.read()).fingerprint(hashes.SHA256()).hex()
+    for i, (registered, result) in enumerate([("x509:ca", "accepted"),
+                                              ("x509:" + thumb.upper(), "accepted"),
+                                              ("x509:" + "00" * 32, "refused")]):
+        cloud = fakecloud.start_hub(hx, HUB, {DEVICE: registered}, client_cert="require",
+                                    name="hub%d" % i)
+        conf = hx.config(cloud, uplink={"profile": "azure", "azure": {"hub": HUB},
+                                        "tls": {"ca": hx.pki.ca, "cert": cert_path,
+                                                "key": key_path}})
+        del conf["uplinks"][0]["generic"]
+        conf["uplinks"][0].pop("auth", None)
+        observer = hx.cloud_client(cloud)
+        observer.subscribe("devices/%s/messages/events/#" % DEVICE, qos=1)
+        daemon = hx.uplinkd(conf, name="uplinkd%d" % i)
+        line = cloud.wait_event("connect", client_id=DEVICE, result=result)
+        assert line["alg"] == "X509", line
+        assert line["username"].startswith("%s/%s/?api-version=" % (HUB, DEVICE)), line
+        if result == "accepted":
+            local = hx.local_client(gw(conf))
+            local.publish("dev/%s/telemetry" % DEVICE, b"x509 %d" % i, qos=1)
+            observer.wait("devices/%s/messages/events/" % DEVICE, "x509 %d" % i)
+        else:
+            assert line["reason"] == "bad thumbprint", line
+            daemon.wait_log(r"IoT Hub did not authorise the device")
+        daemon.stop()
+
+
+def test_sas_key_inside_a_pkcs11_token(hx):
+    """azure.key_file as a pkcs11: URI: the device key is imported into a softhsm2 token
+    (uplinkctl cert import-secret) and every SAS token is signed there (CKM_SHA256_HMAC); the
+    fake hub checks it with the key file it was given, and a renewed token is signed again."""
+    from test_pkcs11 import SoftHsm
+    token = SoftHsm(hx.dir)
+    key_path, _ = fakecloud.device_key(hx.dir, DEVICE)
+    uri = "pkcs11:token=gw;object=hub-key"
+    imported = subprocess.run([h.UPLINKCTL_BIN, "cert", "import-secret", "--from", key_path,
+                               "--key", uri, "--pin-file", token.pin_path], capture_output=True,
+                              text=True, env=dict(os.environ, **token.env),
+                              stdin=subprocess.DEVNULL, timeout=h.TIMEOUT)
+    assert imported.returncode == 0, imported.stderr
+    assert "stored in the token" in imported.stdout
+    listing = token.run("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
+                        "--token-label", "gw", "--login", "--pin", "1234",
+                        "--list-objects").stdout
+    assert "Secret Key Object; Generic secret length 32" in listing, listing
+
+    cloud = fakecloud.start_hub(hx, HUB, {DEVICE: key_path})
+    conf = azure_config(hx, cloud, key_path, token_lifetime="12s")
+    conf["uplinks"][0]["azure"]["key_file"] = "%s;pin-source=file:%s" % (uri, token.pin_path)
+    observer = hx.cloud_client(cloud)
+    observer.subscribe("devices/%s/messages/events/#" % DEVICE, qos=1)
+    hx.uplinkd(conf, env=token.env)
+    cloud.wait_event("connect", client_id=DEVICE, result="accepted")
+    local = hx.local_client(gw(conf))
+    local.publish("dev/%s/telemetry" % DEVICE, b"signed in the token", qos=1)
+    observer.wait("devices/%s/messages/events/" % DEVICE, "signed in the token")
+    second = cloud.wait_event("connect", client_id=DEVICE, result="accepted", since=1,
+                              timeout=30)
+    assert second["exp"] != cloud.decisions(DEVICE)[0]["exp"]
+    assert [d for d in cloud.decisions(DEVICE) if d["result"] != "accepted"] == []

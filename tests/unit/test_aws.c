@@ -301,6 +301,21 @@ static void test_section(void **state)
                  "a template name is 1 to 36 characters");
     expect_error("    auth:\n      type: basic\n      username: u\n      password: p\n",
                  "      provisioning: {template: t}\n", "needs the claim certificate in tls.cert");
+    expect_error(CERT, "      child_cert: /t/%c.pem\n",
+                 "uplinks[0].aws.child_key: missing: a child's own certificate needs its key");
+    expect_error(CERT, "      child_cert: t/%c.pem\n      child_key: /t/%c.key\n",
+                 "uplinks[0].aws.child_cert: \"t/%c.pem\" is not an absolute path with %c");
+    expect_error(CERT, "      session_idle: 1m\n",
+                 "uplinks[0].aws.session_idle: is only used with child_cert and child_key");
+
+    /* Children as things of their own: both patterns, idle close after 10 min. */
+    conf = load_aws(CERT, "      child_cert: /t/%c.pem\n      child_key: /t/%c.key\n", &errors);
+    if (!conf)
+        fail_msg("%s", errors);
+    assert_string_equal(aws_conf(&conf->uplinks[0])->child_cert, "/t/%c.pem");
+    assert_string_equal(aws_conf(&conf->uplinks[0])->child_key, "/t/%c.key");
+    assert_int_equal(aws_conf(&conf->uplinks[0])->session_idle_ms, 600000);
+    conf_free(conf);
 }
 
 /* provisioning: the template, and its parameters (default {ThingName: thing}). */

@@ -2,18 +2,25 @@
  * URL encoding, device keys, SAS tokens and group-key derivation against
  * vectors computed with Python's hmac, base64 and urllib.parse.quote (an
  * implementation independent of this one), device ids and the
- * device-to-cloud topic with its property bag. */
+ * device-to-cloud topic with its property bag; and the section's defaults
+ * (conf_load() of a small file). */
 #include <errno.h>
+#include <limits.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 #include <openssl/evp.h>
 
+#include "conf.h"
 #include "profiles/azure/azure.h"
+#include "profiles/azure/section.h"
 
 /* "0123456789abcdef0123456789abcdef" in base64, as the portal shows a key. */
 #define KEY_B64 "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -161,6 +168,75 @@ static void test_twin_and_method_topics(void **state)
                      -EINVAL);
 }
 
+/* conf_load() of an azure uplink with @extra lines (uplink level) in a
+ * fresh directory holding the key file; NULL with *@errors on failure. */
+static struct conf *load_azure(const char *extra, char **errors, char *dir, size_t dir_size)
+{
+    char path[PATH_MAX];
+    struct conf *conf = NULL;
+    FILE *f;
+
+    snprintf(dir, dir_size, "/tmp/test_azure.XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/dev.key", dir);
+    assert_non_null(f = fopen(path, "w"));
+    fputs(KEY_B64 "\n", f);
+    fclose(f);
+    snprintf(path, sizeof(path), "%s/uplinkd.yaml", dir);
+    assert_non_null(f = fopen(path, "w"));
+    fprintf(f,
+            "gateway:\n  id: gw-1\n  state_dir: %s/state\n"
+            "uplinks:\n  - name: hub\n    profile: azure\n"
+            "    host: h.azure-devices.net\n    azure:\n      key_file: dev.key\n%s",
+            dir, extra);
+    fclose(f);
+    *errors = NULL;
+    if (conf_load(path, &conf, errors) != 0)
+        return NULL;
+    return conf;
+}
+
+static void remove_azure_dir(const char *dir)
+{
+    char path[PATH_MAX];
+
+    snprintf(path, sizeof(path), "%s/dev.key", dir);
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/uplinkd.yaml", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
+/* max_inflight defaults to IoT Hub's 16 (a set value is kept); children's
+ * keys: a file pattern or a group key, idle close after 10 minutes. */
+static void test_section_defaults(void **state)
+{
+    char dir[64], *errors = NULL;
+    struct conf *conf;
+
+    (void)state;
+    conf = load_azure("", &errors, dir, sizeof(dir));
+    if (!conf)
+        fail_msg("%s", errors);
+    assert_int_equal(conf->uplinks[0].max_inflight, AZURE_MAX_INFLIGHT);
+    assert_null(azure_conf(&conf->uplinks[0])->child_key);
+    assert_null(azure_conf(&conf->uplinks[0])->group_key_file);
+    conf_free(conf);
+    remove_azure_dir(dir);
+
+    conf = load_azure("      child_key: /etc/uplinkd/azure/%c.key\n      session_idle: 30s\n"
+                      "    max_inflight: 40\n",
+                      &errors, dir, sizeof(dir));
+    if (!conf)
+        fail_msg("%s", errors);
+    assert_int_equal(conf->uplinks[0].max_inflight, 40);
+    assert_string_equal(azure_conf(&conf->uplinks[0])->child_key, "/etc/uplinkd/azure/%c.key");
+    assert_int_equal(azure_conf(&conf->uplinks[0])->session_idle_ms, 30000);
+    assert_false(azure_conf(&conf->uplinks[0])->child);
+    conf_free(conf);
+    remove_azure_dir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -171,6 +247,7 @@ int main(void)
         cmocka_unit_test(test_device_id),
         cmocka_unit_test(test_d2c_topic),
         cmocka_unit_test(test_twin_and_method_topics),
+        cmocka_unit_test(test_section_defaults),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -41,16 +41,8 @@ void akenza_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t
         return;
     if (conf_node_present(values[AKENZA_CHILD_KEY])) {
         conf_key_join(k, sizeof(k), path, "child_key");
-        if (conf_get_text(ld, values[AKENZA_CHILD_KEY], k,
-                          "a key file pattern with %c for the child id, e.g. "
-                          "/etc/uplinkd/devices/%c.key",
-                          4000, &akenza->child_key) == 0 &&
-            akenza->child_key != NULL &&
-            (akenza->child_key[0] != '/' || strstr(akenza->child_key, "%c") == NULL))
-            conf_report(ld, values[AKENZA_CHILD_KEY]->start_mark, k,
-                        "%s is not an absolute path with %%c (expected e.g. "
-                        "/etc/uplinkd/devices/%%c.key)",
-                        conf_quote(akenza->child_key, quoted, sizeof(quoted)));
+        conf_get_file_pattern(ld, values[AKENZA_CHILD_KEY], k, "/etc/uplinkd/devices/%c.key",
+                              &akenza->child_key);
     }
     if (conf_node_present(values[AKENZA_SESSION_IDLE])) {
         conf_key_join(k, sizeof(k), path, "session_idle");

@@ -4,7 +4,12 @@
  * authenticated by its certificate (mutual TLS on 8883, or on 443 with ALPN
  * x-amzn-mqtt-ca, section.c). Children speak through the gateway's
  * connection, on topics the gateway's policy must allow (docs/profiles.md,
- * "aws", has a policy for this layout).
+ * "aws", has a policy for this layout). With aws.child_cert and
+ * aws.child_key, a child whose certificate file exists is a thing of its
+ * own instead: a session of its own (child_sessions.h) with its
+ * certificate, client id = thing name = the child id, and the same
+ * contract with its own thing as the connection's (dt/C/C, cmd/C/C, its
+ * shadow and, with aws.jobs, its jobs).
  *
  * Local contract (docs/profiles.md, "aws"), for a child C (C = the gateway
  * itself for its own thing) and the gateway's thing G:
@@ -35,17 +40,22 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "aws.h"
+#include "child_sessions.h"
 #include "conf.h"
 #include "json.h"
 #include "log.h"
 #include "profile.h"
 #include "profiles/aws/section.h"
 #include "provision.h"
+#include "tlscheck.h"
 
 struct aws {
-    struct aws_fleet *fleet; /* aws.provisioning: fleet provisioning by claim, else NULL */
+    struct aws_fleet *fleet;         /* aws.provisioning: fleet provisioning by claim, else NULL */
+    struct child_sessions *sessions; /* children that are things of their own */
 };
 
 static struct aws_fleet *fleet_of(const struct profile_instance *pi)
@@ -55,13 +65,25 @@ static struct aws_fleet *fleet_of(const struct profile_instance *pi)
     return aws ? aws->fleet : NULL;
 }
 
+static struct child_sessions *sessions_of(const struct profile_instance *pi)
+{
+    const struct aws *aws = pi->state;
+
+    return aws ? aws->sessions : NULL;
+}
+
+static const struct child_session_ops aws_child_ops;
+
 static int aws_new_cb(struct profile_instance *pi)
 {
     struct aws *aws = calloc(1, sizeof(*aws));
+    int rc;
 
     if (!aws)
         return -ENOMEM;
     pi->state = aws;
+    if ((rc = child_sessions_new(pi, &aws_child_ops, &aws->sessions)) < 0)
+        return rc;
     if (aws_conf(pi->uc)->template_name)
         return aws_fleet_new(pi, &aws->fleet);
     return 0;
@@ -71,9 +93,33 @@ static void aws_free_cb(struct profile_instance *pi)
 {
     struct aws *aws = pi->state;
 
-    if (aws)
+    if (aws) {
         aws_fleet_free(aws->fleet);
+        child_sessions_free(aws->sessions);
+    }
     free(aws);
+    pi->state = NULL;
+}
+
+static void aws_close_cb(struct profile_instance *pi)
+{
+    struct aws *aws = pi->state;
+
+    if (aws && aws->sessions)
+        child_sessions_close(aws->sessions);
+    else
+        profile_instance_closed(pi);
+}
+
+static void aws_reconfigure_cb(struct profile_instance *pi)
+{
+    child_sessions_reconfigure(sessions_of(pi));
+}
+
+static void aws_child_json_cb(const struct profile_instance *pi, const char *child,
+                              struct json_buf *out)
+{
+    child_sessions_child_json(sessions_of(pi), child, out);
 }
 
 /* The thing name of local child @child: the gateway's thing for the
@@ -158,14 +204,31 @@ static void aws_status_json_cb(const struct profile_instance *pi, struct json_bu
 {
     if (fleet_of(pi))
         aws_fleet_status(pi, fleet_of(pi), out);
+    child_sessions_status_json(sessions_of(pi), out);
 }
 
-/* Every connection: the shadows and the next job, whose answers come on
- * the filters above. */
+/* What a thing's connection asks first: its shadows and its next job,
+ * whose answers come on thing_filters(). */
+static void thing_first(const char *thing, char *const *shadows, size_t shadow_count, bool jobs,
+                        struct profile_msgs *first)
+{
+    char topic[PROFILE_TOPIC_MAX];
+
+    aws_shadow_topic(thing, NULL, "get", topic, sizeof(topic));
+    profile_msgs_add(first, topic, "{}", 2, 1, false);
+    for (size_t i = 0; i < shadow_count; i++) {
+        aws_shadow_topic(thing, shadows[i], "get", topic, sizeof(topic));
+        profile_msgs_add(first, topic, "{}", 2, 1, false);
+    }
+    if (jobs) {
+        snprintf(topic, sizeof(topic), "$aws/things/%s/jobs/$next/get", thing);
+        profile_msgs_add(first, topic, "{}", 2, 1, false);
+    }
+}
+
 static void aws_online_cb(struct profile_instance *pi, struct profile_msgs *first)
 {
     const struct conf_aws *aws = aws_conf(pi->uc);
-    char topic[PROFILE_TOPIC_MAX];
 
     if (!aws->thing)
         return;
@@ -173,16 +236,21 @@ static void aws_online_cb(struct profile_instance *pi, struct profile_msgs *firs
         aws_fleet_online(pi, fleet_of(pi), first);
         return;
     }
-    aws_shadow_topic(aws->thing, NULL, "get", topic, sizeof(topic));
-    profile_msgs_add(first, topic, "{}", 2, 1, false);
-    for (size_t i = 0; i < aws->shadow_count; i++) {
-        aws_shadow_topic(aws->thing, aws->shadows[i], "get", topic, sizeof(topic));
-        profile_msgs_add(first, topic, "{}", 2, 1, false);
-    }
-    if (aws->jobs) {
-        snprintf(topic, sizeof(topic), "$aws/things/%s/jobs/$next/get", aws->thing);
-        profile_msgs_add(first, topic, "{}", 2, 1, false);
-    }
+    thing_first(aws->thing, aws->shadows, aws->shadow_count, aws->jobs, first);
+}
+
+/* Is @child a thing with a session of its own? Its session is open, or
+ * aws.child_cert names a file that exists (a stat, not a read). */
+static bool own_session(const struct profile_instance *pi, const char *child)
+{
+    char path[4096];
+
+    if (!aws_conf(pi->uc)->child_cert || is_gateway(pi, child))
+        return false;
+    if (child_sessions_find(sessions_of(pi), child))
+        return true;
+    return profile_child_key_path(aws_conf(pi->uc)->child_cert, child, path, sizeof(path)) >= 0 &&
+           access(path, F_OK) == 0;
 }
 
 /* A child's first message on this connection: subscribe to its shadow's
@@ -197,7 +265,7 @@ static int aws_register_cb(struct profile_instance *pi, const char *child, struc
     (void)reason;
     const struct conf_aws *aws = aws_conf(pi->uc);
     if (is_gateway(pi, child) || !aws->thing || !aws->child_shadows ||
-        !aws_fleet_done(fleet_of(pi)))
+        !aws_fleet_done(fleet_of(pi)) || own_session(pi, child))
         return 0; /* while claiming, nothing but provisioning may be sent */
     profile_msgs_init(&filters);
     thing_filters(child, false, false, &filters);
@@ -285,19 +353,25 @@ static int job_update(struct profile_instance *pi, const char *thing, const char
     return add_checked(pi, n, topic, payload, len, qos, false, out, reason);
 }
 
-static int aws_state_up(struct profile_instance *pi, const struct mapping_local *m,
+/* dev/C/state[/<sub>]; @own: C is a thing with a session of its own. */
+static int aws_state_up(struct profile_instance *pi, const struct mapping_local *m, bool own,
                         const void *payload, size_t len, int qos, struct profile_msgs *out,
                         const char **reason)
 {
     const char *thing = thing_of(pi, m->child), *sub = m->sub;
 
-    if (sub == NULL && !is_gateway(pi, m->child) && !aws_conf(pi->uc)->child_shadows) {
+    if (sub == NULL && !own && !is_gateway(pi, m->child) && !aws_conf(pi->uc)->child_shadows) {
         *reason = "aws.child_shadows is false: children send telemetry only";
         return -EINVAL;
     }
     if (sub == NULL)
         return shadow_update(pi, thing, NULL, payload, len, qos, out, reason);
-    if (!is_gateway(pi, m->child)) {
+    if (own && strncmp(sub, "shadow/", 7) == 0) {
+        *reason = "a child that is a thing of its own has its classic shadow and jobs; named "
+                  "shadows are the gateway's (aws.shadows)";
+        return -EINVAL;
+    }
+    if (!own && !is_gateway(pi, m->child)) {
         *reason = "a child through the gateway has its classic shadow (dev/<child>/state) "
                   "only; named shadows and jobs are the gateway's (docs/profiles.md, aws)";
         return -EINVAL;
@@ -325,7 +399,11 @@ static int aws_up_cb(struct profile_instance *pi, const struct mapping_local *m,
                      struct profile_msgs *out, const char **reason)
 {
     const struct conf_aws *aws = aws_conf(pi->uc);
+    struct child_session *session = NULL;
     char topic[PROFILE_TOPIC_MAX];
+    size_t first = out->count;
+    const char *conn = aws->thing; /* the thing of the connection it leaves on */
+    int rc;
 
     if (!aws->thing)
         return -EINVAL;
@@ -333,14 +411,26 @@ static int aws_up_cb(struct profile_instance *pi, const struct mapping_local *m,
         *reason = "AWS IoT Core takes messages of at most 128 KiB";
         return -EINVAL;
     }
-    if (m->channel == MAPPING_STATE)
-        return aws_state_up(pi, m, payload, len, qos, out, reason);
-    if (m->channel != MAPPING_TELEMETRY) {
+    if (m->channel != MAPPING_STATE && m->channel != MAPPING_TELEMETRY) {
         *reason = "profile aws takes telemetry and state (device shadow, jobs) only";
         return -EINVAL;
     }
-    int n = aws_topic("dt", aws->thing, thing_of(pi, m->child), m->sub, topic, sizeof(topic));
-    return add_checked(pi, n, topic, payload, len, qos, retain, out, reason);
+    if (own_session(pi, m->child)) {
+        if ((rc = child_sessions_route(sessions_of(pi), m->child, &session)) < 0) {
+            *reason = pi->reason;
+            return rc;
+        }
+        conn = m->child;
+    }
+    if (m->channel == MAPPING_STATE) {
+        rc = aws_state_up(pi, m, session != NULL, payload, len, qos, out, reason);
+    } else {
+        int n = aws_topic("dt", conn, thing_of(pi, m->child), m->sub, topic, sizeof(topic));
+        rc = add_checked(pi, n, topic, payload, len, qos, retain, out, reason);
+    }
+    for (size_t i = first; rc == 0 && session && i < out->count; i++)
+        out->msg[i].uplink = child_session_uplink(session);
+    return rc;
 }
 
 /* Does an AWS error document say 404 ({"code":404,...})? A shape check,
@@ -414,17 +504,13 @@ static void aws_reserved_down(struct profile_instance *pi, const char *topic, co
     profile_msgs_add(local, local_topic, payload, len, qos > 1 ? 1 : qos, retain);
 }
 
-static void aws_down_cb(struct profile_instance *pi, const char *topic, const void *payload,
-                        size_t len, int qos, bool retain, struct profile_msgs *local)
+/* A message on the connection of @thing (the gateway's, or a child's own)
+ * -> local messages in @local. */
+static void aws_down(struct profile_instance *pi, const char *thing, const char *topic,
+                     const void *payload, size_t len, int qos, struct profile_msgs *local)
 {
-    const char *thing = aws_conf(pi->uc)->thing;
     char prefix[PROFILE_TOPIC_MAX], local_topic[PROFILE_TOPIC_MAX], child[MAPPING_CHILD_MAX + 1];
 
-    (void)retain;
-    if (!thing)
-        return;
-    if (fleet_of(pi) && aws_fleet_down(pi, fleet_of(pi), topic, payload, len))
-        return;
     if (strncmp(topic, "$aws/", 5) == 0) {
         aws_reserved_down(pi, topic, payload, len, qos, local);
         return;
@@ -444,6 +530,12 @@ static void aws_down_cb(struct profile_instance *pi, const char *topic, const vo
     }
     memcpy(child, rest, clen);
     child[clen] = '\0';
+    if (strcmp(thing, aws_conf(pi->uc)->thing) != 0 && strcmp(child, thing) != 0) {
+        profile_report_error(pi, topic,
+                             "a child's own connection takes commands for itself only "
+                             "(cmd/<child>/<child>[/...]); not delivered");
+        return;
+    }
     if (mapping_child_check(child, clen) != NULL || aws_thing_name_check(child) != NULL) {
         profile_report_error(pi, topic,
                              "the child id in this command topic is not a valid "
@@ -457,10 +549,145 @@ static void aws_down_cb(struct profile_instance *pi, const char *topic, const vo
     profile_msgs_add(local, local_topic, payload, len, qos > 1 ? 1 : qos, false);
 }
 
+static void aws_down_cb(struct profile_instance *pi, const char *topic, const void *payload,
+                        size_t len, int qos, bool retain, struct profile_msgs *local)
+{
+    (void)retain;
+    if (!aws_conf(pi->uc)->thing)
+        return;
+    if (fleet_of(pi) && aws_fleet_down(pi, fleet_of(pi), topic, payload, len))
+        return;
+    aws_down(pi, aws_conf(pi->uc)->thing, topic, payload, len, qos, local);
+}
+
+/* --- children that are things of their own (child_sessions.h) ------------------------- */
+
+struct aws_child {
+    char cert[4096]; /* its certificate and key files: set once, read by the worker */
+    char key[4096];
+};
+
+/* One allocation per conf: the uplink's settings with the child as the
+ * thing, freed by the set. */
+struct aws_child_conf {
+    struct conf_uplink conf;
+    struct conf_aws section;
+};
+
+static bool aws_children_enabled(const struct profile_instance *pi)
+{
+    return aws_conf(pi->uc)->child_cert != NULL && aws_conf(pi->uc)->child_key != NULL;
+}
+
+static uint64_t aws_children_idle_ms(const struct profile_instance *pi)
+{
+    return aws_conf(pi->uc)->session_idle_ms;
+}
+
+static const char *aws_self(const struct profile_instance *pi)
+{
+    return pi->conf->gateway_id;
+}
+
+/* Threadpool: the certificate and its key, as the TLS handshake will use
+ * them (files readable, the key the certificate's, valid now). */
+static int aws_child_load(struct child_session *s, char *why, size_t size)
+{
+    const struct aws_child *c = child_session_data(s);
+    char err[TLSCHECK_MSG_SIZE];
+    int rc =
+        tlscheck_client_cert(c->cert, c->key, NULL, time(NULL), NULL, err, sizeof(err), NULL, 0);
+
+    if (rc < 0)
+        snprintf(why, size, "%s", err);
+    return rc;
+}
+
+static struct conf_uplink *aws_child_conf(struct child_session *s)
+{
+    const struct profile_instance *pi = child_session_pi(s);
+    const struct conf_aws *aws = aws_conf(pi->uc);
+    struct aws_child *c = child_session_data(s);
+    const char *child = child_session_id(s);
+    struct aws_child_conf *cc;
+
+    if (!c->cert[0] &&
+        (profile_child_key_path(aws->child_cert, child, c->cert, sizeof(c->cert)) < 0 ||
+         profile_child_key_path(aws->child_key, child, c->key, sizeof(c->key)) < 0))
+        return NULL;
+    cc = calloc(1, sizeof(*cc));
+    if (!cc)
+        return NULL;
+    cc->conf = *pi->uc;
+    cc->conf.name = (char *)child_session_name(s);
+    cc->conf.client_id = (char *)child; /* = the thing name, as a thing policy expects */
+    cc->conf.cert_cn = NULL;
+    cc->conf.tls.cert = c->cert;
+    cc->conf.tls.key = c->key;
+    cc->conf.auth.type = CONF_AUTH_NONE;
+    cc->section = *aws;
+    cc->section.thing = (char *)child;
+    cc->section.shadows = NULL;
+    cc->section.shadow_count = 0;
+    cc->section.template_name = NULL;
+    cc->section.params = NULL;
+    cc->section.param_count = 0;
+    cc->section.child_cert = NULL;
+    cc->section.child_key = NULL;
+    cc->conf.section = &cc->section;
+    return &cc->conf;
+}
+
+static void aws_child_filters(struct child_session *s, struct profile_msgs *filters)
+{
+    const char *thing = child_session_id(s);
+    char filter[PROFILE_TOPIC_MAX];
+
+    snprintf(filter, sizeof(filter), "cmd/%s/#", thing);
+    profile_msgs_add(filters, filter, NULL, 0, 1, false);
+    thing_filters(thing, false, aws_conf(child_session_pi(s)->uc)->jobs, filters);
+}
+
+static const char *aws_child_credential(const struct child_session *s, char *buf, size_t size)
+{
+    snprintf(buf, size, "certificate %s", ((const struct aws_child *)child_session_data(s))->cert);
+    return buf;
+}
+
+static void aws_child_first(struct child_session *s, struct profile_msgs *first)
+{
+    thing_first(child_session_id(s), NULL, 0, aws_conf(child_session_pi(s)->uc)->jobs, first);
+}
+
+static void aws_child_down(struct child_session *s, const char *topic, const void *payload,
+                           size_t len, int qos, bool retain, struct profile_msgs *local)
+{
+    (void)retain; /* AWS IoT Core retains nothing it sends a device */
+    aws_down(child_session_pi(s), child_session_id(s), topic, payload, len, qos, local);
+}
+
+static const struct child_session_ops aws_child_ops = {
+    .need = "AWS IoT Core authenticates each thing by its certificate, and this child's cannot "
+            "be used (aws.child_cert and aws.child_key)",
+    .enabled = aws_children_enabled,
+    .idle_ms = aws_children_idle_ms,
+    .self = aws_self,
+    .load = aws_child_load,
+    .conf = aws_child_conf,
+    .filters = aws_child_filters,
+    .credential = aws_child_credential,
+    .data_size = sizeof(struct aws_child),
+    .first = aws_child_first,
+    .down = aws_child_down,
+};
+
 const struct profile profile_aws = {
     .name = "aws",
     .new_cb = aws_new_cb,
     .free_cb = aws_free_cb,
+    .close_cb = aws_close_cb,
+    .reconfigure_cb = aws_reconfigure_cb,
+    .child_json_cb = aws_child_json_cb,
     .session_cb = aws_session_cb,
     .status_json_cb = aws_status_json_cb,
     .subscriptions_cb = aws_subscriptions_cb,

@@ -10,14 +10,29 @@
 #include "conf_walk.h"
 #include "mapping.h"
 
-enum { AWS_THING, AWS_SHADOWS, AWS_JOBS, AWS_CHILD_SHADOWS, AWS_PROVISIONING, AWS_KEYS };
+enum {
+    AWS_THING,
+    AWS_SHADOWS,
+    AWS_JOBS,
+    AWS_CHILD_SHADOWS,
+    AWS_PROVISIONING,
+    AWS_CHILD_CERT,
+    AWS_CHILD_KEY,
+    AWS_SESSION_IDLE,
+    AWS_KEYS
+};
 static const char *const aws_keys[AWS_KEYS] = {
     [AWS_THING] = "thing",
     [AWS_SHADOWS] = "shadows",
     [AWS_JOBS] = "jobs",
     [AWS_CHILD_SHADOWS] = "child_shadows",
     [AWS_PROVISIONING] = "provisioning",
+    [AWS_CHILD_CERT] = "child_cert",
+    [AWS_CHILD_KEY] = "child_key",
+    [AWS_SESSION_IDLE] = "session_idle",
 };
+
+#define AWS_DEFAULT_SESSION_IDLE_MS (10ULL * 60 * 1000)
 
 enum { PROV_TEMPLATE, PROV_PARAMETERS, PROV_KEYS };
 static const char *const prov_keys[PROV_KEYS] = {
@@ -179,6 +194,42 @@ static void check_uplink(struct conf_loader *ld, yaml_node_t *uplink_node, const
         conf_set_string(ld, &uplink->tls.alpn, uplink->tls.cert ? AWS_ALPN_MTLS : "mqtt");
 }
 
+/* Children as things of their own: a certificate and key pattern, both or
+ * neither. */
+static void get_child_identity(struct conf_loader *ld, yaml_node_t *const *values,
+                               yaml_node_t *node, const char *path, struct conf_aws *aws)
+{
+    char k[CONF_KEY_MAX];
+
+    if (conf_node_present(values[AWS_CHILD_CERT])) {
+        conf_key_join(k, sizeof(k), path, "child_cert");
+        conf_get_file_pattern(ld, values[AWS_CHILD_CERT], k, "/etc/uplinkd/things/%c/cert.pem",
+                              &aws->child_cert);
+    }
+    if (conf_node_present(values[AWS_CHILD_KEY])) {
+        conf_key_join(k, sizeof(k), path, "child_key");
+        conf_get_file_pattern(ld, values[AWS_CHILD_KEY], k, "/etc/uplinkd/things/%c/private.key",
+                              &aws->child_key);
+    }
+    if (conf_node_present(values[AWS_CHILD_CERT]) != conf_node_present(values[AWS_CHILD_KEY])) {
+        conf_key_join(k, sizeof(k), path,
+                      conf_node_present(values[AWS_CHILD_CERT]) ? "child_key" : "child_cert");
+        conf_report(ld, node->start_mark, k,
+                    "missing: a child's own certificate needs its key (set both aws.child_cert "
+                    "and aws.child_key)");
+    }
+    if (conf_node_present(values[AWS_SESSION_IDLE])) {
+        conf_key_join(k, sizeof(k), path, "session_idle");
+        if (!conf_node_present(values[AWS_CHILD_CERT]))
+            conf_report(ld, values[AWS_SESSION_IDLE]->start_mark, k,
+                        "is only used with child_cert and child_key (children as things of "
+                        "their own)");
+        else
+            conf_get_duration_ms(ld, values[AWS_SESSION_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
+                                 &aws->session_idle_ms);
+    }
+}
+
 void aws_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
                        const char *uplink_path, struct conf_uplink *uplink)
 {
@@ -194,6 +245,7 @@ void aws_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *u
     uplink->section = aws;
     aws->jobs = true;
     aws->child_shadows = true;
+    aws->session_idle_ms = AWS_DEFAULT_SESSION_IDLE_MS;
     conf_key_join(path, sizeof(path), uplink_path, "aws");
     if (node != NULL && !conf_walk_mapping(ld, node, path, aws_keys, AWS_KEYS, values, marks))
         return;
@@ -220,6 +272,8 @@ void aws_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *u
                         "needs the claim certificate in tls.cert and tls.key (the certificate "
                         "that the template's claim policy is attached to)");
     }
+    if (node != NULL)
+        get_child_identity(ld, values, node, path, aws);
     check_uplink(ld, uplink_node, uplink_path, uplink, aws, conf_node_present(values[AWS_THING]));
     /* The client id is the thing name unless the operator set one (a thing
      * policy with ${iot:Connection.Thing.ThingName} needs them equal). */
@@ -241,6 +295,8 @@ void aws_section_free(void *section)
         free(aws->params[i].value);
     }
     free(aws->params);
+    free(aws->child_cert);
+    free(aws->child_key);
     free(aws);
 }
 

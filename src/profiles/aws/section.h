@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "conf.h"
 
@@ -40,6 +41,14 @@ struct conf_aws {
     char *template_name;
     struct conf_aws_param *params; /* provisioning.parameters, default {ThingName: thing} */
     size_t param_count;
+    /* child_cert, child_key: file patterns ("%c" = the child id) of a
+     * child's own certificate and key. A child whose certificate exists is
+     * a thing with a session of its own (child_sessions.h); any other goes
+     * through the gateway's connection. NULL: all go through the gateway. */
+    char *child_cert;
+    char *child_key;
+    uint64_t session_idle_ms; /* session_idle: close a child's session unused this long,
+                                 default 10m */
 };
 
 /* The section of @uc, an uplink of this profile (borrowed from it). */

@@ -27,6 +27,8 @@
  * - . + % _ # * ? ! ( ) , : = @ $ ' */
 #define AZURE_DEVICE_ID_MAX   128
 #define AZURE_DEVICE_ID_EXTRA "-.+%_#*?!(),:=@$'"
+/* Unacknowledged QoS 1 publishes per connection: the default max_inflight. */
+#define AZURE_MAX_INFLIGHT 16
 /* A device-to-cloud message: at most 256 KiB. */
 #define AZURE_MAX_MESSAGE (256 * 1024)
 /* The longest key this code takes (decoded; IoT Hub's are 32 or 64 bytes). */
@@ -68,6 +70,17 @@ int azure_key_read(const char *path, uint8_t key[AZURE_KEY_MAX], char *why, size
  */
 int azure_sas_token(const uint8_t *key, size_t key_len, const char *hub, const char *device,
                     const char *policy, time_t expiry, char *out, size_t cap);
+
+/* Computes HMAC-SHA256 of @data with the device key into @out; 32 or < 0. */
+typedef int (*azure_mac_fn)(void *arg, const void *data, size_t len, uint8_t out[32]);
+
+/**
+ * azure_sas_token_mac() - azure_sas_token() with the signature computed by
+ * @mac_fn(@arg, ...) (a key inside a PKCS#11 token) instead of from key
+ * bytes. Returns as azure_sas_token().
+ */
+int azure_sas_token_mac(azure_mac_fn mac_fn, void *arg, const char *hub, const char *device,
+                        const char *policy, time_t expiry, char *out, size_t cap);
 
 /**
  * azure_derive_device_key() - a device key derived from a group enrolment

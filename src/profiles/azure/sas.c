@@ -107,8 +107,28 @@ static int hmac_sha256(const uint8_t *key, size_t key_len, const void *data, siz
     return 32;
 }
 
+struct key_mac {
+    const uint8_t *key;
+    size_t len;
+};
+
+static int key_mac_cb(void *arg, const void *data, size_t len, uint8_t out[32])
+{
+    const struct key_mac *k = arg;
+
+    return hmac_sha256(k->key, k->len, data, len, out);
+}
+
 int azure_sas_token(const uint8_t *key, size_t key_len, const char *hub, const char *device,
                     const char *policy, time_t expiry, char *out, size_t cap)
+{
+    struct key_mac k = {key, key_len};
+
+    return azure_sas_token_mac(key_mac_cb, &k, hub, device, policy, expiry, out, cap);
+}
+
+int azure_sas_token_mac(azure_mac_fn mac_fn, void *arg, const char *hub, const char *device,
+                        const char *policy, time_t expiry, char *out, size_t cap)
 {
     char resource[2 * AZURE_DEVICE_ID_MAX + 300], sr[3 * sizeof(resource)],
         to_sign[sizeof(sr) + 24];
@@ -123,7 +143,7 @@ int azure_sas_token(const uint8_t *key, size_t key_len, const char *hub, const c
     n = snprintf(to_sign, sizeof(to_sign), "%s\n%lld", sr, (long long)expiry);
     if (n < 0 || n >= (int)sizeof(to_sign))
         return -ENAMETOOLONG;
-    if (hmac_sha256(key, key_len, to_sign, (size_t)n, mac) < 0)
+    if (mac_fn(arg, to_sign, (size_t)n, mac) < 0)
         return -EIO;
     EVP_EncodeBlock((unsigned char *)sig_b64, mac, sizeof(mac));
     OPENSSL_cleanse(mac, sizeof(mac));

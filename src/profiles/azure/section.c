@@ -6,8 +6,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
+
 #include "azure.h"
 #include "conf_walk.h"
+#include "keys.h"
 #include "mapping.h"
 
 enum {
@@ -17,6 +20,9 @@ enum {
     AZURE_POLICY,
     AZURE_TOKEN_LIFETIME,
     AZURE_API,
+    AZURE_CHILD_KEY,
+    AZURE_GROUP_KEY_FILE,
+    AZURE_SESSION_IDLE,
     AZURE_KEYS
 };
 static const char *const azure_keys[AZURE_KEYS] = {
@@ -26,9 +32,13 @@ static const char *const azure_keys[AZURE_KEYS] = {
     [AZURE_POLICY] = "policy",
     [AZURE_TOKEN_LIFETIME] = "token_lifetime",
     [AZURE_API] = "api_version",
+    [AZURE_CHILD_KEY] = "child_key",
+    [AZURE_GROUP_KEY_FILE] = "group_key_file",
+    [AZURE_SESSION_IDLE] = "session_idle",
 };
 
-#define AZURE_DEFAULT_TOKEN_LIFE_MS (3600ULL * 1000)
+#define AZURE_DEFAULT_TOKEN_LIFE_MS   (3600ULL * 1000)
+#define AZURE_DEFAULT_SESSION_IDLE_MS (10ULL * 60 * 1000)
 
 static void get_device_id(struct conf_loader *ld, yaml_node_t *node, const char *path,
                           struct conf_azure *azure)
@@ -88,6 +98,46 @@ static void check_credentials(struct conf_loader *ld, yaml_node_t *uplink_node,
     }
 }
 
+/* Children's keys: a file per child, or one group enrolment key they are
+ * derived from; either turns on per-device sessions. */
+static void get_child_keys(struct conf_loader *ld, yaml_node_t *const *values, const char *path,
+                           struct conf_azure *azure)
+{
+    char k[CONF_KEY_MAX];
+    uint8_t key[AZURE_KEY_MAX];
+    char why[256];
+
+    if (conf_node_present(values[AZURE_CHILD_KEY])) {
+        conf_key_join(k, sizeof(k), path, "child_key");
+        conf_get_file_pattern(ld, values[AZURE_CHILD_KEY], k, "/etc/uplinkd/azure/%c.key",
+                              &azure->child_key);
+    }
+    if (conf_node_present(values[AZURE_GROUP_KEY_FILE])) {
+        conf_key_join(k, sizeof(k), path, "group_key_file");
+        if (conf_node_present(values[AZURE_CHILD_KEY]))
+            conf_report(ld, values[AZURE_GROUP_KEY_FILE]->start_mark, k,
+                        "set either azure.child_key (a key file per child) or "
+                        "azure.group_key_file (keys derived from a group enrolment key), not "
+                        "both");
+        else if (conf_get_readable_file(ld, values[AZURE_GROUP_KEY_FILE], k,
+                                        "a readable file holding the group enrolment's primary "
+                                        "key (base64)",
+                                        &azure->group_key_file) == 0 &&
+                 azure_key_read(azure->group_key_file, key, why, sizeof(why)) < 0)
+            conf_report(ld, values[AZURE_GROUP_KEY_FILE]->start_mark, k, "%s", why);
+        OPENSSL_cleanse(key, sizeof(key));
+    }
+    if (conf_node_present(values[AZURE_SESSION_IDLE])) {
+        conf_key_join(k, sizeof(k), path, "session_idle");
+        if (azure->child_key == NULL && azure->group_key_file == NULL)
+            conf_report(ld, values[AZURE_SESSION_IDLE]->start_mark, k,
+                        "is only used with child_key or group_key_file (per-device sessions)");
+        else
+            conf_get_duration_ms(ld, values[AZURE_SESSION_IDLE], k, 1000, 7 * 24 * 3600 * 1000ULL,
+                                 &azure->session_idle_ms);
+    }
+}
+
 void azure_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t *uplink_node,
                          const char *uplink_path, struct conf_uplink *uplink)
 {
@@ -103,6 +153,7 @@ void azure_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t 
     uplink->section = azure;
     conf_key_join(path, sizeof(path), uplink_path, "azure");
     azure->token_life_ms = AZURE_DEFAULT_TOKEN_LIFE_MS;
+    azure->session_idle_ms = AZURE_DEFAULT_SESSION_IDLE_MS;
     if (node != NULL && !conf_walk_mapping(ld, node, path, azure_keys, AZURE_KEYS, values, marks))
         return;
     conf_key_join(k, sizeof(k), path, "hub");
@@ -119,9 +170,19 @@ void azure_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t 
     get_device_id(ld, values[AZURE_DEVICE_ID], path, azure);
     if (conf_node_present(values[AZURE_KEY_FILE])) {
         conf_key_join(k, sizeof(k), path, "key_file");
-        conf_get_readable_file(ld, values[AZURE_KEY_FILE], k,
-                               "a readable file holding the device's primary key (base64)",
-                               &azure->key_file);
+        const char *text = values[AZURE_KEY_FILE]->type == YAML_SCALAR_NODE
+                               ? conf_node_text(values[AZURE_KEY_FILE])
+                               : NULL;
+        if (text && keys_is_uri(text))
+            /* The key inside a PKCS#11 token (uplinkctl secret import): the
+             * token signs, the PIN comes with the URI. */
+            conf_get_text(ld, values[AZURE_KEY_FILE], k,
+                          "a pkcs11: URI of the device key in a token", 4000, &azure->key_file);
+        else
+            conf_get_readable_file(ld, values[AZURE_KEY_FILE], k,
+                                   "a readable file holding the device's primary key (base64), or "
+                                   "a pkcs11: URI of it inside a token",
+                                   &azure->key_file);
     }
     if (conf_node_present(values[AZURE_POLICY])) {
         conf_key_join(k, sizeof(k), path, "policy");
@@ -139,6 +200,7 @@ void azure_section_parse(struct conf_loader *ld, yaml_node_t *node, yaml_node_t 
                       32, &azure->api_version);
     else
         conf_set_string(ld, &azure->api_version, AZURE_API_VERSION);
+    get_child_keys(ld, values, path, azure);
     check_credentials(ld, uplink_node, values[AZURE_KEY_FILE], uplink_path, uplink, azure);
 }
 
@@ -153,6 +215,8 @@ void azure_section_free(void *section)
     free(azure->key_file);
     free(azure->policy);
     free(azure->api_version);
+    free(azure->child_key);
+    free(azure->group_key_file);
     free(azure);
 }
 
@@ -162,5 +226,8 @@ bool azure_section_equal(const void *section_a, const void *section_b)
 
     return conf_str_equal(a->hub, b->hub) && conf_str_equal(a->device_id, b->device_id) &&
            conf_str_equal(a->key_file, b->key_file) && conf_str_equal(a->policy, b->policy) &&
-           a->token_life_ms == b->token_life_ms && conf_str_equal(a->api_version, b->api_version);
+           a->token_life_ms == b->token_life_ms && conf_str_equal(a->api_version, b->api_version) &&
+           a->child == b->child &&
+           (!a->child || (conf_str_equal(a->child_key, b->child_key) &&
+                          conf_str_equal(a->group_key_file, b->group_key_file)));
 }

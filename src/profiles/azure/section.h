@@ -24,6 +24,16 @@ struct conf_azure {
     char *policy;           /* policy: a shared access policy name (skn=), NULL = device key */
     uint64_t token_life_ms; /* token_lifetime: how long a SAS token is valid, default 1h */
     char *api_version;      /* api_version: default AZURE_API_VERSION */
+    /* Children: IoT Hub takes one device per connection, so each child is a
+     * session of its own (child_sessions.h), with its key from one of: */
+    char *child_key;          /* child_key: a key file pattern, "%c" = the child id */
+    char *group_key_file;     /* group_key_file: a group enrolment key; a child's key is
+                                 HMAC-SHA256(group key, child id) */
+    uint64_t session_idle_ms; /* session_idle: close a child's session unused this long,
+                                 default 10m */
+    /* Not from YAML: this is a child session's copy (azure.c), device_id the
+     * child, whose key comes from child_key or group_key_file. */
+    bool child;
 };
 
 /* The section of @uc, an uplink of this profile (borrowed from it). */
