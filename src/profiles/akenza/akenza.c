@@ -271,21 +271,15 @@ static void akenza_session_data_free(void *data)
     EVP_PKEY_free(((struct akenza_session *)data)->key);
 }
 
+static void akenza_down_cb(struct profile_instance *pi, const char *topic, const void *payload,
+                           size_t len, int qos, bool retain, struct profile_msgs *local);
+
+/* A child's session hears only its own /down/device/id/<child>/#: the
+ * uplink's own mapping serves it. */
 static void akenza_session_down(struct child_session *s, const char *topic, const void *payload,
                                 size_t len, int qos, bool retain, struct profile_msgs *local)
 {
-    struct profile_instance *pi = child_session_pi(s);
-    char local_topic[PROFILE_TOPIC_MAX];
-    bool config;
-    int n = akenza_down_topic(pi->conf->local.topic_prefix, topic, local_topic, sizeof(local_topic),
-                              &config);
-
-    if (n == -EINVAL)
-        profile_report_error(pi, topic,
-                             "cloud message names a device id the local topics "
-                             "cannot carry; dropped");
-    if (n > 0)
-        profile_msgs_add(local, local_topic, payload, len, qos > 1 ? 1 : qos, retain || config);
+    akenza_down_cb(child_session_pi(s), topic, payload, len, qos, retain, local);
 }
 
 static const struct child_session_ops akenza_session_ops = {
